@@ -1,0 +1,726 @@
+//! The `cubeload gen` configuration file (YAML), as users write it.
+//!
+//! Parsing is strict: unknown keys and wrong types are errors that name the key and its line (serde_yaml
+//! reports both). Keys of `xcube gen` configurations (`output_path`, `output_size`, `output_region`,
+//! `output_spatial_res`, `output_metadata`, `output_resampling`) are accepted as aliases so that users of that
+//! tool can bring their configs along. Semantic checks that need the sources (time axes, extents) live in
+//! [`crate::plan`]; this module checks what the file alone can tell.
+//!
+//! Relative paths are relative to the current working directory, as for any command-line tool.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration error: what is wrong and where (file, key).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// YAML syntax error, unknown key or wrong type (serde_yaml names the key, line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file (or `<string>`).
+        path: PathBuf,
+        /// serde_yaml's message, which names the key and its line.
+        message: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key at fault, e.g. `grid.bbox`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the cube is written (a directory ending in `.zarr` by convention).
+    #[serde(alias = "output_path")]
+    pub output: PathBuf,
+    /// The target grid. Optional only when the xcube aliases give it.
+    #[serde(default)]
+    pub grid: Option<GridConfig>,
+    /// The target time axis; absent for cubes made only of static variables.
+    #[serde(default)]
+    pub time: Option<TimeConfig>,
+    /// How chunks map to training batches.
+    pub layout: LayoutConfig,
+    /// Chunk compression.
+    /// > default: zstd level 3
+    #[serde(default)]
+    pub compression: CompressionConfig,
+    /// Variables by name, in the order the loader delivers them.
+    pub variables: VariableMap,
+    /// Free-form attributes copied to the cube's root group (title, license, ...).
+    #[serde(default, alias = "output_metadata")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+
+    /// xcube alias: `[width, height]` of the target grid.
+    #[serde(default, skip_serializing)]
+    pub output_size: Option<[usize; 2]>,
+    /// xcube alias: `[west, south, east, north]` of the target grid.
+    #[serde(default, skip_serializing)]
+    pub output_region: Option<[f64; 4]>,
+    /// xcube alias: target resolution in degrees.
+    #[serde(default, skip_serializing)]
+    pub output_spatial_res: Option<f64>,
+    /// xcube alias: default resampling for continuous variables.
+    #[serde(default, skip_serializing)]
+    pub output_resampling: Option<Resampling>,
+}
+
+/// Variables keep the order of the file: the loader's `V` axis follows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VariableMap(pub Vec<(String, VariableConfig)>);
+
+impl<'de> Deserialize<'de> for VariableMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = VariableMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping from variable names to variable settings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<VariableMap, A::Error> {
+                let mut out: Vec<(String, VariableConfig)> = Vec::new();
+                while let Some((name, value)) = map.next_entry::<String, VariableConfig>()? {
+                    if out.iter().any(|(n, _)| *n == name) {
+                        return Err(serde::de::Error::custom(format!("variable `{name}` is defined twice")));
+                    }
+                    out.push((name, value));
+                }
+                Ok(VariableMap(out))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// The target grid: geographic lon/lat (EPSG:4326), north-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridConfig {
+    /// Target CRS. Only `EPSG:4326` is supported.
+    /// > default: EPSG:4326
+    #[serde(default = "default_crs")]
+    pub crs: String,
+    /// `[west, south, east, north]`: outer edges of the outer cells.
+    #[serde(alias = "region")]
+    pub bbox: [f64; 4],
+    /// Cell size in degrees, one number or `[x, y]` (as `gdalwarp -tr`).
+    #[serde(default)]
+    pub resolution: Option<Resolution>,
+    /// `[width, height]` in cells, instead of `resolution` (as `gdalwarp -ts`).
+    #[serde(default)]
+    pub size: Option<[usize; 2]>,
+}
+
+fn default_crs() -> String {
+    "EPSG:4326".to_string()
+}
+
+/// One resolution for both axes or `[x, y]`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Resolution {
+    /// Square cells.
+    Square(f64),
+    /// `[x, y]` cell size.
+    Xy([f64; 2]),
+}
+
+/// The target time axis: `start`/`end`/`step`, or `from: VARIABLE` to take that input's own instants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    /// First step, e.g. `2019-03-01T00:00:00Z`.
+    #[serde(default)]
+    pub start: Option<String>,
+    /// Last step (inclusive when it falls on a step).
+    #[serde(default)]
+    pub end: Option<String>,
+    /// Step: `1h`, `30min`, `1d`, `1mo`, or ISO 8601 (`PT1H`).
+    #[serde(default)]
+    pub step: Option<String>,
+    /// Name of a variable whose source instants become the axis (may be irregular).
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// Chunk = batch layouts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayoutConfig {
+    /// LSTM batches: `batch` pixels × T steps, stored as `(T, h, w)` chunks with `h·w = batch`.
+    PixelSeries {
+        /// Pixels per batch.
+        batch: usize,
+        /// `[h, w]` spatial tile with `h·w = batch`.
+        /// > default: the most square factorisation of `batch`
+        #[serde(default)]
+        tile: Option<[usize; 2]>,
+        /// Time steps per chunk. > default: the full series
+        #[serde(default)]
+        window: Option<usize>,
+        /// Sharding: `auto` (shards when a chunk is under 1 MiB), `none`, or the number of batches per shard.
+        #[serde(default)]
+        shard: ShardConfig,
+    },
+    /// Video-prediction batches: `batch` sequences of `seq_len` frames of `patch` pixels.
+    ImageSequence {
+        /// Frames per sample.
+        seq_len: usize,
+        /// `[h, w]` of one sample's patch.
+        patch: [usize; 2],
+        /// Samples per batch.
+        batch: usize,
+        /// `[gy, gx]` patches per chunk with `gy·gx = batch`. > default: most square factorisation
+        #[serde(default)]
+        grid: Option<[usize; 2]>,
+        /// Sharding, as for `pixel_series`.
+        #[serde(default)]
+        shard: ShardConfig,
+    },
+}
+
+/// Zarr sharding: shard = several batches along x, inner chunk = one batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ShardConfig {
+    /// `auto` or `none`.
+    Named(ShardMode),
+    /// Batches per shard along x.
+    Batches(usize),
+    /// Not given: auto.
+    #[default]
+    #[serde(skip)]
+    Default,
+}
+
+/// Named sharding modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardMode {
+    /// Shard when chunks are smaller than 1 MiB.
+    Auto,
+    /// Never shard.
+    None,
+}
+
+/// Chunk compression.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// `zstd`, `gzip` or `none`.
+    /// > default: zstd
+    #[serde(default = "default_codec")]
+    pub codec: Codec,
+    /// Codec level. > default: 3 (zstd), 5 (gzip)
+    #[serde(default)]
+    pub level: Option<i32>,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig { codec: Codec::Zstd, level: None }
+    }
+}
+
+fn default_codec() -> Codec {
+    Codec::Zstd
+}
+
+/// Supported chunk codecs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Codec {
+    /// Zstandard: fast decode, the default.
+    Zstd,
+    /// gzip: slower, for readers without zstd.
+    Gzip,
+    /// Uncompressed.
+    None,
+}
+
+/// One variable of the cube.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariableConfig {
+    /// Source file, or a glob pattern (`data/s2/*.tif`) for a series of files.
+    pub path: String,
+    /// Variable (NetCDF/HDF subdataset) inside the file.
+    #[serde(default)]
+    pub variable: Option<String>,
+    /// 1-based band for multi-band files without a time axis, or the time step of a static variable.
+    #[serde(default)]
+    pub band: Option<usize>,
+    /// `(lat, lon)` only: no time axis.
+    #[serde(default, rename = "static")]
+    pub is_static: bool,
+    /// `continuous` (float32, NaN fill) or `categorical` (integer dtype kept, nearest/mode resampling).
+    /// > default: continuous
+    #[serde(default)]
+    pub kind: VariableKind,
+    /// Spatial resampling. > default: bilinear (continuous), nearest (categorical)
+    #[serde(default)]
+    pub resampling: Option<Resampling>,
+    /// Temporal aggregation when several source steps fall in one target step.
+    /// > default: mean (continuous), nearest (categorical)
+    #[serde(default)]
+    pub aggregation: Option<Aggregation>,
+    /// Source nodata value, overriding (or supplying) the file's own.
+    #[serde(default)]
+    pub nodata: Option<f64>,
+    /// CRS of the source when the file has none (e.g. `EPSG:32633`).
+    #[serde(default)]
+    pub crs: Option<String>,
+    /// Units attribute of the cube variable. > default: the source's units
+    #[serde(default)]
+    pub units: Option<String>,
+}
+
+/// Continuous or categorical.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VariableKind {
+    /// Float values, NaN for missing.
+    #[default]
+    Continuous,
+    /// Class labels: integer dtype, declared fill value, never interpolated.
+    Categorical,
+}
+
+/// GDAL warp resampling algorithms (`gdalwarp -r`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum Resampling {
+    #[serde(alias = "near")]
+    Nearest,
+    Bilinear,
+    Cubic,
+    #[serde(alias = "cubic_spline")]
+    Cubicspline,
+    Lanczos,
+    Average,
+    Rms,
+    Mode,
+    Min,
+    Max,
+    Med,
+    Q1,
+    Q3,
+    Sum,
+}
+
+impl Resampling {
+    /// The name `gdalwarp -r` takes.
+    #[must_use]
+    pub fn gdal_name(self) -> &'static str {
+        match self {
+            Resampling::Nearest => "near",
+            Resampling::Bilinear => "bilinear",
+            Resampling::Cubic => "cubic",
+            Resampling::Cubicspline => "cubicspline",
+            Resampling::Lanczos => "lanczos",
+            Resampling::Average => "average",
+            Resampling::Rms => "rms",
+            Resampling::Mode => "mode",
+            Resampling::Min => "min",
+            Resampling::Max => "max",
+            Resampling::Med => "med",
+            Resampling::Q1 => "q1",
+            Resampling::Q3 => "q3",
+            Resampling::Sum => "sum",
+        }
+    }
+
+    /// Whether the algorithm only ever returns one of the source values (safe for class labels).
+    #[must_use]
+    pub fn keeps_values(self) -> bool {
+        matches!(
+            self,
+            Resampling::Nearest
+                | Resampling::Mode
+                | Resampling::Min
+                | Resampling::Max
+                | Resampling::Med
+                | Resampling::Q1
+                | Resampling::Q3
+        )
+    }
+}
+
+/// Temporal aggregation of the source steps that fall in one target step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Mean of the valid values.
+    Mean,
+    /// Sum of the valid values (NaN when none is valid).
+    Sum,
+    /// Minimum of the valid values.
+    Min,
+    /// Maximum of the valid values.
+    Max,
+    /// The valid value of the source step nearest to the target step's start.
+    Nearest,
+}
+
+impl Aggregation {
+    /// Whether the result is always one of the source values (safe for class labels).
+    #[must_use]
+    pub fn keeps_values(self) -> bool {
+        matches!(self, Aggregation::Min | Aggregation::Max | Aggregation::Nearest)
+    }
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Parse`] for YAML errors, unknown
+    /// keys and wrong types (with the line), [`ConfigError::Invalid`] for values that make no sense.
+    pub fn from_path(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_yaml(&text, path)
+    }
+
+    /// Parses YAML text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Config::from_path`], without the read error.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })?;
+        config.apply_xcube_aliases()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Folds the xcube top-level keys into `grid` (an error if both spell the same thing).
+    fn apply_xcube_aliases(&mut self) -> Result<(), ConfigError> {
+        let any =
+            self.output_size.is_some() || self.output_region.is_some() || self.output_spatial_res.is_some();
+        if any {
+            if self.grid.is_some() {
+                return Err(ConfigError::invalid(
+                    "grid",
+                    "give either `grid` or the xcube keys output_size/output_region/output_spatial_res, not both",
+                ));
+            }
+            let bbox = self.output_region.take().ok_or_else(|| {
+                ConfigError::invalid("output_region", "required with output_size/output_spatial_res")
+            })?;
+            self.grid = Some(GridConfig {
+                crs: default_crs(),
+                bbox,
+                resolution: self.output_spatial_res.take().map(Resolution::Square),
+                size: self.output_size.take(),
+            });
+        }
+        if let Some(resampling) = self.output_resampling.take() {
+            for (_, var) in &mut self.variables.0 {
+                if var.kind == VariableKind::Continuous && var.resampling.is_none() {
+                    var.resampling = Some(resampling);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what the file alone can tell; each error names its key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let grid = self.grid.as_ref().ok_or_else(|| ConfigError::invalid("grid", "missing"))?;
+        if !grid.crs.eq_ignore_ascii_case("EPSG:4326") {
+            return Err(ConfigError::invalid(
+                "grid.crs",
+                format!("`{}` is not supported: the cube grid is lon/lat (EPSG:4326)", grid.crs),
+            ));
+        }
+        let [w, s, e, n] = grid.bbox;
+        if !grid.bbox.iter().all(|v| v.is_finite()) {
+            return Err(ConfigError::invalid("grid.bbox", "values must be finite numbers"));
+        }
+        if !(w < e && s < n) {
+            return Err(ConfigError::invalid(
+                "grid.bbox",
+                format!(
+                    "[{w}, {s}, {e}, {n}] is not [west, south, east, north] with west < east and south < north"
+                ),
+            ));
+        }
+        if w < -180.0 || e > 180.0 || s < -90.0 || n > 90.0 {
+            return Err(ConfigError::invalid(
+                "grid.bbox",
+                format!("[{w}, {s}, {e}, {n}] leaves lon -180..180 / lat -90..90"),
+            ));
+        }
+        match (&grid.resolution, &grid.size) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid("grid", "give `resolution` or `size`, not both"));
+            }
+            (None, None) => return Err(ConfigError::invalid("grid", "give `resolution` or `size`")),
+            (Some(r), None) => {
+                let (rx, ry) = r.xy();
+                if !(rx > 0.0 && ry > 0.0 && rx.is_finite() && ry.is_finite()) {
+                    return Err(ConfigError::invalid("grid.resolution", "must be positive"));
+                }
+            }
+            (None, Some([sw, sh])) => {
+                if *sw == 0 || *sh == 0 {
+                    return Err(ConfigError::invalid("grid.size", "width and height must be at least 1"));
+                }
+            }
+        }
+        if self.variables.0.is_empty() {
+            return Err(ConfigError::invalid("variables", "at least one variable is required"));
+        }
+        for (name, var) in &self.variables.0 {
+            let key = |k: &str| format!("variables.{name}.{k}");
+            if name.is_empty() || name.starts_with('.') || name.contains('/') || name.contains('\\') {
+                return Err(ConfigError::invalid(
+                    format!("variables.{name}"),
+                    "a variable name must be non-empty and contain no `/`",
+                ));
+            }
+            if ["time", "lat", "lon", "spatial_ref"].contains(&name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("variables.{name}"),
+                    "this name is reserved for a coordinate",
+                ));
+            }
+            if var.band == Some(0) {
+                return Err(ConfigError::invalid(key("band"), "bands are numbered from 1"));
+            }
+            if var.kind == VariableKind::Categorical {
+                if let Some(r) = var.resampling.filter(|r| !r.keeps_values()) {
+                    return Err(ConfigError::invalid(
+                        key("resampling"),
+                        format!(
+                            "`{}` invents values between classes; use nearest or mode for a categorical variable",
+                            r.gdal_name()
+                        ),
+                    ));
+                }
+                if let Some(a) = var.aggregation.filter(|a| !a.keeps_values()) {
+                    return Err(ConfigError::invalid(
+                        key("aggregation"),
+                        format!("{a:?} invents classes; use nearest, min or max for a categorical variable"),
+                    ));
+                }
+            }
+        }
+        match &self.layout {
+            LayoutConfig::PixelSeries { batch, tile, window, shard } => {
+                check_batch(*batch, tile.as_ref(), "layout.tile")?;
+                if *window == Some(0) {
+                    return Err(ConfigError::invalid("layout.window", "must be at least 1"));
+                }
+                check_shard(*shard)?;
+            }
+            LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard } => {
+                if *seq_len == 0 {
+                    return Err(ConfigError::invalid("layout.seq_len", "must be at least 1"));
+                }
+                if patch[0] == 0 || patch[1] == 0 {
+                    return Err(ConfigError::invalid("layout.patch", "must be at least [1, 1]"));
+                }
+                check_batch(*batch, grid.as_ref(), "layout.grid")?;
+                check_shard(*shard)?;
+            }
+        }
+        if let Some(level) = self.compression.level {
+            let ok = match self.compression.codec {
+                Codec::Zstd => (-7..=22).contains(&level),
+                Codec::Gzip => (0..=9).contains(&level),
+                Codec::None => true,
+            };
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "compression.level",
+                    format!("{level} is out of range for {:?}", self.compression.codec),
+                ));
+            }
+        }
+        if let Some(time) = &self.time {
+            match (&time.from, &time.start, &time.end, &time.step) {
+                (Some(from), None, None, None) => {
+                    if !self.variables.0.iter().any(|(n, _)| n == from) {
+                        return Err(ConfigError::invalid(
+                            "time.from",
+                            format!("`{from}` is not one of the variables"),
+                        ));
+                    }
+                }
+                (None, Some(_), Some(_), Some(_)) => {}
+                (Some(_), ..) => {
+                    return Err(ConfigError::invalid("time", "`from` excludes start/end/step"));
+                }
+                (None, ..) => {
+                    return Err(ConfigError::invalid(
+                        "time",
+                        "give `from: VARIABLE`, or all of start, end, step",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The validated grid section.
+    #[must_use]
+    pub fn grid(&self) -> &GridConfig {
+        self.grid.as_ref().expect("validated: grid is present")
+    }
+}
+
+impl Resolution {
+    /// `(x, y)` cell size.
+    #[must_use]
+    pub fn xy(self) -> (f64, f64) {
+        match self {
+            Resolution::Square(r) => (r, r),
+            Resolution::Xy([x, y]) => (x, y),
+        }
+    }
+}
+
+fn check_batch(batch: usize, factors: Option<&[usize; 2]>, key: &str) -> Result<(), ConfigError> {
+    if batch == 0 {
+        return Err(ConfigError::invalid("layout.batch", "must be at least 1"));
+    }
+    if let Some([a, b]) = factors
+        && a * b != batch
+    {
+        return Err(ConfigError::invalid(key, format!("{a} × {b} must equal layout.batch = {batch}")));
+    }
+    Ok(())
+}
+
+fn check_shard(shard: ShardConfig) -> Result<(), ConfigError> {
+    if shard == ShardConfig::Batches(0) {
+        return Err(ConfigError::invalid("layout.shard", "must be auto, none or at least 1"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, Path::new("test.yaml"))
+    }
+
+    const BASE: &str = "output: out.zarr
+grid: { bbox: [-10.0, 50.0, 2.0, 58.0], resolution: 0.05 }
+time: { start: 2019-03-01T00:00:00Z, end: 2019-03-31T23:00:00Z, step: 1h }
+layout: { kind: pixel_series, batch: 256 }
+variables:
+  t2m: { path: era5.grib, resampling: bilinear, aggregation: mean }
+  lc: { path: lc.tif, kind: categorical, static: true }
+";
+
+    #[test]
+    fn parses_the_design_example_in_order() {
+        let c = parse(BASE).unwrap();
+        let names: Vec<_> = c.variables.0.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["t2m", "lc"]);
+        assert_eq!(c.grid().resolution.unwrap().xy(), (0.05, 0.05));
+        assert!(c.variables.0[1].1.is_static);
+        assert_eq!(c.compression.codec, Codec::Zstd);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = BASE.replace("batch: 256 }", "batch: 256, bacth: 3 }");
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("bacth") && msg.contains("line 4"), "{msg}");
+        let text = BASE.replace("resampling: bilinear,", "resampling: bilinear, resamplnig: x,");
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("resamplnig") && msg.contains("line 6"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let msg = parse(&BASE.replace("batch: 256", "batch: many")).unwrap_err().to_string();
+        assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let cases = [
+            (BASE.replace("[-10.0, 50.0, 2.0, 58.0]", "[2.0, 50.0, -10.0, 58.0]"), "grid.bbox"),
+            (BASE.replace("resolution: 0.05", "resolution: -1"), "grid.resolution"),
+            (BASE.replace("batch: 256 }", "batch: 256, tile: [10, 10] }"), "layout.tile"),
+            (
+                BASE.replace("kind: categorical,", "kind: categorical, resampling: bilinear,"),
+                "variables.lc.resampling",
+            ),
+            (BASE.replace("EPSG", "x").replace("grid: {", "grid: { crs: EPSG:3857,"), "grid.crs"),
+            (BASE.replace("step: 1h }", "step: 1h, from: t2m }"), "time"),
+        ];
+        for (text, key) in cases {
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn xcube_aliases() {
+        let text = "output_path: out.zarr
+output_region: [-10.0, 50.0, 2.0, 58.0]
+output_size: [240, 160]
+output_metadata: { title: demo }
+output_resampling: average
+layout: { kind: pixel_series, batch: 64 }
+variables:
+  t2m: { path: era5.grib }
+";
+        let c = parse(text).unwrap();
+        assert_eq!(c.output, PathBuf::from("out.zarr"));
+        assert_eq!(c.grid().size, Some([240, 160]));
+        assert_eq!(c.metadata["title"], "demo");
+        assert_eq!(c.variables.0[0].1.resampling, Some(Resampling::Average));
+    }
+
+    #[test]
+    fn duplicate_variable_is_an_error() {
+        let text = BASE.replace("  lc: { path: lc.tif", "  t2m: { path: lc.tif");
+        assert!(parse(&text).unwrap_err().to_string().contains("t2m"));
+    }
+
+    #[test]
+    fn shard_forms() {
+        for (s, want) in [
+            ("auto", ShardConfig::Named(ShardMode::Auto)),
+            ("none", ShardConfig::Named(ShardMode::None)),
+            ("4", ShardConfig::Batches(4)),
+        ] {
+            let c = parse(&BASE.replace("batch: 256 }", &format!("batch: 256, shard: {s} }}"))).unwrap();
+            let LayoutConfig::PixelSeries { shard, .. } = c.layout else { panic!() };
+            assert_eq!(shard, want);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The cube on disk: a Zarr v3 group that xarray, zarr-python and GDAL open, whose chunks are batches.
+//!
+//! Contract (see DESIGN.md): one array per variable, `(time, lat, lon)` or `(lat, lon)` for static ones;
+//! 1-D coordinate arrays `time` (int64, CF units and calendar), `lat` (descending), `lon`; a `spatial_ref`
+//! grid mapping with `crs_wkt`; `dimension_names` everywhere; consolidated metadata on the root group; and
+//! under the root attribute `cubeload` the [`CubeMeta`]: layout, grid, per-variable metadata, statistics and
+//! provenance, with `complete: true` written last. A validity index (fraction of valid values per batch and
+//! variable) lives in the child group `cubeload_index`, so a loader can skip empty batches without reading
+//! them.
+
+pub mod reader;
+pub mod writer;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Aggregation, Resampling, VariableKind};
+use crate::grid::Grid;
+use crate::layout::Layout;
+use crate::plan::DType;
+use crate::source::SourceFile;
+
+/// Version of the on-disk contract; bumped on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the root attribute holding [`CubeMeta`].
+pub const META_KEY: &str = "cubeload";
+/// Child group of the validity index.
+pub const INDEX_GROUP: &str = "cubeload_index";
+
+/// A cube-level error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CubeError {
+    /// Zarr storage or codec failure.
+    #[error("{path}: {message}")]
+    Zarr {
+        /// The cube.
+        path: PathBuf,
+        /// What zarrs reported.
+        message: String,
+    },
+    /// Filesystem failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path at fault.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not a cubeload cube.
+    #[error("{path}: {message}")]
+    NotACube {
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        message: String,
+    },
+    /// Generation did not finish.
+    #[error(
+        "{path}: incomplete cube (generation did not finish: its completion marker is missing); run `cubeload gen` again to rebuild it"
+    )]
+    Incomplete {
+        /// The cube.
+        path: PathBuf,
+    },
+    /// The output path is taken by something cubeload did not make.
+    #[error("{path}: {message}")]
+    OutputTaken {
+        /// The path.
+        path: PathBuf,
+        /// What is there and what to do.
+        message: String,
+    },
+}
+
+/// Summary statistics of a variable's valid values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Valid values.
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Population standard deviation.
+    pub std: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// Running statistics, mergeable across threads (Chan et al.'s parallel variance).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunningStats {
+    count: u64,
+    mean: f64,
+    m2: f64,
+    min: f64,
+    max: f64,
+}
+
+impl RunningStats {
+    /// Adds one value.
+    pub fn push(&mut self, x: f64) {
+        if self.count == 0 {
+            self.min = x;
+            self.max = x;
+        } else {
+            self.min = self.min.min(x);
+            self.max = self.max.max(x);
+        }
+        self.count += 1;
+        let delta = x - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// Merges another partial result.
+    pub fn merge(&mut self, other: &RunningStats) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
+        let n = (self.count + other.count) as f64;
+        let delta = other.mean - self.mean;
+        self.mean += delta * other.count as f64 / n;
+        self.m2 += other.m2 + delta * delta * self.count as f64 * other.count as f64 / n;
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    /// The summary, `None` when no value was valid.
+    #[must_use]
+    pub fn finish(&self) -> Option<Stats> {
+        (self.count > 0).then(|| Stats {
+            count: self.count,
+            mean: self.mean,
+            std: (self.m2 / self.count as f64).sqrt(),
+            min: self.min,
+            max: self.max,
+        })
+    }
+}
+
+/// Per-variable metadata stored in the cube.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariableMeta {
+    /// Array name.
+    pub name: String,
+    /// Continuous or categorical.
+    pub kind: VariableKind,
+    /// Stored type.
+    pub dtype: DType,
+    /// Fill value; `None` means NaN.
+    pub fill_value: Option<f64>,
+    /// Units.
+    pub units: Option<String>,
+    /// `(lat, lon)` only.
+    #[serde(rename = "static")]
+    pub is_static: bool,
+    /// Spatial resampling used.
+    pub resampling: Resampling,
+    /// Temporal aggregation used.
+    pub aggregation: Aggregation,
+    /// Input files with size and SHA-256.
+    pub sources: Vec<SourceFile>,
+    /// Decisions taken for the user (assumed CRS, ...).
+    pub notes: Vec<String>,
+    /// Statistics of the valid values (`None` until generation finishes, or when nothing is valid).
+    pub stats: Option<Stats>,
+    /// Fraction of valid cells inside the grid extent (padding excluded).
+    pub valid_fraction: f64,
+}
+
+/// Time axis summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimeMeta {
+    /// Steps inside the requested axis.
+    pub steps: usize,
+    /// First instant (ISO 8601).
+    pub start: String,
+    /// Last instant (ISO 8601).
+    pub end: String,
+    /// Step (`1h`, ...) or `None` when irregular.
+    pub step: Option<String>,
+}
+
+/// The `cubeload` root attribute.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CubeMeta {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// `cubeload X.Y.Z`.
+    pub generator: String,
+    /// Creation time, ISO 8601.
+    pub created: String,
+    /// Written `true` last, once every chunk and all metadata are stored.
+    pub complete: bool,
+    /// Chunk = batch layout.
+    pub layout: Layout,
+    /// The grid (valid extent).
+    pub grid: Grid,
+    /// Valid shape `[time, lat, lon]` (time 0 for static-only cubes).
+    pub shape: [usize; 3],
+    /// Stored (padded) shape `[time, lat, lon]`.
+    pub padded_shape: [usize; 3],
+    /// Time axis, if any.
+    pub time: Option<TimeMeta>,
+    /// Variables in delivery order.
+    pub variables: Vec<VariableMeta>,
+    /// Codec description, e.g. `zstd(3)`.
+    pub compression: String,
+    /// The configuration text the cube was made from.
+    pub config: String,
+}
+
+impl CubeMeta {
+    /// Batch chunks along `(time, lat, lon)`.
+    #[must_use]
+    pub fn chunk_counts(&self) -> [usize; 3] {
+        let [t, y, x] = self.padded_shape;
+        [if t == 0 { 1 } else { t / self.layout.chunk_t }, y / self.layout.chunk_y, x / self.layout.chunk_x]
+    }
+}

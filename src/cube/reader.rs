@@ -1,0 +1,123 @@
+//! Opening a cube: one read of the root metadata (consolidated), refusal of incomplete cubes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use zarrs::array::Array;
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::Group;
+
+use super::{CubeError, CubeMeta, META_KEY};
+
+/// An opened, complete cube.
+pub struct Cube {
+    path: PathBuf,
+    store: Arc<FilesystemStore>,
+    meta: CubeMeta,
+}
+
+impl std::fmt::Debug for Cube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cube").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Reads the `cubeload` attribute of the group at `path`, complete or not.
+///
+/// # Errors
+/// [`CubeError::NotACube`] when `path` is not a Zarr group made by cubeload.
+pub fn read_meta(path: &Path) -> Result<CubeMeta, CubeError> {
+    let not_a_cube = |message: String| CubeError::NotACube { path: path.to_path_buf(), message };
+    if !path.join("zarr.json").is_file() {
+        return Err(not_a_cube(if path.exists() {
+            "not a Zarr v3 cube (no zarr.json)".to_string()
+        } else {
+            "no such cube".to_string()
+        }));
+    }
+    let store = Arc::new(FilesystemStore::new(path).map_err(|e| not_a_cube(e.to_string()))?);
+    let group = Group::open(store, "/").map_err(|e| not_a_cube(format!("unreadable Zarr group: {e}")))?;
+    let value = group.attributes().get(META_KEY).cloned().ok_or_else(|| {
+        not_a_cube(format!("a Zarr group without the `{META_KEY}` attribute: not made by cubeload"))
+    })?;
+    serde_json::from_value(value).map_err(|e| not_a_cube(format!("invalid `{META_KEY}` metadata: {e}")))
+}
+
+/// Whether `path` holds a cube made by cubeload (complete or not): the only kind of directory cubeload will
+/// ever delete or replace.
+#[must_use]
+pub fn is_cubeload_cube(path: &Path) -> bool {
+    read_meta(path).is_ok()
+}
+
+impl Cube {
+    /// Opens the cube at `path`.
+    ///
+    /// # Errors
+    /// [`CubeError::NotACube`] for anything else, [`CubeError::Incomplete`] when generation did not finish.
+    pub fn open(path: impl AsRef<Path>) -> Result<Cube, CubeError> {
+        let path = path.as_ref();
+        let meta = read_meta(path)?;
+        if !meta.complete {
+            return Err(CubeError::Incomplete { path: path.to_path_buf() });
+        }
+        let store = Arc::new(
+            FilesystemStore::new(path)
+                .map_err(|e| CubeError::Zarr { path: path.to_path_buf(), message: e.to_string() })?,
+        );
+        Ok(Cube { path: path.to_path_buf(), store, meta })
+    }
+
+    /// The cube's metadata.
+    #[must_use]
+    pub fn meta(&self) -> &CubeMeta {
+        &self.meta
+    }
+
+    /// Where the cube is.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the array `name` (a variable, a coordinate, or `cubeload_index/<var>`).
+    ///
+    /// # Errors
+    /// [`CubeError::Zarr`] when it does not exist or cannot be read.
+    pub fn array(&self, name: &str) -> Result<Array<FilesystemStore>, CubeError> {
+        Array::open(self.store.clone(), &format!("/{name}"))
+            .map_err(|e| CubeError::Zarr { path: self.path.clone(), message: format!("array `{name}`: {e}") })
+    }
+
+    /// Bytes of all files of the cube.
+    #[must_use]
+    pub fn bytes_on_disk(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            std::fs::read_dir(dir).map_or(0, |entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => walk(&e.path()),
+                        Ok(_) => e.metadata().map_or(0, |m| m.len()),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+        }
+        walk(&self.path)
+    }
+
+    /// Uncompressed bytes of the variables' stored (padded) arrays.
+    #[must_use]
+    pub fn uncompressed_bytes(&self) -> u64 {
+        let [t, y, x] = self.meta.padded_shape;
+        self.meta
+            .variables
+            .iter()
+            .map(|v| {
+                let cells = if v.is_static { y * x } else { t * y * x };
+                (cells * v.dtype.size()) as u64
+            })
+            .sum()
+    }
+}

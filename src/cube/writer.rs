@@ -1,0 +1,446 @@
+//! Writing a cube: metadata first (without the completion marker), then chunk rows from many threads, then
+//! statistics, validity index, consolidated metadata and, last, `complete: true`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use zarrs::array::codec::{GzipCodec, ZstdCodec};
+use zarrs::array::{Array, ArrayBuilder, Element, data_type};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::GroupBuilder;
+use zarrs::metadata_ext::group::consolidated_metadata::{ConsolidatedMetadata, ConsolidatedMetadataKind};
+use zarrs::node::Node;
+
+use super::{
+    CubeError, CubeMeta, FORMAT_VERSION, INDEX_GROUP, META_KEY, RunningStats, TimeMeta, VariableMeta,
+};
+use crate::config::{Codec, CompressionConfig};
+use crate::plan::{DType, Plan};
+use crate::time::{self, TimeAxis};
+
+/// What writing one block (a row of batch chunks of one variable and time window) found.
+#[derive(Debug, Clone, Default)]
+pub struct BlockSummary {
+    /// Statistics of the valid values inside the grid extent.
+    pub stats: RunningStats,
+    /// Cells inside the grid extent.
+    pub cells: u64,
+    /// Valid cells inside the grid extent.
+    pub valid: u64,
+    /// `(chunk x index, fraction of valid cells in that batch chunk)`.
+    pub chunk_validity: Vec<(usize, f32)>,
+}
+
+/// Writes one cube. Shared by the generation threads (`&CubeWriter` is `Sync`).
+pub struct CubeWriter {
+    path: PathBuf,
+    store: Arc<FilesystemStore>,
+    arrays: Vec<Array<FilesystemStore>>,
+    meta: CubeMeta,
+    root_attributes: Map<String, Value>,
+}
+
+impl std::fmt::Debug for CubeWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CubeWriter").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn zarr_err(path: &Path, e: impl std::fmt::Display) -> CubeError {
+    CubeError::Zarr { path: path.to_path_buf(), message: e.to_string() }
+}
+
+fn compression_name(c: &CompressionConfig) -> String {
+    match c.codec {
+        Codec::Zstd => format!("zstd({})", c.level.unwrap_or(3)),
+        Codec::Gzip => format!("gzip({})", c.level.unwrap_or(5)),
+        Codec::None => "none".to_string(),
+    }
+}
+
+impl CubeWriter {
+    /// Creates the cube's directory and all metadata at `path` (which must not exist yet).
+    ///
+    /// # Errors
+    /// [`CubeError`] on filesystem or Zarr failures.
+    pub fn create(path: &Path, plan: &Plan) -> Result<CubeWriter, CubeError> {
+        zarrs::config::global_config_mut().set_include_zarrs_metadata(false);
+        std::fs::create_dir_all(path).map_err(|source| CubeError::Io { path: path.to_path_buf(), source })?;
+        let store = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_err(path, e))?);
+        let layout = plan.layout;
+        let grid = plan.grid;
+        let n_time = plan.n_time();
+        let (pt, py, px) = layout.padded_shape(n_time, grid.height, grid.width);
+
+        let variables: Vec<VariableMeta> = plan
+            .variables
+            .iter()
+            .map(|v| VariableMeta {
+                name: v.name.clone(),
+                kind: v.kind,
+                dtype: v.dtype,
+                fill_value: (!v.fill.is_nan()).then_some(v.fill),
+                units: v.units.clone(),
+                is_static: v.is_static,
+                resampling: v.resampling,
+                aggregation: v.aggregation,
+                sources: v.source.provenance.clone(),
+                notes: v.notes.clone(),
+                stats: None,
+                valid_fraction: 0.0,
+            })
+            .collect();
+        let time_meta = plan.time.as_ref().map(|axis| TimeMeta {
+            steps: axis.len(),
+            start: time::format_instant(axis.times[0]),
+            end: time::format_instant(*axis.times.last().expect("non-empty axis")),
+            step: axis.step.map(|s| s.to_string()),
+        });
+        let meta = CubeMeta {
+            format_version: FORMAT_VERSION,
+            generator: format!("cubeload {}", env!("CARGO_PKG_VERSION")),
+            created: time::format_instant(chrono::Utc::now().timestamp()),
+            complete: false,
+            layout,
+            grid,
+            shape: [n_time, grid.height, grid.width],
+            padded_shape: [pt, py, px],
+            time: time_meta,
+            variables,
+            compression: compression_name(&plan.config.compression),
+            config: plan.config_text.clone(),
+        };
+
+        let mut root_attributes = Map::new();
+        root_attributes.insert("Conventions".into(), json!("CF-1.8"));
+        for (k, v) in &plan.config.metadata {
+            root_attributes.insert(k.clone(), v.clone());
+        }
+        let mut writer =
+            CubeWriter { path: path.to_path_buf(), store, arrays: Vec::new(), meta, root_attributes };
+        writer.store_root()?;
+        writer.write_coordinates(plan, pt, py, px)?;
+        for v in &plan.variables {
+            let array = writer.create_variable(plan, v, pt, py, px)?;
+            writer.arrays.push(array);
+        }
+        Ok(writer)
+    }
+
+    /// The metadata as written so far.
+    #[must_use]
+    pub fn meta(&self) -> &CubeMeta {
+        &self.meta
+    }
+
+    fn store_root(&self) -> Result<(), CubeError> {
+        let mut attributes = self.root_attributes.clone();
+        attributes.insert(META_KEY.into(), serde_json::to_value(&self.meta).expect("serializable"));
+        let group = GroupBuilder::new()
+            .attributes(attributes)
+            .build(self.store.clone(), "/")
+            .map_err(|e| zarr_err(&self.path, e))?;
+        group.store_metadata().map_err(|e| zarr_err(&self.path, e))
+    }
+
+    fn write_coordinates(&self, plan: &Plan, pt: usize, py: usize, px: usize) -> Result<(), CubeError> {
+        let grid = plan.grid;
+        let lat: Vec<f64> = (0..py).map(|i| grid.lat(i)).collect();
+        let lon: Vec<f64> = (0..px).map(|j| grid.lon(j)).collect();
+        let coord = |name: &str, values: &[f64], attrs: Value| -> Result<(), CubeError> {
+            let mut builder = ArrayBuilder::new(
+                vec![values.len() as u64],
+                vec![values.len().max(1) as u64],
+                data_type::float64(),
+                f64::NAN,
+            );
+            builder.dimension_names(Some([name])).attributes(attrs.as_object().cloned().unwrap_or_default());
+            let array = builder
+                .build(self.store.clone(), &format!("/{name}"))
+                .map_err(|e| zarr_err(&self.path, e))?;
+            array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+            array.store_chunk(&[0], values).map_err(|e| zarr_err(&self.path, e))
+        };
+        coord(
+            "lat",
+            &lat,
+            json!({"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}),
+        )?;
+        coord(
+            "lon",
+            &lon,
+            json!({"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}),
+        )?;
+        if let Some(axis) = &plan.time {
+            let times = axis.padded(pt - axis.len());
+            let (unit, units) = TimeAxis::cf_units(&times);
+            let values: Vec<i64> = times.iter().map(|t| t / unit).collect();
+            let mut builder =
+                ArrayBuilder::new(vec![pt as u64], vec![pt.max(1) as u64], data_type::int64(), i64::MIN);
+            builder.dimension_names(Some(["time"])).attributes(
+                json!({
+                    "standard_name": "time", "long_name": "time", "axis": "T",
+                    "units": units, "calendar": "proleptic_gregorian",
+                })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            );
+            let array = builder.build(self.store.clone(), "/time").map_err(|e| zarr_err(&self.path, e))?;
+            array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+            array.store_chunk(&[0], &values).map_err(|e| zarr_err(&self.path, e))?;
+        }
+        // CF grid mapping, as rioxarray and GDAL look for it.
+        let wkt = gdal::spatial_ref::SpatialRef::from_epsg(4326)
+            .and_then(|s| s.to_wkt())
+            .map_err(|e| zarr_err(&self.path, e))?;
+        let gt = grid.geotransform(0);
+        let mut builder = ArrayBuilder::new(Vec::<u64>::new(), Vec::<u64>::new(), data_type::int32(), 0i32);
+        builder.dimension_names(Some(Vec::<String>::new())).attributes(
+            json!({
+                "grid_mapping_name": "latitude_longitude",
+                "crs_wkt": wkt, "spatial_ref": wkt,
+                "semi_major_axis": 6_378_137.0, "inverse_flattening": 298.257_223_563,
+                "GeoTransform": gt.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+            })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        );
+        let array = builder.build(self.store.clone(), "/spatial_ref").map_err(|e| zarr_err(&self.path, e))?;
+        array.store_metadata().map_err(|e| zarr_err(&self.path, e))
+    }
+
+    fn create_variable(
+        &self,
+        plan: &Plan,
+        v: &crate::plan::VariablePlan,
+        pt: usize,
+        py: usize,
+        px: usize,
+    ) -> Result<Array<FilesystemStore>, CubeError> {
+        let layout = plan.layout;
+        let (shape, chunk, shard_x, dims): (Vec<u64>, Vec<u64>, usize, Vec<&str>) = if v.is_static {
+            (
+                vec![py as u64, px as u64],
+                vec![layout.chunk_y as u64, layout.chunk_x as u64],
+                layout.static_shard_x,
+                vec!["lat", "lon"],
+            )
+        } else {
+            (
+                vec![pt as u64, py as u64, px as u64],
+                vec![layout.chunk_t as u64, layout.chunk_y as u64, layout.chunk_x as u64],
+                layout.shard_x,
+                vec!["time", "lat", "lon"],
+            )
+        };
+        let mut outer = chunk.clone();
+        *outer.last_mut().expect("2 or 3 dims") *= shard_x as u64;
+        let (dtype, fill): (zarrs::array::DataType, zarrs::array::FillValue) = match v.dtype {
+            DType::Float32 => (data_type::float32(), f32::NAN.into()),
+            DType::Uint8 => (data_type::uint8(), (v.fill as u8).into()),
+            DType::Uint16 => (data_type::uint16(), (v.fill as u16).into()),
+            DType::Int16 => (data_type::int16(), (v.fill as i16).into()),
+            DType::Uint32 => (data_type::uint32(), (v.fill as u32).into()),
+            DType::Int32 => (data_type::int32(), (v.fill as i32).into()),
+        };
+        let mut builder = ArrayBuilder::new(shape, outer, dtype, fill);
+        let compression = &plan.config.compression;
+        let codecs: Vec<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> = match compression.codec {
+            Codec::Zstd => vec![Arc::new(ZstdCodec::new(compression.level.unwrap_or(3), false))],
+            Codec::Gzip => vec![Arc::new(
+                GzipCodec::new(compression.level.unwrap_or(5) as u32).map_err(|e| zarr_err(&self.path, e))?,
+            )],
+            Codec::None => vec![],
+        };
+        builder.bytes_to_bytes_codecs(codecs);
+        if shard_x > 1 {
+            builder.subchunk_shape(chunk);
+        }
+        let mut attrs = Map::new();
+        attrs.insert("long_name".into(), json!(v.name));
+        if let Some(units) = &v.units {
+            attrs.insert("units".into(), json!(units));
+        }
+        attrs.insert("grid_mapping".into(), json!("spatial_ref"));
+        attrs.insert("coordinates".into(), json!("spatial_ref"));
+        attrs.insert("cubeload_kind".into(), serde_json::to_value(v.kind).expect("serializable"));
+        builder.dimension_names(Some(dims)).attributes(attrs);
+        let array = builder
+            .build(self.store.clone(), &format!("/{}", v.name))
+            .map_err(|e| zarr_err(&self.path, e))?;
+        array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+        Ok(array)
+    }
+
+    /// Stores the block of variable `var` at time chunk `it` and chunk row `iy`: `values` holds
+    /// `chunk_t × chunk_y × padded_width` cells (1 × … for static variables), NaN for missing.
+    ///
+    /// # Errors
+    /// [`CubeError::Zarr`] when storing fails.
+    pub fn write_block(
+        &self,
+        var: usize,
+        it: usize,
+        iy: usize,
+        values: &[f64],
+    ) -> Result<BlockSummary, CubeError> {
+        let layout = self.meta.layout;
+        let v = &self.meta.variables[var];
+        let [n_time, height, width] = self.meta.shape;
+        let px = self.meta.padded_shape[2];
+        let (ct, cy, cx) = (if v.is_static { 1 } else { layout.chunk_t }, layout.chunk_y, layout.chunk_x);
+        assert_eq!(values.len(), ct * cy * px, "block shape");
+        let shard_x = if v.is_static { layout.static_shard_x } else { layout.shard_x };
+        let fill = v.fill_value.unwrap_or(f64::NAN);
+
+        // Statistics and validity over the block (padding counts as invalid in the validity index).
+        let mut summary = BlockSummary::default();
+        let mut chunk_valid = vec![0u64; px / cx];
+        for t in 0..ct {
+            let t_ok = v.is_static || it * ct + t < n_time;
+            for y in 0..cy {
+                let y_ok = iy * cy + y < height;
+                let row = &values[(t * cy + y) * px..(t * cy + y + 1) * px];
+                for (x, &value) in row.iter().enumerate() {
+                    let inside = t_ok && y_ok && x < width;
+                    let valid = !value.is_nan() && value != fill;
+                    if inside {
+                        summary.cells += 1;
+                        if valid {
+                            summary.valid += 1;
+                            summary.stats.push(value);
+                        }
+                    }
+                    if inside && valid {
+                        chunk_valid[x / cx] += 1;
+                    }
+                }
+            }
+        }
+        let per_chunk = (ct * cy * cx) as f32;
+        summary.chunk_validity =
+            chunk_valid.iter().enumerate().map(|(i, &n)| (i, n as f32 / per_chunk)).collect();
+
+        // One store per shard (or per chunk when unsharded).
+        let shard_w = cx * shard_x;
+        let array = &self.arrays[var];
+        for ishard in 0..px.div_ceil(shard_w) {
+            let mut block = Vec::with_capacity(ct * cy * shard_w);
+            for t in 0..ct {
+                for y in 0..cy {
+                    let row = &values[(t * cy + y) * px..(t * cy + y + 1) * px];
+                    for x in ishard * shard_w..(ishard + 1) * shard_w {
+                        block.push(row.get(x).copied().unwrap_or(f64::NAN));
+                    }
+                }
+            }
+            let indices: Vec<u64> = if v.is_static {
+                vec![iy as u64, ishard as u64]
+            } else {
+                vec![it as u64, iy as u64, ishard as u64]
+            };
+            self.store_converted(array, v.dtype, fill, &indices, &block)?;
+        }
+        Ok(summary)
+    }
+
+    fn store_converted(
+        &self,
+        array: &Array<FilesystemStore>,
+        dtype: DType,
+        fill: f64,
+        indices: &[u64],
+        block: &[f64],
+    ) -> Result<(), CubeError> {
+        fn store<T: Element>(
+            w: &CubeWriter,
+            array: &Array<FilesystemStore>,
+            indices: &[u64],
+            data: &[T],
+        ) -> Result<(), CubeError> {
+            array.store_chunk(indices, data).map_err(|e| zarr_err(&w.path, e))
+        }
+        let int = |x: f64| if x.is_nan() { fill } else { x.round() };
+        match dtype {
+            DType::Float32 => {
+                store(self, array, indices, &block.iter().map(|&x| x as f32).collect::<Vec<_>>())
+            }
+            DType::Uint8 => {
+                store(self, array, indices, &block.iter().map(|&x| int(x) as u8).collect::<Vec<_>>())
+            }
+            DType::Uint16 => {
+                store(self, array, indices, &block.iter().map(|&x| int(x) as u16).collect::<Vec<_>>())
+            }
+            DType::Int16 => {
+                store(self, array, indices, &block.iter().map(|&x| int(x) as i16).collect::<Vec<_>>())
+            }
+            DType::Uint32 => {
+                store(self, array, indices, &block.iter().map(|&x| int(x) as u32).collect::<Vec<_>>())
+            }
+            DType::Int32 => {
+                store(self, array, indices, &block.iter().map(|&x| int(x) as i32).collect::<Vec<_>>())
+            }
+        }
+    }
+
+    /// Writes statistics, the validity index and consolidated metadata, then the completion marker.
+    /// `validity[var]` holds one fraction per batch chunk in `(time, lat, lon)` chunk order.
+    ///
+    /// # Errors
+    /// [`CubeError`] when storing fails; the cube then stays incomplete.
+    pub fn finish(
+        mut self,
+        stats: &[RunningStats],
+        valid_cells: &[(u64, u64)],
+        validity: &[Vec<f32>],
+    ) -> Result<CubeMeta, CubeError> {
+        let [ct, cy, cx] = self.meta.chunk_counts();
+        let index_group = GroupBuilder::new()
+            .attributes(
+                json!({"description": "fraction of valid values per batch chunk, per variable"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .build(self.store.clone(), &format!("/{INDEX_GROUP}"))
+            .map_err(|e| zarr_err(&self.path, e))?;
+        index_group.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+        for (i, v) in self.meta.variables.iter_mut().enumerate() {
+            v.stats = stats[i].finish();
+            let (cells, valid) = valid_cells[i];
+            v.valid_fraction = if cells == 0 { 0.0 } else { valid as f64 / cells as f64 };
+            let (shape, dims): (Vec<u64>, Vec<&str>) = if v.is_static {
+                (vec![cy as u64, cx as u64], vec!["lat_batch", "lon_batch"])
+            } else {
+                (vec![ct as u64, cy as u64, cx as u64], vec!["time_batch", "lat_batch", "lon_batch"])
+            };
+            let mut builder = ArrayBuilder::new(shape.clone(), shape, data_type::float32(), f32::NAN);
+            builder.dimension_names(Some(dims));
+            let array = builder
+                .build(self.store.clone(), &format!("/{INDEX_GROUP}/{}", v.name))
+                .map_err(|e| zarr_err(&self.path, e))?;
+            array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+            let zeros = vec![0u64; array.dimensionality()];
+            array.store_chunk(&zeros, &validity[i]).map_err(|e| zarr_err(&self.path, e))?;
+        }
+        // Consolidate what is on disk now, then write the root group once more, complete.
+        let node = Node::open(&self.store, "/").map_err(|e| zarr_err(&self.path, e))?;
+        let consolidated = node.consolidate_metadata().expect("the root is a group");
+        self.meta.complete = true;
+        let mut attributes = self.root_attributes.clone();
+        attributes.insert(META_KEY.into(), serde_json::to_value(&self.meta).expect("serializable"));
+        let mut group = GroupBuilder::new()
+            .attributes(attributes)
+            .build(self.store.clone(), "/")
+            .map_err(|e| zarr_err(&self.path, e))?;
+        group.set_consolidated_metadata(Some(ConsolidatedMetadata {
+            metadata: consolidated,
+            kind: ConsolidatedMetadataKind::Inline,
+        }));
+        group.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+        Ok(self.meta)
+    }
+}

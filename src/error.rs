@@ -1,0 +1,45 @@
+//! The crate's error: the stage errors, each of which names the file, variable or key at fault.
+
+use crate::config::ConfigError;
+use crate::cube::CubeError;
+use crate::generator::GenError;
+use crate::plan::PlanError;
+use crate::source::SourceError;
+
+/// Any cubeload error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Unusable input.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Cube storage.
+    #[error(transparent)]
+    Cube(#[from] CubeError),
+    /// Generation.
+    #[error(transparent)]
+    Gen(#[from] GenError),
+}
+
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Config(e) => Error::Config(e),
+            PlanError::Source(e) => Error::Source(e),
+        }
+    }
+}
+
+impl Error {
+    /// Whether the user's configuration or invocation is at fault (exit code 2) rather than the run (1).
+    #[must_use]
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Config(_) | Error::Gen(GenError::Plan(PlanError::Config(_))))
+    }
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,43 @@
+//! # cubeload
+//!
+//! Earth-observation rasters (GeoTIFF, NetCDF, GRIB: anything GDAL reads, in any CRS and resolution) made
+//! ready for machine learning: `cubeload gen` writes one Zarr v3 cube whose **chunk is a training batch**
+//! (B full pixel time series for LSTMs, or B image sequences for video prediction), aligned across all
+//! variables, so that a training loop reads each batch with one read per variable.
+//!
+//! ## Getting started
+//! ```no_run
+//! use cubeload::{Config, GenOptions, Plan, generate};
+//! let text = std::fs::read_to_string("configs/demo.yaml")?;
+//! let config = Config::from_yaml(&text, "configs/demo.yaml".as_ref())?;
+//! let plan = Plan::new(config, text)?;
+//! let report = generate(&plan, &GenOptions::default(), &|_, _| {})?;
+//! println!("{} written in {:.1} s", report.path.display(), report.seconds);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Stages (one module each)
+//! - [`config`]: the YAML file as users write it, strictly parsed.
+//! - [`grid`], [`time`], [`layout`]: target grid, time axis, chunk = batch arithmetic (pure).
+//! - [`source`]: what the input files hold, read through GDAL and its warper.
+//! - [`plan`]: the config resolved against the sources, before anything is written.
+//! - [`generator`]: parallel generation into a staging directory, renamed into place when complete.
+//! - [`cube`]: the on-disk contract, writer and reader.
+//! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
+
+pub mod config;
+pub mod cube;
+pub mod demo;
+pub mod error;
+pub mod generator;
+pub mod grid;
+pub mod layout;
+pub mod plan;
+pub mod source;
+pub mod time;
+
+pub use config::Config;
+pub use cube::reader::Cube;
+pub use error::{Error, Result};
+pub use generator::{GenOptions, GenReport, generate};
+pub use plan::Plan;

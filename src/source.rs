@@ -1,0 +1,642 @@
+//! Sources: what a variable's input files hold, as GDAL sees them, with the traps of real files handled.
+//!
+//! [`Source::probe`] opens every file of a variable once, up front, and records what generation needs: the
+//! time of every band (CF time in NetCDF, `GRIB_VALID_TIME` in GRIB, a date in the file name otherwise),
+//! packing (`scale_factor`/`add_offset`), nodata, and a georeferencing GDAL's warper can use. Where GDAL
+//! misses the georeferencing (CF x/y variables without `standard_name` give an identity geotransform), it is
+//! rebuilt from the CF coordinate variables; where nothing usable exists, probing fails with a message that
+//! names the file. Nothing is ever guessed silently: an assumed CRS is recorded in the cube's provenance.
+//!
+//! [`warp`] then reads windows of those files onto the target grid with GDAL's warper.
+
+pub mod warp;
+
+use std::path::{Path, PathBuf};
+
+use gdal::Metadata;
+use gdal::raster::GdalDataType;
+use gdal::{Dataset, DatasetOptions, GdalOpenFlags};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::VariableConfig;
+use crate::time::{self, CfTime, Instant};
+
+/// A source error: always names the file (and variable) at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// No file matches the path or pattern.
+    #[error("variable `{variable}`: no file matches `{pattern}`")]
+    NoFiles {
+        /// The cube variable.
+        variable: String,
+        /// The configured path.
+        pattern: String,
+    },
+    /// GDAL cannot open or read the file.
+    #[error("{path}: {message}")]
+    Gdal {
+        /// The file.
+        path: PathBuf,
+        /// GDAL's message.
+        message: String,
+    },
+    /// The file is readable but unusable as configured.
+    #[error("{path}: {message}")]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what to do about it.
+        message: String,
+    },
+    /// Reading the file for hashing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl SourceError {
+    fn unusable(path: &Path, message: impl Into<String>) -> Self {
+        SourceError::Unusable { path: path.to_path_buf(), message: message.into() }
+    }
+    fn gdal(path: &Path, err: &gdal::errors::GdalError) -> Self {
+        SourceError::Gdal { path: path.to_path_buf(), message: err.to_string() }
+    }
+}
+
+/// An input file, for provenance: what was read, how big, and its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// The path as configured (glob expanded).
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+/// How GDAL's warper locates the pixels of one file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Georef {
+    /// An affine geotransform in a CRS.
+    Transform {
+        /// GDAL geotransform.
+        geotransform: [f64; 6],
+        /// CRS as WKT.
+        wkt: String,
+        /// Longitude copies to add, in cells: a lon/lat grid reaching past 180°E is mosaicked with itself
+        /// shifted by −360° so that targets west of Greenwich find their data.
+        wrap_cols: Option<usize>,
+    },
+    /// Per-pixel longitude/latitude arrays (curvilinear grids): GDAL's geolocation transformer.
+    Geolocation {
+        /// The file's `GEOLOCATION` metadata domain.
+        metadata: Vec<(String, String)>,
+    },
+}
+
+/// One file of a source as GDAL opens it.
+#[derive(Debug, Clone)]
+pub struct FileView {
+    /// The path of the file.
+    pub path: PathBuf,
+    /// What to pass to GDAL to open it (a subdataset name for a NetCDF variable).
+    pub gdal_name: String,
+    /// Raster size `(width, height)`.
+    pub size: (usize, usize),
+    /// Georeferencing.
+    pub georef: Georef,
+}
+
+/// One source time step: a band of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceStep {
+    /// Index into [`Source::files`].
+    pub file: usize,
+    /// 1-based band.
+    pub band: usize,
+    /// Valid time, when the source has one.
+    pub time: Option<Instant>,
+}
+
+/// Everything generation needs to know about one variable's inputs.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Files, in order.
+    pub files: Vec<FileView>,
+    /// Provenance of the files (same order).
+    pub provenance: Vec<SourceFile>,
+    /// Steps (bands) in file order; all have a time, or the source is static.
+    pub steps: Vec<SourceStep>,
+    /// Sample type of the stored values.
+    pub data_type: GdalDataType,
+    /// Stored value meaning "missing", after the config's override.
+    pub nodata: Option<f64>,
+    /// Unpacking: physical = stored × scale + offset.
+    pub scale: f64,
+    /// Unpacking offset.
+    pub offset: f64,
+    /// Units as the file states them.
+    pub units: Option<String>,
+    /// Things a user should know that were decided for them (an assumed CRS, ...).
+    pub notes: Vec<String>,
+}
+
+impl Source {
+    /// Whether every step carries a time.
+    #[must_use]
+    pub fn has_time(&self) -> bool {
+        !self.steps.is_empty() && self.steps.iter().all(|s| s.time.is_some())
+    }
+
+    /// Opens and inspects every file of variable `name`.
+    ///
+    /// # Errors
+    /// [`SourceError`] naming the file: missing, unreadable, unknown variable or band, no usable
+    /// georeferencing, a time axis that is not CF time, files of one variable that disagree.
+    pub fn probe(name: &str, config: &VariableConfig) -> Result<Source, SourceError> {
+        init_gdal();
+        let paths = expand_paths(name, &config.path)?;
+        let mut files = Vec::new();
+        let mut provenance = Vec::new();
+        let mut steps = Vec::new();
+        let mut first: Option<(GdalDataType, Option<f64>, f64, f64, Option<String>)> = None;
+        let mut notes = Vec::new();
+        for (index, path) in paths.iter().enumerate() {
+            let (view, file_steps, band_info, note) = probe_file(path, config)?;
+            if let Some(note) = note
+                && !notes.contains(&note)
+            {
+                notes.push(note);
+            }
+            match &first {
+                None => first = Some(band_info.clone()),
+                Some(f) if f.0 != band_info.0 || f.2 != band_info.2 || f.3 != band_info.3 => {
+                    return Err(SourceError::unusable(
+                        path,
+                        format!(
+                            "its data type or packing differs from {} (all files of variable `{name}` must agree)",
+                            paths[0].display()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            steps.extend(file_steps.into_iter().map(|(band, time)| SourceStep { file: index, band, time }));
+            files.push(view);
+            provenance.push(file_provenance(path)?);
+        }
+        let (data_type, nodata, scale, offset, units) = first.expect("at least one file");
+        let has_time = steps.iter().any(|s| s.time.is_some());
+        if has_time && steps.iter().any(|s| s.time.is_none()) {
+            return Err(SourceError::unusable(
+                &paths[0],
+                format!("some files of variable `{name}` have a time axis and others do not"),
+            ));
+        }
+        Ok(Source { files, provenance, steps, data_type, nodata, scale, offset, units, notes })
+    }
+
+    /// Instants of all steps (empty when static).
+    #[must_use]
+    pub fn instants(&self) -> Vec<Instant> {
+        self.steps.iter().filter_map(|s| s.time).collect()
+    }
+}
+
+/// Registers GDAL's drivers once and keeps its own printing quiet: GDAL's warnings (e.g. the GRIB reader's
+/// "Ran out of file reading SECT0" at a file's end) would drown the progress bar; failures reach the user
+/// through the errors of the calls that failed. `CUBELOAD_GDAL_LOG=1` shows them all.
+pub fn init_gdal() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        gdal::DriverManager::register_all();
+        // ERA5 GRIB files label Kelvin values "[C]" when GDAL normalizes units; keep the file's own label.
+        let _ = gdal::config::set_config_option("GRIB_NORMALIZE_UNITS", "NO");
+        let verbose = std::env::var_os("CUBELOAD_GDAL_LOG").is_some();
+        gdal::config::set_error_handler(move |kind, _, message| {
+            if verbose {
+                eprintln!("GDAL {kind:?}: {message}");
+            }
+        });
+    });
+}
+
+/// Expands a path or glob pattern into sorted existing files.
+fn expand_paths(name: &str, pattern: &str) -> Result<Vec<PathBuf>, SourceError> {
+    let is_glob = pattern.contains(['*', '?', '[']);
+    let mut paths: Vec<PathBuf> = if is_glob {
+        glob::glob(pattern)
+            .map_err(|e| SourceError::Unusable {
+                path: PathBuf::from(pattern),
+                message: format!("variable `{name}`: bad glob pattern: {e}"),
+            })?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        let path = PathBuf::from(pattern);
+        if !path.exists() {
+            return Err(SourceError::Unusable { path, message: format!("variable `{name}`: no such file") });
+        }
+        vec![path]
+    };
+    paths.sort();
+    if paths.is_empty() {
+        return Err(SourceError::NoFiles { variable: name.to_string(), pattern: pattern.to_string() });
+    }
+    Ok(paths)
+}
+
+fn file_provenance(path: &Path) -> Result<SourceFile, SourceError> {
+    use std::io::Read;
+    let io = |source| SourceError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(SourceFile { path: path.to_path_buf(), size, sha256 })
+}
+
+type BandInfo = (GdalDataType, Option<f64>, f64, f64, Option<String>);
+
+/// Opens a file, selects the variable, and reads its steps, band info and georeferencing.
+fn probe_file(
+    path: &Path,
+    config: &VariableConfig,
+) -> Result<(FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<String>), SourceError> {
+    let container = open(path, path.to_string_lossy().as_ref())?;
+    let gdal_name = select_variable(path, &container, config.variable.as_deref())?;
+    let dataset = if gdal_name == path.to_string_lossy() { container } else { open(path, &gdal_name)? };
+    let count = dataset.raster_count();
+    if count == 0 {
+        return Err(SourceError::unusable(path, "has no raster bands"));
+    }
+    if let Some(band) = config.band
+        && band > count
+    {
+        return Err(SourceError::unusable(path, format!("band {band} requested, the file has {count}")));
+    }
+    let band1 = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
+    let data_type = band1.band_type();
+    if matches!(data_type, GdalDataType::Unknown) {
+        return Err(SourceError::unusable(path, "has a complex or unknown data type"));
+    }
+    let nodata = config.nodata.or_else(|| band1.no_data_value());
+    let scale = band1.scale().unwrap_or(1.0);
+    let offset = band1.offset().unwrap_or(0.0);
+    let units = Some(band1.unit()).filter(|u| !u.is_empty()).or_else(|| grib_units(&band1));
+    drop(band1);
+
+    let steps = if config.is_static {
+        vec![(config.band.unwrap_or(1), None)]
+    } else {
+        let times = band_times(path, &dataset)?;
+        match (times, config.band) {
+            (Some(times), None) => times.into_iter().enumerate().map(|(i, t)| (i + 1, Some(t))).collect(),
+            (Some(times), Some(band)) => vec![(band, Some(times[band - 1]))],
+            (None, band) => {
+                let band = match (band, count) {
+                    (Some(b), _) => b,
+                    (None, 1) => 1,
+                    (None, n) => {
+                        return Err(SourceError::unusable(
+                            path,
+                            format!(
+                                "has {n} bands and no time axis (no CF time, no GRIB valid time); \
+                                 choose one with `band:` or mark the variable `static: true`"
+                            ),
+                        ));
+                    }
+                };
+                vec![(band, time_from_file_name(path))]
+            }
+        }
+    };
+    let (georef, note) = georeference(path, &dataset, config.crs.as_deref())?;
+    let view = FileView { path: path.to_path_buf(), gdal_name, size: dataset.raster_size(), georef };
+    Ok((view, steps, (data_type, nodata, scale, offset, units), note))
+}
+
+fn open(path: &Path, name: &str) -> Result<Dataset, SourceError> {
+    Dataset::open_ex(
+        name,
+        DatasetOptions {
+            open_flags: GdalOpenFlags::GDAL_OF_RASTER | GdalOpenFlags::GDAL_OF_READONLY,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| {
+        let detail = e.to_string();
+        SourceError::Unusable {
+            path: path.to_path_buf(),
+            message: if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+                "is empty".to_string()
+            } else {
+                format!("GDAL cannot read it as a raster ({detail})")
+            },
+        }
+    })
+}
+
+/// Picks the subdataset for `variable`, or checks that the file is a single raster.
+fn select_variable(path: &Path, dataset: &Dataset, variable: Option<&str>) -> Result<String, SourceError> {
+    let subdatasets: Vec<String> = dataset
+        .metadata_domain("SUBDATASETS")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|item| {
+            let (key, value) = item.split_once('=')?;
+            key.ends_with("_NAME").then(|| value.to_string())
+        })
+        .collect();
+    let short = |s: &str| s.rsplit(':').next().unwrap_or(s).trim_matches('"').to_string();
+    let own_name = path.to_string_lossy().to_string();
+    match variable {
+        Some(var) => {
+            if let Some(found) = subdatasets.iter().find(|s| short(s) == var) {
+                return Ok(found.clone());
+            }
+            // A single-variable NetCDF opens directly; check that it is the requested one.
+            if subdatasets.is_empty() && dataset.raster_count() > 0 {
+                let band = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
+                if band.metadata_item("NETCDF_VARNAME", "").is_none_or(|v| v == var) {
+                    return Ok(own_name);
+                }
+            }
+            let names: Vec<String> = subdatasets.iter().map(|s| short(s)).collect();
+            Err(SourceError::unusable(
+                path,
+                if names.is_empty() {
+                    format!("has no variable `{var}`")
+                } else {
+                    format!("has no variable `{var}`; it has: {}", names.join(", "))
+                },
+            ))
+        }
+        None if dataset.raster_count() == 0 && !subdatasets.is_empty() => {
+            let names: Vec<String> = subdatasets.iter().map(|s| short(s)).collect();
+            Err(SourceError::unusable(
+                path,
+                format!("holds several variables; choose one with `variable:` ({})", names.join(", ")),
+            ))
+        }
+        None => Ok(own_name),
+    }
+}
+
+fn grib_units(band: &gdal::raster::RasterBand) -> Option<String> {
+    band.metadata_item("GRIB_UNIT", "")
+        .map(|u| u.trim_matches(['[', ']']).to_string())
+        .filter(|u| !u.is_empty())
+}
+
+/// Times of all bands, when the file has a time axis: CF time in NetCDF, valid time in GRIB.
+fn band_times(path: &Path, dataset: &Dataset) -> Result<Option<Vec<Instant>>, SourceError> {
+    let count = dataset.raster_count();
+    let band_item = |i: usize, key: &str| -> Result<Option<String>, SourceError> {
+        let band = dataset.rasterband(i).map_err(|e| SourceError::gdal(path, &e))?;
+        Ok(band.metadata_item(key, ""))
+    };
+    // GRIB: epoch seconds per band (older GDALs append " sec UTC").
+    if band_item(1, "GRIB_VALID_TIME")?.is_some() {
+        let mut times = Vec::with_capacity(count);
+        for i in 1..=count {
+            let text = band_item(i, "GRIB_VALID_TIME")?.unwrap_or_default();
+            let secs: i64 = text.split_whitespace().next().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                SourceError::unusable(path, format!("band {i}: cannot read GRIB_VALID_TIME `{text}`"))
+            })?;
+            times.push(secs);
+        }
+        return Ok(Some(times));
+    }
+    // NetCDF: the extra (non-spatial) dimensions; exactly one, and a CF time.
+    let Some(extra) = dataset.metadata_item("NETCDF_DIM_EXTRA", "") else { return Ok(None) };
+    let dims: Vec<&str> =
+        extra.trim_matches(['{', '}']).split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    let [dim] = dims.as_slice() else {
+        return Err(SourceError::unusable(
+            path,
+            format!(
+                "has {} non-spatial dimensions ({}); cubeload reads one time dimension: pick one band with \
+                 `band:` and `static: true`",
+                dims.len(),
+                dims.join(", ")
+            ),
+        ));
+    };
+    let units = dataset.metadata_item(&format!("{dim}#units"), "").unwrap_or_default();
+    let calendar = dataset.metadata_item(&format!("{dim}#calendar"), "");
+    let cf = CfTime::parse(&units, calendar.as_deref()).map_err(|e| {
+        SourceError::unusable(
+            path,
+            format!(
+                "dimension `{dim}` is not a CF time axis (units `{units}`: {e}); \
+                 mark the variable `static: true` and pick a band with `band:`"
+            ),
+        )
+    })?;
+    let mut times = Vec::with_capacity(count);
+    for i in 1..=count {
+        let text = band_item(i, &format!("NETCDF_DIM_{dim}"))?.unwrap_or_default();
+        let value: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| SourceError::unusable(path, format!("band {i}: cannot read time value `{text}`")))?;
+        times.push(cf.to_instant(value).map_err(|e| SourceError::unusable(path, format!("band {i}: {e}")))?);
+    }
+    Ok(Some(times))
+}
+
+/// A date in the file name (`..._20240305.tif`, `2024-03-05T10:30:00`): how image-by-image archives are named.
+#[must_use]
+pub fn time_from_file_name(path: &Path) -> Option<Instant> {
+    let name = path.file_stem()?.to_string_lossy().to_string();
+    let bytes = name.as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    for start in 0..bytes.len() {
+        if start > 0 && bytes[start - 1].is_ascii_digit() {
+            continue;
+        }
+        let rest = &bytes[start..];
+        let (date, consumed) =
+            if rest.len() >= 10 && digits(&rest[0..4]) && rest[4] == b'-' && rest[7] == b'-' {
+                (
+                    format!(
+                        "{}-{}-{}",
+                        &name[start..start + 4],
+                        &name[start + 5..start + 7],
+                        &name[start + 8..start + 10]
+                    ),
+                    10,
+                )
+            } else if rest.len() >= 8 && digits(&rest[0..8]) && !(rest.len() > 8 && rest[8].is_ascii_digit())
+            {
+                (
+                    format!(
+                        "{}-{}-{}",
+                        &name[start..start + 4],
+                        &name[start + 4..start + 6],
+                        &name[start + 6..start + 8]
+                    ),
+                    8,
+                )
+            } else {
+                continue;
+            };
+        let tail = &name[start + consumed..];
+        let clock = tail
+            .strip_prefix(['T', '_', ' '])
+            .and_then(|t| {
+                let b = t.as_bytes();
+                if b.len() >= 8 && b[2] == b':' && b[5] == b':' {
+                    Some(t[..8].to_string())
+                } else if b.len() >= 6 && digits(&b[..6]) {
+                    Some(format!("{}:{}:{}", &t[0..2], &t[2..4], &t[4..6]))
+                } else {
+                    None
+                }
+            })
+            .unwrap_or_else(|| "00:00:00".to_string());
+        if let Ok(t) = time::parse_timestamp(&format!("{date}T{clock}Z")) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+fn is_identity(gt: &[f64; 6]) -> bool {
+    *gt == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+}
+
+/// Finds a georeferencing the warper can use, or explains why there is none.
+fn georeference(
+    path: &Path,
+    dataset: &Dataset,
+    crs_override: Option<&str>,
+) -> Result<(Georef, Option<String>), SourceError> {
+    let mut note = None;
+    let geotransform = dataset.geo_transform().ok().filter(|gt| !is_identity(gt));
+    let geolocation: Vec<(String, String)> = dataset
+        .metadata_domain("GEOLOCATION")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|item| item.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let geotransform = match geotransform {
+        Some(gt) => gt,
+        None if !geolocation.is_empty() => return Ok((Georef::Geolocation { metadata: geolocation }, None)),
+        None => {
+            let gt = cf_coordinate_geotransform(path, dataset).ok_or_else(|| {
+                SourceError::unusable(
+                    path,
+                    "has no usable georeferencing: no geotransform, no geolocation arrays, and no regular \
+                     1-D CF coordinate variables",
+                )
+            })?;
+            note = Some(format!(
+                "{}: georeferencing rebuilt from its CF x/y coordinate variables (GDAL saw none)",
+                path.display()
+            ));
+            gt
+        }
+    };
+    let mut wkt = match crs_override {
+        Some(def) => gdal::spatial_ref::SpatialRef::from_definition(def)
+            .and_then(|s| s.to_wkt())
+            .map_err(|e| SourceError::unusable(path, format!("cannot use crs `{def}`: {e}")))?,
+        None => dataset.projection(),
+    };
+    let (w, h) = dataset.raster_size();
+    let xs = [geotransform[0], geotransform[0] + w as f64 * geotransform[1]];
+    let ys = [geotransform[3], geotransform[3] + h as f64 * geotransform[5]];
+    if wkt.is_empty() {
+        let lonlat =
+            xs.iter().all(|x| (-180.5..=360.5).contains(x)) && ys.iter().all(|y| (-90.5..=90.5).contains(y));
+        if !lonlat {
+            return Err(SourceError::unusable(
+                path,
+                "has no CRS and its coordinates are not longitudes/latitudes; give the variable a `crs:`",
+            ));
+        }
+        wkt = gdal::spatial_ref::SpatialRef::from_epsg(4326)
+            .and_then(|s| s.to_wkt())
+            .map_err(|e| SourceError::gdal(path, &e))?;
+        note = Some(format!("{}: no CRS in the file; assumed EPSG:4326 (a CF lon/lat grid)", path.display()));
+    }
+    let geographic = gdal::spatial_ref::SpatialRef::from_wkt(&wkt).is_ok_and(|s| s.is_geographic());
+    let east = xs[0].max(xs[1]);
+    let wrap_cols = if geographic && east > 180.0 + 1e-9 {
+        let cols = 360.0 / geotransform[1].abs();
+        ((cols - cols.round()).abs() < 1e-6).then_some(cols.round() as usize).or_else(|| {
+            note = Some(format!(
+                "{}: longitudes reach {east}°E and 360° is not a whole number of cells: not wrapped",
+                path.display()
+            ));
+            None
+        })
+    } else {
+        None
+    };
+    Ok((Georef::Transform { geotransform, wkt, wrap_cols }, note))
+}
+
+/// Rebuilds a geotransform from regular 1-D coordinate variables named like the raster's dimensions.
+/// GDAL does not flip rows it did not recognise as y, so file order is raster order.
+fn cf_coordinate_geotransform(path: &Path, dataset: &Dataset) -> Option<[f64; 6]> {
+    let band = dataset.rasterband(1).ok()?;
+    let var = band.metadata_item("NETCDF_VARNAME", "")?;
+    drop(band);
+    let md = Dataset::open_ex(
+        path,
+        DatasetOptions { open_flags: GdalOpenFlags::GDAL_OF_MULTIDIM_RASTER, ..Default::default() },
+    )
+    .ok()?;
+    let root = md.root_group().ok()?;
+    let array = root.open_md_array(&var, Default::default()).ok()?;
+    let dims = array.dimensions().ok()?;
+    let names: Vec<String> = dims.iter().map(gdal::raster::Dimension::name).collect();
+    let [.., ydim, xdim] = names.as_slice() else { return None };
+    let read = |name: &str| -> Option<Vec<f64>> {
+        let coord = root.open_md_array(name, Default::default()).ok()?;
+        let n = coord.num_elements() as usize;
+        coord.read_as::<f64>(vec![0], vec![n]).ok()
+    };
+    let (x, y) = (read(xdim)?, read(ydim)?);
+    let regular = |v: &[f64]| -> Option<f64> {
+        let d = v.get(1)? - v.first()?;
+        (d != 0.0 && v.windows(2).all(|w| ((w[1] - w[0]) - d).abs() <= 1e-6 * d.abs())).then_some(d)
+    };
+    let (dx, dy) = (regular(&x)?, regular(&y)?);
+    let (width, height) = dataset.raster_size();
+    (x.len() == width && y.len() == height).then_some([x[0] - dx / 2.0, dx, 0.0, y[0] - dy / 2.0, 0.0, dy])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_in_file_names() {
+        let t = |name: &str| time_from_file_name(Path::new(name)).map(time::format_instant);
+        assert_eq!(t("ndvi_20240305.tif").as_deref(), Some("2024-03-05T00:00:00Z"));
+        assert_eq!(t("S2A_2024-03-05T10:30:00.tif").as_deref(), Some("2024-03-05T10:30:00Z"));
+        assert_eq!(t("S2A_MSIL2A_20240305T103021_N0510.tif").as_deref(), Some("2024-03-05T10:30:21Z"));
+        assert_eq!(t("tile_123456789.tif"), None);
+        assert_eq!(t("dem.tif"), None);
+    }
+}

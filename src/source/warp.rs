@@ -1,0 +1,188 @@
+//! Reading a window of the target grid from one source file with GDAL's warper (`GDALWarp`, the engine of
+//! `gdalwarp`), never with hand-written projections.
+//!
+//! The bands to read are first gathered in an in-memory VRT: it selects the time steps, attaches a CRS or
+//! geotransform that the file lacks, and mosaics a 0…360° grid with its −360° copy. The warp then writes into
+//! an in-memory Float64 raster that covers the window rows of the target grid, with NaN where nothing is known.
+//! Values come back raw (packed); the caller unpacks them, which is exact for every resampling because all
+//! of GDAL's kernels are weighted means or selections of source values.
+
+use std::ffi::{CString, c_char};
+use std::ptr;
+
+use gdal::raster::GdalDataType;
+use gdal::{Dataset, DriverManager};
+
+use super::{FileView, Georef, SourceError};
+use crate::config::Resampling;
+use crate::grid::Grid;
+
+/// WKT of the target CRS (EPSG:4326), computed once.
+fn target_wkt() -> &'static str {
+    static WKT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    WKT.get_or_init(|| {
+        gdal::spatial_ref::SpatialRef::from_epsg(4326).and_then(|s| s.to_wkt()).expect("PROJ knows EPSG:4326")
+    })
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn gdal_type_name(data_type: GdalDataType) -> &'static str {
+    match data_type {
+        GdalDataType::UInt8 => "Byte",
+        GdalDataType::UInt16 => "UInt16",
+        GdalDataType::Int16 => "Int16",
+        GdalDataType::UInt32 => "UInt32",
+        GdalDataType::Int32 => "Int32",
+        GdalDataType::Float32 => "Float32",
+        _ => "Float64",
+    }
+}
+
+/// The VRT XML exposing `bands` (1-based, in order) of `file` with a georeferencing the warper can use.
+#[must_use]
+pub fn vrt_xml(file: &FileView, bands: &[usize], data_type: GdalDataType, nodata: Option<f64>) -> String {
+    let (w, h) = file.size;
+    let mut xml = String::new();
+    let (width, copies, header) = match &file.georef {
+        Georef::Transform { geotransform: gt, wkt, wrap_cols } => {
+            let (width, copies, x0) = match wrap_cols {
+                // Copy at −360° first (offset 0), then the original (offset = 360° in cells).
+                Some(cols) => (cols + w, vec![0, *cols], gt[0] - *cols as f64 * gt[1]),
+                None => (w, vec![0], gt[0]),
+            };
+            let header = format!(
+                "<SRS dataAxisToSRSAxisMapping=\"{}\">{}</SRS><GeoTransform>{x0:.17e},{:.17e},{:.17e},{:.17e},{:.17e},{:.17e}</GeoTransform>",
+                axis_mapping(wkt),
+                xml_escape(wkt),
+                gt[1],
+                gt[2],
+                gt[3],
+                gt[4],
+                gt[5]
+            );
+            (width, copies, header)
+        }
+        Georef::Geolocation { metadata } => {
+            let items: String = metadata
+                .iter()
+                .map(|(k, v)| format!("<MDI key=\"{}\">{}</MDI>", xml_escape(k), xml_escape(v)))
+                .collect();
+            (w, vec![0], format!("<Metadata domain=\"GEOLOCATION\">{items}</Metadata>"))
+        }
+    };
+    xml.push_str(&format!("<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{h}\">{header}"));
+    let type_name = gdal_type_name(data_type);
+    let source_name = xml_escape(&file.gdal_name);
+    for (i, band) in bands.iter().enumerate() {
+        xml.push_str(&format!("<VRTRasterBand dataType=\"{type_name}\" band=\"{}\">", i + 1));
+        if let Some(nodata) = nodata {
+            xml.push_str(&format!("<NoDataValue>{}</NoDataValue>", format_nodata(nodata)));
+        }
+        for offset in &copies {
+            xml.push_str(&format!(
+                "<SimpleSource><SourceFilename relativeToVRT=\"0\">{source_name}</SourceFilename>\
+                 <SourceBand>{band}</SourceBand><SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/>\
+                 <DstRect xOff=\"{offset}\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/></SimpleSource>"
+            ));
+        }
+        xml.push_str("</VRTRasterBand>");
+    }
+    xml.push_str("</VRTDataset>");
+    xml
+}
+
+/// Geographic CRSs declare lat/lon axis order; raster data is always x (lon) first.
+fn axis_mapping(wkt: &str) -> &'static str {
+    let swapped = gdal::spatial_ref::SpatialRef::from_wkt(wkt).is_ok_and(|s| {
+        s.is_geographic()
+            && s.axis_orientation("GEOGCS", 0).is_ok_and(|o| o == gdal_sys::OGRAxisOrientation::OAO_North)
+    });
+    if swapped { "2,1" } else { "1,2" }
+}
+
+fn format_nodata(v: f64) -> String {
+    if v.is_nan() { "nan".to_string() } else { format!("{v:.17e}") }
+}
+
+/// Warps `bands` of `file` onto rows `row0..row0 + rows` (full width) of `grid`.
+/// Returns one `rows × grid.width` raster per band, row-major, NaN where no source pixel contributes.
+///
+/// # Errors
+/// [`SourceError::Gdal`] naming the file when GDAL fails.
+pub fn warp_window(
+    file: &FileView,
+    bands: &[usize],
+    data_type: GdalDataType,
+    nodata: Option<f64>,
+    resampling: Resampling,
+    grid: &Grid,
+    row0: usize,
+    rows: usize,
+) -> Result<Vec<Vec<f64>>, SourceError> {
+    let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
+    let xml = vrt_xml(file, bands, data_type, nodata);
+    let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
+    let driver = DriverManager::get_driver_by_name("MEM").map_err(|e| fail(e.to_string()))?;
+    let mut target = driver
+        .create_with_band_type::<f64, _>("", grid.width, rows, bands.len())
+        .map_err(|e| fail(format!("cannot allocate the warp window: {e}")))?;
+    target.set_geo_transform(&grid.geotransform(row0)).map_err(|e| fail(e.to_string()))?;
+    target.set_projection(target_wkt()).map_err(|e| fail(e.to_string()))?;
+    for i in 1..=bands.len() {
+        let mut band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
+        band.set_no_data_value(Some(f64::NAN)).map_err(|e| fail(e.to_string()))?;
+    }
+    run_gdal_warp(&source, &target, resampling).map_err(|m| fail(format!("warp failed: {m}")))?;
+    let mut out = Vec::with_capacity(bands.len());
+    for i in 1..=bands.len() {
+        let band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
+        let mut buf = vec![0.0f64; grid.width * rows];
+        band.read_into_slice((0, 0), (grid.width, rows), (grid.width, rows), &mut buf, None)
+            .map_err(|e| fail(e.to_string()))?;
+        out.push(buf);
+    }
+    Ok(out)
+}
+
+/// `GDALWarp` with the options `gdalwarp` would take: exact transformation (`-et 0`, so that a window gives
+/// the same pixels as a whole-grid warp), destination initialised to NaN.
+fn run_gdal_warp(source: &Dataset, target: &Dataset, resampling: Resampling) -> Result<(), String> {
+    let args = ["-r", resampling.gdal_name(), "-et", "0", "-wo", "INIT_DEST=NO_DATA", "-dstnodata", "nan"];
+    let cstrings: Vec<CString> = args.iter().map(|a| CString::new(*a).expect("no NUL")).collect();
+    let mut argv: Vec<*mut c_char> = cstrings.iter().map(|c| c.as_ptr().cast_mut()).collect();
+    argv.push(ptr::null_mut());
+    // SAFETY: argv is a NULL-terminated array of valid C strings that outlive the call; the option struct is
+    // freed below; source and target are open datasets owned by the caller for the duration of the call.
+    unsafe {
+        gdal_sys::CPLErrorReset();
+        let options = gdal_sys::GDALWarpAppOptionsNew(argv.as_mut_ptr(), ptr::null_mut());
+        if options.is_null() {
+            return Err(last_gdal_error());
+        }
+        let mut sources = [source.c_dataset()];
+        let mut usage_error: i32 = 0;
+        let result = gdal_sys::GDALWarp(
+            ptr::null(),
+            target.c_dataset(),
+            1,
+            sources.as_mut_ptr(),
+            options,
+            &raw mut usage_error,
+        );
+        gdal_sys::GDALWarpAppOptionsFree(options);
+        if result.is_null() || usage_error != 0 {
+            return Err(last_gdal_error());
+        }
+    }
+    Ok(())
+}
+
+fn last_gdal_error() -> String {
+    // SAFETY: CPLGetLastErrorMsg returns a pointer to a thread-local NUL-terminated string (never NULL).
+    let msg = unsafe { std::ffi::CStr::from_ptr(gdal_sys::CPLGetLastErrorMsg()) };
+    let msg = msg.to_string_lossy();
+    if msg.is_empty() { "unknown GDAL error".to_string() } else { msg.into_owned() }
+}
