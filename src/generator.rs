@@ -213,6 +213,7 @@ fn build(
             let done_tx = done_tx.clone();
             let cancel = &cancel;
             handles.push(scope.spawn(move || {
+                crate::source::quiet_hdf5_in_this_thread();
                 while let Ok(block) = job_rx.recv() {
                     if cancel.load(Ordering::Relaxed) {
                         break;

@@ -219,12 +219,35 @@ pub fn init_gdal() {
         // ERA5 GRIB files label Kelvin values "[C]" when GDAL normalizes units; keep the file's own label.
         let _ = gdal::config::set_config_option("GRIB_NORMALIZE_UNITS", "NO");
         let verbose = std::env::var_os("CUBELOAD_GDAL_LOG").is_some();
+        if !verbose {
+            quiet_hdf5_in_this_thread();
+        }
         gdal::config::set_error_handler(move |kind, _, message| {
             if verbose {
                 eprintln!("GDAL {kind:?}: {message}");
             }
         });
     });
+}
+
+/// Turns off HDF5's automatic error printing in the calling thread.
+///
+/// netCDF-C disables it, but HDF5 keeps that setting per thread: in our worker threads every probe of an
+/// optional attribute (`_QuantizeBitRoundNumberOfSignificantBits`, ...) of a NetCDF-4 file would print a
+/// dozen lines of "HDF5-DIAG" to stderr. HDF5 is reached through GDAL, so the symbol is looked up at run time;
+/// without HDF5 loaded this does nothing.
+pub fn quiet_hdf5_in_this_thread() {
+    type SetAuto = unsafe extern "C" fn(i64, *const libc::c_void, *const libc::c_void) -> i32;
+    // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up. When found, H5Eset_auto2 has the C signature
+    // herr_t H5Eset_auto2(hid_t estack_id, H5E_auto2_t func, void *client_data), hid_t being int64_t since
+    // HDF5 1.10; H5E_DEFAULT is 0 and a NULL func disables printing.
+    unsafe {
+        let symbol = libc::dlsym(libc::RTLD_DEFAULT, c"H5Eset_auto2".as_ptr());
+        if !symbol.is_null() {
+            let set_auto: SetAuto = std::mem::transmute(symbol);
+            set_auto(0, std::ptr::null(), std::ptr::null());
+        }
+    }
 }
 
 /// Expands a path or glob pattern into sorted existing files.
@@ -565,8 +588,10 @@ fn georeference(
     let xs = [geotransform[0], geotransform[0] + w as f64 * geotransform[1]];
     let ys = [geotransform[3], geotransform[3] + h as f64 * geotransform[5]];
     if wkt.is_empty() {
-        let lonlat =
-            xs.iter().all(|x| (-180.5..=360.5).contains(x)) && ys.iter().all(|y| (-90.5..=90.5).contains(y));
+        // Outer cells centred on a pole or on 180° reach half a cell past it.
+        let (dx, dy) = (geotransform[1].abs(), geotransform[5].abs());
+        let lonlat = xs.iter().all(|x| (-180.0 - dx..=360.0 + dx).contains(x))
+            && ys.iter().all(|y| (-90.0 - dy..=90.0 + dy).contains(y));
         if !lonlat {
             return Err(SourceError::unusable(
                 path,

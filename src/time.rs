@@ -1587,6 +1587,20 @@ mod tests {
 
     proptest! {
         #[test]
+        fn parsers_never_panic(text in "\\PC{0,40}", digits in "[0-9 :TZ+.-]{0,30}", value in any::<f64>()) {
+            for calendar in [None, Some("360_day"), Some("noleap"), Some("all_leap")] {
+                if let Ok(parsed) = CfTime::parse(&format!("days since {digits}"), calendar) {
+                    let _ = parsed.to_instant(value);
+                }
+                let _ = CfTime::parse(&text, calendar);
+            }
+            let _ = parse_timestamp(&text);
+            let _ = parse_timestamp(&digits);
+            let _ = Step::parse(&text);
+            let _ = Step::parse(&format!("P{digits}"));
+        }
+
+        #[test]
         fn aggregates_partition_the_covered_source(
             source in prop::collection::vec(-1000i64..8000, 0..80),
             target in target_axis(),
