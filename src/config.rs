@@ -168,7 +168,7 @@ pub struct TimeConfig {
 
 /// Chunk = batch layouts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "RawLayout")]
 pub enum LayoutConfig {
     /// LSTM batches: `batch` pixels × T steps, stored as `(T, h, w)` chunks with `h·w = batch`.
     PixelSeries {
@@ -200,6 +200,63 @@ pub enum LayoutConfig {
         #[serde(default)]
         shard: ShardConfig,
     },
+}
+
+/// The layout section as written: a flat mapping, so that serde_yaml reports the line of a bad key or value
+/// (an internally tagged enum would buffer the mapping and lose positions).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayout {
+    kind: RawLayoutKind,
+    batch: usize,
+    #[serde(default)]
+    tile: Option<[usize; 2]>,
+    #[serde(default)]
+    window: Option<usize>,
+    #[serde(default)]
+    shard: ShardConfig,
+    #[serde(default)]
+    seq_len: Option<usize>,
+    #[serde(default)]
+    patch: Option<[usize; 2]>,
+    #[serde(default)]
+    grid: Option<[usize; 2]>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawLayoutKind {
+    PixelSeries,
+    ImageSequence,
+}
+
+impl TryFrom<RawLayout> for LayoutConfig {
+    type Error = String;
+    fn try_from(raw: RawLayout) -> Result<Self, String> {
+        let RawLayout { kind, batch, tile, window, shard, seq_len, patch, grid } = raw;
+        match kind {
+            RawLayoutKind::PixelSeries => {
+                for (key, given) in
+                    [("seq_len", seq_len.is_some()), ("patch", patch.is_some()), ("grid", grid.is_some())]
+                {
+                    if given {
+                        return Err(format!("layout.{key} is not a key of the pixel_series layout"));
+                    }
+                }
+                Ok(LayoutConfig::PixelSeries { batch, tile, window, shard })
+            }
+            RawLayoutKind::ImageSequence => {
+                for (key, given) in [("tile", tile.is_some()), ("window", window.is_some())] {
+                    if given {
+                        return Err(format!("layout.{key} is not a key of the image_sequence layout"));
+                    }
+                }
+                let seq_len = seq_len.ok_or("layout.seq_len is required for image_sequence")?;
+                let patch = patch.ok_or("layout.patch is required for image_sequence")?;
+                Ok(LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard })
+            }
+        }
+    }
 }
 
 /// Zarr sharding: shard = several batches along x, inner chunk = one batch.
@@ -352,6 +409,20 @@ impl Resampling {
             Resampling::Q3 => "q3",
             Resampling::Sum => "sum",
         }
+    }
+
+    /// Whether the algorithm aggregates all source pixels under a target cell (rather than interpolating
+    /// at the cell's centre).
+    #[must_use]
+    pub fn is_area(self) -> bool {
+        !matches!(
+            self,
+            Resampling::Nearest
+                | Resampling::Bilinear
+                | Resampling::Cubic
+                | Resampling::Cubicspline
+                | Resampling::Lanczos
+        )
     }
 
     /// Whether the algorithm only ever returns one of the source values (safe for class labels).

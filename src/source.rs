@@ -111,6 +111,8 @@ pub struct FileView {
     pub size: (usize, usize),
     /// Georeferencing.
     pub georef: Georef,
+    /// Cell size in degrees as GDAL sees it in lon/lat: fixes the warper's resampling scale.
+    pub native_res: (f64, f64),
 }
 
 /// One source time step: a band of a file.
@@ -351,7 +353,14 @@ fn probe_file(
         }
     };
     let (georef, note) = georeference(path, &dataset, config.crs.as_deref())?;
-    let view = FileView { path: path.to_path_buf(), gdal_name, size: dataset.raster_size(), georef };
+    let mut view = FileView {
+        path: path.to_path_buf(),
+        gdal_name,
+        size: dataset.raster_size(),
+        georef,
+        native_res: (0.0, 0.0),
+    };
+    view.native_res = warp::native_resolution(&view, data_type, nodata)?;
     Ok((view, steps, (data_type, nodata, scale, offset, units), note))
 }
 
@@ -560,10 +569,26 @@ fn georeference(
         .into_iter()
         .filter_map(|item| item.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
-    let geotransform = match geotransform {
-        Some(gt) => gt,
-        None if !geolocation.is_empty() => return Ok((Georef::Geolocation { metadata: geolocation }, None)),
-        None => {
+    // An affine transform in a known CRS is exact; geolocation arrays are sampled. So when GDAL missed the
+    // transform but knows the CRS, regular 1-D CF coordinates come before 2-D lat/lon arrays.
+    let rebuilt = || {
+        (geotransform.is_none() && (crs_override.is_some() || !dataset.projection().is_empty()))
+            .then(|| cf_coordinate_geotransform(path, dataset))
+            .flatten()
+    };
+    let geotransform = match (geotransform, rebuilt()) {
+        (Some(gt), _) => gt,
+        (None, Some(gt)) => {
+            note = Some(format!(
+                "{}: georeferencing rebuilt from its CF x/y coordinate variables (GDAL saw none)",
+                path.display()
+            ));
+            gt
+        }
+        (None, None) if !geolocation.is_empty() => {
+            return Ok((Georef::Geolocation { metadata: geolocation }, None));
+        }
+        (None, None) => {
             let gt = cf_coordinate_geotransform(path, dataset).ok_or_else(|| {
                 SourceError::unusable(
                     path,

@@ -135,22 +135,104 @@ pub fn warp_window(
         let mut band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
         band.set_no_data_value(Some(f64::NAN)).map_err(|e| fail(e.to_string()))?;
     }
-    run_gdal_warp(&source, &target, resampling).map_err(|m| fail(format!("warp failed: {m}")))?;
+    let scale = (file.native_res.0 / grid.res_x, file.native_res.1 / grid.res_y);
+    run_gdal_warp(&source, &target, resampling, scale).map_err(|m| fail(format!("warp failed: {m}")))?;
+    let outside =
+        if resampling.is_area() { Some(centres_outside(&source, &target).map_err(fail)?) } else { None };
     let mut out = Vec::with_capacity(bands.len());
     for i in 1..=bands.len() {
         let band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
         let mut buf = vec![0.0f64; grid.width * rows];
         band.read_into_slice((0, 0), (grid.width, rows), (grid.width, rows), &mut buf, None)
             .map_err(|e| fail(e.to_string()))?;
+        if let Some(outside) = &outside {
+            for (value, &out) in buf.iter_mut().zip(outside) {
+                if out {
+                    *value = f64::NAN;
+                }
+            }
+        }
         out.push(buf);
     }
     Ok(out)
 }
 
-/// `GDALWarp` with the options `gdalwarp` would take: exact transformation (`-et 0`, so that a window gives
-/// the same pixels as a whole-grid warp), destination initialised to NaN.
-fn run_gdal_warp(source: &Dataset, target: &Dataset, resampling: Resampling) -> Result<(), String> {
-    let args = ["-r", resampling.gdal_name(), "-et", "0", "-wo", "INIT_DEST=NO_DATA", "-dstnodata", "nan"];
+/// Which target cells have their centre outside the source raster.
+///
+/// GDAL's area kernels (average, mode, ...) clamp source rows and columns to the source window of each
+/// processing chunk: for a window of a few rows, cells far outside the source footprint get the values of its
+/// edge (seen with GDAL 3.6 on `lc.tif`, 20 cells past its northern edge). A cell is kept only when its centre
+/// falls inside the source, the rule that point kernels follow anyway.
+fn centres_outside(source: &Dataset, target: &Dataset) -> Result<Vec<bool>, String> {
+    let (width, rows) = target.raster_size();
+    let (src_w, src_h) = source.raster_size();
+    let mut outside = Vec::with_capacity(width * rows);
+    // SAFETY: both datasets are open for the duration; the transformer is destroyed before returning; the
+    // coordinate and success arrays hold `width` elements, as passed.
+    unsafe {
+        gdal_sys::CPLErrorReset();
+        let transformer = gdal_sys::GDALCreateGenImgProjTransformer2(
+            source.c_dataset(),
+            target.c_dataset(),
+            ptr::null_mut(),
+        );
+        if transformer.is_null() {
+            return Err(last_gdal_error());
+        }
+        let mut xs = vec![0.0f64; width];
+        let mut ys = vec![0.0f64; width];
+        let mut zs = vec![0.0f64; width];
+        let mut ok = vec![0i32; width];
+        for row in 0..rows {
+            for (col, (x, y)) in xs.iter_mut().zip(ys.iter_mut()).enumerate() {
+                *x = col as f64 + 0.5;
+                *y = row as f64 + 0.5;
+            }
+            zs.fill(0.0);
+            gdal_sys::GDALGenImgProjTransform(
+                transformer,
+                1,
+                width as i32,
+                xs.as_mut_ptr(),
+                ys.as_mut_ptr(),
+                zs.as_mut_ptr(),
+                ok.as_mut_ptr(),
+            );
+            for col in 0..width {
+                let inside = ok[col] != 0
+                    && (0.0..src_w as f64).contains(&xs[col])
+                    && (0.0..src_h as f64).contains(&ys[col]);
+                outside.push(!inside);
+            }
+        }
+        gdal_sys::GDALDestroyGenImgProjTransformer(transformer);
+    }
+    Ok(outside)
+}
+
+/// `GDALWarp` with the options `gdalwarp` would take, plus what makes a window give the same pixels as a
+/// whole-grid warp: an exact transformation (`-et 0`) and a fixed resampling scale (`XSCALE`/`YSCALE`: GDAL
+/// otherwise derives the footprint of averaging and anti-aliasing kernels from each chunk's shape).
+fn run_gdal_warp(
+    source: &Dataset,
+    target: &Dataset,
+    resampling: Resampling,
+    scale: (f64, f64),
+) -> Result<(), String> {
+    let args = [
+        "-r",
+        resampling.gdal_name(),
+        "-et",
+        "0",
+        "-wo",
+        "INIT_DEST=NO_DATA",
+        "-dstnodata",
+        "nan",
+        "-wo",
+        &format!("XSCALE={}", scale.0),
+        "-wo",
+        &format!("YSCALE={}", scale.1),
+    ];
     let cstrings: Vec<CString> = args.iter().map(|a| CString::new(*a).expect("no NUL")).collect();
     let mut argv: Vec<*mut c_char> = cstrings.iter().map(|c| c.as_ptr().cast_mut()).collect();
     argv.push(ptr::null_mut());
@@ -178,6 +260,51 @@ fn run_gdal_warp(source: &Dataset, target: &Dataset, resampling: Resampling) -> 
         }
     }
     Ok(())
+}
+
+/// The source's cell size in degrees, as `gdalwarp -t_srs EPSG:4326` would choose it (`GDALSuggestedWarpOutput`).
+///
+/// # Errors
+/// [`SourceError::Gdal`] when GDAL cannot transform the file's extent to lon/lat.
+pub fn native_resolution(
+    file: &FileView,
+    data_type: GdalDataType,
+    nodata: Option<f64>,
+) -> Result<(f64, f64), SourceError> {
+    let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
+    let source = Dataset::open(vrt_xml(file, &[1], data_type, nodata))
+        .map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
+    let option = CString::new(format!("DST_SRS={}", target_wkt())).expect("no NUL");
+    let mut options = [option.as_ptr().cast_mut(), ptr::null_mut()];
+    let mut gt = [0.0f64; 6];
+    let (mut pixels, mut lines) = (0i32, 0i32);
+    // SAFETY: the options array is NULL-terminated and outlives the call; the transformer is destroyed
+    // before returning; gt has the 6 elements GDALSuggestedWarpOutput writes.
+    let err = unsafe {
+        gdal_sys::CPLErrorReset();
+        let transformer = gdal_sys::GDALCreateGenImgProjTransformer2(
+            source.c_dataset(),
+            ptr::null_mut(),
+            options.as_mut_ptr(),
+        );
+        if transformer.is_null() {
+            return Err(fail(format!("cannot transform it to lon/lat: {}", last_gdal_error())));
+        }
+        let err = gdal_sys::GDALSuggestedWarpOutput(
+            source.c_dataset(),
+            Some(gdal_sys::GDALGenImgProjTransform),
+            transformer,
+            gt.as_mut_ptr(),
+            &raw mut pixels,
+            &raw mut lines,
+        );
+        gdal_sys::GDALDestroyGenImgProjTransformer(transformer);
+        err
+    };
+    if err != gdal_sys::CPLErr::CE_None || !(gt[1] > 0.0) {
+        return Err(fail(format!("cannot find its extent in lon/lat: {}", last_gdal_error())));
+    }
+    Ok((gt[1], gt[5].abs()))
 }
 
 fn last_gdal_error() -> String {

@@ -1,0 +1,297 @@
+//! Cubes from the real files in ../shared/data, compared with the `gdalwarp` program's warp of the same
+//! sources onto the same grid, and time axes compared with the sources' own decoded times.
+
+use crate::util::{
+    TestGrid, array, assert_close, assert_close_area, gdal_tool, gdalwarp, gen_ok, meta, read_f32,
+    shared_data,
+};
+
+/// Time coordinate of a cube as ISO strings (decoded from its CF units).
+fn cube_times(cube: &std::path::Path) -> Vec<String> {
+    let a = array(cube, "time");
+    let units = a.attributes()["units"].as_str().unwrap().to_string();
+    let calendar = a.attributes()["calendar"].as_str().unwrap().to_string();
+    assert_eq!(calendar, "proleptic_gregorian");
+    let n = a.shape()[0];
+    let values = a.retrieve_array_subset::<Vec<i64>>(&[0..n]).unwrap();
+    let cf = cubeload::time::CfTime::parse(&units, Some(&calendar)).unwrap();
+    values.iter().map(|&v| cubeload::time::format_instant(cf.to_instant(v as f64).unwrap())).collect()
+}
+
+#[test]
+fn era5_grib_hourly_equals_gdalwarp_bilinear() {
+    let dir = tempfile::tempdir().unwrap();
+    let grib = shared_data("era5-2mt-2019-03-uk.grib");
+    let grid = TestGrid { bbox: [-8.0, 51.0, 0.0, 57.0], res: 0.1 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ from: t2m }}\nlayout: {{ kind: pixel_series, batch: 64 }}\n\
+             variables:\n  t2m: {{ path: {}, resampling: bilinear }}\n",
+            grid.yaml(),
+            grib.display()
+        ),
+    );
+    // GRIB valid times: hourly through March 2019 (744 messages).
+    let times = cube_times(&cube);
+    assert_eq!(times.len(), 744);
+    assert_eq!(times[0], "2019-03-01T00:00:00Z");
+    assert_eq!(times[1], "2019-03-01T01:00:00Z");
+    assert_eq!(times[743], "2019-03-31T23:00:00Z");
+    // Chunk = batch: the whole series of 8 × 8 pixels.
+    let t2m = array(&cube, "t2m");
+    assert_eq!(t2m.shape(), &[744, 64, 80]);
+    let m = meta(&cube);
+    assert_eq!(m["layout"]["chunk_t"], 744);
+    assert_eq!((m["layout"]["chunk_y"].as_u64(), m["layout"]["chunk_x"].as_u64()), (Some(8), Some(8)));
+    assert_eq!(m["complete"], true);
+
+    let (w, h, reference) = gdalwarp(grib.to_str().unwrap(), grid, "bilinear", dir.path());
+    assert_eq!((w, h, reference.len()), (80, 60, 744));
+    let values = read_f32(&cube, "t2m", Some(0..744), 60, 80);
+    let plane = w * h;
+    let mut compared = 0;
+    for (t, band) in reference.iter().enumerate() {
+        compared += assert_close(&format!("t2m step {t}"), &values[t * plane..(t + 1) * plane], band, 1e-6);
+    }
+    assert_eq!(compared, 744 * plane, "ERA5 has no missing values");
+    // Kelvin, whatever GDAL's unit label says.
+    let stats = &m["variables"][0]["stats"];
+    assert!(stats["min"].as_f64().unwrap() > 260.0 && stats["max"].as_f64().unwrap() < 300.0, "{stats}");
+}
+
+#[test]
+fn cf_coordinates_rebuild_georeferencing_that_gdal_misses() {
+    // tmean_1910: GDAL gives an identity geotransform (x/y lack standard_name). The reference attaches the
+    // georeferencing the README documents (x −200…700 km, y −200…1250 km) with gdal_translate.
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("tmean_1910_1910.nc");
+    let grid = TestGrid { bbox: [-10.0, 50.0, 2.0, 58.0], res: 0.05 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 256 }}\n\
+             variables:\n  tmean: {{ path: {}, variable: tmean, static: true, resampling: average }}\n",
+            grid.yaml(),
+            nc.display()
+        ),
+    );
+    let vrt = dir.path().join("tmean.vrt");
+    let source = format!("NETCDF:\"{}\":tmean", nc.display());
+    gdal_tool(
+        "gdal_translate",
+        &[
+            "-q",
+            "-of",
+            "VRT",
+            "-a_ullr",
+            "-200000",
+            "1250000",
+            "700000",
+            "-200000",
+            &source,
+            vrt.to_str().unwrap(),
+        ],
+    );
+    let (w, h, reference) = gdalwarp(vrt.to_str().unwrap(), grid, "average", dir.path());
+    let tmean = array(&cube, "tmean");
+    assert_eq!(tmean.dimensionality(), 2, "static variables have no time axis");
+    let values = read_f32(&cube, "tmean", None, h as u64, w as u64);
+    let valid = assert_close_area("tmean", &values, &reference[0], w, 1e-5, 0.01);
+    assert!(valid > 10_000, "{valid} valid cells");
+    let m = meta(&cube);
+    assert!(m["variables"][0]["notes"][0].as_str().unwrap().contains("CF x/y"), "{}", m["variables"][0]);
+}
+
+#[test]
+fn packed_int16_on_0_360_longitudes_is_wrapped_and_unpacked() {
+    // The reference shifts the grid by −360° and unpacks with gdal_translate, then warps.
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("SMALL_total_column_co2.nc");
+    let grid = TestGrid { bbox: [-78.96, 23.56, -76.57, 25.56], res: 0.01 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ start: 2006-01-01T06:00:00Z, end: 2006-01-08T18:00:00Z, step: 6h }}\n\
+             layout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n  tcco2: {{ path: {} }}\n",
+            grid.yaml(),
+            nc.display()
+        ),
+    );
+    let times = cube_times(&cube);
+    assert_eq!(times.len(), 31);
+    assert_eq!(times[30], "2006-01-08T18:00:00Z");
+    let vrt = dir.path().join("shifted.vrt");
+    gdal_tool(
+        "gdal_translate",
+        &[
+            "-q",
+            "-of",
+            "VRT",
+            "-unscale",
+            "-ot",
+            "Float64",
+            "-a_srs",
+            "EPSG:4326",
+            "-a_ullr",
+            "-360.5625",
+            "90.5625",
+            "-0.5625",
+            "-90.5625",
+            nc.to_str().unwrap(),
+            vrt.to_str().unwrap(),
+        ],
+    );
+    let (w, h, reference) = gdalwarp(vrt.to_str().unwrap(), grid, "bilinear", dir.path());
+    let values = read_f32(&cube, "tcco2", Some(0..31), h as u64, w as u64);
+    for (t, band) in reference.iter().enumerate() {
+        let n = assert_close(&format!("tcco2 step {t}"), &values[t * w * h..(t + 1) * w * h], band, 1e-6);
+        assert_eq!(n, w * h);
+    }
+    assert!((380.0..395.0).contains(&f64::from(values[0])), "unpacked kg m-2: {}", values[0]);
+}
+
+#[test]
+fn calendar_360_day_times_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("tos_O1_2001-2002.nc");
+    let grid = TestGrid { bbox: [60.0, -20.0, 90.0, 0.0], res: 1.0 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ from: tos }}\nlayout: {{ kind: pixel_series, batch: 25 }}\n\
+             variables:\n  tos: {{ path: {}, resampling: nearest }}\n",
+            grid.yaml(),
+            nc.display()
+        ),
+    );
+    // 15 days since 2001-01-01 in the 360_day calendar is 2001-01-16, then every 30 days: the 16th of each month.
+    let times = cube_times(&cube);
+    let expected: Vec<String> =
+        (0..24).map(|i| format!("{}-{:02}-16T00:00:00Z", 2001 + i / 12, i % 12 + 1)).collect();
+    assert_eq!(times, expected);
+    let (w, h, reference) = gdalwarp(nc.to_str().unwrap(), grid, "near", dir.path());
+    let values = read_f32(&cube, "tos", Some(0..24), h as u64, w as u64);
+    for (t, band) in reference.iter().enumerate() {
+        assert_close(&format!("tos step {t}"), &values[t * w * h..(t + 1) * w * h], band, 1e-6);
+    }
+}
+
+#[test]
+fn polar_stereographic_grib_equals_gdalwarp_average() {
+    let dir = tempfile::tempdir().unwrap();
+    let grib = shared_data("ST4.2013052210.01h");
+    let grid = TestGrid { bbox: [-80.6, 33.0, -75.0, 37.0], res: 0.04 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 100 }}\n\
+             variables:\n  apcp: {{ path: {}, static: true, resampling: average }}\n",
+            grid.yaml(),
+            grib.display()
+        ),
+    );
+    let (w, h, reference) = gdalwarp(grib.to_str().unwrap(), grid, "average", dir.path());
+    let values = read_f32(&cube, "apcp", None, h as u64, w as u64);
+    let valid = assert_close_area("apcp", &values, &reference[0], w, 1e-5, 0.01);
+    assert!(valid > w * h / 2);
+}
+
+#[test]
+fn categorical_albers_map_keeps_integer_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tif = shared_data("lc.tif");
+    let grid = TestGrid { bbox: [-67.5, 17.2, -64.96, 19.16], res: 0.02 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\n\
+             variables:\n  lc: {{ path: {}, kind: categorical, resampling: mode }}\n",
+            grid.yaml(),
+            tif.display()
+        ),
+    );
+    let lc = array(&cube, "lc");
+    assert!(lc.data_type().to_string().starts_with("uint8"));
+    assert_eq!(lc.dimensionality(), 2, "a single-band file without time is static");
+    let (w, h, reference) = gdalwarp(tif.to_str().unwrap(), grid, "mode", dir.path());
+    let values = lc.retrieve_array_subset::<Vec<u8>>(&[0..h as u64, 0..w as u64]).unwrap();
+    let fill = meta(&cube)["variables"][0]["fill_value"].as_f64().unwrap();
+    assert_eq!(fill, 255.0, "no nodata in the file: the largest uint8 is the declared fill value");
+    let classes = [0u8, 11, 21, 22, 23, 24, 31, 42, 52, 71, 81, 82, 90, 95];
+    for (i, &c) in values.iter().enumerate() {
+        assert!(c == 255 || classes.contains(&c), "cell {i}: {c} is not an NLCD class");
+    }
+    let as_float: Vec<f32> = values.iter().map(|&c| if c == 255 { f32::NAN } else { f32::from(c) }).collect();
+    // One ring of partially covered cells around the footprint: GDAL keeps them, cubeload does not.
+    let valid = assert_close_area("lc", &as_float, &reference[0], w, 0.0, 0.06);
+    assert!(valid > w * h / 3, "{valid}");
+}
+
+#[test]
+fn sentinel2_irregular_dates_equal_gdalwarp_per_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("converted/eopatch_S2_NDVI_CLM_2015-2017_utm33n.nc");
+    let grid = TestGrid { bbox: [14.5513, 45.8659, 14.5643, 45.875], res: 0.0001 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ from: ndvi }}\n\
+             layout: {{ kind: image_sequence, seq_len: 8, patch: [32, 32], batch: 4 }}\n\
+             variables:\n  ndvi: {{ path: {}, variable: NDVI }}\n",
+            grid.yaml(),
+            nc.display()
+        ),
+    );
+    let times = cube_times(&cube);
+    assert_eq!(times.len(), 72, "68 dates padded to whole sequences of 8");
+    assert_eq!(times[0], "2015-07-11T10:00:08Z");
+    let same_day: Vec<&String> = times.iter().filter(|t| t.starts_with("2015-12-08")).collect();
+    assert_eq!(same_day.len(), 2, "two acquisitions on 2015-12-08 stay two steps: {same_day:?}");
+    let m = meta(&cube);
+    assert_eq!(m["time"]["steps"], 68);
+    assert_eq!(m["time"]["step"], serde_json::Value::Null, "irregular axis");
+    let ndvi = array(&cube, "ndvi");
+    let chunk = ndvi.chunk_shape(&[0, 0, 0]).unwrap();
+    let chunk: Vec<u64> = chunk.iter().map(|c| c.get()).collect();
+    assert!(chunk == [8, 64, 64] || chunk[1] == 64, "chunk (or shard) of 2 × 2 patches of 32: {chunk:?}");
+    assert_eq!(ndvi.shape(), &[72, 128, 192], "padded to whole batches");
+
+    let source = format!("NETCDF:\"{}\":NDVI", nc.display());
+    let (w, h, reference) = gdalwarp(&source, grid, "bilinear", dir.path());
+    assert_eq!(reference.len(), 68);
+    let values = read_f32(&cube, "ndvi", Some(0..68), h as u64, w as u64);
+    let mut compared = 0;
+    for (t, band) in reference.iter().enumerate() {
+        compared += assert_close(&format!("ndvi date {t}"), &values[t * w * h..(t + 1) * w * h], band, 1e-5);
+    }
+    assert!(compared > 68 * w * h / 2);
+}
+
+#[test]
+fn curvilinear_grid_uses_geolocation_arrays_like_gdalwarp() {
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("test_stageiv_xyt.nc");
+    let grid = TestGrid { bbox: [-80.0, 33.0, -75.0, 37.0], res: 0.05 };
+    let var = "Total_precipitation_surface_1_Hour_Accumulation";
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ from: precip }}\nlayout: {{ kind: pixel_series, batch: 100 }}\n\
+             variables:\n  precip: {{ path: {}, variable: {var} }}\n",
+            grid.yaml(),
+            nc.display()
+        ),
+    );
+    let times = cube_times(&cube);
+    assert_eq!((times.len(), times[0].as_str()), (23, "2018-09-13T19:00:00Z"));
+    let source = format!("NETCDF:\"{}\":{var}", nc.display());
+    let (w, h, reference) = gdalwarp(&source, grid, "bilinear", dir.path());
+    let values = read_f32(&cube, "precip", Some(0..23), h as u64, w as u64);
+    let mut compared = 0;
+    for (t, band) in reference.iter().enumerate() {
+        compared +=
+            assert_close(&format!("precip step {t}"), &values[t * w * h..(t + 1) * w * h], band, 1e-5);
+    }
+    assert!(compared > 23 * w * h / 2, "{compared}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests: one binary, topic modules (as ripgrep does).
+
+mod util;
+
+mod cli_errors;
+mod demo;
+mod gen_real_data;
