@@ -1,6 +1,6 @@
 //! The `cubeload gen` configuration file (YAML), as users write it.
 //!
-//! Parsing is strict: unknown keys and wrong types are errors that name the key and its line (serde_yaml
+//! Parsing is strict: unknown keys and wrong types are errors that name the key and its line (`serde_yaml`
 //! reports both). Keys of `xcube gen` configurations (`output_path`, `output_size`, `output_region`,
 //! `output_spatial_res`, `output_metadata`, `output_resampling`) are accepted as aliases so that users of that
 //! tool can bring their configs along. Semantic checks that need the sources (time axes, extents) live in
@@ -25,12 +25,12 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// YAML syntax error, unknown key or wrong type (serde_yaml names the key, line and column).
+    /// YAML syntax error, unknown key or wrong type (`serde_yaml` names the key, line and column).
     #[error("{path}: {message}")]
     Parse {
         /// The config file (or `<string>`).
         path: PathBuf,
-        /// serde_yaml's message, which names the key and its line.
+        /// `serde_yaml`'s message, which names the key and its line.
         message: String,
     },
     /// A value that parses but makes no sense.
@@ -202,7 +202,7 @@ pub enum LayoutConfig {
     },
 }
 
-/// The layout section as written: a flat mapping, so that serde_yaml reports the line of a bad key or value
+/// The layout section as written: a flat mapping, so that `serde_yaml` reports the line of a bad key or value
 /// (an internally tagged enum would buffer the mapping and lose positions).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -552,8 +552,8 @@ impl Config {
                 return Err(ConfigError::invalid("grid", "give `resolution` or `size`, not both"));
             }
             (None, None) => return Err(ConfigError::invalid("grid", "give `resolution` or `size`")),
-            (Some(r), None) => {
-                let (rx, ry) = r.xy();
+            (Some(res), None) => {
+                let (rx, ry) = res.xy();
                 if !(rx > 0.0 && ry > 0.0 && rx.is_finite() && ry.is_finite()) {
                     return Err(ConfigError::invalid("grid.resolution", "must be positive"));
                 }

@@ -1,8 +1,8 @@
 //! Synthetic but realistic inputs, written with GDAL, for `cubeload demo` and for tests that must run
 //! anywhere: the three kinds of source a cube usually mixes.
 //!
-//! - `t2m_hourly.nc`: a coarse (0.25°) hourly 2 m temperature field in NetCDF with CF time, lon/lat;
-//! - `ndvi/ndvi_YYYY-MM-DD.tif`: a fine (250 m) NDVI time series every two days, in UTM 32N GeoTIFFs, with
+//! - `t2m_hourly.nc`: a coarse (0.25°) hourly 2 m temperature field in `NetCDF` with CF time, lon/lat;
+//! - `ndvi/ndvi_YYYY-MM-DD.tif`: a fine (250 m) NDVI time series every two days, in UTM 32N `GeoTIFFs`, with
 //!   cloud gaps (NaN), dated by file name as image archives are;
 //! - `landcover.tif`: a static categorical map (uint8 classes 1–5, 0 = no data) on the same UTM grid.
 //!
@@ -111,7 +111,7 @@ metadata: {{ title: cubeload demo cube (synthetic data) }}
     ))
 }
 
-/// Coarse hourly temperature (K) on a 0.25° lon/lat grid, NetCDF with CF time.
+/// Coarse hourly temperature (K) on a 0.25° lon/lat grid, `NetCDF` with CF time.
 fn write_temperature(path: &Path, spec: &DemoSpec, rng: &mut ChaCha8Rng) -> Result<(), SourceError> {
     let (west, north, res, width, height) = (9.0, 46.5, 0.25, 10usize, 8usize);
     let waves = Waves::new(rng, 6, 0.8, 3.0);

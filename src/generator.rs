@@ -300,21 +300,19 @@ impl Accumulator {
     #[inline]
     fn add(&mut self, j: usize, cell: usize, x: f64, rank: u32) {
         let i = j * self.plane + cell;
-        let (v, a) = (&mut self.values[i], &mut self.aux[i]);
+        let (value, aux) = (&mut self.values[i], &mut self.aux[i]);
         match self.ops[j] {
             Some(Op::Mean | Op::Sum) => {
-                *v = if *a == 0 { x } else { *v + x };
-                *a += 1;
+                *value = if *aux == 0 { x } else { *value + x };
+                *aux += 1;
             }
-            Some(Op::Min) => *v = if v.is_nan() { x } else { v.min(x) },
-            Some(Op::Max) => *v = if v.is_nan() { x } else { v.max(x) },
-            Some(Op::Ranked) => {
-                if rank < *a {
-                    *v = x;
-                    *a = rank;
-                }
+            Some(Op::Min) => *value = if value.is_nan() { x } else { value.min(x) },
+            Some(Op::Max) => *value = if value.is_nan() { x } else { value.max(x) },
+            Some(Op::Ranked) if rank < *aux => {
+                *value = x;
+                *aux = rank;
             }
-            None => {}
+            Some(Op::Ranked) | None => {}
         }
     }
 
@@ -403,8 +401,7 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
                     v.source.nodata,
                     v.resampling,
                     grid,
-                    row0,
-                    rows,
+                    row0..row0 + rows,
                 )?;
                 for (&s, raster) in group.iter().zip(rasters) {
                     accumulate(&mut acc, v, &feeds[s], &raster, rows, grid.width, px);

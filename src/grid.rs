@@ -33,8 +33,8 @@ impl Grid {
     pub fn from_config(grid: &GridConfig) -> Result<Grid, ConfigError> {
         let [w, s, e, n] = grid.bbox;
         let (width, height, res_x, res_y) = match (grid.resolution, grid.size) {
-            (Some(r), _) => {
-                let (rx, ry) = r.xy();
+            (Some(res), _) => {
+                let (rx, ry) = res.xy();
                 // gdalwarp: nPixels = (int)((maxX - minX + res / 2) / res)
                 let width = ((e - w + rx / 2.0) / rx).floor();
                 let height = ((n - s + ry / 2.0) / ry).floor();

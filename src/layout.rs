@@ -35,7 +35,7 @@ pub struct Layout {
     pub chunk_y: usize,
     /// Columns per chunk.
     pub chunk_x: usize,
-    /// Patch `[h, w]` of one sample (image_sequence), `[1, 1]` for pixel_series.
+    /// Patch `[h, w]` of one sample (`image_sequence`), `[1, 1]` for `pixel_series`.
     pub patch: [usize; 2],
     /// Batches per shard along x for time-varying arrays (1: no sharding).
     pub shard_x: usize,
@@ -121,7 +121,7 @@ impl Layout {
 #[must_use]
 pub fn squarest_factors(n: usize) -> [usize; 2] {
     let mut h = (n as f64).sqrt() as usize;
-    while h > 1 && n % h != 0 {
+    while h > 1 && !n.is_multiple_of(h) {
         h -= 1;
     }
     let h = h.max(1);

@@ -1,7 +1,7 @@
 //! Sources: what a variable's input files hold, as GDAL sees them, with the traps of real files handled.
 //!
 //! [`Source::probe`] opens every file of a variable once, up front, and records what generation needs: the
-//! time of every band (CF time in NetCDF, `GRIB_VALID_TIME` in GRIB, a date in the file name otherwise),
+//! time of every band (CF time in `NetCDF`, `GRIB_VALID_TIME` in GRIB, a date in the file name otherwise),
 //! packing (`scale_factor`/`add_offset`), nodata, and a georeferencing GDAL's warper can use. Where GDAL
 //! misses the georeferencing (CF x/y variables without `standard_name` give an identity geotransform), it is
 //! rebuilt from the CF coordinate variables; where nothing usable exists, probing fails with a message that
@@ -11,9 +11,11 @@
 
 pub mod warp;
 
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use gdal::Metadata;
+use gdal::cpl::CslStringList;
 use gdal::raster::GdalDataType;
 use gdal::{Dataset, DatasetOptions, GdalOpenFlags};
 use serde::{Deserialize, Serialize};
@@ -105,7 +107,7 @@ pub enum Georef {
 pub struct FileView {
     /// The path of the file.
     pub path: PathBuf,
-    /// What to pass to GDAL to open it (a subdataset name for a NetCDF variable).
+    /// What to pass to GDAL to open it (a subdataset name for a `NetCDF` variable).
     pub gdal_name: String,
     /// Raster size `(width, height)`.
     pub size: (usize, usize),
@@ -167,7 +169,7 @@ impl Source {
         let mut files = Vec::new();
         let mut provenance = Vec::new();
         let mut steps = Vec::new();
-        let mut first: Option<(GdalDataType, Option<f64>, f64, f64, Option<String>)> = None;
+        let mut first: Option<BandInfo> = None;
         let mut notes = Vec::new();
         for (index, path) in paths.iter().enumerate() {
             let (view, file_steps, band_info, note) = probe_file(path, config)?;
@@ -293,17 +295,20 @@ fn file_provenance(path: &Path) -> Result<SourceFile, SourceError> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = hasher.finalize().iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
     Ok(SourceFile { path: path.to_path_buf(), size, sha256 })
 }
 
 type BandInfo = (GdalDataType, Option<f64>, f64, f64, Option<String>);
 
+/// What [`probe_file`] learns about one file: its view, its steps (band, time), its band info and a note.
+type FileProbe = (FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<String>);
+
 /// Opens a file, selects the variable, and reads its steps, band info and georeferencing.
-fn probe_file(
-    path: &Path,
-    config: &VariableConfig,
-) -> Result<(FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<String>), SourceError> {
+fn probe_file(path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceError> {
     let container = open(path, path.to_string_lossy().as_ref())?;
     let gdal_name = select_variable(path, &container, config.variable.as_deref())?;
     let dataset = if gdal_name == path.to_string_lossy() { container } else { open(path, &gdal_name)? };
@@ -316,16 +321,18 @@ fn probe_file(
     {
         return Err(SourceError::unusable(path, format!("band {band} requested, the file has {count}")));
     }
-    let band1 = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
-    let data_type = band1.band_type();
-    if matches!(data_type, GdalDataType::Unknown) {
-        return Err(SourceError::unusable(path, "has a complex or unknown data type"));
-    }
-    let nodata = config.nodata.or_else(|| band1.no_data_value());
-    let scale = band1.scale().unwrap_or(1.0);
-    let offset = band1.offset().unwrap_or(0.0);
-    let units = Some(band1.unit()).filter(|u| !u.is_empty()).or_else(|| grib_units(&band1));
-    drop(band1);
+    let (data_type, nodata, scale, offset, units) = {
+        let band1 = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
+        let data_type = band1.band_type();
+        if matches!(data_type, GdalDataType::Unknown) {
+            return Err(SourceError::unusable(path, "has a complex or unknown data type"));
+        }
+        let nodata = config.nodata.or_else(|| band1.no_data_value());
+        let scale = band1.scale().unwrap_or(1.0);
+        let offset = band1.offset().unwrap_or(0.0);
+        let units = Some(band1.unit()).filter(|u| !u.is_empty()).or_else(|| grib_units(&band1));
+        (data_type, nodata, scale, offset, units)
+    };
 
     let steps = if config.is_static {
         vec![(config.band.unwrap_or(1), None)]
@@ -437,7 +444,7 @@ fn grib_units(band: &gdal::raster::RasterBand) -> Option<String> {
         .filter(|u| !u.is_empty())
 }
 
-/// Times of all bands, when the file has a time axis: CF time in NetCDF, valid time in GRIB.
+/// Times of all bands, when the file has a time axis: CF time in `NetCDF`, valid time in GRIB.
 fn band_times(path: &Path, dataset: &Dataset) -> Result<Option<Vec<Instant>>, SourceError> {
     let count = dataset.raster_count();
     let band_item = |i: usize, key: &str| -> Result<Option<String>, SourceError> {
@@ -648,21 +655,19 @@ fn georeference(
 /// Rebuilds a geotransform from regular 1-D coordinate variables named like the raster's dimensions.
 /// GDAL does not flip rows it did not recognise as y, so file order is raster order.
 fn cf_coordinate_geotransform(path: &Path, dataset: &Dataset) -> Option<[f64; 6]> {
-    let band = dataset.rasterband(1).ok()?;
-    let var = band.metadata_item("NETCDF_VARNAME", "")?;
-    drop(band);
+    let var = dataset.rasterband(1).ok()?.metadata_item("NETCDF_VARNAME", "")?;
     let md = Dataset::open_ex(
         path,
         DatasetOptions { open_flags: GdalOpenFlags::GDAL_OF_MULTIDIM_RASTER, ..Default::default() },
     )
     .ok()?;
     let root = md.root_group().ok()?;
-    let array = root.open_md_array(&var, Default::default()).ok()?;
+    let array = root.open_md_array(&var, CslStringList::default()).ok()?;
     let dims = array.dimensions().ok()?;
     let names: Vec<String> = dims.iter().map(gdal::raster::Dimension::name).collect();
     let [.., ydim, xdim] = names.as_slice() else { return None };
     let read = |name: &str| -> Option<Vec<f64>> {
-        let coord = root.open_md_array(name, Default::default()).ok()?;
+        let coord = root.open_md_array(name, CslStringList::default()).ok()?;
         let n = coord.num_elements() as usize;
         coord.read_as::<f64>(vec![0], vec![n]).ok()
     };

@@ -13,6 +13,7 @@ fn cube_times(cube: &std::path::Path) -> Vec<String> {
     let calendar = a.attributes()["calendar"].as_str().unwrap().to_string();
     assert_eq!(calendar, "proleptic_gregorian");
     let n = a.shape()[0];
+    #[allow(clippy::single_range_in_vec_init, reason = "a one-dimensional array subset, not a list")]
     let values = a.retrieve_array_subset::<Vec<i64>>(&[0..n]).unwrap();
     let cf = cubeload::time::CfTime::parse(&units, Some(&calendar)).unwrap();
     values.iter().map(|&v| cubeload::time::format_instant(cf.to_instant(v as f64).unwrap())).collect()

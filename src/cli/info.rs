@@ -32,44 +32,55 @@ pub(crate) fn json(cube: &Cube) -> Value {
 
 /// A human-readable description.
 pub(crate) fn table(cube: &Cube) -> String {
-    let m = cube.meta();
-    let l = &m.layout;
-    let [ct, cy, cx] = m.chunk_counts();
+    let meta = cube.meta();
+    let layout = &meta.layout;
+    let [ct, cy, cx] = meta.chunk_counts();
     let mut out = String::new();
-    let _ = writeln!(out, "cube       {} ({}, created {})", cube.path().display(), m.generator, m.created);
-    let what = match l.kind {
+    let _ =
+        writeln!(out, "cube       {} ({}, created {})", cube.path().display(), meta.generator, meta.created);
+    let what = match layout.kind {
         LayoutKind::PixelSeries => {
             format!(
                 "pixel_series: batch = {} pixels ({} × {}) × {} steps",
-                l.batch, l.chunk_y, l.chunk_x, l.chunk_t
+                layout.batch, layout.chunk_y, layout.chunk_x, layout.chunk_t
             )
         }
         LayoutKind::ImageSequence => format!(
             "image_sequence: batch = {} samples of {} frames × {} × {} pixels",
-            l.batch, l.chunk_t, l.patch[0], l.patch[1]
+            layout.batch, layout.chunk_t, layout.patch[0], layout.patch[1]
         ),
     };
     let _ = writeln!(out, "layout     {what}");
-    let shards = if l.shard_x > 1 { format!(", {} batches per shard", l.shard_x) } else { String::new() };
+    let shards =
+        if layout.shard_x > 1 { format!(", {} batches per shard", layout.shard_x) } else { String::new() };
     let _ = writeln!(
         out,
         "chunks     ({}, {}, {}) = one batch; {} × {} × {} = {} batches{shards}",
-        l.chunk_t,
-        l.chunk_y,
-        l.chunk_x,
+        layout.chunk_t,
+        layout.chunk_y,
+        layout.chunk_x,
         ct,
         cy,
         cx,
         ct * cy * cx
     );
-    let g = &m.grid;
-    let b = g.bounds();
+    let grid = &meta.grid;
+    let bounds = grid.bounds();
     let _ = writeln!(
         out,
         "grid       {} × {} cells of {}° × {}°, bbox [{}, {}, {}, {}] (EPSG:4326), stored {} × {} (padded to whole batches)",
-        g.width, g.height, g.res_x, g.res_y, b[0], b[1], b[2], b[3], m.padded_shape[2], m.padded_shape[1]
+        grid.width,
+        grid.height,
+        grid.res_x,
+        grid.res_y,
+        bounds[0],
+        bounds[1],
+        bounds[2],
+        bounds[3],
+        meta.padded_shape[2],
+        meta.padded_shape[1]
     );
-    match &m.time {
+    match &meta.time {
         Some(t) => {
             let step = t.step.as_deref().map_or_else(|| "irregular".to_string(), |s| format!("step {s}"));
             let _ = writeln!(out, "time       {} steps, {} … {}, {step}", t.steps, t.start, t.end);
@@ -86,7 +97,7 @@ pub(crate) fn table(cube: &Cube) -> String {
         human_bytes(on_disk),
         human_bytes(raw),
         raw as f64 / on_disk.max(1) as f64,
-        m.compression
+        meta.compression
     );
     let _ = writeln!(out, "variables");
     let _ = writeln!(
@@ -94,7 +105,7 @@ pub(crate) fn table(cube: &Cube) -> String {
         "  {:<14} {:<16} {:<8} {:<11} {:>7} {:>11} {:>10} {:>11} {:>11}",
         "name", "dims", "dtype", "units", "valid", "mean", "std", "min", "max"
     );
-    for v in &m.variables {
+    for v in &meta.variables {
         let dims = if v.is_static { "(lat, lon)" } else { "(time, lat, lon)" };
         let dtype = serde_json::to_value(v.dtype)
             .ok()

@@ -8,6 +8,8 @@
 //! of GDAL's kernels are weighted means or selections of source values.
 
 use std::ffi::{CString, c_char};
+use std::fmt::Write;
+use std::ops::Range;
 use std::ptr;
 
 use gdal::raster::GdalDataType;
@@ -66,27 +68,28 @@ pub fn vrt_xml(file: &FileView, bands: &[usize], data_type: GdalDataType, nodata
             (width, copies, header)
         }
         Georef::Geolocation { metadata } => {
-            let items: String = metadata
-                .iter()
-                .map(|(k, v)| format!("<MDI key=\"{}\">{}</MDI>", xml_escape(k), xml_escape(v)))
-                .collect();
+            let items = metadata.iter().fold(String::new(), |mut items, (k, v)| {
+                let _ = write!(items, "<MDI key=\"{}\">{}</MDI>", xml_escape(k), xml_escape(v));
+                items
+            });
             (w, vec![0], format!("<Metadata domain=\"GEOLOCATION\">{items}</Metadata>"))
         }
     };
-    xml.push_str(&format!("<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{h}\">{header}"));
+    let _ = write!(xml, "<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{h}\">{header}");
     let type_name = gdal_type_name(data_type);
     let source_name = xml_escape(&file.gdal_name);
     for (i, band) in bands.iter().enumerate() {
-        xml.push_str(&format!("<VRTRasterBand dataType=\"{type_name}\" band=\"{}\">", i + 1));
+        let _ = write!(xml, "<VRTRasterBand dataType=\"{type_name}\" band=\"{}\">", i + 1);
         if let Some(nodata) = nodata {
-            xml.push_str(&format!("<NoDataValue>{}</NoDataValue>", format_nodata(nodata)));
+            let _ = write!(xml, "<NoDataValue>{}</NoDataValue>", format_nodata(nodata));
         }
         for offset in &copies {
-            xml.push_str(&format!(
+            let _ = write!(
+                xml,
                 "<SimpleSource><SourceFilename relativeToVRT=\"0\">{source_name}</SourceFilename>\
                  <SourceBand>{band}</SourceBand><SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/>\
                  <DstRect xOff=\"{offset}\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/></SimpleSource>"
-            ));
+            );
         }
         xml.push_str("</VRTRasterBand>");
     }
@@ -107,8 +110,8 @@ fn format_nodata(v: f64) -> String {
     if v.is_nan() { "nan".to_string() } else { format!("{v:.17e}") }
 }
 
-/// Warps `bands` of `file` onto rows `row0..row0 + rows` (full width) of `grid`.
-/// Returns one `rows × grid.width` raster per band, row-major, NaN where no source pixel contributes.
+/// Warps `bands` of `file` onto rows `window` (full width) of `grid`.
+/// Returns one `window.len() × grid.width` raster per band, row-major, NaN where no source pixel contributes.
 ///
 /// # Errors
 /// [`SourceError::Gdal`] naming the file when GDAL fails.
@@ -119,9 +122,9 @@ pub fn warp_window(
     nodata: Option<f64>,
     resampling: Resampling,
     grid: &Grid,
-    row0: usize,
-    rows: usize,
+    window: Range<usize>,
 ) -> Result<Vec<Vec<f64>>, SourceError> {
+    let (row0, rows) = (window.start, window.len());
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
     let xml = vrt_xml(file, bands, data_type, nodata);
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
@@ -301,7 +304,7 @@ pub fn native_resolution(
         gdal_sys::GDALDestroyGenImgProjTransformer(transformer);
         err
     };
-    if err != gdal_sys::CPLErr::CE_None || !(gt[1] > 0.0) {
+    if err != gdal_sys::CPLErr::CE_None || gt[1].is_nan() || gt[1] <= 0.0 {
         return Err(fail(format!("cannot find its extent in lon/lat: {}", last_gdal_error())));
     }
     Ok((gt[1], gt[5].abs()))
