@@ -1,6 +1,6 @@
 //! # cubeload
 //!
-//! Earth-observation rasters (GeoTIFF, NetCDF, GRIB: anything GDAL reads, in any CRS and resolution) made
+//! Earth-observation rasters (`GeoTIFF`, `NetCDF`, GRIB: anything GDAL reads, in any CRS and resolution) made
 //! ready for machine learning: `cubeload gen` writes one Zarr v3 cube whose **chunk is a training batch**
 //! (B full pixel time series for LSTMs, or B image sequences for video prediction), aligned across all
 //! variables, so that a training loop reads each batch with one read per variable.
@@ -24,7 +24,14 @@
 //! - [`generator`]: parallel generation into a staging directory, renamed into place when complete.
 //! - [`cube`]: the on-disk contract, writer and reader.
 //! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
+//! - [`loader`]: shuffled, prefetched batches from a cube; [`batch`]: what it delivers (tensors with the
+//!   `tch` feature).
+//!
+//! ## Crate features
+//! - `cli` (default): the `cubeload` binary.
+//! - `tch` (default): `Batch::to_tensor` and the training demo; links libtorch.
 
+pub mod batch;
 pub mod config;
 pub mod cube;
 pub mod demo;
@@ -32,12 +39,15 @@ pub mod error;
 pub mod generator;
 pub mod grid;
 pub mod layout;
+pub mod loader;
 pub mod plan;
 pub mod source;
 pub mod time;
 
+pub use batch::Batch;
 pub use config::Config;
 pub use cube::reader::Cube;
 pub use error::{Error, Result};
 pub use generator::{GenOptions, GenReport, generate};
+pub use loader::{Loader, LoaderError, LoaderState};
 pub use plan::Plan;

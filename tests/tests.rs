@@ -5,3 +5,4 @@ mod util;
 mod cli_errors;
 mod demo;
 mod gen_real_data;
+mod loader;

@@ -1,0 +1,117 @@
+//! A training batch as the loader delivers it: plain buffers, no tensor types (sinks convert at the edge).
+//!
+//! Layout of `data` and `mask` (row-major):
+//! - `pixel_series`: `[B, T, V]`: B pixel series of T steps, V variables (static ones repeated along T);
+//! - `image_sequence`: `[B, S, V, h, w]`: B samples of S frames of an `h × w` patch.
+//!
+//! With static variables returned separately, `data` holds the time-varying variables only and `statics`
+//! holds `[B, Vs]` (pixel_series) or `[B, Vs, h, w]` (image_sequence).
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::LayoutKind;
+
+/// Where a batch comes from: enough to find its chunk in the cube again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BatchOrigin {
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Position in this rank's epoch order (0-based).
+    pub position: usize,
+    /// Chunk indices `[time, lat, lon]` of the cube (the first of the group when mixing).
+    pub chunk: [usize; 3],
+}
+
+/// One batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Where it comes from.
+    pub origin: BatchOrigin,
+    /// Layout kind, which fixes the meaning of `shape`.
+    pub kind: LayoutKind,
+    /// Names along the `V` axis of `data`.
+    pub variables: Vec<String>,
+    /// `[B, T, V]` or `[B, S, V, h, w]`.
+    pub shape: Vec<usize>,
+    /// Values, normalized if asked, missing values replaced by the fill value.
+    pub data: Vec<f32>,
+    /// 1 where `data` holds a real value, 0 where it was missing (NaN, fill value, padding).
+    pub mask: Vec<u8>,
+    /// Static variables when returned separately: their names.
+    pub static_variables: Vec<String>,
+    /// `[B, Vs]` or `[B, Vs, h, w]` static values (empty unless returned separately).
+    pub statics: Vec<f32>,
+    /// Latitude of each sample (pixel centre, or patch centre).
+    pub lat: Vec<f64>,
+    /// Longitude of each sample.
+    pub lon: Vec<f64>,
+    /// Index on the cube's time axis of each sample's first step.
+    pub time_index: Vec<usize>,
+}
+
+impl Batch {
+    /// Samples in the batch (B).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0)
+    }
+
+    /// Whether the batch holds no sample.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shape of `statics`.
+    #[must_use]
+    pub fn statics_shape(&self) -> Vec<usize> {
+        match self.kind {
+            LayoutKind::PixelSeries => vec![self.len(), self.static_variables.len()],
+            LayoutKind::ImageSequence => {
+                vec![self.len(), self.static_variables.len(), self.shape[3], self.shape[4]]
+            }
+        }
+    }
+}
+
+#[cfg(feature = "tch")]
+mod tensor {
+    use tch::{Device, Kind, Tensor};
+
+    use super::Batch;
+
+    fn to_device(host: Tensor, device: Device) -> Tensor {
+        match device {
+            Device::Cpu => host,
+            // Page-locked memory lets the copy to the GPU run asynchronously with the next batch's assembly.
+            device => host.pin_memory(device).to_device_(device, host.kind(), true, false),
+        }
+    }
+
+    fn shape(shape: &[usize]) -> Vec<i64> {
+        shape.iter().map(|&d| d as i64).collect()
+    }
+
+    impl Batch {
+        /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32): one copy into tensor memory,
+        /// then, for a CUDA device, a non-blocking copy from pinned memory.
+        #[must_use]
+        pub fn to_tensor(&self, device: Device) -> Tensor {
+            to_device(Tensor::from_slice(&self.data).view(shape(&self.shape).as_slice()), device)
+        }
+
+        /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
+        #[must_use]
+        pub fn mask_tensor(&self, device: Device) -> Tensor {
+            let mask =
+                Tensor::from_slice(&self.mask).view(shape(&self.shape).as_slice()).to_kind(Kind::Float);
+            to_device(mask, device)
+        }
+
+        /// Static variables returned separately, `[B, Vs]` or `[B, Vs, h, w]`.
+        #[must_use]
+        pub fn statics_tensor(&self, device: Device) -> Tensor {
+            to_device(Tensor::from_slice(&self.statics).view(shape(&self.statics_shape()).as_slice()), device)
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! The loader: shuffled, aligned, multivariate batches from a cube, prefetched by reader threads.
+//!
+//! ```no_run
+//! use cubeload::loader::Loader;
+//! let loader = Loader::builder("cubes/uk.zarr").variables(["t2m"]).shuffle(42).epochs(10).prefetch(4).build()?;
+//! for batch in loader {
+//!     let batch = batch?; // [B, T, V] in batch.data, batch.mask beside it
+//! }
+//! # Ok::<(), cubeload::loader::LoaderError>(())
+//! ```
+//!
+//! - Order: [`sampler`] (seeded permutation of chunks per epoch, equal shares per rank).
+//! - Reading: [`assemble`] (one chunk read per variable, one pass into the batch layout).
+//! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer, and
+//!   send results through a bounded channel; the consumer puts them back in order. Dropping the loader stops
+//!   and joins every thread; an error or a panic in a reader arrives as an `Err` from the iterator.
+//! - Resume: [`Loader::state`] is a small serializable value; a loader built from it delivers exactly the
+//!   batches not yet delivered.
+
+pub mod assemble;
+pub mod sampler;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+use self::assemble::{Assembler, Transform};
+use self::sampler::{ChunkId, Sampler};
+use crate::batch::Batch;
+use crate::cube::reader::Cube;
+use crate::cube::{CubeError, CubeMeta};
+
+/// A loader error: names the cube, variable or chunk at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoaderError {
+    /// The cube cannot be opened (missing, incomplete, not a cube).
+    #[error(transparent)]
+    Cube(#[from] CubeError),
+    /// A requested variable is not in the cube.
+    #[error("unknown variable `{name}`; the cube has: {}", available.join(", "))]
+    UnknownVariable {
+        /// The requested name.
+        name: String,
+        /// What the cube has.
+        available: Vec<String>,
+    },
+    /// A builder option makes no sense.
+    #[error("invalid loader option: {0}")]
+    Invalid(String),
+    /// A chunk cannot be read or decoded (missing, truncated, corrupt).
+    #[error("variable `{variable}`, chunk {chunk:?}: {message}")]
+    Read {
+        /// The variable.
+        variable: String,
+        /// Chunk indices `[time, lat, lon]`.
+        chunk: ChunkId,
+        /// What failed.
+        message: String,
+    },
+    /// A reader thread panicked (a bug); the message is the panic's.
+    #[error("a reader thread panicked: {0}")]
+    Panic(String),
+}
+
+/// Where a loader stands: enough to resume exactly, small and serializable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderState {
+    /// Shuffle seed.
+    pub seed: u64,
+    /// Whether epochs are shuffled.
+    pub shuffle: bool,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Batches of the current epoch already delivered.
+    pub cursor: usize,
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world_size: usize,
+    /// Chunks mixed per group.
+    pub mix: usize,
+}
+
+/// Builds a [`Loader`]; validates in [`LoaderBuilder::build`].
+#[derive(Debug, Clone)]
+pub struct LoaderBuilder {
+    path: PathBuf,
+    variables: Vec<String>,
+    seed: u64,
+    shuffle: bool,
+    epochs: usize,
+    prefetch: usize,
+    threads: usize,
+    rank: usize,
+    world_size: usize,
+    mix: usize,
+    transform: Transform,
+    min_valid: Option<f64>,
+    start: (usize, usize),
+}
+
+impl LoaderBuilder {
+    /// Variables along `V`, in this order. > default: all, in the cube's order
+    #[must_use]
+    pub fn variables<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> Self {
+        self.variables = names.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Shuffle chunks each epoch with this seed. > default: no shuffle, natural order
+    #[must_use]
+    pub fn shuffle(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self.shuffle = true;
+        self
+    }
+    /// Number of epochs. > default: 1
+    #[must_use]
+    pub fn epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    /// Batches read ahead of the consumer. > default: 4
+    #[must_use]
+    pub fn prefetch(mut self, depth: usize) -> Self {
+        self.prefetch = depth;
+        self
+    }
+    /// Reader threads; 0 reads on the consumer's thread. > default: 2
+    #[must_use]
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+    /// This process's share for distributed training: rank `rank` of `world_size`.
+    #[must_use]
+    pub fn shard(mut self, rank: usize, world_size: usize) -> Self {
+        self.rank = rank;
+        self.world_size = world_size;
+        self
+    }
+    /// Mix samples across groups of `k` chunks, so that a batch is not one spatial tile (memory: k chunks).
+    /// > default: 1 (no mixing)
+    #[must_use]
+    pub fn mix(mut self, k: usize) -> Self {
+        self.mix = k;
+        self
+    }
+    /// Normalize continuous variables with the cube's statistics. > default: false
+    #[must_use]
+    pub fn normalize(mut self, normalize: bool) -> Self {
+        self.transform.normalize = normalize;
+        self
+    }
+    /// Value written where data is missing (the mask says where). > default: 0.0
+    #[must_use]
+    pub fn fill_value(mut self, fill: f32) -> Self {
+        self.transform.fill = fill;
+        self
+    }
+    /// Return static variables separately instead of repeating them along time. > default: false
+    #[must_use]
+    pub fn separate_statics(mut self, separate: bool) -> Self {
+        self.transform.separate_statics = separate;
+        self
+    }
+    /// Skip batches whose stored valid fraction is below `fraction`, without reading them.
+    /// > default: skip only batches with no valid value at all
+    #[must_use]
+    pub fn min_valid(mut self, fraction: f64) -> Self {
+        self.min_valid = Some(fraction);
+        self
+    }
+    /// Continue from a saved [`LoaderState`]: same seed, shuffle, shard and mixing, next batch onwards.
+    #[must_use]
+    pub fn resume(mut self, state: LoaderState) -> Self {
+        self.seed = state.seed;
+        self.shuffle = state.shuffle;
+        self.rank = state.rank;
+        self.world_size = state.world_size;
+        self.mix = state.mix;
+        self.start = (state.epoch, state.cursor);
+        self
+    }
+
+    /// Opens the cube and starts the reader threads.
+    ///
+    /// # Errors
+    /// [`LoaderError`] when the cube cannot be opened, a variable is unknown, or an option is invalid.
+    pub fn build(self) -> Result<Loader, LoaderError> {
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return Err(LoaderError::Invalid(format!(
+                "rank {} of world size {}",
+                self.rank, self.world_size
+            )));
+        }
+        if self.mix == 0 || self.prefetch == 0 {
+            return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
+        }
+        let cube = Cube::open(&self.path)?;
+        let assembler = Assembler::new(&cube, &self.variables, self.transform)?;
+        let eligible: Vec<ChunkId> = assembler
+            .validity(&cube)?
+            .into_iter()
+            .filter(|(_, f)| match self.min_valid {
+                Some(min) => *f >= min,
+                None => *f > 0.0,
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.rank, self.world_size, self.mix);
+        let (epoch, cursor) = self.start;
+        if cursor > sampler.per_epoch() {
+            return Err(LoaderError::Invalid(format!(
+                "resume cursor {cursor} is past the {} batches of an epoch",
+                sampler.per_epoch()
+            )));
+        }
+        let per_job = sampler.mix();
+        let first_job = epoch * sampler.jobs_per_epoch() + cursor / per_job;
+        let total_jobs = self.epochs * sampler.jobs_per_epoch();
+        let state = LoaderState {
+            seed: self.seed,
+            shuffle: self.shuffle,
+            epoch,
+            cursor,
+            rank: self.rank,
+            world_size: self.world_size,
+            mix: self.mix,
+        };
+        let shared = Arc::new(Shared {
+            assembler,
+            sampler,
+            seed: self.seed,
+            next_job: Mutex::new(first_job),
+            delivered: AtomicUsize::new(first_job),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            total_jobs,
+            ahead: self.prefetch.div_ceil(per_job).max(1),
+        });
+        let (tx, rx) = crossbeam_channel::bounded(shared.ahead + self.threads.max(1));
+        let workers = (0..self.threads)
+            .map(|_| {
+                let shared = shared.clone();
+                let tx = tx.clone();
+                std::thread::spawn(move || reader_loop(&shared, &tx))
+            })
+            .collect();
+        drop(tx);
+        Ok(Loader {
+            shared,
+            rx,
+            workers,
+            pending: BTreeMap::new(),
+            current: Vec::new().into_iter(),
+            next_job: first_job,
+            skip: cursor % per_job,
+            state,
+            finished: false,
+        })
+    }
+}
+
+type JobResult = (usize, Result<Vec<Batch>, LoaderError>);
+
+struct Shared {
+    assembler: Assembler,
+    sampler: Sampler,
+    seed: u64,
+    /// Next job a reader may take.
+    next_job: Mutex<usize>,
+    /// Jobs handed to the consumer so far (readers stay within `ahead` of it).
+    delivered: AtomicUsize,
+    wake: Condvar,
+    stop: AtomicBool,
+    total_jobs: usize,
+    ahead: usize,
+}
+
+impl Shared {
+    fn run_job(&self, job: usize) -> Result<Vec<Batch>, LoaderError> {
+        let (epoch, position, chunks) = self.sampler.job(job);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.assembler.job(self.seed, job, epoch, position, &chunks)
+        }));
+        result.unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            Err(LoaderError::Panic(message))
+        })
+    }
+}
+
+fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
+    crate::source::quiet_hdf5_in_this_thread();
+    loop {
+        let job = {
+            let mut next = shared.next_job.lock().expect("job counter");
+            loop {
+                if shared.stop.load(Ordering::Acquire) || *next >= shared.total_jobs {
+                    return;
+                }
+                if *next < shared.delivered.load(Ordering::Acquire) + shared.ahead {
+                    break;
+                }
+                next = shared.wake.wait(next).expect("job counter");
+            }
+            *next += 1;
+            *next - 1
+        };
+        let result = shared.run_job(job);
+        if tx.send((job, result)).is_err() {
+            return; // the loader was dropped
+        }
+    }
+}
+
+/// An iterator of batches; see the module docs.
+pub struct Loader {
+    shared: Arc<Shared>,
+    rx: crossbeam_channel::Receiver<JobResult>,
+    workers: Vec<JoinHandle<()>>,
+    pending: BTreeMap<usize, Result<Vec<Batch>, LoaderError>>,
+    current: std::vec::IntoIter<Batch>,
+    next_job: usize,
+    skip: usize,
+    state: LoaderState,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// Starts building a loader over the cube at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> LoaderBuilder {
+        LoaderBuilder {
+            path: path.as_ref().to_path_buf(),
+            variables: Vec::new(),
+            seed: 0,
+            shuffle: false,
+            epochs: 1,
+            prefetch: 4,
+            threads: 2,
+            rank: 0,
+            world_size: 1,
+            mix: 1,
+            transform: Transform { normalize: false, fill: 0.0, separate_statics: false },
+            min_valid: None,
+            start: (0, 0),
+        }
+    }
+
+    /// Where the loader stands: build with [`LoaderBuilder::resume`] to continue after the last batch
+    /// delivered.
+    #[must_use]
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    /// Batches per epoch for this rank.
+    #[must_use]
+    pub fn batches_per_epoch(&self) -> usize {
+        self.shared.sampler.per_epoch()
+    }
+
+    /// The cube's metadata.
+    #[must_use]
+    pub fn meta(&self) -> &CubeMeta {
+        self.shared.assembler.meta()
+    }
+
+    /// Names along `V` and, when returned separately, of the static variables.
+    #[must_use]
+    pub fn variable_names(&self) -> (Vec<String>, Vec<String>) {
+        self.shared.assembler.variable_names()
+    }
+
+    /// The next job's batches, in order, from a reader thread or read here when there are none.
+    fn next_job(&mut self) -> Option<Result<Vec<Batch>, LoaderError>> {
+        if self.next_job >= self.shared.total_jobs {
+            return None;
+        }
+        let job = self.next_job;
+        let result = if self.workers.is_empty() {
+            self.shared.run_job(job)
+        } else {
+            loop {
+                if let Some(result) = self.pending.remove(&job) {
+                    break result;
+                }
+                match self.rx.recv() {
+                    Ok((j, result)) => {
+                        self.pending.insert(j, result);
+                    }
+                    Err(_) => break Err(LoaderError::Panic("all reader threads stopped".into())),
+                }
+            }
+        };
+        self.next_job += 1;
+        self.shared.delivered.store(self.next_job, Ordering::Release);
+        // Take the lock so that a reader between its check and its wait cannot miss this notification.
+        drop(self.shared.next_job.lock().expect("job counter"));
+        self.shared.wake.notify_all();
+        Some(result)
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch, LoaderError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            if let Some(batch) = self.current.next() {
+                let per_epoch = self.shared.sampler.per_epoch();
+                self.state.epoch = batch.origin.epoch;
+                self.state.cursor = batch.origin.position + 1;
+                if self.state.cursor == per_epoch {
+                    self.state.epoch += 1;
+                    self.state.cursor = 0;
+                }
+                return Some(Ok(batch));
+            }
+            match self.next_job()? {
+                Ok(batches) => {
+                    let mut batches = batches.into_iter();
+                    for _ in 0..std::mem::take(&mut self.skip) {
+                        batches.next();
+                    }
+                    self.current = batches;
+                }
+                Err(e) => {
+                    // An error ends the stream: later batches would no longer match the state.
+                    self.finished = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        drop(self.shared.next_job.lock().expect("job counter"));
+        self.shared.wake.notify_all();
+        // Unblock readers waiting to send by dropping the receiver's backlog first.
+        while self.rx.try_recv().is_ok() {}
+        let rx = std::mem::replace(&mut self.rx, crossbeam_channel::never());
+        drop(rx);
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Reading one batch: one chunk read per variable, then one pass that transposes the chunks into the batch
+//! layout, normalizes, fills missing values and builds the mask.
+
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+use zarrs::array::Array;
+use zarrs::filesystem::FilesystemStore;
+
+use super::LoaderError;
+use super::sampler::{ChunkId, rng_for};
+use crate::batch::{Batch, BatchOrigin};
+use crate::config::VariableKind;
+use crate::cube::reader::Cube;
+use crate::cube::{CubeMeta, VariableMeta};
+use crate::layout::LayoutKind;
+use crate::plan::DType;
+
+/// How values are turned into model inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Transform {
+    /// `(x − mean) / std` from the cube's statistics (continuous variables only).
+    pub normalize: bool,
+    /// Replaces missing values (after normalization).
+    pub fill: f32,
+    /// Static variables in `Batch::statics` instead of repeated along time.
+    pub separate_statics: bool,
+}
+
+struct Var {
+    meta: VariableMeta,
+    array: Array<FilesystemStore>,
+    /// `(mean, 1/std)` when normalizing.
+    affine: Option<(f32, f32)>,
+}
+
+/// Reads and assembles batches of one cube; shared by the reader threads.
+pub struct Assembler {
+    meta: CubeMeta,
+    vars: Vec<Var>,
+    lat: Vec<f64>,
+    lon: Vec<f64>,
+    transform: Transform,
+    path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Assembler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembler").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Assembler {
+    /// Opens the arrays of `variables` (all when empty) and reads the coordinates once.
+    ///
+    /// # Errors
+    /// [`LoaderError::UnknownVariable`], or a cube error when an array cannot be opened.
+    pub fn new(cube: &Cube, variables: &[String], transform: Transform) -> Result<Self, LoaderError> {
+        let meta = cube.meta().clone();
+        let names: Vec<String> = if variables.is_empty() {
+            meta.variables.iter().map(|v| v.name.clone()).collect()
+        } else {
+            variables.to_vec()
+        };
+        let mut vars = Vec::new();
+        for name in &names {
+            let v = meta.variables.iter().find(|v| &v.name == name).ok_or_else(|| {
+                LoaderError::UnknownVariable {
+                    name: name.clone(),
+                    available: meta.variables.iter().map(|v| v.name.clone()).collect(),
+                }
+            })?;
+            let affine = match (transform.normalize, v.kind, v.stats) {
+                (true, VariableKind::Continuous, Some(s)) if s.std > 0.0 => {
+                    Some((s.mean as f32, (1.0 / s.std) as f32))
+                }
+                (true, VariableKind::Continuous, Some(s)) => Some((s.mean as f32, 1.0)),
+                _ => None,
+            };
+            vars.push(Var { meta: v.clone(), array: cube.array(name)?, affine });
+        }
+        let read_coord = |name: &str| -> Result<Vec<f64>, LoaderError> {
+            let a = cube.array(name)?;
+            let n = a.shape()[0];
+            a.retrieve_array_subset::<Vec<f64>>(&[0..n]).map_err(|e| LoaderError::Read {
+                variable: name.to_string(),
+                chunk: [0, 0, 0],
+                message: e.to_string(),
+            })
+        };
+        let (lat, lon) = (read_coord("lat")?, read_coord("lon")?);
+        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf() })
+    }
+
+    /// The cube's metadata.
+    #[must_use]
+    pub fn meta(&self) -> &CubeMeta {
+        &self.meta
+    }
+
+    /// Names of the variables along `V` (time-varying first when statics are separate).
+    #[must_use]
+    pub fn variable_names(&self) -> (Vec<String>, Vec<String>) {
+        let separate = self.transform.separate_statics;
+        let dynamic =
+            self.vars.iter().filter(|v| !(separate && v.meta.is_static)).map(|v| v.meta.name.clone());
+        let statics = self.vars.iter().filter(|v| separate && v.meta.is_static).map(|v| v.meta.name.clone());
+        (dynamic.collect(), statics.collect())
+    }
+
+    /// Stored valid fraction of a batch chunk: the mean over the selected variables.
+    ///
+    /// # Errors
+    /// When the validity index cannot be read.
+    pub fn validity(&self, cube: &Cube) -> Result<Vec<(ChunkId, f64)>, LoaderError> {
+        let [ct, cy, cx] = self.meta.chunk_counts();
+        let mut sums = vec![0.0f64; ct * cy * cx];
+        for v in &self.vars {
+            let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
+            let a = cube.array(&name)?;
+            let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
+            let values = a.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| LoaderError::Read {
+                variable: name.clone(),
+                chunk: [0, 0, 0],
+                message: e.to_string(),
+            })?;
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let spatial = i % (cy * cx);
+                *sum += f64::from(if v.meta.is_static { values[spatial] } else { values[i] });
+            }
+        }
+        let n = self.vars.len().max(1) as f64;
+        Ok(sums.iter().enumerate().map(|(i, s)| ([i / (cy * cx), (i / cx) % cy, i % cx], s / n)).collect())
+    }
+
+    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
+    fn read_chunk(&self, id: ChunkId) -> Result<Vec<Vec<f32>>, LoaderError> {
+        let l = &self.meta.layout;
+        let [it, iy, ix] = id;
+        let (y, x) = ((iy * l.chunk_y) as u64, (ix * l.chunk_x) as u64);
+        let spatial = [y..y + l.chunk_y as u64, x..x + l.chunk_x as u64];
+        self.vars
+            .iter()
+            .map(|v| {
+                let subset: Vec<std::ops::Range<u64>> = if v.meta.is_static {
+                    spatial.to_vec()
+                } else {
+                    let t = (it * l.chunk_t) as u64;
+                    vec![t..t + l.chunk_t as u64, spatial[0].clone(), spatial[1].clone()]
+                };
+                let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
+                    variable: v.meta.name.clone(),
+                    chunk: id,
+                    message: format!("{}: {e}", self.path.display()),
+                };
+                let fill = v.meta.fill_value;
+                let ints = |values: Vec<f64>| -> Vec<f32> {
+                    values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect()
+                };
+                Ok(match v.meta.dtype {
+                    DType::Float32 => {
+                        v.array.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| fail(&e))?
+                    }
+                    DType::Uint8 => ints(widen::<u8>(&v.array, &subset).map_err(|e| fail(&e))?),
+                    DType::Uint16 => ints(widen::<u16>(&v.array, &subset).map_err(|e| fail(&e))?),
+                    DType::Int16 => ints(widen::<i16>(&v.array, &subset).map_err(|e| fail(&e))?),
+                    DType::Uint32 => ints(widen::<u32>(&v.array, &subset).map_err(|e| fail(&e))?),
+                    DType::Int32 => ints(widen::<i32>(&v.array, &subset).map_err(|e| fail(&e))?),
+                })
+            })
+            .collect()
+    }
+
+    /// Reads and assembles the batches of one job; with several chunks, samples are mixed across them.
+    ///
+    /// # Errors
+    /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
+    pub fn job(
+        &self,
+        seed: u64,
+        job: usize,
+        epoch: usize,
+        first_position: usize,
+        chunks: &[ChunkId],
+    ) -> Result<Vec<Batch>, LoaderError> {
+        let mut batches = Vec::with_capacity(chunks.len());
+        for (k, &id) in chunks.iter().enumerate() {
+            let raw = self.read_chunk(id)?;
+            batches.push(self.assemble(
+                id,
+                BatchOrigin { epoch, position: first_position + k, chunk: id },
+                &raw,
+            ));
+        }
+        if batches.len() > 1 {
+            mix(&mut batches, &mut rng_for(seed, 1, job as u64));
+        }
+        Ok(batches)
+    }
+
+    fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: &[Vec<f32>]) -> Batch {
+        let l = &self.meta.layout;
+        let [it, iy, ix] = id;
+        let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
+        let separate = self.transform.separate_statics;
+        let (names, static_names) = self.variable_names();
+        let nv = names.len();
+        let ns = static_names.len();
+        let (b, shape, sample_cells) = match l.kind {
+            LayoutKind::PixelSeries => (cy * cx, vec![cy * cx, t_len, nv], t_len * nv),
+            LayoutKind::ImageSequence => {
+                let [ph, pw] = l.patch;
+                let b = (cy / ph) * (cx / pw);
+                (b, vec![b, t_len, nv, ph, pw], t_len * nv * ph * pw)
+            }
+        };
+        let mut data = vec![0.0f32; b * sample_cells];
+        let mut mask = vec![0u8; b * sample_cells];
+        let statics_cells = match l.kind {
+            LayoutKind::PixelSeries => ns,
+            LayoutKind::ImageSequence => ns * l.patch[0] * l.patch[1],
+        };
+        let mut statics = vec![0.0f32; if separate { b * statics_cells } else { 0 }];
+        let fill = self.transform.fill;
+        let prepare = |v: &Var, x: f32| -> (f32, u8) {
+            if x.is_nan() { (fill, 0) } else { (v.affine.map_or(x, |(m, inv)| (x - m) * inv), 1) }
+        };
+        let (mut vi, mut si) = (0, 0);
+        for (v, chunk) in self.vars.iter().zip(raw) {
+            let into_statics = separate && v.meta.is_static;
+            match l.kind {
+                LayoutKind::PixelSeries => {
+                    for p in 0..b {
+                        if into_statics {
+                            statics[p * ns + si] = prepare(v, chunk[p]).0;
+                            continue;
+                        }
+                        for t in 0..t_len {
+                            let x = if v.meta.is_static { chunk[p] } else { chunk[t * b + p] };
+                            let (value, valid) = prepare(v, x);
+                            let o = (p * t_len + t) * nv + vi;
+                            data[o] = value;
+                            mask[o] = valid;
+                        }
+                    }
+                }
+                LayoutKind::ImageSequence => {
+                    let [ph, pw] = l.patch;
+                    let gx = cx / pw;
+                    for s in 0..b {
+                        let (sy, sx) = (s / gx * ph, s % gx * pw);
+                        for py in 0..ph {
+                            for px in 0..pw {
+                                let cell = (sy + py) * cx + sx + px;
+                                if into_statics {
+                                    statics[((s * ns + si) * ph + py) * pw + px] = prepare(v, chunk[cell]).0;
+                                    continue;
+                                }
+                                for t in 0..t_len {
+                                    let x = if v.meta.is_static {
+                                        chunk[cell]
+                                    } else {
+                                        chunk[t * cy * cx + cell]
+                                    };
+                                    let (value, valid) = prepare(v, x);
+                                    let o = (((s * t_len + t) * nv + vi) * ph + py) * pw + px;
+                                    data[o] = value;
+                                    mask[o] = valid;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if into_statics {
+                si += 1;
+            } else {
+                vi += 1;
+            }
+        }
+        let (lat, lon): (Vec<f64>, Vec<f64>) = (0..b)
+            .map(|s| match l.kind {
+                LayoutKind::PixelSeries => (self.lat[iy * cy + s / cx], self.lon[ix * cx + s % cx]),
+                LayoutKind::ImageSequence => {
+                    let [ph, pw] = l.patch;
+                    let gx = cx / pw;
+                    let (y0, x0) = (iy * cy + s / gx * ph, ix * cx + s % gx * pw);
+                    // Patch centre: mean of the two middle cells for even sizes.
+                    let lat = (self.lat[y0 + (ph - 1) / 2] + self.lat[y0 + ph / 2]) / 2.0;
+                    let lon = (self.lon[x0 + (pw - 1) / 2] + self.lon[x0 + pw / 2]) / 2.0;
+                    (lat, lon)
+                }
+            })
+            .unzip();
+        Batch {
+            origin,
+            kind: l.kind,
+            variables: names,
+            shape,
+            data,
+            mask,
+            static_variables: static_names,
+            statics,
+            lat,
+            lon,
+            time_index: vec![it * t_len; b],
+        }
+    }
+}
+
+fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
+    array: &Array<FilesystemStore>,
+    subset: &[std::ops::Range<u64>],
+) -> Result<Vec<f64>, zarrs::array::ArrayError> {
+    Ok(array.retrieve_array_subset::<Vec<T>>(&subset.to_vec())?.into_iter().map(Into::into).collect())
+}
+
+/// Permutes the samples of `batches` across all of them (each batch keeps its size).
+fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
+    let sizes: Vec<usize> = batches.iter().map(Batch::len).collect();
+    let total: usize = sizes.iter().sum();
+    let mut order: Vec<usize> = (0..total).collect();
+    order.shuffle(rng);
+    let cell = |b: &Batch| b.data.len() / b.len().max(1);
+    let scell = |b: &Batch| b.statics.len() / b.len().max(1);
+    let source: Vec<Batch> = batches.to_vec();
+    let locate = |mut g: usize| {
+        let mut k = 0;
+        while g >= sizes[k] {
+            g -= sizes[k];
+            k += 1;
+        }
+        (k, g)
+    };
+    let mut next = 0;
+    for batch in batches.iter_mut() {
+        let (c, sc) = (cell(batch), scell(batch));
+        for s in 0..batch.len() {
+            let (k, g) = locate(order[next]);
+            next += 1;
+            let from = &source[k];
+            batch.data[s * c..(s + 1) * c].copy_from_slice(&from.data[g * c..(g + 1) * c]);
+            batch.mask[s * c..(s + 1) * c].copy_from_slice(&from.mask[g * c..(g + 1) * c]);
+            if sc > 0 {
+                batch.statics[s * sc..(s + 1) * sc].copy_from_slice(&from.statics[g * sc..(g + 1) * sc]);
+            }
+            batch.lat[s] = from.lat[g];
+            batch.lon[s] = from.lon[g];
+            batch.time_index[s] = from.time_index[g];
+        }
+    }
+}
+
+/// Shared handle.
+pub type SharedAssembler = Arc<Assembler>;

@@ -1,0 +1,157 @@
+//! Which batches a rank reads, in which order: a seeded permutation of the cube's chunks per epoch, split
+//! into equal shares per rank.
+//!
+//! Rules (the same in Rust and Python, whatever the thread count):
+//! - The eligible chunks are those whose stored valid fraction reaches the loader's threshold, in natural
+//!   order `(time, lat, lon)`.
+//! - Epoch `e` permutes them with a ChaCha8 generator seeded from `(seed, e)` (no permutation without shuffle).
+//! - With W ranks, each rank gets `floor(n / W)` chunks: rank r takes positions `r·k .. (r+1)·k` of the
+//!   permutation, `k = floor(n / W)`. The last `n mod W` chunks of each epoch's permutation are left out, so
+//!   every rank runs the same number of steps and distributed training never waits on an uneven last batch;
+//!   with shuffling, a different few are left out each epoch.
+//! - Mixing over K chunks groups the rank's order into consecutive groups of K (the last may be smaller).
+
+use std::sync::{Arc, Mutex};
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+/// A chunk of the cube: `[time, lat, lon]` chunk indices.
+pub type ChunkId = [usize; 3];
+
+/// The order of one rank.
+#[derive(Debug)]
+pub struct Sampler {
+    eligible: Vec<ChunkId>,
+    seed: u64,
+    shuffle: bool,
+    rank: usize,
+    world_size: usize,
+    mix: usize,
+    cache: Mutex<Vec<(usize, Arc<Vec<ChunkId>>)>>,
+}
+
+/// Derives a generator for `(seed, stream, index)`: independent streams for epochs and for mixing.
+#[must_use]
+pub fn rng_for(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng.set_word_pos(u128::from(index) << 20);
+    rng
+}
+
+impl Sampler {
+    /// A sampler over `eligible` chunks (natural order).
+    #[must_use]
+    pub fn new(
+        eligible: Vec<ChunkId>,
+        seed: u64,
+        shuffle: bool,
+        rank: usize,
+        world_size: usize,
+        mix: usize,
+    ) -> Self {
+        Sampler { eligible, seed, shuffle, rank, world_size, mix: mix.max(1), cache: Mutex::new(Vec::new()) }
+    }
+
+    /// Batches per epoch for this rank.
+    #[must_use]
+    pub fn per_epoch(&self) -> usize {
+        self.eligible.len() / self.world_size
+    }
+
+    /// Jobs (groups of up to `mix` batches) per epoch.
+    #[must_use]
+    pub fn jobs_per_epoch(&self) -> usize {
+        self.per_epoch().div_ceil(self.mix)
+    }
+
+    /// Batches per job.
+    #[must_use]
+    pub fn mix(&self) -> usize {
+        self.mix
+    }
+
+    /// This rank's chunks for `epoch`, in delivery order.
+    #[must_use]
+    pub fn epoch_order(&self, epoch: usize) -> Arc<Vec<ChunkId>> {
+        let mut cache = self.cache.lock().expect("sampler cache");
+        if let Some((_, order)) = cache.iter().find(|(e, _)| *e == epoch) {
+            return order.clone();
+        }
+        let mut all = self.eligible.clone();
+        if self.shuffle {
+            all.shuffle(&mut rng_for(self.seed, 0, epoch as u64));
+        }
+        let k = self.per_epoch();
+        let order = Arc::new(all[self.rank * k..(self.rank + 1) * k].to_vec());
+        if cache.len() >= 4 {
+            cache.remove(0);
+        }
+        cache.push((epoch, order.clone()));
+        order
+    }
+
+    /// The chunks of job `job` (counted from the first epoch): `(epoch, first position, chunks)`.
+    #[must_use]
+    pub fn job(&self, job: usize) -> (usize, usize, Vec<ChunkId>) {
+        let per = self.jobs_per_epoch().max(1);
+        let (epoch, j) = (job / per, job % per);
+        let order = self.epoch_order(epoch);
+        let start = j * self.mix;
+        let end = (start + self.mix).min(order.len());
+        (epoch, start, order[start..end].to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(n: usize) -> Vec<ChunkId> {
+        (0..n).map(|i| [0, i / 7, i % 7]).collect()
+    }
+
+    proptest! {
+        /// Per epoch, ranks get disjoint, equal shares, and together all but fewer than W chunks.
+        #[test]
+        fn shards_are_disjoint_and_balanced(n in 0usize..200, world in 1usize..6, seed in 0u64..1000, epoch in 0usize..5) {
+            let samplers: Vec<Sampler> = (0..world).map(|r| Sampler::new(ids(n), seed, true, r, world, 1)).collect();
+            let mut seen = std::collections::HashSet::new();
+            for s in &samplers {
+                let order = s.epoch_order(epoch);
+                prop_assert_eq!(order.len(), n / world);
+                for id in order.iter() {
+                    prop_assert!(seen.insert(*id), "chunk {:?} given twice", id);
+                }
+            }
+            prop_assert!(n - seen.len() < world);
+        }
+
+        /// A single rank sees a permutation of every chunk, different per epoch, the same for the same seed.
+        #[test]
+        fn shuffle_is_a_seeded_permutation(n in 1usize..200, seed in 0u64..1000) {
+            let s = Sampler::new(ids(n), seed, true, 0, 1, 1);
+            let mut order = s.epoch_order(0).to_vec();
+            let again = Sampler::new(ids(n), seed, true, 0, 1, 1).epoch_order(0);
+            prop_assert_eq!(&order, &*again);
+            order.sort_unstable();
+            prop_assert_eq!(order, ids(n).into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn epochs_differ_and_jobs_group_by_mix() {
+        let s = Sampler::new(ids(50), 7, true, 0, 1, 4);
+        assert_ne!(s.epoch_order(0), s.epoch_order(1));
+        assert_eq!(s.jobs_per_epoch(), 13);
+        let (epoch, start, chunks) = s.job(13);
+        assert_eq!((epoch, start, chunks.len()), (1, 0, 4));
+        let (_, start, chunks) = s.job(12);
+        assert_eq!((start, chunks.len()), (48, 2));
+        let plain = Sampler::new(ids(5), 7, false, 0, 1, 1);
+        assert_eq!(*plain.epoch_order(3), ids(5));
+    }
+}

@@ -1,0 +1,373 @@
+//! The loader against the cube read directly with zarrs: coverage, values, determinism, resume, sharding,
+//! shutdown, errors and memory.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cubeload::loader::{Loader, LoaderError};
+use cubeload::{Batch, Config, GenOptions, Plan, generate};
+
+use crate::util::{array, read_f32};
+
+struct Cubes {
+    _dir: tempfile::TempDir,
+    pixel: PathBuf,
+    image: PathBuf,
+}
+
+/// Demo inputs and two cubes over them (pixel_series, image_sequence), made once per test run.
+fn cubes() -> &'static Cubes {
+    static CUBES: OnceLock<Cubes> = OnceLock::new();
+    CUBES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = cubeload::demo::DemoSpec { hours: 48, ..Default::default() };
+        let text = cubeload::demo::write_inputs(dir.path(), &spec).unwrap();
+        let make = |name: &str, layout: &str| {
+            let text = text
+                .replace("demo.zarr", &format!("{name}.zarr"))
+                .replace("layout: { kind: pixel_series, batch: 256 }", layout);
+            let plan =
+                Plan::new(Config::from_yaml(&text, Path::new("test.yaml")).unwrap(), text.clone()).unwrap();
+            generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path
+        };
+        let pixel = make("pixel", "layout: { kind: pixel_series, batch: 64 }");
+        let image = make("image", "layout: { kind: image_sequence, seq_len: 8, patch: [8, 8], batch: 4 }");
+        Cubes { _dir: dir, pixel, image }
+    })
+}
+
+fn collect(loader: Loader) -> Vec<Batch> {
+    loader.map(Result::unwrap).collect()
+}
+
+fn fingerprint(batches: &[Batch]) -> Vec<(usize, usize, [usize; 3], u64)> {
+    batches
+        .iter()
+        .map(|b| {
+            let sum =
+                b.data.iter().fold(0u64, |h, x| h.wrapping_mul(31).wrapping_add(u64::from(x.to_bits())));
+            (b.origin.epoch, b.origin.position, b.origin.chunk, sum)
+        })
+        .collect()
+}
+
+#[test]
+fn every_valid_pixel_once_per_epoch_with_the_cube_values() {
+    let cube = &cubes().pixel;
+    let loader = Loader::builder(cube).shuffle(3).epochs(2).build().unwrap();
+    let (names, _) = loader.variable_names();
+    assert_eq!(names, ["t2m", "ndvi", "landcover"]);
+    let per_epoch = loader.batches_per_epoch();
+    let batches = collect(loader);
+    assert_eq!(batches.len(), 2 * per_epoch);
+    let (nt, h, w) = (48usize, 100usize, 150usize);
+    let t2m = read_f32(cube, "t2m", Some(0..nt as u64), h as u64, w as u64);
+    let ndvi = read_f32(cube, "ndvi", Some(0..nt as u64), h as u64, w as u64);
+    let lc = array(cube, "landcover").retrieve_array_subset::<Vec<u8>>(&[0..h as u64, 0..w as u64]).unwrap();
+    let lat = coordinate(cube, "lat");
+    let lon = coordinate(cube, "lon");
+    for epoch in 0..2 {
+        let mut seen = HashSet::new();
+        for b in batches.iter().filter(|b| b.origin.epoch == epoch) {
+            assert_eq!(b.shape, vec![64, nt, 3]);
+            for s in 0..b.len() {
+                let y = lat.iter().position(|&v| v == b.lat[s]).unwrap();
+                let x = lon.iter().position(|&v| v == b.lon[s]).unwrap();
+                assert!(seen.insert((y, x)), "pixel ({y}, {x}) twice in epoch {epoch}");
+                for t in 0..nt {
+                    let o = (s * nt + t) * 3;
+                    let inside = y < h && x < w;
+                    let expect = [
+                        if inside { t2m[t * h * w + y * w + x] } else { f32::NAN },
+                        if inside { ndvi[t * h * w + y * w + x] } else { f32::NAN },
+                        if inside { f32::from(lc[y * w + x]) } else { f32::NAN },
+                    ];
+                    for v in 0..3 {
+                        if expect[v].is_nan() {
+                            assert_eq!((b.mask[o + v], b.data[o + v]), (0, 0.0), "missing → fill 0, mask 0");
+                        } else {
+                            assert_eq!((b.mask[o + v], b.data[o + v]), (1, expect[v]));
+                        }
+                    }
+                }
+            }
+        }
+        // Every cell of the grid came exactly once (padding cells too: their batches hold valid pixels).
+        assert!((0..h).all(|y| (0..w).all(|x| seen.contains(&(y, x)))), "epoch {epoch} misses pixels");
+    }
+}
+
+#[test]
+fn same_seed_same_batches_whatever_the_threads() {
+    let cube = &cubes().pixel;
+    let run = |threads, prefetch| {
+        fingerprint(&collect(
+            Loader::builder(cube).shuffle(11).epochs(2).threads(threads).prefetch(prefetch).build().unwrap(),
+        ))
+    };
+    let reference = run(0, 1);
+    assert_eq!(run(1, 1), reference);
+    assert_eq!(run(3, 8), reference);
+    assert_ne!(
+        fingerprint(&collect(Loader::builder(cube).shuffle(12).epochs(2).build().unwrap())),
+        reference
+    );
+    let epoch0: Vec<_> = reference.iter().filter(|f| f.0 == 0).map(|f| f.2).collect();
+    let epoch1: Vec<_> = reference.iter().filter(|f| f.0 == 1).map(|f| f.2).collect();
+    assert_ne!(epoch0, epoch1, "each epoch has its own order");
+}
+
+#[test]
+fn resume_delivers_exactly_the_remaining_batches() {
+    let cube = &cubes().pixel;
+    let full = fingerprint(&collect(Loader::builder(cube).shuffle(5).epochs(3).mix(3).build().unwrap()));
+    for stop_after in [0, 1, 4, 16, full.len() / 2, full.len() - 1] {
+        let mut first = Loader::builder(cube).shuffle(5).epochs(3).mix(3).threads(2).build().unwrap();
+        let head: Vec<Batch> = first.by_ref().take(stop_after).map(Result::unwrap).collect();
+        let state = first.state();
+        drop(first);
+        let json = serde_json::to_string(&state).unwrap();
+        let state = serde_json::from_str(&json).unwrap();
+        let rest = collect(Loader::builder(cube).epochs(3).resume(state).build().unwrap());
+        let mut joined = fingerprint(&head);
+        joined.extend(fingerprint(&rest));
+        assert_eq!(joined, full, "stopped after {stop_after}");
+    }
+}
+
+#[test]
+fn ranks_get_disjoint_equal_shares() {
+    let cube = &cubes().pixel;
+    let world = 3;
+    let per_rank: Vec<Vec<Batch>> = (0..world)
+        .map(|rank| collect(Loader::builder(cube).shuffle(9).epochs(2).shard(rank, world).build().unwrap()))
+        .collect();
+    let total = Loader::builder(cube).build().unwrap().batches_per_epoch();
+    for epoch in 0..2 {
+        let mut seen = HashSet::new();
+        for batches in &per_rank {
+            let mine: Vec<_> = batches.iter().filter(|b| b.origin.epoch == epoch).collect();
+            assert_eq!(mine.len(), total / world, "equal counts");
+            for b in mine {
+                assert!(seen.insert(b.origin.chunk), "chunk {:?} on two ranks", b.origin.chunk);
+            }
+        }
+        assert_eq!(seen.len(), total - total % world);
+    }
+}
+
+#[test]
+fn mixing_spreads_samples_across_chunks_and_keeps_coverage() {
+    let cube = &cubes().pixel;
+    let batches = collect(Loader::builder(cube).shuffle(1).mix(4).build().unwrap());
+    let mut seen = HashSet::new();
+    let mut tiles_per_batch = Vec::new();
+    for b in &batches {
+        // The 8 × 8 tile (chunk) each sample comes from, from its cell position on the 0.01° grid.
+        let tiles: HashSet<(i64, i64)> = b
+            .lat
+            .iter()
+            .zip(&b.lon)
+            .map(|(la, lo)| (((46.0 - la) / 0.01).floor() as i64 / 8, ((lo - 9.5) / 0.01).floor() as i64 / 8))
+            .collect();
+        tiles_per_batch.push(tiles.len());
+        for (la, lo) in b.lat.iter().zip(&b.lon) {
+            assert!(seen.insert((la.to_bits(), lo.to_bits())), "sample twice");
+        }
+    }
+    assert_eq!(seen.len(), batches.len() * 64);
+    // Groups of 4 chunks: every batch but those of a last, single-chunk group mixes several tiles.
+    let full_groups = batches.len() / 4 * 4;
+    assert!(tiles_per_batch[..full_groups].iter().all(|&n| n >= 2), "{tiles_per_batch:?}");
+    let plain = collect(Loader::builder(cube).shuffle(1).build().unwrap());
+    assert!(
+        plain.iter().all(|b| b.lat.iter().zip(&b.lon).all(|(la, lo)| {
+            let tile = |la: f64, lo: f64| {
+                (((46.0 - la) / 0.01).floor() as i64 / 8, ((lo - 9.5) / 0.01).floor() as i64 / 8)
+            };
+            tile(*la, *lo) == tile(b.lat[0], b.lon[0])
+        })),
+        "without mixing a batch is one tile"
+    );
+}
+
+#[test]
+fn image_sequences_are_patches_of_the_cube() {
+    let cube = &cubes().image;
+    let batches = collect(Loader::builder(cube).variables(["ndvi", "t2m"]).build().unwrap());
+    let (h, w) = (100usize, 150usize);
+    let t2m = read_f32(cube, "t2m", Some(0..48), h as u64, w as u64);
+    let lat = coordinate(cube, "lat");
+    let lon = coordinate(cube, "lon");
+    assert!(!batches.is_empty());
+    for b in &batches {
+        assert_eq!(b.shape, vec![4, 8, 2, 8, 8]);
+        let [it, iy, ix] = b.origin.chunk;
+        for s in 0..4 {
+            let (y0, x0) = (iy * 16 + s / 2 * 8, ix * 16 + s % 2 * 8);
+            assert!(((lat[y0 + 3] + lat[y0 + 4]) / 2.0 - b.lat[s]).abs() < 1e-9);
+            assert!(((lon[x0 + 3] + lon[x0 + 4]) / 2.0 - b.lon[s]).abs() < 1e-9);
+            for t in 0..8 {
+                for (py, px) in [(0, 0), (3, 5), (7, 7)] {
+                    let (y, x, tt) = (y0 + py, x0 + px, it * 8 + t);
+                    let o = (((s * 8 + t) * 2 + 1) * 8 + py) * 8 + px;
+                    if y < h && x < w && tt < 48 {
+                        assert_eq!(b.data[o], t2m[tt * h * w + y * w + x]);
+                    } else {
+                        assert_eq!(b.mask[o], 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn normalization_uses_the_stored_statistics() {
+    let cube = &cubes().pixel;
+    let meta = Loader::builder(cube).build().unwrap().meta().clone();
+    let stats = meta.variables[0].stats.unwrap();
+    let raw = collect(Loader::builder(cube).variables(["t2m", "landcover"]).build().unwrap());
+    let norm =
+        collect(Loader::builder(cube).variables(["t2m", "landcover"]).normalize(true).build().unwrap());
+    for (r, n) in raw.iter().zip(&norm) {
+        for i in (0..r.data.len()).step_by(97) {
+            if r.mask[i] == 0 {
+                continue;
+            }
+            if i % 2 == 0 {
+                let expected = (r.data[i] - stats.mean as f32) / stats.std as f32;
+                assert!((n.data[i] - expected).abs() < 1e-5);
+            } else {
+                assert_eq!(n.data[i], r.data[i], "categorical values are not normalized");
+            }
+        }
+    }
+}
+
+#[test]
+fn static_variables_can_come_separately() {
+    let cube = &cubes().pixel;
+    let b = Loader::builder(cube).separate_statics(true).build().unwrap().next().unwrap().unwrap();
+    assert_eq!(b.variables, ["t2m", "ndvi"]);
+    assert_eq!(b.static_variables, ["landcover"]);
+    assert_eq!(b.shape, vec![64, 48, 2]);
+    assert_eq!(b.statics.len(), 64);
+}
+
+#[test]
+fn dropping_mid_epoch_stops_the_readers() {
+    let cube = &cubes().pixel;
+    for threads in [1, 4] {
+        let mut loader = Loader::builder(cube).epochs(1000).threads(threads).prefetch(2).build().unwrap();
+        loader.next().unwrap().unwrap();
+        drop(loader); // joins every reader: a hang here fails the test run
+    }
+}
+
+#[test]
+fn errors_name_the_variable_and_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    // Corrupt every stored chunk (shard) of ndvi: replace it with garbage of the same length.
+    let mut corrupted = 0;
+    for entry in walk(&copy.join("ndvi/c")) {
+        let len = std::fs::metadata(&entry).unwrap().len() as usize;
+        std::fs::write(&entry, vec![0xA5u8; len]).unwrap();
+        corrupted += 1;
+    }
+    assert!(corrupted > 0);
+    let mut loader = Loader::builder(&copy).build().unwrap();
+    let err = loader.next().unwrap().unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, LoaderError::Read { .. }), "{message}");
+    assert!(message.contains("ndvi") && message.contains("chunk"), "{message}");
+    assert!(loader.next().is_none(), "the stream ends after an error");
+
+    let err = Loader::builder(&copy).variables(["t2m", "precip"]).build().unwrap_err().to_string();
+    assert!(err.contains("precip") && err.contains("t2m, ndvi, landcover"), "{err}");
+    let err = Loader::builder(dir.path().join("nothing.zarr")).build().unwrap_err().to_string();
+    assert!(err.contains("nothing.zarr"), "{err}");
+}
+
+#[test]
+fn memory_stays_flat_over_many_epochs() {
+    // RSS is per process: measure in a child running only this test, away from the other tests' allocations.
+    if std::env::var_os("CUBELOAD_MEMORY_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "loader::memory_stays_flat_over_many_epochs", "--nocapture", "--test-threads=1"])
+            .env("CUBELOAD_MEMORY_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    let cube = &cubes().pixel;
+    let rss = || -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        statm.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 4096
+    };
+    let mut loader = Loader::builder(cube).shuffle(2).epochs(40).threads(2).prefetch(4).build().unwrap();
+    let per_epoch = loader.batches_per_epoch();
+    let mut samples = HashMap::new();
+    for (i, batch) in loader.by_ref().enumerate() {
+        let batch = batch.unwrap();
+        if i % per_epoch == 0 {
+            samples.insert(i / per_epoch, rss());
+        }
+        drop(batch);
+    }
+    let early = samples[&5];
+    let late = samples[&39];
+    // Bounded by prefetch depth: no growth with epochs (a leak of one batch per step would add ~45 MB).
+    eprintln!("RSS after epoch 5: {early} B, after epoch 39: {late} B");
+    assert!(late < early + 8 * 1024 * 1024, "RSS grew from {early} to {late} bytes");
+}
+
+fn coordinate(cube: &Path, name: &str) -> Vec<f64> {
+    let a = array(cube, name);
+    let n = a.shape()[0];
+    a.retrieve_array_subset::<Vec<f64>>(&[0..n]).unwrap()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target)
+        } else {
+            std::fs::copy(&path, &target).map(|_| ()).unwrap()
+        }
+    }
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn batches_become_tensors() {
+    let cube = &cubes().image;
+    let b = Loader::builder(cube).build().unwrap().next().unwrap().unwrap();
+    let x = b.to_tensor(tch::Device::Cpu);
+    assert_eq!(x.size(), vec![4, 8, 3, 8, 8]);
+    let m = b.mask_tensor(tch::Device::Cpu);
+    assert_eq!(m.size(), x.size());
+    let first = x.flatten(0, -1).double_value(&[0]);
+    assert_eq!(first as f32, b.data[0]);
+    assert_eq!(
+        m.sum(tch::Kind::Float).double_value(&[]) as usize,
+        b.mask.iter().map(|&v| usize::from(v)).sum::<usize>()
+    );
+}
