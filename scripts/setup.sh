@@ -2,7 +2,8 @@
 # Installs everything a fresh Debian 12 machine (with rustup and python3) lacks to build, run and test cubeload:
 #   - GDAL (libgdal-dev, gdal-bin for gdalwarp in the tests, netcdf-bin) from apt;
 #   - a CPU libtorch 2.13 for `tch`, assembled from PyPI wheels into third_party/libtorch (git-ignored);
-#   - a Python virtual environment .venv with the packages the tests use (numpy, zarr, xarray).
+#   - a Python virtual environment .venv with the packages the tests use (numpy, zarr, xarray; pytest and
+#     netCDF4 for the xarray suite in tests/python).
 # Idempotent: every step is skipped when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,5 +65,9 @@ if ! "$VENV/bin/python" -c "import numpy, zarr, xarray" >/dev/null 2>&1; then
   log "installing numpy, zarr, xarray into .venv"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q numpy "zarr>=3" xarray
+fi
+if ! "$VENV/bin/python" -c "import pytest, netCDF4" >/dev/null 2>&1; then
+  log "installing pytest, netCDF4 into .venv"
+  "$VENV/bin/python" -m pip install -q pytest netCDF4
 fi
 log "ready"

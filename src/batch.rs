@@ -5,7 +5,7 @@
 //! - `image_sequence`: `[B, S, V, h, w]`: B samples of S frames of an `h × w` patch.
 //!
 //! With static variables returned separately, `data` holds the time-varying variables only and `statics`
-//! holds `[B, Vs]` (pixel_series) or `[B, Vs, h, w]` (image_sequence).
+//! holds `[B, Vs]` (`pixel_series`) or `[B, Vs, h, w]` (`image_sequence`).
 
 use serde::{Deserialize, Serialize};
 
@@ -95,13 +95,11 @@ mod tensor {
     impl Batch {
         /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32): one copy into tensor memory,
         /// then, for a CUDA device, a non-blocking copy from pinned memory.
-        #[must_use]
         pub fn to_tensor(&self, device: Device) -> Tensor {
             to_device(Tensor::from_slice(&self.data).view(shape(&self.shape).as_slice()), device)
         }
 
         /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
-        #[must_use]
         pub fn mask_tensor(&self, device: Device) -> Tensor {
             let mask =
                 Tensor::from_slice(&self.mask).view(shape(&self.shape).as_slice()).to_kind(Kind::Float);
@@ -109,7 +107,6 @@ mod tensor {
         }
 
         /// Static variables returned separately, `[B, Vs]` or `[B, Vs, h, w]`.
-        #[must_use]
         pub fn statics_tensor(&self, device: Device) -> Tensor {
             to_device(Tensor::from_slice(&self.statics).view(shape(&self.statics_shape()).as_slice()), device)
         }

@@ -49,6 +49,9 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Epochs of the short training run (0 to skip it).
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
     },
 }
 
@@ -88,20 +91,56 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             }
             Ok(())
         }
-        Command::Demo { dir, threads } => {
-            eprintln!("Writing synthetic inputs to {}/inputs ...", dir.display());
-            let text = demo::write_inputs(&dir, &demo::DemoSpec::default())?;
-            let config_path = dir.join("demo.yaml");
-            std::fs::write(&config_path, &text)
-                .map_err(|source| cubeload::cube::CubeError::Io { path: config_path.clone(), source })?;
-            eprintln!("Generating the cube described in {} ...", config_path.display());
-            let report = run_gen(&text, &config_path, &GenOptions { threads, overwrite: true })?;
+        Command::Demo { dir, threads, epochs } => {
+            eprintln!(
+                "Writing synthetic inputs to {}/inputs and generating {}/demo.zarr ...",
+                dir.display(),
+                dir.display()
+            );
+            let report = demo::build_cube(&dir, &demo::DemoSpec::default(), threads)?;
             print_summary(&report);
             println!();
             print!("{}", info::table(&Cube::open(&report.path)?));
+            if epochs > 0 {
+                println!();
+                train_demo(&report.path, epochs)?;
+            }
             Ok(())
         }
     }
+}
+
+/// A short training run on the demo cube: an LSTM predicting the next hour of t2m from all variables.
+fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
+    use cubeload::train::{LstmForecaster, device, fit};
+    let loader = cubeload::Loader::builder(cube)
+        .shuffle(42)
+        .epochs(epochs)
+        .mix(4)
+        .normalize(true)
+        .prefetch(8)
+        .build()?;
+    let (variables, _) = loader.variable_names();
+    println!(
+        "training an LSTM (next-hour t2m from {}) for {epochs} epochs of {} batches on {:?}",
+        variables.join(", "),
+        loader.batches_per_epoch(),
+        device()
+    );
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(device());
+    let model = LstmForecaster::new(&vs.root(), variables.len(), 32, 0);
+    let started = std::time::Instant::now();
+    fit(
+        loader,
+        &vs,
+        1e-2,
+        |x, mask| model.loss(x, mask),
+        |epoch, loss| {
+            println!("epoch {epoch} loss {loss:.4} ({:.1} s)", started.elapsed().as_secs_f64());
+        },
+    )?;
+    Ok(())
 }
 
 fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> cubeload::Result<GenReport> {

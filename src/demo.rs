@@ -31,12 +31,34 @@ pub struct DemoSpec {
     pub hours: usize,
     /// Days between NDVI acquisitions.
     pub ndvi_every_days: usize,
+    /// The `layout:` mapping of the cube.
+    pub layout: &'static str,
 }
+
+/// The demo's LSTM layout: batches of 256 full pixel series.
+pub const PIXEL_LAYOUT: &str = "{ kind: pixel_series, batch: 256 }";
+/// A video-prediction layout over the same inputs: 4 sequences of 8 frames of 16 × 16 pixels.
+pub const IMAGE_LAYOUT: &str = "{ kind: image_sequence, seq_len: 8, patch: [16, 16], batch: 4 }";
 
 impl Default for DemoSpec {
     fn default() -> Self {
-        DemoSpec { seed: 42, hours: DEMO_HOURS, ndvi_every_days: 2 }
+        DemoSpec { seed: 42, hours: DEMO_HOURS, ndvi_every_days: 2, layout: PIXEL_LAYOUT }
     }
+}
+
+/// Writes the demo inputs under `dir`, its config as `dir/demo.yaml`, and generates `dir/demo.zarr`
+/// (replacing an earlier demo cube).
+///
+/// # Errors
+/// Any error of writing the inputs, planning or generating.
+pub fn build_cube(dir: &Path, spec: &DemoSpec, threads: Option<usize>) -> crate::Result<crate::GenReport> {
+    let text = write_inputs(dir, spec)?;
+    let config_path = dir.join("demo.yaml");
+    std::fs::write(&config_path, &text)
+        .map_err(|source| crate::cube::CubeError::Io { path: config_path.clone(), source })?;
+    let config = crate::Config::from_yaml(&text, &config_path)?;
+    let plan = crate::Plan::new(config, text)?;
+    Ok(crate::generate(&plan, &crate::GenOptions { threads, overwrite: true }, &|_, _| {})?)
 }
 
 /// A smooth random field: a sum of waves with random directions, wavelengths and phases.
@@ -98,16 +120,17 @@ pub fn write_inputs(dir: &Path, spec: &DemoSpec) -> Result<String, SourceError> 
 output: {d}/demo.zarr
 grid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: 0.01 }}
 time: {{ start: 2024-06-01T00:00:00Z, end: 2024-06-{:02}T{:02}:00:00Z, step: 1h }}
-layout: {{ kind: pixel_series, batch: 256 }}
+layout: {}
 compression: {{ codec: zstd, level: 3 }}
 variables:
-  t2m: {{ path: {d}/inputs/t2m_hourly.nc, variable: t2m, resampling: bilinear }}
-  ndvi: {{ path: \"{d}/inputs/ndvi/ndvi_*.tif\", resampling: average }}
+  t2m: {{ path: {d}/inputs/t2m_hourly.nc, variable: t2m, resampling: bilinear, units: K }}
+  ndvi: {{ path: \"{d}/inputs/ndvi/ndvi_*.tif\", resampling: average, units: \"1\" }}
   landcover: {{ path: {d}/inputs/landcover.tif, kind: categorical, static: true, resampling: mode }}
 metadata: {{ title: cubeload demo cube (synthetic data) }}
 ",
         end_hour / 24 + 1,
-        end_hour % 24
+        end_hour % 24,
+        spec.layout
     ))
 }
 

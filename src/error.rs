@@ -22,6 +22,9 @@ pub enum Error {
     /// Generation.
     #[error(transparent)]
     Gen(#[from] GenError),
+    /// Loading batches.
+    #[error(transparent)]
+    Loader(#[from] crate::loader::LoaderError),
 }
 
 impl From<PlanError> for Error {

@@ -29,7 +29,8 @@
 //!
 //! ## Crate features
 //! - `cli` (default): the `cubeload` binary.
-//! - `tch` (default): `Batch::to_tensor` and the training demo; links libtorch.
+//! - `tch` (default): `Batch::to_tensor`, the reference models of [`train`] and the training demo; links
+//!   libtorch.
 
 pub mod batch;
 pub mod config;
@@ -43,6 +44,8 @@ pub mod loader;
 pub mod plan;
 pub mod source;
 pub mod time;
+#[cfg(feature = "tch")]
+pub mod train;
 
 pub use batch::Batch;
 pub use config::Config;

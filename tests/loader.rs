@@ -297,11 +297,17 @@ fn memory_stays_flat_over_many_epochs() {
     // RSS is per process: measure in a child running only this test, away from the other tests' allocations.
     if std::env::var_os("CUBELOAD_MEMORY_CHILD").is_none() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "loader::memory_stays_flat_over_many_epochs", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "loader::memory_stays_flat_over_many_epochs",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("CUBELOAD_MEMORY_CHILD", "1")
             .output()
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && text.contains("1 passed"), "{text}");
         return;
     }

@@ -81,8 +81,8 @@ impl Assembler {
         }
         let read_coord = |name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = cube.array(name)?;
-            let n = a.shape()[0];
-            a.retrieve_array_subset::<Vec<f64>>(&[0..n]).map_err(|e| LoaderError::Read {
+            let whole = zarrs::array::ArraySubset::new_with_shape(a.shape().to_vec());
+            a.retrieve_array_subset::<Vec<f64>>(&whole).map_err(|e| LoaderError::Read {
                 variable: name.to_string(),
                 chunk: [0, 0, 0],
                 message: e.to_string(),
@@ -286,8 +286,8 @@ impl Assembler {
                     let gx = cx / pw;
                     let (y0, x0) = (iy * cy + s / gx * ph, ix * cx + s % gx * pw);
                     // Patch centre: mean of the two middle cells for even sizes.
-                    let lat = (self.lat[y0 + (ph - 1) / 2] + self.lat[y0 + ph / 2]) / 2.0;
-                    let lon = (self.lon[x0 + (pw - 1) / 2] + self.lon[x0 + pw / 2]) / 2.0;
+                    let lat = f64::midpoint(self.lat[y0 + (ph - 1) / 2], self.lat[y0 + ph / 2]);
+                    let lon = f64::midpoint(self.lon[x0 + (pw - 1) / 2], self.lon[x0 + pw / 2]);
                     (lat, lon)
                 }
             })

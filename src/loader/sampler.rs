@@ -4,7 +4,7 @@
 //! Rules (the same in Rust and Python, whatever the thread count):
 //! - The eligible chunks are those whose stored valid fraction reaches the loader's threshold, in natural
 //!   order `(time, lat, lon)`.
-//! - Epoch `e` permutes them with a ChaCha8 generator seeded from `(seed, e)` (no permutation without shuffle).
+//! - Epoch `e` permutes them with a `ChaCha8` generator seeded from `(seed, e)` (no permutation without shuffle).
 //! - With W ranks, each rank gets `floor(n / W)` chunks: rank r takes positions `r·k .. (r+1)·k` of the
 //!   permutation, `k = floor(n / W)`. The last `n mod W` chunks of each epoch's permutation are left out, so
 //!   every rank runs the same number of steps and distributed training never waits on an uneven last batch;

@@ -1,0 +1,51 @@
+//! Trains a small convolutional next-frame predictor on an `image_sequence` cube.
+//!
+//! ```text
+//! cargo run --release --example train_video -- [CUBE] [EPOCHS]
+//! ```
+//! Without CUBE it builds the demo inputs as an image-sequence cube in a temporary directory.
+//! Prints `epoch N loss X`.
+
+use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, build_cube};
+use cubeload::loader::Loader;
+use cubeload::train::NextFrame;
+use tch::nn::{self, OptimizerConfig};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let scratch = std::env::temp_dir().join(format!("cubeload-train-video-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let cube = match args.next() {
+        Some(path) => path.into(),
+        None => build_cube(&scratch, &DemoSpec { layout: IMAGE_LAYOUT, ..Default::default() }, None)?.path,
+    };
+    let epochs: usize = args.next().map_or(Ok(5), |e| e.parse())?;
+
+    // Batches of 4 sequences of 8 frames [B, S, V, h, w], normalized, gaps masked.
+    let loader = Loader::builder(&cube).shuffle(7).epochs(epochs).normalize(true).prefetch(8).build()?;
+    let (variables, _) = loader.variable_names();
+    println!("{}: {} batches per epoch, variables {variables:?}", cube.display(), loader.batches_per_epoch());
+
+    tch::manual_seed(0);
+    let device = cubeload::train::device();
+    let vs = nn::VarStore::new(device);
+    let model = NextFrame::new(&vs.root(), variables.len(), 16, 0);
+    let mut optimizer = nn::Adam::default().build(&vs, 3e-3)?;
+
+    let (mut epoch, mut sum, mut count) = (0, 0.0, 0);
+    for batch in loader {
+        let batch = batch?;
+        if batch.origin.epoch != epoch {
+            println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
+            (epoch, sum, count) = (batch.origin.epoch, 0.0, 0);
+        }
+        let x = batch.to_tensor(device); // [B, S, V, h, w]
+        let mask = batch.mask_tensor(device);
+        let loss = model.loss(&x, &mask);
+        optimizer.backward_step(&loss);
+        sum += loss.double_value(&[]);
+        count += 1;
+    }
+    println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
+    Ok(())
+}

@@ -1,0 +1,251 @@
+"""Cubes written by `cubeload` open correctly with real xarray (zarr 3 backend).
+
+Each test generates its cube from the real rasters in ../shared/data and compares what xarray decodes with an
+independent reference: pandas date ranges, the source's own times decoded by xarray/cftime, the `gdalwarp`
+program's warp of the same source onto the same grid, and the zarr-python view of the arrays on disk.
+
+Run: `.venv/bin/python -m pytest tests/python -q` (scripts/setup.sh installs pytest and netCDF4 into .venv).
+"""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import zarr
+
+ERA5 = "era5-2mt-2019-03-uk.grib"
+ERA5_BBOX = (-8.0, 51.0, 0.0, 57.0)  # W, S, E, N
+ERA5_RES = 0.1
+
+
+def q(value) -> str:
+    """A path as a YAML scalar (a JSON string is a valid double-quoted YAML scalar)."""
+    return json.dumps(str(value))
+
+
+def era5_cube(gen_cube, shared_data):
+    west, south, east, north = ERA5_BBOX
+    return gen_cube(
+        f"grid: {{ bbox: [{west}, {south}, {east}, {north}], resolution: {ERA5_RES} }}\n"
+        "time: { from: t2m }\n"
+        "layout: { kind: pixel_series, batch: 64 }\n"
+        "variables:\n"
+        f"  t2m: {{ path: {q(shared_data / ERA5)}, resampling: bilinear }}\n"
+    )
+
+
+def gdalinfo_json(run_tool, path, cwd):
+    """`gdalinfo -json`; the GRIB driver of GDAL 3.6 prints warnings to stdout before the JSON document."""
+    text = run_tool(["gdalinfo", "-json", path], cwd).stdout
+    start = re.search(r"^\{", text, re.MULTILINE)
+    assert start, f"no JSON in gdalinfo output:\n{text}"
+    return json.loads(text[start.start() :])
+
+
+def reference_planes(ref: xr.Dataset):
+    """The bands of a GDAL-written NetCDF as a list of (lat, lon) DataArrays, whichever way GDAL laid them
+    out: one variable per band (Band1..BandN) or one variable with a band dimension."""
+    band_dims = [d for d in ref.dims if d not in ("lat", "lon")]
+    if band_dims:
+        (band_dim,) = band_dims
+        (var,) = [v for v in ref.data_vars.values() if band_dim in v.dims]
+        return [var.isel({band_dim: i}) for i in range(ref.sizes[band_dim])]
+    names = [n for n in ref.data_vars if re.fullmatch(r"Band\d+", str(n))]
+    names.sort(key=lambda n: int(str(n)[4:]))
+    return [ref[n] for n in names]
+
+
+def variable_meta(meta, name):
+    (entry,) = [v for v in meta["variables"] if v["name"] == name]
+    return entry
+
+
+# ---- 1. ERA5 GRIB: coordinates, CRS and values ------------------------------------------------------------
+
+
+def test_era5_grib_coordinates_decode(gen_cube, shared_data):
+    cube = era5_cube(gen_cube, shared_data)
+    root = json.loads((cube / "zarr.json").read_text())
+    assert "consolidated_metadata" in root, "the root zarr.json carries consolidated metadata"
+    ds = xr.open_zarr(cube, consolidated=True)
+
+    assert ds["t2m"].dims == ("time", "lat", "lon")
+    assert ds["t2m"].dtype == np.float32
+
+    # Time: hourly valid times of the 744 GRIB messages, decoded by xarray from the CF units.
+    assert np.issubdtype(ds["time"].dtype, np.datetime64), ds["time"].dtype
+    expected = pd.date_range("2019-03-01", periods=744, freq="h")
+    actual = pd.DatetimeIndex(ds["time"].values)
+    assert actual.equals(expected), f"{actual[:3]} … {actual[-3:]}"
+
+    # Grid: north-up rows (lat strictly descending), lon ascending, cell centres half a cell inside the bbox,
+    # a constant step of one resolution (also over the padding rows/cols beyond the bbox).
+    west, south, east, north = ERA5_BBOX
+    lat, lon = ds["lat"].values, ds["lon"].values
+    assert ds.sizes["lat"] >= round((north - south) / ERA5_RES)
+    assert ds.sizes["lon"] >= round((east - west) / ERA5_RES)
+    assert np.all(np.diff(lat) < 0), "lat strictly descending"
+    assert np.all(np.diff(lon) > 0), "lon strictly ascending"
+    np.testing.assert_allclose(np.diff(lat), -ERA5_RES, atol=1e-9)
+    np.testing.assert_allclose(np.diff(lon), ERA5_RES, atol=1e-9)
+    assert lat[0] == pytest.approx(north - ERA5_RES / 2, abs=1e-9)
+    assert lon[0] == pytest.approx(west + ERA5_RES / 2, abs=1e-9)
+    assert lat[59] == pytest.approx(south + ERA5_RES / 2, abs=1e-9)
+    assert lon[79] == pytest.approx(east - ERA5_RES / 2, abs=1e-9)
+
+    # CRS: spatial_ref is a coordinate (not a data variable) with a WKT for WGS 84.
+    assert "spatial_ref" in ds.coords
+    assert "spatial_ref" not in ds.data_vars
+    assert "spatial_ref" in ds["t2m"].coords
+    assert "WGS 84" in ds["spatial_ref"].attrs["crs_wkt"]
+
+
+def test_era5_grib_values_equal_gdalwarp_bilinear(gen_cube, shared_data, run_tool, tmp_path):
+    cube = era5_cube(gen_cube, shared_data)
+    grib = shared_data / ERA5
+    west, south, east, north = ERA5_BBOX
+
+    # The warper's resampling scale, fixed as cubeload fixes it: the source's native cell size in degrees
+    # (as `gdalwarp -t_srs EPSG:4326` chooses it) over the target resolution.
+    native = tmp_path / "native.vrt"
+    run_tool(["gdalwarp", "-q", "-overwrite", "-of", "VRT", "-t_srs", "EPSG:4326", grib, native], tmp_path)
+    gt = gdalinfo_json(run_tool, native, tmp_path)["geoTransform"]
+    xscale, yscale = gt[1] / ERA5_RES, abs(gt[5]) / ERA5_RES
+    ref_path = tmp_path / "ref.nc"
+    run_tool(
+        ["gdalwarp", "-q", "-overwrite", "-of", "netCDF", "-ot", "Float64", "-t_srs", "EPSG:4326"]
+        + ["-te", west, south, east, north, "-tr", ERA5_RES, ERA5_RES]
+        + ["-r", "bilinear", "-et", "0", "-dstnodata", "nan"]
+        + ["-wo", f"XSCALE={xscale}", "-wo", f"YSCALE={yscale}", grib, ref_path],
+        tmp_path,
+        env={"GRIB_NORMALIZE_UNITS": "NO"},
+    )
+
+    with xr.open_dataset(ref_path, engine="netcdf4") as ref:
+        # GDAL's netCDF writer may store rows south to north: order them like the cube.
+        ref = ref.sortby("lat", ascending=False)
+        planes = reference_planes(ref)
+        assert len(planes) == 744, "one band per GRIB message"
+        ds = xr.open_zarr(cube)
+        t2m = ds["t2m"].isel(lat=slice(0, 60), lon=slice(0, 80))
+        assert t2m.shape == (744, 60, 80)
+        np.testing.assert_allclose(t2m["lat"].values, ref["lat"].values, atol=1e-9)
+        np.testing.assert_allclose(t2m["lon"].values, ref["lon"].values, atol=1e-9)
+        for t in (0, 1, 100, 743):
+            expected = planes[t].transpose("lat", "lon").values
+            actual = t2m.isel(time=t).values.astype(np.float64)
+            assert not np.isnan(expected).any(), f"step {t}: ERA5 covers the whole bbox"
+            assert not np.isnan(actual).any(), f"step {t}: cube has NaN inside the bbox"
+            np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4, err_msg=f"t2m step {t}")
+        # Kelvin, whatever GDAL's GRIB unit label says.
+        assert 260.0 < float(t2m.isel(time=0).min()) and float(t2m.isel(time=0).max()) < 300.0
+
+
+# ---- 2. 360_day calendar ----------------------------------------------------------------------------------
+
+
+def test_360_day_calendar_decodes_to_source_dates(gen_cube, shared_data):
+    src = shared_data / "tos_O1_2001-2002.nc"
+    cube = gen_cube(
+        "grid: { bbox: [60, -20, 90, 0], resolution: 1.0 }\n"
+        "time: { from: tos }\n"
+        "layout: { kind: pixel_series, batch: 64 }\n"
+        "variables:\n"
+        f"  tos: {{ path: {q(src)}, variable: tos }}\n"
+    )
+    ds = xr.open_zarr(cube)
+    assert ds["tos"].dims == ("time", "lat", "lon")
+    assert np.issubdtype(ds["time"].dtype, np.datetime64), ds["time"].dtype
+    times = pd.DatetimeIndex(ds["time"].values)
+    assert len(times) == 24
+    expected = pd.DatetimeIndex([f"{y}-{m:02d}-16" for y in (2001, 2002) for m in range(1, 13)])
+    assert times.equals(expected), list(times)
+
+    # The source's own times, decoded by xarray with cftime in its 360_day calendar.
+    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
+    with xr.open_dataset(src, engine="netcdf4", decode_times=coder) as source:
+        assert source["time"].encoding.get("calendar") == "360_day"
+        source_times = source["time"].values
+    assert len(source_times) == len(times)
+    for i, (s, c) in enumerate(zip(source_times, times)):
+        assert (s.year, s.month, s.day, s.hour, s.minute, s.second) == (
+            c.year,
+            c.month,
+            c.day,
+            c.hour,
+            c.minute,
+            c.second,
+        ), f"step {i}: source {s}, cube {c}"
+
+
+# ---- 3. demo cube -----------------------------------------------------------------------------------------
+
+
+def test_demo_cube_static_layer_stats_and_padding(run_cubeload, tmp_path):
+    demo = tmp_path / "demo"
+    run_cubeload("demo", "--dir", demo)
+    ds = xr.open_zarr(demo / "demo.zarr")
+
+    assert ds["landcover"].dims == ("lat", "lon"), "a static layer has no time axis"
+    assert np.issubdtype(ds["landcover"].dtype, np.integer), ds["landcover"].dtype
+    assert ds["t2m"].dims == ("time", "lat", "lon")
+    assert ds["ndvi"].dims == ("time", "lat", "lon")
+
+    assert np.issubdtype(ds["time"].dtype, np.datetime64), ds["time"].dtype
+    hourly = pd.date_range("2024-06-01", periods=ds.sizes["time"], freq="h")
+    assert pd.DatetimeIndex(ds["time"].values).equals(hourly)
+
+    meta = ds.attrs["cubeload"]
+    assert isinstance(meta, dict)
+    assert meta["complete"] is True
+    nt, ny, nx = meta["shape"]
+    assert nt == ds.sizes["time"]
+    assert ny <= ds.sizes["lat"] and nx <= ds.sizes["lon"]
+    assert (ny, nx) != (ds.sizes["lat"], ds.sizes["lon"]), "the demo grid is padded (the check below bites)"
+
+    t2m = ds["t2m"].values
+    valid = t2m[:, :ny, :nx].astype(np.float64)
+    stats = variable_meta(meta, "t2m")["stats"]
+    assert stats["count"] == np.count_nonzero(~np.isnan(valid))
+    assert np.nanmean(valid) == pytest.approx(stats["mean"], rel=1e-3)
+    assert np.isnan(t2m[:, ny:, :]).all(), "padding rows of t2m are NaN"
+    assert np.isnan(t2m[:, :, nx:]).all(), "padding cols of t2m are NaN"
+
+
+# ---- 4. image_sequence layout -----------------------------------------------------------------------------
+
+
+def test_image_sequence_cube_chunks_and_irregular_times(gen_cube, shared_data):
+    src = shared_data / "converted" / "eopatch_S2_NDVI_CLM_2015-2017_utm33n.nc"
+    cube = gen_cube(
+        "grid: { bbox: [14.5513, 45.8659, 14.5643, 45.875], resolution: 0.0001 }\n"
+        "time: { from: ndvi }\n"
+        "layout: { kind: image_sequence, seq_len: 8, patch: [32, 32], batch: 4 }\n"
+        "variables:\n"
+        f"  ndvi: {{ path: {q(src)}, variable: NDVI }}\n"
+    )
+    ds = xr.open_zarr(cube)
+    assert ds["ndvi"].dims == ("time", "lat", "lon")
+    assert ds["ndvi"].dtype == np.float32
+
+    # One batch = 2 × 2 patches of 32 × 32 pixels × a sequence of 8 steps, as zarr stores it.
+    ndvi = zarr.open_array(str(cube / "ndvi"), mode="r")
+    assert ndvi.chunks == (8, 64, 64), f"chunks {ndvi.chunks}, shards {ndvi.shards}"
+    if ndvi.shards is not None:
+        assert all(s % c == 0 for s, c in zip(ndvi.shards, ndvi.chunks)), ndvi.shards
+    assert ndvi.shape == tuple(ds["ndvi"].shape)
+    assert ds["ndvi"].encoding["chunks"] == (8, 64, 64)
+
+    # 68 irregular acquisitions padded to whole sequences of 8.
+    assert np.issubdtype(ds["time"].dtype, np.datetime64), ds["time"].dtype
+    times = pd.DatetimeIndex(ds["time"].values)
+    assert len(times) == 72
+    dates = times[:68]
+    assert (np.diff(dates.asi8) > 0).all(), "the 68 acquisitions are strictly increasing"
+    assert (dates.normalize() == pd.Timestamp("2015-12-08")).sum() == 2, "two acquisitions on 2015-12-08"
+    with xr.open_dataset(src, engine="netcdf4") as source:
+        source_times = pd.DatetimeIndex(source["time"].values)
+    assert dates.equals(source_times), "the acquisitions are the source's own times"
