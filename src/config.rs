@@ -184,6 +184,13 @@ pub enum LayoutConfig {
         /// Sharding: `auto` (shards when a chunk is under 1 MiB), `none`, or the number of batches per shard.
         #[serde(default)]
         shard: ShardConfig,
+        /// `tiled` (chunks are spatial tiles) or `shuffled` (pixels permuted once, stored sample-major).
+        /// > default: tiled
+        #[serde(default)]
+        order: Order,
+        /// Seed of the permutation of `order: shuffled`. > default: 0
+        #[serde(default)]
+        seed: u64,
     },
     /// Video-prediction batches: `batch` sequences of `seq_len` frames of `patch` pixels.
     ImageSequence {
@@ -200,6 +207,19 @@ pub enum LayoutConfig {
         #[serde(default)]
         shard: ShardConfig,
     },
+}
+
+/// How the pixels of a `pixel_series` cube are grouped into batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// A batch is a spatial tile of `h × w` pixels: arrays `(time, lat, lon)` chunked `(T, h, w)`.
+    #[default]
+    Tiled,
+    /// A batch is B pixels drawn at random once, at generation: arrays `(sample, time)` chunked `(B, T)`,
+    /// with `lat(sample)`, `lon(sample)`. Neighbouring pixels are strongly correlated; this makes every
+    /// chunk an i.i.d.-like batch that is still one sequential read.
+    Shuffled,
 }
 
 /// The layout section as written: a flat mapping, so that `serde_yaml` reports the line of a bad key or value
@@ -221,6 +241,10 @@ struct RawLayout {
     patch: Option<[usize; 2]>,
     #[serde(default)]
     grid: Option<[usize; 2]>,
+    #[serde(default)]
+    order: Option<Order>,
+    #[serde(default)]
+    seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -233,7 +257,7 @@ enum RawLayoutKind {
 impl TryFrom<RawLayout> for LayoutConfig {
     type Error = String;
     fn try_from(raw: RawLayout) -> Result<Self, String> {
-        let RawLayout { kind, batch, tile, window, shard, seq_len, patch, grid } = raw;
+        let RawLayout { kind, batch, tile, window, shard, seq_len, patch, grid, order, seed } = raw;
         match kind {
             RawLayoutKind::PixelSeries => {
                 for (key, given) in
@@ -243,10 +267,22 @@ impl TryFrom<RawLayout> for LayoutConfig {
                         return Err(format!("layout.{key} is not a key of the pixel_series layout"));
                     }
                 }
-                Ok(LayoutConfig::PixelSeries { batch, tile, window, shard })
+                let order = order.unwrap_or_default();
+                if order == Order::Shuffled && tile.is_some() {
+                    return Err("layout.tile has no meaning with order: shuffled".to_string());
+                }
+                if seed.is_some() && order != Order::Shuffled {
+                    return Err("layout.seed is only used with order: shuffled".to_string());
+                }
+                Ok(LayoutConfig::PixelSeries { batch, tile, window, shard, order, seed: seed.unwrap_or(0) })
             }
             RawLayoutKind::ImageSequence => {
-                for (key, given) in [("tile", tile.is_some()), ("window", window.is_some())] {
+                for (key, given) in [
+                    ("tile", tile.is_some()),
+                    ("window", window.is_some()),
+                    ("order", order.is_some()),
+                    ("seed", seed.is_some()),
+                ] {
                     if given {
                         return Err(format!("layout.{key} is not a key of the image_sequence layout"));
                     }
@@ -603,7 +639,7 @@ impl Config {
             }
         }
         match &self.layout {
-            LayoutConfig::PixelSeries { batch, tile, window, shard } => {
+            LayoutConfig::PixelSeries { batch, tile, window, shard, .. } => {
                 check_batch(*batch, tile.as_ref(), "layout.tile")?;
                 if *window == Some(0) {
                     return Err(ConfigError::invalid("layout.window", "must be at least 1"));

@@ -9,6 +9,8 @@
 //! completion marker is written: a failed or interrupted run never leaves something that looks like a
 //! complete cube, and never touches an existing one (`--overwrite` swaps a previous cube out only at the end).
 
+mod shuffled;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant as Clock;
@@ -96,7 +98,11 @@ pub fn generate(
         }
         remove_dir(&staging)?; // a run that was interrupted earlier
     }
-    let result = build(plan, &staging, options, progress);
+    let result = if plan.layout.shuffled.is_some() {
+        shuffled::build(plan, &staging, options, progress)
+    } else {
+        build(plan, &staging, options, progress)
+    };
     let (meta, blocks) = match result {
         Ok(done) => done,
         Err(e) => {

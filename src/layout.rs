@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LayoutConfig, ShardConfig, ShardMode};
+use crate::config::{LayoutConfig, Order, ShardConfig, ShardMode};
 
 /// What a batch is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,10 @@ pub struct Layout {
     pub shard_x: usize,
     /// Batches per shard along x for static arrays (1: no sharding).
     pub static_shard_x: usize,
+    /// `Some(seed)` for `order: shuffled`: pixels permuted once and stored sample-major, `(sample, time)`
+    /// chunked `(B, T)`; `chunk_y` is then B, `chunk_x` 1, and "rows" count samples, "x" shards them.
+    #[serde(default)]
+    pub shuffled: Option<u64>,
 }
 
 /// Chunks below this size are sharded under `shard: auto` (many small files are slow on every filesystem).
@@ -49,22 +53,33 @@ pub const SHARD_BELOW_BYTES: usize = 1 << 20;
 pub const SHARD_TARGET_BYTES: usize = 8 << 20;
 
 impl Layout {
-    /// Resolves a layout for a cube of `n_time` steps (0 for static-only cubes) on a grid `width` cells wide.
+    /// Resolves a layout for a cube of `n_time` steps (0 for static-only cubes) on a `height × width` grid.
     /// `item_bytes` is the widest element size among the variables (for the sharding decision).
     #[must_use]
-    pub fn resolve(config: &LayoutConfig, n_time: usize, width: usize, item_bytes: usize) -> Layout {
-        let (kind, batch, chunk_t, chunk_y, chunk_x, patch, shard) = match *config {
-            LayoutConfig::PixelSeries { batch, tile, window, shard } => {
-                let [h, w] = tile.unwrap_or_else(|| squarest_factors(batch));
+    pub fn resolve(
+        config: &LayoutConfig,
+        n_time: usize,
+        height: usize,
+        width: usize,
+        item_bytes: usize,
+    ) -> Layout {
+        let (kind, batch, chunk_t, chunk_y, chunk_x, patch, shard, shuffled) = match *config {
+            LayoutConfig::PixelSeries { batch, tile, window, shard, order, seed } => {
                 let t = window.unwrap_or(n_time).min(n_time.max(1)).max(1);
-                (LayoutKind::PixelSeries, batch, t, h, w, [1, 1], shard)
+                if order == Order::Shuffled {
+                    (LayoutKind::PixelSeries, batch, t, batch, 1, [1, 1], shard, Some(seed))
+                } else {
+                    let [h, w] = tile.unwrap_or_else(|| squarest_factors(batch));
+                    (LayoutKind::PixelSeries, batch, t, h, w, [1, 1], shard, None)
+                }
             }
             LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard } => {
                 let [gy, gx] = grid.unwrap_or_else(|| squarest_factors(batch));
-                (LayoutKind::ImageSequence, batch, seq_len, gy * patch[0], gx * patch[1], patch, shard)
+                (LayoutKind::ImageSequence, batch, seq_len, gy * patch[0], gx * patch[1], patch, shard, None)
             }
         };
-        let chunks_x = width.div_ceil(chunk_x);
+        let chunks_x =
+            if shuffled.is_some() { (height * width).div_ceil(batch) } else { width.div_ceil(chunk_x) };
         let shard_for = |chunk_bytes: usize| match shard {
             ShardConfig::Named(ShardMode::None) => 1,
             ShardConfig::Batches(k) => k.min(chunks_x).max(1),
@@ -86,6 +101,7 @@ impl Layout {
             patch,
             shard_x: shard_for(plane * chunk_t),
             static_shard_x: shard_for(plane),
+            shuffled,
         }
     }
 
@@ -93,11 +109,11 @@ impl Layout {
     #[must_use]
     pub fn padded_shape(&self, n_time: usize, height: usize, width: usize) -> (usize, usize, usize) {
         let pad = |n: usize, c: usize| n.div_ceil(c) * c;
-        (
-            if n_time == 0 { 0 } else { pad(n_time, self.chunk_t) },
-            pad(height, self.chunk_y),
-            pad(width, self.chunk_x),
-        )
+        let time = if n_time == 0 { 0 } else { pad(n_time, self.chunk_t) };
+        if self.shuffled.is_some() {
+            return (time, pad(height * width, self.batch), 1);
+        }
+        (time, pad(height, self.chunk_y), pad(width, self.chunk_x))
     }
 
     /// Number of batch chunks along each axis `(time, rows, cols)` of the padded array.
@@ -117,6 +133,16 @@ impl Layout {
     }
 }
 
+/// The seeded permutation of `cells` grid cells that orders the samples of an `order: shuffled` cube.
+#[must_use]
+pub fn sample_permutation(cells: usize, seed: u64) -> Vec<u32> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut order: Vec<u32> = (0..cells as u32).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    order
+}
+
 /// `[h, w]` with `h·w = n` and `h ≤ w` as close as possible: the most compact spatial tile.
 #[must_use]
 pub fn squarest_factors(n: usize) -> [usize; 2] {
@@ -134,7 +160,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn pixel(batch: usize, window: Option<usize>, shard: ShardConfig) -> LayoutConfig {
-        LayoutConfig::PixelSeries { batch, tile: None, window, shard }
+        LayoutConfig::PixelSeries { batch, tile: None, window, shard, order: Order::Tiled, seed: 0 }
     }
 
     #[test]
@@ -147,7 +173,7 @@ mod tests {
 
     #[test]
     fn pixel_series_chunk_is_full_series_of_b_pixels() {
-        let l = Layout::resolve(&pixel(256, None, ShardConfig::Named(ShardMode::None)), 744, 240, 4);
+        let l = Layout::resolve(&pixel(256, None, ShardConfig::Named(ShardMode::None)), 744, 160, 240, 4);
         assert_eq!((l.chunk_t, l.chunk_y, l.chunk_x), (744, 16, 16));
         assert_eq!(l.batch_shape(), vec![256, 744]);
         assert_eq!(l.padded_shape(744, 160, 240), (744, 160, 240));
@@ -163,7 +189,7 @@ mod tests {
             grid: None,
             shard: ShardConfig::Named(ShardMode::None),
         };
-        let l = Layout::resolve(&cfg, 100, 100, 4);
+        let l = Layout::resolve(&cfg, 100, 100, 100, 4);
         assert_eq!((l.chunk_t, l.chunk_y, l.chunk_x), (8, 64, 64));
         assert_eq!(l.padded_shape(100, 100, 100), (104, 128, 128));
         assert_eq!(l.batch_shape(), vec![4, 8, 32, 32]);
@@ -172,12 +198,12 @@ mod tests {
     #[test]
     fn auto_sharding_only_for_small_chunks() {
         // 744 × 16 × 16 × 4 B = 762 KB < 1 MiB: sharded.
-        let l = Layout::resolve(&pixel(256, None, ShardConfig::Default), 744, 240, 4);
+        let l = Layout::resolve(&pixel(256, None, ShardConfig::Default), 744, 160, 240, 4);
         assert!(l.shard_x > 1 && l.shard_x <= 15, "{l:?}");
         assert!(l.static_shard_x >= l.shard_x);
-        let l = Layout::resolve(&pixel(1024, None, ShardConfig::Default), 744, 240, 4);
+        let l = Layout::resolve(&pixel(1024, None, ShardConfig::Default), 744, 160, 240, 4);
         assert_eq!(l.shard_x, 1);
-        let l = Layout::resolve(&pixel(256, None, ShardConfig::Batches(4)), 744, 240, 4);
+        let l = Layout::resolve(&pixel(256, None, ShardConfig::Batches(4)), 744, 160, 240, 4);
         assert_eq!(l.shard_x, 4);
     }
 
@@ -189,7 +215,7 @@ mod tests {
             n_time in 1usize..60, h in 1usize..90, w in 1usize..90, shard in 0usize..4,
         ) {
             let shard = if shard == 0 { ShardConfig::Default } else { ShardConfig::Batches(shard) };
-            let l = Layout::resolve(&pixel(batch, window, shard), n_time, w, 4);
+            let l = Layout::resolve(&pixel(batch, window, shard), n_time, h, w, 4);
             prop_assert_eq!(l.chunk_y * l.chunk_x, batch);
             let (pt, py, px) = l.padded_shape(n_time, h, w);
             let (ct, cy, cx) = l.chunk_counts(n_time, h, w);

@@ -157,7 +157,7 @@ impl Plan {
         let n_time =
             if variables.iter().all(|v| v.is_static) { 0 } else { time.as_ref().map_or(0, TimeAxis::len) };
         let item = variables.iter().map(|v| v.dtype.size()).max().unwrap_or(4);
-        let layout = Layout::resolve(&config.layout, n_time, grid.width, item);
+        let layout = Layout::resolve(&config.layout, n_time, grid.height, grid.width, item);
         let time = if n_time == 0 { None } else { time };
         Ok(Plan { config, config_text, grid, time, layout, variables })
     }

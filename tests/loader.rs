@@ -14,6 +14,7 @@ struct Cubes {
     _dir: tempfile::TempDir,
     pixel: PathBuf,
     image: PathBuf,
+    shuffled: PathBuf,
 }
 
 /// Demo inputs and two cubes over them (pixel_series, image_sequence), made once per test run.
@@ -33,7 +34,9 @@ fn cubes() -> &'static Cubes {
         };
         let pixel = make("pixel", "layout: { kind: pixel_series, batch: 64 }");
         let image = make("image", "layout: { kind: image_sequence, seq_len: 8, patch: [8, 8], batch: 4 }");
-        Cubes { _dir: dir, pixel, image }
+        let shuffled =
+            make("shuffled", "layout: { kind: pixel_series, batch: 64, order: shuffled, seed: 5 }");
+        Cubes { _dir: dir, pixel, image, shuffled }
     })
 }
 
@@ -96,6 +99,57 @@ fn every_valid_pixel_once_per_epoch_with_the_cube_values() {
         // Every cell of the grid came exactly once (padding cells too: their batches hold valid pixels).
         assert!((0..h).all(|y| (0..w).all(|x| seen.contains(&(y, x)))), "epoch {epoch} misses pixels");
     }
+}
+
+#[test]
+fn shuffled_cube_batches_are_random_pixels_with_the_tiled_values() {
+    let (tiled, cube) = (&cubes().pixel, &cubes().shuffled);
+    let ndvi = array(cube, "ndvi");
+    assert_eq!(ndvi.dimensionality(), 2, "(sample, time)");
+    let meta = crate::util::meta(cube);
+    assert_eq!(meta["layout"]["shuffled"], 5);
+    assert_eq!(meta["padded_shape"][1], 15_040, "100 × 150 pixels padded to whole batches of 64");
+    let (nt, h, w) = (48usize, 100usize, 150usize);
+    let t2m = read_f32(tiled, "t2m", Some(0..nt as u64), h as u64, w as u64);
+    let ndvi = read_f32(tiled, "ndvi", Some(0..nt as u64), h as u64, w as u64);
+    let lat = coordinate(tiled, "lat");
+    let lon = coordinate(tiled, "lon");
+    let loader = Loader::builder(cube).variables(["t2m", "ndvi"]).build().unwrap();
+    let batches = collect(loader);
+    let mut seen = HashSet::new();
+    for b in &batches {
+        assert_eq!(b.shape, vec![64, nt, 2]);
+        let mut tiles = HashSet::new();
+        for s in 0..b.len() {
+            if b.lat[s].is_nan() {
+                assert!(
+                    b.mask[s * nt * 2..(s + 1) * nt * 2].iter().all(|&m| m == 0),
+                    "padding samples are masked"
+                );
+                continue;
+            }
+            let y = lat.iter().position(|&v| v == b.lat[s]).unwrap();
+            let x = lon.iter().position(|&v| v == b.lon[s]).unwrap();
+            assert!(seen.insert((y, x)), "pixel ({y}, {x}) twice");
+            tiles.insert((y / 8, x / 8));
+            for t in 0..nt {
+                let o = (s * nt + t) * 2;
+                assert_eq!(b.data[o], t2m[t * h * w + y * w + x]);
+                let expected = ndvi[t * h * w + y * w + x];
+                if expected.is_nan() {
+                    assert_eq!(b.mask[o + 1], 0);
+                } else {
+                    assert_eq!(b.data[o + 1], expected);
+                }
+            }
+        }
+        assert!(
+            tiles.len() >= 20 || tiles.is_empty(),
+            "samples of a batch come from all over the grid: {}",
+            tiles.len()
+        );
+    }
+    assert_eq!(seen.len(), h * w, "every pixel once");
 }
 
 #[test]

@@ -16,6 +16,7 @@ use super::{
     CubeError, CubeMeta, FORMAT_VERSION, INDEX_GROUP, META_KEY, RunningStats, TimeMeta, VariableMeta,
 };
 use crate::config::{Codec, CompressionConfig};
+use crate::layout::sample_permutation;
 use crate::plan::{DType, Plan};
 use crate::time::{self, TimeAxis};
 
@@ -39,6 +40,8 @@ pub struct CubeWriter {
     arrays: Vec<Array<FilesystemStore>>,
     meta: CubeMeta,
     root_attributes: Map<String, Value>,
+    /// Sample-major cubes: the grid cell (`row · width + col`) of each sample.
+    samples: Option<Vec<u32>>,
 }
 
 impl std::fmt::Debug for CubeWriter {
@@ -117,8 +120,15 @@ impl CubeWriter {
         for (k, v) in &plan.config.metadata {
             root_attributes.insert(k.clone(), v.clone());
         }
-        let mut writer =
-            CubeWriter { path: path.to_path_buf(), store, arrays: Vec::new(), meta, root_attributes };
+        let samples = layout.shuffled.map(|seed| sample_permutation(grid.height * grid.width, seed));
+        let mut writer = CubeWriter {
+            path: path.to_path_buf(),
+            store,
+            arrays: Vec::new(),
+            meta,
+            root_attributes,
+            samples,
+        };
         writer.store_root()?;
         writer.write_coordinates(plan, pt, py, px)?;
         for v in &plan.variables {
@@ -126,6 +136,57 @@ impl CubeWriter {
             writer.arrays.push(array);
         }
         Ok(writer)
+    }
+
+    /// Sample-major cubes: the grid cell (`row · width + col`) of each sample.
+    #[must_use]
+    pub fn samples(&self) -> Option<&[u32]> {
+        self.samples.as_deref()
+    }
+
+    /// Stores samples `shard · B·k .. (shard + 1) · B·k` of variable `var` at time chunk `it` of a sample-major
+    /// cube (k batches per shard): `values` is `[samples, chunk_t]` row-major (`[samples]` when static).
+    ///
+    /// # Errors
+    /// [`CubeError::Zarr`] when storing fails.
+    pub fn write_samples(
+        &self,
+        var: usize,
+        it: usize,
+        shard: usize,
+        values: &[f64],
+    ) -> Result<BlockSummary, CubeError> {
+        let layout = self.meta.layout;
+        let v = &self.meta.variables[var];
+        let [n_time, height, width] = self.meta.shape;
+        let ct = if v.is_static { 1 } else { layout.chunk_t };
+        let b = layout.chunk_y;
+        let per_shard = b * if v.is_static { layout.static_shard_x } else { layout.shard_x };
+        assert_eq!(values.len(), per_shard * ct, "shard shape");
+        let fill = v.fill_value.unwrap_or(f64::NAN);
+        let mut summary = BlockSummary::default();
+        let mut chunk_valid = vec![0u64; per_shard / b];
+        for (i, &value) in values.iter().enumerate() {
+            let (sample, t) = (shard * per_shard + i / ct, it * ct + i % ct);
+            if sample >= height * width || (!v.is_static && t >= n_time) {
+                continue;
+            }
+            summary.cells += 1;
+            if !value.is_nan() && value != fill {
+                summary.valid += 1;
+                summary.stats.push(value);
+                chunk_valid[i / ct / b] += 1;
+            }
+        }
+        let shards_before = shard * per_shard / b;
+        summary.chunk_validity = chunk_valid
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (shards_before + k, n as f32 / (b * ct) as f32))
+            .collect();
+        let indices: Vec<u64> = if v.is_static { vec![shard as u64] } else { vec![shard as u64, it as u64] };
+        self.store_converted(&self.arrays[var], v.dtype, fill, &indices, values)?;
+        Ok(summary)
     }
 
     /// The metadata as written so far.
@@ -146,16 +207,31 @@ impl CubeWriter {
 
     fn write_coordinates(&self, plan: &Plan, pt: usize, py: usize, px: usize) -> Result<(), CubeError> {
         let grid = plan.grid;
-        let lat: Vec<f64> = (0..py).map(|i| grid.lat(i)).collect();
-        let lon: Vec<f64> = (0..px).map(|j| grid.lon(j)).collect();
-        let coord = |name: &str, values: &[f64], attrs: Value| -> Result<(), CubeError> {
+        let (lat, lon, dims): (Vec<f64>, Vec<f64>, [&str; 2]) = match &self.samples {
+            // Sample-major cubes: the coordinates of each sample, NaN for the padding samples.
+            Some(cells) => {
+                let at =
+                    |s: usize, f: &dyn Fn(usize) -> f64| cells.get(s).map_or(f64::NAN, |&c| f(c as usize));
+                (
+                    (0..py).map(|s| at(s, &|c| grid.lat(c / grid.width))).collect(),
+                    (0..py).map(|s| at(s, &|c| grid.lon(c % grid.width))).collect(),
+                    ["sample", "sample"],
+                )
+            }
+            None => (
+                (0..py).map(|i| grid.lat(i)).collect(),
+                (0..px).map(|j| grid.lon(j)).collect(),
+                ["lat", "lon"],
+            ),
+        };
+        let coord = |name: &str, dim: &str, values: &[f64], attrs: Value| -> Result<(), CubeError> {
             let mut builder = ArrayBuilder::new(
                 vec![values.len() as u64],
                 vec![values.len().max(1) as u64],
                 data_type::float64(),
                 f64::NAN,
             );
-            builder.dimension_names(Some([name])).attributes(attrs.as_object().cloned().unwrap_or_default());
+            builder.dimension_names(Some([dim])).attributes(attrs.as_object().cloned().unwrap_or_default());
             let array = builder
                 .build(self.store.clone(), &format!("/{name}"))
                 .map_err(|e| zarr_err(&self.path, e))?;
@@ -164,11 +240,13 @@ impl CubeWriter {
         };
         coord(
             "lat",
+            dims[0],
             &lat,
             json!({"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}),
         )?;
         coord(
             "lon",
+            dims[1],
             &lon,
             json!({"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}),
         )?;
@@ -221,7 +299,16 @@ impl CubeWriter {
         px: usize,
     ) -> Result<Array<FilesystemStore>, CubeError> {
         let layout = plan.layout;
-        let (shape, chunk, shard_x, dims): (Vec<u64>, Vec<u64>, usize, Vec<&str>) = if v.is_static {
+        let (b, t) = (layout.chunk_y as u64, layout.chunk_t as u64);
+        let (shape, chunk, shard_x, dims): (Vec<u64>, Vec<u64>, usize, Vec<&str>) = if self.samples.is_some()
+        {
+            // Sample-major: (sample, time) chunked (B, T); shards group batches along samples.
+            if v.is_static {
+                (vec![py as u64], vec![b], layout.static_shard_x, vec!["sample"])
+            } else {
+                (vec![py as u64, pt as u64], vec![b, t], layout.shard_x, vec!["sample", "time"])
+            }
+        } else if v.is_static {
             (
                 vec![py as u64, px as u64],
                 vec![layout.chunk_y as u64, layout.chunk_x as u64],
@@ -237,7 +324,8 @@ impl CubeWriter {
             )
         };
         let mut outer = chunk.clone();
-        *outer.last_mut().expect("2 or 3 dims") *= shard_x as u64;
+        let sharded_axis = if self.samples.is_some() { 0 } else { outer.len() - 1 };
+        outer[sharded_axis] *= shard_x as u64;
         let (dtype, fill): (zarrs::array::DataType, zarrs::array::FillValue) = match v.dtype {
             DType::Float32 => (data_type::float32(), f32::NAN.into()),
             DType::Uint8 => (data_type::uint8(), (v.fill as u8).into()),
@@ -265,7 +353,10 @@ impl CubeWriter {
             attrs.insert("units".into(), json!(units));
         }
         attrs.insert("grid_mapping".into(), json!("spatial_ref"));
-        attrs.insert("coordinates".into(), json!("spatial_ref"));
+        attrs.insert(
+            "coordinates".into(),
+            json!(if self.samples.is_some() { "lat lon spatial_ref" } else { "spatial_ref" }),
+        );
         attrs.insert("cubeload_kind".into(), serde_json::to_value(v.kind).expect("serializable"));
         builder.dimension_names(Some(dims)).attributes(attrs);
         let array = builder

@@ -139,14 +139,17 @@ impl Assembler {
         let [it, iy, ix] = id;
         let (y, x) = ((iy * l.chunk_y) as u64, (ix * l.chunk_x) as u64);
         let spatial = [y..y + l.chunk_y as u64, x..x + l.chunk_x as u64];
+        let t = (it * l.chunk_t) as u64;
+        let times = t..t + l.chunk_t as u64;
         self.vars
             .iter()
             .map(|v| {
-                let subset: Vec<std::ops::Range<u64>> = if v.meta.is_static {
-                    spatial.to_vec()
-                } else {
-                    let t = (it * l.chunk_t) as u64;
-                    vec![t..t + l.chunk_t as u64, spatial[0].clone(), spatial[1].clone()]
+                let subset: Vec<std::ops::Range<u64>> = match (l.shuffled.is_some(), v.meta.is_static) {
+                    // Sample-major: (sample, time) chunks of (B, T).
+                    (true, true) => vec![spatial[0].clone()],
+                    (true, false) => vec![spatial[0].clone(), times.clone()],
+                    (false, true) => spatial.to_vec(),
+                    (false, false) => vec![times.clone(), spatial[0].clone(), spatial[1].clone()],
                 };
                 let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
                     variable: v.meta.name.clone(),
@@ -235,8 +238,13 @@ impl Assembler {
                             statics[p * ns + si] = prepare(v, chunk[p]).0;
                             continue;
                         }
+                        let sample_major = l.shuffled.is_some();
                         for t in 0..t_len {
-                            let x = if v.meta.is_static { chunk[p] } else { chunk[t * b + p] };
+                            let x = match (v.meta.is_static, sample_major) {
+                                (true, _) => chunk[p],
+                                (false, true) => chunk[p * t_len + t],
+                                (false, false) => chunk[t * b + p],
+                            };
                             let (value, valid) = prepare(v, x);
                             let o = (p * t_len + t) * nv + vi;
                             data[o] = value;
@@ -280,6 +288,9 @@ impl Assembler {
         }
         let (lat, lon): (Vec<f64>, Vec<f64>) = (0..b)
             .map(|s| match l.kind {
+                LayoutKind::PixelSeries if l.shuffled.is_some() => {
+                    (self.lat[iy * cy + s], self.lon[iy * cy + s])
+                }
                 LayoutKind::PixelSeries => (self.lat[iy * cy + s / cx], self.lon[ix * cx + s % cx]),
                 LayoutKind::ImageSequence => {
                     let [ph, pw] = l.patch;

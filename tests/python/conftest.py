@@ -84,12 +84,12 @@ def run_cubeload(cubeload_bin, tmp_path):
 
 @pytest.fixture
 def gen_cube(run_cubeload, tmp_path):
-    """`gen_cube(body)`: writes `output: <tmp_path>/cube.zarr` plus `body` (YAML) to `tmp_path/cube.yaml`,
-    runs `cubeload gen -c`, and returns the cube's path."""
+    """`gen_cube(body, name="cube")`: writes `output: <tmp_path>/<name>.zarr` plus `body` (YAML) to
+    `tmp_path/<name>.yaml`, runs `cubeload gen -c`, and returns the cube's path."""
 
-    def gen(body: str) -> Path:
-        cube = tmp_path / "cube.zarr"
-        config = tmp_path / "cube.yaml"
+    def gen(body: str, name: str = "cube") -> Path:
+        cube = tmp_path / f"{name}.zarr"
+        config = tmp_path / f"{name}.yaml"
         config.write_text(f"output: {yaml_str(cube)}\n{body}")
         run_cubeload("gen", "-c", config, "--overwrite")
         assert (cube / "zarr.json").is_file(), f"cubeload gen reported success but wrote no {cube}"

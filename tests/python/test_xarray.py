@@ -249,3 +249,30 @@ def test_image_sequence_cube_chunks_and_irregular_times(gen_cube, shared_data):
     with xr.open_dataset(src, engine="netcdf4") as source:
         source_times = pd.DatetimeIndex(source["time"].values)
     assert dates.equals(source_times), "the acquisitions are the source's own times"
+
+
+def test_shuffled_pixel_series_opens_sample_major(gen_cube, shared_data):
+    """`order: shuffled`: (sample, time) arrays with lat(sample)/lon(sample) coordinates; each sample's series
+    equals the tiled cube's series at that pixel."""
+    body = lambda order: (  # noqa: E731
+        "grid: { bbox: [-8.0, 51.0, 0.0, 57.0], resolution: 0.25 }\n"
+        "time: { from: t2m }\n"
+        f"layout: {{ kind: pixel_series, batch: 64{order} }}\n"
+        "variables:\n"
+        f"  t2m: {{ path: {q(shared_data / 'era5-2mt-2019-03-uk.grib')} }}\n"
+    )
+    tiled = xr.open_zarr(gen_cube(body("")))
+    shuffled = xr.open_zarr(gen_cube(body(", order: shuffled, seed: 3"), name="shuffled"))
+    assert shuffled.t2m.dims == ("sample", "time")
+    assert "lat" in shuffled.coords and "lon" in shuffled.coords
+    assert shuffled.lat.dims == ("sample",)
+    n = 24 * 32
+    assert shuffled.sizes["sample"] == 768 and n == 768
+    lat, lon = shuffled.lat.values, shuffled.lon.values
+    assert not np.isnan(lat).any()
+    # The samples are a permutation of the grid cells, not in grid order.
+    cells = {(round(a, 6), round(o, 6)) for a, o in zip(lat, lon)}
+    assert len(cells) == n
+    assert not np.all(np.diff(lat) <= 0), "samples are shuffled"
+    expected = tiled.t2m.sel(lat=xr.DataArray(lat, dims="sample"), lon=xr.DataArray(lon, dims="sample"))
+    np.testing.assert_array_equal(shuffled.t2m.transpose("sample", "time").values, expected.transpose("sample", "time").values)

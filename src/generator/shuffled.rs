@@ -1,0 +1,163 @@
+//! `order: shuffled` pixel-series cubes: pixels permuted once, stored sample-major `(sample, time)` in
+//! `(B, T)` chunks, so that every chunk is a random batch and still one sequential read.
+//!
+//! The permutation scatters each spatial tile over every batch, so the cube is made in two steps: a tiled
+//! cube (the usual generation) in a scratch directory beside the output, then a rewrite into sample order.
+//! The rewrite fills as many output shards at a time as [`REWRITE_BUDGET_BYTES`] allows and scans the
+//! tiled cube once per such group: memory stays bounded whatever the cube's size, at the price of extra
+//! passes over the tiled cube when it is larger than the budget.
+
+use std::path::Path;
+
+use zarrs::array::{Array, ArraySubset};
+use zarrs::filesystem::FilesystemStore;
+
+use super::{GenError, GenOptions, remove_dir};
+use crate::config::{Codec, CompressionConfig, LayoutConfig, Order, ShardConfig, ShardMode};
+use crate::cube::reader::Cube;
+use crate::cube::writer::CubeWriter;
+use crate::cube::{CubeError, CubeMeta, RunningStats};
+use crate::layout::Layout;
+use crate::plan::{DType, Plan};
+
+/// Memory for the output samples held during the rewrite.
+pub(super) const REWRITE_BUDGET_BYTES: usize = 512 << 20;
+
+/// Builds the sample-major cube of `plan` in `staging`.
+pub(super) fn build(
+    plan: &Plan,
+    staging: &Path,
+    options: &GenOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(CubeMeta, usize), GenError> {
+    let layout = plan.layout;
+    let grid = plan.grid;
+    let n_time = plan.n_time();
+    // Step 1: the tiled cube, uncompressed (it is read back once and deleted).
+    let mut tiled_plan = plan.clone();
+    let tiled_config = LayoutConfig::PixelSeries {
+        batch: layout.batch,
+        tile: None,
+        window: Some(layout.chunk_t),
+        shard: ShardConfig::Named(ShardMode::None),
+        order: Order::Tiled,
+        seed: 0,
+    };
+    tiled_plan.layout = Layout::resolve(&tiled_config, n_time, grid.height, grid.width, 4);
+    tiled_plan.config.compression = CompressionConfig { codec: Codec::None, level: None };
+    let scratch = staging.with_extension("tiled");
+    if scratch.exists() {
+        remove_dir(&scratch)?;
+    }
+    let result = super::build(&tiled_plan, &scratch, options, progress).and_then(|(_, blocks)| {
+        let tiled = Cube::open(&scratch)?;
+        rewrite(plan, &tiled, staging).map(|meta| (meta, blocks))
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// Step 2: copies the tiled cube into sample order.
+fn rewrite(plan: &Plan, tiled: &Cube, staging: &Path) -> Result<CubeMeta, GenError> {
+    let writer = CubeWriter::create(staging, plan)?;
+    let layout = plan.layout;
+    let [_, height, width] = writer.meta().shape;
+    let cells = writer.samples().expect("a sample-major writer").to_vec();
+    let mut sample_of = vec![0u32; cells.len()];
+    for (sample, &cell) in cells.iter().enumerate() {
+        sample_of[cell as usize] = sample as u32;
+    }
+    let [ct_n, nb, _] = writer.meta().chunk_counts();
+    let tl = tiled.meta().layout;
+    let [_, ty_n, tx_n] = tiled.meta().chunk_counts();
+    let n_vars = plan.variables.len();
+    let mut stats = vec![RunningStats::default(); n_vars];
+    let mut cells_valid = vec![(0u64, 0u64); n_vars];
+    let mut validity: Vec<Vec<f32>> = Vec::with_capacity(n_vars);
+    for (var, v) in writer.meta().variables.clone().iter().enumerate() {
+        let array = tiled.array(&v.name)?;
+        let ct = if v.is_static { 1 } else { layout.chunk_t };
+        let shard_samples = layout.batch * if v.is_static { layout.static_shard_x } else { layout.shard_x };
+        let n_shards = (nb * layout.batch).div_ceil(shard_samples);
+        let per_group = (REWRITE_BUDGET_BYTES / (shard_samples * ct * 8)).clamp(1, n_shards);
+        let time_chunks = if v.is_static { 1 } else { ct_n };
+        let mut var_validity = vec![0.0f32; time_chunks * nb];
+        for it in 0..time_chunks {
+            for first in (0..n_shards).step_by(per_group) {
+                let shards = first..(first + per_group).min(n_shards);
+                let samples = shards.start * shard_samples..shards.end * shard_samples;
+                let mut buffer = vec![f64::NAN; samples.len() * ct];
+                for iy in 0..ty_n {
+                    for ix in 0..tx_n {
+                        let (y0, x0) = (iy * tl.chunk_y, ix * tl.chunk_x);
+                        let tile =
+                            read_tile(&array, v.dtype, v.is_static, it * ct..(it + 1) * ct, y0, x0, &tl)
+                                .map_err(|e| CubeError::Zarr {
+                                    path: tiled.path().to_path_buf(),
+                                    message: format!("variable `{}`: {e}", v.name),
+                                })?;
+                        let plane = tl.chunk_y * tl.chunk_x;
+                        for dy in 0..tl.chunk_y.min(height.saturating_sub(y0)) {
+                            for dx in 0..tl.chunk_x.min(width.saturating_sub(x0)) {
+                                let sample = sample_of[(y0 + dy) * width + x0 + dx] as usize;
+                                if !samples.contains(&sample) {
+                                    continue;
+                                }
+                                let out = (sample - samples.start) * ct;
+                                for t in 0..ct {
+                                    buffer[out + t] = tile[t * plane + dy * tl.chunk_x + dx];
+                                }
+                            }
+                        }
+                    }
+                }
+                for (k, shard) in shards.enumerate() {
+                    let values = &buffer[k * shard_samples * ct..(k + 1) * shard_samples * ct];
+                    let summary = writer.write_samples(var, it, shard, values)?;
+                    stats[var].merge(&summary.stats);
+                    cells_valid[var].0 += summary.cells;
+                    cells_valid[var].1 += summary.valid;
+                    for (ib, fraction) in summary.chunk_validity {
+                        if ib < nb {
+                            var_validity[it * nb + ib] = fraction;
+                        }
+                    }
+                }
+            }
+        }
+        validity.push(var_validity);
+    }
+    Ok(writer.finish(&stats, &cells_valid, &validity)?)
+}
+
+/// One chunk of the tiled cube as f64 (`[T, h, w]`, or `[h, w]` when static); fill values stay as stored.
+fn read_tile(
+    array: &Array<FilesystemStore>,
+    dtype: DType,
+    is_static: bool,
+    time: std::ops::Range<usize>,
+    y0: usize,
+    x0: usize,
+    tiled: &Layout,
+) -> Result<Vec<f64>, zarrs::array::ArrayError> {
+    let (y0, x0, h, w) = (y0 as u64, x0 as u64, tiled.chunk_y as u64, tiled.chunk_x as u64);
+    let subset = if is_static {
+        ArraySubset::new_with_ranges(&[y0..y0 + h, x0..x0 + w])
+    } else {
+        ArraySubset::new_with_ranges(&[time.start as u64..time.end as u64, y0..y0 + h, x0..x0 + w])
+    };
+    fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
+        array: &Array<FilesystemStore>,
+        subset: &ArraySubset,
+    ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
+        Ok(array.retrieve_array_subset::<Vec<T>>(subset)?.into_iter().map(Into::into).collect())
+    }
+    match dtype {
+        DType::Float32 => widen::<f32>(array, &subset),
+        DType::Uint8 => widen::<u8>(array, &subset),
+        DType::Uint16 => widen::<u16>(array, &subset),
+        DType::Int16 => widen::<i16>(array, &subset),
+        DType::Uint32 => widen::<u32>(array, &subset),
+        DType::Int32 => widen::<i32>(array, &subset),
+    }
+}
