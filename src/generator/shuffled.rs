@@ -140,18 +140,18 @@ fn read_tile(
     x0: usize,
     tiled: &Layout,
 ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-    let (y0, x0, h, w) = (y0 as u64, x0 as u64, tiled.chunk_y as u64, tiled.chunk_x as u64);
-    let subset = if is_static {
-        ArraySubset::new_with_ranges(&[y0..y0 + h, x0..x0 + w])
-    } else {
-        ArraySubset::new_with_ranges(&[time.start as u64..time.end as u64, y0..y0 + h, x0..x0 + w])
-    };
     fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
         array: &Array<FilesystemStore>,
         subset: &ArraySubset,
     ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
         Ok(array.retrieve_array_subset::<Vec<T>>(subset)?.into_iter().map(Into::into).collect())
     }
+    let (y0, x0, h, w) = (y0 as u64, x0 as u64, tiled.chunk_y as u64, tiled.chunk_x as u64);
+    let subset = if is_static {
+        ArraySubset::new_with_ranges(&[y0..y0 + h, x0..x0 + w])
+    } else {
+        ArraySubset::new_with_ranges(&[time.start as u64..time.end as u64, y0..y0 + h, x0..x0 + w])
+    };
     match dtype {
         DType::Float32 => widen::<f32>(array, &subset),
         DType::Uint8 => widen::<u8>(array, &subset),
