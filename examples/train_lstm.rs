@@ -11,10 +11,10 @@ use tch::nn::{self, OptimizerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let scratch = tempfile_dir()?;
+    let scratch = tempfile::tempdir()?; // removed on exit
     let cube = match args.next() {
         Some(path) => path.into(),
-        None => cubeload::demo::build_cube(&scratch, &cubeload::demo::DemoSpec::default(), None)?.path,
+        None => cubeload::demo::build_cube(scratch.path(), &cubeload::demo::DemoSpec::default(), None)?.path,
     };
     let epochs: usize = args.next().map_or(Ok(5), |e| e.parse())?;
 
@@ -49,8 +49,3 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("cubeload-train-lstm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}

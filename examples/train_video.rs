@@ -13,11 +13,10 @@ use tch::nn::{self, OptimizerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let scratch = std::env::temp_dir().join(format!("cubeload-train-video-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = tempfile::tempdir()?; // removed on exit
     let cube = match args.next() {
         Some(path) => path.into(),
-        None => build_cube(&scratch, &DemoSpec { layout: IMAGE_LAYOUT, ..Default::default() }, None)?.path,
+        None => build_cube(scratch.path(), &DemoSpec { layout: IMAGE_LAYOUT, ..Default::default() }, None)?.path,
     };
     let epochs: usize = args.next().map_or(Ok(5), |e| e.parse())?;
 
