@@ -4,6 +4,8 @@
 //! - `pixel_series`: `[B, T, V]`: B pixel series of T steps, V variables (static ones repeated along T);
 //! - `image_sequence`: `[B, S, V, h, w]`: B samples of S frames of an `h × w` patch.
 //!
+//! Variable-major batches (`LoaderBuilder::variable_major`) put `V` first: `[V, B, T]`, `[V, B, S, h, w]`.
+//!
 //! With static variables returned separately, `data` holds the time-varying variables only and `statics`
 //! holds `[B, Vs]` (`pixel_series`) or `[B, Vs, h, w]` (`image_sequence`).
 
@@ -29,6 +31,8 @@ pub struct Batch {
     pub origin: BatchOrigin,
     /// Layout kind, which fixes the meaning of `shape`.
     pub kind: LayoutKind,
+    /// `data` and `mask` are `[V, B, ...]` (each variable contiguous) rather than `[B, ..., V, ...]`.
+    pub variable_major: bool,
     /// Names along the `V` axis of `data`.
     pub variables: Vec<String>,
     /// `[B, T, V]` or `[B, S, V, h, w]`.
@@ -53,7 +57,7 @@ impl Batch {
     /// Samples in the batch (B).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shape.first().copied().unwrap_or(0)
+        self.shape.get(usize::from(self.variable_major)).copied().unwrap_or(0)
     }
 
     /// Whether the batch holds no sample.

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 use self::assemble::{Assembler, Transform};
-use self::sampler::{ChunkId, Sampler};
+use self::sampler::{ChunkId, Sampler, Share};
 use crate::batch::Batch;
 use crate::cube::reader::Cube;
 use crate::cube::{CubeError, CubeMeta};
@@ -82,8 +82,18 @@ pub struct LoaderState {
     pub rank: usize,
     /// Number of ranks.
     pub world_size: usize,
+    /// Worker within the rank.
+    #[serde(default)]
+    pub worker: usize,
+    /// Workers per rank.
+    #[serde(default = "one")]
+    pub workers: usize,
     /// Chunks mixed per group.
     pub mix: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Builds a [`Loader`]; validates in [`LoaderBuilder::build`].
@@ -96,8 +106,7 @@ pub struct LoaderBuilder {
     epochs: usize,
     prefetch: usize,
     threads: usize,
-    rank: usize,
-    world_size: usize,
+    share: Share,
     mix: usize,
     transform: Transform,
     min_valid: Option<f64>,
@@ -139,8 +148,23 @@ impl LoaderBuilder {
     /// This process's share for distributed training: rank `rank` of `world_size`.
     #[must_use]
     pub fn shard(mut self, rank: usize, world_size: usize) -> Self {
-        self.rank = rank;
-        self.world_size = world_size;
+        self.share.rank = rank;
+        self.share.world_size = world_size;
+        self
+    }
+    /// This reader's share within its rank: worker `worker` of `workers` (PyTorch `DataLoader` workers).
+    /// Workers split the rank's batches without dropping any. > default: 0 of 1
+    #[must_use]
+    pub fn worker(mut self, worker: usize, workers: usize) -> Self {
+        self.share.worker = worker;
+        self.share.workers = workers;
+        self
+    }
+    /// Deliver `data` and `mask` variable-major, `[V, B, T]` or `[V, B, S, h, w]`, so that each variable is
+    /// contiguous (the Python binding hands out per-variable arrays without copying). > default: false
+    #[must_use]
+    pub fn variable_major(mut self, variable_major: bool) -> Self {
+        self.transform.variable_major = variable_major;
         self
     }
     /// Mix samples across groups of `k` chunks, so that a batch is not one spatial tile (memory: k chunks).
@@ -180,8 +204,8 @@ impl LoaderBuilder {
     pub fn resume(mut self, state: LoaderState) -> Self {
         self.seed = state.seed;
         self.shuffle = state.shuffle;
-        self.rank = state.rank;
-        self.world_size = state.world_size;
+        self.share =
+            Share { rank: state.rank, world_size: state.world_size, worker: state.worker, workers: state.workers };
         self.mix = state.mix;
         self.start = (state.epoch, state.cursor);
         self
@@ -192,11 +216,12 @@ impl LoaderBuilder {
     /// # Errors
     /// [`LoaderError`] when the cube cannot be opened, a variable is unknown, or an option is invalid.
     pub fn build(self) -> Result<Loader, LoaderError> {
-        if self.world_size == 0 || self.rank >= self.world_size {
-            return Err(LoaderError::Invalid(format!(
-                "rank {} of world size {}",
-                self.rank, self.world_size
-            )));
+        let Share { rank, world_size, worker, workers } = self.share;
+        if world_size == 0 || rank >= world_size {
+            return Err(LoaderError::Invalid(format!("rank {rank} of world size {world_size}")));
+        }
+        if workers == 0 || worker >= workers {
+            return Err(LoaderError::Invalid(format!("worker {worker} of {workers}")));
         }
         if self.mix == 0 || self.prefetch == 0 {
             return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
@@ -212,7 +237,7 @@ impl LoaderBuilder {
             })
             .map(|(id, _)| id)
             .collect();
-        let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.rank, self.world_size, self.mix);
+        let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.share, self.mix);
         let (epoch, cursor) = self.start;
         if cursor > sampler.per_epoch() {
             return Err(LoaderError::Invalid(format!(
@@ -228,8 +253,10 @@ impl LoaderBuilder {
             shuffle: self.shuffle,
             epoch,
             cursor,
-            rank: self.rank,
-            world_size: self.world_size,
+            rank,
+            world_size,
+            worker,
+            workers,
             mix: self.mix,
         };
         let shared = Arc::new(Shared {
@@ -353,10 +380,9 @@ impl Loader {
             epochs: 1,
             prefetch: 4,
             threads: 2,
-            rank: 0,
-            world_size: 1,
+            share: Share::ALL,
             mix: 1,
-            transform: Transform { normalize: false, fill: 0.0, separate_statics: false },
+            transform: Transform { normalize: false, fill: 0.0, separate_statics: false, variable_major: false },
             min_valid: None,
             start: (0, 0),
         }

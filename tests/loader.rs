@@ -431,3 +431,24 @@ fn batches_become_tensors() {
         b.mask.iter().map(|&v| usize::from(v)).sum::<usize>()
     );
 }
+
+#[test]
+fn variable_major_batches_are_the_transposed_batches() {
+    let cube = &cubes().pixel;
+    let build = |vmajor| collect(Loader::builder(cube).shuffle(4).mix(3).variable_major(vmajor).build().unwrap());
+    let (plain, vmajor) = (build(false), build(true));
+    assert_eq!(plain.len(), vmajor.len());
+    for (p, v) in plain.iter().zip(&vmajor) {
+        let [b, t, n] = p.shape[..] else { panic!() };
+        assert_eq!(v.shape, vec![n, b, t]);
+        assert_eq!((v.len(), &v.lat), (b, &p.lat));
+        for s in 0..b {
+            for i in 0..t {
+                for k in 0..n {
+                    assert_eq!(p.data[(s * t + i) * n + k].to_bits(), v.data[(k * b + s) * t + i].to_bits());
+                    assert_eq!(p.mask[(s * t + i) * n + k], v.mask[(k * b + s) * t + i]);
+                }
+            }
+        }
+    }
+}

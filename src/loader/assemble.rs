@@ -25,6 +25,8 @@ pub struct Transform {
     pub fill: f32,
     /// Static variables in `Batch::statics` instead of repeated along time.
     pub separate_statics: bool,
+    /// `[V, B, ...]` instead of `[B, ..., V, ...]`.
+    pub variable_major: bool,
 }
 
 struct Var {
@@ -209,12 +211,17 @@ impl Assembler {
         let (names, static_names) = self.variable_names();
         let nv = names.len();
         let ns = static_names.len();
+        let vmajor = self.transform.variable_major;
         let (b, shape, sample_cells) = match l.kind {
-            LayoutKind::PixelSeries => (cy * cx, vec![cy * cx, t_len, nv], t_len * nv),
+            LayoutKind::PixelSeries => {
+                let b = if l.shuffled.is_some() { cy } else { cy * cx };
+                (b, if vmajor { vec![nv, b, t_len] } else { vec![b, t_len, nv] }, t_len * nv)
+            }
             LayoutKind::ImageSequence => {
                 let [ph, pw] = l.patch;
                 let b = (cy / ph) * (cx / pw);
-                (b, vec![b, t_len, nv, ph, pw], t_len * nv * ph * pw)
+                let shape = if vmajor { vec![nv, b, t_len, ph, pw] } else { vec![b, t_len, nv, ph, pw] };
+                (b, shape, t_len * nv * ph * pw)
             }
         };
         let mut data = vec![0.0f32; b * sample_cells];
@@ -246,7 +253,7 @@ impl Assembler {
                                 (false, false) => chunk[t * b + p],
                             };
                             let (value, valid) = prepare(v, x);
-                            let o = (p * t_len + t) * nv + vi;
+                            let o = if vmajor { (vi * b + p) * t_len + t } else { (p * t_len + t) * nv + vi };
                             data[o] = value;
                             mask[o] = valid;
                         }
@@ -271,7 +278,12 @@ impl Assembler {
                                         chunk[t * cy * cx + cell]
                                     };
                                     let (value, valid) = prepare(v, x);
-                                    let o = (((s * t_len + t) * nv + vi) * ph + py) * pw + px;
+                                    let plane = if vmajor {
+                                        (vi * b + s) * t_len + t
+                                    } else {
+                                        (s * t_len + t) * nv + vi
+                                    };
+                                    let o = (plane * ph + py) * pw + px;
                                     data[o] = value;
                                     mask[o] = valid;
                                 }
@@ -306,6 +318,7 @@ impl Assembler {
         Batch {
             origin,
             kind: l.kind,
+            variable_major: vmajor,
             variables: names,
             shape,
             data,
@@ -332,7 +345,9 @@ fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
     let total: usize = sizes.iter().sum();
     let mut order: Vec<usize> = (0..total).collect();
     order.shuffle(rng);
-    let cell = |b: &Batch| b.data.len() / b.len().max(1);
+    // Data is [outer, B, inner]: outer = V when variable-major, 1 otherwise.
+    let outer = |b: &Batch| if b.variable_major { b.shape[0] } else { 1 };
+    let cell = |b: &Batch| b.data.len() / b.len().max(1) / outer(b);
     let scell = |b: &Batch| b.statics.len() / b.len().max(1);
     let source: Vec<Batch> = batches.to_vec();
     let locate = |mut g: usize| {
@@ -345,13 +360,17 @@ fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
     };
     let mut next = 0;
     for batch in batches.iter_mut() {
-        let (c, sc) = (cell(batch), scell(batch));
-        for s in 0..batch.len() {
+        let (c, sc, n) = (cell(batch), scell(batch), batch.len());
+        for s in 0..n {
             let (k, g) = locate(order[next]);
             next += 1;
             let from = &source[k];
-            batch.data[s * c..(s + 1) * c].copy_from_slice(&from.data[g * c..(g + 1) * c]);
-            batch.mask[s * c..(s + 1) * c].copy_from_slice(&from.mask[g * c..(g + 1) * c]);
+            let m = from.len();
+            for o in 0..outer(batch) {
+                let (to, fro) = ((o * n + s) * c, (o * m + g) * c);
+                batch.data[to..to + c].copy_from_slice(&from.data[fro..fro + c]);
+                batch.mask[to..to + c].copy_from_slice(&from.mask[fro..fro + c]);
+            }
             if sc > 0 {
                 batch.statics[s * sc..(s + 1) * sc].copy_from_slice(&from.statics[g * sc..(g + 1) * sc]);
             }

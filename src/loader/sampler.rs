@@ -9,6 +9,8 @@
 //!   permutation, `k = floor(n / W)`. The last `n mod W` chunks of each epoch's permutation are left out, so
 //!   every rank runs the same number of steps and distributed training never waits on an uneven last batch;
 //!   with shuffling, a different few are left out each epoch.
+//! - Data-loader workers of one rank (e.g. PyTorch's `num_workers`) split the rank's share without losing
+//!   any: worker i of n takes positions `i, i + n, i + 2n, ...` of it.
 //! - Mixing over K chunks groups the rank's order into consecutive groups of K (the last may be smaller).
 
 use std::sync::{Arc, Mutex};
@@ -20,14 +22,31 @@ use rand_chacha::ChaCha8Rng;
 /// A chunk of the cube: `[time, lat, lon]` chunk indices.
 pub type ChunkId = [usize; 3];
 
+/// Which share of the batches one reader takes: rank of a distributed job, and worker within the rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Rank (0-based).
+    pub rank: usize,
+    /// Number of ranks.
+    pub world_size: usize,
+    /// Worker within the rank (0-based).
+    pub worker: usize,
+    /// Workers per rank.
+    pub workers: usize,
+}
+
+impl Share {
+    /// Everything: one rank, one worker.
+    pub const ALL: Share = Share { rank: 0, world_size: 1, worker: 0, workers: 1 };
+}
+
 /// The order of one rank.
 #[derive(Debug)]
 pub struct Sampler {
     eligible: Vec<ChunkId>,
     seed: u64,
     shuffle: bool,
-    rank: usize,
-    world_size: usize,
+    share: Share,
     mix: usize,
     cache: Mutex<Vec<(usize, Arc<Vec<ChunkId>>)>>,
 }
@@ -44,21 +63,21 @@ pub fn rng_for(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
 impl Sampler {
     /// A sampler over `eligible` chunks (natural order).
     #[must_use]
-    pub fn new(
-        eligible: Vec<ChunkId>,
-        seed: u64,
-        shuffle: bool,
-        rank: usize,
-        world_size: usize,
-        mix: usize,
-    ) -> Self {
-        Sampler { eligible, seed, shuffle, rank, world_size, mix: mix.max(1), cache: Mutex::new(Vec::new()) }
+    pub fn new(eligible: Vec<ChunkId>, seed: u64, shuffle: bool, share: Share, mix: usize) -> Self {
+        Sampler { eligible, seed, shuffle, share, mix: mix.max(1), cache: Mutex::new(Vec::new()) }
     }
 
-    /// Batches per epoch for this rank.
+    /// Batches per epoch for this rank (all workers together).
+    #[must_use]
+    pub fn rank_share(&self) -> usize {
+        self.eligible.len() / self.share.world_size
+    }
+
+    /// Batches per epoch for this rank and worker.
     #[must_use]
     pub fn per_epoch(&self) -> usize {
-        self.eligible.len() / self.world_size
+        let Share { worker, workers, .. } = self.share;
+        (self.rank_share() + workers - 1 - worker) / workers
     }
 
     /// Jobs (groups of up to `mix` batches) per epoch.
@@ -84,8 +103,10 @@ impl Sampler {
         if self.shuffle {
             all.shuffle(&mut rng_for(self.seed, 0, epoch as u64));
         }
-        let k = self.per_epoch();
-        let order = Arc::new(all[self.rank * k..(self.rank + 1) * k].to_vec());
+        let k = self.rank_share();
+        let Share { rank, worker, workers, .. } = self.share;
+        let order: Arc<Vec<ChunkId>> =
+            Arc::new(all[rank * k..(rank + 1) * k].iter().skip(worker).step_by(workers).copied().collect());
         if cache.len() >= 4 {
             cache.remove(0);
         }
@@ -118,7 +139,9 @@ mod tests {
         /// Per epoch, ranks get disjoint, equal shares, and together all but fewer than W chunks.
         #[test]
         fn shards_are_disjoint_and_balanced(n in 0usize..200, world in 1usize..6, seed in 0u64..1000, epoch in 0usize..5) {
-            let samplers: Vec<Sampler> = (0..world).map(|r| Sampler::new(ids(n), seed, true, r, world, 1)).collect();
+            let samplers: Vec<Sampler> = (0..world)
+                .map(|r| Sampler::new(ids(n), seed, true, Share { rank: r, world_size: world, ..Share::ALL }, 1))
+                .collect();
             let mut seen = std::collections::HashSet::new();
             for s in &samplers {
                 let order = s.epoch_order(epoch);
@@ -133,9 +156,9 @@ mod tests {
         /// A single rank sees a permutation of every chunk, different per epoch, the same for the same seed.
         #[test]
         fn shuffle_is_a_seeded_permutation(n in 1usize..200, seed in 0u64..1000) {
-            let s = Sampler::new(ids(n), seed, true, 0, 1, 1);
+            let s = Sampler::new(ids(n), seed, true, Share::ALL, 1);
             let mut order = s.epoch_order(0).to_vec();
-            let again = Sampler::new(ids(n), seed, true, 0, 1, 1).epoch_order(0);
+            let again = Sampler::new(ids(n), seed, true, Share::ALL, 1).epoch_order(0);
             prop_assert_eq!(&order, &*again);
             order.sort_unstable();
             prop_assert_eq!(order, ids(n).into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
@@ -143,15 +166,32 @@ mod tests {
     }
 
     #[test]
+    fn workers_split_a_rank_without_loss() {
+        let rank = Sampler::new(ids(23), 3, true, Share { rank: 1, world_size: 2, ..Share::ALL }, 1);
+        let mut joined: Vec<ChunkId> = (0..3)
+            .flat_map(|w| {
+                let share = Share { rank: 1, world_size: 2, worker: w, workers: 3 };
+                let s = Sampler::new(ids(23), 3, true, share, 1);
+                assert_eq!(s.per_epoch(), s.epoch_order(2).len());
+                s.epoch_order(2).to_vec()
+            })
+            .collect();
+        let mut whole = rank.epoch_order(2).to_vec();
+        joined.sort_unstable();
+        whole.sort_unstable();
+        assert_eq!(joined, whole);
+    }
+
+    #[test]
     fn epochs_differ_and_jobs_group_by_mix() {
-        let s = Sampler::new(ids(50), 7, true, 0, 1, 4);
+        let s = Sampler::new(ids(50), 7, true, Share::ALL, 4);
         assert_ne!(s.epoch_order(0), s.epoch_order(1));
         assert_eq!(s.jobs_per_epoch(), 13);
         let (epoch, start, chunks) = s.job(13);
         assert_eq!((epoch, start, chunks.len()), (1, 0, 4));
         let (_, start, chunks) = s.job(12);
         assert_eq!((start, chunks.len()), (48, 2));
-        let plain = Sampler::new(ids(5), 7, false, 0, 1, 1);
+        let plain = Sampler::new(ids(5), 7, false, Share::ALL, 1);
         assert_eq!(*plain.epoch_order(3), ids(5));
     }
 }
