@@ -48,4 +48,3 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
     Ok(())
 }
-

@@ -16,7 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let scratch = tempfile::tempdir()?; // removed on exit
     let cube = match args.next() {
         Some(path) => path.into(),
-        None => build_cube(scratch.path(), &DemoSpec { layout: IMAGE_LAYOUT, ..Default::default() }, None)?.path,
+        None => {
+            build_cube(scratch.path(), &DemoSpec { layout: IMAGE_LAYOUT, ..Default::default() }, None)?.path
+        }
     };
     let epochs: usize = args.next().map_or(Ok(5), |e| e.parse())?;
 

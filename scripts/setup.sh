@@ -2,8 +2,9 @@
 # Installs everything a fresh Debian 12 machine (with rustup and python3) lacks to build, run and test cubeload:
 #   - GDAL (libgdal-dev, gdal-bin for gdalwarp in the tests, netcdf-bin) from apt;
 #   - a CPU libtorch 2.13 for `tch`, assembled from PyPI wheels into third_party/libtorch (git-ignored);
-#   - a Python virtual environment .venv with the packages the tests use (numpy, zarr, xarray; pytest and
-#     netCDF4 for the xarray suite in tests/python).
+#   - a Python virtual environment .venv with the packages the tests use: numpy, zarr, xarray, pytest and
+#     netCDF4 (the xarray suite in tests/python), torch (the binding's suite in python/tests). The cubeload
+#     Python package itself is built into it by scripts/test.sh (`pip install ./python`).
 # Idempotent: every step is skipped when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,5 +70,10 @@ fi
 if ! "$VENV/bin/python" -c "import pytest, netCDF4" >/dev/null 2>&1; then
   log "installing pytest, netCDF4 into .venv"
   "$VENV/bin/python" -m pip install -q pytest netCDF4
+fi
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  # PyPI's Linux torch is the CUDA build (2.7 GB with its dependencies); the Python tests need real torch.
+  log "installing torch 2.13 into .venv (large download)"
+  "$VENV/bin/python" -m pip install -q torch==2.13.0
 fi
 log "ready"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of cubeload: formatting, clippy, the Rust unit and integration tests (which read the real
-# rasters in ../shared/data and compare with the gdalwarp program), and the Python suite that opens cubes with
-# real xarray. Installs what is missing first (scripts/setup.sh), so it works on a fresh machine.
+# rasters in ../shared/data and compare with the gdalwarp program), the Python suite that opens cubes with
+# real xarray, and the Python binding's suite with real numpy and torch. Installs what is missing first
+# (scripts/setup.sh), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test
-.venv/bin/python -m pytest tests/python -q
+.venv/bin/python -m pip install -q ./python
+.venv/bin/python -m pytest tests/python python/tests -q

@@ -204,8 +204,12 @@ impl LoaderBuilder {
     pub fn resume(mut self, state: LoaderState) -> Self {
         self.seed = state.seed;
         self.shuffle = state.shuffle;
-        self.share =
-            Share { rank: state.rank, world_size: state.world_size, worker: state.worker, workers: state.workers };
+        self.share = Share {
+            rank: state.rank,
+            world_size: state.world_size,
+            worker: state.worker,
+            workers: state.workers,
+        };
         self.mix = state.mix;
         self.start = (state.epoch, state.cursor);
         self
@@ -382,7 +386,12 @@ impl Loader {
             threads: 2,
             share: Share::ALL,
             mix: 1,
-            transform: Transform { normalize: false, fill: 0.0, separate_statics: false, variable_major: false },
+            transform: Transform {
+                normalize: false,
+                fill: 0.0,
+                separate_statics: false,
+                variable_major: false,
+            },
             min_valid: None,
             start: (0, 0),
         }

@@ -435,7 +435,8 @@ fn batches_become_tensors() {
 #[test]
 fn variable_major_batches_are_the_transposed_batches() {
     let cube = &cubes().pixel;
-    let build = |vmajor| collect(Loader::builder(cube).shuffle(4).mix(3).variable_major(vmajor).build().unwrap());
+    let build =
+        |vmajor| collect(Loader::builder(cube).shuffle(4).mix(3).variable_major(vmajor).build().unwrap());
     let (plain, vmajor) = (build(false), build(true));
     assert_eq!(plain.len(), vmajor.len());
     for (p, v) in plain.iter().zip(&vmajor) {

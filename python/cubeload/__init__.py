@@ -1,0 +1,23 @@
+"""cubeload: shuffled, aligned batches from cubeload Zarr cubes, straight into numpy (and PyTorch).
+
+>>> import cubeload
+>>> for batch in cubeload.Loader("cubes/uk.zarr", variables=["t2m"], seed=0, epochs=2):
+...     t2m = batch["t2m"]        # float32 [B, T] (pixel_series) or [B, S, h, w] (image_sequence)
+...     mask = batch["mask"]      # bool [V, B, T] / [V, B, S, h, w], axis 0 in loader.variables order
+
+The arrays are views of a buffer filled by the Rust loader: no copy is made, and ``torch.from_numpy`` shares
+them. For PyTorch's DataLoader (several workers, distributed ranks) use :class:`cubeload.torch.CubeDataset`.
+"""
+
+# numpy must be imported before the extension starts threads that create arrays.
+import numpy as _numpy  # noqa: F401
+
+from ._cubeload import (
+    CorruptChunkError,
+    CubeError,
+    CubeloadError,
+    Loader,
+    UnknownVariableError,
+)
+
+__all__ = ["Loader", "CubeloadError", "CubeError", "UnknownVariableError", "CorruptChunkError"]

@@ -1,0 +1,53 @@
+"""Type stubs of the native module."""
+
+from os import PathLike
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+class CubeloadError(Exception): ...
+class CubeError(CubeloadError): ...
+class UnknownVariableError(CubeloadError): ...
+class CorruptChunkError(CubeloadError): ...
+
+class Loader:
+    """An iterable of batches from a cubeload cube.
+
+    Each batch is a dict: one float32 array per variable (``[B, T]`` for pixel_series, ``[B, S, h, w]`` for
+    image_sequence), ``"mask"`` (bool, ``[V, B, ...]`` in ``variables`` order: True where a value is real),
+    per-sample ``"lat"``, ``"lon"`` (float64) and ``"time_index"`` (int64, first step on the cube's time
+    axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer.
+    Missing values hold ``fill_value``. The GIL is released while a batch is awaited.
+    """
+
+    def __init__(
+        self,
+        path: str | PathLike[str],
+        variables: Sequence[str] | None = None,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        workers: int = 1,
+        prefetch: int = 4,
+        threads: int | None = None,
+        mix: int = 1,
+        normalize: bool = False,
+        fill_value: float = 0.0,
+        min_valid: float | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None: ...
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def __next__(self) -> dict[str, Any]: ...
+    def state(self) -> dict[str, Any]:
+        """Where the loader stands (JSON-able); ``Loader(path, state=...)`` continues exactly after it."""
+    @property
+    def variables(self) -> list[str]: ...
+    @property
+    def batches_per_epoch(self) -> int: ...
+    @property
+    def layout(self) -> str: ...

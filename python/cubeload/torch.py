@@ -1,0 +1,108 @@
+"""PyTorch integration: :class:`CubeDataset`, an ``IterableDataset`` of whole batches.
+
+Use it with ``DataLoader(dataset, batch_size=None, num_workers=N)``: every item already is a batch. Each
+DataLoader worker, in each ``torch.distributed`` rank, reads its own share of the cube's batches:
+
+- ranks get disjoint, equal shares (the last ``n mod world_size`` batches of an epoch's permutation are left
+  out, so that every rank runs the same number of steps);
+- the workers of a rank split its share without losing any.
+
+The Rust reader threads are started inside ``__iter__``, i.e. in the worker process after DataLoader forked:
+threads do not survive a fork, so none is started before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ._cubeload import Loader
+
+__all__ = ["CubeDataset"]
+
+
+class CubeDataset(IterableDataset):
+    """Batches of one epoch of a cube as dicts of tensors (``set_epoch`` moves to the next epoch).
+
+    Args:
+        path: the cube.
+        variables: variables to load (default: all, in the cube's order).
+        seed: shuffle seed; the same seed gives the same batches in every run.
+        shuffle: shuffle the batches of each epoch.
+        epoch: the epoch to iterate (see ``set_epoch``).
+        rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
+        prefetch, threads, mix, normalize, fill_value, min_valid: as for :class:`cubeload.Loader`.
+        state: a ``state()`` of an interrupted epoch (single-worker use) to resume it exactly.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        variables: Sequence[str] | None = None,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch: int = 4,
+        threads: int | None = None,
+        mix: int = 1,
+        normalize: bool = False,
+        fill_value: float = 0.0,
+        min_valid: float | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.variables = list(variables) if variables is not None else None
+        self.seed, self.shuffle, self.epoch = seed, shuffle, epoch
+        self.rank, self.world_size = rank, world_size
+        self.options = dict(
+            prefetch=prefetch, threads=threads, mix=mix, normalize=normalize, fill_value=fill_value,
+            min_valid=min_valid,
+        )
+        self.state = state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch the next iteration delivers (each has its own permutation)."""
+        self.epoch = epoch
+        self.state = None
+
+    def _share(self) -> tuple[int, int, int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            if dist.is_available() and dist.is_initialized():
+                rank, world = dist.get_rank(), dist.get_world_size()
+            else:
+                rank, world = 0, 1
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank, world, worker, workers
+
+    def loader(self) -> Loader:
+        """The Rust loader of this process's share (call it in the process that iterates)."""
+        rank, world, worker, workers = self._share()
+        state = self.state or dict(
+            seed=self.seed, shuffle=self.shuffle, epoch=self.epoch, cursor=0, rank=rank, world_size=world,
+            worker=worker, workers=workers, mix=self.options["mix"],
+        )
+        return Loader(
+            self.path, self.variables, shuffle=self.shuffle, seed=self.seed, epochs=self.epoch + 1,
+            state=state, **self.options,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = self.loader()
+        names = loader.variables
+        for batch in loader:
+            out: dict[str, Any] = {name: torch.from_numpy(batch[name]) for name in names}
+            out["mask"] = torch.from_numpy(batch["mask"])
+            out["lat"] = torch.from_numpy(batch["lat"])
+            out["lon"] = torch.from_numpy(batch["lon"])
+            out["time_index"] = torch.from_numpy(batch["time_index"])
+            out["epoch"], out["position"], out["chunk"] = batch["epoch"], batch["position"], batch["chunk"]
+            yield out

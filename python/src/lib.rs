@@ -1,0 +1,202 @@
+//! `cubeload._cubeload`: a thin binding of the Rust loader. Batches are handed to numpy without copying:
+//! each batch's buffer is a Rust `Vec` that numpy adopts, and the per-variable arrays are views of it. The
+//! GIL is released while waiting for a batch. No libtorch is linked: `torch.from_numpy` shares the arrays
+//! with whatever torch the user has.
+
+use std::path::PathBuf;
+
+use cubeload::loader::{LoaderError, LoaderState};
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+create_exception!(_cubeload, CubeloadError, PyException, "Base class of cubeload's errors.");
+create_exception!(
+    _cubeload,
+    CubeError,
+    CubeloadError,
+    "The cube is missing, incomplete or not a cubeload cube."
+);
+create_exception!(_cubeload, UnknownVariableError, CubeloadError, "A requested variable is not in the cube.");
+create_exception!(
+    _cubeload,
+    CorruptChunkError,
+    CubeloadError,
+    "A chunk of the cube cannot be read or decoded."
+);
+
+/// Maps a loader error to its Python exception, with the Rust message.
+fn to_py_err(error: LoaderError) -> PyErr {
+    let message = error.to_string();
+    match error {
+        LoaderError::Cube(_) => CubeError::new_err(message),
+        LoaderError::UnknownVariable { .. } => UnknownVariableError::new_err(message),
+        LoaderError::Invalid(_) => PyValueError::new_err(message),
+        LoaderError::Read { .. } => CorruptChunkError::new_err(message),
+        _ => CubeloadError::new_err(message),
+    }
+}
+
+/// An iterable of batches (dicts of numpy arrays) from a cubeload cube.
+#[pyclass(module = "cubeload._cubeload")]
+struct Loader {
+    inner: cubeload::Loader,
+    variables: Vec<String>,
+}
+
+fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
+    let get = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        state.get_item(key)?.ok_or_else(|| PyValueError::new_err(format!("state: missing key `{key}`")))
+    };
+    let get_or = |key: &str, default: usize| -> PyResult<usize> {
+        state.get_item(key)?.map_or(Ok(default), |v| v.extract())
+    };
+    Ok(LoaderState {
+        seed: get("seed")?.extract()?,
+        shuffle: get("shuffle")?.extract()?,
+        epoch: get("epoch")?.extract()?,
+        cursor: get("cursor")?.extract()?,
+        rank: get("rank")?.extract()?,
+        world_size: get("world_size")?.extract()?,
+        worker: get_or("worker", 0)?,
+        workers: get_or("workers", 1)?,
+        mix: get_or("mix", 1)?,
+    })
+}
+
+#[pymethods]
+impl Loader {
+    #[new]
+    #[pyo3(signature = (
+        path, variables=None, *, shuffle=true, seed=0, epochs=1, rank=0, world_size=1, worker=0, workers=1,
+        prefetch=4, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
+    ))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        variables: Option<Vec<String>>,
+        shuffle: bool,
+        seed: u64,
+        epochs: usize,
+        rank: usize,
+        world_size: usize,
+        worker: usize,
+        workers: usize,
+        prefetch: usize,
+        threads: Option<usize>,
+        mix: usize,
+        normalize: bool,
+        fill_value: f32,
+        min_valid: Option<f64>,
+        state: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let mut builder = cubeload::Loader::builder(&path)
+            .epochs(epochs)
+            .prefetch(prefetch)
+            .threads(threads.unwrap_or(2))
+            .shard(rank, world_size)
+            .worker(worker, workers)
+            .mix(mix)
+            .normalize(normalize)
+            .fill_value(fill_value)
+            .variable_major(true);
+        if let Some(variables) = variables {
+            builder = builder.variables(variables);
+        }
+        if shuffle {
+            builder = builder.shuffle(seed);
+        }
+        if let Some(fraction) = min_valid {
+            builder = builder.min_valid(fraction);
+        }
+        if let Some(state) = state {
+            builder = builder.resume(state_from_dict(state)?);
+        }
+        let inner = py.detach(move || builder.build()).map_err(to_py_err)?;
+        let (variables, _) = inner.variable_names();
+        Ok(Loader { inner, variables })
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(mut slf: PyRefMut<'_, Self>, py: Python<'_>) -> PyResult<Option<Py<PyDict>>> {
+        let inner = &mut slf.inner;
+        let next = py.detach(|| inner.next());
+        match next {
+            None => Ok(None),
+            Some(Err(e)) => Err(to_py_err(e)),
+            Some(Ok(batch)) => batch_to_dict(py, batch, &slf.variables).map(Some),
+        }
+    }
+
+    /// Where the loader stands, as plain JSON-able data; pass it as `state=` to resume.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.state();
+        let dict = PyDict::new(py);
+        dict.set_item("seed", s.seed)?;
+        dict.set_item("shuffle", s.shuffle)?;
+        dict.set_item("epoch", s.epoch)?;
+        dict.set_item("cursor", s.cursor)?;
+        dict.set_item("rank", s.rank)?;
+        dict.set_item("world_size", s.world_size)?;
+        dict.set_item("worker", s.worker)?;
+        dict.set_item("workers", s.workers)?;
+        dict.set_item("mix", s.mix)?;
+        Ok(dict)
+    }
+
+    /// Variable names, in the order of the batches' `mask` axis 0.
+    #[getter]
+    fn variables(&self) -> Vec<String> {
+        self.variables.clone()
+    }
+
+    /// Batches per epoch for this rank and worker.
+    #[getter]
+    fn batches_per_epoch(&self) -> usize {
+        self.inner.batches_per_epoch()
+    }
+
+    /// `pixel_series` or `image_sequence`.
+    #[getter]
+    fn layout(&self) -> &'static str {
+        match self.inner.meta().layout.kind {
+            cubeload::layout::LayoutKind::PixelSeries => "pixel_series",
+            cubeload::layout::LayoutKind::ImageSequence => "image_sequence",
+        }
+    }
+}
+
+/// The batch as a dict; every array is a view of one Rust-owned buffer (no copy).
+fn batch_to_dict(py: Python<'_>, batch: cubeload::Batch, variables: &[String]) -> PyResult<Py<PyDict>> {
+    let dict = PyDict::new(py);
+    let data = PyArray1::from_vec(py, batch.data).reshape(batch.shape.clone())?;
+    for (i, name) in variables.iter().enumerate() {
+        dict.set_item(name, data.get_item(i)?)?;
+    }
+    let mask = PyArray1::from_vec(py, batch.mask).reshape(batch.shape)?;
+    dict.set_item("mask", mask.call_method1("view", ("bool",))?)?;
+    dict.set_item("lat", PyArray1::from_vec(py, batch.lat))?;
+    dict.set_item("lon", PyArray1::from_vec(py, batch.lon))?;
+    let time_index: Vec<i64> = batch.time_index.iter().map(|&t| t as i64).collect();
+    dict.set_item("time_index", PyArray1::from_vec(py, time_index))?;
+    dict.set_item("epoch", batch.origin.epoch)?;
+    dict.set_item("position", batch.origin.position)?;
+    dict.set_item("chunk", PyTuple::new(py, batch.origin.chunk)?)?;
+    Ok(dict.unbind())
+}
+
+#[pymodule]
+fn _cubeload(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Loader>()?;
+    m.add("CubeloadError", m.py().get_type::<CubeloadError>())?;
+    m.add("CubeError", m.py().get_type::<CubeError>())?;
+    m.add("UnknownVariableError", m.py().get_type::<UnknownVariableError>())?;
+    m.add("CorruptChunkError", m.py().get_type::<CorruptChunkError>())?;
+    Ok(())
+}

@@ -1,0 +1,48 @@
+"""Fixtures: demo cubes made by the cubeload binary (pixel_series and image_sequence), once per session."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cubeload_bin() -> Path:
+    path = Path(os.environ.get("CUBELOAD_BIN", REPO / "target" / "debug" / "cubeload"))
+    if not path.is_file():
+        pytest.fail(f"cubeload binary not found at {path}: run cargo build or set CUBELOAD_BIN", pytrace=False)
+    return path
+
+
+def run(*args, cwd=None):
+    out = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        pytest.fail(f"{args} failed:\n{out.stderr}\n{out.stdout}", pytrace=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """`cubeload demo` without training: inputs, demo.yaml and the pixel_series cube demo.zarr."""
+    work = tmp_path_factory.mktemp("demo")
+    run(cubeload_bin(), "demo", "--dir", work, "--epochs", "0")
+    return work
+
+
+@pytest.fixture(scope="session")
+def pixel_cube(demo_dir) -> Path:
+    return demo_dir / "demo.zarr"
+
+
+@pytest.fixture(scope="session")
+def image_cube(demo_dir) -> Path:
+    text = (demo_dir / "demo.yaml").read_text()
+    text = text.replace("demo.zarr", "image.zarr")
+    text = re.sub(r"layout: \{[^}]*\}", "layout: { kind: image_sequence, seq_len: 8, patch: [16, 16], batch: 4 }", text)
+    config = demo_dir / "image.yaml"
+    config.write_text(text)
+    run(cubeload_bin(), "gen", "-c", config, "--overwrite")
+    return demo_dir / "image.zarr"

@@ -1,0 +1,152 @@
+"""The Python binding with real numpy, xarray and torch: coverage, values, determinism, resume, sharding,
+DataLoader workers, zero-copy arrays and exceptions."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch.utils.data import DataLoader
+
+import cubeload
+from cubeload.torch import CubeDataset
+
+
+def fingerprint(batches):
+    return [(b["epoch"], b["position"], b["chunk"], hash(b["t2m"].tobytes())) for b in batches]
+
+
+def test_every_pixel_once_per_epoch_with_xarrays_values(pixel_cube):
+    ds = xr.open_zarr(pixel_cube)
+    loader = cubeload.Loader(pixel_cube, seed=1, epochs=2)
+    assert loader.variables == ["t2m", "ndvi", "landcover"]
+    assert loader.layout == "pixel_series"
+    per_epoch = loader.batches_per_epoch
+    batches = list(loader)
+    assert len(batches) == 2 * per_epoch
+    lat_index = {v: i for i, v in enumerate(ds.lat.values)}
+    lon_index = {v: i for i, v in enumerate(ds.lon.values)}
+    t2m = ds.t2m.values  # (time, lat, lon), padded
+    ndvi = ds.ndvi.values
+    lc = ds.landcover.values.astype(np.float32)
+    for epoch in (0, 1):
+        seen = set()
+        for b in (b for b in batches if b["epoch"] == epoch):
+            assert b["t2m"].shape == (256, 168) and b["t2m"].dtype == np.float32
+            assert b["mask"].shape == (3, 256, 168) and b["mask"].dtype == np.bool_
+            for s in range(0, 256, 17):
+                y, x = lat_index[b["lat"][s]], lon_index[b["lon"][s]]
+                for v, (name, ref) in enumerate([("t2m", t2m[:, y, x]), ("ndvi", ndvi[:, y, x]), ("landcover", np.full(168, lc[y, x]))]):
+                    valid = ~np.isnan(ref)
+                    if name == "landcover":
+                        valid &= ref != 0  # declared fill value of the categorical map (no data)
+                    np.testing.assert_array_equal(b["mask"][v, s], valid)
+                    np.testing.assert_array_equal(b[name][s][valid], ref[valid])
+                    assert np.all(b[name][s][~valid] == 0.0)
+            seen.update(zip(b["lat"].tolist(), b["lon"].tolist()))
+        assert seen == {(a, o) for a in ds.lat.values.tolist() for o in ds.lon.values.tolist()}
+
+
+def test_image_sequences(image_cube):
+    ds = xr.open_zarr(image_cube)
+    loader = cubeload.Loader(image_cube, ["ndvi", "t2m"], shuffle=False)
+    b = next(loader)
+    assert b["ndvi"].shape == (4, 8, 16, 16) and b["mask"].shape == (2, 4, 8, 16, 16)
+    it, iy, ix = b["chunk"]
+    np.testing.assert_array_equal(b["t2m"][0], ds.t2m.values[it * 8:(it + 1) * 8, iy * 32:iy * 32 + 16, ix * 32:ix * 32 + 16])
+
+
+def test_same_seed_same_batches_whatever_the_threads(pixel_cube):
+    runs = [fingerprint(cubeload.Loader(pixel_cube, seed=7, epochs=2, threads=t, prefetch=p)) for t, p in [(0, 1), (1, 2), (3, 8)]]
+    assert runs[0] == runs[1] == runs[2]
+    assert fingerprint(cubeload.Loader(pixel_cube, seed=8, epochs=2)) != runs[0]
+
+
+def test_resume_from_json_state(pixel_cube):
+    full = fingerprint(cubeload.Loader(pixel_cube, seed=3, epochs=2, mix=2))
+    for stop in (1, 5, len(full) // 2 + 1):
+        first = cubeload.Loader(pixel_cube, seed=3, epochs=2, mix=2)
+        head = [next(first) for _ in range(stop)]
+        state = json.loads(json.dumps(first.state()))
+        del first
+        rest = list(cubeload.Loader(pixel_cube, epochs=2, state=state))
+        assert fingerprint(head) + fingerprint(rest) == full
+
+
+def test_ranks_are_disjoint_and_equal(pixel_cube):
+    total = cubeload.Loader(pixel_cube).batches_per_epoch
+    shares = [[b["chunk"] for b in cubeload.Loader(pixel_cube, seed=5, rank=r, world_size=3)] for r in range(3)]
+    assert all(len(s) == total // 3 for s in shares)
+    flat = [c for s in shares for c in s]
+    assert len(set(flat)) == len(flat) == total - total % 3
+
+
+def test_dataloader_with_two_workers_sees_every_batch_once(pixel_cube):
+    total = cubeload.Loader(pixel_cube).batches_per_epoch
+    dataset = CubeDataset(str(pixel_cube), seed=11, threads=1)
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=None, num_workers=2)
+        chunks = []
+        for batch in loader:
+            assert isinstance(batch["t2m"], torch.Tensor) and batch["t2m"].shape == (256, 168)
+            assert batch["epoch"] == epoch
+            chunks.append(tuple(batch["chunk"]))
+        assert len(chunks) == len(set(chunks)) == total
+
+
+def test_distributed_ranks_times_workers(pixel_cube):
+    total = cubeload.Loader(pixel_cube).batches_per_epoch
+    seen = []
+    for rank in range(2):
+        loader = DataLoader(CubeDataset(str(pixel_cube), seed=2, rank=rank, world_size=2), batch_size=None, num_workers=2)
+        mine = [tuple(b["chunk"]) for b in loader]
+        assert len(mine) == total // 2
+        seen += mine
+    assert len(set(seen)) == len(seen) == total - total % 2
+
+
+def test_arrays_are_views_of_one_rust_buffer_without_copies(pixel_cube):
+    b = next(cubeload.Loader(pixel_cube, shuffle=False))
+    t2m, ndvi = b["t2m"], b["ndvi"]
+    assert not t2m.flags.owndata and not ndvi.flags.owndata
+    assert t2m.base is not None and t2m.base is ndvi.base, "both are views of the same [V, B, T] array"
+    assert ndvi.ctypes.data - t2m.ctypes.data == t2m.nbytes, "variable-major: ndvi right after t2m"
+    owner = t2m.base
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    assert not isinstance(owner, np.ndarray), f"memory owned by the Rust buffer, got {type(owner)}"
+    tensor = torch.from_numpy(t2m)
+    assert tensor.data_ptr() == t2m.ctypes.data, "torch shares the array"
+
+
+def test_errors_are_python_exceptions(pixel_cube, tmp_path):
+    with pytest.raises(cubeload.CubeError, match="no such cube"):
+        cubeload.Loader(tmp_path / "nothing.zarr")
+    with pytest.raises(cubeload.UnknownVariableError, match="precip"):
+        cubeload.Loader(pixel_cube, ["t2m", "precip"])
+    with pytest.raises(ValueError, match="rank"):
+        cubeload.Loader(pixel_cube, rank=2, world_size=2)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(pixel_cube, copy)
+    for chunk in (copy / "ndvi" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"\xa5" * chunk.stat().st_size)
+    with pytest.raises(cubeload.CorruptChunkError, match="ndvi"):
+        next(cubeload.Loader(copy))
+    assert issubclass(cubeload.CorruptChunkError, cubeload.CubeloadError)
+
+
+def test_example_training_loss_falls(pixel_cube):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_lstm.py"
+    out = subprocess.run([sys.executable, example, str(pixel_cube), "--epochs", "3"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    losses = [float(v) for v in re.findall(r"epoch \d+ loss ([0-9.]+)", out.stdout)]
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], out.stdout
