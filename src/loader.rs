@@ -152,7 +152,7 @@ impl LoaderBuilder {
         self.share.world_size = world_size;
         self
     }
-    /// This reader's share within its rank: worker `worker` of `workers` (PyTorch `DataLoader` workers).
+    /// This reader's share within its rank: worker `worker` of `workers` (`PyTorch` `DataLoader` workers).
     /// Workers split the rank's batches without dropping any. > default: 0 of 1
     #[must_use]
     pub fn worker(mut self, worker: usize, workers: usize) -> Self {

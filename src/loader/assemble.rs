@@ -360,14 +360,14 @@ fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
     };
     let mut next = 0;
     for batch in batches.iter_mut() {
-        let (c, sc, n) = (cell(batch), scell(batch), batch.len());
-        for s in 0..n {
+        let (c, sc, size) = (cell(batch), scell(batch), batch.len());
+        for s in 0..size {
             let (k, g) = locate(order[next]);
             next += 1;
             let from = &source[k];
-            let m = from.len();
+            let from_size = from.len();
             for o in 0..outer(batch) {
-                let (to, fro) = ((o * n + s) * c, (o * m + g) * c);
+                let (to, fro) = ((o * size + s) * c, (o * from_size + g) * c);
                 batch.data[to..to + c].copy_from_slice(&from.data[fro..fro + c]);
                 batch.mask[to..to + c].copy_from_slice(&from.mask[fro..fro + c]);
             }

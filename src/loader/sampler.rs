@@ -9,7 +9,7 @@
 //!   permutation, `k = floor(n / W)`. The last `n mod W` chunks of each epoch's permutation are left out, so
 //!   every rank runs the same number of steps and distributed training never waits on an uneven last batch;
 //!   with shuffling, a different few are left out each epoch.
-//! - Data-loader workers of one rank (e.g. PyTorch's `num_workers`) split the rank's share without losing
+//! - Data-loader workers of one rank (e.g. `PyTorch` `num_workers`) split the rank's share without losing
 //!   any: worker i of n takes positions `i, i + n, i + 2n, ...` of it.
 //! - Mixing over K chunks groups the rank's order into consecutive groups of K (the last may be smaller).
 
