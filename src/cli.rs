@@ -143,7 +143,38 @@ fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
     Ok(())
 }
 
+/// Sends what is printed on stdout to stderr while alive. GDAL's GRIB reader prints diagnostics with
+/// `printf` ("ERROR: Ran out of file reading SECT0" at the end of an ERA5 file); stdout is for results.
+struct StdoutToStderr(Option<i32>);
+
+impl StdoutToStderr {
+    fn new() -> Self {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: dup/dup2 on the process's standard descriptors; the saved descriptor is restored on drop.
+        let saved = unsafe { libc::dup(1) };
+        if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
+            return StdoutToStderr(None);
+        }
+        StdoutToStderr(Some(saved))
+    }
+}
+
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        if let Some(saved) = self.0 {
+            // SAFETY: C's stdio buffers are flushed before the descriptor is swapped back; `saved` is ours.
+            unsafe {
+                libc::fflush(std::ptr::null_mut());
+                libc::dup2(saved, 1);
+                libc::close(saved);
+            }
+        }
+    }
+}
+
 fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> cubeload::Result<GenReport> {
+    let _stdout = StdoutToStderr::new();
     let config = Config::from_yaml(text, origin)?;
     let plan = Plan::new(config, text.to_string())?;
     for v in &plan.variables {
