@@ -2,11 +2,13 @@
 
 mod info;
 
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cubeload::bench::{BenchOptions, BenchReport};
 use cubeload::generator::{GenOptions, GenReport, generate};
 use cubeload::{Config, Cube, Plan, demo};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -40,6 +42,26 @@ enum Command {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Measure the loader against the machine's limit and image-chunked storage (default: a synthetic cube).
+    Bench {
+        /// The cube (default: generate a synthetic ~330 MB cube in a temporary directory).
+        cube: Option<PathBuf>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Drop the page cache before each phase (needs root).
+        #[arg(long)]
+        cold: bool,
+        /// Reader threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Loader prefetch depth.
+        #[arg(long, default_value_t = 8)]
+        prefetch: usize,
+        /// Batches read from the image-chunked copy (0 to skip that comparison).
+        #[arg(long, default_value_t = 8)]
+        image_batches: usize,
     },
     /// Synthesize demo inputs, generate a cube from them and describe it.
     Demo {
@@ -91,6 +113,19 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             }
             Ok(())
         }
+        Command::Bench { cube, json, cold, threads, prefetch, image_batches } => {
+            let options = BenchOptions { threads, prefetch, image_batches, cold };
+            let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
+            let result = bench(cube.as_deref(), &options, &scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let report = result?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+            } else {
+                print!("{}", bench_table(&report));
+            }
+            Ok(())
+        }
         Command::Demo { dir, threads, epochs } => {
             eprintln!(
                 "Writing synthetic inputs to {}/inputs and generating {}/demo.zarr ...",
@@ -105,9 +140,83 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
                 println!();
                 train_demo(&report.path, epochs)?;
             }
+            println!();
+            let options = BenchOptions { image_batches: 4, ..BenchOptions::default() };
+            let report = cubeload::bench::run(&report.path, &options, &dir)?;
+            print!("{}", bench_table(&report));
             Ok(())
         }
     }
+}
+
+/// Runs the benchmark on `cube`, or on a synthetic default cube generated (and measured) first.
+fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeload::Result<BenchReport> {
+    let Some(cube) = cube else {
+        eprintln!("Generating the default benchmark cube in {} ...", scratch.display());
+        let spec = demo::DemoSpec { hours: 24 * 28, resolution: 0.005, ..demo::DemoSpec::default() };
+        let report = demo::build_cube(scratch, &spec, None)?;
+        let (gen_rss, cube) = (cubeload::bench::peak_rss_mb(), Cube::open(&report.path)?);
+        let mb = cube.uncompressed_bytes() as f64 / 1e6;
+        let mut result = cubeload::bench::run(&report.path, options, scratch)?;
+        result.gen_mb_per_s = Some(mb / report.seconds);
+        result.gen_peak_rss_mb = Some(gen_rss);
+        return Ok(result);
+    };
+    Ok(cubeload::bench::run(cube, options, scratch)?)
+}
+
+fn bench_table(r: &BenchReport) -> String {
+    let opt = |v: Option<f64>, unit: &str| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}{unit}"));
+    let mut rows = vec![
+        ("cube", r.cube.display().to_string()),
+        (
+            "loader",
+            format!(
+                "{:.3} GB/s, {:.0} samples/s, {:.1} batches/s ({} batches of {:.1} MB)",
+                r.loader_gb_per_s,
+                r.samples_per_s,
+                r.batches_per_s,
+                r.batches,
+                r.batch_bytes as f64 / 1e6
+            ),
+        ),
+        (
+            "ceiling",
+            format!("{:.3} GB/s (same chunks decoded, same threads, nothing assembled)", r.ceiling_gb_per_s),
+        ),
+        ("ratio_to_ceiling", format!("{:.2}", r.ratio_to_ceiling)),
+        ("first batch", format!("{:.1} ms", r.time_to_first_batch_ms)),
+        ("latency", format!("p50 {:.2} ms, p99 {:.2} ms", r.latency_ms_p50, r.latency_ms_p99)),
+        ("read_amplification", opt(r.read_amplification, "")),
+        ("vs image-chunked", opt(r.speedup_vs_image_chunked, "× faster")),
+        ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
+    ];
+    if r.gen_mb_per_s.is_some() {
+        rows.push((
+            "generation",
+            format!("{} MB/s, peak RSS {} MB", opt(r.gen_mb_per_s, ""), opt(r.gen_peak_rss_mb, "")),
+        ));
+    }
+    let m = &r.machine;
+    rows.push((
+        "machine",
+        format!(
+            "{} cores, {:.1} GB, {} threads, prefetch {}, {}{}",
+            m.cores,
+            m.memory_gb,
+            m.threads,
+            m.prefetch,
+            m.codec,
+            if r.cold { ", cold cache" } else { ", warm cache" }
+        ),
+    ));
+    if let Some(note) = &r.cold_note {
+        rows.push(("note", note.clone()));
+    }
+    rows.iter().fold(String::new(), |mut out, (k, v)| {
+        let _ = writeln!(out, "{k:<19} {v}");
+        out
+    })
 }
 
 /// A short training run on the demo cube: an LSTM predicting the next hour of t2m from all variables.

@@ -33,6 +33,8 @@ pub struct DemoSpec {
     pub ndvi_every_days: usize,
     /// The `layout:` mapping of the cube.
     pub layout: &'static str,
+    /// Target cell size in degrees.
+    pub resolution: f64,
 }
 
 /// The demo's LSTM layout: batches of 256 full pixel series.
@@ -42,7 +44,7 @@ pub const IMAGE_LAYOUT: &str = "{ kind: image_sequence, seq_len: 8, patch: [16, 
 
 impl Default for DemoSpec {
     fn default() -> Self {
-        DemoSpec { seed: 42, hours: DEMO_HOURS, ndvi_every_days: 2, layout: PIXEL_LAYOUT }
+        DemoSpec { seed: 42, hours: DEMO_HOURS, ndvi_every_days: 2, layout: PIXEL_LAYOUT, resolution: 0.01 }
     }
 }
 
@@ -118,7 +120,7 @@ pub fn write_inputs(dir: &Path, spec: &DemoSpec) -> Result<String, SourceError> 
     Ok(format!(
         "# cubeload demo: synthetic inputs written by `cubeload demo` (src/demo.rs)
 output: {d}/demo.zarr
-grid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: 0.01 }}
+grid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: {} }}
 time: {{ start: 2024-06-01T00:00:00Z, end: 2024-06-{:02}T{:02}:00:00Z, step: 1h }}
 layout: {}
 compression: {{ codec: zstd, level: 3 }}
@@ -128,6 +130,7 @@ variables:
   landcover: {{ path: {d}/inputs/landcover.tif, kind: categorical, static: true, resampling: mode }}
 metadata: {{ title: cubeload demo cube (synthetic data) }}
 ",
+        spec.resolution,
         end_hour / 24 + 1,
         end_hour % 24,
         spec.layout

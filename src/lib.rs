@@ -24,6 +24,7 @@
 //! - [`generator`]: parallel generation into a staging directory, renamed into place when complete.
 //! - [`cube`]: the on-disk contract, writer and reader.
 //! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
+//! - [`bench`]: the loader against the machine's limit and image-chunked storage, in one run.
 //! - [`loader`]: shuffled, prefetched batches from a cube; [`batch`]: what it delivers (tensors with the
 //!   `tch` feature).
 //!
@@ -33,6 +34,7 @@
 //!   libtorch.
 
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod cube;
 pub mod demo;

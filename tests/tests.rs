@@ -12,6 +12,7 @@
 
 mod util;
 
+mod bench;
 mod cli_errors;
 mod demo;
 mod gen_real_data;

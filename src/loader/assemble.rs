@@ -239,24 +239,40 @@ impl Assembler {
         for (v, chunk) in self.vars.iter().zip(raw) {
             let into_statics = separate && v.meta.is_static;
             match l.kind {
-                LayoutKind::PixelSeries => {
+                LayoutKind::PixelSeries if into_statics => {
                     for p in 0..b {
-                        if into_statics {
-                            statics[p * ns + si] = prepare(v, chunk[p]).0;
-                            continue;
-                        }
-                        let sample_major = l.shuffled.is_some();
-                        for t in 0..t_len {
-                            let x = match (v.meta.is_static, sample_major) {
-                                (true, _) => chunk[p],
-                                (false, true) => chunk[p * t_len + t],
-                                (false, false) => chunk[t * b + p],
-                            };
-                            let (value, valid) = prepare(v, x);
-                            let o = if vmajor { (vi * b + p) * t_len + t } else { (p * t_len + t) * nv + vi };
-                            data[o] = value;
-                            mask[o] = valid;
-                        }
+                        statics[p * ns + si] = prepare(v, chunk[p]).0;
+                    }
+                }
+                LayoutKind::PixelSeries => {
+                    // Where value (p, t) of the chunk is, and where it goes.
+                    let (read_p, read_t) = match (v.meta.is_static, l.shuffled.is_some()) {
+                        (true, _) => (1, 0),
+                        (false, true) => (t_len, 1),
+                        (false, false) => (1, b),
+                    };
+                    let (write_p, write_t, base) =
+                        if vmajor { (t_len, 1, vi * b * t_len) } else { (t_len * nv, nv, vi) };
+                    let out = Strided { base, write_p, write_t };
+                    match v.affine {
+                        Some((m, inv)) => out.transpose(
+                            chunk,
+                            (read_p, read_t),
+                            (b, t_len),
+                            fill,
+                            &mut data,
+                            &mut mask,
+                            |x| (x - m) * inv,
+                        ),
+                        None => out.transpose(
+                            chunk,
+                            (read_p, read_t),
+                            (b, t_len),
+                            fill,
+                            &mut data,
+                            &mut mask,
+                            |x| x,
+                        ),
                     }
                 }
                 LayoutKind::ImageSequence => {
@@ -328,6 +344,49 @@ impl Assembler {
             lat,
             lon,
             time_index: vec![it * t_len; b],
+        }
+    }
+}
+
+/// Destination of a (sample, step) → batch copy: `base + p · write_p + t · write_t`.
+struct Strided {
+    base: usize,
+    write_p: usize,
+    write_t: usize,
+}
+
+impl Strided {
+    /// Copies a `samples × steps` block read at `p · read.0 + t · read.1`, in cache-sized tiles (reads and
+    /// writes both stay within a few cache lines per tile whatever the strides), applying `f` to valid values
+    /// and `fill` with a 0 mask to NaN.
+    #[allow(clippy::too_many_arguments)] // one hot loop, monomorphized per transform
+    #[inline]
+    fn transpose(
+        &self,
+        chunk: &[f32],
+        read: (usize, usize),
+        (samples, steps): (usize, usize),
+        fill: f32,
+        data: &mut [f32],
+        mask: &mut [u8],
+        f: impl Fn(f32) -> f32,
+    ) {
+        const TILE: usize = 32;
+        for t0 in (0..steps).step_by(TILE) {
+            for p0 in (0..samples).step_by(TILE) {
+                for p in p0..(p0 + TILE).min(samples) {
+                    for t in t0..(t0 + TILE).min(steps) {
+                        let x = chunk[p * read.0 + t * read.1];
+                        let o = self.base + p * self.write_p + t * self.write_t;
+                        if x.is_nan() {
+                            data[o] = fill;
+                        } else {
+                            data[o] = f(x);
+                            mask[o] = 1;
+                        }
+                    }
+                }
+            }
         }
     }
 }

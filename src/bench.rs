@@ -1,0 +1,374 @@
+//! `cubeload bench`: the loader measured against the machine's limit and against image-chunked storage, all in
+//! one run so that the ratios are not spoiled by a noisy machine.
+//!
+//! - **loader**: one shuffled epoch delivered as batches (into tensors with the `tch` feature);
+//! - **ceiling**: the same chunks read and decoded with the same number of threads, nothing assembled;
+//! - **image-chunked**: the same batches read from a copy of the cube chunked image by image
+//!   (`(1, 200, 200)`), the layout of the usual xarray recipe;
+//! - **read amplification**: bytes the process read (`/proc/self/io`) during the loader epoch ÷ the bytes the
+//!   delivered batches occupy on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use zarrs::array::codec::ZstdCodec;
+use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
+use zarrs::filesystem::FilesystemStore;
+
+use crate::cube::reader::Cube;
+use crate::loader::sampler::ChunkId;
+use crate::loader::{Loader, LoaderError};
+
+/// Options of a benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Reader threads (loader and ceiling).
+    pub threads: usize,
+    /// Prefetch depth of the loader.
+    pub prefetch: usize,
+    /// Batches read from the image-chunked copy (they are slow).
+    pub image_batches: usize,
+    /// Drop the page cache before each phase (root on Linux).
+    pub cold: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { threads: 2, prefetch: 8, image_batches: 8, cold: false }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// The cube measured.
+    pub cube: PathBuf,
+    /// Loader throughput, GB/s of delivered float32 batch data.
+    pub loader_gb_per_s: f64,
+    /// Samples (pixel series or image sequences) per second.
+    pub samples_per_s: f64,
+    /// Batches per second.
+    pub batches_per_s: f64,
+    /// Build of the loader plus its first batch.
+    pub time_to_first_batch_ms: f64,
+    /// Median wait for a batch.
+    pub latency_ms_p50: f64,
+    /// 99th percentile wait for a batch.
+    pub latency_ms_p99: f64,
+    /// Peak resident memory of the process so far.
+    pub peak_rss_mb: f64,
+    /// The same chunks read and decoded with the same threads, nothing assembled: GB/s of decoded data.
+    pub ceiling_gb_per_s: f64,
+    /// Ceiling time per chunk ÷ loader time per batch (the same chunks; bytes differ, since batches repeat
+    /// static variables along time).
+    pub ratio_to_ceiling: f64,
+    /// Bytes read by the process during the loader epoch ÷ stored bytes of the batches delivered.
+    pub read_amplification: Option<f64>,
+    /// Per-batch time from the image-chunked copy ÷ per-batch time of the loader.
+    pub speedup_vs_image_chunked: Option<f64>,
+    /// Generation throughput of the default cube, MB/s of uncompressed cube data.
+    pub gen_mb_per_s: Option<f64>,
+    /// Peak resident memory after generating the default cube.
+    pub gen_peak_rss_mb: Option<f64>,
+    /// Batches delivered in the loader epoch.
+    pub batches: usize,
+    /// Bytes of one batch.
+    pub batch_bytes: usize,
+    /// Whether the page cache was dropped before each phase.
+    pub cold: bool,
+    /// Why `--cold` could not drop the page cache, if it could not.
+    pub cold_note: Option<String>,
+    /// Machine and setup.
+    pub machine: Machine,
+}
+
+/// What a result needs to be read later.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Logical cores.
+    pub cores: usize,
+    /// Total memory.
+    pub memory_gb: f64,
+    /// Reader threads used.
+    pub threads: usize,
+    /// Prefetch depth used.
+    pub prefetch: usize,
+    /// The cube's codec.
+    pub codec: String,
+    /// cubeload version.
+    pub version: String,
+}
+
+fn proc_value(file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.trim_start_matches(':').trim();
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Peak resident memory of this process (`VmHWM`), MB.
+#[must_use]
+pub fn peak_rss_mb() -> f64 {
+    proc_value("/proc/self/status", "VmHWM").map_or(0.0, |kb| kb as f64 / 1024.0)
+}
+
+/// Bytes this process read through `read` calls so far (page-cache hits included).
+fn bytes_read() -> Option<u64> {
+    proc_value("/proc/self/io", "rchar")
+}
+
+/// Drops the page cache (needs root); `Err` says why not.
+fn drop_page_cache() -> Result<(), String> {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .map_err(|e| format!("cannot drop the page cache ({e}): run as root on Linux for --cold"))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the benchmark on `cube`.
+///
+/// # Errors
+/// [`LoaderError`] when the cube cannot be opened or read.
+pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<BenchReport, LoaderError> {
+    let cube = Cube::open(cube_path)?;
+    let meta = cube.meta().clone();
+    let mut cold_note = None;
+    let mut prepare = || {
+        if options.cold
+            && let Err(note) = drop_page_cache()
+        {
+            cold_note.get_or_insert(note);
+        }
+    };
+
+    // Ceiling: every chunk of every variable, decoded by `threads` threads.
+    prepare();
+    let arrays: Vec<(bool, Array<FilesystemStore>)> = meta
+        .variables
+        .iter()
+        .map(|v| Ok((v.is_static, cube.array(&v.name)?)))
+        .collect::<Result<_, LoaderError>>()?;
+    let [ct, cy, cx] = meta.chunk_counts();
+    let ids: Vec<ChunkId> =
+        (0..ct).flat_map(|t| (0..cy).flat_map(move |y| (0..cx).map(move |x| [t, y, x]))).collect();
+    let started = Instant::now();
+    let decoded = read_chunks(&arrays, &ids, &meta.layout, options.threads.max(1))?;
+    let ceiling_seconds = started.elapsed().as_secs_f64();
+    let ceiling_gb_per_s = decoded as f64 / ceiling_seconds / 1e9;
+
+    // Loader: one shuffled epoch into tensors. libtorch's OpenMP workers spin after each operation and
+    // would take the cores of the reader threads: the consumer side gets one torch thread.
+    #[cfg(feature = "tch")]
+    tch::set_num_threads(1);
+    prepare();
+    let read_before = bytes_read();
+    let started = Instant::now();
+    let mut loader =
+        Loader::builder(cube_path).shuffle(0).threads(options.threads).prefetch(options.prefetch).build()?;
+    let mut latencies = Vec::new();
+    let (mut batches, mut samples, mut bytes, mut first) = (0usize, 0usize, 0usize, None);
+    loop {
+        let waited = Instant::now();
+        let Some(batch) = loader.next() else { break };
+        let batch = batch?;
+        latencies.push(waited.elapsed().as_secs_f64() * 1e3);
+        first.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+        deliver(&batch);
+        batches += 1;
+        samples += batch.len();
+        bytes += batch.data.len() * 4;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
+    drop(loader);
+    let loader_gb_per_s = bytes as f64 / seconds / 1e9;
+    latencies.sort_by(f64::total_cmp);
+    // Stored bytes of the delivered batches: the arrays' files, times the share of chunks delivered.
+    let stored: u64 = meta.variables.iter().map(|v| dir_bytes(&cube_path.join(&v.name))).sum();
+    let read_amplification =
+        read_during.map(|r| r as f64 / (stored as f64 * batches as f64 / ids.len() as f64));
+
+    // Image-chunked copy.
+    let speedup_vs_image_chunked = if options.image_batches > 0 && meta.shape[0] > 0 {
+        prepare();
+        image_chunked_seconds_per_batch(&cube, scratch, options.image_batches)?
+            .map(|per_batch| per_batch / (seconds / batches.max(1) as f64))
+    } else {
+        None
+    };
+
+    let memory_gb = proc_value("/proc/meminfo", "MemTotal").map_or(0.0, |kb| kb as f64 / 1024.0 / 1024.0);
+    Ok(BenchReport {
+        cube: cube_path.to_path_buf(),
+        loader_gb_per_s,
+        samples_per_s: samples as f64 / seconds,
+        batches_per_s: batches as f64 / seconds,
+        time_to_first_batch_ms: first.unwrap_or(0.0),
+        latency_ms_p50: percentile(&latencies, 0.5),
+        latency_ms_p99: percentile(&latencies, 0.99),
+        peak_rss_mb: peak_rss_mb(),
+        ceiling_gb_per_s,
+        // Time per chunk, not bytes: delivered batches repeat static variables along time.
+        ratio_to_ceiling: (ceiling_seconds / ids.len() as f64) / (seconds / batches.max(1) as f64),
+        read_amplification,
+        speedup_vs_image_chunked,
+        gen_mb_per_s: None,
+        gen_peak_rss_mb: None,
+        batches,
+        batch_bytes: bytes.checked_div(batches).unwrap_or(0),
+        cold: options.cold && cold_note.is_none(),
+        cold_note,
+        machine: Machine {
+            cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            memory_gb,
+            threads: options.threads,
+            prefetch: options.prefetch,
+            codec: meta.compression.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    })
+}
+
+/// Hands the batch to the training side: a tensor with `tch`, a read of every value without.
+fn deliver(batch: &crate::Batch) {
+    #[cfg(feature = "tch")]
+    {
+        let tensor = batch.to_tensor(tch::Device::Cpu);
+        drop(std::hint::black_box(tensor));
+    }
+    #[cfg(not(feature = "tch"))]
+    std::hint::black_box(batch.data.iter().sum::<f32>());
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(
+                |e| {
+                    if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }
+                },
+            )
+            .sum()
+    })
+}
+
+/// Reads and decodes `ids` of every array with `threads` threads; returns the decoded bytes.
+fn read_chunks(
+    arrays: &[(bool, Array<FilesystemStore>)],
+    ids: &[ChunkId],
+    layout: &crate::layout::Layout,
+    threads: usize,
+) -> Result<u64, LoaderError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<u64, LoaderError> {
+                    let mut bytes = 0u64;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&[it, iy, ix]) = ids.get(i) else { return Ok(bytes) };
+                        for (is_static, array) in arrays {
+                            if *is_static && it > 0 {
+                                continue;
+                            }
+                            let subset = chunk_subset(layout, *is_static, [it, iy, ix]);
+                            let decoded =
+                                array.retrieve_array_subset::<zarrs::array::ArrayBytes<'static>>(&subset);
+                            let decoded = decoded.map_err(|e| LoaderError::Read {
+                                variable: array.path().to_string(),
+                                chunk: [it, iy, ix],
+                                message: e.to_string(),
+                            })?;
+                            bytes += decoded.size() as u64;
+                            std::hint::black_box(decoded);
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("reader thread")).sum()
+    })
+}
+
+fn chunk_subset(layout: &crate::layout::Layout, is_static: bool, [it, iy, ix]: ChunkId) -> ArraySubset {
+    let span = |index: usize, size: usize| (index * size) as u64..((index + 1) * size) as u64;
+    let (times, rows, cols) = (span(it, layout.chunk_t), span(iy, layout.chunk_y), span(ix, layout.chunk_x));
+    let ranges = match (layout.shuffled.is_some(), is_static) {
+        (true, true) => vec![rows],
+        (true, false) => vec![rows, times],
+        (false, true) => vec![rows, cols],
+        (false, false) => vec![times, rows, cols],
+    };
+    ArraySubset::new_with_ranges(&ranges)
+}
+
+/// Copies the time-varying variables image by image (`(1, 200, 200)` chunks, same codec) and times reading
+/// `n` of the cube's batches from the copy. `None` for layouts other than tiled cubes or copies over 4 GB.
+fn image_chunked_seconds_per_batch(
+    cube: &Cube,
+    scratch: &Path,
+    n: usize,
+) -> Result<Option<f64>, LoaderError> {
+    let meta = cube.meta();
+    let layout = meta.layout;
+    if layout.shuffled.is_some() {
+        return Ok(None);
+    }
+    let [pt, py, px] = meta.padded_shape;
+    let dynamic: Vec<&crate::cube::VariableMeta> = meta.variables.iter().filter(|v| !v.is_static).collect();
+    if (pt * py * px * 4 * dynamic.len()) as u64 > 4 << 30 {
+        return Ok(None);
+    }
+    let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
+        variable: "image-chunked copy".into(),
+        chunk: [0, 0, 0],
+        message: e.to_string(),
+    };
+    let dir = scratch.join("image-chunked.zarr");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| fail(&e))?;
+    let store = Arc::new(FilesystemStore::new(&dir).map_err(|e| fail(&e))?);
+    let mut copies = Vec::new();
+    for v in &dynamic {
+        let source = cube.array(&v.name)?;
+        let whole = ArraySubset::new_with_shape(vec![pt as u64, py as u64, px as u64]);
+        let values = source.retrieve_array_subset::<Vec<f32>>(&whole).map_err(|e| fail(&e))?;
+        let mut builder = ArrayBuilder::new(
+            vec![pt as u64, py as u64, px as u64],
+            vec![1, 200, 200],
+            data_type::float32(),
+            f32::NAN,
+        );
+        builder.bytes_to_bytes_codecs(vec![Arc::new(ZstdCodec::new(3, false))]);
+        let copy = builder.build(store.clone(), &format!("/{}", v.name)).map_err(|e| fail(&e))?;
+        copy.store_metadata().map_err(|e| fail(&e))?;
+        copy.store_array_subset(&whole, values.as_slice()).map_err(|e| fail(&e))?;
+        copies.push(copy);
+    }
+    // The same batches as the loader reads: one (T, h, w) block per variable, here spread over T images.
+    let [ct, cy, cx] = meta.chunk_counts();
+    let ids: Vec<ChunkId> = (0..n).map(|i| [i % ct, (i * 7) % cy, (i * 13) % cx]).collect();
+    let started = Instant::now();
+    for &id in &ids {
+        for copy in &copies {
+            let values = copy
+                .retrieve_array_subset::<Vec<f32>>(&chunk_subset(&layout, false, id))
+                .map_err(|e| fail(&e))?;
+            std::hint::black_box(values);
+        }
+    }
+    let per_batch = started.elapsed().as_secs_f64() / n as f64;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Some(per_batch))
+}

@@ -1,0 +1,36 @@
+//! `cubeload bench` as a user runs it: every reported figure present and plausible (no timing asserted).
+
+use crate::util::cubeload;
+
+#[test]
+fn bench_reports_every_figure_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cubeload(dir.path(), &["bench", "work/demo.zarr", "--json", "--image-batches", "2", "--cold"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "loader_gb_per_s",
+        "samples_per_s",
+        "batches_per_s",
+        "time_to_first_batch_ms",
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "peak_rss_mb",
+        "ceiling_gb_per_s",
+        "ratio_to_ceiling",
+        "speedup_vs_image_chunked",
+    ] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key}: {}", report[key]);
+    }
+    // The demo cube has 7 × 10 batches of 256 pixels × 168 h × 3 variables.
+    assert_eq!(report["batches"], 70);
+    assert_eq!(report["batch_bytes"], 256 * 168 * 3 * 4);
+    // Each chunk is read once: the bytes read are the cube's chunk bytes plus metadata.
+    let amplification = report["read_amplification"].as_f64().unwrap();
+    assert!((1.0..1.1).contains(&amplification), "{amplification}");
+    assert_eq!(report["machine"]["codec"], "zstd(3)");
+    // Without root, --cold says why it could not drop the page cache instead of pretending.
+    assert!(report["cold"] == true || report["cold_note"].as_str().is_some_and(|n| n.contains("root")));
+}
