@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything a fresh Debian 12 machine (with rustup and python3) lacks to build, run and test cubeload:
-#   - GDAL (libgdal-dev, gdal-bin for gdalwarp in the tests, netcdf-bin) from apt;
+#   - GDAL (libgdal-dev, gdal-bin for gdalwarp in the tests, netcdf-bin) and the font of the PNGs
+#     (fonts-dejavu-core) from apt;
 #   - a CPU libtorch 2.13 for `tch`, assembled from PyPI wheels into third_party/libtorch (git-ignored);
 #   - a Python virtual environment .venv with the packages the tests use: numpy, zarr, xarray, pytest and
 #     netCDF4 (the xarray suite in tests/python), torch (the binding's suite in python/tests). The cubeload
@@ -14,7 +15,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 # --- GDAL --------------------------------------------------------------------------------------------------
 need_apt=()
-for pkg in libgdal-dev gdal-bin netcdf-bin; do
+for pkg in libgdal-dev gdal-bin netcdf-bin fonts-dejavu-core; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -68,6 +68,8 @@ pub struct BenchReport {
     pub read_amplification: Option<f64>,
     /// Per-batch time from the image-chunked copy ÷ per-batch time of the loader.
     pub speedup_vs_image_chunked: Option<f64>,
+    /// Epoch time with one reader thread ÷ with `threads` (goal: ≥ 1.8 for 2 threads when decode-bound).
+    pub thread_scaling: Option<f64>,
     /// Generation throughput of the default cube, MB/s of uncompressed cube data.
     pub gen_mb_per_s: Option<f64>,
     /// Peak resident memory after generating the default cube.
@@ -82,6 +84,9 @@ pub struct BenchReport {
     pub cold_note: Option<String>,
     /// Machine and setup.
     pub machine: Machine,
+    /// Wait for each batch of the loader epoch, in delivery order (for `--plot`).
+    #[serde(skip)]
+    pub latencies_ms: Vec<f64>,
 }
 
 /// What a result needs to be read later.
@@ -171,26 +176,19 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     tch::set_num_threads(1);
     prepare();
     let read_before = bytes_read();
-    let started = Instant::now();
-    let mut loader =
-        Loader::builder(cube_path).shuffle(0).threads(options.threads).prefetch(options.prefetch).build()?;
-    let mut latencies = Vec::new();
-    let (mut batches, mut samples, mut bytes, mut first) = (0usize, 0usize, 0usize, None);
-    loop {
-        let waited = Instant::now();
-        let Some(batch) = loader.next() else { break };
-        let batch = batch?;
-        latencies.push(waited.elapsed().as_secs_f64() * 1e3);
-        first.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
-        deliver(&batch);
-        batches += 1;
-        samples += batch.len();
-        bytes += batch.data.len() * 4;
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let epoch = loader_epoch(cube_path, options.threads, options.prefetch)?;
     let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
-    drop(loader);
+    let Epoch { seconds, batches, samples, bytes, first_ms, mut latencies } = epoch;
+    // The same epoch with one reader thread: how reading scales with threads.
+    let thread_scaling = if options.threads >= 2 {
+        prepare();
+        let single = loader_epoch(cube_path, 1, options.prefetch)?;
+        Some(single.seconds / seconds)
+    } else {
+        None
+    };
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
+    let latencies_ms = latencies.clone();
     latencies.sort_by(f64::total_cmp);
     // Stored bytes of the delivered batches: the arrays' files, times the share of chunks delivered.
     let stored: u64 = meta.variables.iter().map(|v| dir_bytes(&cube_path.join(&v.name))).sum();
@@ -212,7 +210,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         loader_gb_per_s,
         samples_per_s: samples as f64 / seconds,
         batches_per_s: batches as f64 / seconds,
-        time_to_first_batch_ms: first.unwrap_or(0.0),
+        time_to_first_batch_ms: first_ms,
         latency_ms_p50: percentile(&latencies, 0.5),
         latency_ms_p99: percentile(&latencies, 0.99),
         peak_rss_mb: peak_rss_mb(),
@@ -221,6 +219,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         ratio_to_ceiling: (ceiling_seconds / ids.len() as f64) / (seconds / batches.max(1) as f64),
         read_amplification,
         speedup_vs_image_chunked,
+        thread_scaling,
         gen_mb_per_s: None,
         gen_peak_rss_mb: None,
         batches,
@@ -235,7 +234,40 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             codec: meta.compression.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
+        latencies_ms,
     })
+}
+
+struct Epoch {
+    seconds: f64,
+    batches: usize,
+    samples: usize,
+    bytes: usize,
+    first_ms: f64,
+    latencies: Vec<f64>,
+}
+
+/// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
+fn loader_epoch(cube: &Path, threads: usize, prefetch: usize) -> Result<Epoch, LoaderError> {
+    let started = Instant::now();
+    let mut loader = Loader::builder(cube).shuffle(0).threads(threads).prefetch(prefetch).build()?;
+    let mut epoch =
+        Epoch { seconds: 0.0, batches: 0, samples: 0, bytes: 0, first_ms: 0.0, latencies: Vec::new() };
+    loop {
+        let waited = Instant::now();
+        let Some(batch) = loader.next() else { break };
+        let batch = batch?;
+        epoch.latencies.push(waited.elapsed().as_secs_f64() * 1e3);
+        if epoch.batches == 0 {
+            epoch.first_ms = started.elapsed().as_secs_f64() * 1e3;
+        }
+        deliver(&batch);
+        epoch.batches += 1;
+        epoch.samples += batch.len();
+        epoch.bytes += batch.data.len() * 4;
+    }
+    epoch.seconds = started.elapsed().as_secs_f64();
+    Ok(epoch)
 }
 
 /// Hands the batch to the training side: a tensor with `tch`, a read of every value without.

@@ -62,6 +62,22 @@ enum Command {
         /// Batches read from the image-chunked copy (0 to skip that comparison).
         #[arg(long, default_value_t = 8)]
         image_batches: usize,
+        /// Also draw throughput and latency into this PNG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Draw one time slice of a variable (and its valid mask) into a PNG.
+    Quicklook {
+        /// The cube.
+        cube: PathBuf,
+        /// The variable.
+        variable: String,
+        /// Time index (ignored for static variables).
+        #[arg(long, default_value_t = 0)]
+        time: usize,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Synthesize demo inputs, generate a cube from them and describe it.
     Demo {
@@ -113,12 +129,21 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { cube, json, cold, threads, prefetch, image_batches } => {
+        Command::Quicklook { cube, variable, time, out } => {
+            cubeload::plot::quicklook(&Cube::open(&cube)?, &variable, time, &out)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Bench { cube, json, cold, threads, prefetch, image_batches, plot } => {
             let options = BenchOptions { threads, prefetch, image_batches, cold };
             let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
             let result = bench(cube.as_deref(), &options, &scratch);
             let _ = std::fs::remove_dir_all(&scratch);
             let report = result?;
+            if let Some(path) = &plot {
+                cubeload::plot::bench(&report, path)?;
+                eprintln!("wrote {}", path.display());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
             } else {
@@ -189,6 +214,7 @@ fn bench_table(r: &BenchReport) -> String {
         ("latency", format!("p50 {:.2} ms, p99 {:.2} ms", r.latency_ms_p50, r.latency_ms_p99)),
         ("read_amplification", opt(r.read_amplification, "")),
         ("vs image-chunked", opt(r.speedup_vs_image_chunked, "× faster")),
+        ("thread scaling", opt(r.thread_scaling, "× (epoch with 1 reader ÷ with all)")),
         ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
     ];
     if r.gen_mb_per_s.is_some() {

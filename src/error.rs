@@ -22,6 +22,9 @@ pub enum Error {
     /// Generation.
     #[error(transparent)]
     Gen(#[from] GenError),
+    /// Drawing a PNG.
+    #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
     /// Loading batches.
     #[error(transparent)]
     Loader(#[from] crate::loader::LoaderError),

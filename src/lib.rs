@@ -25,6 +25,7 @@
 //! - [`cube`]: the on-disk contract, writer and reader.
 //! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
 //! - [`bench`]: the loader against the machine's limit and image-chunked storage, in one run.
+//! - [`plot`]: PNGs of the benchmark and quicklooks of cubes.
 //! - [`loader`]: shuffled, prefetched batches from a cube; [`batch`]: what it delivers (tensors with the
 //!   `tch` feature).
 //!
@@ -44,6 +45,7 @@ pub mod grid;
 pub mod layout;
 pub mod loader;
 pub mod plan;
+pub mod plot;
 pub mod source;
 pub mod time;
 #[cfg(feature = "tch")]

@@ -34,3 +34,33 @@ fn bench_reports_every_figure_as_json() {
     // Without root, --cold says why it could not drop the page cache instead of pretending.
     assert!(report["cold"] == true || report["cold_note"].as_str().is_some_and(|n| n.contains("root")));
 }
+
+/// Width and height of a PNG, from its IHDR chunk.
+fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
+    let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    (be(16), be(20))
+}
+
+#[test]
+fn quicklook_and_bench_plot_write_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--time", "30", "--out", "ndvi.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 150 × 100 cells drawn 4 px each, twice (values, mask), with margins.
+    assert_eq!(png_size(&dir.path().join("ndvi.png")), (2 * 600 + 60, 400 + 90));
+    let out = cubeload(dir.path(), &["quicklook", "work/demo.zarr", "landcover", "--out", "lc.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--time", "999", "--out", "x.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("time index 999"));
+    let out =
+        cubeload(dir.path(), &["bench", "work/demo.zarr", "--image-batches", "1", "--plot", "bench.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(png_size(&dir.path().join("bench.png")), (1200, 500));
+}

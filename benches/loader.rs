@@ -1,0 +1,147 @@
+//! Criterion benchmarks of the loader's hot paths, on a small synthetic cube built once in a temporary
+//! directory (`demo::build_cube`, 48 hours, batches of 256 pixel series):
+//!
+//! - `decode/t2m_chunk`: one batch chunk of one variable read and decoded by zarrs;
+//! - `decode/epoch_all_variables`: every chunk the loader reads in an epoch, decoded, nothing assembled (the
+//!   single-threaded ceiling of `batch_assembly`: the difference in time per epoch is the assembly);
+//! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
+//!   thread), plain, with `normalize(true)`, and with `variable_major(true)`;
+//! - `tensor/*`: `Batch::to_tensor` and `Batch::mask_tensor` on the CPU (feature `tch`).
+//!
+//! Throughputs are bytes of decoded chunk data for `decode`, and bytes of the delivered float32 batch data
+//! (`Batch::data`, as `cubeload bench` counts) elsewhere.
+//!
+//! ```text
+//! cargo bench --bench loader -- --quick
+//! ```
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+
+use criterion::{BatchSize, Criterion, Throughput};
+use cubeload::Cube;
+use cubeload::demo::{DemoSpec, build_cube};
+use cubeload::layout::Layout;
+use cubeload::loader::{Loader, LoaderBuilder};
+use zarrs::array::{ArrayBytes, ArraySubset};
+
+/// The region of chunk `[it, iy, ix]` of a variable (as `cubeload bench` and the loader read it).
+fn chunk_subset(layout: &Layout, is_static: bool, [it, iy, ix]: [usize; 3]) -> ArraySubset {
+    let span = |index: usize, size: usize| (index * size) as u64..((index + 1) * size) as u64;
+    let (times, rows, cols) = (span(it, layout.chunk_t), span(iy, layout.chunk_y), span(ix, layout.chunk_x));
+    let ranges = match (layout.shuffled.is_some(), is_static) {
+        (true, true) => vec![rows],
+        (true, false) => vec![rows, times],
+        (false, true) => vec![rows, cols],
+        (false, false) => vec![times, rows, cols],
+    };
+    ArraySubset::new_with_ranges(&ranges)
+}
+
+/// A loader option under test.
+type Configure = fn(LoaderBuilder) -> LoaderBuilder;
+
+/// The builder every loader benchmark starts from: natural order, reading on the calling thread.
+fn builder(cube: &Path) -> LoaderBuilder {
+    Loader::builder(cube).threads(0)
+}
+
+fn decode(c: &mut Criterion, path: &Path) {
+    let cube = Cube::open(path).expect("open the cube");
+    let meta = cube.meta();
+    let layout = meta.layout;
+    let mut group = c.benchmark_group("decode");
+
+    // One chunk of t2m: exactly one batch's (T, h, w) block.
+    let t2m = meta.variables.iter().find(|v| v.name == "t2m").expect("t2m in the demo cube");
+    let array = cube.array("t2m").expect("open t2m");
+    let subset = chunk_subset(&layout, t2m.is_static, [0, 0, 0]);
+    let cells = array.retrieve_array_subset::<Vec<f32>>(&subset).expect("decode a t2m chunk").len();
+    assert_eq!(cells, layout.chunk_t * layout.chunk_y * layout.chunk_x, "one whole chunk");
+    group.throughput(Throughput::Bytes((cells * size_of::<f32>()) as u64));
+    group.bench_function("t2m_chunk", |b| {
+        b.iter(|| array.retrieve_array_subset::<Vec<f32>>(black_box(&subset)).expect("decode"));
+    });
+
+    // The chunks of one loader epoch, every variable (statics once per chunk, as the loader reads them).
+    let chunks: Vec<_> =
+        builder(path).build().expect("loader").map(|batch| batch.expect("batch").origin.chunk).collect();
+    let reads: Vec<_> = meta
+        .variables
+        .iter()
+        .map(|v| {
+            let array = cube.array(&v.name).expect("open variable");
+            let subsets: Vec<_> = chunks.iter().map(|&id| chunk_subset(&layout, v.is_static, id)).collect();
+            (array, subsets)
+        })
+        .collect();
+    let read_all = || -> u64 {
+        let mut bytes = 0;
+        for (array, subsets) in &reads {
+            for subset in subsets {
+                let decoded = array.retrieve_array_subset::<ArrayBytes<'static>>(subset).expect("decode");
+                bytes += decoded.size() as u64;
+                black_box(decoded);
+            }
+        }
+        bytes
+    };
+    group.throughput(Throughput::Bytes(read_all()));
+    group.sample_size(20);
+    group.bench_function("epoch_all_variables", |b| b.iter(read_all));
+    group.finish();
+}
+
+fn batch_assembly(c: &mut Criterion, path: &Path) {
+    let bytes: usize =
+        builder(path).build().expect("loader").map(|b| b.expect("batch").data.len() * size_of::<f32>()).sum();
+    let variants: [(&str, Configure); 3] = [
+        ("default", |b| b),
+        ("normalize", |b| b.normalize(true)),
+        ("variable_major", |b| b.variable_major(true)),
+    ];
+    let mut group = c.benchmark_group("batch_assembly");
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(20);
+    for (name, configure) in variants {
+        // A fresh loader per iteration (opening the cube and its index is not timed); one epoch timed.
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || configure(builder(path)).build().expect("loader"),
+                |mut loader| {
+                    for batch in &mut loader {
+                        black_box(batch.expect("batch"));
+                    }
+                    loader // dropped untimed
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    group.finish();
+}
+
+#[cfg(feature = "tch")]
+fn tensor(c: &mut Criterion, path: &Path) {
+    // As `cubeload bench` does: one torch thread on the consumer side.
+    tch::set_num_threads(1);
+    let batch = builder(path).build().expect("loader").next().expect("a batch").expect("batch");
+    let mut group = c.benchmark_group("tensor");
+    // Bytes of the float32 tensor produced (the mask goes from u8 to float32).
+    group.throughput(Throughput::Bytes((batch.data.len() * size_of::<f32>()) as u64));
+    group.bench_function("to_tensor_cpu", |b| b.iter(|| batch.to_tensor(tch::Device::Cpu)));
+    group.bench_function("mask_tensor_cpu", |b| b.iter(|| batch.mask_tensor(tch::Device::Cpu)));
+    group.finish();
+}
+
+fn main() {
+    let scratch = tempfile::tempdir().expect("temporary directory"); // removed at the end of main
+    let spec = DemoSpec { hours: 48, ..DemoSpec::default() };
+    let cube: PathBuf = build_cube(scratch.path(), &spec, None).expect("build the demo cube").path;
+    let mut c = Criterion::default().configure_from_args();
+    decode(&mut c, &cube);
+    batch_assembly(&mut c, &cube);
+    #[cfg(feature = "tch")]
+    tensor(&mut c, &cube);
+    c.final_summary();
+}

@@ -1,0 +1,287 @@
+//! Pictures for people: the benchmark's throughput and latency, and a quicklook of one time slice of a cube
+//! (values and valid mask), so that a user can see that a cube is right before training on it.
+//!
+//! Text is drawn with `DejaVu Sans` (Debian's `fonts-dejavu-core`, installed by `scripts/setup.sh`); a
+//! missing font is a clear error, not a picture without labels.
+
+// Colour and pixel arithmetic reads best with short names; `&[0..n]` is a one-dimensional array subset.
+#![allow(clippy::many_single_char_names, clippy::single_range_in_vec_init)]
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::bench::BenchReport;
+use crate::cube::reader::Cube;
+
+/// A plotting error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlotError {
+    /// The font is missing.
+    #[error(
+        "cannot read the font {path}: {source} (install Debian's fonts-dejavu-core, or run scripts/setup.sh)"
+    )]
+    Font {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Drawing or writing the PNG failed.
+    #[error("{path}: {message}")]
+    Draw {
+        /// The PNG.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The cube cannot be read as asked.
+    #[error("{0}")]
+    Cube(String),
+}
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+fn register_font() -> Result<(), PlotError> {
+    static FONT_BYTES: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
+    if FONT_BYTES.get().is_none() {
+        let bytes = std::fs::read(FONT).map_err(|source| PlotError::Font { path: FONT.into(), source })?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        let _ = FONT_BYTES.set(bytes);
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
+            PlotError::Font { path: FONT.into(), source: std::io::Error::other("not a TrueType font") }
+        })?;
+    }
+    Ok(())
+}
+
+fn draw_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> PlotError + '_ {
+    move |e| PlotError::Draw { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// Throughput bars (loader, ceiling, image-chunked) and the per-batch latency of the loader epoch.
+///
+/// # Errors
+/// [`PlotError`] when the font is missing or the PNG cannot be written.
+pub fn bench(report: &BenchReport, out: &Path) -> Result<(), PlotError> {
+    register_font()?;
+    let err = draw_err(out);
+    let root = BitMapBackend::new(out, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (left, right) = root.split_horizontally(520);
+
+    let per_batch_s = 1.0 / report.batches_per_s.max(f64::MIN_POSITIVE);
+    let image = report.speedup_vs_image_chunked.map(|s| report.loader_gb_per_s / s);
+    let bars: Vec<(&str, f64, RGBColor)> = [
+        Some(("loader", report.loader_gb_per_s, RGBColor(31, 119, 180))),
+        Some(("ceiling", report.ceiling_gb_per_s, RGBColor(127, 127, 127))),
+        image.map(|v| ("image-chunked", v, RGBColor(214, 39, 40))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let top = bars.iter().map(|b| b.1).fold(0.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("throughput (GB/s)", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0..bars.len(), 0.0..top.max(1e-9))
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|i| bars.get(*i).map_or(String::new(), |b| b.0.to_string()))
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, (_, v, color))| {
+            let mut bar = Rectangle::new([(i, 0.0), (i + 1, *v)], color.filled());
+            bar.set_margin(0, 0, 20, 20);
+            bar
+        }))
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, (_, v, _))| {
+            Text::new(format!("{v:.3}"), (i, *v + top * 0.02), ("sans-serif", 15).into_font())
+        }))
+        .map_err(|e| err(&e))?;
+
+    let latencies = &report.latencies_ms;
+    let max_latency = latencies.iter().copied().fold(0.0, f64::max).max(per_batch_s * 1e3) * 1.1;
+    let mut chart = ChartBuilder::on(&right)
+        .caption(
+            format!(
+                "wait per batch (ms): p50 {:.2}, p99 {:.2}, first {:.1}",
+                report.latency_ms_p50, report.latency_ms_p99, report.time_to_first_batch_ms
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0..latencies.len().max(1), 0.0..max_latency.max(1e-6))
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc("batch").label_style(("sans-serif", 15)).draw().map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(
+            latencies.iter().enumerate().map(|(i, &v)| (i, v)),
+            &RGBColor(31, 119, 180),
+        ))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// A colour for `t` in 0…1 (viridis, from its endpoints and three stops).
+fn viridis(t: f64) -> RGBColor {
+    const STOPS: [(f64, f64, f64); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let x = t.clamp(0.0, 1.0) * 4.0;
+    let i = (x.floor() as usize).min(3);
+    let f = x - i as f64;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// One time slice of `variable` (values and valid mask) as a PNG.
+///
+/// # Errors
+/// [`PlotError`] when the variable or time index does not exist, or the PNG cannot be written.
+pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result<(), PlotError> {
+    register_font()?;
+    let meta = cube.meta();
+    let v =
+        meta.variables.iter().find(|v| v.name == variable).ok_or_else(|| {
+            PlotError::Cube(format!("no variable `{variable}` in {}", cube.path().display()))
+        })?;
+    let [n_time, height, width] = meta.shape;
+    if !v.is_static && time >= n_time {
+        return Err(PlotError::Cube(format!("time index {time} is past the {n_time} steps of the cube")));
+    }
+    let values = slice(cube, v, time, height, width).map_err(PlotError::Cube)?;
+    let fill = v.fill_value;
+    let valid = |x: f64| !x.is_nan() && Some(x) != fill;
+    let (lo, hi) = values
+        .iter()
+        .copied()
+        .filter(|&x| valid(x))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    let scale = (700 / width.max(height)).clamp(1, 12);
+    let (w, h) = ((width * scale) as u32, (height * scale) as u32);
+    let err = draw_err(out);
+    let root = BitMapBackend::new(out, (2 * w + 60, h + 90)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let when = match (&meta.time, v.is_static) {
+        (Some(_), false) => format!("time index {time}"),
+        _ => "static".to_string(),
+    };
+    let valid_count = values.iter().filter(|&&x| valid(x)).count();
+    root.draw(&Text::new(
+        format!(
+            "{variable} ({}), {when}: min {lo:.4}, max {hi:.4}; valid {:.1} %",
+            v.units.as_deref().unwrap_or("-"),
+            100.0 * valid_count as f64 / values.len().max(1) as f64
+        ),
+        (20, 15),
+        ("sans-serif", 18).into_font(),
+    ))
+    .map_err(|e| err(&e))?;
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    for y in 0..height {
+        for x in 0..width {
+            let value = values[y * width + x];
+            let (color, mask) = if valid(value) {
+                (viridis((value - lo) / span), RGBColor(20, 20, 20))
+            } else {
+                (RGBColor(200, 200, 200), RGBColor(235, 235, 235))
+            };
+            for (offset, c) in [(20, color), (40 + w as i32, mask)] {
+                let x0 = offset + (x * scale) as i32;
+                let y0 = 50 + (y * scale) as i32;
+                root.draw(&Rectangle::new([(x0, y0), (x0 + scale as i32, y0 + scale as i32)], c.filled()))
+                    .map_err(|e| err(&e))?;
+            }
+        }
+    }
+    root.draw(&Text::new("valid mask (dark = valid)", (40 + w as i32, 32), ("sans-serif", 14).into_font()))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// `height × width` values of one time slice (north-up), NaN where nothing is stored.
+fn slice(
+    cube: &Cube,
+    v: &crate::cube::VariableMeta,
+    time: usize,
+    height: usize,
+    width: usize,
+) -> Result<Vec<f64>, String> {
+    use zarrs::array::ArraySubset;
+    let array = cube.array(&v.name).map_err(|e| e.to_string())?;
+    let meta = cube.meta();
+    let read = |subset: &ArraySubset| -> Result<Vec<f64>, String> {
+        let bytes = array
+            .retrieve_array_subset::<zarrs::array::ArrayBytes<'static>>(subset)
+            .map_err(|e| e.to_string())?;
+        let raw = bytes.into_fixed().map_err(|e| e.to_string())?;
+        Ok(match v.dtype {
+            crate::plan::DType::Float32 => {
+                raw.chunks_exact(4).map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+            }
+            crate::plan::DType::Uint8 => raw.iter().map(|&b| f64::from(b)).collect(),
+            crate::plan::DType::Uint16 => {
+                raw.chunks_exact(2).map(|b| f64::from(u16::from_le_bytes([b[0], b[1]]))).collect()
+            }
+            crate::plan::DType::Int16 => {
+                raw.chunks_exact(2).map(|b| f64::from(i16::from_le_bytes([b[0], b[1]]))).collect()
+            }
+            crate::plan::DType::Uint32 => {
+                raw.chunks_exact(4).map(|b| f64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+            }
+            crate::plan::DType::Int32 => {
+                raw.chunks_exact(4).map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+            }
+        })
+    };
+    let (h, w, t) = (height as u64, width as u64, time as u64);
+    if meta.layout.shuffled.is_none() {
+        let subset = if v.is_static {
+            ArraySubset::new_with_ranges(&[0..h, 0..w])
+        } else {
+            ArraySubset::new_with_ranges(&[t..t + 1, 0..h, 0..w])
+        };
+        return read(&subset);
+    }
+    // Sample-major: put each sample back on the grid from its coordinates.
+    let samples = (height * width) as u64;
+    let values = if v.is_static {
+        read(&ArraySubset::new_with_ranges(&[0..samples]))?
+    } else {
+        read(&ArraySubset::new_with_ranges(&[0..samples, t..t + 1]))?
+    };
+    let coordinate = |name: &str| -> Result<Vec<f64>, String> {
+        let a = cube.array(name).map_err(|e| e.to_string())?;
+        a.retrieve_array_subset::<Vec<f64>>(&ArraySubset::new_with_ranges(&[0..samples]))
+            .map_err(|e| e.to_string())
+    };
+    let (lat, lon) = (coordinate("lat")?, coordinate("lon")?);
+    let grid = meta.grid;
+    let mut out = vec![f64::NAN; height * width];
+    for ((value, la), lo) in values.iter().zip(&lat).zip(&lon) {
+        let y = ((grid.north - la) / grid.res_y - 0.5).round() as usize;
+        let x = ((lo - grid.west) / grid.res_x - 0.5).round() as usize;
+        if y < height && x < width {
+            out[y * width + x] = *value;
+        }
+    }
+    Ok(out)
+}
