@@ -116,7 +116,7 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
         Command::Gen { config, threads, overwrite } => {
             let text = std::fs::read_to_string(&config)
                 .map_err(|source| cubeload::config::ConfigError::Read { path: config.clone(), source })?;
-            let report = run_gen(&text, &config, &GenOptions { threads, overwrite })?;
+            let report = run_gen(&text, &config, &GenOptions { threads, overwrite, ..Default::default() })?;
             print_summary(&report);
             Ok(())
         }
@@ -177,17 +177,62 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
 /// Runs the benchmark on `cube`, or on a synthetic default cube generated (and measured) first.
 fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeload::Result<BenchReport> {
     let Some(cube) = cube else {
-        eprintln!("Generating the default benchmark cube in {} ...", scratch.display());
+        eprintln!("Generating the default benchmark cube (and one 4× larger) in {} ...", scratch.display());
         let spec = demo::DemoSpec { hours: 24 * 28, resolution: 0.005, ..demo::DemoSpec::default() };
-        let report = demo::build_cube(scratch, &spec, None)?;
-        let (gen_rss, cube) = (cubeload::bench::peak_rss_mb(), Cube::open(&report.path)?);
-        let mb = cube.uncompressed_bytes() as f64 / 1e6;
-        let mut result = cubeload::bench::run(&report.path, options, scratch)?;
-        result.gen_mb_per_s = Some(mb / report.seconds);
-        result.gen_peak_rss_mb = Some(gen_rss);
+        let text = demo::write_inputs(scratch, &spec)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| cubeload::cube::CubeError::Io { path, source }
+        };
+        let config = scratch.join("bench.yaml");
+        std::fs::write(&config, &text).map_err(io(&config))?;
+        let (seconds, rss) = gen_child(&config)?;
+        let path = scratch.join("demo.zarr");
+        let mb = Cube::open(&path)?.uncompressed_bytes() as f64 / 1e6;
+        // The same inputs on a grid with 4× the cells: generation memory must not grow with the cube.
+        let big = scratch.join("bench4x.yaml");
+        let text4 =
+            text.replace("demo.zarr", "demo4x.zarr").replace("resolution: 0.005", "resolution: 0.0025");
+        std::fs::write(&big, text4).map_err(io(&big))?;
+        let (_, rss4) = gen_child(&big)?;
+        let _ = std::fs::remove_dir_all(scratch.join("demo4x.zarr"));
+        let mut result = cubeload::bench::run(&path, options, scratch)?;
+        result.gen_mb_per_s = Some(mb / seconds);
+        result.gen_peak_rss_mb = Some(rss);
+        result.gen_peak_rss_mb_4x = Some(rss4);
         return Ok(result);
     };
     Ok(cubeload::bench::run(cube, options, scratch)?)
+}
+
+/// Runs `cubeload gen` on `config` in a child process: (seconds, peak RSS in MB of that child).
+fn gen_child(config: &Path) -> cubeload::Result<(f64, f64)> {
+    let exe = std::env::current_exe()
+        .map_err(|source| cubeload::cube::CubeError::Io { path: "cubeload".into(), source })?;
+    let started = std::time::Instant::now();
+    let child = std::process::Command::new(exe)
+        .args(["gen", "--overwrite", "-c"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| cubeload::cube::CubeError::Io { path: config.to_path_buf(), source })?;
+    // SAFETY: wait4 reaps exactly this child (std's `Child` is not waited for afterwards) and fills the
+    // status and the rusage given to it: the child's own peak RSS, whatever ran before.
+    let (status, max_kb) = unsafe {
+        let mut status = 0i32;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::wait4(child.id() as i32, &raw mut status, 0, &raw mut usage);
+        (status, usage.ru_maxrss)
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        return Err(cubeload::cube::CubeError::NotACube {
+            path: config.to_path_buf(),
+            message: format!("generating the benchmark cube failed (wait status {status})"),
+        }
+        .into());
+    }
+    Ok((seconds, max_kb as f64 / 1024.0))
 }
 
 fn bench_table(r: &BenchReport) -> String {
@@ -220,7 +265,12 @@ fn bench_table(r: &BenchReport) -> String {
     if r.gen_mb_per_s.is_some() {
         rows.push((
             "generation",
-            format!("{} MB/s, peak RSS {} MB", opt(r.gen_mb_per_s, ""), opt(r.gen_peak_rss_mb, "")),
+            format!(
+                "{} MB/s, peak RSS {} MB ({} MB for a cube with 4× the cells)",
+                opt(r.gen_mb_per_s, ""),
+                opt(r.gen_peak_rss_mb, ""),
+                opt(r.gen_peak_rss_mb_4x, "")
+            ),
         ));
     }
     let m = &r.machine;

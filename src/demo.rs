@@ -60,7 +60,11 @@ pub fn build_cube(dir: &Path, spec: &DemoSpec, threads: Option<usize>) -> crate:
         .map_err(|source| crate::cube::CubeError::Io { path: config_path.clone(), source })?;
     let config = crate::Config::from_yaml(&text, &config_path)?;
     let plan = crate::Plan::new(config, text)?;
-    Ok(crate::generate(&plan, &crate::GenOptions { threads, overwrite: true }, &|_, _| {})?)
+    Ok(crate::generate(
+        &plan,
+        &crate::GenOptions { threads, overwrite: true, ..Default::default() },
+        &|_, _| {},
+    )?)
 }
 
 /// A smooth random field: a sum of waves with random directions, wavelengths and phases.

@@ -49,6 +49,9 @@ pub struct GenOptions {
     pub threads: Option<usize>,
     /// Replace an existing cube at the output path (never anything else).
     pub overwrite: bool,
+    /// Memory for one block's accumulators; a chunk row wider than this is split along x, so that memory
+    /// does not grow with the grid. > default: 32 MiB
+    pub block_bytes: Option<usize>,
 }
 
 /// What a run produced.
@@ -70,7 +73,14 @@ struct Block {
     var: usize,
     it: usize,
     iy: usize,
+    /// First shard (along x) of the chunk row that this block covers.
+    first_shard: usize,
+    /// Shards covered.
+    n_shards: usize,
 }
+
+/// Default memory for one block's accumulators (see [`GenOptions::block_bytes`]).
+const BLOCK_BUDGET_BYTES: usize = 32 << 20;
 
 /// Bytes of warped source bands held at once per thread.
 const WARP_BUDGET_BYTES: usize = 64 << 20;
@@ -177,13 +187,30 @@ fn build(
     }
     let writer = CubeWriter::create(staging, plan)?;
     let [ct_n, cy_n, cx_n] = writer.meta().chunk_counts();
+    let layout = plan.layout;
+    let budget = options.block_bytes.unwrap_or(BLOCK_BUDGET_BYTES);
     let mut blocks = Vec::new();
     for (var, v) in plan.variables.iter().enumerate() {
+        let (ct, shard_x) =
+            if v.is_static { (1, layout.static_shard_x) } else { (layout.chunk_t, layout.shard_x) };
+        // Accumulator bytes per shard: f64 value + u32 count/rank per cell.
+        let per_shard = ct * layout.chunk_y * layout.chunk_x * shard_x * 12;
+        let n_shards = cx_n.div_ceil(shard_x);
+        let step = (budget / per_shard.max(1)).clamp(1, n_shards.max(1));
         for iy in 0..cy_n {
-            if v.is_static {
-                blocks.push(Block { var, it: 0, iy });
-            } else {
-                blocks.extend((0..ct_n).map(|it| Block { var, it, iy }));
+            for first in (0..n_shards).step_by(step) {
+                let count = step.min(n_shards - first);
+                if v.is_static {
+                    blocks.push(Block { var, it: 0, iy, first_shard: first, n_shards: count });
+                } else {
+                    blocks.extend((0..ct_n).map(|it| Block {
+                        var,
+                        it,
+                        iy,
+                        first_shard: first,
+                        n_shards: count,
+                    }));
+                }
             }
         }
     }
@@ -341,8 +368,11 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
     let v = &plan.variables[block.var];
     let layout = plan.layout;
     let grid = &plan.grid;
-    let px = writer.meta().padded_shape[2];
     let (cy, ct) = (layout.chunk_y, if v.is_static { 1 } else { layout.chunk_t });
+    let shard_cols = layout.chunk_x * if v.is_static { layout.static_shard_x } else { layout.shard_x };
+    // The block's columns: its shards, of which only those inside the grid are warped.
+    let (col0, px) = (block.first_shard * shard_cols, block.n_shards * shard_cols);
+    let cols = px.min(grid.width.saturating_sub(col0));
     let row0 = block.iy * cy;
     let rows = cy.min(grid.height.saturating_sub(row0));
     let plane = cy * px;
@@ -386,8 +416,8 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
         }
     }
     let mut acc = Accumulator::new(ops, plane);
-    if rows > 0 {
-        let per_band = rows * grid.width * 8;
+    if rows > 0 && cols > 0 {
+        let per_band = rows * cols * 8;
         let batch = (WARP_BUDGET_BYTES / per_band.max(1)).clamp(1, 512);
         for (file_index, file) in v.source.files.iter().enumerate() {
             let needed: Vec<usize> = v
@@ -407,16 +437,16 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
                     v.source.nodata,
                     v.resampling,
                     grid,
-                    row0..row0 + rows,
+                    (row0..row0 + rows, col0..col0 + cols),
                 )?;
                 for (&s, raster) in group.iter().zip(rasters) {
-                    accumulate(&mut acc, v, &feeds[s], &raster, rows, grid.width, px);
+                    accumulate(&mut acc, v, &feeds[s], &raster, rows, cols, px);
                 }
             }
         }
     }
     let values = acc.finish();
-    Ok(writer.write_block(block.var, block.it, block.iy, &values)?)
+    Ok(writer.write_block(block.var, block.it, block.iy, block.first_shard, &values)?)
 }
 
 /// Unpacks one warped band and adds it to every target step it feeds.

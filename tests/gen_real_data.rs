@@ -296,3 +296,51 @@ fn curvilinear_grid_uses_geolocation_arrays_like_gdalwarp() {
     }
     assert!(compared > 23 * w * h / 2, "{compared}");
 }
+
+#[test]
+fn blocks_split_along_x_give_the_same_cube() {
+    // A tiny block budget splits every chunk row into one block per shard (one chunk each with shard: none):
+    // the warp windows change, the cube must not.
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str, block_bytes: Option<usize>| {
+        let text = format!(
+            "output: {}\ngrid: {{ bbox: [-10.0, 50.0, 2.0, 58.0], resolution: 0.1 }}\ntime: {{ from: t2m }}\n\
+             layout: {{ kind: pixel_series, batch: 64, shard: none }}\nvariables:\n  t2m: {{ path: {} }}\n  \
+             tmean: {{ path: {}, variable: tmean, static: true, resampling: average }}\n",
+            dir.path().join(name).display(),
+            shared_data("era5-2mt-2019-03-uk.grib").display(),
+            shared_data("tmean_1910_1910.nc").display()
+        );
+        let config = cubeload::Config::from_yaml(&text, std::path::Path::new("t.yaml")).unwrap();
+        let plan = cubeload::Plan::new(config, text.clone()).unwrap();
+        let options = cubeload::GenOptions { block_bytes, ..Default::default() };
+        cubeload::generate(&plan, &options, &|_, _| {}).unwrap()
+    };
+    let whole = make("whole.zarr", None);
+    let split = make("split.zarr", Some(1));
+    assert!(split.blocks > whole.blocks, "{} blocks vs {}", split.blocks, whole.blocks);
+    let t2m = |cube: &std::path::Path| read_f32(cube, "t2m", Some(0..744), 80, 120);
+    let (a, b) = (t2m(&whole.path), t2m(&split.path));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    let tmean = |cube: &std::path::Path| read_f32(cube, "tmean", None, 80, 120);
+    let (a, b) = (tmean(&whole.path), tmean(&split.path));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    // Statistics are merged in another order (and accumulated in f64 before the cast): equal to 1e-12.
+    let (mw, ms) = (meta(&whole.path), meta(&split.path));
+    for i in 0..2 {
+        let (vw, vs) = (&mw["variables"][i], &ms["variables"][i]);
+        assert_eq!(vw["valid_fraction"], vs["valid_fraction"]);
+        assert_eq!(vw["stats"]["count"], vs["stats"]["count"]);
+        for key in ["mean", "std", "min", "max"] {
+            let (x, y) = (vw["stats"][key].as_f64().unwrap(), vs["stats"][key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{key}: {x} vs {y}");
+        }
+        let name = vw["name"].as_str().unwrap();
+        let index = |cube: &std::path::Path| {
+            let a = array(cube, &format!("cubeload_index/{name}"));
+            let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
+            a.retrieve_array_subset::<Vec<f32>>(&subset).unwrap()
+        };
+        assert_eq!(index(&whole.path), index(&split.path), "validity index of {name}");
+    }
+}

@@ -366,8 +366,9 @@ impl CubeWriter {
         Ok(array)
     }
 
-    /// Stores the block of variable `var` at time chunk `it` and chunk row `iy`: `values` holds
-    /// `chunk_t × chunk_y × padded_width` cells (1 × … for static variables), NaN for missing.
+    /// Stores the block of variable `var` at time chunk `it`, chunk row `iy`, from shard `first_shard` on:
+    /// `values` holds `chunk_t × chunk_y × (k · shard width)` cells for k whole shards (`1 × …` for static
+    /// variables), NaN for missing.
     ///
     /// # Errors
     /// [`CubeError::Zarr`] when storing fails.
@@ -376,15 +377,18 @@ impl CubeWriter {
         var: usize,
         it: usize,
         iy: usize,
+        first_shard: usize,
         values: &[f64],
     ) -> Result<BlockSummary, CubeError> {
         let layout = self.meta.layout;
         let v = &self.meta.variables[var];
         let [n_time, height, width] = self.meta.shape;
-        let px = self.meta.padded_shape[2];
         let (ct, cy, cx) = (if v.is_static { 1 } else { layout.chunk_t }, layout.chunk_y, layout.chunk_x);
-        assert_eq!(values.len(), ct * cy * px, "block shape");
         let shard_x = if v.is_static { layout.static_shard_x } else { layout.shard_x };
+        let shard_w = cx * shard_x;
+        let px = values.len() / (ct * cy);
+        assert!(values.len() == ct * cy * px && px.is_multiple_of(shard_w), "block shape");
+        let (col0, chunks_x) = (first_shard * shard_w, self.meta.padded_shape[2] / cx);
         let fill = v.fill_value.unwrap_or(f64::NAN);
 
         // Statistics and validity over the block (padding counts as invalid in the validity index).
@@ -396,36 +400,35 @@ impl CubeWriter {
                 let y_ok = iy * cy + y < height;
                 let row = &values[(t * cy + y) * px..(t * cy + y + 1) * px];
                 for (x, &value) in row.iter().enumerate() {
-                    let inside = t_ok && y_ok && x < width;
-                    let valid = !value.is_nan() && value != fill;
+                    let inside = t_ok && y_ok && col0 + x < width;
                     if inside {
                         summary.cells += 1;
-                        if valid {
+                        if !value.is_nan() && value != fill {
                             summary.valid += 1;
                             summary.stats.push(value);
+                            chunk_valid[x / cx] += 1;
                         }
-                    }
-                    if inside && valid {
-                        chunk_valid[x / cx] += 1;
                     }
                 }
             }
         }
         let per_chunk = (ct * cy * cx) as f32;
-        summary.chunk_validity =
-            chunk_valid.iter().enumerate().map(|(i, &n)| (i, n as f32 / per_chunk)).collect();
+        summary.chunk_validity = chunk_valid
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (col0 / cx + i, n as f32 / per_chunk))
+            .filter(|&(ix, _)| ix < chunks_x)
+            .collect();
 
         // One store per shard (or per chunk when unsharded).
-        let shard_w = cx * shard_x;
         let array = &self.arrays[var];
-        for ishard in 0..px.div_ceil(shard_w) {
+        for k in 0..px / shard_w {
+            let ishard = first_shard + k;
             let mut block = Vec::with_capacity(ct * cy * shard_w);
             for t in 0..ct {
                 for y in 0..cy {
                     let row = &values[(t * cy + y) * px..(t * cy + y + 1) * px];
-                    for x in ishard * shard_w..(ishard + 1) * shard_w {
-                        block.push(row.get(x).copied().unwrap_or(f64::NAN));
-                    }
+                    block.extend_from_slice(&row[k * shard_w..(k + 1) * shard_w]);
                 }
             }
             let indices: Vec<u64> = if v.is_static {

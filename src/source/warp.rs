@@ -110,8 +110,8 @@ fn format_nodata(v: f64) -> String {
     if v.is_nan() { "nan".to_string() } else { format!("{v:.17e}") }
 }
 
-/// Warps `bands` of `file` onto rows `window` (full width) of `grid`.
-/// Returns one `window.len() × grid.width` raster per band, row-major, NaN where no source pixel contributes.
+/// Warps `bands` of `file` onto a window `(rows, columns)` of `grid`.
+/// Returns one `rows × columns` raster per band, row-major, NaN where no source pixel contributes.
 ///
 /// # Errors
 /// [`SourceError::Gdal`] naming the file when GDAL fails.
@@ -122,17 +122,20 @@ pub fn warp_window(
     nodata: Option<f64>,
     resampling: Resampling,
     grid: &Grid,
-    window: Range<usize>,
+    (window_rows, window_cols): (Range<usize>, Range<usize>),
 ) -> Result<Vec<Vec<f64>>, SourceError> {
-    let (row0, rows) = (window.start, window.len());
+    let (row0, rows) = (window_rows.start, window_rows.len());
+    let (col0, cols) = (window_cols.start, window_cols.len());
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
     let xml = vrt_xml(file, bands, data_type, nodata);
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
     let driver = DriverManager::get_driver_by_name("MEM").map_err(|e| fail(e.to_string()))?;
     let mut target = driver
-        .create_with_band_type::<f64, _>("", grid.width, rows, bands.len())
+        .create_with_band_type::<f64, _>("", cols, rows, bands.len())
         .map_err(|e| fail(format!("cannot allocate the warp window: {e}")))?;
-    target.set_geo_transform(&grid.geotransform(row0)).map_err(|e| fail(e.to_string()))?;
+    let mut geotransform = grid.geotransform(row0);
+    geotransform[0] += col0 as f64 * grid.res_x;
+    target.set_geo_transform(&geotransform).map_err(|e| fail(e.to_string()))?;
     target.set_projection(target_wkt()).map_err(|e| fail(e.to_string()))?;
     for i in 1..=bands.len() {
         let mut band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
@@ -145,8 +148,8 @@ pub fn warp_window(
     let mut out = Vec::with_capacity(bands.len());
     for i in 1..=bands.len() {
         let band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
-        let mut buf = vec![0.0f64; grid.width * rows];
-        band.read_into_slice((0, 0), (grid.width, rows), (grid.width, rows), &mut buf, None)
+        let mut buf = vec![0.0f64; cols * rows];
+        band.read_into_slice((0, 0), (cols, rows), (cols, rows), &mut buf, None)
             .map_err(|e| fail(e.to_string()))?;
         if let Some(outside) = &outside {
             for (value, &out) in buf.iter_mut().zip(outside) {
