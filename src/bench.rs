@@ -318,8 +318,11 @@ fn read_chunks(
                                 continue;
                             }
                             let subset = chunk_subset(layout, *is_static, [it, iy, ix]);
-                            let decoded =
-                                array.retrieve_array_subset::<zarrs::array::ArrayBytes<'static>>(&subset);
+                            let decoded = array
+                                .retrieve_array_subset_opt::<zarrs::array::ArrayBytes<'static>>(
+                                    &subset,
+                                    &crate::loader::assemble::one_thread(),
+                                );
                             let decoded = decoded.map_err(|e| LoaderError::Read {
                                 variable: array.path().to_string(),
                                 chunk: [it, iy, ix],

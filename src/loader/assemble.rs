@@ -163,9 +163,10 @@ impl Assembler {
                     values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect()
                 };
                 Ok(match v.meta.dtype {
-                    DType::Float32 => {
-                        v.array.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| fail(&e))?
-                    }
+                    DType::Float32 => v
+                        .array
+                        .retrieve_array_subset_opt::<Vec<f32>>(&subset, &one_thread())
+                        .map_err(|e| fail(&e))?,
                     DType::Uint8 => ints(widen::<u8>(&v.array, &subset).map_err(|e| fail(&e))?),
                     DType::Uint16 => ints(widen::<u16>(&v.array, &subset).map_err(|e| fail(&e))?),
                     DType::Int16 => ints(widen::<i16>(&v.array, &subset).map_err(|e| fail(&e))?),
@@ -391,11 +392,22 @@ impl Strided {
     }
 }
 
+/// Decoding options for a reader thread: the loader parallelizes across chunks with its own threads, so a
+/// read must not also fan out over rayon's pool (which would make `threads(1)` use every core).
+#[must_use]
+pub fn one_thread() -> zarrs::array::CodecOptions {
+    zarrs::array::CodecOptions::default().with_concurrent_target(1)
+}
+
 fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
     array: &Array<FilesystemStore>,
     subset: &[std::ops::Range<u64>],
 ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-    Ok(array.retrieve_array_subset::<Vec<T>>(&subset.to_vec())?.into_iter().map(Into::into).collect())
+    Ok(array
+        .retrieve_array_subset_opt::<Vec<T>>(&subset.to_vec(), &one_thread())?
+        .into_iter()
+        .map(Into::into)
+        .collect())
 }
 
 /// Permutes the samples of `batches` across all of them (each batch keeps its size).
