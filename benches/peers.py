@@ -511,7 +511,8 @@ def main() -> None:
         f"- date: {today}; whole script {total_s:.0f} s",
         f"- machine: {mach['cores']} cores ({mach['cores_usable']} usable, {mach['cpu']}), "
         f"{mach['memory_gb']} GB memory, {mach['os']}; load average (1/5/15 min) {load} at start, {load2} "
-        "at the end of the measurements (other processes on the machine compete for the cores)",
+        "at the end of the measurements (the end figure includes this script's own load; anything above it at "
+        "the start is other processes competing for the cores)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
         f"- cube: {size}; zstd 3; warm page cache",
         f"- command: `{' '.join([Path(sys.executable).name, 'benches/peers.py', *sys.argv[1:]])}`",
@@ -540,7 +541,7 @@ def main() -> None:
         f"arrays are also stacked to [B, T, V]), ≥ 5× the plain zarr-python reader "
         f"({'met' if r_zr >= 5 else 'NOT met'}: {r_zr:.1f}×; {r_zr_s:.1f}× stacked). "
         f"cubeload's epochs include its start (first batch after "
-        f"{median([r['first_batch_s'] for r in cl_runs]) * 1e3:.1f} ms, median); xbatcher's setup "
+        f"{median([r['first_batch_s'] for r in cl_runs]) * 1e3:.2f} ms, median); xbatcher's setup "
         f"(open_zarr + BatchGenerator: {xb['setup_s'] * 1e3:.0f} ms) is left out of its rate "
         f"({xb_rate_incl:.1f} batches/s with it); xbatcher's dask chunks are {xb['dask_chunks']} "
         f"(one chunk per batch), its batches are in tile order, the others read cubeload's shuffled epoch order. "

@@ -86,9 +86,49 @@ pub struct BenchReport {
     pub cold_note: Option<String>,
     /// Machine and setup.
     pub machine: Machine,
+    /// The project's goals, each with the measured value and whether it is met.
+    pub goals: Vec<Goal>,
     /// Wait for each batch of the loader epoch, in delivery order (for `--plot`).
     #[serde(skip)]
     pub latencies_ms: Vec<f64>,
+}
+
+/// One goal of the project, checked against this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    /// The figure.
+    pub name: &'static str,
+    /// The goal, e.g. `>= 0.8`.
+    pub goal: String,
+    /// The measured value.
+    pub value: f64,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+impl BenchReport {
+    /// Fills [`BenchReport::goals`] from the figures measured (call after the generation figures are set).
+    pub fn check_goals(&mut self) {
+        let mut goals = Vec::new();
+        let mut at_least = |name, value: Option<f64>, min: f64| {
+            if let Some(value) = value {
+                goals.push(Goal { name, goal: format!(">= {min}"), value, met: value >= min });
+            }
+        };
+        at_least("ratio_to_ceiling", Some(self.ratio_to_ceiling), 0.8);
+        at_least("speedup_vs_image_chunked", self.speedup_vs_image_chunked, 10.0);
+        at_least("thread_scaling", self.thread_scaling.filter(|_| self.machine.threads == 2), 1.8);
+        let mut at_most = |name, value: Option<f64>, max: f64| {
+            if let Some(value) = value {
+                goals.push(Goal { name, goal: format!("<= {max}"), value, met: value <= max });
+            }
+        };
+        at_most("read_amplification", self.read_amplification, 1.01);
+        at_most("time_to_first_batch_ms", Some(self.time_to_first_batch_ms), 50.0);
+        let growth = self.gen_peak_rss_mb.zip(self.gen_peak_rss_mb_4x).map(|(a, b)| b / a);
+        at_most("gen_peak_rss_growth_4x", growth, 1.2);
+        self.goals = goals;
+    }
 }
 
 /// What a result needs to be read later.
@@ -238,6 +278,11 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
         latencies_ms,
+        goals: Vec::new(),
+    })
+    .map(|mut report| {
+        report.check_goals();
+        report
     })
 }
 

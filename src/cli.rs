@@ -200,6 +200,7 @@ fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeloa
         result.gen_mb_per_s = Some(mb / seconds);
         result.gen_peak_rss_mb = Some(rss);
         result.gen_peak_rss_mb_4x = Some(rss4);
+        result.check_goals();
         return Ok(result);
     };
     Ok(cubeload::bench::run(cube, options, scratch)?)
@@ -288,6 +289,14 @@ fn bench_table(r: &BenchReport) -> String {
     ));
     if let Some(note) = &r.cold_note {
         rows.push(("note", note.clone()));
+    }
+    for goal in &r.goals {
+        let verdict = if goal.met {
+            "met".to_string()
+        } else {
+            format!("MISSED ({:.3}, goal {})", goal.value, goal.goal)
+        };
+        rows.push(("goal", format!("{} {} : {verdict}", goal.name, goal.goal)));
     }
     rows.iter().fold(String::new(), |mut out, (k, v)| {
         let _ = writeln!(out, "{k:<19} {v}");
