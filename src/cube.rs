@@ -100,6 +100,30 @@ pub struct RunningStats {
 }
 
 impl RunningStats {
+    /// Statistics of the values of a re-iterable sequence, in two passes (sum, then squared deviations):
+    /// no division per value, and as precise as Welford's update.
+    pub fn of<I: Iterator<Item = f64> + Clone>(values: I) -> RunningStats {
+        let (mut count, mut sum, mut min, mut max) = (0u64, 0.0f64, f64::INFINITY, f64::NEG_INFINITY);
+        for x in values.clone() {
+            count += 1;
+            sum += x;
+            min = min.min(x);
+            max = max.max(x);
+        }
+        if count == 0 {
+            return RunningStats::default();
+        }
+        let mean = sum / count as f64;
+        let m2 = values.map(|x| (x - mean) * (x - mean)).sum();
+        RunningStats { count, mean, m2, min, max }
+    }
+
+    /// Number of values.
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     /// Adds one value.
     pub fn push(&mut self, x: f64) {
         if self.count == 0 {
@@ -224,5 +248,26 @@ impl CubeMeta {
     pub fn chunk_counts(&self) -> [usize; 3] {
         let [t, y, x] = self.padded_shape;
         [if t == 0 { 1 } else { t / self.layout.chunk_t }, y / self.layout.chunk_y, x / self.layout.chunk_x]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunningStats;
+
+    #[test]
+    fn two_pass_block_stats_equal_welford_and_merge() {
+        let values: Vec<f64> =
+            (0..1000).map(|i| 280.0 + f64::from(i % 37) * 0.25 - f64::from(i % 11)).collect();
+        let mut welford = RunningStats::default();
+        for &x in &values {
+            welford.push(x);
+        }
+        let mut merged = RunningStats::of(values[..300].iter().copied());
+        merged.merge(&RunningStats::of(values[300..].iter().copied()));
+        let (a, b) = (welford.finish().unwrap(), merged.finish().unwrap());
+        assert_eq!((a.count, a.min, a.max), (b.count, b.min, b.max));
+        assert!((a.mean - b.mean).abs() < 1e-10 && (a.std - b.std).abs() < 1e-10, "{a:?} {b:?}");
+        assert!(RunningStats::of(std::iter::empty()).finish().is_none());
     }
 }

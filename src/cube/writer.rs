@@ -394,24 +394,24 @@ impl CubeWriter {
         // Statistics and validity over the block (padding counts as invalid in the validity index).
         let mut summary = BlockSummary::default();
         let mut chunk_valid = vec![0u64; px / cx];
-        for t in 0..ct {
-            let t_ok = v.is_static || it * ct + t < n_time;
-            for y in 0..cy {
-                let y_ok = iy * cy + y < height;
-                let row = &values[(t * cy + y) * px..(t * cy + y + 1) * px];
-                for (x, &value) in row.iter().enumerate() {
-                    let inside = t_ok && y_ok && col0 + x < width;
-                    if inside {
-                        summary.cells += 1;
-                        if !value.is_nan() && value != fill {
-                            summary.valid += 1;
-                            summary.stats.push(value);
-                            chunk_valid[x / cx] += 1;
-                        }
-                    }
+        let inside_cols = px.min(width.saturating_sub(col0));
+        let rows: Vec<&[f64]> = (0..ct)
+            .filter(|t| v.is_static || it * ct + t < n_time)
+            .flat_map(|t| (0..cy).filter(|y| iy * cy + y < height).map(move |y| (t, y)))
+            .map(|(t, y)| &values[(t * cy + y) * px..(t * cy + y) * px + inside_cols])
+            .collect();
+        let valid = |x: f64| !x.is_nan() && x != fill;
+        for row in &rows {
+            summary.cells += row.len() as u64;
+            for (x, &value) in row.iter().enumerate() {
+                if valid(value) {
+                    chunk_valid[x / cx] += 1;
                 }
             }
         }
+        summary.stats =
+            RunningStats::of(rows.iter().flat_map(|row| row.iter().copied().filter(|&x| valid(x))));
+        summary.valid = summary.stats.count();
         let per_chunk = (ct * cy * cx) as f32;
         summary.chunk_validity = chunk_valid
             .iter()
