@@ -21,22 +21,8 @@ use std::path::{Path, PathBuf};
 use criterion::{BatchSize, Criterion, Throughput};
 use cubeload::Cube;
 use cubeload::demo::{DemoSpec, build_cube};
-use cubeload::layout::Layout;
 use cubeload::loader::{Loader, LoaderBuilder};
-use zarrs::array::{ArrayBytes, ArraySubset};
-
-/// The region of chunk `[it, iy, ix]` of a variable (as `cubeload bench` and the loader read it).
-fn chunk_subset(layout: &Layout, is_static: bool, [it, iy, ix]: [usize; 3]) -> ArraySubset {
-    let span = |index: usize, size: usize| (index * size) as u64..((index + 1) * size) as u64;
-    let (times, rows, cols) = (span(it, layout.chunk_t), span(iy, layout.chunk_y), span(ix, layout.chunk_x));
-    let ranges = match (layout.shuffled.is_some(), is_static) {
-        (true, true) => vec![rows],
-        (true, false) => vec![rows, times],
-        (false, true) => vec![rows, cols],
-        (false, false) => vec![times, rows, cols],
-    };
-    ArraySubset::new_with_ranges(&ranges)
-}
+use zarrs::array::ArrayBytes;
 
 /// A loader option under test.
 type Configure = fn(LoaderBuilder) -> LoaderBuilder;
@@ -55,7 +41,7 @@ fn decode(c: &mut Criterion, path: &Path) {
     // One chunk of t2m: exactly one batch's (T, h, w) block.
     let t2m = meta.variables.iter().find(|v| v.name == "t2m").expect("t2m in the demo cube");
     let array = cube.array("t2m").expect("open t2m");
-    let subset = chunk_subset(&layout, t2m.is_static, [0, 0, 0]);
+    let subset = layout.chunk_subset(t2m.is_static, [0, 0, 0]);
     let cells = array.retrieve_array_subset::<Vec<f32>>(&subset).expect("decode a t2m chunk").len();
     assert_eq!(cells, layout.chunk_t * layout.chunk_y * layout.chunk_x, "one whole chunk");
     group.throughput(Throughput::Bytes((cells * size_of::<f32>()) as u64));
@@ -71,7 +57,7 @@ fn decode(c: &mut Criterion, path: &Path) {
         .iter()
         .map(|v| {
             let array = cube.array(&v.name).expect("open variable");
-            let subsets: Vec<_> = chunks.iter().map(|&id| chunk_subset(&layout, v.is_static, id)).collect();
+            let subsets: Vec<_> = chunks.iter().map(|&id| layout.chunk_subset(v.is_static, id)).collect();
             (array, subsets)
         })
         .collect();

@@ -362,7 +362,7 @@ fn read_chunks(
                             if *is_static && it > 0 {
                                 continue;
                             }
-                            let subset = chunk_subset(layout, *is_static, [it, iy, ix]);
+                            let subset = layout.chunk_subset(*is_static, [it, iy, ix]);
                             let decoded = array
                                 .retrieve_array_subset_opt::<zarrs::array::ArrayBytes<'static>>(
                                     &subset,
@@ -382,18 +382,6 @@ fn read_chunks(
             .collect();
         handles.into_iter().map(|h| h.join().expect("reader thread")).sum()
     })
-}
-
-fn chunk_subset(layout: &crate::layout::Layout, is_static: bool, [it, iy, ix]: ChunkId) -> ArraySubset {
-    let span = |index: usize, size: usize| (index * size) as u64..((index + 1) * size) as u64;
-    let (times, rows, cols) = (span(it, layout.chunk_t), span(iy, layout.chunk_y), span(ix, layout.chunk_x));
-    let ranges = match (layout.shuffled.is_some(), is_static) {
-        (true, true) => vec![rows],
-        (true, false) => vec![rows, times],
-        (false, true) => vec![rows, cols],
-        (false, false) => vec![times, rows, cols],
-    };
-    ArraySubset::new_with_ranges(&ranges)
 }
 
 /// Copies the time-varying variables image by image (`(1, 200, 200)` chunks, same codec) and times reading
@@ -446,7 +434,7 @@ fn image_chunked_seconds_per_batch(
     for &id in &ids {
         for copy in &copies {
             let values = copy
-                .retrieve_array_subset::<Vec<f32>>(&chunk_subset(&layout, false, id))
+                .retrieve_array_subset::<Vec<f32>>(&layout.chunk_subset(false, id))
                 .map_err(|e| fail(&e))?;
             std::hint::black_box(values);
         }

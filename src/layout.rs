@@ -123,6 +123,20 @@ impl Layout {
         (t / self.chunk_t, y / self.chunk_y, x / self.chunk_x)
     }
 
+    /// The array region of batch chunk `[time, lat, lon]` of a variable (static ones have no time axis;
+    /// sample-major cubes index `(sample, time)` with the sample chunk in the `lat` slot).
+    #[must_use]
+    pub fn chunk_subset(&self, is_static: bool, [it, iy, ix]: [usize; 3]) -> Vec<std::ops::Range<u64>> {
+        let span = |index: usize, size: usize| (index * size) as u64..((index + 1) * size) as u64;
+        let (times, rows, cols) = (span(it, self.chunk_t), span(iy, self.chunk_y), span(ix, self.chunk_x));
+        match (self.shuffled.is_some(), is_static) {
+            (true, true) => vec![rows],
+            (true, false) => vec![rows, times],
+            (false, true) => vec![rows, cols],
+            (false, false) => vec![times, rows, cols],
+        }
+    }
+
     /// Shape of a delivered batch, without the variable axis: `[B, T]` or `[B, S, h, w]`.
     #[must_use]
     pub fn batch_shape(&self) -> Vec<usize> {

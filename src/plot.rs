@@ -229,28 +229,13 @@ fn slice(
     let array = cube.array(&v.name).map_err(|e| e.to_string())?;
     let meta = cube.meta();
     let read = |subset: &ArraySubset| -> Result<Vec<f64>, String> {
-        let bytes = array
-            .retrieve_array_subset::<zarrs::array::ArrayBytes<'static>>(subset)
-            .map_err(|e| e.to_string())?;
-        let raw = bytes.into_fixed().map_err(|e| e.to_string())?;
-        Ok(match v.dtype {
-            crate::plan::DType::Float32 => {
-                raw.chunks_exact(4).map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
-            }
-            crate::plan::DType::Uint8 => raw.iter().map(|&b| f64::from(b)).collect(),
-            crate::plan::DType::Uint16 => {
-                raw.chunks_exact(2).map(|b| f64::from(u16::from_le_bytes([b[0], b[1]]))).collect()
-            }
-            crate::plan::DType::Int16 => {
-                raw.chunks_exact(2).map(|b| f64::from(i16::from_le_bytes([b[0], b[1]]))).collect()
-            }
-            crate::plan::DType::Uint32 => {
-                raw.chunks_exact(4).map(|b| f64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
-            }
-            crate::plan::DType::Int32 => {
-                raw.chunks_exact(4).map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
-            }
-        })
+        crate::cube::reader::read_f64(
+            &array,
+            v.dtype,
+            &subset.to_ranges(),
+            &zarrs::array::CodecOptions::default(),
+        )
+        .map_err(|e| e.to_string())
     };
     let (h, w, t) = (height as u64, width as u64, time as u64);
     if meta.layout.shuffled.is_none() {

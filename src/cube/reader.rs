@@ -3,11 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use zarrs::array::Array;
+use zarrs::array::{Array, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::Group;
 
 use super::{CubeError, CubeMeta, META_KEY};
+use crate::plan::DType;
 
 /// An opened, complete cube.
 pub struct Cube {
@@ -19,6 +20,37 @@ pub struct Cube {
 impl std::fmt::Debug for Cube {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cube").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Reads `subset` of a variable of any stored type as f64 (fill values stay as stored).
+///
+/// # Errors
+/// The zarrs error when the region cannot be read or decoded.
+pub fn read_f64(
+    array: &Array<FilesystemStore>,
+    dtype: DType,
+    subset: &[std::ops::Range<u64>],
+    options: &CodecOptions,
+) -> Result<Vec<f64>, zarrs::array::ArrayError> {
+    fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
+        array: &Array<FilesystemStore>,
+        subset: &[std::ops::Range<u64>],
+        options: &CodecOptions,
+    ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
+        Ok(array
+            .retrieve_array_subset_opt::<Vec<T>>(&subset.to_vec(), options)?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+    match dtype {
+        DType::Float32 => widen::<f32>(array, subset, options),
+        DType::Uint8 => widen::<u8>(array, subset, options),
+        DType::Uint16 => widen::<u16>(array, subset, options),
+        DType::Int16 => widen::<i16>(array, subset, options),
+        DType::Uint32 => widen::<u32>(array, subset, options),
+        DType::Int32 => widen::<i32>(array, subset, options),
     }
 }
 

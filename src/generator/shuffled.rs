@@ -9,12 +9,12 @@
 
 use std::path::Path;
 
-use zarrs::array::{Array, ArraySubset};
+use zarrs::array::{Array, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
 
 use super::{GenError, GenOptions, remove_dir};
 use crate::config::{Codec, CompressionConfig, LayoutConfig, Order, ShardConfig, ShardMode};
-use crate::cube::reader::Cube;
+use crate::cube::reader::{Cube, read_f64};
 use crate::cube::writer::CubeWriter;
 use crate::cube::{CubeError, CubeMeta, RunningStats};
 use crate::layout::Layout;
@@ -90,12 +90,12 @@ fn rewrite(plan: &Plan, tiled: &Cube, staging: &Path) -> Result<CubeMeta, GenErr
                 for iy in 0..ty_n {
                     for ix in 0..tx_n {
                         let (y0, x0) = (iy * tl.chunk_y, ix * tl.chunk_x);
-                        let tile =
-                            read_tile(&array, v.dtype, v.is_static, it * ct..(it + 1) * ct, y0, x0, &tl)
-                                .map_err(|e| CubeError::Zarr {
-                                    path: tiled.path().to_path_buf(),
-                                    message: format!("variable `{}`: {e}", v.name),
-                                })?;
+                        let tile = read_tile(&array, v.dtype, v.is_static, it, iy, ix, &tl).map_err(|e| {
+                            CubeError::Zarr {
+                                path: tiled.path().to_path_buf(),
+                                message: format!("variable `{}`: {e}", v.name),
+                            }
+                        })?;
                         let plane = tl.chunk_y * tl.chunk_x;
                         for dy in 0..tl.chunk_y.min(height.saturating_sub(y0)) {
                             for dx in 0..tl.chunk_x.min(width.saturating_sub(x0)) {
@@ -135,29 +135,10 @@ fn read_tile(
     array: &Array<FilesystemStore>,
     dtype: DType,
     is_static: bool,
-    time: std::ops::Range<usize>,
-    y0: usize,
-    x0: usize,
+    it: usize,
+    iy: usize,
+    ix: usize,
     tiled: &Layout,
 ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-    fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
-        array: &Array<FilesystemStore>,
-        subset: &ArraySubset,
-    ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-        Ok(array.retrieve_array_subset::<Vec<T>>(subset)?.into_iter().map(Into::into).collect())
-    }
-    let (y0, x0, h, w) = (y0 as u64, x0 as u64, tiled.chunk_y as u64, tiled.chunk_x as u64);
-    let subset = if is_static {
-        ArraySubset::new_with_ranges(&[y0..y0 + h, x0..x0 + w])
-    } else {
-        ArraySubset::new_with_ranges(&[time.start as u64..time.end as u64, y0..y0 + h, x0..x0 + w])
-    };
-    match dtype {
-        DType::Float32 => widen::<f32>(array, &subset),
-        DType::Uint8 => widen::<u8>(array, &subset),
-        DType::Uint16 => widen::<u16>(array, &subset),
-        DType::Int16 => widen::<i16>(array, &subset),
-        DType::Uint32 => widen::<u32>(array, &subset),
-        DType::Int32 => widen::<i32>(array, &subset),
-    }
+    read_f64(array, dtype, &tiled.chunk_subset(is_static, [it, iy, ix]), &CodecOptions::default())
 }

@@ -11,7 +11,7 @@ use super::LoaderError;
 use super::sampler::{ChunkId, rng_for};
 use crate::batch::{Batch, BatchOrigin};
 use crate::config::VariableKind;
-use crate::cube::reader::Cube;
+use crate::cube::reader::{Cube, read_f64};
 use crate::cube::{CubeMeta, VariableMeta};
 use crate::layout::LayoutKind;
 use crate::plan::DType;
@@ -138,41 +138,25 @@ impl Assembler {
     /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
     fn read_chunk(&self, id: ChunkId) -> Result<Vec<Vec<f32>>, LoaderError> {
         let l = &self.meta.layout;
-        let [it, iy, ix] = id;
-        let (y, x) = ((iy * l.chunk_y) as u64, (ix * l.chunk_x) as u64);
-        let spatial = [y..y + l.chunk_y as u64, x..x + l.chunk_x as u64];
-        let t = (it * l.chunk_t) as u64;
-        let times = t..t + l.chunk_t as u64;
         self.vars
             .iter()
             .map(|v| {
-                let subset: Vec<std::ops::Range<u64>> = match (l.shuffled.is_some(), v.meta.is_static) {
-                    // Sample-major: (sample, time) chunks of (B, T).
-                    (true, true) => vec![spatial[0].clone()],
-                    (true, false) => vec![spatial[0].clone(), times.clone()],
-                    (false, true) => spatial.to_vec(),
-                    (false, false) => vec![times.clone(), spatial[0].clone(), spatial[1].clone()],
-                };
+                let subset = l.chunk_subset(v.meta.is_static, id);
                 let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
                     variable: v.meta.name.clone(),
                     chunk: id,
                     message: format!("{}: {e}", self.path.display()),
                 };
-                let fill = v.meta.fill_value;
-                let ints = |values: Vec<f64>| -> Vec<f32> {
-                    values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect()
-                };
-                Ok(match v.meta.dtype {
-                    DType::Float32 => v
+                if v.meta.dtype == DType::Float32 {
+                    return v
                         .array
                         .retrieve_array_subset_opt::<Vec<f32>>(&subset, &one_thread())
-                        .map_err(|e| fail(&e))?,
-                    DType::Uint8 => ints(widen::<u8>(&v.array, &subset).map_err(|e| fail(&e))?),
-                    DType::Uint16 => ints(widen::<u16>(&v.array, &subset).map_err(|e| fail(&e))?),
-                    DType::Int16 => ints(widen::<i16>(&v.array, &subset).map_err(|e| fail(&e))?),
-                    DType::Uint32 => ints(widen::<u32>(&v.array, &subset).map_err(|e| fail(&e))?),
-                    DType::Int32 => ints(widen::<i32>(&v.array, &subset).map_err(|e| fail(&e))?),
-                })
+                        .map_err(|e| fail(&e));
+                }
+                let fill = v.meta.fill_value;
+                let values =
+                    read_f64(&v.array, v.meta.dtype, &subset, &one_thread()).map_err(|e| fail(&e))?;
+                Ok(values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect())
             })
             .collect()
     }
@@ -397,17 +381,6 @@ impl Strided {
 #[must_use]
 pub fn one_thread() -> zarrs::array::CodecOptions {
     zarrs::array::CodecOptions::default().with_concurrent_target(1)
-}
-
-fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
-    array: &Array<FilesystemStore>,
-    subset: &[std::ops::Range<u64>],
-) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-    Ok(array
-        .retrieve_array_subset_opt::<Vec<T>>(&subset.to_vec(), &one_thread())?
-        .into_iter()
-        .map(Into::into)
-        .collect())
 }
 
 /// Permutes the samples of `batches` across all of them (each batch keeps its size).
