@@ -395,17 +395,19 @@ fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> cubeload::Result<
 fn print_summary(report: &GenReport) {
     let meta = &report.meta;
     let l = &meta.layout;
+    let chunk = if l.shuffled.is_some() {
+        format!("{} samples × {} steps", l.chunk_y, l.chunk_t)
+    } else {
+        format!("{} × {} × {}", l.chunk_t, l.chunk_y, l.chunk_x)
+    };
     println!(
-        "wrote {} in {:.1} s: {} variables, {} × {} × {} (time × lat × lon), chunk = batch ({} × {} × {}), {} blocks",
+        "wrote {} in {:.1} s: {} variables, {} × {} × {} (time × lat × lon), chunk = batch ({chunk}), {} blocks",
         report.path.display(),
         report.seconds,
         meta.variables.len(),
         meta.shape[0],
         meta.shape[1],
         meta.shape[2],
-        l.chunk_t,
-        l.chunk_y,
-        l.chunk_x,
         report.blocks
     );
 }

@@ -39,6 +39,12 @@ pub(crate) fn table(cube: &Cube) -> String {
     let _ =
         writeln!(out, "cube       {} ({}, created {})", cube.path().display(), meta.generator, meta.created);
     let what = match layout.kind {
+        LayoutKind::PixelSeries if layout.shuffled.is_some() => format!(
+            "pixel_series, order shuffled (seed {}): batch = {} random pixels × {} steps, stored (sample, time)",
+            layout.shuffled.unwrap_or_default(),
+            layout.batch,
+            layout.chunk_t
+        ),
         LayoutKind::PixelSeries => {
             format!(
                 "pixel_series: batch = {} pixels ({} × {}) × {} steps",
@@ -53,32 +59,27 @@ pub(crate) fn table(cube: &Cube) -> String {
     let _ = writeln!(out, "layout     {what}");
     let shards =
         if layout.shard_x > 1 { format!(", {} batches per shard", layout.shard_x) } else { String::new() };
+    let chunk = if layout.shuffled.is_some() {
+        format!("({}, {})", layout.chunk_y, layout.chunk_t)
+    } else {
+        format!("({}, {}, {})", layout.chunk_t, layout.chunk_y, layout.chunk_x)
+    };
     let _ = writeln!(
         out,
-        "chunks     ({}, {}, {}) = one batch; {} × {} × {} = {} batches{shards}",
-        layout.chunk_t,
-        layout.chunk_y,
-        layout.chunk_x,
-        ct,
-        cy,
-        cx,
+        "chunks     {chunk} = one batch; {ct} × {cy} × {cx} = {} batches{shards}",
         ct * cy * cx
     );
     let grid = &meta.grid;
     let bounds = grid.bounds();
+    let stored = if layout.shuffled.is_some() {
+        format!("{} samples", meta.padded_shape[1])
+    } else {
+        format!("{} × {}", meta.padded_shape[2], meta.padded_shape[1])
+    };
     let _ = writeln!(
         out,
-        "grid       {} × {} cells of {}° × {}°, bbox [{}, {}, {}, {}] (EPSG:4326), stored {} × {} (padded to whole batches)",
-        grid.width,
-        grid.height,
-        grid.res_x,
-        grid.res_y,
-        bounds[0],
-        bounds[1],
-        bounds[2],
-        bounds[3],
-        meta.padded_shape[2],
-        meta.padded_shape[1]
+        "grid       {} × {} cells of {}° × {}°, bbox [{}, {}, {}, {}] (EPSG:4326), stored as {stored} (padded to whole batches)",
+        grid.width, grid.height, grid.res_x, grid.res_y, bounds[0], bounds[1], bounds[2], bounds[3],
     );
     match &meta.time {
         Some(t) => {
@@ -106,7 +107,12 @@ pub(crate) fn table(cube: &Cube) -> String {
         "name", "dims", "dtype", "units", "valid", "mean", "std", "min", "max"
     );
     for v in &meta.variables {
-        let dims = if v.is_static { "(lat, lon)" } else { "(time, lat, lon)" };
+        let dims = match (layout.shuffled.is_some(), v.is_static) {
+            (true, true) => "(sample)",
+            (true, false) => "(sample, time)",
+            (false, true) => "(lat, lon)",
+            (false, false) => "(time, lat, lon)",
+        };
         let dtype = serde_json::to_value(v.dtype)
             .ok()
             .and_then(|d| d.as_str().map(str::to_string))
