@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use zarrs::array::codec::{GzipCodec, ZstdCodec};
+use zarrs::array::codec::{Crc32cCodec, GzipCodec, ZstdCodec};
 use zarrs::array::{Array, ArrayBuilder, Element, data_type};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::GroupBuilder;
@@ -336,13 +336,15 @@ impl CubeWriter {
         };
         let mut builder = ArrayBuilder::new(shape, outer, dtype, fill);
         let compression = &plan.config.compression;
-        let codecs: Vec<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> = match compression.codec {
+        let mut codecs: Vec<Arc<dyn zarrs::array::BytesToBytesCodecTraits>> = match compression.codec {
             Codec::Zstd => vec![Arc::new(ZstdCodec::new(compression.level.unwrap_or(3), false))],
             Codec::Gzip => vec![Arc::new(
                 GzipCodec::new(compression.level.unwrap_or(5) as u32).map_err(|e| zarr_err(&self.path, e))?,
             )],
             Codec::None => vec![],
         };
+        // A checksum on every stored chunk: a flipped bit or a torn write is an error on read, never data.
+        codecs.push(Arc::new(Crc32cCodec::new()));
         builder.bytes_to_bytes_codecs(codecs);
         if shard_x > 1 {
             builder.subchunk_shape(chunk);
