@@ -31,9 +31,27 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// Replace an existing cube at the output path (never anything that is not a cube).
+        /// Replace an existing cube at the output path (never anything that is not a cube), and discard a
+        /// half-made one left by an interrupted run of another configuration. With --append, only the latter.
         #[arg(long)]
         overwrite: bool,
+        /// Extend the cube at the output path along time with new input files, reusing its unchanged
+        /// chunks; the previous cube stays intact until the new one is complete.
+        #[arg(long)]
+        append: bool,
+        /// Write only part K of N (K from 0, as Slurm array task ids and Kubernetes completion indexes count) of the
+        /// cube's blocks, for N concurrent jobs on one shared filesystem; then run --finalize once.
+        #[arg(long, value_name = "K/N", conflicts_with_all = ["finalize", "overwrite", "append"])]
+        part: Option<cubeload::generator::Part>,
+        /// Check that the parts wrote every block, then complete the cube and move it into place.
+        #[arg(long, conflicts_with_all = ["overwrite", "append"])]
+        finalize: bool,
+    },
+    /// Check a cube: every stored file against its checksum, every chunk decoded, the metadata against the
+    /// arrays. Exit code 1 when anything is wrong.
+    Verify {
+        /// The cube directory.
+        cube: PathBuf,
     },
     /// Describe a cube: variables, layout, time range, statistics, size.
     Info {
@@ -113,12 +131,34 @@ pub(crate) fn run() -> ExitCode {
 
 fn dispatch(command: Command) -> cubeload::Result<()> {
     match command {
-        Command::Gen { config, threads, overwrite } => {
+        Command::Gen { config, threads, overwrite, append, part, finalize } => {
             let text = std::fs::read_to_string(&config)
                 .map_err(|source| cubeload::config::ConfigError::Read { path: config.clone(), source })?;
-            let report = run_gen(&text, &config, &GenOptions { threads, overwrite, ..Default::default() })?;
+            let options = GenOptions { threads, overwrite, append, part, finalize, ..Default::default() };
+            let report = run_gen(&text, &config, &options)?;
             print_summary(&report);
             Ok(())
+        }
+        Command::Verify { cube } => {
+            let report = cubeload::verify::verify(&cube)?;
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            if report.is_ok() {
+                println!(
+                    "{}: OK ({} stored chunks decoded, {:.1} MB checked against the manifest)",
+                    report.path.display(),
+                    report.chunks,
+                    report.bytes as f64 / 1e6
+                );
+                Ok(())
+            } else {
+                Err(cubeload::cube::CubeError::Damaged {
+                    path: report.path.clone(),
+                    problems: report.problems.len(),
+                }
+                .into())
+            }
         }
         Command::Info { cube, json } => {
             let cube = Cube::open(&cube)?;
@@ -393,6 +433,21 @@ fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> cubeload::Result<
 }
 
 fn print_summary(report: &GenReport) {
+    let reused = if report.reused > 0 {
+        format!(" ({} of them kept from an interrupted run or the previous cube)", report.reused)
+    } else {
+        String::new()
+    };
+    if let Some(part) = report.part {
+        println!(
+            "part {part}: wrote its {} blocks{reused} in {:.1} s into {}; when every part is done, run \
+             `cubeload gen -c CONFIG --finalize`",
+            report.blocks,
+            report.seconds,
+            report.path.display()
+        );
+        return;
+    }
     let meta = &report.meta;
     let l = &meta.layout;
     let chunk = if l.shuffled.is_some() {
@@ -410,4 +465,7 @@ fn print_summary(report: &GenReport) {
         meta.shape[2],
         report.blocks
     );
+    if report.reused > 0 {
+        println!("{} of the blocks were kept from an interrupted run or the previous cube", report.reused);
+    }
 }

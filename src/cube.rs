@@ -8,6 +8,7 @@
 //! variable) lives in the child group `cubeload_index`, so a loader can skip empty batches without reading
 //! them.
 
+pub mod manifest;
 pub mod reader;
 pub mod writer;
 
@@ -58,11 +59,21 @@ pub enum CubeError {
     },
     /// Generation did not finish.
     #[error(
-        "{path}: incomplete cube (generation did not finish: its completion marker is missing); run `cubeload gen` again to rebuild it"
+        "{path}: incomplete cube (generation did not finish: its completion marker is missing); run the same `cubeload gen -c CONFIG` again to resume it (finished chunks are kept), or add --overwrite to start over"
     )]
     Incomplete {
         /// The cube.
         path: PathBuf,
+    },
+    /// `verify` found damage (listed before this error).
+    #[error(
+        "{path}: {problems} problems found: the cube is damaged; regenerate it, or the chunks named above"
+    )]
+    Damaged {
+        /// The cube.
+        path: PathBuf,
+        /// How many.
+        problems: usize,
     },
     /// The output path is taken by something cubeload did not make.
     #[error("{path}: {message}")]
@@ -122,6 +133,18 @@ impl RunningStats {
     #[must_use]
     pub fn count(&self) -> u64 {
         self.count
+    }
+
+    /// `[mean, m2, min, max]`, for storing partial results exactly (see [`manifest::StatsBits`]).
+    #[must_use]
+    pub fn moments(&self) -> [f64; 4] {
+        [self.mean, self.m2, self.min, self.max]
+    }
+
+    /// The inverse of [`RunningStats::count`] and [`RunningStats::moments`].
+    #[must_use]
+    pub fn from_moments(count: u64, [mean, m2, min, max]: [f64; 4]) -> RunningStats {
+        RunningStats { count, mean, m2, min, max }
     }
 
     /// Adds one value.

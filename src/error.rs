@@ -43,7 +43,11 @@ impl Error {
     /// Whether the user's configuration or invocation is at fault (exit code 2) rather than the run (1).
     #[must_use]
     pub fn is_usage(&self) -> bool {
-        matches!(self, Error::Config(_) | Error::Gen(GenError::Plan(PlanError::Config(_))))
+        match self {
+            Error::Config(_) => true,
+            Error::Gen(e) => e.is_usage(),
+            _ => false,
+        }
     }
 }
 

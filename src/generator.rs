@@ -7,22 +7,36 @@
 //!
 //! The cube is built in a hidden staging directory beside the output and renamed into place only once its
 //! completion marker is written: a failed or interrupted run never leaves something that looks like a
-//! complete cube, and never touches an existing one (`--overwrite` swaps a previous cube out only at the end).
+//! complete cube, and never touches an existing one (`--overwrite` and `--append` swap the previous cube out
+//! only at the end).
+//!
+//! Every finished block is recorded in the cube's [manifest](crate::cube::manifest) with the checksums of
+//! its files, so that the same run started again after a crash continues where it stopped, `--append`
+//! reuses the blocks of the previous cube whose inputs did not change, and `--part K/N` runs share the
+//! blocks of one cube between independent jobs that `--finalize` completes. Statistics are merged in block
+//! order, not in the order threads finish: however a cube was made, its bytes are the same.
 
 mod shuffled;
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant as Clock;
 
+use sha2::{Digest as _, Sha256};
+
 use crate::config::Aggregation;
-use crate::cube::reader::is_cubeload_cube;
+use crate::cube::manifest::{
+    BlockId, BlockRecord, FileRecord, MANIFEST_FILE, Manifest, ManifestHeader, ManifestWriter,
+};
+use crate::cube::reader::{Cube, is_cubeload_cube};
 use crate::cube::writer::{BlockSummary, CubeWriter};
 use crate::cube::{CubeError, CubeMeta, RunningStats};
 use crate::plan::{Plan, PlanError, VariablePlan};
 use crate::source::SourceError;
 use crate::source::warp::warp_window;
-use crate::time::StepSources;
+use crate::time::{self, StepSources};
 
 /// A generation error.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +54,88 @@ pub enum GenError {
     /// A worker thread panicked (a bug).
     #[error("a generation thread panicked: {0}")]
     Panic(String),
+    /// A half-made cube from another configuration or other inputs is in the way.
+    #[error(
+        "{output}: an interrupted generation of this cube from a different configuration or different input \
+         files is kept in {staging}; run the original config again to resume it, or add --overwrite to discard it"
+    )]
+    Changed {
+        /// The cube being generated.
+        output: PathBuf,
+        /// Where the half-made cube is.
+        staging: PathBuf,
+    },
+    /// `--append` cannot extend this cube with this configuration.
+    #[error("{path}: cannot append: {message}")]
+    Append {
+        /// The cube.
+        path: PathBuf,
+        /// Why not.
+        message: String,
+    },
+    /// `--finalize` found blocks that no part has written (yet).
+    #[error("{path}: cannot finalize: {message}")]
+    Unfinished {
+        /// The cube.
+        path: PathBuf,
+        /// What is missing.
+        message: String,
+    },
+}
+
+impl GenError {
+    /// Whether the configuration or the flags are at fault (exit code 2) rather than the run or what is on
+    /// disk (1).
+    #[must_use]
+    pub fn is_usage(&self) -> bool {
+        matches!(self, GenError::Plan(PlanError::Config(_)) | GenError::Append { .. })
+    }
+}
+
+/// One share of a partitioned generation: part `index` of `count` (0-based, as `SLURM_ARRAY_TASK_ID` and
+/// `JOB_COMPLETION_INDEX` count). Blocks go round-robin to parts: disjoint, balanced, deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// This part.
+    pub index: usize,
+    /// Parts in all.
+    pub count: usize,
+}
+
+impl Part {
+    /// Whether block `i` (in the cube's block order) belongs to this part.
+    #[must_use]
+    pub fn owns(&self, i: usize) -> bool {
+        i % self.count == self.index
+    }
+
+    fn manifest_file(&self) -> String {
+        format!("cubeload_manifest.part-{:05}-of-{:05}.jsonl", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Part {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (k, n) = text.split_once('/').ok_or_else(|| format!("`{text}`: expected K/N, e.g. 0/8"))?;
+        let parse =
+            |x: &str| x.trim().parse::<usize>().map_err(|_| format!("`{text}`: expected K/N, e.g. 0/8"));
+        let (index, count) = (parse(k)?, parse(n)?);
+        if count == 0 || index >= count {
+            return Err(format!(
+                "`{text}`: K counts from 0 (as SLURM_ARRAY_TASK_ID and JOB_COMPLETION_INDEX do) and must be \
+                 below N"
+            ));
+        }
+        Ok(Part { index, count })
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// Options of one generation run.
@@ -52,6 +148,13 @@ pub struct GenOptions {
     /// Memory for one block's accumulators; a chunk row wider than this is split along x, so that memory
     /// does not grow with the grid. > default: 32 MiB
     pub block_bytes: Option<usize>,
+    /// Extend the cube at the output path along time with new inputs, reusing its unchanged blocks; the
+    /// previous cube stays intact until the new one is complete.
+    pub append: bool,
+    /// Write only this share of the blocks into the shared staging directory, and stop.
+    pub part: Option<Part>,
+    /// Check that the parts wrote every block, then complete the cube.
+    pub finalize: bool,
 }
 
 /// What a run produced.
@@ -63,8 +166,31 @@ pub struct GenReport {
     pub meta: CubeMeta,
     /// Wall time in seconds.
     pub seconds: f64,
-    /// Blocks written.
+    /// Blocks of the cube (of this part for `--part`).
     pub blocks: usize,
+    /// Blocks kept from an interrupted run or from the previous cube (`--append`) instead of recomputed.
+    pub reused: usize,
+    /// `Some` for a `--part` run: the cube is not complete yet.
+    pub part: Option<Part>,
+}
+
+/// What [`build`] produced.
+#[derive(Debug)]
+enum Built {
+    /// A complete cube.
+    Complete { meta: CubeMeta, blocks: usize, reused: usize },
+    /// One part's share.
+    Part { meta: CubeMeta, blocks: usize, reused: usize },
+}
+
+/// What a run is asked to do besides computing blocks.
+struct Run<'a> {
+    options: &'a GenOptions,
+    /// The plan's [`fingerprint`].
+    fingerprint: String,
+    /// The previous cube, whose unchanged blocks are reused (`--append`).
+    reuse_from: Option<&'a Path>,
+    progress: &'a dyn Fn(u64, u64),
 }
 
 /// One unit of work.
@@ -88,7 +214,8 @@ const WARP_BUDGET_BYTES: usize = 64 << 20;
 /// Generates the cube of `plan`; `progress(done, total)` is called on the calling thread after each block.
 ///
 /// # Errors
-/// [`GenError`] naming the file, variable or path at fault; the output path is then untouched.
+/// [`GenError`] naming the file, variable or path at fault; the output path is then untouched, and the
+/// blocks finished so far are kept for the next run of the same configuration.
 pub fn generate(
     plan: &Plan,
     options: &GenOptions,
@@ -96,35 +223,72 @@ pub fn generate(
 ) -> Result<GenReport, GenError> {
     let started = Clock::now();
     let output = plan.config.output.clone();
-    check_output(&output, options.overwrite)?;
-    let staging = sibling(&output, "cubeload-partial");
-    if staging.exists() {
-        if !is_cubeload_cube(&staging) {
-            return Err(CubeError::OutputTaken {
-                path: staging,
-                message: "exists and is not a cube in progress: move it away".to_string(),
-            }
-            .into());
-        }
-        remove_dir(&staging)?; // a run that was interrupted earlier
+    if options.part.is_none() && !options.finalize {
+        check_output(&output, options)?;
     }
-    let result = if plan.layout.shuffled.is_some() {
-        shuffled::build(plan, &staging, options, progress)
+    if options.append {
+        check_append(plan, &output)?;
+    }
+    let staging = sibling(&output, "cubeload-partial");
+    let fingerprint = fingerprint(plan);
+    prepare_staging(&output, &staging, &fingerprint, options)?;
+    let run = Run { options, fingerprint, reuse_from: options.append.then_some(output.as_path()), progress };
+    let built = if plan.layout.shuffled.is_some() {
+        shuffled::build(plan, &staging, &run)
     } else {
-        build(plan, &staging, options, progress)
+        build(plan, &staging, &run)
     };
-    let (meta, blocks) = match result {
-        Ok(done) => done,
-        Err(e) => {
+    let built = built.inspect_err(|_| {
+        // Keep what an interrupted or failed run finished for the next run; nothing finished, nothing kept.
+        let scratch = shuffled::scratch(&staging);
+        let nothing = |dir: &Path| Manifest::load(dir).map_or(true, |m| m.records.is_empty());
+        if options.part.is_none() && nothing(&staging) && nothing(&scratch) {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
+            let _ = std::fs::remove_dir_all(&scratch);
         }
-    };
-    swap_into_place(&staging, &output)?;
-    Ok(GenReport { path: output, meta, seconds: started.elapsed().as_secs_f64(), blocks })
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    match built {
+        Built::Part { meta, blocks, reused } => {
+            Ok(GenReport { path: staging, meta, seconds, blocks, reused, part: options.part })
+        }
+        Built::Complete { meta, blocks, reused } => {
+            if options.finalize && output.exists() {
+                check_output(&output, &GenOptions { overwrite: true, ..GenOptions::default() })?;
+            }
+            swap_into_place(&staging, &output)?;
+            Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
+        }
+    }
 }
 
-fn check_output(output: &Path, overwrite: bool) -> Result<(), CubeError> {
+/// Digest of everything a run's result depends on: the configuration, the cubeload version and every input
+/// file's size and SHA-256. Runs with the same fingerprint may continue each other's work.
+#[must_use]
+pub fn fingerprint(plan: &Plan) -> String {
+    let mut text = format!(
+        "cubeload {}\n{}\n{:?}\n{:?}\n",
+        env!("CARGO_PKG_VERSION"),
+        plan.config_text,
+        plan.layout,
+        plan.config.compression
+    );
+    for v in &plan.variables {
+        for f in &v.source.provenance {
+            let _ = writeln!(text, "{} {} {} {}", v.name, f.path.display(), f.size, f.sha256);
+        }
+    }
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(2 * bytes.len()), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
     if !output.exists() {
         return Ok(());
     }
@@ -136,10 +300,123 @@ fn check_output(output: &Path, overwrite: bool) -> Result<(), CubeError> {
     if !is_cubeload_cube(output) {
         return Err(taken("exists and is not a cubeload cube: cubeload will not replace it"));
     }
-    if !overwrite {
-        return Err(taken("a cube already exists here; pass --overwrite to replace it"));
+    if !options.overwrite && !options.append {
+        return Err(taken(
+            "a cube already exists here; pass --overwrite to replace it or --append to extend it",
+        ));
     }
     Ok(())
+}
+
+/// `--append`: the cube at `output` is complete and the plan only adds time steps after its end, with the
+/// same grid, layout, variables and encoding.
+fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
+    let refuse = |message: String| GenError::Append { path: output.to_path_buf(), message };
+    let cube = Cube::open(output)?;
+    let old = cube.meta();
+    if old.grid != plan.grid {
+        return Err(refuse(format!(
+            "the configured grid differs from the cube's ({:?} vs {:?})",
+            plan.grid, old.grid
+        )));
+    }
+    let layout_of = |l: &crate::layout::Layout| (l.kind, l.batch, l.chunk_y, l.chunk_x, l.patch, l.shuffled);
+    if layout_of(&old.layout) != layout_of(&plan.layout) {
+        return Err(refuse("the configured layout differs from the cube's".to_string()));
+    }
+    let names: Vec<&str> = old.variables.iter().map(|v| v.name.as_str()).collect();
+    let new_names: Vec<&str> = plan.variables.iter().map(|v| v.name.as_str()).collect();
+    if names != new_names {
+        return Err(refuse(format!(
+            "the configured variables ({}) differ from the cube's ({})",
+            new_names.join(", "),
+            names.join(", ")
+        )));
+    }
+    for (o, v) in old.variables.iter().zip(&plan.variables) {
+        let fill = (!v.fill.is_nan()).then_some(v.fill);
+        if o.dtype != v.dtype || o.fill_value != fill || o.is_static != v.is_static || o.kind != v.kind {
+            return Err(refuse(format!(
+                "variable `{}`: its type, fill value or kind differs from the cube's; the encoding of a cube \
+                 stays constant when it grows",
+                v.name
+            )));
+        }
+    }
+    if old.compression != crate::cube::writer::compression_name(&plan.config.compression) {
+        return Err(refuse(format!("the compression differs from the cube's ({})", old.compression)));
+    }
+    let (Some(old_time), Some(axis)) = (&old.time, &plan.time) else {
+        return Err(refuse("a cube without a time axis cannot grow along time".to_string()));
+    };
+    if axis.len() <= old_time.steps {
+        return Err(refuse(format!(
+            "nothing to append: the inputs add no time step after {} ({} steps configured, {} in the cube)",
+            old_time.end,
+            axis.len(),
+            old_time.steps
+        )));
+    }
+    let (start, end) =
+        (time::format_instant(axis.times[0]), time::format_instant(axis.times[old_time.steps - 1]));
+    if start != old_time.start || end != old_time.end {
+        return Err(refuse(format!(
+            "the configured time axis does not continue the cube's: it has {start} … {end} where the cube has \
+             {} … {}",
+            old_time.start, old_time.end
+        )));
+    }
+    Ok(())
+}
+
+/// Decides what to do with a staging directory left by an earlier run: continue it (same fingerprint),
+/// discard it (`--overwrite`, or nothing recorded in it), or refuse.
+fn prepare_staging(
+    output: &Path,
+    staging: &Path,
+    fingerprint: &str,
+    options: &GenOptions,
+) -> Result<(), GenError> {
+    let scratch = shuffled::scratch(staging);
+    if !staging.exists() {
+        if options.finalize {
+            return Err(GenError::Unfinished {
+                path: output.to_path_buf(),
+                message: format!("no part of this cube has run (nothing at {})", staging.display()),
+            });
+        }
+        if scratch.exists() {
+            remove_dir(&scratch)?; // left by an older cubeload
+        }
+        return Ok(());
+    }
+    let recorded = Manifest::fingerprint(staging);
+    match recorded {
+        Some(fp) if fp == fingerprint => Ok(()),
+        Some(_) if options.overwrite && options.part.is_none() && !options.finalize => {
+            remove_dir(staging)?;
+            if scratch.exists() {
+                remove_dir(&scratch)?;
+            }
+            Ok(())
+        }
+        Some(_) => Err(GenError::Changed { output: output.to_path_buf(), staging: staging.to_path_buf() }),
+        // Parts start together: another one may be creating the directory right now.
+        None if options.part.is_some() => Ok(()),
+        None if is_cubeload_cube(staging) => {
+            // Nothing finished is recorded (an older cubeload, or a run stopped before its first block).
+            remove_dir(staging)?;
+            if scratch.exists() {
+                remove_dir(&scratch)?;
+            }
+            Ok(())
+        }
+        None => Err(CubeError::OutputTaken {
+            path: staging.to_path_buf(),
+            message: "exists and is not a cube in progress: move it away".to_string(),
+        }
+        .into()),
+    }
 }
 
 /// `dir/.name.suffix` beside `path`.
@@ -158,7 +435,7 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
         move |source| CubeError::Io { path, source }
     };
     if output.exists() {
-        // Only reached with --overwrite on a cubeload cube (checked before any work).
+        // Only reached with --overwrite or --append on a cubeload cube (checked before any work).
         let old = sibling(output, "cubeload-old");
         if old.exists() {
             remove_dir(&old)?;
@@ -175,20 +452,10 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
     Ok(())
 }
 
-fn build(
-    plan: &Plan,
-    staging: &Path,
-    options: &GenOptions,
-    progress: &dyn Fn(u64, u64),
-) -> Result<(CubeMeta, usize), GenError> {
-    if let Some(parent) = staging.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|source| CubeError::Io { path: parent.to_path_buf(), source })?;
-    }
-    let writer = CubeWriter::create(staging, plan)?;
-    let [ct_n, cy_n, cx_n] = writer.meta().chunk_counts();
+/// The blocks of a cube, in their canonical order (variable, chunk row, shard range, time chunk).
+fn plan_blocks(plan: &Plan, chunk_counts: [usize; 3], budget: usize) -> Vec<Block> {
+    let [ct_n, cy_n, cx_n] = chunk_counts;
     let layout = plan.layout;
-    let budget = options.block_bytes.unwrap_or(BLOCK_BUDGET_BYTES);
     let mut blocks = Vec::new();
     for (var, v) in plan.variables.iter().enumerate() {
         let (ct, shard_x) =
@@ -200,45 +467,169 @@ fn build(
         for iy in 0..cy_n {
             for first in (0..n_shards).step_by(step) {
                 let count = step.min(n_shards - first);
-                if v.is_static {
-                    blocks.push(Block { var, it: 0, iy, first_shard: first, n_shards: count });
-                } else {
-                    blocks.extend((0..ct_n).map(|it| Block {
-                        var,
-                        it,
-                        iy,
-                        first_shard: first,
-                        n_shards: count,
-                    }));
-                }
+                let time_chunks = if v.is_static { 1 } else { ct_n };
+                blocks.extend((0..time_chunks).map(|it| Block {
+                    var,
+                    it,
+                    iy,
+                    first_shard: first,
+                    n_shards: count,
+                }));
             }
         }
     }
+    blocks
+}
+
+fn block_id(plan: &Plan, b: &Block) -> BlockId {
+    BlockId {
+        var: plan.variables[b.var].name.clone(),
+        it: b.it,
+        iy: b.iy,
+        first_shard: b.first_shard,
+        n_shards: b.n_shards,
+    }
+}
+
+/// Digest of everything block `b`'s values depend on: the cube's encoding, the variable's settings, the
+/// target steps and, for each, the input files (by SHA-256) and bands that feed it, ranked.
+fn block_inputs(plan: &Plan, b: &Block) -> String {
+    let v = &plan.variables[b.var];
+    let mut settings = plan.config.variables.0.iter().find(|(n, _)| *n == v.name).map(|(_, c)| c.clone());
+    if let Some(s) = settings.as_mut() {
+        s.path.clear(); // which files is said below, by content
+    }
+    let mut text = format!(
+        "cubeload {} format {}\n{:?}\n{:?}\n{:?}\n{} {:?} {:?} {:?} {:?} {:?} {} {} {:?}\n{:?}\n",
+        env!("CARGO_PKG_VERSION"),
+        crate::cube::FORMAT_VERSION,
+        plan.grid,
+        plan.layout,
+        plan.config.compression,
+        v.name,
+        v.kind,
+        v.dtype,
+        v.resampling,
+        v.aggregation,
+        v.source.data_type,
+        v.source.scale,
+        v.source.offset,
+        v.source.nodata,
+        settings,
+    );
+    let _ = writeln!(text, "{b:?}");
+    let (ops, feeds) = block_feeds(plan, b);
+    let ct = ops.len();
+    for (j, op) in ops.iter().enumerate() {
+        let instant = plan.time.as_ref().and_then(|axis| axis.times.get(b.it * ct + j));
+        let _ = writeln!(text, "step {j} {instant:?} {op:?}");
+    }
+    for (s, feed) in feeds.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
+        let step = &v.source.steps[s];
+        let _ = writeln!(text, "{} band {} feeds {feed:?}", v.source.provenance[step.file].sha256, step.band);
+    }
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Hard-links (or copies, where links are not possible) the files of `record` from `from` into `to`.
+fn link_files(record: &BlockRecord, from: &Path, to: &Path) -> Result<(), CubeError> {
+    for file in record.files.iter().filter(|f| f.len.is_some()) {
+        let (src, dst) = (from.join(&file.key), to.join(&file.key));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CubeError::Io { path, source }
+        };
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        match std::fs::remove_file(&dst) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dst)(e)),
+            _ => {}
+        }
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst).map_err(io(&dst))?;
+        }
+    }
+    Ok(())
+}
+
+fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
+    let options = run.options;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CubeError::Io { path, source }
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let existing = Manifest::load(dir)?;
+    let created = existing
+        .header
+        .as_ref()
+        .filter(|h| h.fingerprint == run.fingerprint)
+        .map_or_else(|| time::format_instant(chrono::Utc::now().timestamp()), |h| h.created.clone());
+    let header = ManifestHeader::new(run.fingerprint.clone(), created.clone());
+    let writer = CubeWriter::create(dir, plan, &created)?;
+    let [ct_n, cy_n, cx_n] = writer.meta().chunk_counts();
+    let blocks = plan_blocks(plan, [ct_n, cy_n, cx_n], options.block_bytes.unwrap_or(BLOCK_BUDGET_BYTES));
     let total = blocks.len();
+    let ids: Vec<BlockId> = blocks.iter().map(|b| block_id(plan, b)).collect();
+    let position: HashMap<&BlockId, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    let digests: Vec<String> = blocks.iter().map(|b| block_inputs(plan, b)).collect();
+
+    // Blocks already done: by an interrupted run of this configuration, or in the cube being extended.
+    let mut done: Vec<Option<BlockRecord>> = vec![None; total];
+    let usable = |record: &BlockRecord, root: &Path| {
+        position
+            .get(&record.block)
+            .copied()
+            .filter(|&i| digests[i] == record.inputs && record.first_mismatch(root).is_none())
+    };
+    if existing.header.as_ref().is_some_and(|h| h.fingerprint == run.fingerprint) {
+        for record in existing.records {
+            if let Some(i) = usable(&record, dir) {
+                done[i] = Some(record);
+            }
+        }
+    }
+    if let Some(previous) = run.reuse_from.filter(|_| plan.layout.shuffled.is_none()) {
+        for record in Manifest::load(previous)?.records {
+            if let Some(i) = usable(&record, previous).filter(|&i| done[i].is_none()) {
+                link_files(&record, previous, dir)?;
+                done[i] = Some(record);
+            }
+        }
+    }
+    let reused = done.iter().filter(|d| d.is_some()).count();
+    let part = options.part;
+    let mine = |i: usize| part.is_none_or(|p| p.owns(i));
+    let todo: Vec<usize> =
+        (0..total).filter(|&i| done[i].is_none() && mine(i) && !options.finalize).collect();
+    let manifest_name = part.map_or_else(|| MANIFEST_FILE.to_string(), |p| p.manifest_file());
+    let kept: Vec<&BlockRecord> =
+        done.iter().enumerate().filter(|&(i, _)| mine(i)).filter_map(|(_, d)| d.as_ref()).collect();
+    let mut manifest = ManifestWriter::create(dir, &manifest_name, &header, &kept)?;
+    let kept = kept.len();
+
     let threads = options
         .threads
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-        .min(total.max(1));
-
-    let n_vars = plan.variables.len();
-    let mut stats = vec![RunningStats::default(); n_vars];
-    let mut cells = vec![(0u64, 0u64); n_vars];
-    let mut validity: Vec<Vec<f32>> = plan
-        .variables
-        .iter()
-        .map(|v| vec![0.0; if v.is_static { cy_n * cx_n } else { ct_n * cy_n * cx_n }])
-        .collect();
-
-    let (job_tx, job_rx) = crossbeam_channel::unbounded::<Block>();
-    for b in &blocks {
-        job_tx.send(*b).expect("receiver alive");
+        .min(todo.len().max(1));
+    let (job_tx, job_rx) = crossbeam_channel::unbounded::<usize>();
+    for &i in &todo {
+        job_tx.send(i).expect("receiver alive");
     }
     drop(job_tx);
     let (done_tx, done_rx) =
-        crossbeam_channel::bounded::<Result<(Block, BlockSummary), GenError>>(threads * 2);
+        crossbeam_channel::bounded::<Result<(usize, BlockSummary), GenError>>(threads * 2);
     let cancel = AtomicBool::new(false);
     let writer_ref = &writer;
+    let blocks_ref = &blocks;
+    let mut finished = kept as u64;
+    let to_finish = finished + todo.len() as u64;
+    (run.progress)(finished, to_finish);
     let outcome: Result<(), GenError> = std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for _ in 0..threads {
@@ -247,11 +638,11 @@ fn build(
             let cancel = &cancel;
             handles.push(scope.spawn(move || {
                 crate::source::quiet_hdf5_in_this_thread();
-                while let Ok(block) = job_rx.recv() {
+                while let Ok(i) = job_rx.recv() {
                     if cancel.load(Ordering::Relaxed) {
                         break;
                     }
-                    let result = run_block(plan, writer_ref, block).map(|summary| (block, summary));
+                    let result = run_block(plan, writer_ref, blocks_ref[i]).map(|summary| (i, summary));
                     if done_tx.send(result).is_err() {
                         break;
                     }
@@ -260,23 +651,30 @@ fn build(
         }
         drop(done_tx);
         let mut first_error = None;
-        let mut done = 0u64;
         for result in &done_rx {
-            match result {
-                Ok((block, summary)) => {
-                    stats[block.var].merge(&summary.stats);
-                    cells[block.var].0 += summary.cells;
-                    cells[block.var].1 += summary.valid;
-                    let base = if plan.variables[block.var].is_static {
-                        block.iy * cx_n
-                    } else {
-                        (block.it * cy_n + block.iy) * cx_n
-                    };
-                    for (ix, fraction) in summary.chunk_validity {
-                        validity[block.var][base + ix] = fraction;
-                    }
-                    done += 1;
-                    progress(done, total as u64);
+            let recorded = result.and_then(|(i, summary)| {
+                let files = summary
+                    .files
+                    .iter()
+                    .map(|key| FileRecord::of(dir, key))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let record = BlockRecord {
+                    block: ids[i].clone(),
+                    inputs: digests[i].clone(),
+                    files,
+                    stats: (&summary.stats).into(),
+                    cells: summary.cells,
+                    valid: summary.valid,
+                    validity: summary.chunk_validity,
+                };
+                manifest.append(&record)?;
+                done[i] = Some(record);
+                Ok(())
+            });
+            match recorded {
+                Ok(()) => {
+                    finished += 1;
+                    (run.progress)(finished, to_finish);
                 }
                 Err(e) => {
                     cancel.store(true, Ordering::Relaxed);
@@ -297,8 +695,80 @@ fn build(
         first_error.map_or(Ok(()), Err)
     });
     outcome?;
-    let meta = writer.finish(&stats, &cells, &validity)?;
-    Ok((meta, total))
+    drop(manifest);
+    if part.is_some() {
+        let blocks = (0..total).filter(|&i| mine(i)).count();
+        return Ok(Built::Part { meta: writer.meta().clone(), blocks, reused: kept });
+    }
+    if let Some(first) = done.iter().position(Option::is_none) {
+        let b = &ids[first];
+        return Err(GenError::Unfinished {
+            path: plan.config.output.clone(),
+            message: format!(
+                "{} of {total} blocks are not written (the first: variable `{}`, time chunk {}, chunk row {}, \
+                 shard {}); run the parts that failed again, then --finalize",
+                done.iter().filter(|d| d.is_none()).count(),
+                b.var,
+                b.it,
+                b.iy,
+                b.first_shard
+            ),
+        });
+    }
+    let records: Vec<&BlockRecord> = done.iter().flatten().collect();
+    let meta = finish(plan, writer, dir, &header, &blocks, &records)?;
+    Ok(Built::Complete { meta, blocks: total, reused })
+}
+
+/// Merges the blocks' statistics and validity in block order, writes the merged manifest (removing the
+/// parts' files) and completes the cube.
+fn finish(
+    plan: &Plan,
+    writer: CubeWriter,
+    dir: &Path,
+    header: &ManifestHeader,
+    blocks: &[Block],
+    records: &[&BlockRecord],
+) -> Result<CubeMeta, GenError> {
+    let [ct_n, cy_n, cx_n] = writer.meta().chunk_counts();
+    let n_vars = plan.variables.len();
+    let mut stats = vec![RunningStats::default(); n_vars];
+    let mut cells = vec![(0u64, 0u64); n_vars];
+    let mut validity: Vec<Vec<f32>> = plan
+        .variables
+        .iter()
+        .map(|v| vec![0.0; if v.is_static { cy_n * cx_n } else { ct_n * cy_n * cx_n }])
+        .collect();
+    for (block, record) in blocks.iter().zip(records) {
+        stats[block.var].merge(&record.stats.into());
+        cells[block.var].0 += record.cells;
+        cells[block.var].1 += record.valid;
+        let base = if plan.variables[block.var].is_static {
+            block.iy * cx_n
+        } else {
+            (block.it * cy_n + block.iy) * cx_n
+        };
+        for &(ix, fraction) in &record.validity {
+            validity[block.var][base + ix] = fraction;
+        }
+    }
+    drop(ManifestWriter::create(dir, MANIFEST_FILE, header, records)?);
+    remove_part_manifests(dir)?;
+    Ok(writer.finish(&stats, &cells, &validity)?)
+}
+
+fn remove_part_manifests(dir: &Path) -> Result<(), CubeError> {
+    for entry in std::fs::read_dir(dir).map_err(|source| CubeError::Io { path: dir.to_path_buf(), source })? {
+        let path = entry.map_err(|source| CubeError::Io { path: dir.to_path_buf(), source })?.path();
+        let is_part = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("cubeload_manifest.part-"));
+        if is_part {
+            std::fs::remove_file(&path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
+        }
+    }
+    Ok(())
 }
 
 /// How the source steps feeding one target step combine.
@@ -363,21 +833,14 @@ impl Accumulator {
     }
 }
 
-/// Warps, aggregates and writes one block.
-fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSummary, GenError> {
-    let v = &plan.variables[block.var];
-    let layout = plan.layout;
-    let grid = &plan.grid;
-    let (cy, ct) = (layout.chunk_y, if v.is_static { 1 } else { layout.chunk_t });
-    let shard_cols = layout.chunk_x * if v.is_static { layout.static_shard_x } else { layout.shard_x };
-    // The block's columns: its shards, of which only those inside the grid are warped.
-    let (col0, px) = (block.first_shard * shard_cols, block.n_shards * shard_cols);
-    let cols = px.min(grid.width.saturating_sub(col0));
-    let row0 = block.iy * cy;
-    let rows = cy.min(grid.height.saturating_sub(row0));
-    let plane = cy * px;
+/// Per source step: the local target steps it feeds, each with the step's rank there.
+type Feeds = Vec<Vec<(usize, u32)>>;
 
-    // Which source steps feed which local target step, with which rank.
+/// Which source steps feed which local target step of block `b`, with which rank, and how each target
+/// step combines them.
+fn block_feeds(plan: &Plan, b: &Block) -> (Vec<Option<Op>>, Feeds) {
+    let v = &plan.variables[b.var];
+    let ct = if v.is_static { 1 } else { plan.layout.chunk_t };
     let mut ops = vec![None; ct];
     let mut feeds: Vec<Vec<(usize, u32)>> = vec![Vec::new(); v.source.steps.len()];
     if v.is_static {
@@ -388,7 +851,7 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
     } else {
         let axis = plan.time.as_ref().expect("time-varying variables have an axis");
         for (j, op) in ops.iter_mut().enumerate() {
-            let Some(sources) = v.step_sources.get(block.it * ct + j) else { continue };
+            let Some(sources) = v.step_sources.get(b.it * ct + j) else { continue };
             match sources {
                 StepSources::Aggregate(steps) => {
                     *op = Some(match v.aggregation {
@@ -398,7 +861,7 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
                         Aggregation::Max => Op::Max,
                         Aggregation::Nearest => Op::Ranked,
                     });
-                    let target = axis.times[block.it * ct + j];
+                    let target = axis.times[b.it * ct + j];
                     let mut by_distance: Vec<usize> = steps.clone();
                     by_distance.sort_by_key(|&s| (v.source.steps[s].time.unwrap_or(target) - target).abs());
                     for (rank, &s) in by_distance.iter().enumerate() {
@@ -415,6 +878,24 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
             }
         }
     }
+    (ops, feeds)
+}
+
+/// Warps, aggregates and writes one block.
+fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSummary, GenError> {
+    let v = &plan.variables[block.var];
+    let layout = plan.layout;
+    let grid = &plan.grid;
+    let cy = layout.chunk_y;
+    let shard_cols = layout.chunk_x * if v.is_static { layout.static_shard_x } else { layout.shard_x };
+    // The block's columns: its shards, of which only those inside the grid are warped.
+    let (col0, px) = (block.first_shard * shard_cols, block.n_shards * shard_cols);
+    let cols = px.min(grid.width.saturating_sub(col0));
+    let row0 = block.iy * cy;
+    let rows = cy.min(grid.height.saturating_sub(row0));
+    let plane = cy * px;
+
+    let (ops, feeds) = block_feeds(plan, &block);
     let mut acc = Accumulator::new(ops, plane);
     if rows > 0 && cols > 0 {
         let per_band = rows * cols * 8;

@@ -22,7 +22,8 @@
 //! - [`source`]: what the input files hold, read through GDAL and its warper.
 //! - [`plan`]: the config resolved against the sources, before anything is written.
 //! - [`generator`]: parallel generation into a staging directory, renamed into place when complete.
-//! - [`cube`]: the on-disk contract, writer and reader.
+//! - [`cube`]: the on-disk contract, writer, reader and the manifest of finished blocks.
+//! - [`verify`]: every stored file against its checksum, every chunk decoded.
 //! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
 //! - [`bench`]: the loader against the machine's limit and image-chunked storage, in one run.
 //! - [`plot`]: PNGs of the benchmark and quicklooks of cubes.
@@ -50,6 +51,7 @@ pub mod source;
 pub mod time;
 #[cfg(feature = "tch")]
 pub mod train;
+pub mod verify;
 
 pub use batch::Batch;
 pub use config::Config;

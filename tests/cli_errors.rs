@@ -184,8 +184,21 @@ fn a_failure_while_writing_leaves_no_cube_and_keeps_the_old_one() {
     let (code, stderr) = gen_err(dir.path(), &bad);
     assert_eq!(code, 1);
     assert_mentions(&stderr, &["truncated.tif"]);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(leftovers.iter().all(|n| !n.to_string_lossy().contains("zarr")), "{leftovers:?}");
+    // No cube in place; the blocks finished before the failure are kept aside for a rerun, refused as
+    // incomplete by every reader.
+    assert!(!dir.path().join("cube.zarr").exists());
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("zarr"))
+        .collect();
+    assert!(leftovers.iter().all(|n| n == ".cube.zarr.cubeload-partial"), "{leftovers:?}");
+    for kept in &leftovers {
+        let err = cubeload::Cube::open(dir.path().join(kept)).unwrap_err().to_string();
+        assert!(err.contains("incomplete cube"), "{err}");
+    }
+    let info = cubeload(dir.path(), &["info", "cube.zarr"]);
+    assert_eq!(info.status.code(), Some(1));
 
     // With a previous cube in place and --overwrite, the failed run leaves the previous cube intact.
     let cube = gen_ok(dir.path(), &era5_config());

@@ -16,4 +16,5 @@ mod bench;
 mod cli_errors;
 mod demo;
 mod gen_real_data;
+mod lifecycle;
 mod loader;

@@ -61,8 +61,16 @@ pub fn read_f64(
 pub fn read_meta(path: &Path) -> Result<CubeMeta, CubeError> {
     let not_a_cube = |message: String| CubeError::NotACube { path: path.to_path_buf(), message };
     if !path.join("zarr.json").is_file() {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let staging = path.with_file_name(format!(".{name}.cubeload-partial"));
         return Err(not_a_cube(if path.exists() {
             "not a Zarr v3 cube (no zarr.json)".to_string()
+        } else if staging.exists() {
+            format!(
+                "no cube here yet: its generation was interrupted (the finished part is kept in {}); run the \
+                 same `cubeload gen -c CONFIG` again to resume it",
+                staging.display()
+            )
         } else {
             "no such cube".to_string()
         }));

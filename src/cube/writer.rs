@@ -31,6 +31,8 @@ pub struct BlockSummary {
     pub valid: u64,
     /// `(chunk x index, fraction of valid cells in that batch chunk)`.
     pub chunk_validity: Vec<(usize, f32)>,
+    /// Store keys of the files written (chunks or shards), for the manifest.
+    pub files: Vec<String>,
 }
 
 /// Writes one cube. Shared by the generation threads (`&CubeWriter` is `Sync`).
@@ -54,7 +56,7 @@ fn zarr_err(path: &Path, e: impl std::fmt::Display) -> CubeError {
     CubeError::Zarr { path: path.to_path_buf(), message: e.to_string() }
 }
 
-fn compression_name(c: &CompressionConfig) -> String {
+pub(crate) fn compression_name(c: &CompressionConfig) -> String {
     match c.codec {
         Codec::Zstd => format!("zstd({})", c.level.unwrap_or(3)),
         Codec::Gzip => format!("gzip({})", c.level.unwrap_or(5)),
@@ -63,11 +65,12 @@ fn compression_name(c: &CompressionConfig) -> String {
 }
 
 impl CubeWriter {
-    /// Creates the cube's directory and all metadata at `path` (which must not exist yet).
+    /// Creates the cube's directory and all metadata at `path`, created at `created` (ISO 8601). Chunks
+    /// already in `path` (from an interrupted run) are left alone.
     ///
     /// # Errors
     /// [`CubeError`] on filesystem or Zarr failures.
-    pub fn create(path: &Path, plan: &Plan) -> Result<CubeWriter, CubeError> {
+    pub fn create(path: &Path, plan: &Plan, created: &str) -> Result<CubeWriter, CubeError> {
         zarrs::config::global_config_mut().set_include_zarrs_metadata(false);
         std::fs::create_dir_all(path).map_err(|source| CubeError::Io { path: path.to_path_buf(), source })?;
         let store = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_err(path, e))?);
@@ -103,7 +106,7 @@ impl CubeWriter {
         let meta = CubeMeta {
             format_version: FORMAT_VERSION,
             generator: format!("cubeload {}", env!("CARGO_PKG_VERSION")),
-            created: time::format_instant(chrono::Utc::now().timestamp()),
+            created: created.to_string(),
             complete: false,
             layout,
             grid,
@@ -185,7 +188,7 @@ impl CubeWriter {
             .map(|(k, &n)| (shards_before + k, n as f32 / (b * ct) as f32))
             .collect();
         let indices: Vec<u64> = if v.is_static { vec![shard as u64] } else { vec![shard as u64, it as u64] };
-        self.store_converted(&self.arrays[var], v.dtype, fill, &indices, values)?;
+        summary.files.push(self.store_converted(&self.arrays[var], v.dtype, fill, &indices, values)?);
         Ok(summary)
     }
 
@@ -438,12 +441,34 @@ impl CubeWriter {
             } else {
                 vec![it as u64, iy as u64, ishard as u64]
             };
-            self.store_converted(array, v.dtype, fill, &indices, &block)?;
+            summary.files.push(self.store_converted(array, v.dtype, fill, &indices, &block)?);
         }
         Ok(summary)
     }
 
+    /// Stores one chunk (or shard) converted to the variable's type; returns its store key. A file already
+    /// there is unlinked first, not rewritten in place: it may be a hard link into the cube being extended.
     fn store_converted(
+        &self,
+        array: &Array<FilesystemStore>,
+        dtype: DType,
+        fill: f64,
+        indices: &[u64],
+        block: &[f64],
+    ) -> Result<String, CubeError> {
+        let key = array.chunk_key(indices).as_str().to_string();
+        let file = self.path.join(&key);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CubeError::Io { path: file, source: e });
+            }
+            _ => {}
+        }
+        self.store_typed(array, dtype, fill, indices, block)?;
+        Ok(key)
+    }
+
+    fn store_typed(
         &self,
         array: &Array<FilesystemStore>,
         dtype: DType,
@@ -457,7 +482,10 @@ impl CubeWriter {
             indices: &[u64],
             data: &[T],
         ) -> Result<(), CubeError> {
-            array.store_chunk(indices, data).map_err(|e| zarr_err(&w.path, e))
+            // One thread per shard: inner chunks then land in index order, so that the bytes of a cube do not
+            // depend on scheduling (generation threads already keep the cores busy).
+            let sequential = zarrs::array::CodecOptions::default().with_concurrent_target(1);
+            array.store_chunk_opt(indices, data, &sequential).map_err(|e| zarr_err(&w.path, e))
         }
         let int = |x: f64| if x.is_nan() { fill } else { x.round() };
         match dtype {

@@ -7,32 +7,47 @@
 //! tiled cube once per such group: memory stays bounded whatever the cube's size, at the price of extra
 //! passes over the tiled cube when it is larger than the budget.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use zarrs::array::{Array, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
 
-use super::{GenError, GenOptions, remove_dir};
+use super::{Built, GenError, Run, remove_dir};
 use crate::config::{Codec, CompressionConfig, LayoutConfig, Order, ShardConfig, ShardMode};
+use crate::cube::manifest::{
+    BlockId, BlockRecord, FileRecord, MANIFEST_FILE, Manifest, ManifestHeader, ManifestWriter,
+};
 use crate::cube::reader::{Cube, read_f64};
 use crate::cube::writer::CubeWriter;
 use crate::cube::{CubeError, CubeMeta, RunningStats};
 use crate::layout::Layout;
 use crate::plan::{DType, Plan};
+use crate::time;
 
 /// Memory for the output samples held during the rewrite.
 pub(super) const REWRITE_BUDGET_BYTES: usize = 512 << 20;
 
-/// Builds the sample-major cube of `plan` in `staging`.
-pub(super) fn build(
-    plan: &Plan,
-    staging: &Path,
-    options: &GenOptions,
-    progress: &dyn Fn(u64, u64),
-) -> Result<(CubeMeta, usize), GenError> {
+/// Where the tiled cube of the sample-major cube being made in `staging` is built.
+pub(super) fn scratch(staging: &Path) -> PathBuf {
+    staging.with_extension("tiled")
+}
+
+/// Builds the sample-major cube of `plan` in `staging`. The tiled step resumes and partitions like any
+/// cube; the rewrite, a copy, runs again whole when it was interrupted.
+pub(super) fn build(plan: &Plan, staging: &Path, run: &Run) -> Result<Built, GenError> {
     let layout = plan.layout;
     let grid = plan.grid;
     let n_time = plan.n_time();
+    // The staging directory carries the plan's fingerprint from the start, so that a second run recognises
+    // its work (and a changed configuration is refused) before the scratch cube is looked at.
+    std::fs::create_dir_all(staging)
+        .map_err(|source| CubeError::Io { path: staging.to_path_buf(), source })?;
+    let existing = Manifest::load(staging)?.header.filter(|h| h.fingerprint == run.fingerprint);
+    let header = existing.unwrap_or_else(|| {
+        ManifestHeader::new(run.fingerprint.clone(), time::format_instant(chrono::Utc::now().timestamp()))
+    });
+    drop(ManifestWriter::create(staging, MANIFEST_FILE, &header, &[])?);
+
     // Step 1: the tiled cube, uncompressed (it is read back once and deleted).
     let mut tiled_plan = plan.clone();
     let tiled_config = LayoutConfig::PixelSeries {
@@ -45,21 +60,37 @@ pub(super) fn build(
     };
     tiled_plan.layout = Layout::resolve(&tiled_config, n_time, grid.height, grid.width, 4);
     tiled_plan.config.compression = CompressionConfig { codec: Codec::None, level: None };
-    let scratch = staging.with_extension("tiled");
-    if scratch.exists() {
+    let scratch = scratch(staging);
+    let tiled_run = Run {
+        options: run.options,
+        fingerprint: super::fingerprint(&tiled_plan),
+        reuse_from: None,
+        progress: run.progress,
+    };
+    if Manifest::fingerprint(&scratch).is_some_and(|f| f != tiled_run.fingerprint) {
         remove_dir(&scratch)?;
     }
-    let result = super::build(&tiled_plan, &scratch, options, progress).and_then(|(_, blocks)| {
-        let tiled = Cube::open(&scratch)?;
-        rewrite(plan, &tiled, staging).map(|meta| (meta, blocks))
-    });
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
+    match super::build(&tiled_plan, &scratch, &tiled_run)? {
+        part @ Built::Part { .. } => Ok(part),
+        Built::Complete { blocks, reused, .. } => {
+            let tiled = Cube::open(&scratch)?;
+            let meta = rewrite(plan, &tiled, staging, &header, &tiled_run.fingerprint)?;
+            let _ = std::fs::remove_dir_all(&scratch);
+            Ok(Built::Complete { meta, blocks, reused })
+        }
+    }
 }
 
 /// Step 2: copies the tiled cube into sample order.
-fn rewrite(plan: &Plan, tiled: &Cube, staging: &Path) -> Result<CubeMeta, GenError> {
-    let writer = CubeWriter::create(staging, plan)?;
+fn rewrite(
+    plan: &Plan,
+    tiled: &Cube,
+    staging: &Path,
+    header: &ManifestHeader,
+    inputs: &str,
+) -> Result<CubeMeta, GenError> {
+    let writer = CubeWriter::create(staging, plan, &header.created)?;
+    let mut records = Vec::new();
     let layout = plan.layout;
     let [_, height, width] = writer.meta().shape;
     let cells = writer.samples().expect("a sample-major writer").to_vec();
@@ -114,6 +145,19 @@ fn rewrite(plan: &Plan, tiled: &Cube, staging: &Path) -> Result<CubeMeta, GenErr
                 for (k, shard) in shards.enumerate() {
                     let values = &buffer[k * shard_samples * ct..(k + 1) * shard_samples * ct];
                     let summary = writer.write_samples(var, it, shard, values)?;
+                    records.push(BlockRecord {
+                        block: BlockId { var: v.name.clone(), it, iy: 0, first_shard: shard, n_shards: 1 },
+                        inputs: inputs.to_string(),
+                        files: summary
+                            .files
+                            .iter()
+                            .map(|key| FileRecord::of(staging, key))
+                            .collect::<Result<_, _>>()?,
+                        stats: (&summary.stats).into(),
+                        cells: summary.cells,
+                        valid: summary.valid,
+                        validity: summary.chunk_validity.clone(),
+                    });
                     stats[var].merge(&summary.stats);
                     cells_valid[var].0 += summary.cells;
                     cells_valid[var].1 += summary.valid;
@@ -127,6 +171,7 @@ fn rewrite(plan: &Plan, tiled: &Cube, staging: &Path) -> Result<CubeMeta, GenErr
         }
         validity.push(var_validity);
     }
+    drop(ManifestWriter::create(staging, MANIFEST_FILE, header, &records.iter().collect::<Vec<_>>())?);
     Ok(writer.finish(&stats, &cells_valid, &validity)?)
 }
 

@@ -1,0 +1,343 @@
+//! The manifest: one line per finished block, with the files it wrote and their checksums.
+//!
+//! It is what makes generation restartable and cubes checkable:
+//! - `gen` appends a line once a block's files are stored; a run killed at any moment and started again
+//!   keeps the blocks whose line is there *and* whose files still match their checksums (so a torn write or
+//!   a power loss that lost data only costs that block), and redoes the rest;
+//! - `gen --append` reuses the blocks of the previous cube whose inputs are unchanged;
+//! - partitioned runs (`--part K/N`) each write their own manifest file, merged by `--finalize`;
+//! - `verify` compares every stored file with its line.
+//!
+//! A block's line also carries what the block contributes to the cube's statistics and validity index, so
+//! a resumed run ends with the same cube, bit for bit, as an uninterrupted one. Numbers are stored as bit
+//! patterns where a decimal round trip could change the last digit.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{CubeError, RunningStats};
+
+/// File name of the (merged) manifest inside a cube.
+pub const MANIFEST_FILE: &str = "cubeload_manifest.jsonl";
+
+/// Version of the manifest format.
+const MANIFEST_VERSION: u32 = 1;
+
+/// First line of a manifest: what the blocks below were made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestHeader {
+    /// [`MANIFEST_VERSION`].
+    pub cubeload_manifest: u32,
+    /// Digest of the configuration and of every input file (size and SHA-256): a run with another
+    /// fingerprint must not continue this cube.
+    pub fingerprint: String,
+    /// Creation time of the cube (kept when a run resumes, so that a resumed cube equals an uninterrupted
+    /// one).
+    pub created: String,
+}
+
+impl ManifestHeader {
+    /// A header for a new cube.
+    #[must_use]
+    pub fn new(fingerprint: String, created: String) -> Self {
+        ManifestHeader { cubeload_manifest: MANIFEST_VERSION, fingerprint, created }
+    }
+}
+
+/// Which block: a variable's time chunk, chunk row and range of shards along x.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlockId {
+    /// Variable name.
+    pub var: String,
+    /// Time chunk (0 for static variables).
+    pub it: usize,
+    /// Chunk row (sample shard row for sample-major cubes).
+    pub iy: usize,
+    /// First shard along x.
+    pub first_shard: usize,
+    /// Shards covered.
+    pub n_shards: usize,
+}
+
+/// One stored file (a chunk or a shard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Store key, relative to the cube's root (`t2m/c/0/3/1`).
+    pub key: String,
+    /// Length in bytes; `None` when nothing was stored (every value was the fill value).
+    pub len: Option<u64>,
+    /// CRC32C of the file's bytes.
+    pub crc32c: Option<u32>,
+}
+
+impl FileRecord {
+    /// Reads the file at `root/key` and records its length and checksum (or its absence).
+    ///
+    /// # Errors
+    /// [`CubeError::Io`] when the file exists but cannot be read.
+    pub fn of(root: &Path, key: &str) -> Result<FileRecord, CubeError> {
+        let path = root.join(key);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(FileRecord {
+                key: key.to_string(),
+                len: Some(bytes.len() as u64),
+                crc32c: Some(crc32c::crc32c(&bytes)),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(FileRecord { key: key.to_string(), len: None, crc32c: None })
+            }
+            Err(source) => Err(CubeError::Io { path, source }),
+        }
+    }
+
+    /// What is wrong with this file under `root`, if anything.
+    #[must_use]
+    pub fn check(&self, root: &Path) -> Option<String> {
+        match (FileRecord::of(root, &self.key), self.len) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(found), _) if found == *self => None,
+            (Ok(FileRecord { len: None, .. }), Some(_)) => Some("missing".to_string()),
+            (Ok(FileRecord { len: Some(_), .. }), None) => {
+                Some("present, but the manifest says it was never stored".to_string())
+            }
+            (Ok(found), Some(len)) if found.len != Some(len) => {
+                Some(format!("{} bytes instead of {len} (truncated or overwritten)", found.len.unwrap_or(0)))
+            }
+            (Ok(found), _) => Some(format!(
+                "checksum mismatch: crc32c {:08x}, manifest {:08x}",
+                found.crc32c.unwrap_or(0),
+                self.crc32c.unwrap_or(0)
+            )),
+        }
+    }
+}
+
+/// What one finished block stored and contributes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    /// Which block.
+    pub block: BlockId,
+    /// Digest of everything the block's values depend on (encoding, target steps, input files and bands):
+    /// a block is reused only when it is unchanged.
+    pub inputs: String,
+    /// The files it stored.
+    pub files: Vec<FileRecord>,
+    /// Statistics of its valid values.
+    pub stats: StatsBits,
+    /// Cells inside the grid extent.
+    pub cells: u64,
+    /// Valid cells among them.
+    pub valid: u64,
+    /// `(chunk x index, fraction of valid cells)` per batch chunk.
+    pub validity: Vec<(usize, f32)>,
+}
+
+impl BlockRecord {
+    /// The first file that does not match under `root`, with what is wrong.
+    #[must_use]
+    pub fn first_mismatch(&self, root: &Path) -> Option<(String, String)> {
+        self.files.iter().find_map(|f| f.check(root).map(|why| (f.key.clone(), why)))
+    }
+}
+
+/// [`RunningStats`] as exact bit patterns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsBits {
+    count: u64,
+    mean: u64,
+    m2: u64,
+    min: u64,
+    max: u64,
+}
+
+impl From<&RunningStats> for StatsBits {
+    fn from(s: &RunningStats) -> Self {
+        let [mean, m2, min, max] = s.moments();
+        StatsBits {
+            count: s.count(),
+            mean: mean.to_bits(),
+            m2: m2.to_bits(),
+            min: min.to_bits(),
+            max: max.to_bits(),
+        }
+    }
+}
+
+impl From<StatsBits> for RunningStats {
+    fn from(b: StatsBits) -> Self {
+        RunningStats::from_moments(
+            b.count,
+            [f64::from_bits(b.mean), f64::from_bits(b.m2), f64::from_bits(b.min), f64::from_bits(b.max)],
+        )
+    }
+}
+
+/// Everything the manifest files of a cube directory say.
+#[derive(Debug, Clone, Default)]
+pub struct Manifest {
+    /// The header (of the first file read); `None` when there is no manifest.
+    pub header: Option<ManifestHeader>,
+    /// Finished blocks, the last record of a block winning.
+    pub records: Vec<BlockRecord>,
+}
+
+impl Manifest {
+    /// Reads `cubeload_manifest.jsonl` and the per-part files `cubeload_manifest.part-*.jsonl` of `dir`.
+    /// A line cut short by a crash (the last of a file) is ignored; so is a file whose header differs from
+    /// the first one read (it belongs to another configuration).
+    ///
+    /// # Errors
+    /// [`CubeError::Io`] when a manifest file cannot be read.
+    pub fn load(dir: &Path) -> Result<Manifest, CubeError> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            n == MANIFEST_FILE
+                                || (n.starts_with("cubeload_manifest.part-")
+                                    && Path::new(n).extension().is_some_and(|e| e == "jsonl"))
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        let mut manifest = Manifest::default();
+        let mut index: HashMap<BlockId, usize> = HashMap::new();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(|source| CubeError::Io { path, source })?;
+            let mut lines = text.lines();
+            let Some(header) = lines.next().and_then(|l| serde_json::from_str::<ManifestHeader>(l).ok())
+            else {
+                continue;
+            };
+            match &manifest.header {
+                Some(first) if first.fingerprint != header.fingerprint => continue,
+                Some(_) => {}
+                None => manifest.header = Some(header),
+            }
+            for record in lines.map_while(|l| serde_json::from_str::<BlockRecord>(l).ok()) {
+                if let Some(&i) = index.get(&record.block) {
+                    manifest.records[i] = record;
+                } else {
+                    index.insert(record.block.clone(), manifest.records.len());
+                    manifest.records.push(record);
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The fingerprint of the manifest in `dir`, if it has one.
+    #[must_use]
+    pub fn fingerprint(dir: &Path) -> Option<String> {
+        Manifest::load(dir).ok().and_then(|m| m.header).map(|h| h.fingerprint)
+    }
+}
+
+/// Appends block records to one manifest file, a line each, flushed as they come.
+#[derive(Debug)]
+pub struct ManifestWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl ManifestWriter {
+    /// Writes `dir/name` afresh with `header` and `records` (through a temporary file and a rename, so that
+    /// a crash leaves the previous version or the new one), then keeps it open for appending.
+    ///
+    /// # Errors
+    /// [`CubeError::Io`] on filesystem failures.
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        header: &ManifestHeader,
+        records: &[&BlockRecord],
+    ) -> Result<ManifestWriter, CubeError> {
+        let path = dir.join(name);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CubeError::Io { path, source }
+        };
+        // Unique per process: the parts of a partitioned run may write the same file at once.
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let mut text = serde_json::to_string(header).expect("serializable");
+        text.push('\n');
+        for record in records {
+            text.push_str(&serde_json::to_string(record).expect("serializable"));
+            text.push('\n');
+        }
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
+        Ok(ManifestWriter { path, file })
+    }
+
+    /// Appends one record.
+    ///
+    /// # Errors
+    /// [`CubeError::Io`] when writing fails.
+    pub fn append(&mut self, record: &BlockRecord) -> Result<(), CubeError> {
+        let mut line = serde_json::to_string(record).expect("serializable");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|source| CubeError::Io { path: self.path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(var: &str, it: usize, key: &str, file: &FileRecord) -> BlockRecord {
+        let stats = RunningStats::of([1.0, 2.5, -3.25].into_iter());
+        BlockRecord {
+            block: BlockId { var: var.into(), it, iy: 0, first_shard: 0, n_shards: 1 },
+            inputs: "abc".into(),
+            files: vec![FileRecord { key: key.into(), ..file.clone() }],
+            stats: (&stats).into(),
+            cells: 3,
+            valid: 3,
+            validity: vec![(0, 0.1)],
+        }
+    }
+
+    #[test]
+    fn round_trip_ignores_a_torn_last_line_and_detects_changed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("t2m")).unwrap();
+        std::fs::write(dir.path().join("t2m/c0"), b"chunk bytes").unwrap();
+        let file = FileRecord::of(dir.path(), "t2m/c0").unwrap();
+        assert_eq!(file.len, Some(11));
+        let header = ManifestHeader::new("fp".into(), "2026-01-01T00:00:00Z".into());
+        let (a, b) = (record("t2m", 0, "t2m/c0", &file), record("t2m", 1, "t2m/c1", &file));
+        let mut writer = ManifestWriter::create(dir.path(), MANIFEST_FILE, &header, &[&a]).unwrap();
+        writer.append(&b).unwrap();
+        // A crash in the middle of a line.
+        let path = dir.path().join(MANIFEST_FILE);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"block\":{\"var\":\"t2");
+        std::fs::write(&path, text).unwrap();
+
+        let manifest = Manifest::load(dir.path()).unwrap();
+        assert_eq!(manifest.header, Some(header));
+        assert_eq!(manifest.records, vec![a.clone(), b.clone()]);
+        let stats: RunningStats = manifest.records[0].stats.into();
+        assert_eq!(StatsBits::from(&stats), a.stats);
+
+        assert_eq!(a.first_mismatch(dir.path()), None);
+        assert_eq!(b.first_mismatch(dir.path()), Some(("t2m/c1".into(), "missing".into())));
+        std::fs::write(dir.path().join("t2m/c0"), b"chunk bytez").unwrap();
+        assert!(a.first_mismatch(dir.path()).unwrap().1.starts_with("checksum mismatch"));
+        std::fs::write(dir.path().join("t2m/c0"), b"chunk").unwrap();
+        assert!(a.first_mismatch(dir.path()).unwrap().1.contains("truncated"));
+    }
+}

@@ -1,0 +1,356 @@
+//! A cube's life beyond one clean run: killed and resumed, checked, extended along time, made in parts.
+//! Each ends compared with a cube made in one uninterrupted run from the same inputs: every stored byte
+//! (chunks, coordinates, validity index) and the statistics must be the same.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, write_inputs};
+
+use crate::util::{cubeload, meta};
+
+/// Writes the demo inputs into `dir` once; returns the config text over them.
+fn inputs(dir: &Path) -> String {
+    write_inputs(dir, &DemoSpec { layout: IMAGE_LAYOUT, ..DemoSpec::default() }).unwrap()
+}
+
+/// A config over the inputs of `text` writing `dir/NAME`, its time axis ending on `last_day` of June.
+fn config(dir: &Path, text: &str, name: &str, last_day: u32) -> PathBuf {
+    let text = text
+        .replace(&format!("{}/demo.zarr", dir.display()), &format!("{}/{name}", dir.display()))
+        .replace("end: 2024-06-07T23:00:00Z", &format!("end: 2024-06-{last_day:02}T23:00:00Z"));
+    assert!(text.contains(&format!("end: 2024-06-{last_day:02}T23")), "{text}");
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_gen(dir: &Path, args: &[&str]) -> String {
+    let out = cubeload(dir, &[&["gen"], args].concat());
+    assert!(
+        out.status.success(),
+        "gen {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Every file of a cube but the root metadata and the manifest (which name the config and the time of
+/// creation), by relative path.
+fn stored_files(cube: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if rel != "zarr.json" && rel != "cubeload_manifest.jsonl" {
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(cube, cube, &mut out);
+    out
+}
+
+/// Asserts that two cubes hold the same bytes and statistics.
+fn assert_same_cube(cube: &Path, reference: &Path) {
+    let (a, b) = (stored_files(cube), stored_files(reference));
+    assert!(a.len() > 10, "{} files only", a.len());
+    let names = |m: &BTreeMap<String, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&a), names(&b), "the same files");
+    for (name, bytes) in &a {
+        assert!(bytes == &b[name], "{name} differs from the uninterrupted run's");
+    }
+    let (ma, mb) = (meta(cube), meta(reference));
+    for (va, vb) in ma["variables"].as_array().unwrap().iter().zip(mb["variables"].as_array().unwrap()) {
+        assert_eq!(va["stats"], vb["stats"], "statistics of {}", va["name"]);
+        assert_eq!(va["valid_fraction"], vb["valid_fraction"]);
+    }
+    assert_eq!(ma["shape"], mb["shape"]);
+    assert_eq!(ma["complete"], true);
+}
+
+/// Finished blocks recorded in a manifest file (its lines but the header).
+fn recorded_blocks(manifest: &Path) -> usize {
+    std::fs::read_to_string(manifest).map_or(0, |t| t.lines().count().saturating_sub(1))
+}
+
+/// The first stored file (relative key) of variable `var` in a cube's or staging directory's manifest.
+fn a_stored_file(dir: &Path, var: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("cubeload_manifest.jsonl")).unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["block"]["var"] == var)
+        .flat_map(|r| r["files"].as_array().unwrap().clone())
+        .find(|f| f["len"].as_u64().is_some_and(|n| n > 16))
+        .map(|f| f["key"].as_str().unwrap().to_string())
+        .expect("a stored file")
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = at.min(bytes.len() - 1);
+    bytes[at] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_killed_gen_resumes_and_ends_with_the_cube_of_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let reference_config = config(dir, &text, "reference.zarr", 7);
+    run_gen(dir, &["-c", reference_config.to_str().unwrap()]);
+    let config = config(dir, &text, "cube.zarr", 7);
+    let staging = dir.join(".cube.zarr.cubeload-partial");
+    let manifest = staging.join("cubeload_manifest.jsonl");
+
+    // SIGKILL twice, at different points, each time while blocks are being written.
+    for at_least in [3, 12] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cubeload"))
+            .args(["gen", "--threads", "1", "-c", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while recorded_blocks(&manifest) < at_least {
+            assert!(child.try_wait().unwrap().is_none(), "gen finished before it could be killed");
+            assert!(started.elapsed() < Duration::from_mins(2), "no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    assert!(!dir.join("cube.zarr").exists(), "an interrupted run never leaves a cube in place");
+    let info = cubeload(dir, &["info", "cube.zarr"]);
+    assert_eq!(info.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&info.stderr);
+    assert!(stderr.contains("interrupted") && stderr.contains("resume"), "{stderr}");
+    // The half-made cube itself is refused as incomplete, with the way out.
+    let loader = cubeload::Loader::builder(&staging).build().unwrap_err().to_string();
+    assert!(loader.contains("incomplete cube") && loader.contains("resume"), "{loader}");
+
+    // Damage a finished chunk, as a power loss could: the resumed run must notice and redo its block.
+    let damaged = a_stored_file(&staging, "t2m");
+    flip_byte(&staging.join(&damaged), 20);
+    let blocks_before = recorded_blocks(&manifest);
+
+    let stdout = run_gen(dir, &["-c", config.to_str().unwrap()]);
+    let kept: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_suffix(" of the blocks were kept from an interrupted run or the previous cube"))
+        .unwrap_or_else(|| panic!("no resume line in:\n{stdout}"))
+        .trim()
+        .parse()
+        .unwrap();
+    // Every recorded block but the damaged one (and a line the kill may have cut short).
+    assert!(
+        kept >= 10 && kept < blocks_before && kept + 2 >= blocks_before,
+        "kept {kept} of {blocks_before}"
+    );
+    assert!(!staging.exists());
+    assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
+    let verify = cubeload(dir, &["verify", "cube.zarr"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+#[test]
+fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 7);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cubeload"))
+        .args(["gen", "--threads", "1", "-c", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let manifest = dir.join(".cube.zarr.cubeload-partial/cubeload_manifest.jsonl");
+    while recorded_blocks(&manifest) < 2 {
+        assert!(child.try_wait().unwrap().is_none(), "gen finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = std::fs::read(&manifest).unwrap();
+
+    // Another input file: refused, the half-made cube untouched.
+    let ndvi = dir.join("inputs/ndvi/ndvi_2024-06-03.tif");
+    let original = std::fs::read(&ndvi).unwrap();
+    std::fs::copy(dir.join("inputs/ndvi/ndvi_2024-06-05.tif"), &ndvi).unwrap();
+    let out = cubeload(dir, &["gen", "-c", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("different configuration or different input") && stderr.contains("--overwrite"));
+    assert_eq!(std::fs::read(&manifest).unwrap(), before, "nothing of the half-made cube changed");
+    std::fs::write(&ndvi, original).unwrap();
+
+    // Another config: refused too; with --overwrite it starts over and completes.
+    let text = std::fs::read_to_string(&config).unwrap().replace("level: 3", "level: 5");
+    std::fs::write(&config, text).unwrap();
+    let out = cubeload(dir, &["gen", "-c", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&manifest).unwrap(), before);
+    let stdout = run_gen(dir, &["--overwrite", "-c", config.to_str().unwrap()]);
+    assert!(!stdout.contains("kept"), "{stdout}");
+    assert_eq!(meta(&dir.join("cube.zarr"))["compression"], "zstd(5)");
+}
+
+#[test]
+fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 3);
+    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    let cube = dir.join("cube.zarr");
+    let ok = cubeload(dir, &["verify", "cube.zarr"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(": OK ("));
+
+    let flipped = a_stored_file(&cube, "t2m");
+    flip_byte(&cube.join(&flipped), 100);
+    let truncated = a_stored_file(&cube, "ndvi");
+    let bytes = std::fs::read(cube.join(&truncated)).unwrap();
+    std::fs::write(cube.join(&truncated), &bytes[..bytes.len() / 2]).unwrap();
+    let removed = a_stored_file(&cube, "landcover");
+    std::fs::remove_file(cube.join(&removed)).unwrap();
+
+    let out = cubeload(dir, &["verify", "cube.zarr"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line =
+        |key: &str| stdout.lines().find(|l| l.contains(key)).unwrap_or_else(|| panic!("{key}: {stdout}"));
+    let chunk = |key: &str| key.rsplit("/c/").next().unwrap().replace('/', ", ");
+    for (var, key, why) in [
+        ("t2m", &flipped, "checksum mismatch"),
+        ("ndvi", &truncated, "truncated"),
+        ("landcover", &removed, "missing"),
+    ] {
+        let l = line(key);
+        assert!(l.starts_with(&format!("variable `{var}`, chunk [{}]", chunk(key))), "{l}");
+        assert!(l.contains(why), "{l}");
+    }
+    assert_eq!(stdout.lines().count(), 3, "exactly the three damaged files: {stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 problems found"));
+
+    // The same flipped bit is caught by the chunk's own crc32c codec, with no manifest at all.
+    std::fs::remove_file(cube.join("cubeload_manifest.jsonl")).unwrap();
+    let out = cubeload(dir, &["verify", "cube.zarr"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let decoded = stdout.lines().find(|l| l.contains(&flipped)).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(decoded.contains("cannot be decoded") && decoded.contains("checksum"), "{stdout}");
+}
+
+#[test]
+fn append_extends_along_time_and_equals_a_cube_made_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let reference = config(dir, &text, "reference.zarr", 7);
+    run_gen(dir, &["-c", reference.to_str().unwrap()]);
+    let four_days = config(dir, &text, "cube.zarr", 4);
+    run_gen(dir, &["-c", four_days.to_str().unwrap()]);
+    let before = stored_files(&dir.join("cube.zarr"));
+
+    // Next days' inputs arrive: the same config with a later end.
+    let seven_days = config(dir, &text, "cube.zarr", 7);
+    // A failed append (one new file unreadable) leaves the previous cube as it was, readable.
+    let late = dir.join("inputs/ndvi/ndvi_2024-06-07.tif");
+    let good = std::fs::read(&late).unwrap();
+    std::fs::write(&late, &good[..good.len() / 3]).unwrap();
+    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ndvi_2024-06-07.tif"));
+    assert_eq!(stored_files(&dir.join("cube.zarr")), before, "the previous cube is intact");
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-04T23:00:00Z");
+    std::fs::write(&late, good).unwrap();
+    // The failed run's half-made cube was made from the damaged file: continuing it is refused ...
+    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different input files"));
+    assert_eq!(stored_files(&dir.join("cube.zarr")), before);
+
+    // ... and discarded with --overwrite, which with --append never touches the previous cube itself.
+    let stdout = run_gen(dir, &["--append", "--overwrite", "-c", seven_days.to_str().unwrap()]);
+    assert!(stdout.contains("were kept"), "unchanged blocks are reused: {stdout}");
+    assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-07T23:00:00Z");
+
+    // Nothing new: refused as a config error, the cube untouched.
+    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to append"));
+    // A changed encoding: refused.
+    let text = std::fs::read_to_string(&seven_days).unwrap().replace("level: 3", "level: 9");
+    std::fs::write(&seven_days, text.replace("06-07T23", "06-08T23")).unwrap();
+    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("compression"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let reference = config(dir, &text, "reference.zarr", 5);
+    run_gen(dir, &["-c", reference.to_str().unwrap()]);
+    let config = config(dir, &text, "cube.zarr", 5);
+    let config = config.to_str().unwrap();
+
+    // Parts 0 and 2 of 3 at the same time, as two tasks of a job array would.
+    let children: Vec<_> = ["0/3", "2/3"]
+        .iter()
+        .map(|part| {
+            Command::new(env!("CARGO_BIN_EXE_cubeload"))
+                .args(["gen", "--threads", "1", "--part", part, "-c", config])
+                .output_async()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("--finalize"));
+    }
+    assert!(!dir.join("cube.zarr").exists());
+    let early = cubeload(dir, &["gen", "--finalize", "-c", config]);
+    assert_eq!(early.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&early.stderr);
+    assert!(stderr.contains("cannot finalize") && stderr.contains("blocks are not written"), "{stderr}");
+    assert!(!dir.join("cube.zarr").exists());
+
+    run_gen(dir, &["--part", "1/3", "-c", config]);
+    run_gen(dir, &["--finalize", "-c", config]);
+    assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
+    let verify = cubeload(dir, &["verify", "cube.zarr"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+
+    let bad = cubeload(dir, &["gen", "--part", "3/3", "-c", config]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("counts from 0"));
+}
+
+/// `Command::spawn` with captured output, to run several at once.
+trait SpawnCaptured {
+    fn output_async(&mut self) -> std::process::Child;
+}
+
+impl SpawnCaptured for Command {
+    fn output_async(&mut self) -> std::process::Child {
+        self.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+}
