@@ -43,8 +43,9 @@ enum Command {
         /// cube's blocks, for N concurrent jobs on one shared filesystem; then run --finalize once.
         #[arg(long, value_name = "K/N", conflicts_with_all = ["finalize", "overwrite", "append"])]
         part: Option<cubeload::generator::Part>,
-        /// Check that the parts wrote every block, then complete the cube and move it into place.
-        #[arg(long, conflicts_with_all = ["overwrite", "append"])]
+        /// Check that the parts wrote every block, then complete the cube and move it into place (with
+        /// --overwrite, in place of an earlier cube).
+        #[arg(long, conflicts_with = "append")]
         finalize: bool,
     },
     /// Check a cube: every stored file against its checksum, every chunk decoded, the metadata against the

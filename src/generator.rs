@@ -223,7 +223,9 @@ pub fn generate(
 ) -> Result<GenReport, GenError> {
     let started = Clock::now();
     let output = plan.config.output.clone();
-    if options.part.is_none() && !options.finalize {
+    // Parts only write into the staging directory; what is at the output path matters when a run moves the
+    // cube there.
+    if options.part.is_none() {
         check_output(&output, options)?;
     }
     if options.append {
@@ -253,9 +255,6 @@ pub fn generate(
             Ok(GenReport { path: staging, meta, seconds, blocks, reused, part: options.part })
         }
         Built::Complete { meta, blocks, reused } => {
-            if options.finalize && output.exists() {
-                check_output(&output, &GenOptions { overwrite: true, ..GenOptions::default() })?;
-            }
             swap_into_place(&staging, &output)?;
             Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
         }
