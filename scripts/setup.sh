@@ -4,7 +4,8 @@
 #     (fonts-dejavu-core) from apt;
 #   - a CPU libtorch 2.13 for `tch`, assembled from PyPI wheels into third_party/libtorch (git-ignored);
 #   - a Python virtual environment .venv with the packages the tests use: numpy, zarr, xarray, pytest and
-#     netCDF4 (the xarray suite in tests/python), torch (the binding's suite in python/tests). The cubeload
+#     netCDF4 (the xarray suite in tests/python), torch (the binding's suite in python/tests), moto's S3
+#     server (the object-store tests). The cubeload
 #     Python package itself is built into it by scripts/test.sh (`pip install ./python`).
 # Idempotent: every step is skipped when its result is already there.
 set -euo pipefail
@@ -71,6 +72,11 @@ fi
 if ! "$VENV/bin/python" -c "import pytest, netCDF4" >/dev/null 2>&1; then
   log "installing pytest, netCDF4 into .venv"
   "$VENV/bin/python" -m pip install -q pytest netCDF4
+fi
+if ! "$VENV/bin/python" -c "import moto.server" >/dev/null 2>&1; then
+  # A real S3-compatible server for the object-store tests, run on loopback.
+  log "installing moto[server] into .venv"
+  "$VENV/bin/python" -m pip install -q "moto[server]"
 fi
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   # PyPI's Linux torch is the CUDA build (2.7 GB with its dependencies); the Python tests need real torch.

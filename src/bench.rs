@@ -10,16 +10,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use zarrs::array::codec::ZstdCodec;
 use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
 use zarrs::filesystem::FilesystemStore;
+use zarrs::storage::ReadableStorageTraits;
 
 use crate::cube::reader::Cube;
 use crate::loader::sampler::ChunkId;
 use crate::loader::{Loader, LoaderError};
+use crate::store::{LatencyStore, Location};
 
 /// Options of a benchmark run.
 #[derive(Debug, Clone)]
@@ -32,11 +34,22 @@ pub struct BenchOptions {
     pub image_batches: usize,
     /// Drop the page cache before each phase (root on Linux).
     pub cold: bool,
+    /// Reader threads of the object-store phase (0 skips it): requests wait on the network, not on cores.
+    pub remote_threads: usize,
+    /// Prefetch depth of the object-store phase.
+    pub remote_prefetch: usize,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { threads: 2, prefetch: 8, image_batches: 8, cold: false }
+        BenchOptions {
+            threads: 2,
+            prefetch: 8,
+            image_batches: 8,
+            cold: false,
+            remote_threads: 48,
+            remote_prefetch: 96,
+        }
     }
 }
 
@@ -70,6 +83,11 @@ pub struct BenchReport {
     pub speedup_vs_image_chunked: Option<f64>,
     /// Epoch time with one reader thread ÷ with `threads` (goal: ≥ 1.8 for 2 threads when decode-bound).
     pub thread_scaling: Option<f64>,
+    /// The same epoch through a store that answers every request after [`REMOTE_LATENCY_MS`] (an object
+    /// store's latency), with `remote_threads` readers: batches/s there ÷ batches/s of the local epoch.
+    pub remote_ratio: Option<f64>,
+    /// Requests per batch in that phase (each pays the latency).
+    pub remote_requests_per_batch: Option<f64>,
     /// Generation throughput of the default cube, MB/s of uncompressed cube data.
     pub gen_mb_per_s: Option<f64>,
     /// Peak resident memory of generating the default cube.
@@ -118,6 +136,7 @@ impl BenchReport {
         at_least("ratio_to_ceiling", Some(self.ratio_to_ceiling), 0.8);
         at_least("speedup_vs_image_chunked", self.speedup_vs_image_chunked, 10.0);
         at_least("thread_scaling", self.thread_scaling.filter(|_| self.machine.threads == 2), 1.8);
+        at_least("remote_ratio", self.remote_ratio, 0.8);
         let mut at_most = |name, value: Option<f64>, max: f64| {
             if let Some(value) = value {
                 goals.push(Goal { name, goal: format!("<= {max}"), value, met: value <= max });
@@ -142,6 +161,10 @@ pub struct Machine {
     pub threads: usize,
     /// Prefetch depth used.
     pub prefetch: usize,
+    /// Reader threads of the object-store phase.
+    pub remote_threads: usize,
+    /// Prefetch depth of the object-store phase.
+    pub remote_prefetch: usize,
     /// The cube's codec.
     pub codec: String,
     /// cubeload version.
@@ -181,6 +204,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Latency added to every request in the object-store phase, ms (a same-region S3 GET's order of size).
+pub const REMOTE_LATENCY_MS: u64 = 20;
+
 /// Runs the benchmark on `cube`.
 ///
 /// # Errors
@@ -199,7 +225,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
 
     // Ceiling: every chunk of every variable, decoded by `threads` threads.
     prepare();
-    let arrays: Vec<(bool, Array<FilesystemStore>)> = meta
+    let arrays: Vec<(bool, Array<dyn ReadableStorageTraits>)> = meta
         .variables
         .iter()
         .map(|v| Ok((v.is_static, cube.array(&v.name)?)))
@@ -230,6 +256,27 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         None
     };
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
+    // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
+    let (remote_ratio, remote_requests_per_batch) = if options.remote_threads > 0 {
+        let store = Arc::new(LatencyStore::new(
+            Location::Local(cube_path.to_path_buf()).readable()?,
+            Duration::from_millis(REMOTE_LATENCY_MS),
+        ));
+        let remote = loader_epoch_from(
+            cube_path,
+            Some(store.clone()),
+            options.remote_threads,
+            options.remote_prefetch,
+        )?;
+        let local_per_batch = seconds / batches.max(1) as f64;
+        let remote_per_batch = remote.seconds / remote.batches.max(1) as f64;
+        (
+            Some(local_per_batch / remote_per_batch),
+            Some(store.requests() as f64 / remote.batches.max(1) as f64),
+        )
+    } else {
+        (None, None)
+    };
     let latencies_ms = latencies.clone();
     latencies.sort_by(f64::total_cmp);
     // Stored bytes of the delivered batches: the arrays' files, times the share of chunks delivered.
@@ -262,6 +309,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         read_amplification,
         speedup_vs_image_chunked,
         thread_scaling,
+        remote_ratio,
+        remote_requests_per_batch,
         gen_mb_per_s: None,
         gen_peak_rss_mb: None,
         gen_peak_rss_mb_4x: None,
@@ -274,6 +323,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             memory_gb,
             threads: options.threads,
             prefetch: options.prefetch,
+            remote_threads: options.remote_threads,
+            remote_prefetch: options.remote_prefetch,
             codec: meta.compression.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
@@ -297,8 +348,22 @@ struct Epoch {
 
 /// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
 fn loader_epoch(cube: &Path, threads: usize, prefetch: usize) -> Result<Epoch, LoaderError> {
+    loader_epoch_from(cube, None, threads, prefetch)
+}
+
+/// [`loader_epoch`] through `store` when given.
+fn loader_epoch_from(
+    cube: &Path,
+    store: Option<zarrs::storage::ReadableStorage>,
+    threads: usize,
+    prefetch: usize,
+) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
-    let mut loader = Loader::builder(cube).shuffle(0).threads(threads).prefetch(prefetch).build()?;
+    let mut builder = Loader::builder(cube).shuffle(0).threads(threads).prefetch(prefetch);
+    if let Some(store) = store {
+        builder = builder.store(store);
+    }
+    let mut loader = builder.build()?;
     let mut epoch =
         Epoch { seconds: 0.0, batches: 0, samples: 0, bytes: 0, first_ms: 0.0, latencies: Vec::new() };
     loop {
@@ -344,7 +409,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Reads and decodes `ids` of every array with `threads` threads; returns the decoded bytes.
 fn read_chunks(
-    arrays: &[(bool, Array<FilesystemStore>)],
+    arrays: &[(bool, Array<dyn ReadableStorageTraits>)],
     ids: &[ChunkId],
     layout: &crate::layout::Layout,
     threads: usize,

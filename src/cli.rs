@@ -81,6 +81,12 @@ enum Command {
         /// Batches read from the image-chunked copy (0 to skip that comparison).
         #[arg(long, default_value_t = 8)]
         image_batches: usize,
+        /// Reader threads of the object-store phase (every request delayed 20 ms; 0 skips it).
+        #[arg(long, default_value_t = 48)]
+        remote_threads: usize,
+        /// Prefetch depth of the object-store phase.
+        #[arg(long, default_value_t = 96)]
+        remote_prefetch: usize,
         /// Also draw throughput and latency into this PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -175,8 +181,19 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
-        Command::Bench { cube, json, cold, threads, prefetch, image_batches, plot } => {
-            let options = BenchOptions { threads, prefetch, image_batches, cold };
+        Command::Bench {
+            cube,
+            json,
+            cold,
+            threads,
+            prefetch,
+            image_batches,
+            remote_threads,
+            remote_prefetch,
+            plot,
+        } => {
+            let options =
+                BenchOptions { threads, prefetch, image_batches, cold, remote_threads, remote_prefetch };
             let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
             let result = bench(cube.as_deref(), &options, &scratch);
             let _ = std::fs::remove_dir_all(&scratch);
@@ -302,6 +319,22 @@ fn bench_table(r: &BenchReport) -> String {
         ("read_amplification", opt(r.read_amplification, "")),
         ("vs image-chunked", opt(r.speedup_vs_image_chunked, "× faster")),
         ("thread scaling", opt(r.thread_scaling, "× (epoch with 1 reader ÷ with all)")),
+        (
+            "object store",
+            r.remote_ratio.map_or_else(
+                || "-".to_string(),
+                |ratio| {
+                    format!(
+                        "{ratio:.2} of local batches/s with {} ms per request ({:.1} requests per batch, {} \
+                         readers, prefetch {})",
+                        cubeload::bench::REMOTE_LATENCY_MS,
+                        r.remote_requests_per_batch.unwrap_or(0.0),
+                        r.machine.remote_threads,
+                        r.machine.remote_prefetch
+                    )
+                },
+            ),
+        ),
         ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
     ];
     if r.gen_mb_per_s.is_some() {

@@ -36,6 +36,7 @@ use crate::cube::{CubeError, CubeMeta, RunningStats};
 use crate::plan::{Plan, PlanError, VariablePlan};
 use crate::source::SourceError;
 use crate::source::warp::warp_window;
+use crate::store::Location;
 use crate::time::{self, StepSources};
 
 /// A generation error.
@@ -221,6 +222,10 @@ pub fn generate(
     options: &GenOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<GenReport, GenError> {
+    let location = Location::parse(&plan.config.output);
+    if let Location::S3 { .. } = location {
+        return generate_remote(plan, &location, options, progress);
+    }
     let started = Clock::now();
     let output = plan.config.output.clone();
     // Parts only write into the staging directory; what is at the output path matters when a run moves the
@@ -259,6 +264,59 @@ pub fn generate(
             Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
         }
     }
+}
+
+/// An object-store output: the cube is made (and resumed) in a local directory keyed by the URL under the
+/// temporary directory (`TMPDIR`), then uploaded with its completion marker last.
+fn generate_remote(
+    plan: &Plan,
+    location: &Location,
+    options: &GenOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<GenReport, GenError> {
+    let url = location.display_path();
+    if options.append || options.part.is_some() || options.finalize {
+        return Err(GenError::Append {
+            path: url,
+            message:
+                "--append, --part and --finalize need the cube on a filesystem: make it there, then copy \
+                      it to the object store"
+                    .to_string(),
+        });
+    }
+    if crate::store::exists(location)? && !options.overwrite {
+        return Err(CubeError::OutputTaken {
+            path: url,
+            message: "a cube already exists here; pass --overwrite to replace it".to_string(),
+        }
+        .into());
+    }
+    let key = hex(&Sha256::digest(url.to_string_lossy().as_bytes()));
+    let mut local_plan = plan.clone();
+    local_plan.config.output =
+        std::env::temp_dir().join(format!("cubeload-upload-{}", &key[..16])).join("cube.zarr");
+    let local = local_plan.config.output.clone();
+    // A cube made by an earlier run whose upload failed: upload it again rather than make it again.
+    let made = Manifest::fingerprint(&local).is_some_and(|f| f == fingerprint(&local_plan))
+        && Cube::open(&local).is_ok();
+    let mut report = if made {
+        let meta = Cube::open(&local)?.meta().clone();
+        let blocks = Manifest::load(&local)?.records.len();
+        GenReport { path: local.clone(), meta, seconds: 0.0, blocks, reused: blocks, part: None }
+    } else {
+        if local.exists() {
+            remove_dir(&local)?; // an earlier configuration's, never uploaded
+        }
+        generate(&local_plan, options, progress)?
+    };
+    let started = Clock::now();
+    crate::store::upload(&local, location, options.overwrite)?;
+    report.seconds += started.elapsed().as_secs_f64();
+    if let Some(dir) = local.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    report.path = url;
+    Ok(report)
 }
 
 /// Digest of everything a run's result depends on: the configuration, the cubeload version and every input

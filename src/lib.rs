@@ -48,6 +48,7 @@ pub mod loader;
 pub mod plan;
 pub mod plot;
 pub mod source;
+pub mod store;
 pub mod time;
 #[cfg(feature = "tch")]
 pub mod train;

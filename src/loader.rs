@@ -33,6 +33,7 @@ use self::sampler::{ChunkId, Sampler, Share};
 use crate::batch::Batch;
 use crate::cube::reader::Cube;
 use crate::cube::{CubeError, CubeMeta};
+use crate::store::Location;
 
 /// A loader error: names the cube, variable or chunk at fault.
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +112,28 @@ pub struct LoaderBuilder {
     transform: Transform,
     min_valid: Option<f64>,
     start: (usize, usize),
+    store: Option<CustomStore>,
+}
+
+/// A store given to [`LoaderBuilder::store`].
+#[derive(Clone)]
+struct CustomStore(zarrs::storage::ReadableStorage);
+
+impl std::fmt::Debug for CustomStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CustomStore")
+    }
 }
 
 impl LoaderBuilder {
+    /// Read the cube through `store` instead of opening its path (a wrapped store: one that measures, caches
+    /// or, in the benchmark, adds an object store's latency). > default: the path's own store
+    #[must_use]
+    pub fn store(mut self, store: zarrs::storage::ReadableStorage) -> Self {
+        self.store = Some(CustomStore(store));
+        self
+    }
+
     /// Variables along `V`, in this order. > default: all, in the cube's order
     #[must_use]
     pub fn variables<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> Self {
@@ -230,7 +250,10 @@ impl LoaderBuilder {
         if self.mix == 0 || self.prefetch == 0 {
             return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
         }
-        let cube = Cube::open(&self.path)?;
+        let cube = match &self.store {
+            Some(CustomStore(store)) => Cube::open_store(&Location::parse(&self.path), store.clone())?,
+            None => Cube::open(&self.path)?,
+        };
         let assembler = Assembler::new(&cube, &self.variables, self.transform)?;
         let eligible: Vec<ChunkId> = assembler
             .validity(&cube)?
@@ -374,7 +397,7 @@ impl std::fmt::Debug for Loader {
 }
 
 impl Loader {
-    /// Starts building a loader over the cube at `path`.
+    /// Starts building a loader over the cube at `path`: a directory or `s3://bucket/prefix`.
     pub fn builder(path: impl AsRef<Path>) -> LoaderBuilder {
         LoaderBuilder {
             path: path.as_ref().to_path_buf(),
@@ -394,6 +417,7 @@ impl Loader {
             },
             min_valid: None,
             start: (0, 0),
+            store: None,
         }
     }
 

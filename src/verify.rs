@@ -69,6 +69,12 @@ impl VerifyReport {
 /// # Errors
 /// [`CubeError::NotACube`] when `path` is not a cubeload cube at all.
 pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
+    if let crate::store::Location::S3 { .. } = crate::store::Location::parse(path) {
+        return Err(CubeError::NotACube {
+            path: path.to_path_buf(),
+            message: "verify reads the stored files directly: run it on a local copy of the cube".to_string(),
+        });
+    }
     let meta = read_meta(path)?;
     let mut report = VerifyReport { path: path.to_path_buf(), chunks: 0, bytes: 0, problems: Vec::new() };
     let mut problem = |variable: &str, chunk: Option<Vec<u64>>, message: String| {

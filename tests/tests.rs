@@ -18,3 +18,4 @@ mod demo;
 mod gen_real_data;
 mod lifecycle;
 mod loader;
+mod object_store;

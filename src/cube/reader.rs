@@ -1,20 +1,24 @@
-//! Opening a cube: one read of the root metadata (consolidated), refusal of incomplete cubes.
+//! Opening a cube, local or on an object store: one read of the root metadata (consolidated), refusal of
+//! incomplete cubes.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use zarrs::array::{Array, CodecOptions};
-use zarrs::filesystem::FilesystemStore;
+use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecOptions};
 use zarrs::group::Group;
+use zarrs::storage::{ReadableStorage, ReadableStorageTraits, StoreKey};
 
+use super::manifest::{BlockRecord, MANIFEST_FILE};
 use super::{CubeError, CubeMeta, META_KEY};
 use crate::plan::DType;
+use crate::store::Location;
 
 /// An opened, complete cube.
 pub struct Cube {
     path: PathBuf,
-    store: Arc<FilesystemStore>,
+    location: Location,
+    store: ReadableStorage,
     meta: CubeMeta,
+    slow: bool,
 }
 
 impl std::fmt::Debug for Cube {
@@ -27,30 +31,47 @@ impl std::fmt::Debug for Cube {
 ///
 /// # Errors
 /// The zarrs error when the region cannot be read or decoded.
-pub fn read_f64(
-    array: &Array<FilesystemStore>,
+pub fn read_f64<S: ?Sized + ReadableStorageTraits + 'static>(
+    array: &Array<S>,
     dtype: DType,
     subset: &[std::ops::Range<u64>],
     options: &CodecOptions,
 ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-    fn widen<T: zarrs::array::ElementOwned + Into<f64>>(
-        array: &Array<FilesystemStore>,
+    read_f64_cached(array, None, dtype, subset, options)
+}
+
+/// [`read_f64`], with the shard indexes read so far kept in `cache`: a shard's index is then read once,
+/// not once per batch (one request instead of two per chunk on an object store).
+///
+/// # Errors
+/// The zarrs error when the region cannot be read or decoded.
+pub fn read_f64_cached<S: ?Sized + ReadableStorageTraits + 'static>(
+    array: &Array<S>,
+    cache: Option<&ArrayShardedReadableExtCache>,
+    dtype: DType,
+    subset: &[std::ops::Range<u64>],
+    options: &CodecOptions,
+) -> Result<Vec<f64>, zarrs::array::ArrayError> {
+    fn widen<T: zarrs::array::ElementOwned + Into<f64>, S: ?Sized + ReadableStorageTraits + 'static>(
+        array: &Array<S>,
+        cache: Option<&ArrayShardedReadableExtCache>,
         subset: &[std::ops::Range<u64>],
         options: &CodecOptions,
     ) -> Result<Vec<f64>, zarrs::array::ArrayError> {
-        Ok(array
-            .retrieve_array_subset_opt::<Vec<T>>(&subset.to_vec(), options)?
-            .into_iter()
-            .map(Into::into)
-            .collect())
+        let subset = subset.to_vec();
+        let values: Vec<T> = match cache {
+            Some(cache) => array.retrieve_array_subset_sharded_opt(cache, &subset, options)?,
+            None => array.retrieve_array_subset_opt(&subset, options)?,
+        };
+        Ok(values.into_iter().map(Into::into).collect())
     }
     match dtype {
-        DType::Float32 => widen::<f32>(array, subset, options),
-        DType::Uint8 => widen::<u8>(array, subset, options),
-        DType::Uint16 => widen::<u16>(array, subset, options),
-        DType::Int16 => widen::<i16>(array, subset, options),
-        DType::Uint32 => widen::<u32>(array, subset, options),
-        DType::Int32 => widen::<i32>(array, subset, options),
+        DType::Float32 => widen::<f32, S>(array, cache, subset, options),
+        DType::Uint8 => widen::<u8, S>(array, cache, subset, options),
+        DType::Uint16 => widen::<u16, S>(array, cache, subset, options),
+        DType::Int16 => widen::<i16, S>(array, cache, subset, options),
+        DType::Uint32 => widen::<u32, S>(array, cache, subset, options),
+        DType::Int32 => widen::<i32, S>(array, cache, subset, options),
     }
 }
 
@@ -59,24 +80,35 @@ pub fn read_f64(
 /// # Errors
 /// [`CubeError::NotACube`] when `path` is not a Zarr group made by cubeload.
 pub fn read_meta(path: &Path) -> Result<CubeMeta, CubeError> {
-    let not_a_cube = |message: String| CubeError::NotACube { path: path.to_path_buf(), message };
-    if !path.join("zarr.json").is_file() {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let staging = path.with_file_name(format!(".{name}.cubeload-partial"));
-        return Err(not_a_cube(if path.exists() {
-            "not a Zarr v3 cube (no zarr.json)".to_string()
-        } else if staging.exists() {
-            format!(
-                "no cube here yet: its generation was interrupted (the finished part is kept in {}); run the \
-                 same `cubeload gen -c CONFIG` again to resume it",
-                staging.display()
-            )
-        } else {
-            "no such cube".to_string()
+    let location = Location::parse(path);
+    let store = location.readable()?;
+    read_meta_from(&store, &location)
+}
+
+fn read_meta_from(store: &ReadableStorage, location: &Location) -> Result<CubeMeta, CubeError> {
+    let path = location.display_path();
+    let not_a_cube = |message: String| CubeError::NotACube { path: path.clone(), message };
+    if !crate::store::exists(location)? {
+        return Err(not_a_cube(match location {
+            Location::Local(path) if path.exists() => "not a Zarr v3 cube (no zarr.json)".to_string(),
+            Location::Local(path) => {
+                let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                let staging = path.with_file_name(format!(".{name}.cubeload-partial"));
+                if staging.exists() {
+                    format!(
+                        "no cube here yet: its generation was interrupted (the finished part is kept in {}); \
+                         run the same `cubeload gen -c CONFIG` again to resume it",
+                        staging.display()
+                    )
+                } else {
+                    "no such cube".to_string()
+                }
+            }
+            Location::S3 { .. } => "no such cube (no zarr.json under this prefix)".to_string(),
         }));
     }
-    let store = Arc::new(FilesystemStore::new(path).map_err(|e| not_a_cube(e.to_string()))?);
-    let group = Group::open(store, "/").map_err(|e| not_a_cube(format!("unreadable Zarr group: {e}")))?;
+    let group =
+        Group::open(store.clone(), "/").map_err(|e| not_a_cube(format!("unreadable Zarr group: {e}")))?;
     let value = group.attributes().get(META_KEY).cloned().ok_or_else(|| {
         not_a_cube(format!("a Zarr group without the `{META_KEY}` attribute: not made by cubeload"))
     })?;
@@ -91,21 +123,40 @@ pub fn is_cubeload_cube(path: &Path) -> bool {
 }
 
 impl Cube {
-    /// Opens the cube at `path`.
+    /// Opens the cube at `path`: a directory, or `s3://bucket/prefix` (see [`crate::store`]).
     ///
     /// # Errors
     /// [`CubeError::NotACube`] for anything else, [`CubeError::Incomplete`] when generation did not finish.
     pub fn open(path: impl AsRef<Path>) -> Result<Cube, CubeError> {
-        let path = path.as_ref();
-        let meta = read_meta(path)?;
+        let location = Location::parse(path.as_ref());
+        let store = location.readable()?;
+        let slow = matches!(location, Location::S3 { .. });
+        Cube::open_with(&location, store, slow)
+    }
+
+    /// Opens the cube at `location` through `store` (e.g. a store wrapped to measure or to add latency),
+    /// whose requests are taken to be slow.
+    ///
+    /// # Errors
+    /// As [`Cube::open`].
+    pub fn open_store(location: &Location, store: ReadableStorage) -> Result<Cube, CubeError> {
+        Cube::open_with(location, store, true)
+    }
+
+    fn open_with(location: &Location, store: ReadableStorage, slow: bool) -> Result<Cube, CubeError> {
+        let meta = read_meta_from(&store, location)?;
+        let path = location.display_path();
         if !meta.complete {
-            return Err(CubeError::Incomplete { path: path.to_path_buf() });
+            return Err(CubeError::Incomplete { path });
         }
-        let store = Arc::new(
-            FilesystemStore::new(path)
-                .map_err(|e| CubeError::Zarr { path: path.to_path_buf(), message: e.to_string() })?,
-        );
-        Ok(Cube { path: path.to_path_buf(), store, meta })
+        Ok(Cube { path, location: location.clone(), store, meta, slow })
+    }
+
+    /// Whether requests to the cube's store are slow (an object store, or a store given to
+    /// [`Cube::open_store`]): readers then issue them concurrently.
+    #[must_use]
+    pub fn slow_requests(&self) -> bool {
+        self.slow
     }
 
     /// The cube's metadata.
@@ -124,12 +175,12 @@ impl Cube {
     ///
     /// # Errors
     /// [`CubeError::Zarr`] when it does not exist or cannot be read.
-    pub fn array(&self, name: &str) -> Result<Array<FilesystemStore>, CubeError> {
+    pub fn array(&self, name: &str) -> Result<Array<dyn ReadableStorageTraits>, CubeError> {
         Array::open(self.store.clone(), &format!("/{name}"))
             .map_err(|e| CubeError::Zarr { path: self.path.clone(), message: format!("array `{name}`: {e}") })
     }
 
-    /// Bytes of all files of the cube.
+    /// Bytes of all files of the cube (of its stored chunks, as the manifest lists them, on object stores).
     #[must_use]
     pub fn bytes_on_disk(&self) -> u64 {
         fn walk(dir: &Path) -> u64 {
@@ -144,7 +195,21 @@ impl Cube {
                     .sum()
             })
         }
-        walk(&self.path)
+        match &self.location {
+            Location::Local(path) => walk(path),
+            Location::S3 { .. } => {
+                let key = StoreKey::new(MANIFEST_FILE).expect("valid key");
+                let text =
+                    self.store.get(&key).ok().flatten().map(|b| String::from_utf8_lossy(&b).to_string());
+                text.map_or(0, |t| {
+                    t.lines()
+                        .filter_map(|l| serde_json::from_str::<BlockRecord>(l).ok())
+                        .flat_map(|r| r.files)
+                        .filter_map(|f| f.len)
+                        .sum()
+                })
+            }
+        }
     }
 
     /// Uncompressed bytes of the variables' stored (padded) arrays.

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use zarrs::array::{Array, CodecOptions};
-use zarrs::filesystem::FilesystemStore;
+use zarrs::storage::ReadableStorageTraits;
 
 use super::{Built, GenError, Run, remove_dir};
 use crate::config::{Codec, CompressionConfig, LayoutConfig, Order, ShardConfig, ShardMode};
@@ -177,7 +177,7 @@ fn rewrite(
 
 /// One chunk of the tiled cube as f64 (`[T, h, w]`, or `[h, w]` when static); fill values stay as stored.
 fn read_tile(
-    array: &Array<FilesystemStore>,
+    array: &Array<dyn ReadableStorageTraits>,
     dtype: DType,
     is_static: bool,
     it: usize,

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use rand::seq::SliceRandom;
-use zarrs::array::Array;
-use zarrs::filesystem::FilesystemStore;
+use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
+use zarrs::storage::ReadableStorageTraits;
 
 use super::LoaderError;
 use super::sampler::{ChunkId, rng_for};
 use crate::batch::{Batch, BatchOrigin};
 use crate::config::VariableKind;
-use crate::cube::reader::{Cube, read_f64};
+use crate::cube::reader::{Cube, read_f64_cached};
 use crate::cube::{CubeMeta, VariableMeta};
 use crate::layout::LayoutKind;
 use crate::plan::DType;
@@ -31,7 +31,9 @@ pub struct Transform {
 
 struct Var {
     meta: VariableMeta,
-    array: Array<FilesystemStore>,
+    array: Array<dyn ReadableStorageTraits>,
+    /// Shard indexes read so far (each shard's index is read once, not once per batch).
+    shards: ArrayShardedReadableExtCache,
     /// `(mean, 1/std)` when normalizing.
     affine: Option<(f32, f32)>,
 }
@@ -44,6 +46,8 @@ pub struct Assembler {
     lon: Vec<f64>,
     transform: Transform,
     path: std::path::PathBuf,
+    /// Read the variables of a chunk at once (the store's requests are slow: an object store).
+    concurrent: bool,
 }
 
 impl std::fmt::Debug for Assembler {
@@ -79,7 +83,9 @@ impl Assembler {
                 (true, VariableKind::Continuous, Some(s)) => Some((s.mean as f32, 1.0)),
                 _ => None,
             };
-            vars.push(Var { meta: v.clone(), array: cube.array(name)?, affine });
+            let array = cube.array(name)?;
+            let shards = ArrayShardedReadableExtCache::new(&array);
+            vars.push(Var { meta: v.clone(), array, shards, affine });
         }
         let read_coord = |name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = cube.array(name)?;
@@ -91,7 +97,8 @@ impl Assembler {
             })
         };
         let (lat, lon) = (read_coord("lat")?, read_coord("lon")?);
-        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf() })
+        let concurrent = cube.slow_requests();
+        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf(), concurrent })
     }
 
     /// The cube's metadata.
@@ -135,30 +142,39 @@ impl Assembler {
         Ok(sums.iter().enumerate().map(|(i, s)| ([i / (cy * cx), (i / cx) % cy, i % cx], s / n)).collect())
     }
 
-    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
+    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding); the
+    /// variables at once when the store is remote, so that their requests wait together.
     fn read_chunk(&self, id: ChunkId) -> Result<Vec<Vec<f32>>, LoaderError> {
-        let l = &self.meta.layout;
-        self.vars
-            .iter()
-            .map(|v| {
-                let subset = l.chunk_subset(v.meta.is_static, id);
-                let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
-                    variable: v.meta.name.clone(),
-                    chunk: id,
-                    message: format!("{}: {e}", self.path.display()),
-                };
-                if v.meta.dtype == DType::Float32 {
-                    return v
-                        .array
-                        .retrieve_array_subset_opt::<Vec<f32>>(&subset, &one_thread())
-                        .map_err(|e| fail(&e));
-                }
-                let fill = v.meta.fill_value;
-                let values =
-                    read_f64(&v.array, v.meta.dtype, &subset, &one_thread()).map_err(|e| fail(&e))?;
-                Ok(values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect())
-            })
-            .collect()
+        if self.concurrent && self.vars.len() > 1 {
+            return std::thread::scope(|scope| {
+                let readers: Vec<_> =
+                    self.vars.iter().map(|v| scope.spawn(move || self.read_variable(v, id))).collect();
+                readers
+                    .into_iter()
+                    .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            });
+        }
+        self.vars.iter().map(|v| self.read_variable(v, id)).collect()
+    }
+
+    fn read_variable(&self, v: &Var, id: ChunkId) -> Result<Vec<f32>, LoaderError> {
+        let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
+        let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
+            variable: v.meta.name.clone(),
+            chunk: id,
+            message: format!("{}: {e}", self.path.display()),
+        };
+        if v.meta.dtype == DType::Float32 {
+            return v
+                .array
+                .retrieve_array_subset_sharded_opt::<Vec<f32>>(&v.shards, &subset.clone(), &one_thread())
+                .map_err(|e| fail(&e));
+        }
+        let fill = v.meta.fill_value;
+        let values = read_f64_cached(&v.array, Some(&v.shards), v.meta.dtype, &subset, &one_thread())
+            .map_err(|e| fail(&e))?;
+        Ok(values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect())
     }
 
     /// Reads and assembles the batches of one job; with several chunks, samples are mixed across them.

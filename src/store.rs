@@ -1,0 +1,290 @@
+//! Where cubes live: a local directory, or `s3://bucket/prefix` on an S3-compatible object store.
+//!
+//! Readers see one [`ReadableStorage`] whatever the location, so the loader, `info` and `quicklook` work on
+//! both. Object stores are reached through zarrs' `object_store` support (async), driven from the loader's
+//! plain threads by one shared tokio runtime; credentials, region and endpoint come from the standard AWS
+//! environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+//! `AWS_ALLOW_HTTP` for a plain-HTTP endpoint).
+//!
+//! Generation writes locally first (resumable, verifiable) and then uploads the finished cube with its root
+//! metadata, the completion marker, last: a reader never sees a partial cube as complete.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use zarrs::filesystem::FilesystemStore;
+use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
+use zarrs::storage::{
+    MaybeBytes, MaybeBytesIterator, ReadableStorage, ReadableStorageTraits, StorageError, StoreKey,
+};
+
+use crate::cube::CubeError;
+
+/// Where a cube is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A directory.
+    Local(PathBuf),
+    /// `s3://bucket/prefix`.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The key prefix of the cube inside it (no leading or trailing `/`).
+        prefix: String,
+    },
+}
+
+impl Location {
+    /// `s3://bucket/prefix` for an object store, anything else for a directory.
+    #[must_use]
+    pub fn parse(path: &Path) -> Location {
+        let text = path.to_string_lossy();
+        match text.strip_prefix("s3://") {
+            Some(rest) => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                Location::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() }
+            }
+            None => Location::Local(path.to_path_buf()),
+        }
+    }
+
+    /// The location as users write it, for messages.
+    #[must_use]
+    pub fn display_path(&self) -> PathBuf {
+        match self {
+            Location::Local(path) => path.clone(),
+            Location::S3 { bucket, prefix } => PathBuf::from(format!("s3://{bucket}/{prefix}")),
+        }
+    }
+
+    /// The store, for reading.
+    ///
+    /// # Errors
+    /// [`CubeError::Zarr`] when the store cannot be set up (bad URL, missing credentials, a build without
+    /// the `s3` feature).
+    pub fn readable(&self) -> Result<ReadableStorage, CubeError> {
+        match self {
+            Location::Local(path) => Ok(Arc::new(
+                FilesystemStore::new(path)
+                    .map_err(|e| CubeError::Zarr { path: path.clone(), message: e.to_string() })?,
+            )),
+            Location::S3 { .. } => object_store::readable(self),
+        }
+    }
+}
+
+/// Uploads the complete cube in directory `dir` to `location` (an object store), the root metadata last.
+/// An earlier cube there is removed first when `replace`, refused otherwise.
+///
+/// # Errors
+/// [`CubeError::OutputTaken`] when a cube exists there and `replace` is false; [`CubeError::Zarr`] when
+/// a request fails (the remote cube then has no root metadata: readers see no cube).
+pub fn upload(dir: &Path, location: &Location, replace: bool) -> Result<(), CubeError> {
+    object_store::upload(dir, location, replace)
+}
+
+/// Whether a cube (a root `zarr.json`) exists at `location`.
+///
+/// # Errors
+/// [`CubeError::Zarr`] when the store cannot be reached.
+pub fn exists(location: &Location) -> Result<bool, CubeError> {
+    match location {
+        Location::Local(path) => Ok(path.join("zarr.json").is_file()),
+        Location::S3 { .. } => {
+            let store = location.readable()?;
+            let key = StoreKey::new("zarr.json").expect("valid key");
+            store
+                .size_key(&key)
+                .map(|size| size.is_some())
+                .map_err(|e| CubeError::Zarr { path: location.display_path(), message: e.to_string() })
+        }
+    }
+}
+
+#[cfg(feature = "s3")]
+mod object_store {
+    use std::path::Path;
+    use std::sync::{Arc, OnceLock};
+
+    use zarrs::storage::storage_adapter::async_to_sync::{AsyncToSyncBlockOn, AsyncToSyncStorageAdapter};
+    use zarrs::storage::{ReadableStorage, StorePrefix, WritableStorageTraits};
+    use zarrs_object_store::AsyncObjectStore;
+    use zarrs_object_store::object_store::aws::AmazonS3Builder;
+    use zarrs_object_store::object_store::prefix::PrefixStore;
+
+    use super::{CubeError, Location, StoreKey};
+
+    /// One runtime for every object-store request of the process (its threads only wait on sockets).
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("cubeload-io")
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+        })
+    }
+
+    struct BlockOn(tokio::runtime::Handle);
+
+    impl AsyncToSyncBlockOn for BlockOn {
+        fn block_on<F: core::future::Future>(&self, future: F) -> F::Output {
+            self.0.block_on(future)
+        }
+    }
+
+    type Store = AsyncToSyncStorageAdapter<
+        AsyncObjectStore<PrefixStore<zarrs_object_store::object_store::aws::AmazonS3>>,
+        BlockOn,
+    >;
+
+    fn store(location: &Location) -> Result<Arc<Store>, CubeError> {
+        let Location::S3 { bucket, prefix } = location else { unreachable!("only called for object stores") };
+        let fail = |message: String| CubeError::Zarr { path: location.display_path(), message };
+        let s3 = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(|e| fail(format!("cannot set up the S3 client (AWS_* environment variables): {e}")))?;
+        let store = AsyncObjectStore::new(PrefixStore::new(s3, prefix.as_str()));
+        Ok(Arc::new(AsyncToSyncStorageAdapter::new(Arc::new(store), BlockOn(runtime().handle().clone()))))
+    }
+
+    pub(super) fn readable(location: &Location) -> Result<ReadableStorage, CubeError> {
+        Ok(store(location)?)
+    }
+
+    pub(super) fn upload(dir: &Path, location: &Location, replace: bool) -> Result<(), CubeError> {
+        let store = store(location)?;
+        let fail = |e: &dyn std::fmt::Display| CubeError::Zarr {
+            path: location.display_path(),
+            message: e.to_string(),
+        };
+        let root = StoreKey::new("zarr.json").expect("valid key");
+        if super::exists(location)? {
+            if !replace {
+                return Err(CubeError::OutputTaken {
+                    path: location.display_path(),
+                    message: "a cube already exists here; pass --overwrite to replace it".to_string(),
+                });
+            }
+            // The root first: from here on readers see no cube rather than a mix of two.
+            store.erase(&root).map_err(|e| fail(&e))?;
+            store.erase_prefix(&StorePrefix::root()).map_err(|e| fail(&e))?;
+        }
+        let mut files = Vec::new();
+        collect(dir, dir, &mut files)?;
+        for (key, path) in files.iter().filter(|(key, _)| key.as_str() != "zarr.json") {
+            let bytes = std::fs::read(path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
+            store.set(key, bytes.into()).map_err(|e| fail(&e))?;
+        }
+        let bytes = std::fs::read(dir.join("zarr.json"))
+            .map_err(|source| CubeError::Io { path: dir.join("zarr.json"), source })?;
+        store.set(&root, bytes.into()).map_err(|e| fail(&e))
+    }
+
+    /// Every file under `dir` with its store key.
+    fn collect(
+        root: &Path,
+        dir: &Path,
+        out: &mut Vec<(StoreKey, std::path::PathBuf)>,
+    ) -> Result<(), CubeError> {
+        let io = |source| CubeError::Io { path: dir.to_path_buf(), source };
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.is_dir() {
+                collect(root, &path, out)?;
+            } else {
+                let rel = path.strip_prefix(root).expect("under root").to_string_lossy().replace('\\', "/");
+                let key = StoreKey::new(rel.clone())
+                    .map_err(|e| CubeError::Zarr { path: path.clone(), message: e.to_string() })?;
+                out.push((key, path));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "s3"))]
+mod object_store {
+    use std::path::Path;
+
+    use zarrs::storage::ReadableStorage;
+
+    use super::{CubeError, Location};
+
+    fn unsupported(location: &Location) -> CubeError {
+        CubeError::Zarr {
+            path: location.display_path(),
+            message: "object stores need cubeload built with the `s3` feature".to_string(),
+        }
+    }
+
+    pub(super) fn readable(location: &Location) -> Result<ReadableStorage, CubeError> {
+        Err(unsupported(location))
+    }
+
+    pub(super) fn upload(_: &Path, location: &Location, _: bool) -> Result<(), CubeError> {
+        Err(unsupported(location))
+    }
+}
+
+/// A store that answers every request after a fixed delay: an object store's latency, reproducibly, for
+/// measuring how well prefetching hides it.
+pub struct LatencyStore {
+    inner: ReadableStorage,
+    delay: Duration,
+    requests: AtomicU64,
+}
+
+impl LatencyStore {
+    /// Wraps `inner`, adding `delay` to each request.
+    #[must_use]
+    pub fn new(inner: ReadableStorage, delay: Duration) -> Self {
+        LatencyStore { inner, delay, requests: AtomicU64::new(0) }
+    }
+
+    /// Requests answered so far.
+    #[must_use]
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn wait(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(self.delay);
+    }
+}
+
+impl ReadableStorageTraits for LatencyStore {
+    fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
+        self.wait();
+        self.inner.get(key)
+    }
+
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        self.wait();
+        self.inner.get_partial_many(key, byte_ranges)
+    }
+
+    fn get_partial(&self, key: &StoreKey, byte_range: ByteRange) -> Result<MaybeBytes, StorageError> {
+        self.wait();
+        self.inner.get_partial(key, byte_range)
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        self.wait();
+        self.inner.size_key(key)
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        self.inner.supports_get_partial()
+    }
+}
