@@ -456,26 +456,6 @@ impl CubeWriter {
         indices: &[u64],
         block: &[f64],
     ) -> Result<String, CubeError> {
-        let key = array.chunk_key(indices).as_str().to_string();
-        let file = self.path.join(&key);
-        match std::fs::remove_file(&file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(CubeError::Io { path: file, source: e });
-            }
-            _ => {}
-        }
-        self.store_typed(array, dtype, fill, indices, block)?;
-        Ok(key)
-    }
-
-    fn store_typed(
-        &self,
-        array: &Array<FilesystemStore>,
-        dtype: DType,
-        fill: f64,
-        indices: &[u64],
-        block: &[f64],
-    ) -> Result<(), CubeError> {
         fn store<T: Element>(
             w: &CubeWriter,
             array: &Array<FilesystemStore>,
@@ -486,6 +466,14 @@ impl CubeWriter {
             // depend on scheduling (generation threads already keep the cores busy).
             let sequential = zarrs::array::CodecOptions::default().with_concurrent_target(1);
             array.store_chunk_opt(indices, data, &sequential).map_err(|e| zarr_err(&w.path, e))
+        }
+        let key = array.chunk_key(indices).as_str().to_string();
+        let file = self.path.join(&key);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CubeError::Io { path: file, source: e });
+            }
+            _ => {}
         }
         let int = |x: f64| if x.is_nan() { fill } else { x.round() };
         match dtype {
@@ -507,7 +495,8 @@ impl CubeWriter {
             DType::Int32 => {
                 store(self, array, indices, &block.iter().map(|&x| int(x) as i32).collect::<Vec<_>>())
             }
-        }
+        }?;
+        Ok(key)
     }
 
     /// Writes statistics, the validity index and consolidated metadata, then the completion marker.
