@@ -105,4 +105,17 @@ class CubeDataset(IterableDataset):
             out["lon"] = torch.from_numpy(batch["lon"])
             out["time_index"] = torch.from_numpy(batch["time_index"])
             out["epoch"], out["position"], out["chunk"] = batch["epoch"], batch["position"], batch["chunk"]
+            self._delivered = loader.state()
             yield out
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Where this process's share stands after the last batch it yielded (``None`` before the first), for
+        a checkpoint; :meth:`load_state_dict` in a restarted process continues with exactly the next batch.
+        Exact with ``num_workers=0``; with DataLoader workers each worker has its own position, which the main
+        process does not see."""
+        return getattr(self, "_delivered", None)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (same cube, seed and share)."""
+        self.state = dict(state)
+        self.epoch = state["epoch"]
