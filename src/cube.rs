@@ -9,6 +9,7 @@
 //! them.
 
 pub mod reader;
+pub mod validate;
 pub mod writer;
 
 use std::path::PathBuf;

@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use zarrs::array::{Array, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
-use zarrs::group::Group;
 
-use super::{CubeError, CubeMeta, META_KEY};
+use super::{CubeError, CubeMeta};
 use crate::plan::DType;
 
 /// An opened, complete cube.
@@ -67,12 +66,14 @@ pub fn read_meta(path: &Path) -> Result<CubeMeta, CubeError> {
             "no such cube".to_string()
         }));
     }
-    let store = Arc::new(FilesystemStore::new(path).map_err(|e| not_a_cube(e.to_string()))?);
-    let group = Group::open(store, "/").map_err(|e| not_a_cube(format!("unreadable Zarr group: {e}")))?;
-    let value = group.attributes().get(META_KEY).cloned().ok_or_else(|| {
-        not_a_cube(format!("a Zarr group without the `{META_KEY}` attribute: not made by cubeload"))
-    })?;
-    serde_json::from_value(value).map_err(|e| not_a_cube(format!("invalid `{META_KEY}` metadata: {e}")))
+    // Untrusted input: parsed and validated before anything is sized from it.
+    let root = path.join("zarr.json");
+    let size = std::fs::metadata(&root).map_err(|source| CubeError::Io { path: root.clone(), source })?.len();
+    if size > super::validate::MAX_ROOT_JSON_BYTES {
+        return Err(not_a_cube(format!("zarr.json is {size} bytes: not a cube's metadata")));
+    }
+    let bytes = std::fs::read(&root).map_err(|source| CubeError::Io { path: root, source })?;
+    super::validate::meta_from_root_json(path, &bytes)
 }
 
 /// Whether `path` holds a cube made by cubeload (complete or not): the only kind of directory cubeload will
