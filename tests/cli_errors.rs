@@ -181,6 +181,9 @@ fn unusable_sources_exit_1_and_name_the_file() {
     no_cf[at..at + 19].copy_from_slice(b"furlongs north fine");
     let no_cf_time = dir.path().join("no_cf_time.nc");
     std::fs::write(&no_cf_time, &no_cf).unwrap();
+    // A classic NetCDF cut short: netCDF-C would read the rest as fill values, without an error.
+    let cut_classic = dir.path().join("cut_classic.nc");
+    std::fs::write(&cut_classic, &tos[..tos.len() - 5000]).unwrap();
     let with_time = |path: &Path, grid: &str| {
         format!(
             "output: cube.zarr\n{grid}\ntime: {{ from: a }}\nlayout: {{ kind: pixel_series, batch: 16 }}\n\
@@ -199,6 +202,14 @@ fn unusable_sources_exit_1_and_name_the_file() {
             vec!["cut.nc".into(), "cannot read it".into()],
         ),
         (config(&format!("  a: {{ path: {} }}\n", zeroed.display())), vec!["zeroed.tif".into()]),
+        (
+            with_time(&cut_classic, "grid: { bbox: [60.0, -20.0, 90.0, 0.0], resolution: 1.0 }"),
+            vec![
+                "cut_classic.nc".into(),
+                "is truncated".into(),
+                format!("the file has {}", tos.len() - 5000),
+            ],
+        ),
         (
             with_time(&no_cf_time, "grid: { bbox: [60.0, -20.0, 90.0, 0.0], resolution: 1.0 }"),
             vec!["no_cf_time.nc".into(), "not a CF time axis".into(), "furlongs".into()],
