@@ -15,5 +15,6 @@ mod util;
 mod bench;
 mod cli_errors;
 mod demo;
+mod fuzz_cases;
 mod gen_real_data;
 mod loader;
