@@ -536,3 +536,68 @@ fn check_overlap(grid: &Grid, name: &str, source: &Source) -> Result<(), ConfigE
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(layout: &str) -> (Config, Grid) {
+        let text = format!(
+            "output: out.zarr\ngrid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: 0.01 }}\nlayout: {layout}\n\
+             variables:\n  t2m: {{ path: t2m.nc }}\n  lc: {{ path: lc.tif, static: true }}\n"
+        );
+        let config = Config::from_yaml(&text, Path::new("test.yaml")).unwrap();
+        let grid = Grid::from_config(config.grid()).unwrap();
+        (config, grid)
+    }
+
+    const VARIABLES: [(DType, bool); 2] = [(DType::Float32, false), (DType::Uint8, true)];
+
+    #[test]
+    fn estimate_counts_the_padded_arrays_and_the_shuffled_scratch() {
+        // 100 × 150 cells, 48 steps, 8 × 8 tiles: padded to 104 × 152.
+        let (c, grid) = config("{ kind: pixel_series, batch: 64 }");
+        let (layout, e) = resolve_layout(&c, &grid, 48, &VARIABLES).unwrap();
+        assert_eq!((layout.chunk_y, layout.chunk_x), (8, 8));
+        assert_eq!(e.uncompressed_bytes, 48 * 104 * 152 * 4 + 104 * 152);
+        assert_eq!((e.scratch_bytes, e.min_disk_bytes), (0, e.uncompressed_bytes / BEST_COMPRESSION_RATIO));
+        // One shard of a chunk row of t2m: 48 × 8 × 8 cells per batch, 12 bytes each while generating.
+        assert_eq!(e.min_block_bytes, 48 * 64 * 12 * layout.shard_x as u64);
+        // Shuffled: 15 000 samples padded to 15 040, plus the uncompressed tiled copy as scratch.
+        let (c, grid) = config("{ kind: pixel_series, batch: 64, order: shuffled }");
+        let (_, e) = resolve_layout(&c, &grid, 48, &VARIABLES).unwrap();
+        assert_eq!(e.uncompressed_bytes, 48 * 15_040 * 4 + 15_040);
+        assert_eq!(e.scratch_bytes, 48 * 15_000 * 4 + 15_000);
+        assert_eq!(e.min_disk_bytes, e.uncompressed_bytes / BEST_COMPRESSION_RATIO + e.scratch_bytes);
+    }
+
+    #[test]
+    fn batches_must_fit_the_grid_and_the_time_axis() {
+        let key = |layout: &str, n_time: usize| {
+            let (c, grid) = config(layout);
+            match resolve_layout(&c, &grid, n_time, &VARIABLES).unwrap_err() {
+                ConfigError::Invalid { key, .. } => key,
+                other => panic!("{other}"),
+            }
+        };
+        assert_eq!(key("{ kind: pixel_series, batch: 40000 }", 48), "layout.batch");
+        assert_eq!(key("{ kind: pixel_series, batch: 101, tile: [101, 1] }", 48), "layout.tile");
+        assert_eq!(key("{ kind: pixel_series, batch: 64, window: 49 }", 48), "layout.window");
+        assert_eq!(key("{ kind: pixel_series, batch: 20000, order: shuffled }", 48), "layout.batch");
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 49, patch: [8, 8], batch: 4 }", 48),
+            "layout.seq_len"
+        );
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 8, patch: [101, 8], batch: 1 }", 48),
+            "layout.patch"
+        );
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 8, patch: [60, 8], batch: 2, grid: [2, 1] }", 48),
+            "layout.grid"
+        );
+        // A static-only cube has no time axis to fit.
+        let (c, grid) = config("{ kind: pixel_series, batch: 64, window: 49 }");
+        assert!(resolve_layout(&c, &grid, 0, &[(DType::Uint8, true)]).is_ok());
+    }
+}
