@@ -385,6 +385,32 @@ fn a_flipped_byte_is_an_error_or_a_skipped_and_counted_batch() {
         assert_ne!(chunk, bad);
         assert_eq!(reference[&chunk], sum, "chunk {chunk:?} as in the intact cube");
     }
+
+    // Resuming across the gap (mixed jobs of 3 chunks, one of them corrupt) delivers exactly the rest.
+    let skipping = || Loader::builder(&copy).on_corrupt(OnCorrupt::Skip).shuffle(3).mix(3).epochs(2);
+    let full = fingerprint(&collect(skipping().build().unwrap()));
+    // Where the skipped chunk's position is missing, in each epoch: stop just before, at and after it.
+    let gaps: Vec<usize> = (1..full.len())
+        .filter(|&i| full[i].0 == full[i - 1].0 && full[i].1 != full[i - 1].1 + 1)
+        .chain((0..full.len()).filter(|&i| full[i].1 == 1 && (i == 0 || full[i - 1].0 != full[i].0)))
+        .collect();
+    assert_eq!(gaps.len(), 2, "one gap per epoch: {gaps:?}");
+    let around = gaps.iter().flat_map(|&g| [g.saturating_sub(1), g, g + 1]);
+    for stop_after in around.chain([1, full.len() / 2, full.len() - 1]) {
+        let mut first = skipping().build().unwrap();
+        let head: Vec<Batch> = first.by_ref().take(stop_after).map(Result::unwrap).collect();
+        let rest = collect(
+            Loader::builder(&copy)
+                .on_corrupt(OnCorrupt::Skip)
+                .epochs(2)
+                .resume(first.state())
+                .build()
+                .unwrap(),
+        );
+        let mut joined = fingerprint(&head);
+        joined.extend(fingerprint(&rest));
+        assert_eq!(joined, full, "stopped after {stop_after}");
+    }
 }
 
 type JsonEdit = fn(&mut serde_json::Value);
