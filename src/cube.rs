@@ -10,6 +10,7 @@
 
 pub mod manifest;
 pub mod reader;
+pub mod validate;
 pub mod writer;
 
 use std::path::PathBuf;

@@ -22,8 +22,8 @@ pub struct Grid {
     pub height: usize,
 }
 
-/// Grids larger than this many cells per side are surely a typo (0.00001° over the globe).
-const MAX_CELLS_PER_SIDE: f64 = 10_000_000.0;
+/// Grids larger than this many cells per side are surely a typo (the limit a cube reader accepts).
+const MAX_CELLS_PER_SIDE: f64 = crate::cube::validate::MAX_CELLS_PER_SIDE as f64;
 
 impl Grid {
     /// Resolves the `grid` config section.
@@ -46,7 +46,15 @@ impl Grid {
                 }
                 (width as usize, height as usize, rx, ry)
             }
-            (None, Some([sw, sh])) => (sw, sh, (e - w) / sw as f64, (n - s) / sh as f64),
+            (None, Some([sw, sh])) => {
+                if sw as f64 > MAX_CELLS_PER_SIDE || sh as f64 > MAX_CELLS_PER_SIDE {
+                    return Err(ConfigError::invalid(
+                        "grid.size",
+                        format!("{sw} × {sh} cells: too large (at most {MAX_CELLS_PER_SIDE} per side)"),
+                    ));
+                }
+                (sw, sh, (e - w) / sw as f64, (n - s) / sh as f64)
+            }
             (None, None) => return Err(ConfigError::invalid("grid", "give `resolution` or `size`")),
         };
         if width == 0 || height == 0 {

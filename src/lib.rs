@@ -59,5 +59,5 @@ pub use config::Config;
 pub use cube::reader::Cube;
 pub use error::{Error, Result};
 pub use generator::{GenOptions, GenReport, generate};
-pub use loader::{Loader, LoaderError, LoaderState};
+pub use loader::{Loader, LoaderError, LoaderState, OnCorrupt};
 pub use plan::Plan;

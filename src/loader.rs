@@ -16,6 +16,8 @@
 //!   and joins every thread; an error or a panic in a reader arrives as an `Err` from the iterator.
 //! - Resume: [`Loader::state`] is a small serializable value; a loader built from it delivers exactly the
 //!   batches not yet delivered.
+//! - Corruption: a chunk that cannot be read or decoded (every stored chunk carries a CRC32C checksum) ends
+//!   the stream with an error naming it, or with [`OnCorrupt::Skip`] is left out and counted.
 
 pub mod assemble;
 pub mod sampler;
@@ -97,6 +99,17 @@ fn one() -> usize {
     1
 }
 
+/// What the loader does with a chunk that cannot be read or decoded (a checksum mismatch, a truncated file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnCorrupt {
+    /// End the stream with [`LoaderError::Read`] naming the variable and chunk: nothing is lost silently.
+    #[default]
+    Error,
+    /// Leave the batch out and count it ([`Loader::corrupt_chunks`]), so that a long run survives one damaged
+    /// chunk.
+    Skip,
+}
+
 /// Builds a [`Loader`]; validates in [`LoaderBuilder::build`].
 #[derive(Debug, Clone)]
 pub struct LoaderBuilder {
@@ -112,6 +125,7 @@ pub struct LoaderBuilder {
     transform: Transform,
     min_valid: Option<f64>,
     start: (usize, usize),
+    on_corrupt: OnCorrupt,
     store: Option<CustomStore>,
 }
 
@@ -219,6 +233,12 @@ impl LoaderBuilder {
         self.min_valid = Some(fraction);
         self
     }
+    /// What to do with a chunk that cannot be read or decoded. > default: [`OnCorrupt::Error`]
+    #[must_use]
+    pub fn on_corrupt(mut self, policy: OnCorrupt) -> Self {
+        self.on_corrupt = policy;
+        self
+    }
     /// Continue from a saved [`LoaderState`]: same seed, shuffle, shard and mixing, next batch onwards.
     #[must_use]
     pub fn resume(mut self, state: LoaderState) -> Self {
@@ -255,8 +275,14 @@ impl LoaderBuilder {
             None => Cube::open(&self.path)?,
         };
         let assembler = Assembler::new(&cube, &self.variables, self.transform)?;
-        let eligible: Vec<ChunkId> = assembler
-            .validity(&cube)?
+        let validity = assembler.validity(&cube)?;
+        self.start(assembler, validity)
+    }
+
+    /// Starts the reader threads over an opened cube; `validity` is the stored valid fraction of each chunk.
+    fn start(self, assembler: Assembler, validity: Vec<(ChunkId, f64)>) -> Result<Loader, LoaderError> {
+        let Share { rank, world_size, worker, workers } = self.share;
+        let eligible: Vec<ChunkId> = validity
             .into_iter()
             .filter(|(_, f)| match self.min_valid {
                 Some(min) => *f >= min,
@@ -296,13 +322,18 @@ impl LoaderBuilder {
             stop: AtomicBool::new(false),
             total_jobs,
             ahead: self.prefetch.div_ceil(per_job).max(1),
+            skip_corrupt: self.on_corrupt == OnCorrupt::Skip,
         });
         let (tx, rx) = crossbeam_channel::bounded(shared.ahead + self.threads.max(1));
         let workers = (0..self.threads)
-            .map(|_| {
+            .map(|i| {
                 let shared = shared.clone();
                 let tx = tx.clone();
-                std::thread::spawn(move || reader_loop(&shared, &tx))
+                // Named, so that a profiler or a stuck process shows whose threads these are.
+                std::thread::Builder::new()
+                    .name(format!("cubeload-reader-{i}"))
+                    .spawn(move || reader_loop(&shared, &tx))
+                    .expect("the OS starts a reader thread")
             })
             .collect();
         drop(tx);
@@ -313,14 +344,17 @@ impl LoaderBuilder {
             pending: BTreeMap::new(),
             current: Vec::new().into_iter(),
             next_job: first_job,
-            skip: cursor % per_job,
+            resume_at: cursor,
             state,
             finished: false,
+            corrupt: 0,
         })
     }
 }
 
-type JobResult = (usize, Result<Vec<Batch>, LoaderError>);
+/// A job's batches and the number of corrupt chunks left out of them.
+type JobOutput = (Vec<Batch>, usize);
+type JobResult = (usize, Result<JobOutput, LoaderError>);
 
 struct Shared {
     assembler: Assembler,
@@ -334,13 +368,14 @@ struct Shared {
     stop: AtomicBool,
     total_jobs: usize,
     ahead: usize,
+    skip_corrupt: bool,
 }
 
 impl Shared {
-    fn run_job(&self, job: usize) -> Result<Vec<Batch>, LoaderError> {
+    fn run_job(&self, job: usize) -> Result<JobOutput, LoaderError> {
         let (epoch, position, chunks) = self.sampler.job(job);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.assembler.job(self.seed, job, epoch, position, &chunks)
+            self.assembler.job(self.seed, job, epoch, position, &chunks, self.skip_corrupt)
         }));
         result.unwrap_or_else(|panic| {
             let message = panic
@@ -382,12 +417,15 @@ pub struct Loader {
     shared: Arc<Shared>,
     rx: crossbeam_channel::Receiver<JobResult>,
     workers: Vec<JoinHandle<()>>,
-    pending: BTreeMap<usize, Result<Vec<Batch>, LoaderError>>,
+    pending: BTreeMap<usize, Result<JobOutput, LoaderError>>,
     current: std::vec::IntoIter<Batch>,
     next_job: usize,
-    skip: usize,
+    /// Position of the first batch to deliver in the first job (a resumed epoch's cursor), then 0.
+    resume_at: usize,
     state: LoaderState,
     finished: bool,
+    /// Corrupt chunks left out so far.
+    corrupt: usize,
 }
 
 impl std::fmt::Debug for Loader {
@@ -417,6 +455,7 @@ impl Loader {
             },
             min_valid: None,
             start: (0, 0),
+            on_corrupt: OnCorrupt::Error,
             store: None,
         }
     }
@@ -426,6 +465,12 @@ impl Loader {
     #[must_use]
     pub fn state(&self) -> LoaderState {
         self.state
+    }
+
+    /// Corrupt chunks left out so far under [`OnCorrupt::Skip`] (counted as their jobs are delivered).
+    #[must_use]
+    pub fn corrupt_chunks(&self) -> usize {
+        self.corrupt
     }
 
     /// Batches per epoch for this rank.
@@ -447,7 +492,7 @@ impl Loader {
     }
 
     /// The next job's batches, in order, from a reader thread or read here when there are none.
-    fn next_job(&mut self) -> Option<Result<Vec<Batch>, LoaderError>> {
+    fn next_job(&mut self) -> Option<Result<JobOutput, LoaderError>> {
         if self.next_job >= self.shared.total_jobs {
             return None;
         }
@@ -495,12 +540,12 @@ impl Iterator for Loader {
                 return Some(Ok(batch));
             }
             match self.next_job()? {
-                Ok(batches) => {
-                    let mut batches = batches.into_iter();
-                    for _ in 0..std::mem::take(&mut self.skip) {
-                        batches.next();
-                    }
-                    self.current = batches;
+                Ok((mut batches, corrupt)) => {
+                    self.corrupt += corrupt;
+                    // By position, not by count: a skipped corrupt chunk leaves a gap in the job.
+                    let resume_at = std::mem::take(&mut self.resume_at);
+                    batches.retain(|b| b.origin.position >= resume_at);
+                    self.current = batches.into_iter();
                 }
                 Err(e) => {
                     // An error ends the stream: later batches would no longer match the state.

@@ -1,10 +1,15 @@
 //! Planning: the config resolved against the sources into everything generation needs, before any byte of
 //! the cube is written. Every decision that depends on the inputs (time axis, which source steps feed which
-//! target step, dtypes and fill values, chunk layout) is taken here, so that errors surface before work starts.
+//! target step, dtypes and fill values, chunk layout) is taken here, so that errors surface before work starts:
+//! a bbox that misses a variable's data, batches that do not fit the grid or the time axis, and sizes that
+//! would exhaust memory or disk (see [`Estimate`]) are refused here, naming the config keys at fault.
 
-use crate::config::{Aggregation, Config, ConfigError, Resampling, VariableKind};
+use std::path::Path;
+
+use crate::config::{Aggregation, Codec, Config, ConfigError, LayoutConfig, Order, Resampling, VariableKind};
+use crate::cube::validate::{MAX_BATCH_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_SAMPLES, MAX_TIME_STEPS};
 use crate::grid::Grid;
-use crate::layout::Layout;
+use crate::layout::{Layout, squarest_factors};
 use crate::source::{Source, SourceError};
 use crate::time::{self, Instant, Step, StepSources, TimeAxis};
 
@@ -100,7 +105,31 @@ pub struct Plan {
     pub layout: Layout,
     /// Variables in delivery order.
     pub variables: Vec<VariablePlan>,
+    /// What generating it takes.
+    pub estimate: Estimate,
 }
+
+/// What generating a cube takes at least, estimated before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Bytes of the stored (padded) arrays, uncompressed: what `codec: none` writes.
+    pub uncompressed_bytes: u64,
+    /// Scratch bytes on the output's filesystem during generation: the uncompressed tiled copy that an
+    /// `order: shuffled` cube is rewritten from.
+    pub scratch_bytes: u64,
+    /// Least bytes the output's filesystem must have free: the cube compressed at best
+    /// ([`BEST_COMPRESSION_RATIO`]), plus the scratch.
+    pub min_disk_bytes: u64,
+    /// Least memory of one generation thread: one shard of a chunk row (an f64 value and a u32 count per
+    /// cell).
+    pub min_block_bytes: u64,
+}
+
+/// The best compression assumed: zstd and gzip shrink fields of real data 1.5 to 4 times (mostly empty ones
+/// more), so a cube is refused for lack of disk only when even this ratio could not make it fit.
+pub const BEST_COMPRESSION_RATIO: u64 = 10;
+/// The largest cube generated, uncompressed (1 PiB): beyond it a config surely has a typo.
+pub const MAX_CUBE_BYTES: u64 = 1 << 50;
 
 impl Plan {
     /// Resolves `config` against its sources (opens each file once).
@@ -111,7 +140,9 @@ impl Plan {
         let grid = Grid::from_config(config.grid())?;
         let mut sources = Vec::with_capacity(config.variables.0.len());
         for (name, var) in &config.variables.0 {
-            sources.push(Source::probe(name, var)?);
+            let source = Source::probe(name, var)?;
+            check_overlap(&grid, name, &source)?;
+            sources.push(source);
         }
         let time = resolve_time(&config, &sources)?;
         let mut variables = Vec::new();
@@ -156,10 +187,11 @@ impl Plan {
         }
         let n_time =
             if variables.iter().all(|v| v.is_static) { 0 } else { time.as_ref().map_or(0, TimeAxis::len) };
-        let item = variables.iter().map(|v| v.dtype.size()).max().unwrap_or(4);
-        let layout = Layout::resolve(&config.layout, n_time, grid.height, grid.width, item);
+        let stored: Vec<(DType, bool)> = variables.iter().map(|v| (v.dtype, v.is_static)).collect();
+        let (layout, estimate) = resolve_layout(&config, &grid, n_time, &stored)?;
+        check_machine(&config, &grid, n_time, &layout, &estimate)?;
         let time = if n_time == 0 { None } else { time };
-        Ok(Plan { config, config_text, grid, time, layout, variables })
+        Ok(Plan { config, config_text, grid, time, layout, variables, estimate })
     }
 
     /// Number of target time steps (0 for static-only cubes).
@@ -221,4 +253,351 @@ fn resolve_time(config: &Config, sources: &[Source]) -> Result<Option<TimeAxis>,
         return Err(ConfigError::invalid("time.end", "is before time.start"));
     }
     TimeAxis::regular(start, end, step).map(Some).map_err(|e| ConfigError::invalid("time", e.to_string()))
+}
+
+/// The config key that sets the grid's size.
+fn grid_key(config: &Config) -> &'static str {
+    if config.grid().resolution.is_some() { "grid.resolution" } else { "grid.size" }
+}
+
+/// `n` bytes for people.
+fn human(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB", "PB", "EB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", units[unit]) }
+}
+
+/// Resolves the chunk layout of a cube on `grid` with `n_time` steps (0: static only) and `variables`
+/// (stored type, static), after checking that its batches fit the grid and the time axis and that its sizes
+/// stay within what a cube reader accepts (the limits of [`crate::cube::validate`]). Pure: no file is read.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the keys that make a batch misfit or a size too large.
+pub fn resolve_layout(
+    config: &Config,
+    grid: &Grid,
+    n_time: usize,
+    variables: &[(DType, bool)],
+) -> Result<(Layout, Estimate), ConfigError> {
+    let (height, width) = (grid.height, grid.width);
+    let gkey = grid_key(config);
+    if n_time > MAX_TIME_STEPS {
+        return Err(ConfigError::invalid("time", format!("{n_time} steps, more than {MAX_TIME_STEPS}")));
+    }
+    let fits = |[h, w]: [usize; 2]| h <= height && w <= width;
+    let misfit = |key: &str, what: String| {
+        ConfigError::invalid(
+            key,
+            format!("{what} does not fit the {height} × {width} grid: every batch would be partly padding"),
+        )
+    };
+    // Cells of one time step of a chunk, and the steps of a chunk.
+    let (plane, steps) = match config.layout {
+        LayoutConfig::PixelSeries { batch, tile, window, order, .. } => {
+            if let Some(window) = window.filter(|&w| n_time > 0 && w > n_time) {
+                return Err(ConfigError::invalid(
+                    "layout.window",
+                    format!("{window} steps per batch, but the time axis has {n_time}"),
+                ));
+            }
+            if order == Order::Shuffled {
+                let pixels = height.saturating_mul(width);
+                if pixels > MAX_SAMPLES {
+                    return Err(ConfigError::invalid(
+                        gkey,
+                        format!("{pixels} pixels, more than the {MAX_SAMPLES} an order: shuffled cube holds"),
+                    ));
+                }
+                if batch > pixels {
+                    return Err(misfit("layout.batch", format!("a batch of {batch} pixels")));
+                }
+            } else {
+                let tile_hw = tile.unwrap_or_else(|| squarest_factors(batch));
+                if !fits(tile_hw) {
+                    let key = if tile.is_some() { "layout.tile" } else { "layout.batch" };
+                    let [h, w] = tile_hw;
+                    return Err(misfit(key, format!("a {h} × {w} tile of layout.batch = {batch} pixels")));
+                }
+            }
+            (batch, window.unwrap_or(n_time).min(n_time).max(1))
+        }
+        LayoutConfig::ImageSequence { seq_len, patch, batch, grid: arrangement, .. } => {
+            if n_time > 0 && seq_len > n_time {
+                return Err(ConfigError::invalid(
+                    "layout.seq_len",
+                    format!("{seq_len} frames per sample, but the time axis has {n_time} steps"),
+                ));
+            }
+            if !fits(patch) {
+                return Err(misfit("layout.patch", format!("a {} × {} patch", patch[0], patch[1])));
+            }
+            let [gy, gx] = arrangement.unwrap_or_else(|| squarest_factors(batch));
+            let chunk = [gy.saturating_mul(patch[0]), gx.saturating_mul(patch[1])];
+            if !fits(chunk) {
+                let key = if arrangement.is_some() { "layout.grid" } else { "layout.batch" };
+                return Err(misfit(
+                    key,
+                    format!("a batch of {gy} × {gx} patches ({} × {} cells)", chunk[0], chunk[1]),
+                ));
+            }
+            (chunk[0] * chunk[1], seq_len)
+        }
+    };
+    let item = variables.iter().map(|(d, _)| d.size()).max().unwrap_or(4) as u64;
+    let chunk_cells = (plane as u64).saturating_mul(steps as u64);
+    let time_key = match config.layout {
+        LayoutConfig::PixelSeries { window: Some(_), .. } => "layout.window",
+        LayoutConfig::PixelSeries { .. } => "time",
+        LayoutConfig::ImageSequence { .. } => "layout.seq_len",
+    };
+    if chunk_cells.saturating_mul(item) > MAX_CHUNK_BYTES {
+        return Err(ConfigError::invalid(
+            "layout.batch",
+            format!(
+                "a batch chunk of {plane} cells × {steps} steps ({time_key}) would be {} decoded, more than a \
+                 reader accepts ({}); choose a smaller layout.batch or a layout.window",
+                human(chunk_cells.saturating_mul(item)),
+                human(MAX_CHUNK_BYTES)
+            ),
+        ));
+    }
+    let batch_bytes = chunk_cells.saturating_mul(variables.len() as u64).saturating_mul(5);
+    if batch_bytes > MAX_BATCH_BYTES {
+        return Err(ConfigError::invalid(
+            "variables",
+            format!(
+                "{} variables make a batch of {} (data and mask), more than {}; choose a smaller layout.batch",
+                variables.len(),
+                human(batch_bytes),
+                human(MAX_BATCH_BYTES)
+            ),
+        ));
+    }
+    // Safe now: every product below is bounded by the checks above.
+    let layout = Layout::resolve(&config.layout, n_time, height, width, item as usize);
+    let (pt, py, px) = layout.padded_shape(n_time, height, width);
+    let (ct, cy, cx) = layout.chunk_counts(n_time, height, width);
+    let chunks = (ct as u64).saturating_mul(cy as u64).saturating_mul(cx as u64);
+    if chunks > MAX_CHUNKS {
+        return Err(ConfigError::invalid(
+            "layout.batch",
+            format!(
+                "{ct} × {cy} × {cx} batch chunks on the {height} × {width} grid ({gkey}), more than a reader \
+                 accepts ({MAX_CHUNKS}); choose a larger layout.batch or a coarser {gkey}"
+            ),
+        ));
+    }
+    let cells = |is_static: bool, padded: bool| -> u64 {
+        let (t, y, x) = if padded { (pt, py, px) } else { (n_time, height, width) };
+        let plane = (y as u64).saturating_mul(x as u64);
+        if is_static { plane } else { plane.saturating_mul(t as u64) }
+    };
+    let bytes = |padded: bool| -> u64 {
+        variables
+            .iter()
+            .fold(0u64, |sum, &(d, s)| sum.saturating_add(cells(s, padded).saturating_mul(d.size() as u64)))
+    };
+    let uncompressed_bytes = bytes(true);
+    if uncompressed_bytes > MAX_CUBE_BYTES {
+        return Err(ConfigError::invalid(
+            gkey,
+            format!(
+                "{height} × {width} cells × {n_time} time steps × {} variables make a cube of {} uncompressed, \
+                 more than {}: choose a coarser {gkey}, a shorter time axis or fewer variables",
+                variables.len(),
+                human(uncompressed_bytes),
+                human(MAX_CUBE_BYTES)
+            ),
+        ));
+    }
+    let scratch_bytes = if layout.shuffled.is_some() { bytes(false) } else { 0 };
+    let compressed = match config.compression.codec {
+        Codec::None => uncompressed_bytes,
+        Codec::Zstd | Codec::Gzip => uncompressed_bytes / BEST_COMPRESSION_RATIO,
+    };
+    let min_block_bytes = variables
+        .iter()
+        .map(|&(_, s)| {
+            let (t, k) = if s { (1, layout.static_shard_x) } else { (layout.chunk_t, layout.shard_x) };
+            (layout.chunk_y as u64 * layout.chunk_x as u64).saturating_mul((t * k) as u64).saturating_mul(12)
+        })
+        .max()
+        .unwrap_or(0);
+    let estimate = Estimate {
+        uncompressed_bytes,
+        scratch_bytes,
+        min_disk_bytes: compressed + scratch_bytes,
+        min_block_bytes,
+    };
+    Ok((layout, estimate))
+}
+
+/// Refuses a cube that cannot fit this machine: the output's filesystem (`statvfs` of its nearest existing
+/// ancestor) or the memory of one generation thread.
+fn check_machine(
+    config: &Config,
+    grid: &Grid,
+    n_time: usize,
+    layout: &Layout,
+    estimate: &Estimate,
+) -> Result<(), ConfigError> {
+    // SAFETY: sysconf only reads system constants.
+    let memory =
+        unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
+    if memory > 0 && estimate.min_block_bytes > memory {
+        let key = if layout.shard_x > 1 { "layout.shard" } else { "layout.batch" };
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "generating one shard of batch chunks takes {} of memory, more than this machine's {}",
+                human(estimate.min_block_bytes),
+                human(memory)
+            ),
+        ));
+    }
+    let Some((dir, free)) = free_space(&config.output) else { return Ok(()) };
+    if estimate.min_disk_bytes > free {
+        let gkey = grid_key(config);
+        let shuffled = if estimate.scratch_bytes > 0 {
+            format!(" plus {} of scratch for order: shuffled", human(estimate.scratch_bytes))
+        } else {
+            String::new()
+        };
+        return Err(ConfigError::invalid(
+            gkey,
+            format!(
+                "{} × {} cells × {n_time} time steps × {} variables make a cube of {} uncompressed: at least {}{shuffled} \
+                 on disk, but {} has {} free; choose a coarser {gkey}, a shorter time axis or fewer variables",
+                grid.height,
+                grid.width,
+                config.variables.0.len(),
+                human(estimate.uncompressed_bytes),
+                human(estimate.min_disk_bytes - estimate.scratch_bytes),
+                dir.display(),
+                human(free)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes available to this user on the filesystem of `path`'s nearest existing ancestor, and that ancestor.
+fn free_space(path: &Path) -> Option<(std::path::PathBuf, u64)> {
+    let mut dir = path.to_path_buf();
+    while !dir.exists() {
+        dir = match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => ".".into(),
+        };
+    }
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: c_path is a valid NUL-terminated path; statvfs only writes the struct it is given.
+    let stat = unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c_path.as_ptr(), &raw mut stat) == 0).then_some(stat)
+    }?;
+    Some((dir, stat.f_bavail.saturating_mul(stat.f_frsize)))
+}
+
+/// Refuses a grid that misses every file of a variable: the cube would hold nothing of it. Files whose
+/// extent GDAL cannot tell are given the benefit of the doubt (their warp reports the problem).
+fn check_overlap(grid: &Grid, name: &str, source: &Source) -> Result<(), ConfigError> {
+    let [w, s, e, n] = grid.bounds();
+    let mut first = None;
+    for file in &source.files {
+        let Ok([fw, fs, fe, fn_]) = crate::source::warp::lonlat_bounds(file, source.data_type, source.nodata)
+        else {
+            return Ok(());
+        };
+        // A margin of two source cells: interpolation reaches half a cell past the centres.
+        let (mx, my) = (2.0 * file.native_res.0, 2.0 * file.native_res.1);
+        let lon = [-360.0, 0.0, 360.0].iter().any(|shift| fw - mx + shift < e && w < fe + mx + shift);
+        if lon && fs - my < n && s < fn_ + my {
+            return Ok(());
+        }
+        first.get_or_insert((file.path.clone(), [fw, fs, fe, fn_]));
+    }
+    let Some((path, [fw, fs, fe, fn_])) = first else { return Ok(()) };
+    let more = match source.files.len() {
+        1 => String::new(),
+        n => format!(" (and its {} other files)", n - 1),
+    };
+    Err(ConfigError::invalid(
+        "grid.bbox",
+        format!(
+            "[{w}, {s}, {e}, {n}] does not overlap the data of variable `{name}`: {} covers lon {fw:.3}…{fe:.3}, \
+             lat {fs:.3}…{fn_:.3}{more}",
+            path.display()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(layout: &str) -> (Config, Grid) {
+        let text = format!(
+            "output: out.zarr\ngrid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: 0.01 }}\nlayout: {layout}\n\
+             variables:\n  t2m: {{ path: t2m.nc }}\n  lc: {{ path: lc.tif, static: true }}\n"
+        );
+        let config = Config::from_yaml(&text, Path::new("test.yaml")).unwrap();
+        let grid = Grid::from_config(config.grid()).unwrap();
+        (config, grid)
+    }
+
+    const VARIABLES: [(DType, bool); 2] = [(DType::Float32, false), (DType::Uint8, true)];
+
+    #[test]
+    fn estimate_counts_the_padded_arrays_and_the_shuffled_scratch() {
+        // 100 × 150 cells, 48 steps, 8 × 8 tiles: padded to 104 × 152.
+        let (c, grid) = config("{ kind: pixel_series, batch: 64 }");
+        let (layout, e) = resolve_layout(&c, &grid, 48, &VARIABLES).unwrap();
+        assert_eq!((layout.chunk_y, layout.chunk_x), (8, 8));
+        assert_eq!(e.uncompressed_bytes, 48 * 104 * 152 * 4 + 104 * 152);
+        assert_eq!((e.scratch_bytes, e.min_disk_bytes), (0, e.uncompressed_bytes / BEST_COMPRESSION_RATIO));
+        // One shard of a chunk row of t2m: 48 × 8 × 8 cells per batch, 12 bytes each while generating.
+        assert_eq!(e.min_block_bytes, 48 * 64 * 12 * layout.shard_x as u64);
+        // Shuffled: 15 000 samples padded to 15 040, plus the uncompressed tiled copy as scratch.
+        let (c, grid) = config("{ kind: pixel_series, batch: 64, order: shuffled }");
+        let (_, e) = resolve_layout(&c, &grid, 48, &VARIABLES).unwrap();
+        assert_eq!(e.uncompressed_bytes, 48 * 15_040 * 4 + 15_040);
+        assert_eq!(e.scratch_bytes, 48 * 15_000 * 4 + 15_000);
+        assert_eq!(e.min_disk_bytes, e.uncompressed_bytes / BEST_COMPRESSION_RATIO + e.scratch_bytes);
+    }
+
+    #[test]
+    fn batches_must_fit_the_grid_and_the_time_axis() {
+        let key = |layout: &str, n_time: usize| {
+            let (c, grid) = config(layout);
+            match resolve_layout(&c, &grid, n_time, &VARIABLES).unwrap_err() {
+                ConfigError::Invalid { key, .. } => key,
+                other => panic!("{other}"),
+            }
+        };
+        assert_eq!(key("{ kind: pixel_series, batch: 40000 }", 48), "layout.batch");
+        assert_eq!(key("{ kind: pixel_series, batch: 101, tile: [101, 1] }", 48), "layout.tile");
+        assert_eq!(key("{ kind: pixel_series, batch: 64, window: 49 }", 48), "layout.window");
+        assert_eq!(key("{ kind: pixel_series, batch: 20000, order: shuffled }", 48), "layout.batch");
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 49, patch: [8, 8], batch: 4 }", 48),
+            "layout.seq_len"
+        );
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 8, patch: [101, 8], batch: 1 }", 48),
+            "layout.patch"
+        );
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 8, patch: [60, 8], batch: 2, grid: [2, 1] }", 48),
+            "layout.grid"
+        );
+        // A static-only cube has no time axis to fit.
+        let (c, grid) = config("{ kind: pixel_series, batch: 64, window: 49 }");
+        assert!(resolve_layout(&c, &grid, 0, &[(DType::Uint8, true)]).is_ok());
+    }
 }

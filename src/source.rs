@@ -309,6 +309,7 @@ type FileProbe = (FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<Stri
 
 /// Opens a file, selects the variable, and reads its steps, band info and georeferencing.
 fn probe_file(path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceError> {
+    check_classic_netcdf_length(path)?;
     let container = open(path, path.to_string_lossy().as_ref())?;
     let gdal_name = select_variable(path, &container, config.variable.as_deref())?;
     let dataset = if gdal_name == path.to_string_lossy() { container } else { open(path, &gdal_name)? };
@@ -681,6 +682,133 @@ fn cf_coordinate_geotransform(path: &Path, dataset: &Dataset) -> Option<[f64; 6]
     (x.len() == width && y.len() == height).then_some([x[0] - dx / 2.0, dx, 0.0, y[0] - dy / 2.0, 0.0, dy])
 }
 
+/// Refuses a classic (CDF-1, -2 or -5) `NetCDF` file shorter than its header says: netCDF-C reads the missing
+/// values as fill values without an error, so a truncated file would silently become missing data.
+fn check_classic_netcdf_length(path: &Path) -> Result<(), SourceError> {
+    use std::io::Read;
+    let mut header = Vec::new();
+    let file =
+        std::fs::File::open(path).map_err(|source| SourceError::Io { path: path.to_path_buf(), source })?;
+    let len = file.metadata().map_err(|source| SourceError::Io { path: path.to_path_buf(), source })?.len();
+    // Headers of real files are a few KB; a longer one is read only as far as this.
+    file.take(1 << 24)
+        .read_to_end(&mut header)
+        .map_err(|source| SourceError::Io { path: path.to_path_buf(), source })?;
+    match classic_netcdf_extent(&header) {
+        Some(expected) if expected > len => Err(SourceError::unusable(
+            path,
+            format!("is truncated: its NetCDF header describes {expected} bytes, the file has {len}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The bytes a classic `NetCDF` file must have according to its header (the end of its last variable), or
+/// `None` when `bytes` does not start with a classic header that can tell (other formats, streamed records,
+/// variables over 4 GiB).
+fn classic_netcdf_extent(bytes: &[u8]) -> Option<u64> {
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        at: usize,
+        wide: bool,
+    }
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            let slice = self.bytes.get(self.at..self.at.checked_add(n)?)?;
+            self.at += n;
+            Some(slice)
+        }
+        fn u32(&mut self) -> Option<u64> {
+            self.take(4).map(|b| u64::from(u32::from_be_bytes(b.try_into().expect("4 bytes"))))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            self.take(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        }
+        /// A count: 8 bytes in CDF-5, else 4.
+        fn count(&mut self) -> Option<u64> {
+            if self.wide { self.u64() } else { self.u32() }
+        }
+        fn skip_padded(&mut self, n: u64) -> Option<()> {
+            self.take(usize::try_from(n.checked_add(3)? / 4 * 4).ok()?).map(|_| ())
+        }
+        fn name(&mut self) -> Option<()> {
+            let n = self.count()?;
+            self.skip_padded(n)
+        }
+        /// A list's tag (or ABSENT) and its length.
+        fn list(&mut self, tag: u64) -> Option<u64> {
+            let (t, n) = (self.u32()?, self.count()?);
+            (t == tag || (t == 0 && n == 0)).then_some(n)
+        }
+        fn attributes(&mut self) -> Option<()> {
+            for _ in 0..self.list(0x0C)? {
+                self.name()?;
+                let size = type_size(self.u32()?)?;
+                let n = self.count()?;
+                self.skip_padded(n.checked_mul(size)?)?;
+            }
+            Some(())
+        }
+    }
+    fn type_size(nc_type: u64) -> Option<u64> {
+        Some(match nc_type {
+            1 | 2 | 7 => 1,
+            3 | 8 => 2,
+            4 | 5 | 9 => 4,
+            6 | 10 | 11 => 8,
+            _ => return None,
+        })
+    }
+    let version = match bytes.get(..4)? {
+        b"CDF\x01" => 1,
+        b"CDF\x02" => 2,
+        b"CDF\x05" => 5,
+        _ => return None,
+    };
+    let mut r = Reader { bytes, at: 4, wide: version == 5 };
+    let records = r.count()?;
+    if records == if r.wide { u64::MAX } else { u64::from(u32::MAX) } {
+        return None; // streamed: the record count is not in the header
+    }
+    let mut dims = Vec::new();
+    for _ in 0..r.list(0x0A)? {
+        r.name()?;
+        dims.push(r.count()?);
+    }
+    r.attributes()?;
+    let (mut end, mut record_size, mut record_begin) = (0u64, 0u64, u64::MAX);
+    for _ in 0..r.list(0x0B)? {
+        r.name()?;
+        let ndims = r.count()?;
+        let mut first_dim = None;
+        for k in 0..ndims {
+            let id = r.count()?;
+            if k == 0 {
+                first_dim = Some(*dims.get(usize::try_from(id).ok()?)?);
+            }
+        }
+        r.attributes()?;
+        type_size(r.u32()?)?;
+        let vsize = r.count()?;
+        let begin = if version == 1 { r.u32()? } else { r.u64()? };
+        if !r.wide && vsize == u64::from(u32::MAX) {
+            return None; // a variable over 4 GiB: its size is not in the header
+        }
+        if first_dim == Some(0) {
+            record_size = record_size.checked_add(vsize)?;
+            record_begin = record_begin.min(begin);
+        } else {
+            end = end.max(begin.checked_add(vsize)?);
+        }
+    }
+    if records > 0 && record_begin != u64::MAX {
+        let records_end = record_begin.checked_add(records.checked_mul(record_size)?)?;
+        end = end.max(records_end);
+    }
+    // The last variable's padding to 4 bytes may be missing at the very end.
+    Some(end.saturating_sub(3))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,5 +821,33 @@ mod tests {
         assert_eq!(t("S2A_MSIL2A_20240305T103021_N0510.tif").as_deref(), Some("2024-03-05T10:30:21Z"));
         assert_eq!(t("tile_123456789.tif"), None);
         assert_eq!(t("dem.tif"), None);
+    }
+
+    #[test]
+    fn classic_netcdf_extent_is_the_file_length_and_catches_truncation() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+        let mut checked = 0;
+        for name in [
+            "tos_O1_2001-2002.nc",
+            "bcsd_obs_1999.nc",
+            "SMALL_total_column_co2.nc",
+            "test_stageiv_xyt.nc",
+            "extra/eraint_uvz.nc",
+            "extra/small_rotPole_precipitation.nc",
+        ] {
+            let bytes = std::fs::read(data.join(name)).unwrap();
+            let extent = classic_netcdf_extent(&bytes).unwrap_or_else(|| panic!("{name}: no extent"));
+            let len = bytes.len() as u64;
+            assert!(extent <= len && extent + 4 > len, "{name}: extent {extent}, length {len}");
+            assert_eq!(
+                classic_netcdf_extent(&bytes[..bytes.len() / 2]),
+                Some(extent),
+                "{name}: header intact"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 6);
+        assert_eq!(classic_netcdf_extent(b"\x89HDF\r\n"), None);
+        assert_eq!(classic_netcdf_extent(b"CDF\x01\xff"), None, "a cut header tells nothing");
     }
 }

@@ -73,6 +73,84 @@ fn config_errors_exit_2_and_name_the_key() {
 }
 
 #[test]
+fn misfit_disjoint_or_absurd_configs_exit_2_name_the_keys_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keep.txt"), b"mine").unwrap();
+    let before = snapshot(dir.path());
+    let image = |layout: &str| era5_config().replace("{ kind: pixel_series, batch: 16 }", layout);
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        // Misspelled keys at every level, wrong types, negative and zero sizes.
+        (era5_config().replace("variables:", "varaibles:"), vec!["varaibles", "line 5"]),
+        (era5_config().replace("{ path:", "{ resamplng: average, path:"), vec!["resamplng", "line 6"]),
+        (era5_config().replace("[-8.0, 51.0, 0.0, 57.0]", "west"), vec!["line 2"]),
+        (era5_config().replace("resolution: 0.5", "resolution: -0.5"), vec!["grid.resolution"]),
+        (era5_config().replace("batch: 16", "batch: 0"), vec!["layout.batch"]),
+        (era5_config().replace("batch: 16", "batch: -16"), vec!["line 4"]),
+        (era5_config().replace("resolution: 0.5", "size: [0, 10]"), vec!["grid.size"]),
+        (image("{ kind: image_sequence, seq_len: 4, patch: [0, 4], batch: 1 }"), vec!["layout.patch"]),
+        (
+            era5_config().replace("time: { from: t2m }", "time:\n\t- from"),
+            vec!["line 4", "cannot start any token"],
+        ),
+        // Batches that do not fit the 12 × 16 grid or the 744 steps of the time axis.
+        (
+            era5_config().replace("batch: 16", "batch: 256"),
+            vec!["layout.batch", "16 × 16 tile", "12 × 16 grid"],
+        ),
+        (era5_config().replace("batch: 16", "batch: 32, tile: [1, 32]"), vec!["layout.tile", "1 × 32"]),
+        (era5_config().replace("batch: 16", "batch: 16, window: 1000"), vec!["layout.window", "744"]),
+        (image("{ kind: image_sequence, seq_len: 4, patch: [32, 32], batch: 1 }"), vec!["layout.patch"]),
+        (
+            image("{ kind: image_sequence, seq_len: 800, patch: [4, 4], batch: 1 }"),
+            vec!["layout.seq_len", "744"],
+        ),
+        (
+            image("{ kind: image_sequence, seq_len: 4, patch: [8, 8], batch: 4 }"),
+            vec!["layout.batch", "2 × 2"],
+        ),
+        // A bbox beside the data (ERA5 covers the UK).
+        (
+            era5_config().replace("[-8.0, 51.0, 0.0, 57.0]", "[100.0, -10.0, 110.0, 0.0]"),
+            vec!["grid.bbox", "`t2m`", "era5-2mt-2019-03-uk.grib", "covers lon"],
+        ),
+        // Sizes that would exhaust memory or disk, refused before anything is written.
+        (
+            era5_config()
+                .replace("resolution: 0.5", "resolution: 0.004")
+                .replace("batch: 16", "batch: 2250000"),
+            vec!["layout.batch", "decoded", "6.7 GB"],
+        ),
+        (
+            era5_config()
+                .replace("resolution: 0.5", "resolution: 0.00002")
+                .replace("batch: 16", "batch: 65536"),
+            vec!["grid.resolution", "400000 cells", "744 time steps", "free"],
+        ),
+        (
+            era5_config().replace("resolution: 0.5", "resolution: 0.000008"),
+            vec!["layout.batch", "grid.resolution", "batch chunks"],
+        ),
+        (
+            era5_config()
+                .replace("resolution: 0.5", "resolution: 0.000008")
+                .replace("batch: 16", "batch: 65536"),
+            vec!["grid.resolution", "uncompressed, more than 1.1 PB"],
+        ),
+        (
+            era5_config().replace("resolution: 0.5", "size: [100000000000, 10]"),
+            vec!["grid.size", "too large"],
+        ),
+    ];
+    for (text, parts) in cases {
+        let (code, stderr) = gen_err(dir.path(), &text);
+        assert_eq!(code, 2, "{text}\n{stderr}");
+        assert_mentions(&stderr, &parts);
+        std::fs::remove_file(dir.path().join("cube.yaml")).unwrap();
+        assert_eq!(snapshot(dir.path()), before, "nothing written or modified:\n{text}");
+    }
+}
+
+#[test]
 fn unusable_sources_exit_1_and_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.tif");
@@ -83,7 +161,59 @@ fn unusable_sources_exit_1_and_name_the_file() {
     let l3b = shared_data("extra/L3B_S2B_00390821JXN0L2A_20210319_20220730_C01.nc");
     let bcsd = shared_data("bcsd_obs_1999.nc");
     let rgb = shared_data("RGB.byte.tif");
+    // Corrupt variants of the real files: cut in the middle of a GRIB message and of a NetCDF-4 (HDF5) file,
+    // a GeoTIFF whose header is zeroed, a NetCDF whose time axis has no CF units.
+    let era5 = std::fs::read(shared_data("era5-2mt-2019-03-uk.grib")).unwrap();
+    let cut_grib = dir.path().join("cut.grib");
+    std::fs::write(&cut_grib, &era5[..era5.len() / 2 + 1000]).unwrap();
+    let empty_grib = dir.path().join("empty.grib");
+    std::fs::write(&empty_grib, b"").unwrap();
+    let tmean = std::fs::read(shared_data("tmean_1910_1910.nc")).unwrap();
+    let cut_nc = dir.path().join("cut.nc");
+    std::fs::write(&cut_nc, &tmean[..tmean.len() / 2]).unwrap();
+    let mut dem = std::fs::read(shared_data("converted/eopatch_DEM_utm33n.tif")).unwrap();
+    dem[..64].fill(0);
+    let zeroed = dir.path().join("zeroed.tif");
+    std::fs::write(&zeroed, &dem).unwrap();
+    let tos = std::fs::read(shared_data("tos_O1_2001-2002.nc")).unwrap();
+    let at = tos.windows(19).position(|w| w == b"days since 2001-1-1").expect("the CF units of tos");
+    let mut no_cf = tos.clone();
+    no_cf[at..at + 19].copy_from_slice(b"furlongs north fine");
+    let no_cf_time = dir.path().join("no_cf_time.nc");
+    std::fs::write(&no_cf_time, &no_cf).unwrap();
+    // A classic NetCDF cut short: netCDF-C would read the rest as fill values, without an error.
+    let cut_classic = dir.path().join("cut_classic.nc");
+    std::fs::write(&cut_classic, &tos[..tos.len() - 5000]).unwrap();
+    let with_time = |path: &Path, grid: &str| {
+        format!(
+            "output: cube.zarr\n{grid}\ntime: {{ from: a }}\nlayout: {{ kind: pixel_series, batch: 16 }}\n\
+             variables:\n  a: {{ path: {} }}\n",
+            path.display()
+        )
+    };
     let cases: Vec<(String, Vec<String>)> = vec![
+        (with_time(&cut_grib, GRID), vec!["cut.grib".into(), "band 373".into()]),
+        (
+            config(&format!("  a: {{ path: {} }}\n", empty_grib.display())),
+            vec!["empty.grib".into(), "empty".into()],
+        ),
+        (
+            config(&format!("  a: {{ path: {}, variable: tmean }}\n", cut_nc.display())),
+            vec!["cut.nc".into(), "cannot read it".into()],
+        ),
+        (config(&format!("  a: {{ path: {} }}\n", zeroed.display())), vec!["zeroed.tif".into()]),
+        (
+            with_time(&cut_classic, "grid: { bbox: [60.0, -20.0, 90.0, 0.0], resolution: 1.0 }"),
+            vec![
+                "cut_classic.nc".into(),
+                "is truncated".into(),
+                format!("the file has {}", tos.len() - 5000),
+            ],
+        ),
+        (
+            with_time(&no_cf_time, "grid: { bbox: [60.0, -20.0, 90.0, 0.0], resolution: 1.0 }"),
+            vec!["no_cf_time.nc".into(), "not a CF time axis".into(), "furlongs".into()],
+        ),
         (config("  a: { path: missing.tif }\n"), vec!["missing.tif".into(), "no such file".into()]),
         (config("  a: { path: \"nothing/*.tif\" }\n"), vec!["nothing/*.tif".into()]),
         (

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cubeload::loader::{Loader, LoaderError};
+use cubeload::loader::{Loader, LoaderError, OnCorrupt};
 use cubeload::{Batch, Config, GenOptions, Plan, generate};
 
 use crate::util::{array, read_f32};
@@ -344,6 +344,120 @@ fn errors_name_the_variable_and_chunk() {
     assert!(err.contains("precip") && err.contains("t2m, ndvi, landcover"), "{err}");
     let err = Loader::builder(dir.path().join("nothing.zarr")).build().unwrap_err().to_string();
     assert!(err.contains("nothing.zarr"), "{err}");
+}
+
+#[test]
+fn a_flipped_byte_is_an_error_or_a_skipped_and_counted_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    // One flipped bit in the first stored chunk of one shard of ndvi: its checksum no longer matches.
+    let mut files = walk(&copy.join("ndvi/c"));
+    files.sort();
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&files[0], bytes).unwrap();
+    let reference: HashMap<[usize; 3], _> =
+        fingerprint(&collect(Loader::builder(&cubes().pixel).build().unwrap()))
+            .into_iter()
+            .map(|(_, _, chunk, sum)| (chunk, sum))
+            .collect();
+
+    let mut loader = Loader::builder(&copy).build().unwrap();
+    let delivered = loader.by_ref().take_while(Result::is_ok).count();
+    let bad = match Loader::builder(&copy).build().unwrap().nth(delivered) {
+        Some(Err(LoaderError::Read { variable, chunk, message })) => {
+            assert_eq!(variable, "ndvi");
+            assert!(message.contains("copy.zarr"), "{message}");
+            chunk
+        }
+        other => panic!("expected a read error after {delivered} batches, got {other:?}"),
+    };
+    assert!(loader.next().is_none(), "the stream ends after an error");
+    let message = Loader::builder(&copy).build().unwrap().nth(delivered).unwrap().unwrap_err().to_string();
+    assert!(message.contains("`ndvi`") && message.contains(&format!("{bad:?}")), "{message}");
+
+    let mut loader = Loader::builder(&copy).on_corrupt(OnCorrupt::Skip).threads(3).build().unwrap();
+    let batches: Vec<Batch> = loader.by_ref().map(Result::unwrap).collect();
+    assert_eq!(loader.corrupt_chunks(), 1);
+    assert_eq!(batches.len(), reference.len() - 1, "every other batch is delivered");
+    for (_, _, chunk, sum) in fingerprint(&batches) {
+        assert_ne!(chunk, bad);
+        assert_eq!(reference[&chunk], sum, "chunk {chunk:?} as in the intact cube");
+    }
+
+    // Resuming across the gap (mixed jobs of 3 chunks, one of them corrupt) delivers exactly the rest.
+    let skipping = || Loader::builder(&copy).on_corrupt(OnCorrupt::Skip).shuffle(3).mix(3).epochs(2);
+    let full = fingerprint(&collect(skipping().build().unwrap()));
+    // Where the skipped chunk's position is missing, in each epoch: stop just before, at and after it.
+    let gaps: Vec<usize> = (1..full.len())
+        .filter(|&i| full[i].0 == full[i - 1].0 && full[i].1 != full[i - 1].1 + 1)
+        .chain((0..full.len()).filter(|&i| full[i].1 == 1 && (i == 0 || full[i - 1].0 != full[i].0)))
+        .collect();
+    assert_eq!(gaps.len(), 2, "one gap per epoch: {gaps:?}");
+    let around = gaps.iter().flat_map(|&g| [g.saturating_sub(1), g, g + 1]);
+    for stop_after in around.chain([1, full.len() / 2, full.len() - 1]) {
+        let mut first = skipping().build().unwrap();
+        let head: Vec<Batch> = first.by_ref().take(stop_after).map(Result::unwrap).collect();
+        let rest = collect(
+            Loader::builder(&copy)
+                .on_corrupt(OnCorrupt::Skip)
+                .epochs(2)
+                .resume(first.state())
+                .build()
+                .unwrap(),
+        );
+        let mut joined = fingerprint(&head);
+        joined.extend(fingerprint(&rest));
+        assert_eq!(joined, full, "stopped after {stop_after}");
+    }
+}
+
+type JsonEdit = fn(&mut serde_json::Value);
+
+/// Edits the JSON file `path` in place.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_vec(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn metadata_that_would_allocate_absurdly_is_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, JsonEdit, &[&str]); 4] = [
+        (
+            "zarr.json",
+            "root",
+            |v| v["attributes"]["cubeload"]["layout"]["chunk_y"] = 0.into(),
+            &["`layout.chunk_y` must be at least 1"],
+        ),
+        (
+            "zarr.json",
+            "root",
+            |v| v["attributes"]["cubeload"]["padded_shape"][2] = (1u64 << 50).into(),
+            &["`padded_shape`"],
+        ),
+        ("ndvi/zarr.json", "array", |v| v["shape"][2] = (1u64 << 50).into(), &["array `ndvi` has shape"]),
+        (
+            "ndvi/zarr.json",
+            "array",
+            |v| v["chunk_grid"]["configuration"]["chunk_shape"] = serde_json::json!([48, 1 << 20, 1 << 20]),
+            &["array `ndvi` is chunked"],
+        ),
+    ];
+    for (i, (file, what, edit, expected)) in cases.into_iter().enumerate() {
+        let copy = dir.path().join(format!("copy{i}.zarr"));
+        copy_dir(&cubes().pixel, &copy);
+        edit_json(&copy.join(file), edit);
+        let err = Loader::builder(&copy).build().unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, LoaderError::Cube(_)), "{what}: {message}");
+        assert!(message.contains(&format!("copy{i}.zarr")), "{message}");
+        for part in expected {
+            assert!(message.contains(part), "{what}: expected `{part}` in {message}");
+        }
+    }
 }
 
 #[test]

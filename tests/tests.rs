@@ -15,6 +15,7 @@ mod util;
 mod bench;
 mod cli_errors;
 mod demo;
+mod fuzz_cases;
 mod gen_real_data;
 mod lifecycle;
 mod loader;

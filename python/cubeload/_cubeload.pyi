@@ -1,7 +1,7 @@
 """Type stubs of the native module."""
 
 from os import PathLike
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +19,10 @@ class Loader:
     per-sample ``"lat"``, ``"lon"`` (float64) and ``"time_index"`` (int64, first step on the cube's time
     axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer.
     Missing values hold ``fill_value``. The GIL is released while a batch is awaited.
+
+    A chunk that cannot be read or decoded (every chunk carries a checksum) raises ``CorruptChunkError``
+    naming the variable and chunk; with ``on_corrupt="skip"`` its batch is left out and counted in
+    ``corrupt_chunks`` instead.
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class Loader:
         fill_value: float = 0.0,
         min_valid: float | None = None,
         state: dict[str, Any] | None = None,
+        on_corrupt: Literal["error", "skip"] = "error",
     ) -> None: ...
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def __next__(self) -> dict[str, Any]: ...
@@ -49,5 +54,8 @@ class Loader:
     def variables(self) -> list[str]: ...
     @property
     def batches_per_epoch(self) -> int: ...
+    @property
+    def corrupt_chunks(self) -> int:
+        """Corrupt chunks left out so far with ``on_corrupt="skip"``."""
     @property
     def layout(self) -> str: ...

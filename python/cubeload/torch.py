@@ -34,7 +34,7 @@ class CubeDataset(IterableDataset):
         shuffle: shuffle the batches of each epoch.
         epoch: the epoch to iterate (see ``set_epoch``).
         rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
-        prefetch, threads, mix, normalize, fill_value, min_valid: as for :class:`cubeload.Loader`.
+        prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt: as for :class:`cubeload.Loader`.
         state: a ``state()`` of an interrupted epoch (single-worker use) to resume it exactly.
     """
 
@@ -55,6 +55,7 @@ class CubeDataset(IterableDataset):
         fill_value: float = 0.0,
         min_valid: float | None = None,
         state: dict[str, Any] | None = None,
+        on_corrupt: str = "error",
     ) -> None:
         super().__init__()
         self.path = str(path)
@@ -63,7 +64,7 @@ class CubeDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.options = dict(
             prefetch=prefetch, threads=threads, mix=mix, normalize=normalize, fill_value=fill_value,
-            min_valid=min_valid,
+            min_valid=min_valid, on_corrupt=on_corrupt,
         )
         self.state = state
 

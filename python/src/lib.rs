@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use cubeload::loader::{LoaderError, LoaderState};
+use cubeload::loader::{LoaderError, LoaderState, OnCorrupt};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -72,6 +72,7 @@ impl Loader {
     #[pyo3(signature = (
         path, variables=None, *, shuffle=true, seed=0, epochs=1, rank=0, world_size=1, worker=0, workers=1,
         prefetch=4, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
+        on_corrupt="error",
     ))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
@@ -92,7 +93,17 @@ impl Loader {
         fill_value: f32,
         min_valid: Option<f64>,
         state: Option<&Bound<'_, PyDict>>,
+        on_corrupt: &str,
     ) -> PyResult<Self> {
+        let on_corrupt = match on_corrupt {
+            "error" => OnCorrupt::Error,
+            "skip" => OnCorrupt::Skip,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "on_corrupt must be \"error\" or \"skip\", not {other:?}"
+                )));
+            }
+        };
         let mut builder = cubeload::Loader::builder(&path)
             .epochs(epochs)
             .prefetch(prefetch)
@@ -102,6 +113,7 @@ impl Loader {
             .mix(mix)
             .normalize(normalize)
             .fill_value(fill_value)
+            .on_corrupt(on_corrupt)
             .variable_major(true);
         if let Some(variables) = variables {
             builder = builder.variables(variables);
@@ -154,6 +166,12 @@ impl Loader {
     #[getter]
     fn variables(&self) -> Vec<String> {
         self.variables.clone()
+    }
+
+    /// Corrupt chunks left out so far with ``on_corrupt="skip"``.
+    #[getter]
+    fn corrupt_chunks(&self) -> usize {
+        self.inner.corrupt_chunks()
     }
 
     /// Batches per epoch for this rank and worker.

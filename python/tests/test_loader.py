@@ -139,6 +139,27 @@ def test_errors_are_python_exceptions(pixel_cube, tmp_path):
     assert issubclass(cubeload.CorruptChunkError, cubeload.CubeloadError)
 
 
+def test_a_flipped_byte_raises_or_is_skipped_and_counted(pixel_cube, tmp_path):
+    copy = tmp_path / "flipped.zarr"
+    shutil.copytree(pixel_cube, copy)
+    first = sorted(p for p in (copy / "ndvi" / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(first.read_bytes())
+    data[0] ^= 0x01  # one bit of the first stored chunk of a shard: its checksum no longer matches
+    first.write_bytes(bytes(data))
+    reference = {b["chunk"]: hash(b["ndvi"].tobytes()) for b in cubeload.Loader(pixel_cube, shuffle=False)}
+    with pytest.raises(cubeload.CorruptChunkError, match=r"`ndvi`, chunk \[\d+, \d+, \d+\]"):
+        list(cubeload.Loader(copy, shuffle=False))
+    with pytest.raises(ValueError, match="on_corrupt"):
+        cubeload.Loader(copy, on_corrupt="ignore")
+    loader = cubeload.Loader(copy, shuffle=False, on_corrupt="skip")
+    batches = {b["chunk"]: hash(b["ndvi"].tobytes()) for b in loader}
+    assert loader.corrupt_chunks == 1
+    assert len(batches) == len(reference) - 1
+    assert all(reference[chunk] == h for chunk, h in batches.items()), "the others as in the intact cube"
+    dataset = CubeDataset(str(copy), shuffle=False, on_corrupt="skip")
+    assert len(list(DataLoader(dataset, batch_size=None, num_workers=0))) == len(reference) - 1
+
+
 def test_example_training_loss_falls(pixel_cube):
     import re
     import subprocess

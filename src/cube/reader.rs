@@ -4,11 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecOptions};
-use zarrs::group::Group;
 use zarrs::storage::{ReadableStorage, ReadableStorageTraits, StoreKey};
 
 use super::manifest::{BlockRecord, MANIFEST_FILE};
-use super::{CubeError, CubeMeta, META_KEY};
+use super::{CubeError, CubeMeta};
 use crate::plan::DType;
 use crate::store::Location;
 
@@ -107,12 +106,16 @@ fn read_meta_from(store: &ReadableStorage, location: &Location) -> Result<CubeMe
             Location::S3 { .. } => "no such cube (no zarr.json under this prefix)".to_string(),
         }));
     }
-    let group =
-        Group::open(store.clone(), "/").map_err(|e| not_a_cube(format!("unreadable Zarr group: {e}")))?;
-    let value = group.attributes().get(META_KEY).cloned().ok_or_else(|| {
-        not_a_cube(format!("a Zarr group without the `{META_KEY}` attribute: not made by cubeload"))
-    })?;
-    serde_json::from_value(value).map_err(|e| not_a_cube(format!("invalid `{META_KEY}` metadata: {e}")))
+    // Untrusted input: parsed and validated before anything is sized from it.
+    let root = StoreKey::new("zarr.json").expect("valid key");
+    let io = |e: &dyn std::fmt::Display| CubeError::Zarr { path: path.clone(), message: e.to_string() };
+    let size = store.size_key(&root).map_err(|e| io(&e))?.unwrap_or(0);
+    if size > super::validate::MAX_ROOT_JSON_BYTES {
+        return Err(not_a_cube(format!("zarr.json is {size} bytes: not a cube's metadata")));
+    }
+    let bytes =
+        store.get(&root).map_err(|e| io(&e))?.ok_or_else(|| not_a_cube("no zarr.json".to_string()))?;
+    super::validate::meta_from_root_json(&path, &bytes)
 }
 
 /// Whether `path` holds a cube made by cubeload (complete or not): the only kind of directory cubeload will

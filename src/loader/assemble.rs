@@ -12,7 +12,8 @@ use super::sampler::{ChunkId, rng_for};
 use crate::batch::{Batch, BatchOrigin};
 use crate::config::VariableKind;
 use crate::cube::reader::{Cube, read_f64_cached};
-use crate::cube::{CubeMeta, VariableMeta};
+use crate::cube::validate::{ArrayRole, check_array};
+use crate::cube::{CubeError, CubeMeta, VariableMeta};
 use crate::layout::LayoutKind;
 use crate::plan::DType;
 
@@ -83,12 +84,12 @@ impl Assembler {
                 (true, VariableKind::Continuous, Some(s)) => Some((s.mean as f32, 1.0)),
                 _ => None,
             };
-            let array = cube.array(name)?;
+            let array = checked_array(cube, ArrayRole::Variable(v), name)?;
             let shards = ArrayShardedReadableExtCache::new(&array);
             vars.push(Var { meta: v.clone(), array, shards, affine });
         }
-        let read_coord = |name: &str| -> Result<Vec<f64>, LoaderError> {
-            let a = cube.array(name)?;
+        let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
+            let a = checked_array(cube, role, name)?;
             let whole = zarrs::array::ArraySubset::new_with_shape(a.shape().to_vec());
             a.retrieve_array_subset::<Vec<f64>>(&whole).map_err(|e| LoaderError::Read {
                 variable: name.to_string(),
@@ -96,7 +97,7 @@ impl Assembler {
                 message: e.to_string(),
             })
         };
-        let (lat, lon) = (read_coord("lat")?, read_coord("lon")?);
+        let (lat, lon) = (read_coord(ArrayRole::Lat, "lat")?, read_coord(ArrayRole::Lon, "lon")?);
         let concurrent = cube.slow_requests();
         Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf(), concurrent })
     }
@@ -126,7 +127,7 @@ impl Assembler {
         let mut sums = vec![0.0f64; ct * cy * cx];
         for v in &self.vars {
             let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
-            let a = cube.array(&name)?;
+            let a = checked_array(cube, ArrayRole::Index(&v.meta), &name)?;
             let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
             let values = a.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| LoaderError::Read {
                 variable: name.clone(),
@@ -178,6 +179,8 @@ impl Assembler {
     }
 
     /// Reads and assembles the batches of one job; with several chunks, samples are mixed across them.
+    /// With `skip_corrupt`, a chunk that cannot be read or decoded is left out; the count of those comes
+    /// back with the batches.
     ///
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
@@ -188,10 +191,19 @@ impl Assembler {
         epoch: usize,
         first_position: usize,
         chunks: &[ChunkId],
-    ) -> Result<Vec<Batch>, LoaderError> {
+        skip_corrupt: bool,
+    ) -> Result<(Vec<Batch>, usize), LoaderError> {
         let mut batches = Vec::with_capacity(chunks.len());
+        let mut corrupt = 0;
         for (k, &id) in chunks.iter().enumerate() {
-            let raw = self.read_chunk(id)?;
+            let raw = match self.read_chunk(id) {
+                Ok(raw) => raw,
+                Err(LoaderError::Read { .. }) if skip_corrupt => {
+                    corrupt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             batches.push(self.assemble(
                 id,
                 BatchOrigin { epoch, position: first_position + k, chunk: id },
@@ -201,7 +213,7 @@ impl Assembler {
         if batches.len() > 1 {
             mix(&mut batches, &mut rng_for(seed, 1, job as u64));
         }
-        Ok(batches)
+        Ok((batches, corrupt))
     }
 
     fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: &[Vec<f32>]) -> Batch {
@@ -349,6 +361,20 @@ impl Assembler {
     }
 }
 
+/// Opens an array and holds it to the cube's metadata before anything is read or sized from it.
+fn checked_array(
+    cube: &Cube,
+    role: ArrayRole<'_>,
+    name: &str,
+) -> Result<Array<dyn ReadableStorageTraits>, LoaderError> {
+    let array = cube.array(name)?;
+    check_array(cube.meta(), role, &array).map_err(|e| CubeError::NotACube {
+        path: cube.path().to_path_buf(),
+        message: format!("array {e}"),
+    })?;
+    Ok(array)
+}
+
 /// Destination of a (sample, step) → batch copy: `base + p · write_p + t · write_t`.
 struct Strided {
     base: usize,
@@ -443,3 +469,34 @@ fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
 
 /// Shared handle.
 pub type SharedAssembler = Arc<Assembler>;
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Loader, LoaderError};
+    use super::*;
+
+    /// A bug in a reader thread (here: coordinates shorter than the grid, which the checks of
+    /// [`Assembler::new`] would refuse, so they are cut after it) panics while assembling; the panic must
+    /// reach the consumer as an error, end the stream, and leave the loader droppable.
+    #[test]
+    fn a_panic_in_a_reader_arrives_as_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
+        let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
+        for threads in [0, 2] {
+            let cube = Cube::open(&cube).unwrap();
+            let builder = Loader::builder(cube.path()).threads(threads).prefetch(2);
+            let mut assembler = Assembler::new(&cube, &[], builder.transform).unwrap();
+            let validity = assembler.validity(&cube).unwrap();
+            assembler.lat.clear();
+            let mut loader = builder.start(assembler, validity).unwrap();
+            match loader.next() {
+                Some(Err(LoaderError::Panic(message))) => {
+                    assert!(message.contains("index out of bounds"), "{message}");
+                }
+                other => panic!("threads {threads}: expected a panic error, got {other:?}"),
+            }
+            assert!(loader.next().is_none(), "the stream ends after a panic");
+        }
+    }
+}

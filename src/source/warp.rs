@@ -277,6 +277,30 @@ pub fn native_resolution(
     data_type: GdalDataType,
     nodata: Option<f64>,
 ) -> Result<(f64, f64), SourceError> {
+    let (gt, _) = suggested_output(file, data_type, nodata)?;
+    Ok((gt[1], gt[5].abs()))
+}
+
+/// `[west, south, east, north]` of the file in lon/lat, as `gdalwarp -t_srs EPSG:4326` would cover it
+/// (a 0…360° grid reaches from −360°, with its mosaicked copy).
+///
+/// # Errors
+/// [`SourceError::Gdal`] when GDAL cannot transform the file's extent to lon/lat.
+pub fn lonlat_bounds(
+    file: &FileView,
+    data_type: GdalDataType,
+    nodata: Option<f64>,
+) -> Result<[f64; 4], SourceError> {
+    let (gt, (pixels, lines)) = suggested_output(file, data_type, nodata)?;
+    Ok([gt[0], gt[3] + f64::from(lines) * gt[5], gt[0] + f64::from(pixels) * gt[1], gt[3]])
+}
+
+/// `GDALSuggestedWarpOutput` of the file to EPSG:4326: a geotransform and `(pixels, lines)`.
+fn suggested_output(
+    file: &FileView,
+    data_type: GdalDataType,
+    nodata: Option<f64>,
+) -> Result<([f64; 6], (i32, i32)), SourceError> {
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
     let source = Dataset::open(vrt_xml(file, &[1], data_type, nodata))
         .map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
@@ -310,7 +334,7 @@ pub fn native_resolution(
     if err != gdal_sys::CPLErr::CE_None || gt[1].is_nan() || gt[1] <= 0.0 {
         return Err(fail(format!("cannot find its extent in lon/lat: {}", last_gdal_error())));
     }
-    Ok((gt[1], gt[5].abs()))
+    Ok((gt, (pixels, lines)))
 }
 
 fn last_gdal_error() -> String {
