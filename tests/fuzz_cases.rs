@@ -64,6 +64,13 @@ const FORMER_CRASHES: &[(&str, &str, &str)] = &[
         "crash-tile-product-overflow.yaml",
         "config key `layout.tile`: 4294967296 × 4294967296 must equal",
     ),
+    // A prime batch of 2^64 − 59 on a 10 × 10 grid: factorising it into a tile took 2^32 trial divisions (the
+    // `config` target timed out after 10 s; found by review too).
+    (
+        "config",
+        "timeout-prime-batch.yaml",
+        "config key `layout.batch`: a batch of 18446744073709551557 samples",
+    ),
 ];
 
 #[test]
