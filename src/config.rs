@@ -717,8 +717,9 @@ fn check_batch(batch: usize, factors: Option<&[usize; 2]>, key: &str) -> Result<
     if batch == 0 {
         return Err(ConfigError::invalid("layout.batch", "must be at least 1"));
     }
+    // Checked: `[2^32, 2^32]` overflows, and a wrapped product could even equal the batch.
     if let Some([a, b]) = factors
-        && a * b != batch
+        && a.checked_mul(*b) != Some(batch)
     {
         return Err(ConfigError::invalid(key, format!("{a} × {b} must equal layout.batch = {batch}")));
     }
@@ -781,6 +782,7 @@ variables:
             (BASE.replace("[-10.0, 50.0, 2.0, 58.0]", "[2.0, 50.0, -10.0, 58.0]"), "grid.bbox"),
             (BASE.replace("resolution: 0.05", "resolution: -1"), "grid.resolution"),
             (BASE.replace("batch: 256 }", "batch: 256, tile: [10, 10] }"), "layout.tile"),
+            (BASE.replace("batch: 256 }", "batch: 256, tile: [4294967296, 4294967296] }"), "layout.tile"),
             (
                 BASE.replace("kind: categorical,", "kind: categorical, resampling: bilinear,"),
                 "variables.lc.resampling",

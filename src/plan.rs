@@ -296,6 +296,14 @@ pub fn resolve_layout(
             format!("{what} does not fit the {height} × {width} grid: every batch would be partly padding"),
         )
     };
+    // First, as factorising a huge batch into a tile takes up to √batch steps: no batch holds more samples
+    // than the grid has cells.
+    let batch = match config.layout {
+        LayoutConfig::PixelSeries { batch, .. } | LayoutConfig::ImageSequence { batch, .. } => batch,
+    };
+    if batch > height.saturating_mul(width) {
+        return Err(misfit("layout.batch", format!("a batch of {batch} samples")));
+    }
     // Cells of one time step of a chunk, and the steps of a chunk.
     let (plane, steps) = match config.layout {
         LayoutConfig::PixelSeries { batch, tile, window, order, .. } => {
@@ -581,6 +589,12 @@ mod tests {
             }
         };
         assert_eq!(key("{ kind: pixel_series, batch: 40000 }", 48), "layout.batch");
+        // The largest 64-bit prime: refused at once, not after 2^32 trial divisions.
+        assert_eq!(key("{ kind: pixel_series, batch: 18446744073709551557 }", 48), "layout.batch");
+        assert_eq!(
+            key("{ kind: image_sequence, seq_len: 8, patch: [1, 1], batch: 18446744073709551557 }", 48),
+            "layout.batch"
+        );
         assert_eq!(key("{ kind: pixel_series, batch: 101, tile: [101, 1] }", 48), "layout.tile");
         assert_eq!(key("{ kind: pixel_series, batch: 64, window: 49 }", 48), "layout.window");
         assert_eq!(key("{ kind: pixel_series, batch: 20000, order: shuffled }", 48), "layout.batch");
