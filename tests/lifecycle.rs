@@ -93,6 +93,24 @@ fn a_stored_file(dir: &Path, var: &str) -> String {
         .expect("a stored file")
 }
 
+/// Runs `gen -c config` on one thread and SIGKILLs it once `manifest` records `at_least` blocks.
+fn kill_gen_after(config: &Path, manifest: &Path, at_least: usize) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cubeload"))
+        .args(["gen", "--threads", "1", "-c", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while recorded_blocks(manifest) < at_least {
+        assert!(child.try_wait().unwrap().is_none(), "gen finished before it could be killed");
+        assert!(started.elapsed() < Duration::from_mins(2), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 fn flip_byte(path: &Path, at: usize) {
     let mut bytes = std::fs::read(path).unwrap();
     let at = at.min(bytes.len() - 1);
@@ -113,20 +131,7 @@ fn a_killed_gen_resumes_and_ends_with_the_cube_of_an_uninterrupted_run() {
 
     // SIGKILL twice, at different points, each time while blocks are being written.
     for at_least in [3, 12] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cubeload"))
-            .args(["gen", "--threads", "1", "-c", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while recorded_blocks(&manifest) < at_least {
-            assert!(child.try_wait().unwrap().is_none(), "gen finished before it could be killed");
-            assert!(started.elapsed() < Duration::from_mins(2), "no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_gen_after(&config, &manifest, at_least);
     }
     assert!(!dir.join("cube.zarr").exists(), "an interrupted run never leaves a cube in place");
     let info = cubeload(dir, &["info", "cube.zarr"]);
@@ -167,19 +172,8 @@ fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
     let dir = dir.path();
     let text = inputs(dir);
     let config = config(dir, &text, "cube.zarr", 7);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cubeload"))
-        .args(["gen", "--threads", "1", "-c", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let manifest = dir.join(".cube.zarr.cubeload-partial/cubeload_manifest.jsonl");
-    while recorded_blocks(&manifest) < 2 {
-        assert!(child.try_wait().unwrap().is_none(), "gen finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_gen_after(&config, &manifest, 2);
     let before = std::fs::read(&manifest).unwrap();
 
     // Another input file: refused, the half-made cube untouched.
