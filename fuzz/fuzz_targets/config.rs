@@ -15,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(config) = Config::from_yaml(text, Path::new("fuzz.yaml")) else { return };
     if let Some(TimeConfig { start: Some(start), end: Some(end), step: Some(step), .. }) = &config.time
-        && let (Ok(start), Ok(end), Ok(step)) = (parse_timestamp(start), parse_timestamp(end), Step::parse(step))
+        && let (Ok(start), Ok(end), Ok(step)) =
+            (parse_timestamp(start), parse_timestamp(end), Step::parse(step))
     {
         let _ = TimeAxis::regular(start, end, step);
     }
