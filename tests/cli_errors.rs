@@ -94,9 +94,10 @@ fn misfit_disjoint_or_absurd_configs_exit_2_name_the_keys_and_write_nothing() {
         ),
         // Batches that do not fit the 12 × 16 grid or the 744 steps of the time axis.
         (
-            era5_config().replace("batch: 16", "batch: 256"),
-            vec!["layout.batch", "16 × 16 tile", "12 × 16 grid"],
+            era5_config().replace("batch: 16", "batch: 169"),
+            vec!["layout.batch", "13 × 13 tile", "12 × 16 grid"],
         ),
+        (era5_config().replace("batch: 16", "batch: 256"), vec!["layout.batch", "batch of 256 samples"]),
         (era5_config().replace("batch: 16", "batch: 32, tile: [1, 32]"), vec!["layout.tile", "1 × 32"]),
         (era5_config().replace("batch: 16", "batch: 16, window: 1000"), vec!["layout.window", "744"]),
         (image("{ kind: image_sequence, seq_len: 4, patch: [32, 32], batch: 1 }"), vec!["layout.patch"]),

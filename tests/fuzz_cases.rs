@@ -6,16 +6,24 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use cubeload::config::Config;
+use cubeload::config::{Config, TimeConfig};
 use cubeload::cube::validate::meta_from_root_json;
 use cubeload::grid::Grid;
 use cubeload::plan::{DType, resolve_layout};
+use cubeload::time::{Step, TimeAxis, parse_timestamp};
 use proptest::prelude::*;
 
-/// What `fuzz_targets/config.rs` runs: parse, grid, then layout and size checks for a 744-step axis.
+/// What `fuzz_targets/config.rs` runs: parse, a regular time axis, grid, then layout and size checks for a
+/// 744-step axis.
 fn replay_config(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
     let config = Config::from_yaml(text, Path::new("fuzz.yaml")).map_err(|e| e.to_string())?;
+    if let Some(TimeConfig { start: Some(start), end: Some(end), step: Some(step), .. }) = &config.time
+        && let (Ok(start), Ok(end), Ok(step)) =
+            (parse_timestamp(start), parse_timestamp(end), Step::parse(step))
+    {
+        let _ = TimeAxis::regular(start, end, step);
+    }
     let grid = Grid::from_config(config.grid()).map_err(|e| e.to_string())?;
     let variables: Vec<(DType, bool)> =
         config.variables.0.iter().map(|(_, v)| (DType::Float32, v.is_static)).collect();
