@@ -37,6 +37,24 @@ fn reader_threads() -> usize {
         .count()
 }
 
+/// `measure()` once it equals `expected`, or after a second: threads name themselves once they first run,
+/// and `join` returns when a thread's id is released, a moment before the kernel removes it from /proc.
+fn settled<T: PartialEq>(expected: &T, measure: impl Fn() -> T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let now = measure();
+        if now == *expected || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `(threads, descriptors, reader threads)`.
+fn counts() -> (usize, usize, usize) {
+    (threads(), open_fds(), reader_threads())
+}
+
 fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -61,7 +79,9 @@ fn loader_soak_memory_threads_descriptors_and_drops() {
     // A hang fails the run instead of blocking it: the watchdog is started before the baseline is taken.
     let (done, watch) = crossbeam_channel::bounded::<()>(1);
     let watchdog = std::thread::spawn(move || {
-        if watch.recv_timeout(Duration::from_mins(10)).is_err() {
+        // A panic of the test drops the sender: that failure is the harness's to report.
+        if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = watch.recv_timeout(Duration::from_mins(10))
+        {
             eprintln!("soak: no progress for 10 minutes: a loader hangs");
             std::process::exit(1);
         }
@@ -78,7 +98,7 @@ fn loader_soak_memory_threads_descriptors_and_drops() {
     for (i, batch) in loader.by_ref().enumerate() {
         drop(batch.unwrap());
         if i == 10 {
-            assert_eq!(reader_threads(), 2, "two named reader threads while reading");
+            assert_eq!(settled(&2, reader_threads), 2, "two named reader threads while reading");
         }
         if (i + 1) % per_epoch == 0 {
             at_epoch.push(rss());
@@ -90,7 +110,8 @@ fn loader_soak_memory_threads_descriptors_and_drops() {
     let peak = *at_epoch[WARM_UP_EPOCHS..].iter().max().unwrap();
     eprintln!("soak: RSS after epoch {WARM_UP_EPOCHS}: {warm} B, peak after: {peak} B");
     assert!(peak <= warm + RSS_BOUND, "RSS grew from {warm} to {peak} bytes over {EPOCHS} epochs");
-    assert_eq!((threads(), open_fds(), reader_threads()), (base_threads, base_fds, 0), "after many epochs");
+    let baseline = (base_threads, base_fds, 0);
+    assert_eq!(settled(&baseline, counts), baseline, "after many epochs");
 
     // Drops at many points of the stream, with every kind of reader setup: prompt, and nothing left behind.
     let points =
@@ -111,7 +132,7 @@ fn loader_soak_memory_threads_descriptors_and_drops() {
             let took = started.elapsed();
             let setup = format!("threads {threads_n}, prefetch {prefetch}, mix {mix}, dropped after {k}");
             assert!(took < DROP_BOUND, "{setup}: the drop took {took:?}");
-            assert_eq!((threads(), open_fds(), reader_threads()), (base_threads, base_fds, 0), "{setup}");
+            assert_eq!(settled(&baseline, counts), baseline, "{setup}");
         }
     }
     done.send(()).unwrap();
