@@ -297,10 +297,12 @@ fn generate_remote(
         std::env::temp_dir().join(format!("cubeload-upload-{}", &key[..16])).join("cube.zarr");
     let local = local_plan.config.output.clone();
     // A cube made by an earlier run whose upload failed: upload it again rather than make it again.
-    let made = Manifest::fingerprint(&local).is_some_and(|f| f == fingerprint(&local_plan))
-        && Cube::open(&local).is_ok();
-    let mut report = if made {
-        let meta = Cube::open(&local)?.meta().clone();
+    let made = Manifest::fingerprint(&local)
+        .is_some_and(|f| f == fingerprint(&local_plan))
+        .then(|| Cube::open(&local).ok())
+        .flatten();
+    let mut report = if let Some(cube) = made {
+        let meta = cube.meta().clone();
         let blocks = Manifest::load(&local)?.records.len();
         GenReport { path: local.clone(), meta, seconds: 0.0, blocks, reused: blocks, part: None }
     } else {
