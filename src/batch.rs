@@ -8,6 +8,9 @@
 //!
 //! With static variables returned separately, `data` holds the time-varying variables only and `statics`
 //! holds `[B, Vs]` (`pixel_series`) or `[B, Vs, h, w]` (`image_sequence`).
+//!
+//! Multi-resolution cubes regrid coarser variables onto the target cells; loaded with native regridding,
+//! those come instead in `native`, one [`NativeField`] each, at their own resolution.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +54,26 @@ pub struct Batch {
     pub lon: Vec<f64>,
     /// Index on the cube's time axis of each sample's first step.
     pub time_index: Vec<usize>,
+    /// Multi-resolution cubes loaded with native regridding: each coarser variable at its own resolution.
+    pub native: Vec<NativeField>,
+}
+
+/// A variable of a multi-resolution cube at its native resolution: the cells of its level under the batch's
+/// footprint (see [`crate::levels`] for the index mapping).
+#[derive(Debug, Clone)]
+pub struct NativeField {
+    /// Variable name.
+    pub name: String,
+    /// `[ky, kx]`: target cells per level cell.
+    pub factor: [usize; 2],
+    /// `[row, col]` on the level grid of the field's first cell.
+    pub origin: [usize; 2],
+    /// `[T, h, w]`, or `[h, w]` for a static variable.
+    pub shape: Vec<usize>,
+    /// Values, normalized if asked, missing values replaced by the fill value.
+    pub data: Vec<f32>,
+    /// 1 where `data` holds a real value.
+    pub mask: Vec<u8>,
 }
 
 impl Batch {

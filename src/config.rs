@@ -191,6 +191,9 @@ pub enum LayoutConfig {
         /// Seed of the permutation of `order: shuffled`. > default: 0
         #[serde(default)]
         seed: u64,
+        /// Variables may keep a coarser native `resolution` (multi-resolution cube). > default: false
+        #[serde(default)]
+        multires: bool,
     },
     /// Video-prediction batches: `batch` sequences of `seq_len` frames of `patch` pixels.
     ImageSequence {
@@ -206,6 +209,9 @@ pub enum LayoutConfig {
         /// Sharding, as for `pixel_series`.
         #[serde(default)]
         shard: ShardConfig,
+        /// Variables may keep a coarser native `resolution` (multi-resolution cube). > default: false
+        #[serde(default)]
+        multires: bool,
     },
 }
 
@@ -245,6 +251,8 @@ struct RawLayout {
     order: Option<Order>,
     #[serde(default)]
     seed: Option<u64>,
+    #[serde(default)]
+    multires: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -257,7 +265,7 @@ enum RawLayoutKind {
 impl TryFrom<RawLayout> for LayoutConfig {
     type Error = String;
     fn try_from(raw: RawLayout) -> Result<Self, String> {
-        let RawLayout { kind, batch, tile, window, shard, seq_len, patch, grid, order, seed } = raw;
+        let RawLayout { kind, batch, tile, window, shard, seq_len, patch, grid, order, seed, multires } = raw;
         match kind {
             RawLayoutKind::PixelSeries => {
                 for (key, given) in
@@ -274,7 +282,14 @@ impl TryFrom<RawLayout> for LayoutConfig {
                 if seed.is_some() && order != Order::Shuffled {
                     return Err("layout.seed is only used with order: shuffled".to_string());
                 }
-                Ok(LayoutConfig::PixelSeries { batch, tile, window, shard, order, seed: seed.unwrap_or(0) })
+                if multires && order == Order::Shuffled {
+                    return Err(
+                        "layout.multires needs spatial tiles: it cannot be used with order: shuffled"
+                            .to_string(),
+                    );
+                }
+                let seed = seed.unwrap_or(0);
+                Ok(LayoutConfig::PixelSeries { batch, tile, window, shard, order, seed, multires })
             }
             RawLayoutKind::ImageSequence => {
                 for (key, given) in [
@@ -289,7 +304,7 @@ impl TryFrom<RawLayout> for LayoutConfig {
                 }
                 let seq_len = seq_len.ok_or("layout.seq_len is required for image_sequence")?;
                 let patch = patch.ok_or("layout.patch is required for image_sequence")?;
-                Ok(LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard })
+                Ok(LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard, multires })
             }
         }
     }
@@ -389,6 +404,26 @@ pub struct VariableConfig {
     /// Units attribute of the cube variable. > default: the source's units
     #[serde(default)]
     pub units: Option<String>,
+    /// Native cell size (degrees, one number or `[x, y]`) kept in a multi-resolution cube
+    /// (`layout.multires: true`); snapped to a whole multiple of the target grid's cells.
+    /// > default: the target grid
+    #[serde(default)]
+    pub resolution: Option<Resolution>,
+    /// How the loader brings a coarser variable onto the target grid.
+    /// > default: bilinear (continuous), nearest (categorical)
+    #[serde(default)]
+    pub upsampling: Option<Upsampling>,
+}
+
+/// How a variable stored at a coarser resolution is interpolated onto the target grid at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upsampling {
+    /// Each target cell takes the coarse cell that contains its centre.
+    Nearest,
+    /// Bilinear between the centres of the four nearest coarse cells (edges clamped, missing neighbours
+    /// left out and the weights renormalised).
+    Bilinear,
 }
 
 /// Continuous or categorical.
@@ -620,7 +655,31 @@ impl Config {
             if var.band == Some(0) {
                 return Err(ConfigError::invalid(key("band"), "bands are numbered from 1"));
             }
+            if let Some(res) = var.resolution {
+                if !self.layout.multires() {
+                    return Err(ConfigError::invalid(
+                        key("resolution"),
+                        "a native resolution needs a multi-resolution cube: set layout.multires: true",
+                    ));
+                }
+                let (rx, ry) = res.xy();
+                if !(rx > 0.0 && ry > 0.0 && rx.is_finite() && ry.is_finite()) {
+                    return Err(ConfigError::invalid(key("resolution"), "must be positive"));
+                }
+            }
+            if var.upsampling.is_some() && var.resolution.is_none() {
+                return Err(ConfigError::invalid(
+                    key("upsampling"),
+                    "only a variable with a coarser `resolution` is upsampled",
+                ));
+            }
             if var.kind == VariableKind::Categorical {
+                if var.upsampling == Some(Upsampling::Bilinear) {
+                    return Err(ConfigError::invalid(
+                        key("upsampling"),
+                        "bilinear invents values between classes; use nearest for a categorical variable",
+                    ));
+                }
                 if let Some(r) = var.resampling.filter(|r| !r.keeps_values()) {
                     return Err(ConfigError::invalid(
                         key("resampling"),
@@ -646,7 +705,7 @@ impl Config {
                 }
                 check_shard(*shard)?;
             }
-            LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard } => {
+            LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard, .. } => {
                 if *seq_len == 0 {
                     return Err(ConfigError::invalid("layout.seq_len", "must be at least 1"));
                 }
@@ -699,6 +758,18 @@ impl Config {
     #[must_use]
     pub fn grid(&self) -> &GridConfig {
         self.grid.as_ref().expect("validated: grid is present")
+    }
+}
+
+impl LayoutConfig {
+    /// Whether variables may keep a coarser native resolution (`layout.multires`).
+    #[must_use]
+    pub fn multires(&self) -> bool {
+        match self {
+            LayoutConfig::PixelSeries { multires, .. } | LayoutConfig::ImageSequence { multires, .. } => {
+                *multires
+            }
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! 1-D coordinate arrays `time` (int64, CF units and calendar), `lat` (descending), `lon`; a `spatial_ref`
 //! grid mapping with `crs_wkt`; `dimension_names` everywhere; consolidated metadata on the root group; and
 //! under the root attribute `cubeload` the [`CubeMeta`]: layout, grid, per-variable metadata, statistics and
-//! provenance, with `complete: true` written last. A validity index (fraction of valid values per batch and
+//! provenance, with `complete: true` written last. Multi-resolution cubes keep each coarser level in a child
+//! group (`coarse_K`) with its own `lat`, `lon`, `time` and `spatial_ref` (see [`crate::levels`]). A validity index (fraction of valid values per batch and
 //! variable) lives in the child group `cubeload_index`, so a loader can skip empty batches without reading
 //! them.
 
@@ -17,9 +18,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Aggregation, Resampling, VariableKind};
+use crate::config::{Aggregation, Resampling, Upsampling, VariableKind};
 use crate::grid::Grid;
 use crate::layout::Layout;
+use crate::levels::Level;
 use crate::plan::DType;
 use crate::source::SourceFile;
 
@@ -222,6 +224,46 @@ pub struct VariableMeta {
     pub stats: Option<Stats>,
     /// Fraction of valid cells inside the grid extent (padding excluded).
     pub valid_fraction: f64,
+    /// Multi-resolution cubes: index into [`CubeMeta::levels`] of the level the variable is stored on
+    /// (absent: the target grid, at the root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<usize>,
+    /// How a variable on a level is brought onto the target grid (the regrid contract, see
+    /// [`crate::levels`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upsampling: Option<Upsampling>,
+}
+
+/// Where and how one variable is stored: on the target grid at the root, or on a level in its group.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry<'a> {
+    /// Child group of its arrays (`coarse_10`), `""` for the root.
+    pub group: &'a str,
+    /// Grid of the stored cells.
+    pub grid: &'a Grid,
+    /// Chunk geometry of the stored arrays.
+    pub layout: &'a Layout,
+    /// Valid shape `[time, lat, lon]`.
+    pub shape: [usize; 3],
+    /// Stored shape `[time, lat, lon]`.
+    pub padded_shape: [usize; 3],
+    /// The level, for variables not on the target grid.
+    pub level: Option<&'a Level>,
+}
+
+impl Geometry<'_> {
+    /// Chunks along `(time, lat, lon)`.
+    #[must_use]
+    pub fn chunk_counts(&self) -> [usize; 3] {
+        let [t, y, x] = self.padded_shape;
+        [if t == 0 { 1 } else { t / self.layout.chunk_t }, y / self.layout.chunk_y, x / self.layout.chunk_x]
+    }
+
+    /// Store path of the array `name` of this geometry's group, e.g. `coarse_10/t2m`.
+    #[must_use]
+    pub fn array_path(&self, name: &str) -> String {
+        if self.group.is_empty() { name.to_string() } else { format!("{}/{name}", self.group) }
+    }
 }
 
 /// Time axis summary.
@@ -264,6 +306,9 @@ pub struct CubeMeta {
     pub compression: String,
     /// The configuration text the cube was made from.
     pub config: String,
+    /// Coarser resolution levels of a multi-resolution cube (see [`crate::levels`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<Level>,
 }
 
 impl CubeMeta {
@@ -272,6 +317,29 @@ impl CubeMeta {
     pub fn chunk_counts(&self) -> [usize; 3] {
         let [t, y, x] = self.padded_shape;
         [if t == 0 { 1 } else { t / self.layout.chunk_t }, y / self.layout.chunk_y, x / self.layout.chunk_x]
+    }
+
+    /// Where variable `v` is stored. A level index past [`CubeMeta::levels`] is refused by validation.
+    #[must_use]
+    pub fn geometry(&self, v: &VariableMeta) -> Geometry<'_> {
+        match v.level.and_then(|l| self.levels.get(l)) {
+            Some(level) => Geometry {
+                group: &level.group,
+                grid: &level.grid,
+                layout: &level.layout,
+                shape: level.shape,
+                padded_shape: level.padded_shape,
+                level: Some(level),
+            },
+            None => Geometry {
+                group: "",
+                grid: &self.grid,
+                layout: &self.layout,
+                shape: self.shape,
+                padded_shape: self.padded_shape,
+                level: None,
+            },
+        }
     }
 }
 

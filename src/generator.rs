@@ -401,6 +401,13 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
                 v.name
             )));
         }
+        let factor = |levels: &[crate::levels::Level], l: Option<usize>| l.map(|l| levels[l].factor);
+        if factor(&old.levels, o.level) != factor(&plan.levels, v.level) {
+            return Err(refuse(format!(
+                "variable `{}`: its native resolution differs from the cube's",
+                v.name
+            )));
+        }
     }
     if old.compression != crate::cube::writer::compression_name(&plan.config.compression) {
         return Err(refuse(format!("the compression differs from the cube's ({})", old.compression)));
@@ -511,12 +518,13 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
     Ok(())
 }
 
-/// The blocks of a cube, in their canonical order (variable, chunk row, shard range, time chunk).
-fn plan_blocks(plan: &Plan, chunk_counts: [usize; 3], budget: usize) -> Vec<Block> {
-    let [ct_n, cy_n, cx_n] = chunk_counts;
-    let layout = plan.layout;
+/// The blocks of a cube, in their canonical order (variable, chunk row, shard range, time chunk). Each
+/// variable is cut along its own chunk grid: the target's, or its level's in a multi-resolution cube.
+fn plan_blocks(plan: &Plan, budget: usize) -> Vec<Block> {
     let mut blocks = Vec::new();
     for (var, v) in plan.variables.iter().enumerate() {
+        let (grid, layout) = plan.geometry(var);
+        let (ct_n, cy_n, cx_n) = layout.chunk_counts(plan.n_time(), grid.height, grid.width);
         let (ct, shard_x) =
             if v.is_static { (1, layout.static_shard_x) } else { (layout.chunk_t, layout.shard_x) };
         // Accumulator bytes per shard: f64 value + u32 count/rank per cell.
@@ -558,12 +566,13 @@ fn block_inputs(plan: &Plan, b: &Block) -> String {
     if let Some(s) = settings.as_mut() {
         s.path.clear(); // which files is said below, by content
     }
+    let (grid, layout) = plan.geometry(b.var);
     let mut text = format!(
         "cubeload {} format {}\n{:?}\n{:?}\n{:?}\n{} {:?} {:?} {:?} {:?} {:?} {} {} {:?}\n{:?}\n",
         env!("CARGO_PKG_VERSION"),
         crate::cube::FORMAT_VERSION,
-        plan.grid,
-        plan.layout,
+        grid,
+        layout,
         plan.config.compression,
         v.name,
         v.kind,
@@ -630,8 +639,7 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         .map_or_else(|| time::format_instant(chrono::Utc::now().timestamp()), |h| h.created.clone());
     let header = ManifestHeader::new(run.fingerprint.clone(), created.clone());
     let writer = CubeWriter::create(dir, plan, &created)?;
-    let [ct_n, cy_n, cx_n] = writer.meta().chunk_counts();
-    let blocks = plan_blocks(plan, [ct_n, cy_n, cx_n], options.block_bytes.unwrap_or(BLOCK_BUDGET_BYTES));
+    let blocks = plan_blocks(plan, options.block_bytes.unwrap_or(BLOCK_BUDGET_BYTES));
     let total = blocks.len();
     let ids: Vec<BlockId> = blocks.iter().map(|b| block_id(plan, b)).collect();
     let position: HashMap<&BlockId, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
@@ -789,16 +797,19 @@ fn finish(
     blocks: &[Block],
     records: &[&BlockRecord],
 ) -> Result<CubeMeta, GenError> {
-    let [ct_n, cy_n, cx_n] = writer.meta().chunk_counts();
     let n_vars = plan.variables.len();
     let mut stats = vec![RunningStats::default(); n_vars];
     let mut cells = vec![(0u64, 0u64); n_vars];
+    let counts: Vec<[usize; 3]> =
+        writer.meta().variables.iter().map(|v| writer.meta().geometry(v).chunk_counts()).collect();
     let mut validity: Vec<Vec<f32>> = plan
         .variables
         .iter()
-        .map(|v| vec![0.0; if v.is_static { cy_n * cx_n } else { ct_n * cy_n * cx_n }])
+        .zip(&counts)
+        .map(|(v, &[ct_n, cy_n, cx_n])| vec![0.0; if v.is_static { cy_n * cx_n } else { ct_n * cy_n * cx_n }])
         .collect();
     for (block, record) in blocks.iter().zip(records) {
+        let [_, cy_n, cx_n] = counts[block.var];
         stats[block.var].merge(&record.stats.into());
         cells[block.var].0 += record.cells;
         cells[block.var].1 += record.valid;
@@ -943,8 +954,7 @@ fn block_feeds(plan: &Plan, b: &Block) -> (Vec<Option<Op>>, Feeds) {
 /// Warps, aggregates and writes one block.
 fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSummary, GenError> {
     let v = &plan.variables[block.var];
-    let layout = plan.layout;
-    let grid = &plan.grid;
+    let (grid, layout) = plan.geometry(block.var);
     let cy = layout.chunk_y;
     let shard_cols = layout.chunk_x * if v.is_static { layout.static_shard_x } else { layout.shard_x };
     // The block's columns: its shards, of which only those inside the grid are warped.

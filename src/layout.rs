@@ -64,7 +64,7 @@ impl Layout {
         item_bytes: usize,
     ) -> Layout {
         let (kind, batch, chunk_t, chunk_y, chunk_x, patch, shard, shuffled) = match *config {
-            LayoutConfig::PixelSeries { batch, tile, window, shard, order, seed } => {
+            LayoutConfig::PixelSeries { batch, tile, window, shard, order, seed, .. } => {
                 let t = window.unwrap_or(n_time).min(n_time.max(1)).max(1);
                 if order == Order::Shuffled {
                     (LayoutKind::PixelSeries, batch, t, batch, 1, [1, 1], shard, Some(seed))
@@ -73,24 +73,14 @@ impl Layout {
                     (LayoutKind::PixelSeries, batch, t, h, w, [1, 1], shard, None)
                 }
             }
-            LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard } => {
+            LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard, .. } => {
                 let [gy, gx] = grid.unwrap_or_else(|| squarest_factors(batch));
                 (LayoutKind::ImageSequence, batch, seq_len, gy * patch[0], gx * patch[1], patch, shard, None)
             }
         };
         let chunks_x =
             if shuffled.is_some() { (height * width).div_ceil(batch) } else { width.div_ceil(chunk_x) };
-        let shard_for = |chunk_bytes: usize| match shard {
-            ShardConfig::Named(ShardMode::None) => 1,
-            ShardConfig::Batches(k) => k.min(chunks_x).max(1),
-            ShardConfig::Named(ShardMode::Auto) | ShardConfig::Default => {
-                if chunk_bytes >= SHARD_BELOW_BYTES {
-                    1
-                } else {
-                    (SHARD_TARGET_BYTES / chunk_bytes.max(1)).clamp(1, chunks_x)
-                }
-            }
-        };
+        let shard_for = |chunk_bytes: usize| shard_batches(shard, chunk_bytes, chunks_x);
         let plane = chunk_y * chunk_x * item_bytes;
         Layout {
             kind,
@@ -147,6 +137,31 @@ impl Layout {
     }
 }
 
+/// Batches per shard along x under `config`'s `shard` setting, for chunks of `chunk_bytes` and a row of
+/// `chunks_x` chunks.
+#[must_use]
+pub fn shards_for(config: &LayoutConfig, chunk_bytes: usize, chunks_x: usize) -> usize {
+    match *config {
+        LayoutConfig::PixelSeries { shard, .. } | LayoutConfig::ImageSequence { shard, .. } => {
+            shard_batches(shard, chunk_bytes, chunks_x)
+        }
+    }
+}
+
+fn shard_batches(shard: ShardConfig, chunk_bytes: usize, chunks_x: usize) -> usize {
+    match shard {
+        ShardConfig::Named(ShardMode::None) => 1,
+        ShardConfig::Batches(k) => k.min(chunks_x).max(1),
+        ShardConfig::Named(ShardMode::Auto) | ShardConfig::Default => {
+            if chunk_bytes >= SHARD_BELOW_BYTES {
+                1
+            } else {
+                (SHARD_TARGET_BYTES / chunk_bytes.max(1)).clamp(1, chunks_x)
+            }
+        }
+    }
+}
+
 /// The seeded permutation of `cells` grid cells that orders the samples of an `order: shuffled` cube.
 #[must_use]
 pub fn sample_permutation(cells: usize, seed: u64) -> Vec<u32> {
@@ -174,7 +189,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn pixel(batch: usize, window: Option<usize>, shard: ShardConfig) -> LayoutConfig {
-        LayoutConfig::PixelSeries { batch, tile: None, window, shard, order: Order::Tiled, seed: 0 }
+        LayoutConfig::PixelSeries {
+            batch,
+            tile: None,
+            window,
+            shard,
+            order: Order::Tiled,
+            seed: 0,
+            multires: false,
+        }
     }
 
     #[test]
@@ -202,6 +225,7 @@ mod tests {
             batch: 4,
             grid: None,
             shard: ShardConfig::Named(ShardMode::None),
+            multires: false,
         };
         let l = Layout::resolve(&cfg, 100, 100, 100, 4);
         assert_eq!((l.chunk_t, l.chunk_y, l.chunk_x), (8, 64, 64));

@@ -18,7 +18,8 @@
 //!
 //! ## Stages (one module each)
 //! - [`config`]: the YAML file as users write it, strictly parsed.
-//! - [`grid`], [`time`], [`layout`]: target grid, time axis, chunk = batch arithmetic (pure).
+//! - [`grid`], [`time`], [`layout`], [`levels`]: target grid, time axis, chunk = batch arithmetic, nested
+//!   resolution levels of multi-resolution cubes (pure).
 //! - [`source`]: what the input files hold, read through GDAL and its warper.
 //! - [`plan`]: the config resolved against the sources, before anything is written.
 //! - [`generator`]: parallel generation into a staging directory, renamed into place when complete.
@@ -44,6 +45,7 @@ pub mod error;
 pub mod generator;
 pub mod grid;
 pub mod layout;
+pub mod levels;
 pub mod loader;
 pub mod plan;
 pub mod plot;
@@ -59,5 +61,5 @@ pub use config::Config;
 pub use cube::reader::Cube;
 pub use error::{Error, Result};
 pub use generator::{GenOptions, GenReport, generate};
-pub use loader::{Loader, LoaderError, LoaderState, OnCorrupt};
+pub use loader::{Loader, LoaderError, LoaderState, OnCorrupt, Regrid};
 pub use plan::Plan;

@@ -20,6 +20,7 @@
 //!   the stream with an error naming it, or with [`OnCorrupt::Skip`] is left out and counted.
 
 pub mod assemble;
+pub mod regrid;
 pub mod sampler;
 
 use std::collections::BTreeMap;
@@ -97,6 +98,19 @@ pub struct LoaderState {
 
 fn one() -> usize {
     1
+}
+
+/// How a multi-resolution cube's coarser variables are delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Regrid {
+    /// Regridded on the fly onto the batch's target cells with each variable's `upsampling` (nearest or
+    /// bilinear), alongside the other variables in `data`.
+    #[default]
+    Target,
+    /// At their own resolution, one [`crate::batch::NativeField`] each in `Batch::native`, for multi-scale
+    /// models.
+    Native,
 }
 
 /// What the loader does with a chunk that cannot be read or decoded (a checksum mismatch, a truncated file).
@@ -220,6 +234,13 @@ impl LoaderBuilder {
         self.transform.fill = fill;
         self
     }
+    /// Multi-resolution cubes: how variables stored at a coarser resolution are delivered.
+    /// > default: [`Regrid::Target`]
+    #[must_use]
+    pub fn regrid(mut self, regrid: Regrid) -> Self {
+        self.transform.native = regrid == Regrid::Native;
+        self
+    }
     /// Return static variables separately instead of repeating them along time. > default: false
     #[must_use]
     pub fn separate_statics(mut self, separate: bool) -> Self {
@@ -269,6 +290,11 @@ impl LoaderBuilder {
         }
         if self.mix == 0 || self.prefetch == 0 {
             return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
+        }
+        if self.transform.native && self.mix > 1 {
+            return Err(LoaderError::Invalid(
+                "regrid native keeps each batch one footprint: it cannot mix samples across chunks".into(),
+            ));
         }
         let cube = match &self.store {
             Some(CustomStore(store)) => Cube::open_store(&Location::parse(&self.path), store.clone())?,
@@ -452,6 +478,7 @@ impl Loader {
                 fill: 0.0,
                 separate_statics: false,
                 variable_major: false,
+                native: false,
             },
             min_valid: None,
             start: (0, 0),

@@ -6,10 +6,13 @@
 
 use std::path::Path;
 
-use crate::config::{Aggregation, Codec, Config, ConfigError, LayoutConfig, Order, Resampling, VariableKind};
+use crate::config::{
+    Aggregation, Codec, Config, ConfigError, LayoutConfig, Order, Resampling, Upsampling, VariableKind,
+};
 use crate::cube::validate::{MAX_BATCH_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_SAMPLES, MAX_TIME_STEPS};
 use crate::grid::Grid;
 use crate::layout::{Layout, squarest_factors};
+use crate::levels::{self, Level};
 use crate::source::{Source, SourceError};
 use crate::time::{self, Instant, Step, StepSources, TimeAxis};
 
@@ -88,6 +91,10 @@ pub struct VariablePlan {
     pub step_sources: Vec<StepSources>,
     /// Decisions the user should know about.
     pub notes: Vec<String>,
+    /// Index into [`Plan::levels`] of a variable kept at a coarser native resolution; `None`: target grid.
+    pub level: Option<usize>,
+    /// How the loader brings it onto the target grid (variables on a level only).
+    pub upsampling: Option<Upsampling>,
 }
 
 /// The resolved plan of a cube.
@@ -105,6 +112,8 @@ pub struct Plan {
     pub layout: Layout,
     /// Variables in delivery order.
     pub variables: Vec<VariablePlan>,
+    /// Coarser resolution levels of a multi-resolution cube (empty otherwise).
+    pub levels: Vec<Level>,
     /// What generating it takes.
     pub estimate: Estimate,
 }
@@ -183,15 +192,47 @@ impl Plan {
                 step_sources,
                 notes,
                 source,
+                level: None,
+                upsampling: None,
             });
         }
         let n_time =
             if variables.iter().all(|v| v.is_static) { 0 } else { time.as_ref().map_or(0, TimeAxis::len) };
         let stored: Vec<(DType, bool)> = variables.iter().map(|v| (v.dtype, v.is_static)).collect();
-        let (layout, estimate) = resolve_layout(&config, &grid, n_time, &stored)?;
+        let (layout, mut estimate) = resolve_layout(&config, &grid, n_time, &stored)?;
+        let levels = assign_levels(&config, &grid, &layout, n_time, &mut variables)?;
+        if !levels.is_empty() {
+            estimate.uncompressed_bytes = variables
+                .iter()
+                .map(|v| {
+                    let [pt, py, px] = match v.level {
+                        Some(l) => levels[l].padded_shape,
+                        None => {
+                            let (t, y, x) = layout.padded_shape(n_time, grid.height, grid.width);
+                            [t, y, x]
+                        }
+                    };
+                    let plane = (py * px) as u64;
+                    v.dtype.size() as u64 * if v.is_static { plane } else { plane * pt as u64 }
+                })
+                .sum();
+            estimate.min_disk_bytes = match config.compression.codec {
+                Codec::None => estimate.uncompressed_bytes,
+                Codec::Zstd | Codec::Gzip => estimate.uncompressed_bytes / BEST_COMPRESSION_RATIO,
+            };
+        }
         check_machine(&config, &grid, n_time, &layout, &estimate)?;
         let time = if n_time == 0 { None } else { time };
-        Ok(Plan { config, config_text, grid, time, layout, variables, estimate })
+        Ok(Plan { config, config_text, grid, time, layout, variables, levels, estimate })
+    }
+
+    /// The grid and chunk layout variable `var` is stored on: its level's, or the target's.
+    #[must_use]
+    pub fn geometry(&self, var: usize) -> (&Grid, &Layout) {
+        match self.variables[var].level {
+            Some(l) => (&self.levels[l].grid, &self.levels[l].layout),
+            None => (&self.grid, &self.layout),
+        }
     }
 
     /// Number of target time steps (0 for static-only cubes).
@@ -199,6 +240,40 @@ impl Plan {
     pub fn n_time(&self) -> usize {
         self.time.as_ref().map_or(0, TimeAxis::len)
     }
+}
+
+/// Puts each variable with a coarser native `resolution` on its level (one level per distinct factor, in the
+/// order of first use) and records the snapping and upsampling decisions in its notes.
+fn assign_levels(
+    config: &Config,
+    grid: &Grid,
+    layout: &Layout,
+    n_time: usize,
+    variables: &mut [VariablePlan],
+) -> Result<Vec<Level>, ConfigError> {
+    let mut levels: Vec<Level> = Vec::new();
+    let item = variables.iter().map(|v| v.dtype.size()).max().unwrap_or(4);
+    for ((name, var), v) in config.variables.0.iter().zip(variables.iter_mut()) {
+        let Some(resolution) = var.resolution else { continue };
+        let (factor, note) = levels::factor_for(name, resolution, grid)?;
+        v.notes.extend(note);
+        if factor == [1, 1] {
+            v.notes.push("resolution equals the target grid's: stored on the target grid".to_string());
+            continue;
+        }
+        let index = levels.iter().position(|l| l.factor == factor).unwrap_or_else(|| {
+            levels.push(Level::new(factor, grid, layout, &config.layout, n_time, item));
+            levels.len() - 1
+        });
+        v.level = Some(index);
+        let categorical = v.kind == VariableKind::Categorical;
+        v.upsampling = Some(var.upsampling.unwrap_or(if categorical {
+            Upsampling::Nearest
+        } else {
+            Upsampling::Bilinear
+        }));
+    }
+    Ok(levels)
 }
 
 fn integer_dtype(t: gdal::raster::GdalDataType) -> Option<DType> {

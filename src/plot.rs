@@ -163,7 +163,7 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
         meta.variables.iter().find(|v| v.name == variable).ok_or_else(|| {
             PlotError::Cube(format!("no variable `{variable}` in {}", cube.path().display()))
         })?;
-    let [n_time, height, width] = meta.shape;
+    let [n_time, height, width] = meta.geometry(v).shape;
     if !v.is_static && time >= n_time {
         return Err(PlotError::Cube(format!("time index {time} is past the {n_time} steps of the cube")));
     }
@@ -226,8 +226,8 @@ fn slice(
     width: usize,
 ) -> Result<Vec<f64>, String> {
     use zarrs::array::ArraySubset;
-    let array = cube.array(&v.name).map_err(|e| e.to_string())?;
     let meta = cube.meta();
+    let array = cube.array(&meta.geometry(v).array_path(&v.name)).map_err(|e| e.to_string())?;
     let read = |subset: &ArraySubset| -> Result<Vec<f64>, String> {
         crate::cube::reader::read_f64(
             &array,

@@ -19,7 +19,7 @@ use zarrs::filesystem::FilesystemStore;
 
 use crate::cube::manifest::{FileRecord, Manifest};
 use crate::cube::reader::{read_f64, read_meta};
-use crate::cube::{CubeError, CubeMeta, INDEX_GROUP};
+use crate::cube::{CubeError, CubeMeta, INDEX_GROUP, VariableMeta};
 
 /// One thing wrong with a cube.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,14 +101,14 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
     let mut chunks = 0;
     let mut bytes = 0;
     for v in &meta.variables {
-        let array = match Array::open(store.clone(), &format!("/{}", v.name)) {
+        let array = match Array::open(store.clone(), &format!("/{}", meta.geometry(v).array_path(&v.name))) {
             Ok(array) => array,
             Err(e) => {
                 problem(&v.name, None, format!("cannot open the array: {e}"));
                 continue;
             }
         };
-        let grid = StoredGrid::of(&meta, v.is_static);
+        let grid = StoredGrid::of(&meta, v);
         if array.shape() != grid.shape.as_slice() {
             problem(&v.name, None, format!("shape {:?}, the metadata says {:?}", array.shape(), grid.shape));
             continue;
@@ -136,11 +136,19 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
     }
     let [pt, py, px] = meta.padded_shape;
     let sample_major = meta.layout.shuffled.is_some();
-    let mut coordinates = vec![("lat", py), ("lon", if sample_major { py } else { px })];
-    if meta.time.is_some() {
-        coordinates.push(("time", pt));
+    let mut coordinates =
+        vec![("lat".to_string(), py), ("lon".to_string(), if sample_major { py } else { px })];
+    for level in &meta.levels {
+        let [_, ly, lx] = level.padded_shape;
+        coordinates.push((format!("{}/lat", level.group), ly));
+        coordinates.push((format!("{}/lon", level.group), lx));
     }
-    for (name, len) in coordinates {
+    if meta.time.is_some() {
+        coordinates.push(("time".to_string(), pt));
+        coordinates.extend(meta.levels.iter().map(|l| (format!("{}/time", l.group), pt)));
+    }
+    for (name, len) in &coordinates {
+        let (name, len) = (name.as_str(), *len);
         match Array::open(store.clone(), &format!("/{name}")) {
             Ok(array) if array.shape() != [len as u64] => {
                 problem(name, None, format!("length {:?}, the metadata says {len}", array.shape()));
@@ -185,9 +193,10 @@ struct StoredGrid {
 }
 
 impl StoredGrid {
-    fn of(meta: &CubeMeta, is_static: bool) -> StoredGrid {
-        let l = &meta.layout;
-        let [pt, py, px] = meta.padded_shape.map(|n| n as u64);
+    fn of(meta: &CubeMeta, v: &VariableMeta) -> StoredGrid {
+        let geometry = meta.geometry(v);
+        let (l, is_static) = (geometry.layout, v.is_static);
+        let [pt, py, px] = geometry.padded_shape.map(|n| n as u64);
         let (ct, cy, cx) = (l.chunk_t as u64, l.chunk_y as u64, l.chunk_x as u64);
         let shard = if is_static { l.static_shard_x } else { l.shard_x } as u64;
         let (shape, outer) = match (l.shuffled.is_some(), is_static) {

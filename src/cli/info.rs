@@ -100,6 +100,33 @@ pub(crate) fn table(cube: &Cube) -> String {
         raw as f64 / on_disk.max(1) as f64,
         meta.compression
     );
+    for level in &meta.levels {
+        let g = &level.grid;
+        let names: Vec<&str> = meta
+            .variables
+            .iter()
+            .filter(|v| v.level.is_some_and(|l| meta.levels[l].group == level.group))
+            .map(|v| v.name.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "level      {}/: {} × {} cells of {}° × {}° ({} × {} target cells each), chunks ({}, {}, {}) = {} × {} \
+             batches; {}",
+            level.group,
+            g.width,
+            g.height,
+            g.res_x,
+            g.res_y,
+            level.factor[1],
+            level.factor[0],
+            level.layout.chunk_t,
+            level.layout.chunk_y,
+            level.layout.chunk_x,
+            level.nest[0],
+            level.nest[1],
+            names.join(", ")
+        );
+    }
     let _ = writeln!(out, "variables");
     let _ = writeln!(
         out,
@@ -112,6 +139,13 @@ pub(crate) fn table(cube: &Cube) -> String {
             (true, false) => "(sample, time)",
             (false, true) => "(lat, lon)",
             (false, false) => "(time, lat, lon)",
+        };
+        let level = match (v.level, v.upsampling) {
+            (Some(l), Some(up)) => {
+                let up = if up == cubeload::config::Upsampling::Bilinear { "bilinear" } else { "nearest" };
+                format!("  on {}/, upsampled {up}", meta.levels[l].group)
+            }
+            _ => String::new(),
         };
         let dtype = serde_json::to_value(v.dtype)
             .ok()
@@ -130,7 +164,7 @@ pub(crate) fn table(cube: &Cube) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<14} {:<16} {:<8} {:<11} {:>6.1}% {:>11} {:>10} {:>11} {:>11}",
+            "  {:<14} {:<16} {:<8} {:<11} {:>6.1}% {:>11} {:>10} {:>11} {:>11}{level}",
             v.name,
             dims,
             dtype,

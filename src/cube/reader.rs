@@ -218,11 +218,11 @@ impl Cube {
     /// Uncompressed bytes of the variables' stored (padded) arrays.
     #[must_use]
     pub fn uncompressed_bytes(&self) -> u64 {
-        let [t, y, x] = self.meta.padded_shape;
         self.meta
             .variables
             .iter()
             .map(|v| {
+                let [t, y, x] = self.meta.geometry(v).padded_shape;
                 let cells = if v.is_static { y * x } else { t * y * x };
                 (cells * v.dtype.size()) as u64
             })

@@ -14,6 +14,7 @@ use zarrs::array::{Array, ArrayShardedExt, DataType, data_type};
 
 use super::{CubeError, CubeMeta, FORMAT_VERSION, INDEX_GROUP, META_KEY, VariableMeta};
 use crate::layout::LayoutKind;
+use crate::levels::Level;
 use crate::plan::DType;
 
 /// One decoded chunk of one variable: a reader allocates it whole.
@@ -110,7 +111,74 @@ pub fn validate(meta: &CubeMeta) -> Result<(), MetaError> {
     check_variables(meta)?;
     check_layout(meta)?;
     check_padding(meta)?;
-    check_sizes(meta)
+    check_sizes(meta)?;
+    check_levels(meta)
+}
+
+/// Levels must be exactly what [`Level::new`] derives from their factor (their group names are paths in
+/// the store, and the loader indexes their chunks from the target's), and every variable's level must exist.
+fn check_levels(meta: &CubeMeta) -> Result<(), MetaError> {
+    use crate::config::{LayoutConfig, Order, ShardConfig, ShardMode};
+    let unsharded = LayoutConfig::PixelSeries {
+        batch: 1,
+        tile: None,
+        window: None,
+        shard: ShardConfig::Named(ShardMode::None),
+        order: Order::Tiled,
+        seed: 0,
+        multires: true,
+    };
+    if meta.levels.len() > MAX_VARIABLES {
+        return fail("levels", format!("{} levels, more than {MAX_VARIABLES}", meta.levels.len()));
+    }
+    if !meta.levels.is_empty() && meta.layout.shuffled.is_some() {
+        return fail("levels", "a shuffled cube has no resolution levels");
+    }
+    for (i, level) in meta.levels.iter().enumerate() {
+        let field = |name: &str| format!("levels[{i}].{name}");
+        let [ky, kx] = level.factor;
+        if ky == 0 || kx == 0 || ky > meta.grid.height || kx > meta.grid.width || [ky, kx] == [1, 1] {
+            return fail(field("factor"), format!("{:?} is not a coarsening of the grid", level.factor));
+        }
+        let mut expected = Level::new(level.factor, &meta.grid, &meta.layout, &unsharded, meta.shape[0], 4);
+        let chunks_x = expected.chunk_counts()[2];
+        for (name, k) in
+            [("layout.shard_x", level.layout.shard_x), ("layout.static_shard_x", level.layout.static_shard_x)]
+        {
+            if k == 0 || k > chunks_x {
+                return fail(field(name), format!("is {k}, not 1 to {chunks_x} chunks per shard"));
+            }
+        }
+        (expected.layout.shard_x, expected.layout.static_shard_x) =
+            (level.layout.shard_x, level.layout.static_shard_x);
+        if *level != expected {
+            return fail(
+                field("group"),
+                format!(
+                    "`{}` is not the level of factor {:?} of this cube's grid and layout",
+                    level.group, level.factor
+                ),
+            );
+        }
+        if meta.levels[..i].iter().any(|l| l.factor == level.factor) {
+            return fail(field("factor"), format!("{:?} appears twice", level.factor));
+        }
+    }
+    for (i, v) in meta.variables.iter().enumerate() {
+        if let Some(l) = v.level.filter(|&l| l >= meta.levels.len()) {
+            return fail(
+                format!("variables[{i}].level"),
+                format!("is {l}, but the cube has {} levels", meta.levels.len()),
+            );
+        }
+        if v.level.is_some() != v.upsampling.is_some() {
+            return fail(
+                format!("variables[{i}].upsampling"),
+                "is given exactly for the variables on a level",
+            );
+        }
+    }
+    Ok(())
 }
 
 fn check_grid(meta: &CubeMeta) -> Result<(), MetaError> {
@@ -342,9 +410,15 @@ pub fn check_array<S: ?Sized>(
     role: ArrayRole<'_>,
     array: &Array<S>,
 ) -> Result<(), MetaError> {
-    let l = &meta.layout;
-    let [pt, py, px] = meta.padded_shape.map(|n| n as u64);
-    let [ct, cy, cx] = meta.chunk_counts().map(|n| n as u64);
+    let (l, [pt, py, px], [ct, cy, cx]) = match role {
+        ArrayRole::Variable(v) | ArrayRole::Index(v) => {
+            let g = meta.geometry(v);
+            (g.layout, g.padded_shape.map(|n| n as u64), g.chunk_counts().map(|n| n as u64))
+        }
+        ArrayRole::Lat | ArrayRole::Lon => {
+            (&meta.layout, meta.padded_shape.map(|n| n as u64), meta.chunk_counts().map(|n| n as u64))
+        }
+    };
     let shuffled = l.shuffled.is_some();
     let (name, shape, dtype) = match role {
         ArrayRole::Variable(v) => {
@@ -354,7 +428,7 @@ pub fn check_array<S: ?Sized>(
                 (false, true) => vec![py, px],
                 (false, false) => vec![pt, py, px],
             };
-            (v.name.clone(), shape, zarr_data_type(v.dtype))
+            (meta.geometry(v).array_path(&v.name), shape, zarr_data_type(v.dtype))
         }
         ArrayRole::Index(v) => {
             let shape = if v.is_static { vec![cy, cx] } else { vec![ct, cy, cx] };
@@ -427,6 +501,8 @@ mod tests {
             notes: Vec::new(),
             stats: Some(Stats { count: 10, mean: 1.0, std: 0.5, min: 0.0, max: 2.0 }),
             valid_fraction: 0.5,
+            level: None,
+            upsampling: None,
         }
     }
 
@@ -461,7 +537,27 @@ mod tests {
             variables: vec![variable("t2m", false), variable("landcover", true)],
             compression: "zstd(3)".into(),
             config: String::new(),
+            levels: Vec::new(),
         }
+    }
+
+    /// [`good`] with `t2m` on a level of factor 5.
+    fn multires() -> CubeMeta {
+        use crate::config::{LayoutConfig, Order, ShardConfig, ShardMode, Upsampling};
+        let mut meta = good();
+        let config = LayoutConfig::PixelSeries {
+            batch: 64,
+            tile: None,
+            window: None,
+            shard: ShardConfig::Named(ShardMode::Auto),
+            order: Order::Tiled,
+            seed: 0,
+            multires: true,
+        };
+        meta.levels.push(Level::new([5, 5], &meta.grid, &meta.layout, &config, 48, 4));
+        meta.variables[0].level = Some(0);
+        meta.variables[0].upsampling = Some(Upsampling::Bilinear);
+        meta
     }
 
     type Edit = Box<dyn FnOnce(&mut CubeMeta)>;
@@ -489,6 +585,28 @@ mod tests {
         image.layout.static_shard_x = 10;
         image.padded_shape = [48, 112, 160];
         validate(&image).unwrap();
+        validate(&multires()).unwrap();
+    }
+
+    #[test]
+    fn inconsistent_levels_name_the_field() {
+        let cases: Vec<(&str, Edit)> = vec![
+            ("levels[0].group", Box::new(|m| m.levels[0].group = "../x".into())),
+            ("levels[0].group", Box::new(|m| m.levels[0].nest = [1, 1])),
+            ("levels[0].group", Box::new(|m| m.levels[0].padded_shape[2] += 8)),
+            ("levels[0].factor", Box::new(|m| m.levels[0].factor = [0, 5])),
+            ("levels[0].factor", Box::new(|m| m.levels[0].factor = [1, 1])),
+            ("levels[0].layout.shard_x", Box::new(|m| m.levels[0].layout.shard_x = 1000)),
+            ("levels[1].factor", Box::new(|m| m.levels.push(m.levels[0].clone()))),
+            ("variables[0].level", Box::new(|m| m.variables[0].level = Some(3))),
+            ("variables[0].upsampling", Box::new(|m| m.variables[0].upsampling = None)),
+        ];
+        for (field, edit) in cases {
+            let mut meta = multires();
+            edit(&mut meta);
+            let found = validate(&meta).expect_err("invalid levels must be refused").field;
+            assert_eq!(found, field);
+        }
     }
 
     #[test]

@@ -16,7 +16,9 @@ use super::{
     CubeError, CubeMeta, FORMAT_VERSION, INDEX_GROUP, META_KEY, RunningStats, TimeMeta, VariableMeta,
 };
 use crate::config::{Codec, CompressionConfig};
+use crate::grid::Grid;
 use crate::layout::sample_permutation;
+use crate::levels::Level;
 use crate::plan::{DType, Plan};
 use crate::time::{self, TimeAxis};
 
@@ -95,6 +97,8 @@ impl CubeWriter {
                 notes: v.notes.clone(),
                 stats: None,
                 valid_fraction: 0.0,
+                level: v.level,
+                upsampling: v.upsampling,
             })
             .collect();
         let time_meta = plan.time.as_ref().map(|axis| TimeMeta {
@@ -116,6 +120,7 @@ impl CubeWriter {
             variables,
             compression: compression_name(&plan.config.compression),
             config: plan.config_text.clone(),
+            levels: plan.levels.clone(),
         };
 
         let mut root_attributes = Map::new();
@@ -133,9 +138,13 @@ impl CubeWriter {
             samples,
         };
         writer.store_root()?;
-        writer.write_coordinates(plan, pt, py, px)?;
-        for v in &plan.variables {
-            let array = writer.create_variable(plan, v, pt, py, px)?;
+        writer.write_coordinates(plan, "", &grid, [pt, py, px])?;
+        for level in &plan.levels {
+            writer.store_level_group(level)?;
+            writer.write_coordinates(plan, &level.group, &level.grid, level.padded_shape)?;
+        }
+        for v in &writer.meta.variables {
+            let array = writer.create_variable(plan, v)?;
             writer.arrays.push(array);
         }
         Ok(writer)
@@ -208,8 +217,39 @@ impl CubeWriter {
         group.store_metadata().map_err(|e| zarr_err(&self.path, e))
     }
 
-    fn write_coordinates(&self, plan: &Plan, pt: usize, py: usize, px: usize) -> Result<(), CubeError> {
-        let grid = plan.grid;
+    /// The child group of a resolution level, with the index mapping to the target grid in its attributes.
+    fn store_level_group(&self, level: &Level) -> Result<(), CubeError> {
+        let [ky, kx] = level.factor;
+        let [my, mx] = level.nest;
+        let attributes = json!({
+            "cubeload_level": {
+                "factor": level.factor,
+                "nest": level.nest,
+                "mapping": format!(
+                    "target cell (r, c) lies in this level's cell (r // {ky}, c // {kx}); its centre is at \
+                     level position ((r + 0.5) / {ky} - 0.5, (c + 0.5) / {kx} - 0.5) in cell-centre units; \
+                     target chunk (iy, ix) lies in this level's chunk (iy // {my}, ix // {mx})"
+                ),
+            }
+        });
+        let group = GroupBuilder::new()
+            .attributes(attributes.as_object().cloned().unwrap_or_default())
+            .build(self.store.clone(), &format!("/{}", level.group))
+            .map_err(|e| zarr_err(&self.path, e))?;
+        group.store_metadata().map_err(|e| zarr_err(&self.path, e))
+    }
+
+    /// Coordinates `lat`, `lon`, `time` and the grid mapping of the group `group` (`""`: the root).
+    fn write_coordinates(
+        &self,
+        plan: &Plan,
+        group: &str,
+        grid: &Grid,
+        [pt, py, px]: [usize; 3],
+    ) -> Result<(), CubeError> {
+        let grid = *grid;
+        let path =
+            |name: &str| if group.is_empty() { format!("/{name}") } else { format!("/{group}/{name}") };
         let (lat, lon, dims): (Vec<f64>, Vec<f64>, [&str; 2]) = match &self.samples {
             // Sample-major cubes: the coordinates of each sample, NaN for the padding samples.
             Some(cells) => {
@@ -235,9 +275,8 @@ impl CubeWriter {
                 f64::NAN,
             );
             builder.dimension_names(Some([dim])).attributes(attrs.as_object().cloned().unwrap_or_default());
-            let array = builder
-                .build(self.store.clone(), &format!("/{name}"))
-                .map_err(|e| zarr_err(&self.path, e))?;
+            let array =
+                builder.build(self.store.clone(), &path(name)).map_err(|e| zarr_err(&self.path, e))?;
             array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
             array.store_chunk(&[0], values).map_err(|e| zarr_err(&self.path, e))
         };
@@ -268,7 +307,8 @@ impl CubeWriter {
                 .cloned()
                 .unwrap_or_default(),
             );
-            let array = builder.build(self.store.clone(), "/time").map_err(|e| zarr_err(&self.path, e))?;
+            let array =
+                builder.build(self.store.clone(), &path("time")).map_err(|e| zarr_err(&self.path, e))?;
             array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
             array.store_chunk(&[0], &values).map_err(|e| zarr_err(&self.path, e))?;
         }
@@ -289,19 +329,16 @@ impl CubeWriter {
             .cloned()
             .unwrap_or_default(),
         );
-        let array = builder.build(self.store.clone(), "/spatial_ref").map_err(|e| zarr_err(&self.path, e))?;
+        let array =
+            builder.build(self.store.clone(), &path("spatial_ref")).map_err(|e| zarr_err(&self.path, e))?;
         array.store_metadata().map_err(|e| zarr_err(&self.path, e))
     }
 
-    fn create_variable(
-        &self,
-        plan: &Plan,
-        v: &crate::plan::VariablePlan,
-        pt: usize,
-        py: usize,
-        px: usize,
-    ) -> Result<Array<FilesystemStore>, CubeError> {
-        let layout = plan.layout;
+    fn create_variable(&self, plan: &Plan, v: &VariableMeta) -> Result<Array<FilesystemStore>, CubeError> {
+        let geometry = self.meta.geometry(v);
+        let layout = *geometry.layout;
+        let [pt, py, px] = geometry.padded_shape;
+        let fill = v.fill_value.unwrap_or(f64::NAN);
         let (b, t) = (layout.chunk_y as u64, layout.chunk_t as u64);
         let (shape, chunk, shard_x, dims): (Vec<u64>, Vec<u64>, usize, Vec<&str>) = if self.samples.is_some()
         {
@@ -331,11 +368,11 @@ impl CubeWriter {
         outer[sharded_axis] *= shard_x as u64;
         let (dtype, fill): (zarrs::array::DataType, zarrs::array::FillValue) = match v.dtype {
             DType::Float32 => (data_type::float32(), f32::NAN.into()),
-            DType::Uint8 => (data_type::uint8(), (v.fill as u8).into()),
-            DType::Uint16 => (data_type::uint16(), (v.fill as u16).into()),
-            DType::Int16 => (data_type::int16(), (v.fill as i16).into()),
-            DType::Uint32 => (data_type::uint32(), (v.fill as u32).into()),
-            DType::Int32 => (data_type::int32(), (v.fill as i32).into()),
+            DType::Uint8 => (data_type::uint8(), (fill as u8).into()),
+            DType::Uint16 => (data_type::uint16(), (fill as u16).into()),
+            DType::Int16 => (data_type::int16(), (fill as i16).into()),
+            DType::Uint32 => (data_type::uint32(), (fill as u32).into()),
+            DType::Int32 => (data_type::int32(), (fill as i32).into()),
         };
         let mut builder = ArrayBuilder::new(shape, outer, dtype, fill);
         let compression = &plan.config.compression;
@@ -365,7 +402,7 @@ impl CubeWriter {
         attrs.insert("cubeload_kind".into(), serde_json::to_value(v.kind).expect("serializable"));
         builder.dimension_names(Some(dims)).attributes(attrs);
         let array = builder
-            .build(self.store.clone(), &format!("/{}", v.name))
+            .build(self.store.clone(), &format!("/{}", geometry.array_path(&v.name)))
             .map_err(|e| zarr_err(&self.path, e))?;
         array.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
         Ok(array)
@@ -385,15 +422,16 @@ impl CubeWriter {
         first_shard: usize,
         values: &[f64],
     ) -> Result<BlockSummary, CubeError> {
-        let layout = self.meta.layout;
         let v = &self.meta.variables[var];
-        let [n_time, height, width] = self.meta.shape;
+        let geometry = self.meta.geometry(v);
+        let layout = *geometry.layout;
+        let [n_time, height, width] = geometry.shape;
         let (ct, cy, cx) = (if v.is_static { 1 } else { layout.chunk_t }, layout.chunk_y, layout.chunk_x);
         let shard_x = if v.is_static { layout.static_shard_x } else { layout.shard_x };
         let shard_w = cx * shard_x;
         let px = values.len() / (ct * cy);
         assert!(values.len() == ct * cy * px && px.is_multiple_of(shard_w), "block shape");
-        let (col0, chunks_x) = (first_shard * shard_w, self.meta.padded_shape[2] / cx);
+        let (col0, chunks_x) = (first_shard * shard_w, geometry.padded_shape[2] / cx);
         let fill = v.fill_value.unwrap_or(f64::NAN);
 
         // Statistics and validity over the block (padding counts as invalid in the validity index).
@@ -510,7 +548,6 @@ impl CubeWriter {
         valid_cells: &[(u64, u64)],
         validity: &[Vec<f32>],
     ) -> Result<CubeMeta, CubeError> {
-        let [ct, cy, cx] = self.meta.chunk_counts();
         let index_group = GroupBuilder::new()
             .attributes(
                 json!({"description": "fraction of valid values per batch chunk, per variable"})
@@ -521,7 +558,10 @@ impl CubeWriter {
             .build(self.store.clone(), &format!("/{INDEX_GROUP}"))
             .map_err(|e| zarr_err(&self.path, e))?;
         index_group.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+        let counts: Vec<[usize; 3]> =
+            self.meta.variables.iter().map(|v| self.meta.geometry(v).chunk_counts()).collect();
         for (i, v) in self.meta.variables.iter_mut().enumerate() {
+            let [ct, cy, cx] = counts[i];
             v.stats = stats[i].finish();
             let (cells, valid) = valid_cells[i];
             v.valid_fraction = if cells == 0 { 0.0 } else { valid as f64 / cells as f64 };

@@ -57,6 +57,7 @@ pub(super) fn build(plan: &Plan, staging: &Path, run: &Run) -> Result<Built, Gen
         shard: ShardConfig::Named(ShardMode::None),
         order: Order::Tiled,
         seed: 0,
+        multires: false,
     };
     tiled_plan.layout = Layout::resolve(&tiled_config, n_time, grid.height, grid.width, 4);
     tiled_plan.config.compression = CompressionConfig { codec: Codec::None, level: None };

@@ -9,12 +9,14 @@ use zarrs::storage::ReadableStorageTraits;
 
 use super::LoaderError;
 use super::sampler::{ChunkId, rng_for};
-use crate::batch::{Batch, BatchOrigin};
-use crate::config::VariableKind;
+use crate::batch::{Batch, BatchOrigin, NativeField};
+use crate::config::{Upsampling, VariableKind};
 use crate::cube::reader::{Cube, read_f64_cached};
 use crate::cube::validate::{ArrayRole, check_array};
 use crate::cube::{CubeError, CubeMeta, VariableMeta};
-use crate::layout::LayoutKind;
+use crate::layout::{Layout, LayoutKind};
+use crate::levels::Level;
+use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
 use crate::plan::DType;
 
 /// How values are turned into model inputs.
@@ -28,10 +30,25 @@ pub struct Transform {
     pub separate_statics: bool,
     /// `[V, B, ...]` instead of `[B, ..., V, ...]`.
     pub variable_major: bool,
+    /// Multi-resolution cubes: variables on a coarser level come at their native resolution in
+    /// [`Batch::native`] instead of regridded onto the target cells in `data`.
+    pub native: bool,
 }
+
+/// A variable stored on a coarser level of a multi-resolution cube.
+struct Coarse {
+    level: Level,
+    upsampling: Upsampling,
+    /// Decoded level chunks, shared by the batches that need them.
+    cache: ChunkCache,
+}
+
+/// Bytes of decoded level chunks kept per coarse variable.
+const LEVEL_CACHE_BYTES: usize = 64 << 20;
 
 struct Var {
     meta: VariableMeta,
+    coarse: Option<Coarse>,
     array: Array<dyn ReadableStorageTraits>,
     /// Shard indexes read so far (each shard's index is read once, not once per batch).
     shards: ArrayShardedReadableExtCache,
@@ -84,9 +101,14 @@ impl Assembler {
                 (true, VariableKind::Continuous, Some(s)) => Some((s.mean as f32, 1.0)),
                 _ => None,
             };
-            let array = checked_array(cube, ArrayRole::Variable(v), name)?;
+            let array = checked_array(cube, ArrayRole::Variable(v), &meta.geometry(v).array_path(name))?;
             let shards = ArrayShardedReadableExtCache::new(&array);
-            vars.push(Var { meta: v.clone(), array, shards, affine });
+            let coarse = meta.geometry(v).level.map(|level| Coarse {
+                level: level.clone(),
+                upsampling: v.upsampling.unwrap_or(Upsampling::Nearest),
+                cache: ChunkCache::new(LEVEL_CACHE_BYTES),
+            });
+            vars.push(Var { meta: v.clone(), coarse, array, shards, affine });
         }
         let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = checked_array(cube, role, name)?;
@@ -108,14 +130,20 @@ impl Assembler {
         &self.meta
     }
 
-    /// Names of the variables along `V` (time-varying first when statics are separate).
+    /// Names of the variables along `V` (time-varying first when statics are separate); variables delivered
+    /// at their native resolution are in neither list.
     #[must_use]
     pub fn variable_names(&self) -> (Vec<String>, Vec<String>) {
         let separate = self.transform.separate_statics;
-        let dynamic =
-            self.vars.iter().filter(|v| !(separate && v.meta.is_static)).map(|v| v.meta.name.clone());
-        let statics = self.vars.iter().filter(|v| separate && v.meta.is_static).map(|v| v.meta.name.clone());
+        let on_target = || self.vars.iter().filter(|v| !self.is_native(v));
+        let dynamic = on_target().filter(|v| !(separate && v.meta.is_static)).map(|v| v.meta.name.clone());
+        let statics = on_target().filter(|v| separate && v.meta.is_static).map(|v| v.meta.name.clone());
         (dynamic.collect(), statics.collect())
+    }
+
+    /// Whether `v` is delivered at its native resolution in [`Batch::native`].
+    fn is_native(&self, v: &Var) -> bool {
+        self.transform.native && v.coarse.is_some()
     }
 
     /// Stored valid fraction of a batch chunk: the mean over the selected variables.
@@ -126,6 +154,7 @@ impl Assembler {
         let [ct, cy, cx] = self.meta.chunk_counts();
         let mut sums = vec![0.0f64; ct * cy * cx];
         for v in &self.vars {
+            let counts = self.meta.geometry(&v.meta).chunk_counts();
             let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
             let a = checked_array(cube, ArrayRole::Index(&v.meta), &name)?;
             let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
@@ -135,8 +164,13 @@ impl Assembler {
                 message: e.to_string(),
             })?;
             for (i, sum) in sums.iter_mut().enumerate() {
-                let spatial = i % (cy * cx);
-                *sum += f64::from(if v.meta.is_static { values[spatial] } else { values[i] });
+                let [it, iy, ix] = match &v.coarse {
+                    Some(c) => c.level.chunk_of([i / (cy * cx), (i / cx) % cy, i % cx]),
+                    None => [i / (cy * cx), (i / cx) % cy, i % cx],
+                };
+                let spatial = iy * counts[2] + ix;
+                let at = if v.meta.is_static { spatial } else { it * counts[1] * counts[2] + spatial };
+                *sum += f64::from(values[at]);
             }
         }
         let n = self.vars.len().max(1) as f64;
@@ -159,8 +193,70 @@ impl Assembler {
         self.vars.iter().map(|v| self.read_variable(v, id)).collect()
     }
 
+    /// One chunk of `v` on the target cells of chunk `id`: read as stored, or regridded from its level
+    /// (or, delivered natively, the level cells under the chunk).
     fn read_variable(&self, v: &Var, id: ChunkId) -> Result<Vec<f32>, LoaderError> {
-        let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
+        let Some(coarse) = &v.coarse else { return self.read_stored(v, &self.meta.layout, id) };
+        let (rows, cols) = self.footprint(id);
+        let [ky, kx] = coarse.level.factor;
+        let (n_rows, n_cols) = (coarse.level.grid.height, coarse.level.grid.width);
+        let native = self.is_native(v);
+        let upsampling = if native { Upsampling::Nearest } else { coarse.upsampling };
+        let window = self.level_window(
+            v,
+            coarse,
+            id[0],
+            level_span(upsampling, &rows, ky, n_rows),
+            level_span(upsampling, &cols, kx, n_cols),
+        )?;
+        if native {
+            return Ok(window.values);
+        }
+        let [_, height, width] = self.meta.shape;
+        Ok(upsample(&window, &coarse.level, upsampling, rows, cols, (height, width)))
+    }
+
+    /// Target rows and columns of chunk `id`.
+    fn footprint(&self, [_, iy, ix]: ChunkId) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let l = &self.meta.layout;
+        (iy * l.chunk_y..(iy + 1) * l.chunk_y, ix * l.chunk_x..(ix + 1) * l.chunk_x)
+    }
+
+    /// Level cells `rows × cols` of time chunk `it`, assembled from the (cached) level chunks holding them.
+    fn level_window(
+        &self,
+        v: &Var,
+        coarse: &Coarse,
+        it: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) -> Result<Window, LoaderError> {
+        let l = &coarse.level.layout;
+        let steps = if v.meta.is_static { 1 } else { l.chunk_t };
+        let (h, w) = (rows.len(), cols.len());
+        let mut values = vec![f32::NAN; steps * h * w];
+        for cy in rows.start / l.chunk_y..=(rows.end - 1) / l.chunk_y {
+            for cx in cols.start / l.chunk_x..=(cols.end - 1) / l.chunk_x {
+                let id = [it, cy, cx];
+                let chunk = coarse.cache.get_or_read(id, || self.read_stored(v, l, id))?;
+                let (r0, c0) = (cy * l.chunk_y, cx * l.chunk_x);
+                for t in 0..steps {
+                    for r in rows.start.max(r0)..rows.end.min(r0 + l.chunk_y) {
+                        let from = (t * l.chunk_y + r - r0) * l.chunk_x;
+                        let (a, b) = (cols.start.max(c0), cols.end.min(c0 + l.chunk_x));
+                        let to = (t * h + r - rows.start) * w;
+                        values[to + a - cols.start..to + b - cols.start]
+                            .copy_from_slice(&chunk[from + a - c0..from + b - c0]);
+                    }
+                }
+            }
+        }
+        Ok(Window { rows, cols, steps, values })
+    }
+
+    /// Chunk `id` of `v` as stored, chunked by `layout`.
+    fn read_stored(&self, v: &Var, layout: &Layout, id: ChunkId) -> Result<Vec<f32>, LoaderError> {
+        let subset = layout.chunk_subset(v.meta.is_static, id);
         let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
             variable: v.meta.name.clone(),
             chunk: id,
@@ -249,7 +345,12 @@ impl Assembler {
             if x.is_nan() { (fill, 0) } else { (v.affine.map_or(x, |(m, inv)| (x - m) * inv), 1) }
         };
         let (mut vi, mut si) = (0, 0);
+        let mut native = Vec::new();
         for (v, chunk) in self.vars.iter().zip(raw) {
+            if self.is_native(v) {
+                native.push(self.native_field(v, id, chunk, &prepare));
+                continue;
+            }
             let into_statics = separate && v.meta.is_static;
             match l.kind {
                 LayoutKind::PixelSeries if into_statics => {
@@ -357,6 +458,35 @@ impl Assembler {
             lat,
             lon,
             time_index: vec![it * t_len; b],
+            native,
+        }
+    }
+
+    /// The level cells under chunk `id` of a variable delivered at its native resolution.
+    fn native_field(
+        &self,
+        v: &Var,
+        id: ChunkId,
+        window: &[f32],
+        prepare: &dyn Fn(&Var, f32) -> (f32, u8),
+    ) -> NativeField {
+        let coarse = v.coarse.as_ref().expect("native variables are on a level");
+        let (rows, cols) = self.footprint(id);
+        let [ky, kx] = coarse.level.factor;
+        let rows = level_span(Upsampling::Nearest, &rows, ky, coarse.level.grid.height);
+        let cols = level_span(Upsampling::Nearest, &cols, kx, coarse.level.grid.width);
+        let mut shape = vec![rows.len(), cols.len()];
+        if !v.meta.is_static {
+            shape.insert(0, coarse.level.layout.chunk_t);
+        }
+        let (data, mask) = window.iter().map(|&x| prepare(v, x)).unzip();
+        NativeField {
+            name: v.meta.name.clone(),
+            factor: coarse.level.factor,
+            origin: [rows.start, cols.start],
+            shape,
+            data,
+            mask,
         }
     }
 }

@@ -1,0 +1,268 @@
+//! On-the-fly regridding of multi-resolution cubes: a variable stored on a coarser level is brought onto the
+//! target cells of a batch from the level chunks around it, following the contract of [`crate::levels`].
+//! Decoded level chunks are kept in a small cache: the batches that share a level chunk read it once.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use crate::config::Upsampling;
+use crate::levels::Level;
+
+/// A dense block of level cells `[t][row][col]` (rows `rows`, cols `cols` of the level grid), NaN where
+/// missing.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// Level rows held.
+    pub rows: Range<usize>,
+    /// Level columns held.
+    pub cols: Range<usize>,
+    /// Time steps held (1 for static variables).
+    pub steps: usize,
+    /// `steps × rows × cols` values.
+    pub values: Vec<f32>,
+}
+
+impl Window {
+    #[inline]
+    fn at(&self, t: usize, row: usize, col: usize) -> f32 {
+        let (h, w) = (self.rows.len(), self.cols.len());
+        self.values[(t * h + row - self.rows.start) * w + col - self.cols.start]
+    }
+}
+
+/// Level rows (or columns) an upsampling of target cells `cells` reads, clamped to the `n` valid level cells.
+#[must_use]
+pub fn level_span(upsampling: Upsampling, cells: &Range<usize>, k: usize, n: usize) -> Range<usize> {
+    let last = n.saturating_sub(1);
+    let (lo, hi) = match upsampling {
+        Upsampling::Nearest => (cells.start / k, (cells.end - 1) / k),
+        Upsampling::Bilinear => {
+            let (a, b) = (taps(cells.start, k, n), taps(cells.end - 1, k, n));
+            (a.0, b.1)
+        }
+    };
+    lo.min(last)..hi.min(last) + 1
+}
+
+/// The two level cells around the centre of target cell `i` (factor `k`, `n` valid level cells) and the
+/// weight of the second: `((i + ½) / k − ½)` split into whole and fractional parts, clamped at the edges.
+#[inline]
+#[must_use]
+pub fn taps(i: usize, k: usize, n: usize) -> (usize, usize, f32) {
+    let u = (i as f64 + 0.5) / k as f64 - 0.5;
+    let last = n.saturating_sub(1);
+    if u <= 0.0 {
+        return (0, 0, 0.0);
+    }
+    let lo = u.floor() as usize;
+    if lo >= last {
+        return (last, last, 0.0);
+    }
+    (lo, lo + 1, (u - lo as f64) as f32)
+}
+
+/// Target cells `rows × cols` (of a grid of `valid = (height, width)` cells; cells past it are padding and
+/// come out NaN) upsampled from `window`, as `[t][row][col]`.
+#[must_use]
+pub fn upsample(
+    window: &Window,
+    level: &Level,
+    upsampling: Upsampling,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    valid: (usize, usize),
+) -> Vec<f32> {
+    let [ky, kx] = level.factor;
+    let (n_rows, n_cols) = (level.grid.height, level.grid.width);
+    let (h, w) = (rows.len(), cols.len());
+    let mut out = vec![f32::NAN; window.steps * h * w];
+    match upsampling {
+        Upsampling::Nearest => {
+            let col_of: Vec<Option<usize>> =
+                cols.clone().map(|c| (c < valid.1).then(|| (c / kx).min(n_cols - 1))).collect();
+            for (y, r) in rows.clone().enumerate().filter(|&(_, r)| r < valid.0) {
+                let lr = (r / ky).min(n_rows - 1);
+                for t in 0..window.steps {
+                    let line = &mut out[(t * h + y) * w..(t * h + y + 1) * w];
+                    for (o, lc) in line.iter_mut().zip(&col_of) {
+                        if let Some(lc) = lc {
+                            *o = window.at(t, lr, *lc);
+                        }
+                    }
+                }
+            }
+        }
+        Upsampling::Bilinear => {
+            let col_taps: Vec<Option<(usize, usize, f32)>> =
+                cols.clone().map(|c| (c < valid.1).then(|| taps(c, kx, n_cols))).collect();
+            for (y, r) in rows.clone().enumerate().filter(|&(_, r)| r < valid.0) {
+                let (r0, r1, fy) = taps(r, ky, n_rows);
+                for t in 0..window.steps {
+                    let line = &mut out[(t * h + y) * w..(t * h + y + 1) * w];
+                    for (o, tap) in line.iter_mut().zip(&col_taps) {
+                        let Some((c0, c1, fx)) = *tap else { continue };
+                        let corners = [
+                            (window.at(t, r0, c0), (1.0 - fy) * (1.0 - fx)),
+                            (window.at(t, r0, c1), (1.0 - fy) * fx),
+                            (window.at(t, r1, c0), fy * (1.0 - fx)),
+                            (window.at(t, r1, c1), fy * fx),
+                        ];
+                        // Missing corners are left out and the others' weights renormalised.
+                        let (mut sum, mut weight) = (0.0f32, 0.0f32);
+                        for (x, wgt) in corners {
+                            if !x.is_nan() && wgt > 0.0 {
+                                sum += x * wgt;
+                                weight += wgt;
+                            }
+                        }
+                        if weight > 0.0 {
+                            *o = sum / weight;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Decoded level chunks, shared by the reader threads, bounded in bytes (oldest first out).
+#[derive(Debug)]
+pub struct ChunkCache {
+    budget: usize,
+    inner: Mutex<(HashMap<[usize; 3], Arc<Vec<f32>>>, VecDeque<[usize; 3]>, usize)>,
+}
+
+impl ChunkCache {
+    /// A cache holding at most `budget` bytes of decoded chunks (always at least the last one).
+    #[must_use]
+    pub fn new(budget: usize) -> Self {
+        ChunkCache { budget, inner: Mutex::new((HashMap::new(), VecDeque::new(), 0)) }
+    }
+
+    /// The chunk `id`, decoded by `read` unless cached.
+    ///
+    /// # Errors
+    /// What `read` returns.
+    pub fn get_or_read<E>(
+        &self,
+        id: [usize; 3],
+        read: impl FnOnce() -> Result<Vec<f32>, E>,
+    ) -> Result<Arc<Vec<f32>>, E> {
+        if let Some(hit) = self.lock().0.get(&id) {
+            return Ok(hit.clone());
+        }
+        // Read outside the lock: other threads keep being served meanwhile.
+        let chunk = Arc::new(read()?);
+        let mut guard = self.lock();
+        let (map, order, bytes) = &mut *guard;
+        if map.insert(id, chunk.clone()).is_none() {
+            order.push_back(id);
+            *bytes += chunk.len() * 4;
+        }
+        while *bytes > self.budget && order.len() > 1 {
+            let old = order.pop_front().expect("non-empty");
+            if let Some(gone) = map.remove(&old) {
+                *bytes -= gone.len() * 4;
+            }
+        }
+        Ok(chunk)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (HashMap<[usize; 3], Arc<Vec<f32>>>, VecDeque<[usize; 3]>, usize)> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LayoutConfig, Order, ShardConfig, ShardMode};
+    use crate::grid::Grid;
+    use crate::layout::Layout;
+
+    fn level(k: usize, width: usize, height: usize) -> Level {
+        let grid = Grid { west: 0.0, north: 10.0, res_x: 0.1, res_y: 0.1, width, height };
+        let config = LayoutConfig::PixelSeries {
+            batch: 16,
+            tile: None,
+            window: None,
+            shard: ShardConfig::Named(ShardMode::None),
+            order: Order::Tiled,
+            seed: 0,
+            multires: true,
+        };
+        let target = Layout::resolve(&config, 2, height, width, 4);
+        Level::new([k, k], &grid, &target, &config, 2, 4)
+    }
+
+    #[test]
+    fn taps_follow_the_cell_centres() {
+        // k = 2: target cell 1's centre is level position 0.25; cell 0's (-0.25) clamps to level cell 0.
+        assert_eq!(taps(0, 2, 5), (0, 0, 0.0));
+        assert_eq!(taps(1, 2, 5), (0, 1, 0.25));
+        assert_eq!(taps(2, 2, 5), (0, 1, 0.75));
+        assert_eq!(taps(9, 2, 5), (4, 4, 0.0));
+        // k = 3: the middle cell of each level cell sits on its centre.
+        assert_eq!(taps(4, 3, 5), (1, 2, 0.0));
+        assert_eq!(level_span(Upsampling::Bilinear, &(0..4), 2, 5), 0..3);
+        assert_eq!(level_span(Upsampling::Nearest, &(4..8), 2, 5), 2..4);
+    }
+
+    #[test]
+    fn nearest_repeats_and_bilinear_interpolates_a_linear_field_exactly() {
+        let (width, height) = (12, 8);
+        let level = level(4, width, height);
+        let (lh, lw) = (level.grid.height, level.grid.width);
+        let field = |r: f32, c: f32| 3.0 * r - 2.0 * c + 1.0;
+        let window = Window {
+            rows: 0..lh,
+            cols: 0..lw,
+            steps: 1,
+            values: (0..lh * lw).map(|i| field((i / lw) as f32, (i % lw) as f32)).collect(),
+        };
+        let near = upsample(&window, &level, Upsampling::Nearest, 0..height, 0..width, (height, width));
+        assert_eq!(near[5 * width + 9], field(1.0, 2.0));
+        let bil = upsample(&window, &level, Upsampling::Bilinear, 0..height, 0..width, (height, width));
+        // Inside the level cell centres a linear field is reproduced exactly.
+        for r in 2..6 {
+            for c in 2..10 {
+                let (u, v) = ((r as f32 + 0.5) / 4.0 - 0.5, (c as f32 + 0.5) / 4.0 - 0.5);
+                assert!((bil[r * width + c] - field(u, v)).abs() < 1e-5, "{r} {c}");
+            }
+        }
+        // Padding cells stay missing.
+        let padded =
+            upsample(&window, &level, Upsampling::Bilinear, 0..height, 0..width + 2, (height, width));
+        assert!(padded[width + 1].is_nan() && !padded[width - 1].is_nan());
+    }
+
+    #[test]
+    fn missing_corners_are_left_out() {
+        let level = level(2, 4, 4);
+        let window = Window { rows: 0..2, cols: 0..2, steps: 1, values: vec![1.0, f32::NAN, 3.0, f32::NAN] };
+        let out = upsample(&window, &level, Upsampling::Bilinear, 0..4, 0..4, (4, 4));
+        // Cell (1, 1) sits between all four: only the left column is valid, so it is their weighted mean.
+        assert!((out[4 + 1] - 1.5).abs() < 1e-6, "{out:?}");
+        assert!(out[3].is_nan());
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_reads_once() {
+        let cache = ChunkCache::new(4 * 4 * 2);
+        let mut reads = 0;
+        for id in [[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 0]] {
+            cache
+                .get_or_read::<()>(id, || {
+                    reads += 1;
+                    Ok(vec![0.0; 4])
+                })
+                .unwrap();
+        }
+        // [0,0,0] was evicted by the third chunk (budget: two chunks), so it is read twice in all.
+        assert_eq!(reads, 4);
+    }
+}
