@@ -155,7 +155,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
             }
             Ok(array) => {
                 let whole: Vec<Range<u64>> = std::iter::once(0..len as u64).collect();
-                let decoded = if name == "time" {
+                let decoded = if name == "time" || name.ends_with("/time") {
                     array.retrieve_array_subset::<Vec<i64>>(&whole).map(|_| ())
                 } else {
                     array.retrieve_array_subset::<Vec<f64>>(&whole).map(|_| ())

@@ -19,4 +19,5 @@ mod fuzz_cases;
 mod gen_real_data;
 mod lifecycle;
 mod loader;
+mod multires;
 mod object_store;

@@ -1,0 +1,248 @@
+//! Multi-resolution cubes: the loader's regridding against a single-resolution cube and an independent
+//! bilinear reference, native delivery against the stored level, the level against `gdalwarp`.
+
+use std::path::{Path, PathBuf};
+
+use cubeload::loader::{Loader, Regrid};
+use cubeload::{Batch, Config, GenOptions, Plan, generate};
+
+use crate::util::{TestGrid, array, assert_close, gdalwarp, gen_ok, meta, read_f32, shared_data};
+
+const HOURS: usize = 48;
+
+/// Demo inputs (t2m on a 0.25° grid aligned with the cube's 0.01° grid) and cubes made from their config
+/// with `edit` applied to it.
+struct Inputs {
+    dir: tempfile::TempDir,
+    text: String,
+}
+
+impl Inputs {
+    fn new() -> Inputs {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = cubeload::demo::DemoSpec { hours: HOURS, ..Default::default() };
+        let text = cubeload::demo::write_inputs(dir.path(), &spec).unwrap();
+        Inputs { dir, text }
+    }
+
+    /// The demo cube named `name`, with `t2m`'s settings replaced by `t2m` and the layout by `layout`.
+    fn cube(&self, name: &str, layout: &str, t2m: &str) -> PathBuf {
+        let d = self.dir.path().display();
+        let text = self
+            .text
+            .replace("demo.zarr", &format!("{name}.zarr"))
+            .replace("layout: { kind: pixel_series, batch: 256 }", &format!("layout: {layout}"))
+            .replace(
+                &format!(
+                    "t2m: {{ path: {d}/inputs/t2m_hourly.nc, variable: t2m, resampling: bilinear, units: K }}"
+                ),
+                &format!("t2m: {{ path: {d}/inputs/t2m_hourly.nc, variable: t2m, units: K, {t2m} }}"),
+            );
+        assert!(text.contains(t2m), "the demo config changed: {text}");
+        let plan =
+            Plan::new(Config::from_yaml(&text, Path::new("test.yaml")).unwrap(), text.clone()).unwrap();
+        generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path
+    }
+}
+
+fn batches(cube: &Path, regrid: Regrid) -> Vec<Batch> {
+    Loader::builder(cube).regrid(regrid).build().unwrap().map(Result::unwrap).collect()
+}
+
+#[test]
+fn nearest_upsampling_equals_a_single_resolution_cube_warped_with_nearest() {
+    let inputs = Inputs::new();
+    let layout = "{ kind: pixel_series, batch: 64 }";
+    let single = inputs.cube("single", layout, "resampling: nearest");
+    let multi = inputs.cube(
+        "multi",
+        &layout.replace(" }", ", multires: true }"),
+        "resampling: nearest, resolution: 0.25, upsampling: nearest",
+    );
+    let m = meta(&multi);
+    assert_eq!(m["levels"][0]["group"], "coarse_25");
+    assert_eq!(m["levels"][0]["factor"], serde_json::json!([25, 25]));
+    assert_eq!(m["variables"][0]["upsampling"], "nearest");
+    // The level holds 6 × 4 cells of 0.25° instead of 150 × 100 of 0.01°.
+    assert_eq!(array(&multi, "coarse_25/t2m").shape()[1..], [8, 8]);
+    assert!(!multi.join("t2m").exists());
+
+    let (a, b) = (batches(&single, Regrid::Target), batches(&multi, Regrid::Target));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() > 10);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((x.origin, &x.variables, &x.shape), (y.origin, &y.variables, &y.shape));
+        assert_eq!(x.mask, y.mask, "batch {:?}: masks differ", x.origin);
+        let bits = |b: &Batch| b.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(x), bits(y), "batch {:?}: values differ", x.origin);
+    }
+}
+
+#[test]
+fn bilinear_upsampling_equals_an_independent_reference_and_native_fields_equal_the_level() {
+    let inputs = Inputs::new();
+    let cube = inputs.cube(
+        "bilinear",
+        "{ kind: image_sequence, seq_len: 8, patch: [10, 10], batch: 4, multires: true }",
+        "resampling: bilinear, resolution: 0.25",
+    );
+    let m = meta(&cube);
+    assert_eq!(m["variables"][0]["upsampling"], "bilinear", "continuous variables default to bilinear");
+    let level = &m["levels"][0];
+    let (lh, lw) = (level["grid"]["height"].as_u64().unwrap(), level["grid"]["width"].as_u64().unwrap());
+    assert_eq!((lh, lw), (4, 6));
+    let n_time = m["padded_shape"][0].as_u64().unwrap();
+    let coarse = read_f32(&cube, "coarse_25/t2m", Some(0..n_time), lh, lw);
+    let (lh, lw) = (lh as usize, lw as usize);
+    let (height, width, k) = (100usize, 150usize, 25.0f64);
+
+    // The reference, written from the contract alone: the centre of target cell i lies at level position
+    // (i + ½) / k − ½; interpolate between the two level centres around it, holding the edge values beyond.
+    let axis = |i: usize, n: usize| -> (usize, usize, f64) {
+        let u = ((i as f64 + 0.5) / k - 0.5).clamp(0.0, (n - 1) as f64);
+        let lo = (u.floor() as usize).min(n - 1);
+        (lo, (lo + 1).min(n - 1), u - lo as f64)
+    };
+    let reference = |t: usize, r: usize, c: usize| -> f64 {
+        let ((r0, r1, fy), (c0, c1, fx)) = (axis(r, lh), axis(c, lw));
+        let at = |y: usize, x: usize| f64::from(coarse[(t * lh + y) * lw + x]);
+        (1.0 - fy) * ((1.0 - fx) * at(r0, c0) + fx * at(r0, c1))
+            + fy * ((1.0 - fx) * at(r1, c0) + fx * at(r1, c1))
+    };
+    let lat: Vec<f64> = array(&cube, "lat").retrieve_array_subset::<Vec<f64>>(&[0..100]).unwrap();
+    let lon: Vec<f64> = array(&cube, "lon").retrieve_array_subset::<Vec<f64>>(&[0..160]).unwrap();
+    let mut compared = 0;
+    for b in batches(&cube, Regrid::Target) {
+        assert_eq!(b.variables, ["t2m", "ndvi", "landcover"]);
+        let [n, s, v, ph, pw] = b.shape[..] else { panic!("{:?}", b.shape) };
+        let t0 = b.time_index[0];
+        for sample in 0..n {
+            // Patch centre → first row and column of the patch.
+            let y0 = lat.iter().position(|&x| (x - b.lat[sample]).abs() < 0.0051).unwrap() - (ph - 1) / 2;
+            let x0 = lon.iter().position(|&x| (x - b.lon[sample]).abs() < 0.0051).unwrap() - (pw - 1) / 2;
+            for t in 0..s {
+                for py in 0..ph {
+                    for px in 0..pw {
+                        let (r, c) = (y0 + py, x0 + px);
+                        let i = (((sample * s + t) * v) * ph + py) * pw + px;
+                        if r >= height || c >= width || t0 + t >= HOURS {
+                            assert_eq!(b.mask[i], 0, "padding is masked");
+                            continue;
+                        }
+                        let expected = reference(t0 + t, r, c);
+                        assert!(
+                            (f64::from(b.data[i]) - expected).abs() <= 1e-5 * expected.abs(),
+                            "step {} cell ({r}, {c}): {} vs {expected}",
+                            t0 + t,
+                            b.data[i]
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, HOURS * height * width, "every target cell of every step compared once");
+
+    // Native: t2m leaves the target variables and comes as the level cells under each batch.
+    for b in batches(&cube, Regrid::Native) {
+        assert_eq!(b.variables, ["ndvi", "landcover"]);
+        let [field] = &b.native[..] else { panic!("one native field") };
+        assert_eq!((field.name.as_str(), field.factor), ("t2m", [25, 25]));
+        let [t_len, h, w] = field.shape[..] else { panic!("{:?}", field.shape) };
+        let [it, iy, ix] = b.origin.chunk;
+        // A 20 × 20 chunk: rows 20·iy … 20·iy + 19 lie in level rows (20·iy) / 25 … (20·iy + 19) / 25.
+        assert_eq!(field.origin, [20 * iy / 25, 20 * ix / 25]);
+        assert_eq!(
+            (h, w),
+            ((20 * iy + 19).min(99) / 25 - 20 * iy / 25 + 1, (20 * ix + 19).min(149) / 25 - 20 * ix / 25 + 1)
+        );
+        for t in 0..t_len {
+            for y in 0..h {
+                for x in 0..w {
+                    let stored =
+                        coarse[((it * t_len + t) * lh + field.origin[0] + y) * lw + field.origin[1] + x];
+                    let got = field.data[(t * h + y) * w + x];
+                    if it * t_len + t < HOURS {
+                        assert_eq!(got.to_bits(), stored.to_bits());
+                        assert_eq!(field.mask[(t * h + y) * w + x], 1);
+                    }
+                }
+            }
+        }
+    }
+    assert!(Loader::builder(&cube).regrid(Regrid::Native).mix(2).build().is_err(), "native cannot mix");
+}
+
+#[test]
+fn the_coarse_level_equals_gdalwarp_at_its_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let grib = shared_data("era5-2mt-2019-03-uk.grib");
+    let target = TestGrid { bbox: [-8.0, 51.0, 0.0, 57.0], res: 0.1 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ from: t2m }}\n\
+             layout: {{ kind: pixel_series, batch: 64, multires: true }}\n\
+             variables:\n  t2m: {{ path: {g}, resampling: bilinear, resolution: 0.5 }}\n  \
+             t2m_fine: {{ path: {g}, resampling: bilinear }}\n",
+            target.yaml(),
+            g = grib.display()
+        ),
+    );
+    let level = TestGrid { bbox: [-8.0, 51.0, 0.0, 57.0], res: 0.5 };
+    let (w, h, reference) = gdalwarp(grib.to_str().unwrap(), level, "bilinear", dir.path());
+    assert_eq!((w, h, reference.len()), (16, 12, 744));
+    let values = read_f32(&cube, "coarse_5/t2m", Some(0..744), 12, 16);
+    for (t, band) in reference.iter().enumerate() {
+        assert_close(&format!("t2m step {t}"), &values[t * w * h..(t + 1) * w * h], band, 1e-6);
+    }
+    // The level's own coordinates: 0.5° cell centres from the target's north-west corner.
+    let lat = array(&cube, "coarse_5/lat").retrieve_array_subset::<Vec<f64>>(&[0..12]).unwrap();
+    let lon = array(&cube, "coarse_5/lon").retrieve_array_subset::<Vec<f64>>(&[0..16]).unwrap();
+    assert!(
+        (lat[0] - 56.75).abs() < 1e-12 && (lon[0] - -7.75).abs() < 1e-12 && (lat[11] - 51.25).abs() < 1e-12
+    );
+    // `info` shows the level; `verify` checks its files too.
+    let out = crate::util::cubeload(dir.path(), &["info", "cube.zarr"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("coarse_5/") && text.contains("upsampled bilinear"), "{text}");
+    let out = crate::util::cubeload(dir.path(), &["verify", "cube.zarr"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn requests_that_cannot_nest_are_snapped_or_refused_by_key() {
+    let inputs = Inputs::new();
+    let text = inputs.text.replace(
+        "layout: { kind: pixel_series, batch: 256 }",
+        "layout: { kind: pixel_series, batch: 64, multires: true }",
+    );
+    let with = |t2m: &str| {
+        text.replace("resampling: bilinear, units: K }", &format!("resampling: bilinear, units: K, {t2m} }}"))
+    };
+    // 0.2549° is not a whole number of 0.01° cells: snapped to 25 of them, with a note that says so.
+    let plan = Plan::new(
+        Config::from_yaml(&with("resolution: 0.2549"), Path::new("t.yaml")).unwrap(),
+        String::new(),
+    )
+    .unwrap();
+    let note = plan.variables[0].notes.iter().find(|n| n.contains("does not nest")).expect("a note");
+    assert!(note.contains("25 × 25 target cells"), "{note}");
+    assert_eq!(plan.levels[0].factor, [25, 25]);
+    let refused = |t2m: &str| match Plan::new(
+        Config::from_yaml(&with(t2m), Path::new("t.yaml")).unwrap(),
+        String::new(),
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{t2m} should be refused"),
+    };
+    assert!(refused("resolution: 0.001").contains("variables.t2m.resolution"));
+    let e = Config::from_yaml(&with("upsampling: nearest"), Path::new("t.yaml")).unwrap_err().to_string();
+    assert!(e.contains("variables.t2m.upsampling"), "{e}");
+    let no_multires = inputs
+        .text
+        .replace("resampling: bilinear, units: K }", "resampling: bilinear, units: K, resolution: 0.25 }");
+    let e = Config::from_yaml(&no_multires, Path::new("t.yaml")).unwrap_err().to_string();
+    assert!(e.contains("variables.t2m.resolution") && e.contains("layout.multires"), "{e}");
+}
