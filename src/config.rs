@@ -413,6 +413,11 @@ pub struct VariableConfig {
     /// > default: bilinear (continuous), nearest (categorical)
     #[serde(default)]
     pub upsampling: Option<Upsampling>,
+    /// Native time step kept in a multi-resolution cube (`5d`, `1d`, ...): a whole multiple of `time.step`.
+    /// Each stored step is the `aggregation` of the source steps in its window; the loader gives every target
+    /// step of the window that value. > default: the cube's time step
+    #[serde(default)]
+    pub time_step: Option<String>,
 }
 
 /// How a variable stored at a coarser resolution is interpolated onto the target grid at load time.
@@ -665,6 +670,17 @@ impl Config {
                 let (rx, ry) = res.xy();
                 if !(rx > 0.0 && ry > 0.0 && rx.is_finite() && ry.is_finite()) {
                     return Err(ConfigError::invalid(key("resolution"), "must be positive"));
+                }
+            }
+            if var.time_step.is_some() {
+                if !self.layout.multires() {
+                    return Err(ConfigError::invalid(
+                        key("time_step"),
+                        "a native time step needs a multi-resolution cube: set layout.multires: true",
+                    ));
+                }
+                if var.is_static {
+                    return Err(ConfigError::invalid(key("time_step"), "a static variable has no time axis"));
                 }
             }
             if var.upsampling.is_some() && var.resolution.is_none() {

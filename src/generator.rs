@@ -523,8 +523,8 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
 fn plan_blocks(plan: &Plan, budget: usize) -> Vec<Block> {
     let mut blocks = Vec::new();
     for (var, v) in plan.variables.iter().enumerate() {
-        let (grid, layout) = plan.geometry(var);
-        let (ct_n, cy_n, cx_n) = layout.chunk_counts(plan.n_time(), grid.height, grid.width);
+        let (_, layout) = plan.geometry(var);
+        let [ct_n, cy_n, cx_n] = plan.chunk_counts(var);
         let (ct, shard_x) =
             if v.is_static { (1, layout.static_shard_x) } else { (layout.chunk_t, layout.shard_x) };
         // Accumulator bytes per shard: f64 value + u32 count/rank per cell.
@@ -587,10 +587,11 @@ fn block_inputs(plan: &Plan, b: &Block) -> String {
     );
     let _ = writeln!(text, "{b:?}");
     let (ops, feeds) = block_feeds(plan, b);
-    let ct = ops.len();
+    let q = v.level.map_or(1, |l| plan.levels[l].time_factor);
     for (j, op) in ops.iter().enumerate() {
-        let instant = plan.time.as_ref().and_then(|axis| axis.times.get(b.it * ct + j));
-        let _ = writeln!(text, "step {j} {instant:?} {op:?}");
+        let first = b.it * plan.layout.chunk_t + j * q;
+        let instant = plan.time.as_ref().and_then(|axis| axis.times.get(first));
+        let _ = writeln!(text, "step {j} ({q} steps) {instant:?} {op:?}");
     }
     for (s, feed) in feeds.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
         let step = &v.source.steps[s];
@@ -906,11 +907,14 @@ impl Accumulator {
 /// Per source step: the local target steps it feeds, each with the step's rank there.
 type Feeds = Vec<Vec<(usize, u32)>>;
 
-/// Which source steps feed which local target step of block `b`, with which rank, and how each target
-/// step combines them.
+/// Which source steps feed which local stored step of block `b`, with which rank, and how each stored step
+/// combines them. A stored step of a variable on a level with time factor `q` is the window of `q` target
+/// steps: the source steps inside it are aggregated (the nearest one, when none is inside, as for a target
+/// step).
 fn block_feeds(plan: &Plan, b: &Block) -> (Vec<Option<Op>>, Feeds) {
     let v = &plan.variables[b.var];
-    let ct = if v.is_static { 1 } else { plan.layout.chunk_t };
+    let q = v.level.map_or(1, |l| plan.levels[l].time_factor);
+    let ct = if v.is_static { 1 } else { plan.layout.chunk_t / q };
     let mut ops = vec![None; ct];
     let mut feeds: Vec<Vec<(usize, u32)>> = vec![Vec::new(); v.source.steps.len()];
     if v.is_static {
@@ -921,30 +925,37 @@ fn block_feeds(plan: &Plan, b: &Block) -> (Vec<Option<Op>>, Feeds) {
     } else {
         let axis = plan.time.as_ref().expect("time-varying variables have an axis");
         for (j, op) in ops.iter_mut().enumerate() {
-            let Some(sources) = v.step_sources.get(b.it * ct + j) else { continue };
-            match sources {
-                StepSources::Aggregate(steps) => {
-                    *op = Some(match v.aggregation {
-                        Aggregation::Mean => Op::Mean,
-                        Aggregation::Sum => Op::Sum,
-                        Aggregation::Min => Op::Min,
-                        Aggregation::Max => Op::Max,
-                        Aggregation::Nearest => Op::Ranked,
-                    });
-                    let target = axis.times[b.it * ct + j];
-                    let mut by_distance: Vec<usize> = steps.clone();
-                    by_distance.sort_by_key(|&s| (v.source.steps[s].time.unwrap_or(target) - target).abs());
-                    for (rank, &s) in by_distance.iter().enumerate() {
-                        feeds[s].push((j, rank as u32));
-                    }
+            let first = b.it * plan.layout.chunk_t + j * q;
+            let window: Vec<&StepSources> =
+                (first..first + q).filter_map(|g| v.step_sources.get(g)).collect();
+            let inside: Vec<usize> = window
+                .iter()
+                .flat_map(|s| match s {
+                    StepSources::Aggregate(steps) => steps.as_slice(),
+                    _ => &[],
+                })
+                .copied()
+                .collect();
+            if !inside.is_empty() {
+                *op = Some(match v.aggregation {
+                    Aggregation::Mean => Op::Mean,
+                    Aggregation::Sum => Op::Sum,
+                    Aggregation::Min => Op::Min,
+                    Aggregation::Max => Op::Max,
+                    Aggregation::Nearest => Op::Ranked,
+                });
+                let target = axis.times[first];
+                let mut by_distance = inside;
+                by_distance.sort_by_key(|&s| (v.source.steps[s].time.unwrap_or(target) - target).abs());
+                by_distance.dedup();
+                for (rank, &s) in by_distance.iter().enumerate() {
+                    feeds[s].push((j, rank as u32));
                 }
-                StepSources::Nearest(steps) => {
-                    *op = Some(Op::Ranked);
-                    for (rank, &s) in steps.iter().enumerate() {
-                        feeds[s].push((j, rank as u32));
-                    }
+            } else if let Some(StepSources::Nearest(steps)) = window.first() {
+                *op = Some(Op::Ranked);
+                for (rank, &s) in steps.iter().enumerate() {
+                    feeds[s].push((j, rank as u32));
                 }
-                StepSources::Empty => {}
             }
         }
     }

@@ -1,20 +1,24 @@
 //! Multi-resolution cubes: the pure arithmetic of resolution levels.
 //!
-//! A variable with a coarser native `resolution` is stored on a *level*: the target grid coarsened by an
-//! integer factor `[ky, kx]` (one level cell = `ky × kx` target cells, same north-west origin), in a child
-//! group of its own. Level chunks nest: one level chunk covers exactly `my × mx` target chunks (the same time
-//! window), so a target batch needs one level chunk (two per axis at most for bilinear interpolation near a
-//! chunk edge). The index mapping between the target grid and a level, which any reader can reproduce:
+//! A variable with a coarser native `resolution` or `time_step` is stored on a *level*: the target grid
+//! coarsened by an integer factor `[ky, kx]` (one level cell = `ky × kx` target cells, same north-west
+//! origin) and the target time axis by an integer factor `q` (one level step = a window of `q` target steps),
+//! in a child group of its own. Level chunks nest: one level chunk covers exactly `my × mx` target chunks and
+//! the same time window, so a target batch needs one level chunk (two per axis at most for bilinear
+//! interpolation near a chunk edge). The index mapping, which any reader can reproduce:
 //! - target cell `(r, c)` lies in level cell `(r / ky, c / kx)` (nearest upsampling takes that cell);
 //! - its centre sits at level position `((r + ½) / ky − ½, (c + ½) / kx − ½)` in level cell-centre units
 //!   (bilinear upsampling interpolates there between the four surrounding level cells);
-//! - target chunk `(iy, ix)` lies in level chunk `(iy / my, ix / mx)`.
+//! - target step `t` lies in level step `t / q`, whose value is the variable's `aggregation` of the source
+//!   steps inside the window `[t_{q·i}, t_{q·i+q})`; every target step of the window gets it;
+//! - target chunk `(it, iy, ix)` lies in level chunk `(it, iy / my, ix / mx)`.
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, LayoutConfig, Resolution};
 use crate::grid::Grid;
 use crate::layout::{Layout, LayoutKind, shards_for};
+use crate::time::Step;
 
 /// One resolution level below the target grid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +27,9 @@ pub struct Level {
     pub group: String,
     /// `[ky, kx]`: target cells per level cell along y and x.
     pub factor: [usize; 2],
+    /// `q`: target time steps per level step (1: the target's time axis).
+    #[serde(default = "one")]
+    pub time_factor: usize,
     /// `[my, mx]`: target chunks per level chunk along y and x.
     pub nest: [usize; 2],
     /// The level's grid: the target's origin, cells `ky × kx` times larger, covering the target grid.
@@ -80,10 +87,50 @@ pub fn factor_for(
     Ok(([ky, kx], note))
 }
 
-/// Name of the child group of a level.
+fn one() -> usize {
+    1
+}
+
+/// Name of the child group of a level: `coarse_10`, `coarse_4x5`, `coarse_10_t24`, `coarse_t24`.
 #[must_use]
-pub fn group_name([ky, kx]: [usize; 2]) -> String {
-    if ky == kx { format!("coarse_{kx}") } else { format!("coarse_{ky}x{kx}") }
+pub fn group_name([ky, kx]: [usize; 2], q: usize) -> String {
+    let space = match (ky, kx) {
+        (1, 1) => String::new(),
+        _ if ky == kx => format!("_{kx}"),
+        _ => format!("_{ky}x{kx}"),
+    };
+    let time = if q > 1 { format!("_t{q}") } else { String::new() };
+    format!("coarse{space}{time}")
+}
+
+/// The time factor `q` of a native `time_step` over the cube's `step`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `variables.NAME.time_step` when it does not parse, is not a whole multiple
+/// of the cube's step, or the cube's time axis is irregular.
+pub fn time_factor(name: &str, time_step: &str, step: Option<Step>) -> Result<usize, ConfigError> {
+    let key = format!("variables.{name}.time_step");
+    let native = Step::parse(time_step).map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
+    let Some(step) = step else {
+        return Err(ConfigError::invalid(key, "needs a regular time axis (time: start, end, step)"));
+    };
+    let q = match (native, step) {
+        (Step::Seconds(a), Step::Seconds(b)) if b > 0 && a % b == 0 && a >= b => a / b,
+        (Step::Months(a), Step::Months(b)) if b > 0 && a % b == 0 && a >= b => i64::from(a / b),
+        _ => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{native} is not a whole multiple of the cube's time step {step}"),
+            ));
+        }
+    };
+    Ok(q as usize)
+}
+
+/// Least common multiple.
+#[must_use]
+pub fn lcm(a: usize, b: usize) -> usize {
+    a / gcd(a, b) * b
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -91,12 +138,14 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 impl Level {
-    /// The level of factor `[ky, kx]` under a target `grid` chunked by `target` (with `n_time` steps):
-    /// level chunks are the smallest whole number of level cells whose footprint is a whole number of target
-    /// chunks. `item_bytes` and `config` decide the level's sharding as for the target arrays.
+    /// The level of factor `[ky, kx]` and time factor `q` (which divides `target.chunk_t`) under a target
+    /// `grid` chunked by `target` (with `n_time` steps): level chunks are the smallest whole number of level
+    /// cells whose footprint is a whole number of target chunks. `item_bytes` and `config` decide the level's
+    /// sharding as for the target arrays.
     #[must_use]
     pub fn new(
         factor: [usize; 2],
+        q: usize,
         grid: &Grid,
         target: &Layout,
         config: &LayoutConfig,
@@ -121,25 +170,28 @@ impl Level {
         let (py, px) = (pad(level_grid.height, chunk_y), pad(level_grid.width, chunk_x));
         let plane = chunk_y * chunk_x * item_bytes;
         let chunks_x = px / chunk_x;
+        let q = q.max(1);
+        let chunk_t = (target.chunk_t / q).max(1);
         let layout = Layout {
             kind: LayoutKind::PixelSeries,
             batch: chunk_y * chunk_x,
-            chunk_t: target.chunk_t,
+            chunk_t,
             chunk_y,
             chunk_x,
             patch: [1, 1],
-            shard_x: shards_for(config, plane * target.chunk_t, chunks_x),
+            shard_x: shards_for(config, plane * chunk_t, chunks_x),
             static_shard_x: shards_for(config, plane, chunks_x),
             shuffled: None,
         };
         Level {
-            group: group_name(factor),
+            group: group_name(factor, q),
             factor,
+            time_factor: q,
             nest: [ly / cy, lx / cx],
             grid: level_grid,
             layout,
-            shape: [n_time, level_grid.height, level_grid.width],
-            padded_shape: [pt, py, px],
+            shape: [n_time.div_ceil(q), level_grid.height, level_grid.width],
+            padded_shape: [pt / q, py, px],
         }
     }
 
@@ -198,12 +250,14 @@ mod tests {
         let g = grid(240, 160);
         let config = pixel(256);
         let target = Layout::resolve(&config, 48, g.height, g.width, 4);
-        let level = Level::new([10, 10], &g, &target, &config, 48, 4);
+        let level = Level::new([10, 10], 1, &g, &target, &config, 48, 4);
         assert_eq!((level.layout.chunk_y, level.layout.chunk_x, level.nest), (8, 8, [5, 5]));
         assert_eq!((level.grid.width, level.grid.height), (24, 16));
         assert_eq!(level.padded_shape, [48, 16, 24]);
         assert_eq!(level.chunk_of([0, 7, 12]), [0, 1, 2]);
-        assert_eq!(group_name([10, 10]), "coarse_10");
+        assert_eq!(group_name([10, 10], 1), "coarse_10");
+        assert_eq!(group_name([1, 1], 24), "coarse_t24");
+        assert_eq!(group_name([4, 5], 3), "coarse_4x5_t3");
     }
 
     proptest! {
@@ -218,7 +272,7 @@ mod tests {
             let config = pixel(batch);
             let target = Layout::resolve(&config, 10, h, w, 4);
             prop_assume!(target.chunk_y <= h && target.chunk_x <= w);
-            let level = Level::new([ky, kx], &g, &target, &config, 10, 4);
+            let level = Level::new([ky, kx], 1, &g, &target, &config, 10, 4);
             let (_, py, px) = target.padded_shape(10, h, w);
             prop_assert!(level.padded_shape[1] * ky >= py && level.padded_shape[2] * kx >= px);
             prop_assert_eq!(level.layout.chunk_y * ky, level.nest[0] * target.chunk_y);

@@ -238,7 +238,7 @@ impl LoaderBuilder {
     /// > default: [`Regrid::Target`]
     #[must_use]
     pub fn regrid(mut self, regrid: Regrid) -> Self {
-        self.transform.native = regrid == Regrid::Native;
+        self.transform.regrid = regrid;
         self
     }
     /// Return static variables separately instead of repeating them along time. > default: false
@@ -291,7 +291,7 @@ impl LoaderBuilder {
         if self.mix == 0 || self.prefetch == 0 {
             return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
         }
-        if self.transform.native && self.mix > 1 {
+        if self.transform.regrid == Regrid::Native && self.mix > 1 {
             return Err(LoaderError::Invalid(
                 "regrid native keeps each batch one footprint: it cannot mix samples across chunks".into(),
             ));
@@ -478,7 +478,7 @@ impl Loader {
                 fill: 0.0,
                 separate_statics: false,
                 variable_major: false,
-                native: false,
+                regrid: Regrid::Target,
             },
             min_valid: None,
             start: (0, 0),

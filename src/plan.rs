@@ -199,19 +199,19 @@ impl Plan {
         let n_time =
             if variables.iter().all(|v| v.is_static) { 0 } else { time.as_ref().map_or(0, TimeAxis::len) };
         let stored: Vec<(DType, bool)> = variables.iter().map(|v| (v.dtype, v.is_static)).collect();
-        let (layout, mut estimate) = resolve_layout(&config, &grid, n_time, &stored)?;
-        let levels = assign_levels(&config, &grid, &layout, n_time, &mut variables)?;
+        let time_factors = time_factors(&config, time.as_ref(), &variables)?;
+        let multiple = time_factors.iter().fold(1, |l, &q| levels::lcm(l, q));
+        let (layout, mut estimate) = resolve_layout(&config, &grid, n_time, &stored, multiple)?;
+        let levels = assign_levels(&config, &grid, &layout, n_time, &time_factors, &mut variables)?;
         if !levels.is_empty() {
             estimate.uncompressed_bytes = variables
                 .iter()
                 .map(|v| {
-                    let [pt, py, px] = match v.level {
-                        Some(l) => levels[l].padded_shape,
-                        None => {
-                            let (t, y, x) = layout.padded_shape(n_time, grid.height, grid.width);
-                            [t, y, x]
-                        }
+                    let target = || {
+                        let (t, y, x) = layout.padded_shape(n_time, grid.height, grid.width);
+                        [t, y, x]
                     };
+                    let [pt, py, px] = v.level.map_or_else(target, |l| levels[l].padded_shape);
                     let plane = (py * px) as u64;
                     v.dtype.size() as u64 * if v.is_static { plane } else { plane * pt as u64 }
                 })
@@ -224,6 +224,16 @@ impl Plan {
         check_machine(&config, &grid, n_time, &layout, &estimate)?;
         let time = if n_time == 0 { None } else { time };
         Ok(Plan { config, config_text, grid, time, layout, variables, levels, estimate })
+    }
+
+    /// Chunks of variable `var` along `(time, lat, lon)`, on its level or the target grid.
+    #[must_use]
+    pub fn chunk_counts(&self, var: usize) -> [usize; 3] {
+        let target = || {
+            let (t, y, x) = self.layout.chunk_counts(self.n_time(), self.grid.height, self.grid.width);
+            [t, y, x]
+        };
+        self.variables[var].level.map_or_else(target, |l| self.levels[l].chunk_counts())
     }
 
     /// The grid and chunk layout variable `var` is stored on: its level's, or the target's.
@@ -242,29 +252,61 @@ impl Plan {
     }
 }
 
-/// Puts each variable with a coarser native `resolution` on its level (one level per distinct factor, in the
-/// order of first use) and records the snapping and upsampling decisions in its notes.
+/// The time factor of each variable's native `time_step` (1 without one).
+fn time_factors(
+    config: &Config,
+    time: Option<&TimeAxis>,
+    variables: &[VariablePlan],
+) -> Result<Vec<usize>, ConfigError> {
+    config
+        .variables
+        .0
+        .iter()
+        .zip(variables)
+        .map(|((name, var), v)| match &var.time_step {
+            None => Ok(1),
+            Some(_) if v.is_static => Err(ConfigError::invalid(
+                format!("variables.{name}.time_step"),
+                "the variable is static (its source has no time axis)",
+            )),
+            Some(step) => levels::time_factor(name, step, time.and_then(|t| t.step)),
+        })
+        .collect()
+}
+
+/// Puts each variable with a coarser native `resolution` or `time_step` on its level (one level per distinct
+/// pair of factors, in the order of first use) and records the snapping and upsampling decisions in its
+/// notes.
 fn assign_levels(
     config: &Config,
     grid: &Grid,
     layout: &Layout,
     n_time: usize,
+    time_factors: &[usize],
     variables: &mut [VariablePlan],
 ) -> Result<Vec<Level>, ConfigError> {
     let mut levels: Vec<Level> = Vec::new();
     let item = variables.iter().map(|v| v.dtype.size()).max().unwrap_or(4);
-    for ((name, var), v) in config.variables.0.iter().zip(variables.iter_mut()) {
-        let Some(resolution) = var.resolution else { continue };
-        let (factor, note) = levels::factor_for(name, resolution, grid)?;
-        v.notes.extend(note);
-        if factor == [1, 1] {
-            v.notes.push("resolution equals the target grid's: stored on the target grid".to_string());
+    for (((name, var), v), &q) in config.variables.0.iter().zip(variables.iter_mut()).zip(time_factors) {
+        let factor = match var.resolution {
+            Some(resolution) => {
+                let (factor, note) = levels::factor_for(name, resolution, grid)?;
+                v.notes.extend(note);
+                if factor == [1, 1] {
+                    v.notes.push("resolution equals the target grid's: kept on the target grid".to_string());
+                }
+                factor
+            }
+            None => [1, 1],
+        };
+        if factor == [1, 1] && q == 1 {
             continue;
         }
-        let index = levels.iter().position(|l| l.factor == factor).unwrap_or_else(|| {
-            levels.push(Level::new(factor, grid, layout, &config.layout, n_time, item));
-            levels.len() - 1
-        });
+        let index =
+            levels.iter().position(|l| (l.factor, l.time_factor) == (factor, q)).unwrap_or_else(|| {
+                levels.push(Level::new(factor, q, grid, layout, &config.layout, n_time, item));
+                levels.len() - 1
+            });
         v.level = Some(index);
         let categorical = v.kind == VariableKind::Categorical;
         v.upsampling = Some(var.upsampling.unwrap_or(if categorical {
@@ -348,7 +390,8 @@ fn human(n: u64) -> String {
 }
 
 /// Resolves the chunk layout of a cube on `grid` with `n_time` steps (0: static only) and `variables`
-/// (stored type, static), after checking that its batches fit the grid and the time axis and that its sizes
+/// (stored type, static), whose batches hold a whole multiple of `time_multiple` steps (the variables'
+/// native time steps in a multi-resolution cube; full series are padded up to one), after checking that its batches fit the grid and the time axis and that its sizes
 /// stay within what a cube reader accepts (the limits of [`crate::cube::validate`]). Pure: no file is read.
 ///
 /// # Errors
@@ -358,8 +401,19 @@ pub fn resolve_layout(
     grid: &Grid,
     n_time: usize,
     variables: &[(DType, bool)],
+    time_multiple: usize,
 ) -> Result<(Layout, Estimate), ConfigError> {
     let (height, width) = (grid.height, grid.width);
+    let multiple = time_multiple.max(1);
+    let not_whole = |key: &str, steps: usize| {
+        ConfigError::invalid(
+            key,
+            format!(
+                "{steps} steps per batch is not a whole number of the variables' native time steps \
+                 ({multiple} cube steps): choose a multiple of {multiple}"
+            ),
+        )
+    };
     let gkey = grid_key(config);
     if n_time > MAX_TIME_STEPS {
         return Err(ConfigError::invalid("time", format!("{n_time} steps, more than {MAX_TIME_STEPS}")));
@@ -388,6 +442,9 @@ pub fn resolve_layout(
                     format!("{window} steps per batch, but the time axis has {n_time}"),
                 ));
             }
+            if let Some(window) = window.filter(|w| !w.is_multiple_of(multiple)) {
+                return Err(not_whole("layout.window", window));
+            }
             if order == Order::Shuffled {
                 let pixels = height.saturating_mul(width);
                 if pixels > MAX_SAMPLES {
@@ -407,7 +464,7 @@ pub fn resolve_layout(
                     return Err(misfit(key, format!("a {h} × {w} tile of layout.batch = {batch} pixels")));
                 }
             }
-            (batch, window.unwrap_or(n_time).min(n_time).max(1))
+            (batch, window.unwrap_or(n_time.next_multiple_of(multiple)).max(1))
         }
         LayoutConfig::ImageSequence { seq_len, patch, batch, grid: arrangement, .. } => {
             if n_time > 0 && seq_len > n_time {
@@ -415,6 +472,9 @@ pub fn resolve_layout(
                     "layout.seq_len",
                     format!("{seq_len} frames per sample, but the time axis has {n_time} steps"),
                 ));
+            }
+            if !seq_len.is_multiple_of(multiple) {
+                return Err(not_whole("layout.seq_len", seq_len));
             }
             if !fits(patch) {
                 return Err(misfit("layout.patch", format!("a {} × {} patch", patch[0], patch[1])));
@@ -461,8 +521,11 @@ pub fn resolve_layout(
             ),
         ));
     }
-    // Safe now: every product below is bounded by the checks above.
-    let layout = Layout::resolve(&config.layout, n_time, height, width, item as usize);
+    // Safe now: every product below is bounded by the checks above. Full series (no window) are padded to a
+    // whole number of native time steps: the layout then sees the padded length.
+    let full_series = matches!(config.layout, LayoutConfig::PixelSeries { window: None, .. });
+    let layout_steps = if full_series && n_time > 0 { n_time.next_multiple_of(multiple) } else { n_time };
+    let layout = Layout::resolve(&config.layout, layout_steps, height, width, item as usize);
     let (pt, py, px) = layout.padded_shape(n_time, height, width);
     let (ct, cy, cx) = layout.chunk_counts(n_time, height, width);
     let chunks = (ct as u64).saturating_mul(cy as u64).saturating_mul(cx as u64);
@@ -640,7 +703,7 @@ mod tests {
     fn estimate_counts_the_padded_arrays_and_the_shuffled_scratch() {
         // 100 × 150 cells, 48 steps, 8 × 8 tiles: padded to 104 × 152.
         let (c, grid) = config("{ kind: pixel_series, batch: 64 }");
-        let (layout, e) = resolve_layout(&c, &grid, 48, &VARIABLES).unwrap();
+        let (layout, e) = resolve_layout(&c, &grid, 48, &VARIABLES, 1).unwrap();
         assert_eq!((layout.chunk_y, layout.chunk_x), (8, 8));
         assert_eq!(e.uncompressed_bytes, 48 * 104 * 152 * 4 + 104 * 152);
         assert_eq!((e.scratch_bytes, e.min_disk_bytes), (0, e.uncompressed_bytes / BEST_COMPRESSION_RATIO));
@@ -648,7 +711,7 @@ mod tests {
         assert_eq!(e.min_block_bytes, 48 * 64 * 12 * layout.shard_x as u64);
         // Shuffled: 15 000 samples padded to 15 040, plus the uncompressed tiled copy as scratch.
         let (c, grid) = config("{ kind: pixel_series, batch: 64, order: shuffled }");
-        let (_, e) = resolve_layout(&c, &grid, 48, &VARIABLES).unwrap();
+        let (_, e) = resolve_layout(&c, &grid, 48, &VARIABLES, 1).unwrap();
         assert_eq!(e.uncompressed_bytes, 48 * 15_040 * 4 + 15_040);
         assert_eq!(e.scratch_bytes, 48 * 15_000 * 4 + 15_000);
         assert_eq!(e.min_disk_bytes, e.uncompressed_bytes / BEST_COMPRESSION_RATIO + e.scratch_bytes);
@@ -658,7 +721,7 @@ mod tests {
     fn batches_must_fit_the_grid_and_the_time_axis() {
         let key = |layout: &str, n_time: usize| {
             let (c, grid) = config(layout);
-            match resolve_layout(&c, &grid, n_time, &VARIABLES).unwrap_err() {
+            match resolve_layout(&c, &grid, n_time, &VARIABLES, 1).unwrap_err() {
                 ConfigError::Invalid { key, .. } => key,
                 other => panic!("{other}"),
             }
@@ -687,6 +750,6 @@ mod tests {
         );
         // A static-only cube has no time axis to fit.
         let (c, grid) = config("{ kind: pixel_series, batch: 64, window: 49 }");
-        assert!(resolve_layout(&c, &grid, 0, &[(DType::Uint8, true)]).is_ok());
+        assert!(resolve_layout(&c, &grid, 0, &[(DType::Uint8, true)], 1).is_ok());
     }
 }

@@ -145,7 +145,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
     }
     if meta.time.is_some() {
         coordinates.push(("time".to_string(), pt));
-        coordinates.extend(meta.levels.iter().map(|l| (format!("{}/time", l.group), pt)));
+        coordinates.extend(meta.levels.iter().map(|l| (format!("{}/time", l.group), l.padded_shape[0])));
     }
     for (name, len) in &coordinates {
         let (name, len) = (name.as_str(), *len);

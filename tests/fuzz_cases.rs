@@ -27,7 +27,7 @@ fn replay_config(bytes: &[u8]) -> Result<(), String> {
     let grid = Grid::from_config(config.grid()).map_err(|e| e.to_string())?;
     let variables: Vec<(DType, bool)> =
         config.variables.0.iter().map(|(_, v)| (DType::Float32, v.is_static)).collect();
-    resolve_layout(&config, &grid, 744, &variables).map(|_| ()).map_err(|e| e.to_string())
+    resolve_layout(&config, &grid, 744, &variables, 1).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// What `fuzz_targets/meta.rs` runs.

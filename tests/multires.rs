@@ -175,6 +175,69 @@ fn bilinear_upsampling_equals_an_independent_reference_and_native_fields_equal_t
 }
 
 #[test]
+fn a_native_time_step_stores_one_window_per_step_and_the_loader_holds_it_over_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = cubeload::demo::DemoSpec { hours: 96, ..Default::default() };
+    let text = cubeload::demo::write_inputs(dir.path(), &spec).unwrap();
+    let make = |name: &str, edit: &dyn Fn(String) -> String| {
+        let text = edit(text.replace("demo.zarr", &format!("{name}.zarr")));
+        let plan = Plan::new(Config::from_yaml(&text, Path::new("t.yaml")).unwrap(), text.clone()).unwrap();
+        generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path
+    };
+    let single = make("single", &|t| t);
+    // NDVI every 2 days (images at 00:00 of days 1 and 3): 2 stored steps instead of 96.
+    let multi = make("multi", &|t| {
+        t.replace("batch: 256 }", "batch: 256, multires: true }").replace(
+            "resampling: average, units: \"1\" }",
+            "resampling: average, units: \"1\", time_step: 2d }",
+        )
+    });
+    let m = meta(&multi);
+    assert_eq!(m["levels"][0]["group"], "coarse_t48");
+    assert_eq!(m["levels"][0]["time_factor"], 48);
+    let level = read_f32(&multi, "coarse_t48/ndvi", Some(0..2), 100, 150);
+    let hourly = read_f32(&single, "ndvi", Some(0..96), 100, 150);
+    let plane = 100 * 150;
+    for i in 0..2 {
+        let (a, b) = (&level[i * plane..(i + 1) * plane], &hourly[48 * i * plane..(48 * i + 1) * plane]);
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "window {i}");
+        assert!(a.iter().any(|x| !x.is_nan()));
+    }
+    let times = array(&multi, "coarse_t48/time").retrieve_array_subset::<Vec<i64>>(&[0..2]).unwrap();
+    let target = array(&multi, "time").retrieve_array_subset::<Vec<i64>>(&[0..96]).unwrap();
+    let units = |name: &str| array(&multi, name).attributes()["units"].as_str().unwrap().to_string();
+    // CF units follow the step: days for the level, hours for the cube.
+    assert!(units("coarse_t48/time").starts_with("days since") && units("time").starts_with("hours since"));
+    assert_eq!([times[0] * 24, times[1] * 24], [target[0], target[48]]);
+
+    // The loader: NDVI of hour t is the stored window value of t / 48; the other variables as before.
+    let (a, b) = (batches(&single, Regrid::Target), batches(&multi, Regrid::Target));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((x.origin, &x.shape), (y.origin, &y.shape));
+        let [n, t_len, v] = x.shape[..] else { panic!() };
+        assert_eq!(t_len, 96);
+        for p in 0..n {
+            for t in 0..t_len {
+                for var in 0..v {
+                    let i = (p * t_len + t) * v + var;
+                    let expected = if var == 1 { (p * t_len + 48 * (t / 48)) * v + var } else { i };
+                    assert_eq!(
+                        y.data[i].to_bits(),
+                        x.data[expected].to_bits(),
+                        "pixel {p} step {t} var {var}"
+                    );
+                    assert_eq!(y.mask[i], x.mask[expected]);
+                }
+            }
+        }
+    }
+    let native = batches(&multi, Regrid::Native);
+    assert_eq!(native[0].native[0].shape, [2, 16, 16]);
+    assert_eq!(native[0].variables, ["t2m", "landcover"]);
+}
+
+#[test]
 fn the_coarse_level_equals_gdalwarp_at_its_resolution() {
     let dir = tempfile::tempdir().unwrap();
     let grib = shared_data("era5-2mt-2019-03-uk.grib");
@@ -240,6 +303,36 @@ fn requests_that_cannot_nest_are_snapped_or_refused_by_key() {
     assert!(refused("resolution: 0.001").contains("variables.t2m.resolution"));
     let e = Config::from_yaml(&with("upsampling: nearest"), Path::new("t.yaml")).unwrap_err().to_string();
     assert!(e.contains("variables.t2m.upsampling"), "{e}");
+    assert!(refused("time_step: 90min").contains("variables.t2m.time_step"));
+    assert!(refused("time_step: 1mo").contains("not a whole multiple"));
+    // Full series are padded to whole native steps (48 h → 50 h for 5 h steps); windows must be whole.
+    let plan =
+        Plan::new(Config::from_yaml(&with("time_step: 5h"), Path::new("t.yaml")).unwrap(), String::new())
+            .unwrap();
+    assert_eq!((plan.layout.chunk_t, plan.levels[0].layout.chunk_t, plan.levels[0].shape[0]), (50, 10, 10));
+    let cube = generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path;
+    let b = &batches(&cube, Regrid::Target)[0];
+    assert_eq!(b.shape, [64, 50, 3]);
+    for (i, &valid) in b.mask.iter().enumerate() {
+        // [B, T, V]: t2m (variable 0, on the 5 h level) is valid everywhere but in the 2 padding steps, as
+        // NDVI is (landcover, static, is repeated along every step).
+        let (step, var) = (i / 3 % 50, i % 3);
+        if step >= 48 && var < 2 {
+            assert_eq!(valid, 0, "step {step} of variable {var} is padding");
+        } else if var == 0 {
+            assert_eq!(valid, 1, "t2m at step {step}");
+        }
+    }
+    let windowed = with("time_step: 5h").replace("batch: 64, multires", "batch: 64, window: 12, multires");
+    let e =
+        Plan::new(Config::from_yaml(&windowed, Path::new("t.yaml")).unwrap(), String::new()).err().unwrap();
+    assert!(e.to_string().contains("layout.window"), "{e}");
+    let static_step = inputs
+        .text
+        .replace("batch: 256 }", "batch: 256, multires: true }")
+        .replace("static: true, resampling: mode }", "static: true, resampling: mode, time_step: 1d }");
+    let e = Config::from_yaml(&static_step, Path::new("t.yaml")).unwrap_err().to_string();
+    assert!(e.contains("variables.landcover.time_step"), "{e}");
     let no_multires = inputs
         .text
         .replace("resampling: bilinear, units: K }", "resampling: bilinear, units: K, resolution: 0.25 }");

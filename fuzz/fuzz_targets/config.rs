@@ -23,5 +23,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(grid) = Grid::from_config(config.grid()) else { return };
     let variables: Vec<(DType, bool)> =
         config.variables.0.iter().map(|(_, v)| (DType::Float32, v.is_static)).collect();
-    let _ = resolve_layout(&config, &grid, 744, &variables);
+    let _ = resolve_layout(&config, &grid, 744, &variables, 1);
 });

@@ -137,10 +137,23 @@ fn check_levels(meta: &CubeMeta) -> Result<(), MetaError> {
     for (i, level) in meta.levels.iter().enumerate() {
         let field = |name: &str| format!("levels[{i}].{name}");
         let [ky, kx] = level.factor;
-        if ky == 0 || kx == 0 || ky > meta.grid.height || kx > meta.grid.width || [ky, kx] == [1, 1] {
+        let q = level.time_factor;
+        if ky == 0
+            || kx == 0
+            || ky > meta.grid.height
+            || kx > meta.grid.width
+            || ([ky, kx] == [1, 1] && q == 1)
+        {
             return fail(field("factor"), format!("{:?} is not a coarsening of the grid", level.factor));
         }
-        let mut expected = Level::new(level.factor, &meta.grid, &meta.layout, &unsharded, meta.shape[0], 4);
+        if q == 0 || !meta.layout.chunk_t.is_multiple_of(q) || (q > 1 && meta.shape[0] == 0) {
+            return fail(
+                field("time_factor"),
+                format!("is {q}, which does not divide the {} steps of a batch", meta.layout.chunk_t),
+            );
+        }
+        let mut expected =
+            Level::new(level.factor, q, &meta.grid, &meta.layout, &unsharded, meta.shape[0], 4);
         let chunks_x = expected.chunk_counts()[2];
         for (name, k) in
             [("layout.shard_x", level.layout.shard_x), ("layout.static_shard_x", level.layout.static_shard_x)]
@@ -160,7 +173,7 @@ fn check_levels(meta: &CubeMeta) -> Result<(), MetaError> {
                 ),
             );
         }
-        if meta.levels[..i].iter().any(|l| l.factor == level.factor) {
+        if meta.levels[..i].iter().any(|l| (l.factor, l.time_factor) == (level.factor, q)) {
             return fail(field("factor"), format!("{:?} appears twice", level.factor));
         }
     }
@@ -554,7 +567,7 @@ mod tests {
             seed: 0,
             multires: true,
         };
-        meta.levels.push(Level::new([5, 5], &meta.grid, &meta.layout, &config, 48, 4));
+        meta.levels.push(Level::new([5, 5], 1, &meta.grid, &meta.layout, &config, 48, 4));
         meta.variables[0].level = Some(0);
         meta.variables[0].upsampling = Some(Upsampling::Bilinear);
         meta
@@ -598,6 +611,9 @@ mod tests {
             ("levels[0].factor", Box::new(|m| m.levels[0].factor = [1, 1])),
             ("levels[0].layout.shard_x", Box::new(|m| m.levels[0].layout.shard_x = 1000)),
             ("levels[1].factor", Box::new(|m| m.levels.push(m.levels[0].clone()))),
+            ("levels[0].time_factor", Box::new(|m| m.levels[0].time_factor = 5)),
+            ("levels[0].time_factor", Box::new(|m| m.levels[0].time_factor = 0)),
+            ("levels[0].group", Box::new(|m| m.levels[0].time_factor = 2)),
             ("variables[0].level", Box::new(|m| m.variables[0].level = Some(3))),
             ("variables[0].upsampling", Box::new(|m| m.variables[0].upsampling = None)),
         ];

@@ -138,10 +138,11 @@ impl CubeWriter {
             samples,
         };
         writer.store_root()?;
-        writer.write_coordinates(plan, "", &grid, [pt, py, px])?;
+        writer.write_coordinates(plan, "", &grid, [pt, py, px], 1)?;
         for level in &plan.levels {
             writer.store_level_group(level)?;
-            writer.write_coordinates(plan, &level.group, &level.grid, level.padded_shape)?;
+            let [_, ly, lx] = level.padded_shape;
+            writer.write_coordinates(plan, &level.group, &level.grid, [pt, ly, lx], level.time_factor)?;
         }
         for v in &writer.meta.variables {
             let array = writer.create_variable(plan, v)?;
@@ -221,14 +222,18 @@ impl CubeWriter {
     fn store_level_group(&self, level: &Level) -> Result<(), CubeError> {
         let [ky, kx] = level.factor;
         let [my, mx] = level.nest;
+        let q = level.time_factor;
         let attributes = json!({
             "cubeload_level": {
                 "factor": level.factor,
+                "time_factor": q,
                 "nest": level.nest,
                 "mapping": format!(
                     "target cell (r, c) lies in this level's cell (r // {ky}, c // {kx}); its centre is at \
                      level position ((r + 0.5) / {ky} - 0.5, (c + 0.5) / {kx} - 0.5) in cell-centre units; \
-                     target chunk (iy, ix) lies in this level's chunk (iy // {my}, ix // {mx})"
+                     target step t lies in this level's step t // {q}, the aggregation of the source steps of \
+                     its window of {q} target steps; target chunk (it, iy, ix) lies in this level's chunk \
+                     (it, iy // {my}, ix // {mx})"
                 ),
             }
         });
@@ -239,13 +244,15 @@ impl CubeWriter {
         group.store_metadata().map_err(|e| zarr_err(&self.path, e))
     }
 
-    /// Coordinates `lat`, `lon`, `time` and the grid mapping of the group `group` (`""`: the root).
+    /// Coordinates `lat`, `lon`, `time` and the grid mapping of the group `group` (`""`: the root), whose
+    /// steps are every `q`-th of the `pt` padded target steps.
     fn write_coordinates(
         &self,
         plan: &Plan,
         group: &str,
         grid: &Grid,
         [pt, py, px]: [usize; 3],
+        q: usize,
     ) -> Result<(), CubeError> {
         let grid = *grid;
         let path =
@@ -293,11 +300,12 @@ impl CubeWriter {
             json!({"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}),
         )?;
         if let Some(axis) = &plan.time {
-            let times = axis.padded(pt - axis.len());
+            let times: Vec<i64> = axis.padded(pt - axis.len()).into_iter().step_by(q.max(1)).collect();
             let (unit, units) = TimeAxis::cf_units(&times);
             let values: Vec<i64> = times.iter().map(|t| t / unit).collect();
+            let n = values.len();
             let mut builder =
-                ArrayBuilder::new(vec![pt as u64], vec![pt.max(1) as u64], data_type::int64(), i64::MIN);
+                ArrayBuilder::new(vec![n as u64], vec![n.max(1) as u64], data_type::int64(), i64::MIN);
             builder.dimension_names(Some(["time"])).attributes(
                 json!({
                     "standard_name": "time", "long_name": "time", "axis": "T",

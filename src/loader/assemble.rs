@@ -7,8 +7,8 @@ use rand::seq::SliceRandom;
 use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
 use zarrs::storage::ReadableStorageTraits;
 
-use super::LoaderError;
 use super::sampler::{ChunkId, rng_for};
+use super::{LoaderError, Regrid};
 use crate::batch::{Batch, BatchOrigin, NativeField};
 use crate::config::{Upsampling, VariableKind};
 use crate::cube::reader::{Cube, read_f64_cached};
@@ -30,9 +30,9 @@ pub struct Transform {
     pub separate_statics: bool,
     /// `[V, B, ...]` instead of `[B, ..., V, ...]`.
     pub variable_major: bool,
-    /// Multi-resolution cubes: variables on a coarser level come at their native resolution in
-    /// [`Batch::native`] instead of regridded onto the target cells in `data`.
-    pub native: bool,
+    /// Multi-resolution cubes: variables on a coarser level regridded onto the target cells in `data`, or at
+    /// their native resolution in [`Batch::native`].
+    pub regrid: Regrid,
 }
 
 /// A variable stored on a coarser level of a multi-resolution cube.
@@ -143,7 +143,7 @@ impl Assembler {
 
     /// Whether `v` is delivered at its native resolution in [`Batch::native`].
     fn is_native(&self, v: &Var) -> bool {
-        self.transform.native && v.coarse.is_some()
+        self.transform.regrid == Regrid::Native && v.coarse.is_some()
     }
 
     /// Stored valid fraction of a batch chunk: the mean over the selected variables.
@@ -213,7 +213,24 @@ impl Assembler {
             return Ok(window.values);
         }
         let [_, height, width] = self.meta.shape;
-        Ok(upsample(&window, &coarse.level, upsampling, rows, cols, (height, width)))
+        let plane = upsample(&window, &coarse.level, upsampling, rows, cols, (height, width));
+        let q = coarse.level.time_factor;
+        if q == 1 || v.meta.is_static {
+            return Ok(plane);
+        }
+        // Every target step of a level step's window takes its value; steps past the axis are padding.
+        let cells = plane.len() / window.steps;
+        let mut values: Vec<f32> = plane
+            .chunks_exact(cells)
+            .flat_map(|step| std::iter::repeat_n(step, q))
+            .flatten()
+            .copied()
+            .collect();
+        let valid_steps = self.meta.shape[0].saturating_sub(id[0] * self.meta.layout.chunk_t);
+        if let Some(padding) = values.get_mut(valid_steps * cells..) {
+            padding.fill(f32::NAN);
+        }
+        Ok(values)
     }
 
     /// Target rows and columns of chunk `id`.
@@ -231,22 +248,23 @@ impl Assembler {
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) -> Result<Window, LoaderError> {
-        let l = &coarse.level.layout;
-        let steps = if v.meta.is_static { 1 } else { l.chunk_t };
-        let (h, w) = (rows.len(), cols.len());
-        let mut values = vec![f32::NAN; steps * h * w];
-        for cy in rows.start / l.chunk_y..=(rows.end - 1) / l.chunk_y {
-            for cx in cols.start / l.chunk_x..=(cols.end - 1) / l.chunk_x {
-                let id = [it, cy, cx];
-                let chunk = coarse.cache.get_or_read(id, || self.read_stored(v, l, id))?;
-                let (r0, c0) = (cy * l.chunk_y, cx * l.chunk_x);
-                for t in 0..steps {
-                    for r in rows.start.max(r0)..rows.end.min(r0 + l.chunk_y) {
-                        let from = (t * l.chunk_y + r - r0) * l.chunk_x;
-                        let (a, b) = (cols.start.max(c0), cols.end.min(c0 + l.chunk_x));
-                        let to = (t * h + r - rows.start) * w;
-                        values[to + a - cols.start..to + b - cols.start]
-                            .copy_from_slice(&chunk[from + a - c0..from + b - c0]);
+        let layout = &coarse.level.layout;
+        let (chunk_y, chunk_x) = (layout.chunk_y, layout.chunk_x);
+        let steps = if v.meta.is_static { 1 } else { layout.chunk_t };
+        let (height, width) = (rows.len(), cols.len());
+        let mut values = vec![f32::NAN; steps * height * width];
+        for iy in rows.start / chunk_y..=(rows.end - 1) / chunk_y {
+            for ix in cols.start / chunk_x..=(cols.end - 1) / chunk_x {
+                let id = [it, iy, ix];
+                let chunk = coarse.cache.get_or_read(id, || self.read_stored(v, layout, id))?;
+                let (row0, col0) = (iy * chunk_y, ix * chunk_x);
+                let (first, last) = (cols.start.max(col0), cols.end.min(col0 + chunk_x));
+                for step in 0..steps {
+                    for row in rows.start.max(row0)..rows.end.min(row0 + chunk_y) {
+                        let from = (step * chunk_y + row - row0) * chunk_x;
+                        let to = (step * height + row - rows.start) * width;
+                        values[to + first - cols.start..to + last - cols.start]
+                            .copy_from_slice(&chunk[from + first - col0..from + last - col0]);
                     }
                 }
             }

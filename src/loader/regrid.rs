@@ -131,14 +131,22 @@ pub fn upsample(
 #[derive(Debug)]
 pub struct ChunkCache {
     budget: usize,
-    inner: Mutex<(HashMap<[usize; 3], Arc<Vec<f32>>>, VecDeque<[usize; 3]>, usize)>,
+    inner: Mutex<Cached>,
+}
+
+#[derive(Debug, Default)]
+struct Cached {
+    chunks: HashMap<[usize; 3], Arc<Vec<f32>>>,
+    /// Keys in the order they came in.
+    order: VecDeque<[usize; 3]>,
+    bytes: usize,
 }
 
 impl ChunkCache {
     /// A cache holding at most `budget` bytes of decoded chunks (always at least the last one).
     #[must_use]
     pub fn new(budget: usize) -> Self {
-        ChunkCache { budget, inner: Mutex::new((HashMap::new(), VecDeque::new(), 0)) }
+        ChunkCache { budget, inner: Mutex::new(Cached::default()) }
     }
 
     /// The chunk `id`, decoded by `read` unless cached.
@@ -150,29 +158,26 @@ impl ChunkCache {
         id: [usize; 3],
         read: impl FnOnce() -> Result<Vec<f32>, E>,
     ) -> Result<Arc<Vec<f32>>, E> {
-        if let Some(hit) = self.lock().0.get(&id) {
+        if let Some(hit) = self.lock().chunks.get(&id) {
             return Ok(hit.clone());
         }
         // Read outside the lock: other threads keep being served meanwhile.
         let chunk = Arc::new(read()?);
-        let mut guard = self.lock();
-        let (map, order, bytes) = &mut *guard;
-        if map.insert(id, chunk.clone()).is_none() {
-            order.push_back(id);
-            *bytes += chunk.len() * 4;
+        let mut cached = self.lock();
+        if cached.chunks.insert(id, chunk.clone()).is_none() {
+            cached.order.push_back(id);
+            cached.bytes += chunk.len() * 4;
         }
-        while *bytes > self.budget && order.len() > 1 {
-            let old = order.pop_front().expect("non-empty");
-            if let Some(gone) = map.remove(&old) {
-                *bytes -= gone.len() * 4;
+        while cached.bytes > self.budget && cached.order.len() > 1 {
+            let old = cached.order.pop_front().expect("non-empty");
+            if let Some(gone) = cached.chunks.remove(&old) {
+                cached.bytes -= gone.len() * 4;
             }
         }
         Ok(chunk)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (HashMap<[usize; 3], Arc<Vec<f32>>>, VecDeque<[usize; 3]>, usize)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cached> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -196,7 +201,7 @@ mod tests {
             multires: true,
         };
         let target = Layout::resolve(&config, 2, height, width, 4);
-        Level::new([k, k], &grid, &target, &config, 2, 4)
+        Level::new([k, k], 1, &grid, &target, &config, 2, 4)
     }
 
     #[test]
