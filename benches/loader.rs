@@ -6,7 +6,9 @@
 //!   single-threaded ceiling of `batch_assembly`: the difference in time per epoch is the assembly);
 //! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
 //!   thread), plain, with `normalize(true)`, and with `variable_major(true)`;
-//! - `tensor/*`: `Batch::to_tensor` and `Batch::mask_tensor` on the CPU (feature `tch`).
+//! - `tensor/*`: `Batch::to_tensor` and `Batch::mask_tensor` on the CPU (feature `tch`);
+//! - `regrid/*`: a 64 × 64 batch footprint of 48 steps upsampled from a level 8 × 8 times coarser (the
+//!   kernels of multi-resolution cubes), nearest and bilinear.
 //!
 //! Throughputs are bytes of decoded chunk data for `decode`, and bytes of the delivered float32 batch data
 //! (`Batch::data`, as `cubeload bench` counts) elsewhere.
@@ -120,6 +122,42 @@ fn tensor(c: &mut Criterion, path: &Path) {
     group.finish();
 }
 
+fn regrid(c: &mut Criterion) {
+    use cubeload::config::{LayoutConfig, Order, ShardConfig, ShardMode, Upsampling};
+    use cubeload::grid::Grid;
+    use cubeload::layout::Layout;
+    use cubeload::levels::Level;
+    use cubeload::loader::regrid::{Window, level_span, upsample};
+    let (steps, k, side) = (48, 8, 64);
+    let grid = Grid { west: 0.0, north: 10.0, res_x: 0.01, res_y: 0.01, width: 512, height: 512 };
+    let config = LayoutConfig::PixelSeries {
+        batch: side * side,
+        tile: None,
+        window: None,
+        shard: ShardConfig::Named(ShardMode::None),
+        order: Order::Tiled,
+        seed: 0,
+        multires: true,
+    };
+    let target = Layout::resolve(&config, steps, grid.height, grid.width, 4);
+    let level = Level::new([k, k], 1, &grid, &target, &config, steps, 4);
+    let (rows, cols) = (side..2 * side, side..2 * side);
+    let mut group = c.benchmark_group("regrid");
+    group.throughput(Throughput::Bytes((steps * side * side * size_of::<f32>()) as u64));
+    for (name, upsampling) in [("nearest", Upsampling::Nearest), ("bilinear", Upsampling::Bilinear)] {
+        let (lr, lc) = (level_span(upsampling, &rows, k, 64), level_span(upsampling, &cols, k, 64));
+        let cells = steps * lr.len() * lc.len();
+        let window =
+            Window { rows: lr, cols: lc, steps, values: (0..cells).map(|i| (i % 97) as f32 * 0.5).collect() };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                upsample(black_box(&window), &level, upsampling, rows.clone(), cols.clone(), (512, 512))
+            });
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let scratch = tempfile::tempdir().expect("temporary directory"); // removed at the end of main
     let spec = DemoSpec { hours: 48, ..DemoSpec::default() };
@@ -129,5 +167,6 @@ fn main() {
     batch_assembly(&mut c, &cube);
     #[cfg(feature = "tch")]
     tensor(&mut c, &cube);
+    regrid(&mut c);
     c.final_summary();
 }

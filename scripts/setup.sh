@@ -4,7 +4,7 @@
 #     (fonts-dejavu-core) from apt;
 #   - a CPU libtorch 2.13 for `tch`, assembled from PyPI wheels into third_party/libtorch (git-ignored);
 #   - a Python virtual environment .venv with the packages the tests use: numpy, zarr, xarray, pytest and
-#     netCDF4 (the xarray suite in tests/python), torch (the binding's suite in python/tests), moto's S3
+#     netCDF4 (the xarray suite in tests/python), scipy (xarray's interpolation), torch (the binding's suite in python/tests), moto's S3
 #     server (the object-store tests). The cubeload
 #     Python package itself is built into it by scripts/test.sh (`pip install ./python`).
 # Idempotent: every step is skipped when its result is already there.
@@ -69,9 +69,10 @@ if ! "$VENV/bin/python" -c "import numpy, zarr, xarray" >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q numpy "zarr>=3" xarray
 fi
-if ! "$VENV/bin/python" -c "import pytest, netCDF4" >/dev/null 2>&1; then
-  log "installing pytest, netCDF4 into .venv"
-  "$VENV/bin/python" -m pip install -q pytest netCDF4
+if ! "$VENV/bin/python" -c "import pytest, netCDF4, scipy" >/dev/null 2>&1; then
+  # scipy: xarray's `interp`, the tests' independent bilinear reference.
+  log "installing pytest, netCDF4, scipy into .venv"
+  "$VENV/bin/python" -m pip install -q pytest netCDF4 scipy
 fi
 if ! "$VENV/bin/python" -c "import moto.server" >/dev/null 2>&1; then
   # A real S3-compatible server for the object-store tests, run on loopback.

@@ -94,6 +94,12 @@ pub struct BenchReport {
     pub gen_peak_rss_mb: Option<f64>,
     /// The same for a cube with 4× the cells (goal: within 20 % of `gen_peak_rss_mb`).
     pub gen_peak_rss_mb_4x: Option<f64>,
+    /// Bytes on disk of the single-resolution cube ÷ of the multi-resolution cube of the same inputs and
+    /// batches (coarse variables at their native resolution and time step).
+    pub multires_storage_ratio: Option<f64>,
+    /// Batches/s of the loader on the multi-resolution cube (regridding on the fly) ÷ on the single-resolution
+    /// one, epochs run one after the other.
+    pub multires_throughput_ratio: Option<f64>,
     /// Batches delivered in the loader epoch.
     pub batches: usize,
     /// Bytes of one batch.
@@ -137,6 +143,8 @@ impl BenchReport {
         at_least("speedup_vs_image_chunked", self.speedup_vs_image_chunked, 10.0);
         at_least("thread_scaling", self.thread_scaling.filter(|_| self.machine.threads == 2), 1.8);
         at_least("remote_ratio", self.remote_ratio, 0.8);
+        at_least("multires_storage_ratio", self.multires_storage_ratio, 10.0);
+        at_least("multires_throughput_ratio", self.multires_throughput_ratio, 0.7);
         let mut at_most = |name, value: Option<f64>, max: f64| {
             if let Some(value) = value {
                 goals.push(Goal { name, goal: format!("<= {max}"), value, met: value <= max });
@@ -331,6 +339,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         gen_mb_per_s: None,
         gen_peak_rss_mb: None,
         gen_peak_rss_mb_4x: None,
+        multires_storage_ratio: None,
+        multires_throughput_ratio: None,
         batches,
         batch_bytes: bytes.checked_div(batches).unwrap_or(0),
         cold: options.cold && cold_note.is_none(),
@@ -364,6 +374,28 @@ struct Epoch {
 }
 
 /// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
+/// A multi-resolution cube against the single-resolution cube of the same inputs and batches: (storage ratio,
+/// throughput ratio), as [`BenchReport::multires_storage_ratio`] and
+/// [`BenchReport::multires_throughput_ratio`] define them. Each loader runs one epoch, warm, in turn.
+///
+/// # Errors
+/// [`LoaderError`] when a cube cannot be opened or read.
+pub fn compare_multires(
+    single: &Path,
+    multi: &Path,
+    options: &BenchOptions,
+) -> Result<(f64, f64), LoaderError> {
+    let storage =
+        Cube::open(single)?.bytes_on_disk() as f64 / Cube::open(multi)?.bytes_on_disk().max(1) as f64;
+    let per_second = |e: &Epoch| e.batches as f64 / e.seconds;
+    // A first pass of each warms the page cache, so that neither pays for the other's disk reads.
+    loader_epoch(single, options.threads, options.prefetch)?;
+    loader_epoch(multi, options.threads, options.prefetch)?;
+    let a = loader_epoch(single, options.threads, options.prefetch)?;
+    let b = loader_epoch(multi, options.threads, options.prefetch)?;
+    Ok((storage, per_second(&b) / per_second(&a)))
+}
+
 fn loader_epoch(cube: &Path, threads: usize, prefetch: usize) -> Result<Epoch, LoaderError> {
     loader_epoch_from(cube, None, threads, prefetch)
 }

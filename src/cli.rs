@@ -258,6 +258,15 @@ fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeloa
         result.gen_mb_per_s = Some(mb / seconds);
         result.gen_peak_rss_mb = Some(rss);
         result.gen_peak_rss_mb_4x = Some(rss4);
+        // The same inputs and batches in a multi-resolution cube: t2m at its native 0.25°, NDVI at its
+        // 2-day revisit.
+        let multi = scratch.join("multires.yaml");
+        std::fs::write(&multi, demo::multires_config(&text, &spec)).map_err(io(&multi))?;
+        gen_child(&multi)?;
+        let (storage, throughput) =
+            cubeload::bench::compare_multires(&path, &scratch.join("multires.zarr"), options)?;
+        result.multires_storage_ratio = Some(storage);
+        result.multires_throughput_ratio = Some(throughput);
         result.check_goals();
         return Ok(result);
     };
@@ -337,6 +346,15 @@ fn bench_table(r: &BenchReport) -> String {
         ),
         ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
     ];
+    if let Some(storage) = r.multires_storage_ratio {
+        rows.push((
+            "multi-resolution",
+            format!(
+                "{storage:.1}× less storage than the single-resolution cube, {} of its batches/s",
+                opt(r.multires_throughput_ratio, "")
+            ),
+        ));
+    }
     if r.gen_mb_per_s.is_some() {
         rows.push((
             "generation",

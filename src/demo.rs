@@ -67,6 +67,22 @@ pub fn build_cube(dir: &Path, spec: &DemoSpec, threads: Option<usize>) -> crate:
     )?)
 }
 
+/// The demo config (as [`write_inputs`] returns it) as a multi-resolution cube `multires.zarr` of the same
+/// inputs and batches: `t2m` kept at its native 0.25° (bilinear upsampling at load), NDVI at its revisit
+/// (one stored step per acquisition interval, held over it at load).
+#[must_use]
+pub fn multires_config(text: &str, spec: &DemoSpec) -> String {
+    let text = text.replace("demo.zarr", "multires.zarr");
+    let layout_start = text.find("layout: {").expect("the demo config has a layout");
+    let layout_end = layout_start + text[layout_start..].find('}').expect("closed");
+    let text = format!("{}, multires: true{}", &text[..layout_end].trim_end(), &text[layout_end..]);
+    text.replace("resampling: bilinear, units: K }", "resampling: bilinear, units: K, resolution: 0.25 }")
+        .replace(
+            "resampling: average, units: \"1\" }",
+            &format!("resampling: average, units: \"1\", time_step: {}d }}", spec.ndvi_every_days.max(1)),
+        )
+}
+
 /// A smooth random field: a sum of waves with random directions, wavelengths and phases.
 struct Waves(Vec<(f64, f64, f64, f64)>);
 

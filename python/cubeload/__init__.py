@@ -5,6 +5,10 @@
 ...     t2m = batch["t2m"]        # float32 [B, T] (pixel_series) or [B, S, h, w] (image_sequence)
 ...     mask = batch["mask"]      # bool [V, B, T] / [V, B, S, h, w], axis 0 in loader.variables order
 
+Multi-resolution cubes deliver coarser variables regridded onto the batch's cells (``regrid="target"``), or
+with ``regrid="native"`` at their own resolution in ``batch["native"][name]`` (``data``, ``mask``, the level
+cell ``origin`` and the level ``factor``).
+
 The arrays are views of a buffer filled by the Rust loader: no copy is made, and ``torch.from_numpy`` shares
 them. For PyTorch's DataLoader (several workers, distributed ranks) use :class:`cubeload.torch.CubeDataset`.
 """

@@ -20,6 +20,11 @@ class Loader:
     axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer.
     Missing values hold ``fill_value``. The GIL is released while a batch is awaited.
 
+    Multi-resolution cubes: variables stored at a coarser resolution come regridded onto the batch's cells
+    (``regrid="target"``: nearest or bilinear, as the cube declares), or with ``regrid="native"`` in
+    ``batch["native"][name]`` as ``{"data", "mask", "origin", "factor"}``: the level cells under the batch
+    (``[T, h, w]``), the first one's ``(row, col)`` on the level grid, and target cells per level cell.
+
     A chunk that cannot be read or decoded (every chunk carries a checksum) raises ``CorruptChunkError``
     naming the variable and chunk; with ``on_corrupt="skip"`` its batch is left out and counted in
     ``corrupt_chunks`` instead.
@@ -45,6 +50,7 @@ class Loader:
         min_valid: float | None = None,
         state: dict[str, Any] | None = None,
         on_corrupt: Literal["error", "skip"] = "error",
+        regrid: Literal["target", "native"] = "target",
     ) -> None: ...
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def __next__(self) -> dict[str, Any]: ...

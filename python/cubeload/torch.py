@@ -34,7 +34,8 @@ class CubeDataset(IterableDataset):
         shuffle: shuffle the batches of each epoch.
         epoch: the epoch to iterate (see ``set_epoch``).
         rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
-        prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt: as for :class:`cubeload.Loader`.
+        prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt, regrid: as for
+            :class:`cubeload.Loader`.
         state: a ``state()`` of an interrupted epoch (single-worker use) to resume it exactly.
     """
 
@@ -56,6 +57,7 @@ class CubeDataset(IterableDataset):
         min_valid: float | None = None,
         state: dict[str, Any] | None = None,
         on_corrupt: str = "error",
+        regrid: str = "target",
     ) -> None:
         super().__init__()
         self.path = str(path)
@@ -64,7 +66,7 @@ class CubeDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.options = dict(
             prefetch=prefetch, threads=threads, mix=mix, normalize=normalize, fill_value=fill_value,
-            min_valid=min_valid, on_corrupt=on_corrupt,
+            min_valid=min_valid, on_corrupt=on_corrupt, regrid=regrid,
         )
         self.state = state
 
@@ -106,6 +108,11 @@ class CubeDataset(IterableDataset):
             out["lon"] = torch.from_numpy(batch["lon"])
             out["time_index"] = torch.from_numpy(batch["time_index"])
             out["epoch"], out["position"], out["chunk"] = batch["epoch"], batch["position"], batch["chunk"]
+            if "native" in batch:
+                out["native"] = {
+                    name: dict(field, data=torch.from_numpy(field["data"]), mask=torch.from_numpy(field["mask"]))
+                    for name, field in batch["native"].items()
+                }
             self._delivered = loader.state()
             yield out
 

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use cubeload::loader::{LoaderError, LoaderState, OnCorrupt};
+use cubeload::loader::{LoaderError, LoaderState, OnCorrupt, Regrid};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -72,7 +72,7 @@ impl Loader {
     #[pyo3(signature = (
         path, variables=None, *, shuffle=true, seed=0, epochs=1, rank=0, world_size=1, worker=0, workers=1,
         prefetch=4, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
-        on_corrupt="error",
+        on_corrupt="error", regrid="target",
     ))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
@@ -94,7 +94,17 @@ impl Loader {
         min_valid: Option<f64>,
         state: Option<&Bound<'_, PyDict>>,
         on_corrupt: &str,
+        regrid: &str,
     ) -> PyResult<Self> {
+        let regrid = match regrid {
+            "target" => Regrid::Target,
+            "native" => Regrid::Native,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "regrid must be \"target\" or \"native\", not {other:?}"
+                )));
+            }
+        };
         let on_corrupt = match on_corrupt {
             "error" => OnCorrupt::Error,
             "skip" => OnCorrupt::Skip,
@@ -114,6 +124,7 @@ impl Loader {
             .normalize(normalize)
             .fill_value(fill_value)
             .on_corrupt(on_corrupt)
+            .regrid(regrid)
             .variable_major(true);
         if let Some(variables) = variables {
             builder = builder.variables(variables);
@@ -206,6 +217,20 @@ fn batch_to_dict(py: Python<'_>, batch: cubeload::Batch, variables: &[String]) -
     dict.set_item("epoch", batch.origin.epoch)?;
     dict.set_item("position", batch.origin.position)?;
     dict.set_item("chunk", PyTuple::new(py, batch.origin.chunk)?)?;
+    // Multi-resolution cubes with regrid="native": each coarser variable at its own resolution.
+    if !batch.native.is_empty() {
+        let native = PyDict::new(py);
+        for field in batch.native {
+            let entry = PyDict::new(py);
+            entry.set_item("data", PyArray1::from_vec(py, field.data).reshape(field.shape.clone())?)?;
+            let mask = PyArray1::from_vec(py, field.mask).reshape(field.shape)?;
+            entry.set_item("mask", mask.call_method1("view", ("bool",))?)?;
+            entry.set_item("origin", PyTuple::new(py, field.origin)?)?;
+            entry.set_item("factor", PyTuple::new(py, field.factor)?)?;
+            native.set_item(field.name, entry)?;
+        }
+        dict.set_item("native", native)?;
+    }
     Ok(dict.unbind())
 }
 

@@ -38,6 +38,19 @@ def pixel_cube(demo_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def multires_cube(demo_dir) -> Path:
+    """The demo inputs in a multi-resolution cube: t2m kept at its native 0.25° (bilinear upsampling)."""
+    text = (demo_dir / "demo.yaml").read_text().replace("demo.zarr", "multires.zarr")
+    text = re.sub(r"layout: \{[^}]*\}", "layout: { kind: pixel_series, batch: 256, multires: true }", text)
+    text = text.replace("resampling: bilinear, units: K }", "resampling: bilinear, units: K, resolution: 0.25 }")
+    assert "resolution: 0.25 }" in text, "the demo config changed"
+    config = demo_dir / "multires.yaml"
+    config.write_text(text)
+    run(cubeload_bin(), "gen", "-c", config, "--overwrite")
+    return demo_dir / "multires.zarr"
+
+
+@pytest.fixture(scope="session")
 def image_cube(demo_dir) -> Path:
     text = (demo_dir / "demo.yaml").read_text()
     text = text.replace("demo.zarr", "image.zarr")

@@ -171,3 +171,35 @@ def test_example_training_loss_falls(pixel_cube):
     assert out.returncode == 0, out.stderr
     losses = [float(v) for v in re.findall(r"epoch \d+ loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], out.stdout
+
+
+def test_multiresolution_regrid_target_and_native(multires_cube):
+    """The demo inputs with t2m kept at its native 0.25° (a 25 × 25 level, bilinear): the loader's target
+    batches equal xarray's linear interpolation of the level between cell centres, and native batches carry
+    the level cells under each batch."""
+    cube = multires_cube
+    level = xr.open_zarr(cube, group="coarse_25").t2m.load()
+    root = xr.open_zarr(cube)
+    # xarray's own bilinear interpolation between the level's cell centres (NaN outside their hull).
+    reference = level.interp(lat=root.lat, lon=root.lon, method="linear")
+    lat_index = {round(v, 9): i for i, v in enumerate(root.lat.values)}
+    lon_index = {round(v, 9): i for i, v in enumerate(root.lon.values)}
+    compared = 0
+    for batch in cubeload.Loader(cube, ["t2m"], shuffle=False):
+        rows = [lat_index[round(v, 9)] for v in batch["lat"]]
+        cols = [lon_index[round(v, 9)] for v in batch["lon"]]
+        expected = reference.values[:, rows, cols].T  # [B, T]
+        inside = ~np.isnan(expected)
+        np.testing.assert_allclose(batch["t2m"][inside], expected[inside], rtol=1e-5)
+        compared += int(inside.sum())
+    # Every target cell between the level's outer centres (edge cells are held, not interpolated, there
+    # xarray gives NaN) was compared once.
+    assert compared == int((~np.isnan(reference.values)).sum()) > 0.6 * 168 * 100 * 150
+
+    native = next(iter(cubeload.Loader(cube, shuffle=False, regrid="native")))
+    field = native["native"]["t2m"]
+    assert "t2m" not in native and field["factor"] == (25, 25)
+    r, c = field["origin"]
+    t, h, w = field["data"].shape
+    np.testing.assert_array_equal(field["data"], level.values[:t, r : r + h, c : c + w])
+    assert field["mask"].all()

@@ -602,6 +602,43 @@ impl CubeWriter {
             kind: ConsolidatedMetadataKind::Inline,
         }));
         group.store_metadata().map_err(|e| zarr_err(&self.path, e))?;
+        self.sort_root_metadata()?;
         Ok(self.meta)
+    }
+
+    /// Rewrites the root `zarr.json` for zarr-python 3, whose reading of the consolidated metadata of child
+    /// groups (`coarse_5/t2m`, ...) needs two things zarrs does not promise: keys in order (it nests the flat
+    /// entries by runs of consecutive keys with the same parent, and loses all runs but the last of a
+    /// parent), and codecs spelled as objects (`{"name": "crc32c"}`, not the shorthand `"crc32c"`).
+    fn sort_root_metadata(&self) -> Result<(), CubeError> {
+        fn sorted(value: Value) -> Value {
+            match value {
+                Value::Object(map) => {
+                    let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                    let spelled = |(key, value): (String, Value)| match (key.as_str(), value) {
+                        ("codecs" | "index_codecs", Value::Array(codecs)) => {
+                            let codecs = codecs.into_iter().map(|codec| match codec {
+                                Value::String(name) => json!({ "name": name }),
+                                other => sorted(other),
+                            });
+                            (key, Value::Array(codecs.collect()))
+                        }
+                        (_, value) => (key, sorted(value)),
+                    };
+                    Value::Object(entries.into_iter().map(spelled).collect())
+                }
+                Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+                other => other,
+            }
+        }
+        let path = self.path.join("zarr.json");
+        let io = |source| CubeError::Io { path: path.clone(), source };
+        let value: Value = serde_json::from_slice(&std::fs::read(&path).map_err(io)?)
+            .map_err(|e| zarr_err(&self.path, e))?;
+        let text = serde_json::to_vec_pretty(&sorted(value)).expect("serializable");
+        let partial = self.path.join("zarr.json.partial");
+        std::fs::write(&partial, text).map_err(|source| CubeError::Io { path: partial.clone(), source })?;
+        std::fs::rename(&partial, &path).map_err(io)
     }
 }

@@ -276,3 +276,55 @@ def test_shuffled_pixel_series_opens_sample_major(gen_cube, shared_data):
     assert not np.all(np.diff(lat) <= 0), "samples are shuffled"
     expected = tiled.t2m.sel(lat=xr.DataArray(lat, dims="sample"), lon=xr.DataArray(lon, dims="sample"))
     np.testing.assert_array_equal(shuffled.t2m.transpose("sample", "time").values, expected.transpose("sample", "time").values)
+
+
+def test_multiresolution_levels_open_as_groups_and_match_xarrays_own_regridding(gen_cube, shared_data, run_tool, tmp_path):
+    """A multi-resolution cube: ERA5 kept at 0.5° (a 5 × 5 level) and as daily means (a 24-step level) beside
+    the 0.1° hourly field. Each level opens with xarray as a group with its own coordinates; the daily level
+    equals xarray's own daily resample of the hourly field, and the 0.5° level gdalwarp's warp at 0.5°."""
+    west, south, east, north = ERA5_BBOX
+    grib = shared_data / ERA5
+    cube = gen_cube(
+        f"grid: {{ bbox: [{west}, {south}, {east}, {north}], resolution: {ERA5_RES} }}\n"
+        "time: { start: 2019-03-01T00:00:00Z, end: 2019-03-31T23:00:00Z, step: 1h }\n"
+        "layout: { kind: pixel_series, batch: 64, multires: true }\n"
+        "variables:\n"
+        f"  t2m: {{ path: {q(grib)}, resampling: bilinear }}\n"
+        f"  t2m_coarse: {{ path: {q(grib)}, resampling: bilinear, resolution: 0.5 }}\n"
+        f"  t2m_daily: {{ path: {q(grib)}, resampling: bilinear, time_step: 1d, aggregation: mean }}\n"
+    )
+    root = xr.open_zarr(cube)
+    assert set(root.data_vars) == {"t2m"}, "coarser variables live in their level groups"
+    coarse = xr.open_zarr(cube, group="coarse_5")
+    daily = xr.open_zarr(cube, group="coarse_t24")
+    # 16 × 12 cells of 0.5°, stored padded to whole level chunks (8 × 8 cells = 5 × 5 batches) as the
+    # target arrays are.
+    assert coarse.t2m_coarse.dims == ("time", "lat", "lon") and dict(coarse.sizes) == {"time": 744, "lat": 16, "lon": 16}
+    np.testing.assert_allclose(coarse.lat.values[:12], np.arange(56.75, 51.0, -0.5))
+    np.testing.assert_allclose(coarse.lon.values, np.arange(-7.75, 0.0, 0.5))
+    assert daily.sizes["time"] == 31
+    np.testing.assert_array_equal(daily.time.values, pd.date_range("2019-03-01", periods=31, freq="D").values)
+
+    # The daily level: the mean of the 24 hourly steps of each day, as xarray computes it from the hourly field.
+    hourly = root.t2m.isel(lat=slice(0, 60), lon=slice(0, 80)).load()
+    expected = hourly.resample(time="1D").mean()
+    got = daily.t2m_daily.isel(lat=slice(0, 60), lon=slice(0, 80)).load()
+    np.testing.assert_allclose(got.values, expected.values, rtol=1e-6)
+
+    # The 0.5° level: gdalwarp's bilinear warp onto the level grid (resampling scale fixed as above).
+    native = tmp_path / "native.vrt"
+    run_tool(["gdalwarp", "-q", "-overwrite", "-of", "VRT", "-t_srs", "EPSG:4326", grib, native], tmp_path)
+    gt = gdalinfo_json(run_tool, native, tmp_path)["geoTransform"]
+    ref_path = tmp_path / "ref.nc"
+    run_tool(
+        ["gdalwarp", "-q", "-overwrite", "-of", "netCDF", "-ot", "Float64", "-t_srs", "EPSG:4326"]
+        + ["-te", west, south, east, north, "-tr", 0.5, 0.5, "-r", "bilinear", "-et", "0", "-dstnodata", "nan"]
+        + ["-wo", f"XSCALE={gt[1] / 0.5}", "-wo", f"YSCALE={abs(gt[5]) / 0.5}", grib, ref_path],
+        tmp_path,
+        env={"GRIB_NORMALIZE_UNITS": "NO"},
+    )
+    with xr.open_dataset(ref_path, engine="netcdf4") as ref:
+        planes = reference_planes(ref.sortby("lat", ascending=False))
+        for t in (0, 100, 743):
+            expected = planes[t].transpose("lat", "lon").values
+            np.testing.assert_allclose(coarse.t2m_coarse.isel(time=t, lat=slice(0, 12)).values, expected, rtol=1e-6)
