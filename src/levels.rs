@@ -69,7 +69,7 @@ pub fn factor_for(
         return Err(ConfigError::invalid(
             key,
             format!(
-                "{rx} × {ry} is coarser than the whole {} × {} grid: store it as a single value or enlarge grid.bbox",
+                "{rx} × {ry} is coarser than the whole {} × {} grid: keep it on the target grid (no `resolution`) or enlarge grid.bbox",
                 grid.width, grid.height
             ),
         ));

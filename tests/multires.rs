@@ -339,3 +339,32 @@ fn requests_that_cannot_nest_are_snapped_or_refused_by_key() {
     let e = Config::from_yaml(&no_multires, Path::new("t.yaml")).unwrap_err().to_string();
     assert!(e.contains("variables.t2m.resolution") && e.contains("layout.multires"), "{e}");
 }
+
+#[test]
+fn the_shipped_configs_plan_and_the_multiresolution_one_generates() {
+    // Tests run in the repository root, where the configs' relative paths (../shared/data) start.
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("configs").unwrap() {
+        let path = entry.unwrap().path();
+        let config = Config::from_path(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap();
+        Plan::new(config, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        names.push(path.file_name().unwrap().to_string_lossy().to_string());
+    }
+    assert!(names.contains(&"uk-multires.yaml".to_string()), "{names:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string("configs/uk-multires.yaml")
+        .unwrap()
+        .replace("cubes/uk-multires.zarr", &dir.path().join("uk.zarr").display().to_string());
+    let plan = Plan::new(Config::from_yaml(&text, Path::new("uk-multires.yaml")).unwrap(), text.clone()).unwrap();
+    let groups: Vec<&str> = plan.levels.iter().map(|l| l.group.as_str()).collect();
+    assert_eq!(groups, ["coarse_5", "coarse_t24"]);
+    let cube = generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path;
+    let b = Loader::builder(&cube).build().unwrap().next().unwrap().unwrap();
+    assert_eq!(b.variables, ["t2m", "t2m_daily", "tmean"]);
+    assert_eq!(b.shape, [256, 744, 3]);
+    let opened = cubeload::Cube::open(&cube).unwrap();
+    let valid: Vec<f64> = opened.meta().variables.iter().map(|v| v.valid_fraction).collect();
+    assert!(valid.iter().all(|&f| f > 0.3), "every variable mostly covers the bbox: {valid:?}");
+}
