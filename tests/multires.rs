@@ -357,7 +357,8 @@ fn the_shipped_configs_plan_and_the_multiresolution_one_generates() {
     let text = std::fs::read_to_string("configs/uk-multires.yaml")
         .unwrap()
         .replace("cubes/uk-multires.zarr", &dir.path().join("uk.zarr").display().to_string());
-    let plan = Plan::new(Config::from_yaml(&text, Path::new("uk-multires.yaml")).unwrap(), text.clone()).unwrap();
+    let plan =
+        Plan::new(Config::from_yaml(&text, Path::new("uk-multires.yaml")).unwrap(), text.clone()).unwrap();
     let groups: Vec<&str> = plan.levels.iter().map(|l| l.group.as_str()).collect();
     assert_eq!(groups, ["coarse_5", "coarse_t24"]);
     let cube = generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path;
