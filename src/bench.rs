@@ -34,7 +34,8 @@ pub struct BenchOptions {
     pub image_batches: usize,
     /// Drop the page cache before each phase (root on Linux).
     pub cold: bool,
-    /// Reader threads of the object-store phase (0 skips it): requests wait on the network, not on cores.
+    /// Fetch threads of the object-store phase (0 skips it): requests wait on the network, not on cores
+    /// (the reader threads that decode are `threads`, as locally).
     pub remote_threads: usize,
     /// Prefetch depth of the object-store phase.
     pub remote_prefetch: usize,
@@ -84,10 +85,14 @@ pub struct BenchReport {
     /// Epoch time with one reader thread ÷ with `threads` (goal: ≥ 1.8 for 2 threads when decode-bound).
     pub thread_scaling: Option<f64>,
     /// The same epoch through a store that answers every request after [`REMOTE_LATENCY_MS`] (an object
-    /// store's latency), with `remote_threads` readers: batches/s there ÷ batches/s of the local epoch.
+    /// store's latency), with `remote_threads` fetch threads: batches/s there ÷ batches/s of the local epoch,
+    /// both after their first batch (the time to it is `remote_time_to_first_batch_ms`).
     pub remote_ratio: Option<f64>,
     /// Requests per batch in that phase (each pays the latency).
     pub remote_requests_per_batch: Option<f64>,
+    /// Build of that loader plus its first batch: opening the cube (metadata, coordinates, validity index)
+    /// pays the latency once per request before prefetching starts.
+    pub remote_time_to_first_batch_ms: Option<f64>,
     /// Generation throughput of the default cube, MB/s of uncompressed cube data.
     pub gen_mb_per_s: Option<f64>,
     /// Peak resident memory of generating the default cube.
@@ -169,7 +174,7 @@ pub struct Machine {
     pub threads: usize,
     /// Prefetch depth used.
     pub prefetch: usize,
-    /// Reader threads of the object-store phase.
+    /// Fetch threads of the object-store phase.
     pub remote_threads: usize,
     /// Prefetch depth of the object-store phase.
     pub remote_prefetch: usize,
@@ -270,6 +275,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     let read_before = bytes_read();
     let epoch = loader_epoch(cube_path, options.threads, options.prefetch)?;
     let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
+    let local_rate = epoch.steady_rate();
     let Epoch { seconds, batches, samples, bytes, first_ms, mut latencies } = epoch;
     // The same epoch with one reader thread: how reading scales with threads.
     let thread_scaling = if options.threads >= 2 {
@@ -281,7 +287,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     };
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
     // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
-    let (remote_ratio, remote_requests_per_batch) = if options.remote_threads > 0 {
+    let (remote_ratio, remote_requests_per_batch, remote_first_ms) = if options.remote_threads > 0 {
         let store = Arc::new(LatencyStore::new(
             Location::Local(cube_path.to_path_buf()).readable()?,
             Duration::from_millis(REMOTE_LATENCY_MS),
@@ -289,17 +295,17 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         let remote = loader_epoch_from(
             cube_path,
             Some(store.clone()),
-            options.remote_threads,
+            options.threads,
             options.remote_prefetch,
+            options.remote_threads,
         )?;
-        let local_per_batch = seconds / batches.max(1) as f64;
-        let remote_per_batch = remote.seconds / remote.batches.max(1) as f64;
         (
-            Some(local_per_batch / remote_per_batch),
+            Some(remote.steady_rate() / local_rate),
             Some(store.requests() as f64 / remote.batches.max(1) as f64),
+            Some(remote.first_ms),
         )
     } else {
-        (None, None)
+        (None, None, None)
     };
     let latencies_ms = latencies.clone();
     latencies.sort_by(f64::total_cmp);
@@ -336,6 +342,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         thread_scaling,
         remote_ratio,
         remote_requests_per_batch,
+        remote_time_to_first_batch_ms: remote_first_ms,
         gen_mb_per_s: None,
         gen_peak_rss_mb: None,
         gen_peak_rss_mb_4x: None,
@@ -373,7 +380,14 @@ struct Epoch {
     latencies: Vec<f64>,
 }
 
-/// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
+impl Epoch {
+    /// Batches per second after the first: the rate a training loop sees once the loader runs, without
+    /// opening the cube and reaching the first batch (reported as `time_to_first_batch_ms`).
+    fn steady_rate(&self) -> f64 {
+        (self.batches.saturating_sub(1)) as f64 / (self.seconds - self.first_ms / 1e3).max(1e-9)
+    }
+}
+
 /// A multi-resolution cube against the single-resolution cube of the same inputs and batches: (storage ratio,
 /// throughput ratio), as [`BenchReport::multires_storage_ratio`] and
 /// [`BenchReport::multires_throughput_ratio`] define them. Each loader runs one epoch, warm, in turn.
@@ -396,19 +410,21 @@ pub fn compare_multires(
     Ok((storage, per_second(&b) / per_second(&a)))
 }
 
+/// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
 fn loader_epoch(cube: &Path, threads: usize, prefetch: usize) -> Result<Epoch, LoaderError> {
-    loader_epoch_from(cube, None, threads, prefetch)
+    loader_epoch_from(cube, None, threads, prefetch, 0)
 }
 
-/// [`loader_epoch`] through `store` when given.
+/// [`loader_epoch`] through `store` when given, with `fetchers` fetch threads in front of it.
 fn loader_epoch_from(
     cube: &Path,
     store: Option<zarrs::storage::ReadableStorage>,
     threads: usize,
     prefetch: usize,
+    fetchers: usize,
 ) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
-    let mut builder = Loader::builder(cube).shuffle(0).threads(threads).prefetch(prefetch);
+    let mut builder = Loader::builder(cube).shuffle(0).threads(threads).prefetch(prefetch).fetchers(fetchers);
     if let Some(store) = store {
         builder = builder.store(store);
     }

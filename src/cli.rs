@@ -81,7 +81,7 @@ enum Command {
         /// Batches read from the image-chunked copy (0 to skip that comparison).
         #[arg(long, default_value_t = 8)]
         image_batches: usize,
-        /// Reader threads of the object-store phase (every request delayed 20 ms; 0 skips it).
+        /// Fetch threads of the object-store phase (every request delayed 20 ms; 0 skips it).
         #[arg(long, default_value_t = 48)]
         remote_threads: usize,
         /// Prefetch depth of the object-store phase.
@@ -335,7 +335,7 @@ fn bench_table(r: &BenchReport) -> String {
                 |ratio| {
                     format!(
                         "{ratio:.2} of local batches/s with {} ms per request ({:.1} requests per batch, {} \
-                         readers, prefetch {})",
+                         fetch threads, prefetch {})",
                         cubeload::bench::REMOTE_LATENCY_MS,
                         r.remote_requests_per_batch.unwrap_or(0.0),
                         r.machine.remote_threads,

@@ -23,7 +23,7 @@ pub mod assemble;
 pub mod regrid;
 pub mod sampler;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,7 +36,7 @@ use self::sampler::{ChunkId, Sampler, Share};
 use crate::batch::Batch;
 use crate::cube::reader::Cube;
 use crate::cube::{CubeError, CubeMeta};
-use crate::store::Location;
+use crate::store::{Location, ReadaheadStore};
 
 /// A loader error: names the cube, variable or chunk at fault.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +141,7 @@ pub struct LoaderBuilder {
     start: (usize, usize),
     on_corrupt: OnCorrupt,
     store: Option<CustomStore>,
+    fetchers: usize,
 }
 
 /// A store given to [`LoaderBuilder::store`].
@@ -234,6 +235,14 @@ impl LoaderBuilder {
         self.transform.fill = fill;
         self
     }
+    /// Threads that fetch the chunks of upcoming batches from a slow store (an object store) while the reader
+    /// threads decode: they only wait on the network, so there may be many more of them than cores.
+    /// Local cubes do not use them. > default: 32
+    #[must_use]
+    pub fn fetchers(mut self, fetchers: usize) -> Self {
+        self.fetchers = fetchers;
+        self
+    }
     /// Multi-resolution cubes: how variables stored at a coarser resolution are delivered.
     /// > default: [`Regrid::Target`]
     #[must_use]
@@ -296,17 +305,35 @@ impl LoaderBuilder {
                 "regrid native keeps each batch one footprint: it cannot mix samples across chunks".into(),
             ));
         }
-        let cube = match &self.store {
-            Some(CustomStore(store)) => Cube::open_store(&Location::parse(&self.path), store.clone())?,
+        let location = Location::parse(&self.path);
+        let (store, slow) = match &self.store {
+            Some(CustomStore(store)) => (store.clone(), true),
+            None => (location.readable()?, matches!(location, Location::S3 { .. })),
+        };
+        // A slow store gets fetch threads in front of the readers (not when reading on the calling thread).
+        let readahead = (slow && self.threads > 0 && self.fetchers > 0).then(|| {
+            // Room for the reads of every batch within the prefetch depth (4 per variable and batch).
+            let capacity = (self.prefetch + self.threads) * self.mix * 4 * self.variables.len().max(8);
+            Arc::new(ReadaheadStore::new(store.clone(), capacity))
+        });
+        let cube = match &readahead {
+            Some(readahead) => Cube::open_store(&location, readahead.clone())?,
+            None if slow => Cube::open_store(&location, store)?,
             None => Cube::open(&self.path)?,
         };
         let assembler = Assembler::new(&cube, &self.variables, self.transform)?;
         let validity = assembler.validity(&cube)?;
-        self.start(assembler, validity)
+        self.start(assembler, validity, readahead)
     }
 
-    /// Starts the reader threads over an opened cube; `validity` is the stored valid fraction of each chunk.
-    fn start(self, assembler: Assembler, validity: Vec<(ChunkId, f64)>) -> Result<Loader, LoaderError> {
+    /// Starts the reader (and fetch) threads over an opened cube; `validity` is the stored valid fraction of
+    /// each chunk.
+    fn start(
+        self,
+        assembler: Assembler,
+        validity: Vec<(ChunkId, f64)>,
+        readahead: Option<Arc<ReadaheadStore>>,
+    ) -> Result<Loader, LoaderError> {
         let Share { rank, world_size, worker, workers } = self.share;
         let eligible: Vec<ChunkId> = validity
             .into_iter()
@@ -342,7 +369,12 @@ impl LoaderBuilder {
             assembler,
             sampler,
             seed: self.seed,
-            next_job: Mutex::new(first_job),
+            jobs: Mutex::new(Cursor {
+                next_read: first_job,
+                next_fetch: first_job,
+                fetched: BTreeSet::new(),
+            }),
+            readahead,
             delivered: AtomicUsize::new(first_job),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -351,7 +383,7 @@ impl LoaderBuilder {
             skip_corrupt: self.on_corrupt == OnCorrupt::Skip,
         });
         let (tx, rx) = crossbeam_channel::bounded(shared.ahead + self.threads.max(1));
-        let workers = (0..self.threads)
+        let mut workers: Vec<JoinHandle<()>> = (0..self.threads)
             .map(|i| {
                 let shared = shared.clone();
                 let tx = tx.clone();
@@ -362,6 +394,15 @@ impl LoaderBuilder {
                     .expect("the OS starts a reader thread")
             })
             .collect();
+        if shared.readahead.is_some() {
+            workers.extend((0..self.fetchers).map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("cubeload-fetch-{i}"))
+                    .spawn(move || fetch_loop(&shared))
+                    .expect("the OS starts a fetch thread")
+            }));
+        }
         drop(tx);
         Ok(Loader {
             shared,
@@ -382,12 +423,24 @@ impl LoaderBuilder {
 type JobOutput = (Vec<Batch>, usize);
 type JobResult = (usize, Result<JobOutput, LoaderError>);
 
+/// Which jobs readers and fetchers take next.
+struct Cursor {
+    /// Next job a reader takes.
+    next_read: usize,
+    /// Next job a fetcher takes.
+    next_fetch: usize,
+    /// Jobs fetched and not yet taken by a reader.
+    fetched: BTreeSet<usize>,
+}
+
 struct Shared {
     assembler: Assembler,
     sampler: Sampler,
     seed: u64,
-    /// Next job a reader may take.
-    next_job: Mutex<usize>,
+    /// Next jobs to read and to fetch (the lock `wake` waits with).
+    jobs: Mutex<Cursor>,
+    /// In front of a slow store: what the fetchers read ahead.
+    readahead: Option<Arc<ReadaheadStore>>,
     /// Jobs handed to the consumer so far (readers stay within `ahead` of it).
     delivered: AtomicUsize,
     wake: Condvar,
@@ -418,23 +471,67 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
     crate::source::quiet_hdf5_in_this_thread();
     loop {
         let job = {
-            let mut next = shared.next_job.lock().expect("job counter");
+            let mut jobs = shared.jobs.lock().expect("job counter");
             loop {
-                if shared.stop.load(Ordering::Acquire) || *next >= shared.total_jobs {
+                let next = jobs.next_read;
+                if shared.stop.load(Ordering::Acquire) || next >= shared.total_jobs {
                     return;
                 }
-                if *next < shared.delivered.load(Ordering::Acquire) + shared.ahead {
+                // Within the prefetch depth and, in front of a slow store, fetched.
+                let fetched = shared.readahead.is_none() || jobs.fetched.remove(&next);
+                if fetched && next < shared.delivered.load(Ordering::Acquire) + shared.ahead {
                     break;
                 }
-                next = shared.wake.wait(next).expect("job counter");
+                if fetched {
+                    jobs.fetched.insert(next);
+                }
+                jobs = shared.wake.wait(jobs).expect("job counter");
             }
-            *next += 1;
-            *next - 1
+            jobs.next_read += 1;
+            jobs.next_read - 1
         };
         let result = shared.run_job(job);
         if tx.send((job, result)).is_err() {
             return; // the loader was dropped
         }
+    }
+}
+
+/// Fetches the store reads of upcoming jobs into the readahead store, within the prefetch depth. A read that
+/// fails is left to the reader, which reports it.
+fn fetch_loop(shared: &Shared) {
+    let Some(readahead) = &shared.readahead else { return };
+    loop {
+        let job = {
+            let mut jobs = shared.jobs.lock().expect("job counter");
+            loop {
+                if shared.stop.load(Ordering::Acquire) || jobs.next_fetch >= shared.total_jobs {
+                    return;
+                }
+                if jobs.next_fetch < shared.delivered.load(Ordering::Acquire) + shared.ahead {
+                    break;
+                }
+                jobs = shared.wake.wait(jobs).expect("job counter");
+            }
+            jobs.next_fetch += 1;
+            jobs.next_fetch - 1
+        };
+        let (_, _, chunks) = shared.sampler.job(job);
+        // The job's reads wait together (one thread each: they only wait). Whatever happens here, the job is
+        // marked fetched: its reader must never wait forever.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let reads = shared.assembler.planned_reads(&chunks);
+            std::thread::scope(|scope| {
+                for (key, range) in &reads {
+                    if shared.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    scope.spawn(move || readahead.fetch(key, *range));
+                }
+            });
+        }));
+        shared.jobs.lock().expect("job counter").fetched.insert(job);
+        shared.wake.notify_all();
     }
 }
 
@@ -484,6 +581,7 @@ impl Loader {
             start: (0, 0),
             on_corrupt: OnCorrupt::Error,
             store: None,
+            fetchers: 32,
         }
     }
 
@@ -498,6 +596,13 @@ impl Loader {
     #[must_use]
     pub fn corrupt_chunks(&self) -> usize {
         self.corrupt
+    }
+
+    /// In front of a slow store: reads served from what the fetch threads fetched ahead, and reads that
+    /// went to the store (shard indexes, level chunks, and what the fetchers had not fetched yet).
+    #[must_use]
+    pub fn prefetched_reads(&self) -> Option<(u64, u64)> {
+        self.shared.readahead.as_ref().map(|r| r.hits_and_misses())
     }
 
     /// Batches per epoch for this rank.
@@ -542,7 +647,7 @@ impl Loader {
         self.next_job += 1;
         self.shared.delivered.store(self.next_job, Ordering::Release);
         // Take the lock so that a reader between its check and its wait cannot miss this notification.
-        drop(self.shared.next_job.lock().expect("job counter"));
+        drop(self.shared.jobs.lock().expect("job counter"));
         self.shared.wake.notify_all();
         Some(result)
     }
@@ -587,7 +692,7 @@ impl Iterator for Loader {
 impl Drop for Loader {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        drop(self.shared.next_job.lock().expect("job counter"));
+        drop(self.shared.jobs.lock().expect("job counter"));
         self.shared.wake.notify_all();
         // Unblock readers waiting to send by dropping the receiver's backlog first.
         while self.rx.try_recv().is_ok() {}

@@ -232,6 +232,120 @@ mod object_store {
     }
 }
 
+/// Reads fetched ahead of time, in front of a slow store (an object store). The loader's fetch threads put
+/// here the bytes of the chunks of upcoming batches, many requests in flight at once, and its reader
+/// threads, which decode on the cores, then take them without waiting: latency is paid by threads that
+/// only wait, CPU by as many threads as there are cores. A fetched read is taken once; anything not fetched
+/// (a shard index, a level chunk) goes to the store. At most `capacity` reads are kept (oldest out).
+pub struct ReadaheadStore {
+    inner: ReadableStorage,
+    capacity: usize,
+    fetched: std::sync::Mutex<Fetched>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// A byte range as a map key.
+type RangeKey = (bool, u64, Option<u64>);
+
+fn range_key(range: ByteRange) -> RangeKey {
+    match range {
+        ByteRange::FromStart(offset, length) => (false, offset, length),
+        ByteRange::Suffix(length) => (true, length, None),
+    }
+}
+
+#[derive(Default)]
+struct Fetched {
+    reads: std::collections::HashMap<(StoreKey, RangeKey), zarrs::storage::Bytes>,
+    order: std::collections::VecDeque<(StoreKey, RangeKey)>,
+}
+
+impl ReadaheadStore {
+    /// Wraps `inner`, keeping at most `capacity` fetched reads.
+    #[must_use]
+    pub fn new(inner: ReadableStorage, capacity: usize) -> Self {
+        ReadaheadStore {
+            inner,
+            capacity: capacity.max(1),
+            fetched: std::sync::Mutex::new(Fetched::default()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads `range` of `key` from the store now, for a later reader.
+    ///
+    /// # Errors
+    /// The store's error (the reader then asks the store itself, and reports what it gets).
+    pub fn fetch(&self, key: &StoreKey, range: ByteRange) -> Result<(), StorageError> {
+        let Some(bytes) = self.inner.get_partial(key, range)? else { return Ok(()) };
+        let mut fetched = self.lock();
+        let id = (key.clone(), range_key(range));
+        if fetched.reads.insert(id.clone(), bytes).is_none() {
+            fetched.order.push_back(id);
+        }
+        while fetched.order.len() > self.capacity {
+            let old = fetched.order.pop_front().expect("non-empty");
+            fetched.reads.remove(&old);
+        }
+        Ok(())
+    }
+
+    /// Reads served from what was fetched, and reads that went to the store.
+    #[must_use]
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    /// Takes the fetched bytes of every range, or none.
+    fn take(&self, key: &StoreKey, ranges: &[ByteRange]) -> Option<Vec<zarrs::storage::Bytes>> {
+        let mut fetched = self.lock();
+        let ids: Vec<(StoreKey, RangeKey)> = ranges.iter().map(|&r| (key.clone(), range_key(r))).collect();
+        if !ids.iter().all(|id| fetched.reads.contains_key(id)) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let taken = ids.iter().map(|id| fetched.reads.remove(id).expect("checked")).collect();
+        fetched.order.retain(|id| !ids.contains(id));
+        Some(taken)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fetched> {
+        self.fetched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ReadableStorageTraits for ReadaheadStore {
+    fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
+        match self.take(key, &[ByteRange::FromStart(0, None)]) {
+            Some(mut bytes) => Ok(bytes.pop()),
+            None => self.inner.get(key),
+        }
+    }
+
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        let ranges: Vec<ByteRange> = byte_ranges.collect();
+        match self.take(key, &ranges) {
+            Some(bytes) => Ok(Some(Box::new(bytes.into_iter().map(Ok)))),
+            None => self.inner.get_partial_many(key, Box::new(ranges.into_iter())),
+        }
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        self.inner.size_key(key)
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        self.inner.supports_get_partial()
+    }
+}
+
 /// A store that answers every request after a fixed delay: an object store's latency, reproducibly, for
 /// measuring how well prefetching hides it.
 pub struct LatencyStore {

@@ -567,3 +567,29 @@ fn variable_major_batches_are_the_transposed_batches() {
         }
     }
 }
+
+#[test]
+fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahead() {
+    use cubeload::store::{LatencyStore, Location};
+    let cube = &cubes().pixel;
+    let local = collect(Loader::builder(cube).shuffle(9).build().unwrap());
+    let slow = || {
+        let store = Location::Local(cube.clone()).readable().unwrap();
+        std::sync::Arc::new(LatencyStore::new(store, std::time::Duration::from_millis(2)))
+    };
+    let mut loader = Loader::builder(cube).store(slow()).shuffle(9).threads(2).fetchers(8).build().unwrap();
+    let mut remote = Vec::new();
+    for batch in loader.by_ref() {
+        remote.push(batch.unwrap());
+    }
+    assert_eq!(fingerprint(&remote), fingerprint(&local));
+    // Every chunk of every batch (3 variables) was read from what the fetch threads had fetched; only
+    // shard indexes and coordinates went to the store.
+    let (hits, misses) = loader.prefetched_reads().expect("a slow store gets fetch threads");
+    assert_eq!(hits, 3 * remote.len() as u64, "{misses} misses");
+    // Dropped mid-epoch, it stops its fetch threads too (a hang would time the test out).
+    let mut partial = Loader::builder(cube).store(slow()).shuffle(9).fetchers(16).build().unwrap();
+    assert!(partial.next().unwrap().is_ok());
+    drop(partial);
+    assert!(Loader::builder(cube).shuffle(9).build().unwrap().prefetched_reads().is_none(), "not locally");
+}

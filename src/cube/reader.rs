@@ -1,9 +1,11 @@
 //! Opening a cube, local or on an object store: one read of the root metadata (consolidated), refusal of
 //! incomplete cubes.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecOptions};
+use zarrs::metadata::ArrayMetadata;
 use zarrs::storage::{ReadableStorage, ReadableStorageTraits, StoreKey};
 
 use super::manifest::{BlockRecord, MANIFEST_FILE};
@@ -18,6 +20,9 @@ pub struct Cube {
     store: ReadableStorage,
     meta: CubeMeta,
     slow: bool,
+    /// Array metadata from the root's consolidated metadata: opening an array then costs no request (on an
+    /// object store, each would be a round trip before the first batch).
+    arrays: HashMap<String, ArrayMetadata>,
 }
 
 impl std::fmt::Debug for Cube {
@@ -85,6 +90,14 @@ pub fn read_meta(path: &Path) -> Result<CubeMeta, CubeError> {
 }
 
 fn read_meta_from(store: &ReadableStorage, location: &Location) -> Result<CubeMeta, CubeError> {
+    read_root(store, location).map(|(meta, _)| meta)
+}
+
+/// The cube's metadata and the arrays' metadata consolidated in the root `zarr.json` (by path).
+fn read_root(
+    store: &ReadableStorage,
+    location: &Location,
+) -> Result<(CubeMeta, HashMap<String, ArrayMetadata>), CubeError> {
     let path = location.display_path();
     let not_a_cube = |message: String| CubeError::NotACube { path: path.clone(), message };
     if !crate::store::exists(location)? {
@@ -115,7 +128,22 @@ fn read_meta_from(store: &ReadableStorage, location: &Location) -> Result<CubeMe
     }
     let bytes =
         store.get(&root).map_err(|e| io(&e))?.ok_or_else(|| not_a_cube("no zarr.json".to_string()))?;
-    super::validate::meta_from_root_json(&path, &bytes)
+    let meta = super::validate::meta_from_root_json(&path, &bytes)?;
+    Ok((meta, consolidated_arrays(&bytes)))
+}
+
+/// The arrays of the root's consolidated metadata that parse; the others are opened from their own
+/// `zarr.json` (and checked there).
+fn consolidated_arrays(root_json: &[u8]) -> HashMap<String, ArrayMetadata> {
+    let Ok(root) = serde_json::from_slice::<serde_json::Value>(root_json) else { return HashMap::new() };
+    let Some(nodes) = root.pointer("/consolidated_metadata/metadata").and_then(|m| m.as_object()) else {
+        return HashMap::new();
+    };
+    nodes
+        .iter()
+        .filter(|(_, node)| node.get("node_type").and_then(|t| t.as_str()) == Some("array"))
+        .filter_map(|(path, node)| Some((path.clone(), serde_json::from_value(node.clone()).ok()?)))
+        .collect()
 }
 
 /// Whether `path` holds a cube made by cubeload (complete or not): the only kind of directory cubeload will
@@ -147,12 +175,12 @@ impl Cube {
     }
 
     fn open_with(location: &Location, store: ReadableStorage, slow: bool) -> Result<Cube, CubeError> {
-        let meta = read_meta_from(&store, location)?;
+        let (meta, arrays) = read_root(&store, location)?;
         let path = location.display_path();
         if !meta.complete {
             return Err(CubeError::Incomplete { path });
         }
-        Ok(Cube { path, location: location.clone(), store, meta, slow })
+        Ok(Cube { path, location: location.clone(), store, meta, slow, arrays })
     }
 
     /// Whether requests to the cube's store are slow (an object store, or a store given to
@@ -179,8 +207,17 @@ impl Cube {
     /// # Errors
     /// [`CubeError::Zarr`] when it does not exist or cannot be read.
     pub fn array(&self, name: &str) -> Result<Array<dyn ReadableStorageTraits>, CubeError> {
-        Array::open(self.store.clone(), &format!("/{name}"))
-            .map_err(|e| CubeError::Zarr { path: self.path.clone(), message: format!("array `{name}`: {e}") })
+        let fail = |e: &dyn std::fmt::Display| CubeError::Zarr {
+            path: self.path.clone(),
+            message: format!("array `{name}`: {e}"),
+        };
+        match self.arrays.get(name) {
+            Some(metadata) => {
+                Array::new_with_metadata(self.store.clone(), &format!("/{name}"), metadata.clone())
+                    .map_err(|e| fail(&e))
+            }
+            None => Array::open(self.store.clone(), &format!("/{name}")).map_err(|e| fail(&e)),
+        }
     }
 
     /// Bytes of all files of the cube (of its stored chunks, as the manifest lists them, on object stores).

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use rand::seq::SliceRandom;
-use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
-use zarrs::storage::ReadableStorageTraits;
+use zarrs::array::{Array, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
+use zarrs::storage::byte_range::ByteRange;
+use zarrs::storage::{ReadableStorageTraits, StoreKey};
 
 use super::sampler::{ChunkId, rng_for};
 use super::{LoaderError, Regrid};
@@ -64,8 +65,6 @@ pub struct Assembler {
     lon: Vec<f64>,
     transform: Transform,
     path: std::path::PathBuf,
-    /// Read the variables of a chunk at once (the store's requests are slow: an object store).
-    concurrent: bool,
 }
 
 impl std::fmt::Debug for Assembler {
@@ -119,9 +118,14 @@ impl Assembler {
                 message: e.to_string(),
             })
         };
-        let (lat, lon) = (read_coord(ArrayRole::Lat, "lat")?, read_coord(ArrayRole::Lon, "lon")?);
-        let concurrent = cube.slow_requests();
-        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf(), concurrent })
+        // Both at once: on an object store each is a round trip before the first batch.
+        let (lat, lon) = std::thread::scope(|scope| {
+            let lat = scope.spawn(|| read_coord(ArrayRole::Lat, "lat"));
+            let lon = read_coord(ArrayRole::Lon, "lon");
+            (lat.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), lon)
+        });
+        let (lat, lon) = (lat?, lon?);
+        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf() })
     }
 
     /// The cube's metadata.
@@ -153,16 +157,24 @@ impl Assembler {
     pub fn validity(&self, cube: &Cube) -> Result<Vec<(ChunkId, f64)>, LoaderError> {
         let [ct, cy, cx] = self.meta.chunk_counts();
         let mut sums = vec![0.0f64; ct * cy * cx];
-        for v in &self.vars {
-            let counts = self.meta.geometry(&v.meta).chunk_counts();
+        let read = |v: &Var| -> Result<Vec<f32>, LoaderError> {
             let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
             let a = checked_array(cube, ArrayRole::Index(&v.meta), &name)?;
             let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
-            let values = a.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| LoaderError::Read {
+            a.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| LoaderError::Read {
                 variable: name.clone(),
                 chunk: [0, 0, 0],
                 message: e.to_string(),
-            })?;
+            })
+        };
+        // Every variable's index at once: on an object store each is a round trip before the first batch.
+        let indexes: Vec<Result<Vec<f32>, LoaderError>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = self.vars.iter().map(|v| scope.spawn(move || read(v))).collect();
+            readers.into_iter().map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        for (v, values) in self.vars.iter().zip(indexes) {
+            let values = values?;
+            let counts = self.meta.geometry(&v.meta).chunk_counts();
             for (i, sum) in sums.iter_mut().enumerate() {
                 let [it, iy, ix] = match &v.coarse {
                     Some(c) => c.level.chunk_of([i / (cy * cx), (i / cx) % cy, i % cx]),
@@ -177,20 +189,37 @@ impl Assembler {
         Ok(sums.iter().enumerate().map(|(i, s)| ([i / (cy * cx), (i / cx) % cy, i % cx], s / n)).collect())
     }
 
-    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding); the
-    /// variables at once when the store is remote, so that their requests wait together.
+    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
     fn read_chunk(&self, id: ChunkId) -> Result<Vec<Vec<f32>>, LoaderError> {
-        if self.concurrent && self.vars.len() > 1 {
-            return std::thread::scope(|scope| {
-                let readers: Vec<_> =
-                    self.vars.iter().map(|v| scope.spawn(move || self.read_variable(v, id))).collect();
-                readers
-                    .into_iter()
-                    .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            });
-        }
         self.vars.iter().map(|v| self.read_variable(v, id)).collect()
+    }
+
+    /// The store reads that reading `chunks` makes (one per variable and chunk on the target grid: the chunk,
+    /// or its byte range in a shard), for fetching them ahead from a slow store. Reads it cannot tell (level
+    /// chunks, shard indexes, chunks whose shard index cannot be read now) are left to the readers.
+    #[must_use]
+    pub fn planned_reads(&self, chunks: &[ChunkId]) -> Vec<(StoreKey, ByteRange)> {
+        let mut reads = Vec::new();
+        for &id in chunks {
+            for v in self.vars.iter().filter(|v| v.coarse.is_none()) {
+                let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
+                let zeros = vec![0; subset.len()];
+                let Ok(outer) = v.array.chunk_shape(&zeros) else { continue };
+                let outer: Vec<u64> = outer.iter().map(|n| n.get()).collect();
+                // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
+                let stored: Vec<u64> = subset.iter().zip(&outer).map(|(r, n)| r.start / n).collect();
+                let Some(inner) = v.array.subchunk_shape() else {
+                    reads.push((v.array.chunk_key(&stored), ByteRange::FromStart(0, None)));
+                    continue;
+                };
+                let inner: Vec<u64> = inner.iter().map(|n| n.get()).collect();
+                let subchunk: Vec<u64> = subset.iter().zip(&inner).map(|(r, n)| r.start / n).collect();
+                if let Ok(Some(range)) = v.array.subchunk_byte_range(&v.shards, &subchunk) {
+                    reads.push((v.array.chunk_key(&stored), range));
+                }
+            }
+        }
+        reads
     }
 
     /// One chunk of `v` on the target cells of chunk `id`: read as stored, or regridded from its level
@@ -637,7 +666,7 @@ mod tests {
             let mut assembler = Assembler::new(&cube, &[], builder.transform).unwrap();
             let validity = assembler.validity(&cube).unwrap();
             assembler.lat.clear();
-            let mut loader = builder.start(assembler, validity).unwrap();
+            let mut loader = builder.start(assembler, validity, None).unwrap();
             match loader.next() {
                 Some(Err(LoaderError::Panic(message))) => {
                     assert!(message.contains("index out of bounds"), "{message}");
