@@ -458,6 +458,16 @@ fn metadata_that_would_allocate_absurdly_is_refused_before_reading() {
             assert!(message.contains(part), "{what}: expected `{part}` in {message}");
         }
     }
+    // Through a slow store arrays are opened from the root's consolidated metadata: held to the same checks.
+    let copy = dir.path().join("consolidated.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    edit_json(&copy.join("zarr.json"), |v| {
+        v["consolidated_metadata"]["metadata"]["ndvi"]["shape"][2] = (1u64 << 50).into();
+    });
+    let store = cubeload::store::Location::Local(copy.clone()).readable().unwrap();
+    let slow = std::sync::Arc::new(cubeload::store::LatencyStore::new(store, std::time::Duration::ZERO));
+    let message = Loader::builder(&copy).store(slow).build().unwrap_err().to_string();
+    assert!(message.contains("array `ndvi` has shape"), "{message}");
 }
 
 #[test]

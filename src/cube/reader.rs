@@ -20,8 +20,9 @@ pub struct Cube {
     store: ReadableStorage,
     meta: CubeMeta,
     slow: bool,
-    /// Array metadata from the root's consolidated metadata: opening an array then costs no request (on an
-    /// object store, each would be a round trip before the first batch).
+    /// Slow stores: array metadata from the root's consolidated metadata, so that opening an array costs no
+    /// request (each would be a round trip before the first batch). Locally each array's own `zarr.json` is
+    /// read, as the authoritative copy.
     arrays: HashMap<String, ArrayMetadata>,
 }
 
@@ -175,7 +176,10 @@ impl Cube {
     }
 
     fn open_with(location: &Location, store: ReadableStorage, slow: bool) -> Result<Cube, CubeError> {
-        let (meta, arrays) = read_root(&store, location)?;
+        let (meta, mut arrays) = read_root(&store, location)?;
+        if !slow {
+            arrays.clear();
+        }
         let path = location.display_path();
         if !meta.complete {
             return Err(CubeError::Incomplete { path });
