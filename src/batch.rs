@@ -68,7 +68,8 @@ pub struct NativeField {
     pub factor: [usize; 2],
     /// `[row, col]` on the level grid of the field's first cell.
     pub origin: [usize; 2],
-    /// `[T, h, w]`, or `[h, w]` for a static variable.
+    /// `[T, h, w]` in the level's own steps (`T` = the batch's steps ÷ the level's time factor), or `[h, w]`
+    /// for a static variable.
     pub shape: Vec<usize>,
     /// Values, normalized if asked, missing values replaced by the fill value.
     pub data: Vec<f32>,

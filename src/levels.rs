@@ -127,10 +127,10 @@ pub fn time_factor(name: &str, time_step: &str, step: Option<Step>) -> Result<us
     Ok(q as usize)
 }
 
-/// Least common multiple.
+/// Least common multiple, `None` on overflow.
 #[must_use]
-pub fn lcm(a: usize, b: usize) -> usize {
-    a / gcd(a, b) * b
+pub fn lcm(a: usize, b: usize) -> Option<usize> {
+    (a / gcd(a, b)).checked_mul(b)
 }
 
 fn gcd(a: usize, b: usize) -> usize {

@@ -311,17 +311,20 @@ impl LoaderBuilder {
             None => (location.readable()?, matches!(location, Location::S3 { .. })),
         };
         // A slow store gets fetch threads in front of the readers (not when reading on the calling thread).
-        let readahead = (slow && self.threads > 0 && self.fetchers > 0).then(|| {
-            // Room for the reads of every batch within the prefetch depth (4 per variable and batch).
-            let capacity = (self.prefetch + self.threads) * self.mix * 4 * self.variables.len().max(8);
-            Arc::new(ReadaheadStore::new(store.clone(), capacity))
-        });
+        let readahead = (slow && self.threads > 0 && self.fetchers > 0)
+            .then(|| Arc::new(ReadaheadStore::new(store.clone(), 1)));
         let cube = match &readahead {
             Some(readahead) => Cube::open_store(&location, readahead.clone())?,
             None if slow => Cube::open_store(&location, store)?,
             None => Cube::open(&self.path)?,
         };
         let assembler = Assembler::new(&cube, &self.variables, self.transform)?;
+        if let Some(readahead) = &readahead {
+            // Room for the reads of every batch within the prefetch depth and in the readers' hands, twice.
+            let jobs = self.prefetch + self.threads + self.fetchers;
+            readahead
+                .set_capacity(jobs.saturating_mul(self.mix).saturating_mul(2 * assembler.variable_count()));
+        }
         let validity = assembler.validity(&cube)?;
         self.start(assembler, validity, readahead)
     }
@@ -497,6 +500,9 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
     }
 }
 
+/// Reads one fetch thread has in flight at once (a job of many variables is fetched in groups of this many).
+const READS_PER_FETCHER: usize = 8;
+
 /// Fetches the store reads of upcoming jobs into the readahead store, within the prefetch depth. A read that
 /// fails is left to the reader, which reports it.
 fn fetch_loop(shared: &Shared) {
@@ -516,19 +522,21 @@ fn fetch_loop(shared: &Shared) {
             jobs.next_fetch += 1;
             jobs.next_fetch - 1
         };
-        let (_, _, chunks) = shared.sampler.job(job);
-        // The job's reads wait together (one thread each: they only wait). Whatever happens here, the job is
-        // marked fetched: its reader must never wait forever.
+        // The job's reads wait together, a few at a time (one thread each: they only wait). Whatever happens
+        // here, the job is marked fetched: its reader must never wait forever.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (_, _, chunks) = shared.sampler.job(job);
             let reads = shared.assembler.planned_reads(&chunks);
-            std::thread::scope(|scope| {
-                for (key, range) in &reads {
-                    if shared.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    scope.spawn(move || readahead.fetch(key, *range));
+            for group in reads.chunks(READS_PER_FETCHER) {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
                 }
-            });
+                std::thread::scope(|scope| {
+                    for (key, range) in group {
+                        scope.spawn(move || readahead.fetch(key, *range));
+                    }
+                });
+            }
         }));
         shared.jobs.lock().expect("job counter").fetched.insert(job);
         shared.wake.notify_all();

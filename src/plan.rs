@@ -200,7 +200,9 @@ impl Plan {
             if variables.iter().all(|v| v.is_static) { 0 } else { time.as_ref().map_or(0, TimeAxis::len) };
         let stored: Vec<(DType, bool)> = variables.iter().map(|v| (v.dtype, v.is_static)).collect();
         let time_factors = time_factors(&config, time.as_ref(), &variables)?;
-        let multiple = time_factors.iter().fold(1, |l, &q| levels::lcm(l, q));
+        let multiple = time_factors.iter().try_fold(1usize, |l, &q| levels::lcm(l, q)).ok_or_else(|| {
+            ConfigError::invalid("variables", "the native time steps have no common multiple of a sane size")
+        })?;
         let (layout, mut estimate) = resolve_layout(&config, &grid, n_time, &stored, multiple)?;
         let levels = assign_levels(&config, &grid, &layout, n_time, &time_factors, &mut variables)?;
         if !levels.is_empty() {
@@ -269,7 +271,17 @@ fn time_factors(
                 format!("variables.{name}.time_step"),
                 "the variable is static (its source has no time axis)",
             )),
-            Some(step) => levels::time_factor(name, step, time.and_then(|t| t.step)),
+            Some(step) => {
+                let q = levels::time_factor(name, step, time.and_then(|t| t.step))?;
+                let steps = time.map_or(0, TimeAxis::len);
+                if q > steps {
+                    return Err(ConfigError::invalid(
+                        format!("variables.{name}.time_step"),
+                        format!("{step} is longer than the whole time axis ({steps} steps)"),
+                    ));
+                }
+                Ok(q)
+            }
         })
         .collect()
 }
@@ -308,12 +320,10 @@ fn assign_levels(
                 levels.len() - 1
             });
         v.level = Some(index);
-        let categorical = v.kind == VariableKind::Categorical;
-        v.upsampling = Some(var.upsampling.unwrap_or(if categorical {
-            Upsampling::Nearest
-        } else {
-            Upsampling::Bilinear
-        }));
+        // Categorical values are never interpolated; on a time-only level space is the target's anyway.
+        let nearest = v.kind == VariableKind::Categorical || factor == [1, 1];
+        v.upsampling =
+            Some(var.upsampling.unwrap_or(if nearest { Upsampling::Nearest } else { Upsampling::Bilinear }));
     }
     Ok(levels)
 }

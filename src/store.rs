@@ -239,7 +239,7 @@ mod object_store {
 /// (a shard index, a level chunk) goes to the store. At most `capacity` reads are kept (oldest out).
 pub struct ReadaheadStore {
     inner: ReadableStorage,
-    capacity: usize,
+    capacity: AtomicU64,
     fetched: std::sync::Mutex<Fetched>,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -267,11 +267,16 @@ impl ReadaheadStore {
     pub fn new(inner: ReadableStorage, capacity: usize) -> Self {
         ReadaheadStore {
             inner,
-            capacity: capacity.max(1),
+            capacity: AtomicU64::new(capacity.max(1) as u64),
             fetched: std::sync::Mutex::new(Fetched::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps at most `capacity` fetched reads from now on.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity.max(1) as u64, Ordering::Relaxed);
     }
 
     /// Reads `range` of `key` from the store now, for a later reader.
@@ -285,7 +290,7 @@ impl ReadaheadStore {
         if fetched.reads.insert(id.clone(), bytes).is_none() {
             fetched.order.push_back(id);
         }
-        while fetched.order.len() > self.capacity {
+        while fetched.order.len() as u64 > self.capacity.load(Ordering::Relaxed) {
             let old = fetched.order.pop_front().expect("non-empty");
             fetched.reads.remove(&old);
         }

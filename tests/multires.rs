@@ -305,6 +305,7 @@ fn requests_that_cannot_nest_are_snapped_or_refused_by_key() {
     assert!(e.contains("variables.t2m.upsampling"), "{e}");
     assert!(refused("time_step: 90min").contains("variables.t2m.time_step"));
     assert!(refused("time_step: 1mo").contains("not a whole multiple"));
+    assert!(refused("time_step: 10d").contains("longer than the whole time axis"));
     // Full series are padded to whole native steps (48 h → 50 h for 5 h steps); windows must be whole.
     let plan =
         Plan::new(Config::from_yaml(&with("time_step: 5h"), Path::new("t.yaml")).unwrap(), String::new())

@@ -23,7 +23,8 @@ class Loader:
     Multi-resolution cubes: variables stored at a coarser resolution come regridded onto the batch's cells
     (``regrid="target"``: nearest or bilinear, as the cube declares), or with ``regrid="native"`` in
     ``batch["native"][name]`` as ``{"data", "mask", "origin", "factor"}``: the level cells under the batch
-    (``[T, h, w]``), the first one's ``(row, col)`` on the level grid, and target cells per level cell.
+    (``[T, h, w]``, ``T`` in the level's own time steps), the first one's ``(row, col)`` on the level grid, and
+    target cells per level cell.
 
     A chunk that cannot be read or decoded (every chunk carries a checksum) raises ``CorruptChunkError``
     naming the variable and chunk; with ``on_corrupt="skip"`` its batch is left out and counted in

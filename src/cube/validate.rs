@@ -190,6 +190,11 @@ fn check_levels(meta: &CubeMeta) -> Result<(), MetaError> {
                 "is given exactly for the variables on a level",
             );
         }
+        if v.kind == crate::config::VariableKind::Categorical
+            && v.upsampling == Some(crate::config::Upsampling::Bilinear)
+        {
+            return fail(format!("variables[{i}].upsampling"), "bilinear would invent classes");
+        }
     }
     Ok(())
 }
@@ -616,6 +621,10 @@ mod tests {
             ("levels[0].group", Box::new(|m| m.levels[0].time_factor = 2)),
             ("variables[0].level", Box::new(|m| m.variables[0].level = Some(3))),
             ("variables[0].upsampling", Box::new(|m| m.variables[0].upsampling = None)),
+            (
+                "variables[0].upsampling",
+                Box::new(|m| m.variables[0].kind = crate::config::VariableKind::Categorical),
+            ),
         ];
         for (field, edit) in cases {
             let mut meta = multires();

@@ -44,8 +44,8 @@ struct Coarse {
     cache: ChunkCache,
 }
 
-/// Bytes of decoded level chunks kept per coarse variable.
-const LEVEL_CACHE_BYTES: usize = 64 << 20;
+/// Bytes of decoded level chunks kept, shared among the variables on levels (at least 8 MB each).
+const LEVEL_CACHE_BYTES: usize = 256 << 20;
 
 struct Var {
     meta: VariableMeta,
@@ -65,6 +65,8 @@ pub struct Assembler {
     lon: Vec<f64>,
     transform: Transform,
     path: std::path::PathBuf,
+    /// The store's requests are slow (an object store): independent ones are made at once.
+    slow: bool,
 }
 
 impl std::fmt::Debug for Assembler {
@@ -102,10 +104,15 @@ impl Assembler {
             };
             let array = checked_array(cube, ArrayRole::Variable(v), &meta.geometry(v).array_path(name))?;
             let shards = ArrayShardedReadableExtCache::new(&array);
+            let on_levels = names
+                .iter()
+                .filter_map(|n| meta.variables.iter().find(|w| &w.name == n))
+                .filter(|w| w.level.is_some())
+                .count();
             let coarse = meta.geometry(v).level.map(|level| Coarse {
                 level: level.clone(),
                 upsampling: v.upsampling.unwrap_or(Upsampling::Nearest),
-                cache: ChunkCache::new(LEVEL_CACHE_BYTES),
+                cache: ChunkCache::new((LEVEL_CACHE_BYTES / on_levels.max(1)).max(8 << 20)),
             });
             vars.push(Var { meta: v.clone(), coarse, array, shards, affine });
         }
@@ -125,7 +132,14 @@ impl Assembler {
             (lat.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), lon)
         });
         let (lat, lon) = (lat?, lon?);
-        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf() })
+        let slow = cube.slow_requests();
+        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf(), slow })
+    }
+
+    /// Variables read per batch.
+    #[must_use]
+    pub fn variable_count(&self) -> usize {
+        self.vars.len()
     }
 
     /// The cube's metadata.
@@ -167,11 +181,24 @@ impl Assembler {
                 message: e.to_string(),
             })
         };
-        // Every variable's index at once: on an object store each is a round trip before the first batch.
-        let indexes: Vec<Result<Vec<f32>, LoaderError>> = std::thread::scope(|scope| {
-            let readers: Vec<_> = self.vars.iter().map(|v| scope.spawn(move || read(v))).collect();
-            readers.into_iter().map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        });
+        // On an object store each index is a round trip before the first batch: 16 at a time.
+        let indexes: Vec<Result<Vec<f32>, LoaderError>> = if self.slow {
+            self.vars
+                .chunks(16)
+                .flat_map(|group| {
+                    std::thread::scope(|scope| {
+                        let readers: Vec<_> = group.iter().map(|v| scope.spawn(move || read(v))).collect();
+                        let joined: Vec<_> = readers
+                            .into_iter()
+                            .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                            .collect();
+                        joined
+                    })
+                })
+                .collect()
+        } else {
+            self.vars.iter().map(read).collect()
+        };
         for (v, values) in self.vars.iter().zip(indexes) {
             let values = values?;
             let counts = self.meta.geometry(&v.meta).chunk_counts();
@@ -284,7 +311,8 @@ impl Assembler {
         let mut values = vec![f32::NAN; steps * height * width];
         for iy in rows.start / chunk_y..=(rows.end - 1) / chunk_y {
             for ix in cols.start / chunk_x..=(cols.end - 1) / chunk_x {
-                let id = [it, iy, ix];
+                // A static variable has one chunk whatever the time chunk.
+                let id = [if v.meta.is_static { 0 } else { it }, iy, ix];
                 let chunk = coarse.cache.get_or_read(id, || self.read_stored(v, layout, id))?;
                 let (row0, col0) = (iy * chunk_y, ix * chunk_x);
                 let (first, last) = (cols.start.max(col0), cols.end.min(col0 + chunk_x));

@@ -56,10 +56,12 @@ pub fn taps(i: usize, k: usize, n: usize) -> (usize, usize, f32) {
         return (0, 0, 0.0);
     }
     let lo = u.floor() as usize;
-    if lo >= last {
-        return (last, last, 0.0);
+    let fraction = u - lo as f64;
+    // On a centre (or past the last one) one cell: a batch then reads no level chunk it does not use.
+    if lo >= last || fraction == 0.0 {
+        return (lo.min(last), lo.min(last), 0.0);
     }
-    (lo, lo + 1, (u - lo as f64) as f32)
+    (lo, lo + 1, fraction as f32)
 }
 
 /// Target cells `rows × cols` (of a grid of `valid = (height, width)` cells; cells past it are padding and
@@ -211,8 +213,10 @@ mod tests {
         assert_eq!(taps(1, 2, 5), (0, 1, 0.25));
         assert_eq!(taps(2, 2, 5), (0, 1, 0.75));
         assert_eq!(taps(9, 2, 5), (4, 4, 0.0));
-        // k = 3: the middle cell of each level cell sits on its centre.
-        assert_eq!(taps(4, 3, 5), (1, 2, 0.0));
+        // k = 3: the middle cell of each level cell sits on its centre; k = 1 is the identity.
+        assert_eq!(taps(4, 3, 5), (1, 1, 0.0));
+        assert_eq!(taps(7, 1, 9), (7, 7, 0.0));
+        assert_eq!(level_span(Upsampling::Bilinear, &(16..32), 1, 64), 16..32);
         assert_eq!(level_span(Upsampling::Bilinear, &(0..4), 2, 5), 0..3);
         assert_eq!(level_span(Upsampling::Nearest, &(4..8), 2, 5), 2..4);
     }
