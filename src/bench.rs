@@ -85,8 +85,9 @@ pub struct BenchReport {
     /// Epoch time with one reader thread ÷ with `threads` (goal: ≥ 1.8 for 2 threads when decode-bound).
     pub thread_scaling: Option<f64>,
     /// The same epoch through a store that answers every request after [`REMOTE_LATENCY_MS`] (an object
-    /// store's latency), with `remote_threads` fetch threads: batches/s there ÷ batches/s of the local epoch,
-    /// both after their first batch (the time to it is `remote_time_to_first_batch_ms`).
+    /// store's latency), with `remote_threads` fetch threads: batches/s there ÷ batches/s locally, over two
+    /// epochs after the first batch (the time to it is `remote_time_to_first_batch_ms`); the median of three
+    /// such pairs run side by side.
     pub remote_ratio: Option<f64>,
     /// Requests per batch in that phase (each pays the latency).
     pub remote_requests_per_batch: Option<f64>,
@@ -103,7 +104,7 @@ pub struct BenchReport {
     /// batches (coarse variables at their native resolution and time step).
     pub multires_storage_ratio: Option<f64>,
     /// Batches/s of the loader on the multi-resolution cube (regridding on the fly) ÷ on the single-resolution
-    /// one, epochs run one after the other.
+    /// one: the median of three pairs of epochs run side by side.
     pub multires_throughput_ratio: Option<f64>,
     /// Batches delivered in the loader epoch.
     pub batches: usize,
@@ -275,7 +276,6 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     let read_before = bytes_read();
     let epoch = loader_epoch(cube_path, options.threads, options.prefetch)?;
     let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
-    let local_rate = epoch.steady_rate();
     let Epoch { seconds, batches, samples, bytes, first_ms, mut latencies } = epoch;
     // The same epoch with one reader thread: how reading scales with threads.
     let thread_scaling = if options.threads >= 2 {
@@ -292,17 +292,30 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             Location::Local(cube_path.to_path_buf()).readable()?,
             Duration::from_millis(REMOTE_LATENCY_MS),
         ));
-        let remote = loader_epoch_from(
-            cube_path,
-            Some(store.clone()),
-            options.threads,
-            options.remote_prefetch,
-            options.remote_threads,
-        )?;
+        // The median of three ratios of two remote epochs and two local ones run side by side: a training
+        // run's sustained rate, past the first epoch's cold shard indexes.
+        let mut ratios = Vec::with_capacity(ROUNDS);
+        let (mut requests, mut batches_read, mut first_ms) = (0, 0, Vec::with_capacity(ROUNDS));
+        for _ in 0..ROUNDS {
+            let before = store.requests();
+            let remote = loader_epochs(
+                cube_path,
+                Some(store.clone()),
+                options.threads,
+                options.remote_prefetch,
+                options.remote_threads,
+                REMOTE_EPOCHS,
+            )?;
+            requests += store.requests() - before;
+            batches_read += remote.batches;
+            first_ms.push(remote.first_ms);
+            let local = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, REMOTE_EPOCHS)?;
+            ratios.push(remote.steady_rate() / local.steady_rate());
+        }
         (
-            Some(remote.steady_rate() / local_rate),
-            Some(store.requests() as f64 / remote.batches.max(1) as f64),
-            Some(remote.first_ms),
+            Some(median(&mut ratios)),
+            Some(requests as f64 / batches_read.max(1) as f64),
+            Some(median(&mut first_ms)),
         )
     } else {
         (None, None, None)
@@ -402,29 +415,53 @@ pub fn compare_multires(
     let storage =
         Cube::open(single)?.bytes_on_disk() as f64 / Cube::open(multi)?.bytes_on_disk().max(1) as f64;
     let per_second = |e: &Epoch| e.batches as f64 / e.seconds;
-    // A first pass of each warms the page cache, so that neither pays for the other's disk reads.
+    // A first pass of each warms the page cache, so that neither pays for the other's disk reads; then the
+    // median of three ratios of epochs run side by side (one epoch is under a second: noise on a shared
+    // machine moves a single ratio by ±0.15).
     loader_epoch(single, options.threads, options.prefetch)?;
     loader_epoch(multi, options.threads, options.prefetch)?;
-    let a = loader_epoch(single, options.threads, options.prefetch)?;
-    let b = loader_epoch(multi, options.threads, options.prefetch)?;
-    Ok((storage, per_second(&b) / per_second(&a)))
+    let mut ratios = (0..ROUNDS)
+        .map(|_| {
+            let a = loader_epoch(single, options.threads, options.prefetch)?;
+            let b = loader_epoch(multi, options.threads, options.prefetch)?;
+            Ok(per_second(&b) / per_second(&a))
+        })
+        .collect::<Result<Vec<f64>, LoaderError>>()?;
+    Ok((storage, median(&mut ratios)))
+}
+
+/// Rounds of the side-by-side comparisons whose median is reported.
+const ROUNDS: usize = 3;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
 fn loader_epoch(cube: &Path, threads: usize, prefetch: usize) -> Result<Epoch, LoaderError> {
-    loader_epoch_from(cube, None, threads, prefetch, 0)
+    loader_epochs(cube, None, threads, prefetch, 0, 1)
 }
 
-/// [`loader_epoch`] through `store` when given, with `fetchers` fetch threads in front of it.
-fn loader_epoch_from(
+/// Epochs of the object-store phase.
+const REMOTE_EPOCHS: usize = 2;
+
+/// `epochs` of [`loader_epoch`] through `store` when given, with `fetchers` fetch threads in front of it.
+fn loader_epochs(
     cube: &Path,
     store: Option<zarrs::storage::ReadableStorage>,
     threads: usize,
     prefetch: usize,
     fetchers: usize,
+    epochs: usize,
 ) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
-    let mut builder = Loader::builder(cube).shuffle(0).threads(threads).prefetch(prefetch).fetchers(fetchers);
+    let mut builder = Loader::builder(cube)
+        .shuffle(0)
+        .epochs(epochs)
+        .threads(threads)
+        .prefetch(prefetch)
+        .fetchers(fetchers);
     if let Some(store) = store {
         builder = builder.store(store);
     }

@@ -31,12 +31,14 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use self::assemble::{Assembler, Transform};
+use self::assemble::{Assembler, Planned, Transform};
 use self::sampler::{ChunkId, Sampler, Share};
 use crate::batch::Batch;
 use crate::cube::reader::Cube;
 use crate::cube::{CubeError, CubeMeta};
 use crate::store::{Location, ReadaheadStore};
+use zarrs::storage::StoreKey;
+use zarrs::storage::byte_range::ByteRange;
 
 /// A loader error: names the cube, variable or chunk at fault.
 #[derive(Debug, thiserror::Error)]
@@ -318,7 +320,8 @@ impl LoaderBuilder {
             None if slow => Cube::open_store(&location, store)?,
             None => Cube::open(&self.path)?,
         };
-        let assembler = Assembler::new(&cube, &self.variables, self.transform)?;
+        let mut assembler = Assembler::new(&cube, &self.variables, self.transform)?;
+        assembler.read_fetched(readahead.is_some());
         if let Some(readahead) = &readahead {
             // Room for the reads of every batch within the prefetch depth and in the readers' hands, twice.
             let jobs = self.prefetch + self.threads + self.fetchers;
@@ -380,6 +383,7 @@ impl LoaderBuilder {
             readahead,
             delivered: AtomicUsize::new(first_job),
             wake: Condvar::new(),
+            fetch_wake: Condvar::new(),
             stop: AtomicBool::new(false),
             total_jobs,
             ahead: self.prefetch.div_ceil(per_job).max(1),
@@ -440,13 +444,17 @@ struct Shared {
     assembler: Assembler,
     sampler: Sampler,
     seed: u64,
-    /// Next jobs to read and to fetch (the lock `wake` waits with).
+    /// Next jobs to read and to fetch (the lock `wake` and `fetch_wake` wait with).
     jobs: Mutex<Cursor>,
     /// In front of a slow store: what the fetchers read ahead.
     readahead: Option<Arc<ReadaheadStore>>,
     /// Jobs handed to the consumer so far (readers stay within `ahead` of it).
     delivered: AtomicUsize,
+    /// Readers wait here: for the consumer to take a job, or for a job to be fetched.
     wake: Condvar,
+    /// Fetchers wait here, for the consumer to take a job (which frees one place in the prefetch depth: one
+    /// fetcher is woken, not all of them, which would be dozens of wake-ups per batch).
+    fetch_wake: Condvar,
     stop: AtomicBool,
     total_jobs: usize,
     ahead: usize,
@@ -500,13 +508,11 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
     }
 }
 
-/// Reads one fetch thread has in flight at once (a job of many variables is fetched in groups of this many).
-const READS_PER_FETCHER: usize = 8;
-
 /// Fetches the store reads of upcoming jobs into the readahead store, within the prefetch depth. A read that
 /// fails is left to the reader, which reports it.
 fn fetch_loop(shared: &Shared) {
     let Some(readahead) = &shared.readahead else { return };
+    let read = |key: &StoreKey, range: ByteRange| readahead.read_through(key, range).ok().flatten();
     loop {
         let job = {
             let mut jobs = shared.jobs.lock().expect("job counter");
@@ -517,25 +523,26 @@ fn fetch_loop(shared: &Shared) {
                 if jobs.next_fetch < shared.delivered.load(Ordering::Acquire) + shared.ahead {
                     break;
                 }
-                jobs = shared.wake.wait(jobs).expect("job counter");
+                jobs = shared.fetch_wake.wait(jobs).expect("job counter");
             }
             jobs.next_fetch += 1;
             jobs.next_fetch - 1
         };
-        // The job's reads wait together, a few at a time (one thread each: they only wait). Whatever happens
-        // here, the job is marked fetched: its reader must never wait forever.
+        // The job's reads one after the other: concurrency comes from the number of fetch threads (a thread
+        // per read costs more CPU than the waiting it saves). Whatever happens here, the job is marked
+        // fetched: its reader must never wait forever.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let (_, _, chunks) = shared.sampler.job(job);
-            let reads = shared.assembler.planned_reads(&chunks);
-            for group in reads.chunks(READS_PER_FETCHER) {
+            for step in shared.assembler.planned_reads(&chunks, &read) {
                 if shared.stop.load(Ordering::Acquire) {
                     return;
                 }
-                std::thread::scope(|scope| {
-                    for (key, range) in group {
-                        scope.spawn(move || readahead.fetch(key, *range));
+                match step {
+                    Planned::Fetch(key, range) => {
+                        let _ = readahead.fetch(&key, range);
                     }
-                });
+                    Planned::Give(key, range, bytes) => readahead.deposit(&key, range, bytes),
+                }
             }
         }));
         shared.jobs.lock().expect("job counter").fetched.insert(job);
@@ -657,6 +664,7 @@ impl Loader {
         // Take the lock so that a reader between its check and its wait cannot miss this notification.
         drop(self.shared.jobs.lock().expect("job counter"));
         self.shared.wake.notify_all();
+        self.shared.fetch_wake.notify_one();
         Some(result)
     }
 }
@@ -702,6 +710,7 @@ impl Drop for Loader {
         self.shared.stop.store(true, Ordering::Release);
         drop(self.shared.jobs.lock().expect("job counter"));
         self.shared.wake.notify_all();
+        self.shared.fetch_wake.notify_all();
         // Unblock readers waiting to send by dropping the receiver's backlog first.
         while self.rx.try_recv().is_ok() {}
         let rx = std::mem::replace(&mut self.rx, crossbeam_channel::never());

@@ -257,8 +257,22 @@ fn range_key(range: ByteRange) -> RangeKey {
 
 #[derive(Default)]
 struct Fetched {
-    reads: std::collections::HashMap<(StoreKey, RangeKey), zarrs::storage::Bytes>,
+    /// Copies kept, oldest first: the same read may be fetched for several batches in flight.
+    reads: std::collections::HashMap<(StoreKey, RangeKey), std::collections::VecDeque<zarrs::storage::Bytes>>,
     order: std::collections::VecDeque<(StoreKey, RangeKey)>,
+    sizes: std::collections::HashMap<StoreKey, Option<u64>>,
+}
+
+impl Fetched {
+    /// Removes and returns the oldest copy of `id`.
+    fn forget_oldest(&mut self, id: &(StoreKey, RangeKey)) -> Option<zarrs::storage::Bytes> {
+        let copies = self.reads.get_mut(id)?;
+        let bytes = copies.pop_front();
+        if copies.is_empty() {
+            self.reads.remove(id);
+        }
+        bytes
+    }
 }
 
 impl ReadaheadStore {
@@ -284,17 +298,31 @@ impl ReadaheadStore {
     /// # Errors
     /// The store's error (the reader then asks the store itself, and reports what it gets).
     pub fn fetch(&self, key: &StoreKey, range: ByteRange) -> Result<(), StorageError> {
-        let Some(bytes) = self.inner.get_partial(key, range)? else { return Ok(()) };
-        let mut fetched = self.lock();
-        let id = (key.clone(), range_key(range));
-        if fetched.reads.insert(id.clone(), bytes).is_none() {
-            fetched.order.push_back(id);
-        }
-        while fetched.order.len() as u64 > self.capacity.load(Ordering::Relaxed) {
-            let old = fetched.order.pop_front().expect("non-empty");
-            fetched.reads.remove(&old);
+        if let Some(bytes) = self.inner.get_partial(key, range)? {
+            self.deposit(key, range, bytes);
         }
         Ok(())
+    }
+
+    /// Keeps `bytes` as what the store holds at `range` of `key`, for a later reader (a shard index the
+    /// fetch threads already hold, given to every reader of a chunk of its shard).
+    pub fn deposit(&self, key: &StoreKey, range: ByteRange, bytes: zarrs::storage::Bytes) {
+        let mut fetched = self.lock();
+        let id = (key.clone(), range_key(range));
+        fetched.reads.entry(id.clone()).or_default().push_back(bytes);
+        fetched.order.push_back(id);
+        while fetched.order.len() as u64 > self.capacity.load(Ordering::Relaxed) {
+            let old = fetched.order.pop_front().expect("non-empty");
+            fetched.forget_oldest(&old);
+        }
+    }
+
+    /// Reads `range` of `key` from the store, keeping nothing.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub fn read_through(&self, key: &StoreKey, range: ByteRange) -> Result<MaybeBytes, StorageError> {
+        self.inner.get_partial(key, range)
     }
 
     /// Reads served from what was fetched, and reads that went to the store.
@@ -312,8 +340,18 @@ impl ReadaheadStore {
             return None;
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
-        let taken = ids.iter().map(|id| fetched.reads.remove(id).expect("checked")).collect();
-        fetched.order.retain(|id| !ids.contains(id));
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let Some(bytes) = fetched.forget_oldest(id) else {
+                // The same range asked twice in one request: the second is read like the first.
+                taken.push(taken.last().cloned().expect("the first copy"));
+                continue;
+            };
+            if let Some(at) = fetched.order.iter().position(|o| o == id) {
+                fetched.order.remove(at);
+            }
+            taken.push(bytes);
+        }
         Some(taken)
     }
 
@@ -343,7 +381,13 @@ impl ReadableStorageTraits for ReadaheadStore {
     }
 
     fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
-        self.inner.size_key(key)
+        // A complete cube does not change under its readers: each size is asked of the store once.
+        if let Some(size) = self.lock().sizes.get(key) {
+            return Ok(*size);
+        }
+        let size = self.inner.size_key(key)?;
+        self.lock().sizes.insert(key.clone(), size);
+        Ok(size)
     }
 
     fn supports_get_partial(&self) -> bool {

@@ -578,6 +578,15 @@ fn variable_major_batches_are_the_transposed_batches() {
     }
 }
 
+fn count_files(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 })
+            .sum()
+    })
+}
+
 #[test]
 fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahead() {
     use cubeload::store::{LatencyStore, Location};
@@ -587,16 +596,24 @@ fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahe
         let store = Location::Local(cube.clone()).readable().unwrap();
         std::sync::Arc::new(LatencyStore::new(store, std::time::Duration::from_millis(2)))
     };
-    let mut loader = Loader::builder(cube).store(slow()).shuffle(9).threads(2).fetchers(8).build().unwrap();
+    let store = slow();
+    let mut loader =
+        Loader::builder(cube).store(store.clone()).shuffle(9).threads(2).fetchers(8).build().unwrap();
     let mut remote = Vec::new();
     for batch in loader.by_ref() {
         remote.push(batch.unwrap());
     }
     assert_eq!(fingerprint(&remote), fingerprint(&local));
-    // Every chunk of every batch (3 variables) was read from what the fetch threads had fetched; only
-    // shard indexes and coordinates went to the store.
+    // Every chunk of every batch (3 variables, each sharded) came from what the fetch threads had fetched,
+    // with its shard's index; only the cube's opening (root metadata, coordinates, validity indexes) went to
+    // the store from the readers.
+    let batches = remote.len() as u64;
     let (hits, misses) = loader.prefetched_reads().expect("a slow store gets fetch threads");
-    assert_eq!(hits, 3 * remote.len() as u64, "{misses} misses");
+    assert_eq!(hits, 2 * 3 * batches, "a chunk and its shard index per variable and batch ({misses} misses)");
+    assert!(misses <= 8, "{misses} misses");
+    // Requests: one per chunk, one per shard index (read once by the fetchers), and the opening.
+    let shards: u64 = ["t2m", "ndvi", "landcover"].iter().map(|v| count_files(&cube.join(v).join("c"))).sum();
+    assert!(store.requests() <= 3 * batches + shards + 12, "{} requests", store.requests());
     // Dropped mid-epoch, it stops its fetch threads too (a hang would time the test out).
     let mut partial = Loader::builder(cube).store(slow()).shuffle(9).fetchers(16).build().unwrap();
     assert!(partial.next().unwrap().is_ok());

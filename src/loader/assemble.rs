@@ -53,6 +53,8 @@ struct Var {
     array: Array<dyn ReadableStorageTraits>,
     /// Shard indexes read so far (each shard's index is read once, not once per batch).
     shards: ArrayShardedReadableExtCache,
+    /// The store read of a shard's index, as zarrs makes it (sharded arrays whose index layout is known).
+    index_read: Option<ByteRange>,
     /// `(mean, 1/std)` when normalizing.
     affine: Option<(f32, f32)>,
 }
@@ -67,6 +69,57 @@ pub struct Assembler {
     path: std::path::PathBuf,
     /// The store's requests are slow (an object store): independent ones are made at once.
     slow: bool,
+    /// Readers read from what fetch threads fetched ahead ([`Assembler::read_fetched`]).
+    fetched: bool,
+    /// The fetch threads' shard indexes, by (variable, shard): each read once, by the first fetcher that
+    /// needs it, while fetchers needing other shards go on.
+    shard_indexes: std::sync::Mutex<ShardIndexes>,
+}
+
+type ShardIndexes =
+    std::collections::HashMap<(usize, Vec<u64>), Arc<std::sync::OnceLock<Option<zarrs::storage::Bytes>>>>;
+
+/// A step of fetching ahead ([`Assembler::planned_reads`]).
+#[derive(Debug)]
+pub enum Planned {
+    /// Read this range of this key from the store, for a reader.
+    Fetch(StoreKey, ByteRange),
+    /// Give a reader these bytes as this range of this key (a shard index already held).
+    Give(StoreKey, ByteRange, zarrs::storage::Bytes),
+}
+
+/// The store read zarrs makes for the index of a shard of `array`: `16` bytes per inner chunk (offset and
+/// length), plus a CRC32C when the index codecs hold one, at the end or the start of the shard. `None` when
+/// the array is not sharded or its index is laid out otherwise.
+fn shard_index_read(array: &Array<dyn ReadableStorageTraits>) -> Option<ByteRange> {
+    let metadata = serde_json::to_value(array.metadata()).ok()?;
+    let codecs = metadata.get("codecs")?.as_array()?;
+    let [sharding] = codecs.as_slice() else { return None };
+    let configuration = sharding.get("configuration")?;
+    if sharding.get("name")?.as_str()? != "sharding_indexed" {
+        return None;
+    }
+    let names: Vec<&str> = configuration
+        .get("index_codecs")?
+        .as_array()?
+        .iter()
+        .map(|c| c.get("name").and_then(|n| n.as_str()).or_else(|| c.as_str()))
+        .collect::<Option<_>>()?;
+    let checksum = match names.as_slice() {
+        ["bytes"] => 0,
+        ["bytes", "crc32c"] => 4,
+        _ => return None,
+    };
+    let zeros = vec![0; array.dimensionality()];
+    let outer = array.chunk_shape(&zeros).ok()?;
+    let inner = array.subchunk_shape()?;
+    let chunks: u64 = outer.iter().zip(inner.iter()).map(|(o, i)| o.get() / i.get()).product();
+    let length = chunks.checked_mul(16)?.checked_add(checksum)?;
+    match configuration.get("index_location").and_then(|l| l.as_str()).unwrap_or("end") {
+        "end" => Some(ByteRange::Suffix(length)),
+        "start" => Some(ByteRange::FromStart(0, Some(length))),
+        _ => None,
+    }
 }
 
 impl std::fmt::Debug for Assembler {
@@ -114,7 +167,8 @@ impl Assembler {
                 upsampling: v.upsampling.unwrap_or(Upsampling::Nearest),
                 cache: ChunkCache::new((LEVEL_CACHE_BYTES / on_levels.max(1)).max(8 << 20)),
             });
-            vars.push(Var { meta: v.clone(), coarse, array, shards, affine });
+            let index_read = shard_index_read(&array);
+            vars.push(Var { meta: v.clone(), coarse, array, shards, index_read, affine });
         }
         let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = checked_array(cube, role, name)?;
@@ -133,7 +187,17 @@ impl Assembler {
         });
         let (lat, lon) = (lat?, lon?);
         let slow = cube.slow_requests();
-        Ok(Assembler { meta, vars, lat, lon, transform, path: cube.path().to_path_buf(), slow })
+        Ok(Assembler {
+            meta,
+            vars,
+            lat,
+            lon,
+            transform,
+            path: cube.path().to_path_buf(),
+            slow,
+            fetched: false,
+            shard_indexes: std::sync::Mutex::new(ShardIndexes::new()),
+        })
     }
 
     /// Variables read per batch.
@@ -221,32 +285,63 @@ impl Assembler {
         self.vars.iter().map(|v| self.read_variable(v, id)).collect()
     }
 
-    /// The store reads that reading `chunks` makes (one per variable and chunk on the target grid: the chunk,
-    /// or its byte range in a shard), for fetching them ahead from a slow store. Reads it cannot tell (level
-    /// chunks, shard indexes, chunks whose shard index cannot be read now) are left to the readers.
-    #[must_use]
-    pub fn planned_reads(&self, chunks: &[ChunkId]) -> Vec<(StoreKey, ByteRange)> {
-        let mut reads = Vec::new();
+    /// Readers take their chunks from what fetch threads fetched ahead (see [`Assembler::planned_reads`]):
+    /// they then read each shard's index from there too, rather than through zarrs' index cache, which
+    /// reads a missing index while holding its lock (one round trip there would stop every reader).
+    pub fn read_fetched(&mut self, fetched: bool) {
+        self.fetched = fetched;
+    }
+
+    /// What a fetch thread does so that reading `chunks` makes no request to a slow store: for each variable
+    /// on the target grid, the chunk (unsharded), or its byte range in its shard, preceded by the shard's
+    /// index given from the fetchers' own index cache (read once per shard, through `read`, without holding
+    /// any lock others wait on). Level chunks, and chunks of shards whose index cannot be read or laid out,
+    /// are left to the readers.
+    pub fn planned_reads(
+        &self,
+        chunks: &[ChunkId],
+        read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
+    ) -> Vec<Planned> {
+        let mut planned = Vec::new();
         for &id in chunks {
-            for v in self.vars.iter().filter(|v| v.coarse.is_none()) {
+            for (i, v) in self.vars.iter().enumerate().filter(|(_, v)| v.coarse.is_none()) {
                 let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
                 let zeros = vec![0; subset.len()];
                 let Ok(outer) = v.array.chunk_shape(&zeros) else { continue };
                 let outer: Vec<u64> = outer.iter().map(|n| n.get()).collect();
                 // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
                 let stored: Vec<u64> = subset.iter().zip(&outer).map(|(r, n)| r.start / n).collect();
+                let key = v.array.chunk_key(&stored);
                 let Some(inner) = v.array.subchunk_shape() else {
-                    reads.push((v.array.chunk_key(&stored), ByteRange::FromStart(0, None)));
+                    planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
                     continue;
                 };
-                let inner: Vec<u64> = inner.iter().map(|n| n.get()).collect();
-                let subchunk: Vec<u64> = subset.iter().zip(&inner).map(|(r, n)| r.start / n).collect();
-                if let Ok(Some(range)) = v.array.subchunk_byte_range(&v.shards, &subchunk) {
-                    reads.push((v.array.chunk_key(&stored), range));
+                let Some(index_range) = v.index_read else { continue };
+                let once = self
+                    .shard_indexes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry((i, stored.clone()))
+                    .or_default()
+                    .clone();
+                let Some(index) = once.get_or_init(|| read(&key, index_range)) else { continue };
+                // Row-major position of the chunk in its shard: 16 bytes (offset, length) per chunk.
+                let mut position = 0u64;
+                for ((r, n), o) in subset.iter().zip(inner.iter()).zip(&outer) {
+                    let per_shard = o / n.get();
+                    position = position * per_shard + (r.start / n.get()) % per_shard;
+                }
+                let at = (position * 16) as usize;
+                let Some(entry) = index.get(at..at + 16) else { continue };
+                let offset = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+                let length = u64::from_le_bytes(entry[8..].try_into().expect("8 bytes"));
+                planned.push(Planned::Give(key.clone(), index_range, index.clone()));
+                if (offset, length) != (u64::MAX, u64::MAX) {
+                    planned.push(Planned::Fetch(key, ByteRange::FromStart(offset, Some(length))));
                 }
             }
         }
-        reads
+        planned
     }
 
     /// One chunk of `v` on the target cells of chunk `id`: read as stored, or regridded from its level
@@ -337,15 +432,23 @@ impl Assembler {
             chunk: id,
             message: format!("{}: {e}", self.path.display()),
         };
+        // Chunks fetched ahead come with their shard's index: zarrs' index cache is not needed (and would
+        // read a missing index under its lock).
+        let cache = (!self.fetched || v.coarse.is_some()).then_some(&v.shards);
         if v.meta.dtype == DType::Float32 {
-            return v
-                .array
-                .retrieve_array_subset_sharded_opt::<Vec<f32>>(&v.shards, &subset.clone(), &one_thread())
-                .map_err(|e| fail(&e));
+            let values = match cache {
+                Some(cache) => v.array.retrieve_array_subset_sharded_opt::<Vec<f32>>(
+                    cache,
+                    &subset.clone(),
+                    &one_thread(),
+                ),
+                None => v.array.retrieve_array_subset_opt::<Vec<f32>>(&subset.clone(), &one_thread()),
+            };
+            return values.map_err(|e| fail(&e));
         }
         let fill = v.meta.fill_value;
-        let values = read_f64_cached(&v.array, Some(&v.shards), v.meta.dtype, &subset, &one_thread())
-            .map_err(|e| fail(&e))?;
+        let values =
+            read_f64_cached(&v.array, cache, v.meta.dtype, &subset, &one_thread()).map_err(|e| fail(&e))?;
         Ok(values.into_iter().map(|x| if Some(x) == fill { f32::NAN } else { x as f32 }).collect())
     }
 
