@@ -123,22 +123,14 @@ fn tensor(c: &mut Criterion, path: &Path) {
 }
 
 fn regrid(c: &mut Criterion) {
-    use cubeload::config::{LayoutConfig, Order, ShardConfig, ShardMode, Upsampling};
+    use cubeload::config::{LayoutConfig, Upsampling};
     use cubeload::grid::Grid;
     use cubeload::layout::Layout;
     use cubeload::levels::Level;
     use cubeload::loader::regrid::{Window, level_span, upsample};
     let (steps, k, side) = (48, 8, 64);
     let grid = Grid { west: 0.0, north: 10.0, res_x: 0.01, res_y: 0.01, width: 512, height: 512 };
-    let config = LayoutConfig::PixelSeries {
-        batch: side * side,
-        tile: None,
-        window: None,
-        shard: ShardConfig::Named(ShardMode::None),
-        order: Order::Tiled,
-        seed: 0,
-        multires: true,
-    };
+    let config = LayoutConfig::unsharded_multires(side * side);
     let target = Layout::resolve(&config, steps, grid.height, grid.width, 4);
     let level = Level::new([k, k], 1, &grid, &target, &config, steps, 4);
     let (rows, cols) = (side..2 * side, side..2 * side);

@@ -778,6 +778,21 @@ impl Config {
 }
 
 impl LayoutConfig {
+    /// An unsharded multi-resolution `pixel_series` layout of `batch` pixels in the most square tile: the
+    /// level arithmetic needs a layout config where none is at hand (checking a cube's levels, benchmarks).
+    #[must_use]
+    pub fn unsharded_multires(batch: usize) -> LayoutConfig {
+        LayoutConfig::PixelSeries {
+            batch,
+            tile: None,
+            window: None,
+            shard: ShardConfig::Named(ShardMode::None),
+            order: Order::Tiled,
+            seed: 0,
+            multires: true,
+        }
+    }
+
     /// Whether variables may keep a coarser native resolution (`layout.multires`).
     #[must_use]
     pub fn multires(&self) -> bool {

@@ -212,7 +212,6 @@ impl Level {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Order, ShardConfig, ShardMode};
     use proptest::prelude::*;
 
     fn grid(width: usize, height: usize) -> Grid {
@@ -220,15 +219,7 @@ mod tests {
     }
 
     fn pixel(batch: usize) -> LayoutConfig {
-        LayoutConfig::PixelSeries {
-            batch,
-            tile: None,
-            window: None,
-            shard: ShardConfig::Named(ShardMode::None),
-            order: Order::Tiled,
-            seed: 0,
-            multires: true,
-        }
+        LayoutConfig::unsharded_multires(batch)
     }
 
     #[test]

@@ -118,16 +118,7 @@ pub fn validate(meta: &CubeMeta) -> Result<(), MetaError> {
 /// Levels must be exactly what [`Level::new`] derives from their factor (their group names are paths in
 /// the store, and the loader indexes their chunks from the target's), and every variable's level must exist.
 fn check_levels(meta: &CubeMeta) -> Result<(), MetaError> {
-    use crate::config::{LayoutConfig, Order, ShardConfig, ShardMode};
-    let unsharded = LayoutConfig::PixelSeries {
-        batch: 1,
-        tile: None,
-        window: None,
-        shard: ShardConfig::Named(ShardMode::None),
-        order: Order::Tiled,
-        seed: 0,
-        multires: true,
-    };
+    let unsharded = crate::config::LayoutConfig::unsharded_multires(1);
     if meta.levels.len() > MAX_VARIABLES {
         return fail("levels", format!("{} levels, more than {MAX_VARIABLES}", meta.levels.len()));
     }

@@ -187,21 +187,13 @@ impl ChunkCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LayoutConfig, Order, ShardConfig, ShardMode};
+    use crate::config::LayoutConfig;
     use crate::grid::Grid;
     use crate::layout::Layout;
 
     fn level(k: usize, width: usize, height: usize) -> Level {
         let grid = Grid { west: 0.0, north: 10.0, res_x: 0.1, res_y: 0.1, width, height };
-        let config = LayoutConfig::PixelSeries {
-            batch: 16,
-            tile: None,
-            window: None,
-            shard: ShardConfig::Named(ShardMode::None),
-            order: Order::Tiled,
-            seed: 0,
-            multires: true,
-        };
+        let config = LayoutConfig::unsharded_multires(16);
         let target = Layout::resolve(&config, 2, height, width, 4);
         Level::new([k, k], 1, &grid, &target, &config, 2, 4)
     }
