@@ -403,7 +403,8 @@ impl Epoch {
 
 /// A multi-resolution cube against the single-resolution cube of the same inputs and batches: (storage ratio,
 /// throughput ratio), as [`BenchReport::multires_storage_ratio`] and
-/// [`BenchReport::multires_throughput_ratio`] define them. Each loader runs one epoch, warm, in turn.
+/// [`BenchReport::multires_throughput_ratio`] define them: after a warming epoch of each, the median of three
+/// pairs of epochs run one after the other.
 ///
 /// # Errors
 /// [`LoaderError`] when a cube cannot be opened or read.

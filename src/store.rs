@@ -340,11 +340,13 @@ impl ReadaheadStore {
             return None;
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
-        let mut taken = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let mut taken: Vec<zarrs::storage::Bytes> = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
             let Some(bytes) = fetched.forget_oldest(id) else {
-                // The same range asked twice in one request: the second is read like the first.
-                taken.push(taken.last().cloned().expect("the first copy"));
+                // The same range asked twice in one request (its one copy already taken): the same bytes.
+                let first = ids.iter().position(|other| other == id).expect("an earlier occurrence");
+                debug_assert!(first < i);
+                taken.push(taken[first].clone());
                 continue;
             };
             if let Some(at) = fetched.order.iter().position(|o| o == id) {
@@ -449,5 +451,41 @@ impl ReadableStorageTraits for LatencyStore {
 
     fn supports_get_partial(&self) -> bool {
         self.inner.supports_get_partial()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readahead_serves_each_fetched_copy_once_and_repeated_ranges_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"0123456789").unwrap();
+        let inner: ReadableStorage = Arc::new(FilesystemStore::new(dir.path()).unwrap());
+        let store = ReadaheadStore::new(inner, 16);
+        let key = StoreKey::new("a").unwrap();
+        let (r1, r2) = (ByteRange::FromStart(0, Some(2)), ByteRange::FromStart(5, Some(3)));
+        store.fetch(&key, r1).unwrap();
+        store.fetch(&key, r2).unwrap();
+        // [r1, r2, r1] with one copy of r1: the repeated range gets r1's bytes, not the previous range's.
+        let got: Vec<Vec<u8>> = store
+            .get_partial_many(&key, Box::new([r1, r2, r1].into_iter()))
+            .unwrap()
+            .unwrap()
+            .map(|b| b.unwrap().to_vec())
+            .collect();
+        assert_eq!(got, [b"01".to_vec(), b"567".to_vec(), b"01".to_vec()]);
+        assert_eq!(store.hits_and_misses(), (1, 0));
+        // Taken once: the next read goes to the store (same bytes).
+        assert_eq!(store.get_partial(&key, r1).unwrap().unwrap().to_vec(), b"01");
+        assert_eq!(store.hits_and_misses(), (1, 1));
+        // Fetched for two batches in flight: served twice, then gone.
+        store.fetch(&key, r1).unwrap();
+        store.fetch(&key, r1).unwrap();
+        for _ in 0..3 {
+            assert_eq!(store.get_partial(&key, r1).unwrap().unwrap().to_vec(), b"01");
+        }
+        assert_eq!(store.hits_and_misses(), (3, 2));
     }
 }
