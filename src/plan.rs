@@ -218,10 +218,9 @@ impl Plan {
                     v.dtype.size() as u64 * if v.is_static { plane } else { plane * pt as u64 }
                 })
                 .sum();
-            estimate.min_disk_bytes = match config.compression.codec {
-                Codec::None => estimate.uncompressed_bytes,
-                Codec::Zstd | Codec::Gzip => estimate.uncompressed_bytes / BEST_COMPRESSION_RATIO,
-            };
+            // Levels need no scratch (a multi-resolution cube is never shuffled).
+            estimate.min_disk_bytes =
+                compressed_at_best(config.compression.codec, estimate.uncompressed_bytes);
         }
         check_machine(&config, &grid, n_time, &layout, &estimate)?;
         let time = if n_time == 0 { None } else { time };
@@ -572,10 +571,7 @@ pub fn resolve_layout(
         ));
     }
     let scratch_bytes = if layout.shuffled.is_some() { bytes(false) } else { 0 };
-    let compressed = match config.compression.codec {
-        Codec::None => uncompressed_bytes,
-        Codec::Zstd | Codec::Gzip => uncompressed_bytes / BEST_COMPRESSION_RATIO,
-    };
+    let compressed = compressed_at_best(config.compression.codec, uncompressed_bytes);
     let min_block_bytes = variables
         .iter()
         .map(|&(_, s)| {
@@ -591,6 +587,14 @@ pub fn resolve_layout(
         min_block_bytes,
     };
     Ok((layout, estimate))
+}
+
+/// `bytes` of arrays compressed by `codec` at best ([`BEST_COMPRESSION_RATIO`]).
+fn compressed_at_best(codec: Codec, bytes: u64) -> u64 {
+    match codec {
+        Codec::None => bytes,
+        Codec::Zstd | Codec::Gzip => bytes / BEST_COMPRESSION_RATIO,
+    }
 }
 
 /// Refuses a cube that cannot fit this machine: the output's filesystem (`statvfs` of its nearest existing
