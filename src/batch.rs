@@ -104,39 +104,61 @@ impl Batch {
 
 #[cfg(feature = "tch")]
 mod tensor {
+    use tch::kind::Element;
     use tch::{Device, Kind, Tensor};
 
     use super::Batch;
 
-    fn to_device(host: Tensor, device: Device) -> Tensor {
-        match device {
-            Device::Cpu => host,
-            // Page-locked memory lets the copy to the GPU run asynchronously with the next batch's assembly.
-            device => host.pin_memory(device).to_device_(device, host.kind(), true, false),
+    /// Runs `f` on a tensor viewing `values` as `shape` (no copy); `f` must return a tensor of its own
+    /// memory (a copy or a conversion), which is all that outlives the view.
+    fn with_view<T: Element>(values: &[T], shape: &[usize], f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let mut strides = vec![1i64; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
         }
+        assert_eq!(values.len() as i64, dims.iter().product::<i64>(), "batch values and shape disagree");
+        // SAFETY: the view points into `values` with their length (checked above), kind and contiguous
+        // strides, and is dropped before this function returns, while `values` is still borrowed; `f` copies
+        // out of it synchronously (a CPU copy, a conversion or a copy into page-locked memory).
+        let view =
+            unsafe { Tensor::from_blob(values.as_ptr().cast(), &dims, &strides, T::KIND, Device::Cpu) };
+        f(&view)
     }
 
-    fn shape(shape: &[usize]) -> Vec<i64> {
-        shape.iter().map(|&d| d as i64).collect()
+    /// A copy of `values` on `device`, made by one copy out of them: `Tensor::from_slice` would zero the new
+    /// memory first. For a GPU the copy goes into page-locked memory, from which the copy to the device runs
+    /// without blocking, alongside the next batch's assembly.
+    fn copied<T: Element>(values: &[T], shape: &[usize], device: Device) -> Tensor {
+        with_view(values, shape, |view| match device {
+            Device::Cpu => {
+                let mut host = Tensor::empty(view.size(), (T::KIND, Device::Cpu));
+                host.copy_(view);
+                host
+            }
+            device => view.pin_memory(device).to_device_(device, T::KIND, true, false),
+        })
     }
 
     impl Batch {
         /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32): one copy into tensor memory,
-        /// then, for a CUDA device, a non-blocking copy from pinned memory.
+        /// or, for a CUDA device, into pinned memory and from there without blocking to the device.
         pub fn to_tensor(&self, device: Device) -> Tensor {
-            to_device(Tensor::from_slice(&self.data).view(shape(&self.shape).as_slice()), device)
+            copied(&self.data, &self.shape, device)
         }
 
         /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
         pub fn mask_tensor(&self, device: Device) -> Tensor {
-            let mask =
-                Tensor::from_slice(&self.mask).view(shape(&self.shape).as_slice()).to_kind(Kind::Float);
-            to_device(mask, device)
+            let mask = with_view(&self.mask, &self.shape, |view| view.to_kind(Kind::Float));
+            match device {
+                Device::Cpu => mask,
+                device => mask.pin_memory(device).to_device_(device, Kind::Float, true, false),
+            }
         }
 
         /// Static variables returned separately, `[B, Vs]` or `[B, Vs, h, w]`.
         pub fn statics_tensor(&self, device: Device) -> Tensor {
-            to_device(Tensor::from_slice(&self.statics).view(shape(&self.statics_shape()).as_slice()), device)
+            copied(&self.statics, &self.statics_shape(), device)
         }
     }
 }

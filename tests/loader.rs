@@ -548,12 +548,12 @@ fn batches_become_tensors() {
     assert_eq!(x.size(), vec![4, 8, 3, 8, 8]);
     let m = b.mask_tensor(tch::Device::Cpu);
     assert_eq!(m.size(), x.size());
-    let first = x.flatten(0, -1).double_value(&[0]);
-    assert_eq!(first as f32, b.data[0]);
-    assert_eq!(
-        m.sum(tch::Kind::Float).double_value(&[]) as usize,
-        b.mask.iter().map(|&v| usize::from(v)).sum::<usize>()
-    );
+    let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let (data, mask) = (bits(&b.data), b.mask.iter().map(|&v| f32::from(v)).collect::<Vec<_>>());
+    // The tensors hold copies: they outlive the batch, value for value.
+    drop(b);
+    assert_eq!(bits(&Vec::<f32>::try_from(x.flatten(0, -1)).unwrap()), data);
+    assert_eq!(Vec::<f32>::try_from(m.flatten(0, -1)).unwrap(), mask);
 }
 
 #[test]
