@@ -48,8 +48,8 @@ impl Default for BenchOptions {
             prefetch: 8,
             image_batches: 8,
             cold: false,
-            remote_threads: 48,
-            remote_prefetch: 96,
+            remote_threads: 96,
+            remote_prefetch: 192,
         }
     }
 }

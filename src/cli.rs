@@ -82,10 +82,10 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         image_batches: usize,
         /// Fetch threads of the object-store phase (every request delayed 20 ms; 0 skips it).
-        #[arg(long, default_value_t = 48)]
+        #[arg(long, default_value_t = 96)]
         remote_threads: usize,
         /// Prefetch depth of the object-store phase.
-        #[arg(long, default_value_t = 96)]
+        #[arg(long, default_value_t = 192)]
         remote_prefetch: usize,
         /// Also draw throughput and latency into this PNG.
         #[arg(long)]
