@@ -753,8 +753,7 @@ const LANES: usize = 16;
 /// Copies every variable of a pixel-series batch into `data` and `mask` (every element written: missing
 /// values get `fill` and a 0 mask). Tiles of [`LANES`] samples go through all variables in turn, so the
 /// tile's output rows stay in cache while each variable adds its column; each step of a time-major chunk is
-/// one contiguous load, prepared as a vector without branches, then stored sample by sample. Measured on
-/// one core against the element-by-element transpose it replaced: 2.6× faster for the default batches.
+/// one contiguous load, prepared as a vector without branches, then stored sample by sample.
 fn copy_series(
     copies: &[SeriesCopy<'_>],
     (samples, steps): (usize, usize),
