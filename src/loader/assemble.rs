@@ -57,8 +57,8 @@ struct Var {
     shards: ArrayShardedReadableExtCache,
     /// The store read of a shard's index, as zarrs makes it (sharded arrays whose index layout is known).
     index_read: Option<ByteRange>,
-    /// `(mean, 1/std)` when normalizing.
-    affine: Option<(f32, f32)>,
+    /// `(mean, 1/std)` when normalizing; `(0, 1)` leaves values as stored, bit for bit.
+    affine: (f32, f32),
 }
 
 /// Reads and assembles batches of one cube; shared by the reader threads.
@@ -152,10 +152,10 @@ impl Assembler {
             })?;
             let affine = match (transform.normalize, v.kind, v.stats) {
                 (true, VariableKind::Continuous, Some(s)) if s.std > 0.0 => {
-                    Some((s.mean as f32, (1.0 / s.std) as f32))
+                    (s.mean as f32, (1.0 / s.std) as f32)
                 }
-                (true, VariableKind::Continuous, Some(s)) => Some((s.mean as f32, 1.0)),
-                _ => None,
+                (true, VariableKind::Continuous, Some(s)) => (s.mean as f32, 1.0),
+                _ => (0.0, 1.0),
             };
             let array = checked_array(cube, ArrayRole::Variable(v), &meta.geometry(v).array_path(name))?;
             let shards = ArrayShardedReadableExtCache::new(&array);
@@ -530,9 +530,7 @@ impl Assembler {
         };
         let mut statics = vec![0.0f32; if separate { b * statics_cells } else { 0 }];
         let fill = self.transform.fill;
-        let prepare = |v: &Var, x: f32| -> (f32, u8) {
-            if x.is_nan() { (fill, 0) } else { (v.affine.map_or(x, |(m, inv)| (x - m) * inv), 1) }
-        };
+        let prepare = |v: &Var, x: f32| prepare(x, v.affine.0, v.affine.1, fill);
         let (mut vi, mut si) = (0, 0);
         let mut native = Vec::new();
         let mut series = Vec::new();
@@ -561,7 +559,7 @@ impl Assembler {
                         chunk,
                         read: (read_p, read_t),
                         out: Strided { base, write_p, write_t },
-                        affine: v.affine.unwrap_or((0.0, 1.0)),
+                        affine: v.affine,
                     });
                 }
                 LayoutKind::ImageSequence => {
