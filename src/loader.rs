@@ -22,6 +22,7 @@
 pub mod assemble;
 pub mod regrid;
 pub mod sampler;
+mod transpose;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

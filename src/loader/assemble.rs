@@ -20,6 +20,7 @@ use crate::cube::{CubeError, CubeMeta, VariableMeta};
 use crate::layout::{Layout, LayoutKind};
 use crate::levels::Level;
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
+use crate::loader::transpose::{Row, prepare, transpose_rows};
 use crate::plan::DType;
 
 /// How values are turned into model inputs.
@@ -745,13 +746,22 @@ struct SeriesCopy<'a> {
     affine: (f32, f32),
 }
 
-/// Samples copied together: one 64-byte cache line of a time-major chunk per step.
-const LANES: usize = 16;
+impl<'a> SeriesCopy<'a> {
+    /// Step `t` of a time-major chunk as a row of the batch's transpose.
+    fn row(&self, t: usize, samples: usize) -> Row<'a> {
+        let at = t * self.read.1;
+        Row {
+            values: &self.chunk[at..at + samples],
+            col: self.out.base + t * self.out.write_t,
+            affine: self.affine,
+        }
+    }
+}
 
 /// Copies every variable of a pixel-series batch into `data` and `mask` (every element written: missing
-/// values get `fill` and a 0 mask). Tiles of [`LANES`] samples go through all variables in turn, so the
-/// tile's output rows stay in cache while each variable adds its column; each step of a time-major chunk is
-/// one contiguous load, prepared as a vector without branches, then stored sample by sample.
+/// values get `fill` and a 0 mask). Time-major chunks (the tiled layouts) are transposed a block of values at
+/// a time ([`transpose_rows`]); sample-major ones (shuffled cubes) are already in the batch's order and are
+/// copied value by value.
 fn copy_series(
     copies: &[SeriesCopy<'_>],
     (samples, steps): (usize, usize),
@@ -759,43 +769,29 @@ fn copy_series(
     data: &mut [f32],
     mask: &mut [u8],
 ) {
-    let mut values = [0.0f32; LANES];
-    let mut valid = [0u8; LANES];
-    for p0 in (0..samples).step_by(LANES) {
-        let lanes = LANES.min(samples - p0);
-        for copy in copies {
-            let (mean, inv) = copy.affine;
-            let (read_p, read_t) = copy.read;
-            let Strided { base, write_p, write_t } = copy.out;
+    let (time_major, sample_major): (Vec<&SeriesCopy<'_>>, Vec<&SeriesCopy<'_>>) =
+        copies.iter().partition(|c| c.read.0 == 1);
+    if let Some(first) = time_major.first() {
+        let stride = first.out.write_p;
+        assert!(time_major.iter().all(|c| c.out.write_p == stride), "one batch row length");
+        // Rows in column order: step by step across variables ([B, T, V]), or variable by variable.
+        let rows: Vec<Row<'_>> = if time_major.iter().all(|c| c.out.write_t == 1) {
+            time_major.iter().flat_map(|c| (0..steps).map(move |t| c.row(t, samples))).collect()
+        } else {
+            (0..steps).flat_map(|t| time_major.iter().map(move |c| c.row(t, samples))).collect()
+        };
+        transpose_rows(&rows, samples, stride, fill, data, mask);
+    }
+    for copy in sample_major {
+        let (mean, inv) = copy.affine;
+        let Strided { base, write_p, write_t } = copy.out;
+        for p in 0..samples {
             for t in 0..steps {
-                let at = p0 * read_p + t * read_t;
-                match copy.chunk.get(at..at + LANES) {
-                    Some(line) if read_p == 1 && lanes == LANES => {
-                        for ((x, value), ok) in line.iter().zip(&mut values).zip(&mut valid) {
-                            (*value, *ok) = prepare(*x, mean, inv, fill);
-                        }
-                    }
-                    _ => {
-                        for i in 0..lanes {
-                            (values[i], valid[i]) = prepare(copy.chunk[at + i * read_p], mean, inv, fill);
-                        }
-                    }
-                }
-                let o = base + p0 * write_p + t * write_t;
-                for i in 0..lanes {
-                    data[o + i * write_p] = values[i];
-                    mask[o + i * write_p] = valid[i];
-                }
+                let o = base + p * write_p + t * write_t;
+                (data[o], mask[o]) = prepare(copy.chunk[p * copy.read.0 + t * copy.read.1], mean, inv, fill);
             }
         }
     }
-}
-
-/// A stored value as a model input and its mask: `(x − mean) · inv`, or `fill` and 0 when missing.
-#[inline]
-fn prepare(x: f32, mean: f32, inv: f32, fill: f32) -> (f32, u8) {
-    let ok = !x.is_nan();
-    (if ok { (x - mean) * inv } else { fill }, u8::from(ok))
 }
 
 /// Decoding options for a reader thread: the loader parallelizes across chunks with its own threads, so a

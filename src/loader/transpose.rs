@@ -1,0 +1,275 @@
+//! The transpose at the heart of a pixel-series batch. A time-major chunk holds, for each step, the values
+//! of all samples side by side; a batch holds, for each sample, its steps (and variables) side by side. So
+//! the batch is the transpose of a matrix whose rows are the chunk rows of every (step, variable), each
+//! going to one column of the batch. Transposed 8 × 8 values at a time in vector registers (AVX2, where the
+//! processor has it), each sample receives 8 consecutive columns in one store, instead of one store per
+//! value: stores, not loads, were what limited the element-by-element copy.
+
+/// One row of that matrix: the values of all samples at one step of one variable, the batch column they go
+/// to, and the affine that prepares them (`(0, 1)` leaves them as stored, bit for bit).
+pub(crate) struct Row<'a> {
+    pub values: &'a [f32],
+    pub col: usize,
+    pub affine: (f32, f32),
+}
+
+/// Rows transposed together: one vector register each.
+const GROUP: usize = 8;
+/// Samples handled together, so that the batch rows being written stay in the L1 cache.
+const TILE: usize = 16;
+
+/// Writes `data[p · stride + row.col]` and `mask[…]` for every row and every sample `p < samples`: the value
+/// prepared as [`prepare`] does, or `fill` and 0 where it is missing.
+///
+/// # Panics
+/// When a row holds fewer than `samples` values, or a destination lies outside `data` or `mask`.
+pub(crate) fn transpose_rows(
+    rows: &[Row<'_>],
+    samples: usize,
+    stride: usize,
+    fill: f32,
+    data: &mut [f32],
+    mask: &mut [u8],
+) {
+    if samples == 0 || rows.is_empty() {
+        return;
+    }
+    let last_col = rows.iter().map(|r| r.col).max().unwrap_or(0);
+    let end = (samples - 1) * stride + last_col;
+    assert!(end < data.len() && end < mask.len(), "batch too small for the rows");
+    assert!(rows.iter().all(|r| r.values.len() >= samples), "row shorter than the samples");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked above); rows and destinations are in bounds (asserted above).
+        unsafe { avx2::transpose_rows(rows, samples, stride, fill, data, mask) };
+        return;
+    }
+    transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, data, mask);
+}
+
+/// The same, one value at a time, for `rows[rows_range]` and samples `samples`: the fallback, and the
+/// edges the vector path leaves (ragged row groups and sample tails).
+fn transpose_scalar(
+    rows: &[Row<'_>],
+    rows_range: std::ops::Range<usize>,
+    samples: std::ops::Range<usize>,
+    stride: usize,
+    fill: f32,
+    data: &mut [f32],
+    mask: &mut [u8],
+) {
+    for p0 in samples.clone().step_by(TILE) {
+        let tile = p0..(p0 + TILE).min(samples.end);
+        for row in &rows[rows_range.clone()] {
+            let (mean, inv) = row.affine;
+            for p in tile.clone() {
+                let o = p * stride + row.col;
+                (data[o], mask[o]) = prepare(row.values[p], mean, inv, fill);
+            }
+        }
+    }
+}
+
+/// A stored value as a model input and its mask: `(x − mean) · inv`, or `fill` and 0 when missing.
+#[inline]
+pub(crate) fn prepare(x: f32, mean: f32, inv: f32, fill: f32) -> (f32, u8) {
+    let ok = !x.is_nan();
+    (if ok { (x - mean) * inv } else { fill }, u8::from(ok))
+}
+
+/// Groups of [`GROUP`] rows whose columns are consecutive (one contiguous store per sample), and the rows
+/// left for the scalar path.
+fn groups(rows: &[Row<'_>]) -> (Vec<usize>, Vec<usize>) {
+    let (mut vector, mut scalar) = (Vec::new(), Vec::new());
+    let mut k = 0;
+    while k < rows.len() {
+        let group =
+            rows.get(k..k + GROUP).filter(|g| g.iter().enumerate().all(|(j, r)| r.col == g[0].col + j));
+        if group.is_some() {
+            vector.push(k);
+            k += GROUP;
+        } else {
+            scalar.push(k);
+            k += 1;
+        }
+    }
+    (vector, scalar)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, _CMP_UNORD_Q, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_loadu_ps, _mm256_movemask_ps,
+        _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_shuffle_ps, _mm256_storeu_ps,
+        _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+
+    use super::{GROUP, Row, TILE, groups, transpose_scalar};
+
+    /// Byte `j` is 1 where bit `j` of the index is set: an 8-lane validity bit mask as 8 mask bytes.
+    static BYTES_OF_BITS: [u64; 256] = {
+        let mut table = [0u64; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut bit = 0;
+            while bit < 8 {
+                if i & (1 << bit) != 0 {
+                    table[i] |= 1 << (8 * bit);
+                }
+                bit += 1;
+            }
+            i += 1;
+        }
+        table
+    };
+
+    /// See [`super::transpose_rows`].
+    ///
+    /// # Safety
+    /// AVX2 must be available; every row must hold at least `samples` values and `(samples − 1) · stride +
+    /// col` must lie inside `data` and `mask` for every row.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose_rows(
+        rows: &[Row<'_>],
+        samples: usize,
+        stride: usize,
+        fill: f32,
+        data: &mut [f32],
+        mask: &mut [u8],
+    ) {
+        let (vector, scalar) = groups(rows);
+        let lanes = |k: usize, f: fn(&Row<'_>) -> f32| {
+            let mut lane = [0.0f32; GROUP];
+            for (j, l) in lane.iter_mut().enumerate() {
+                *l = f(&rows[k + j]);
+            }
+            // SAFETY: AVX2 is enabled for this function; `lane` holds 8 floats.
+            unsafe { _mm256_loadu_ps(lane.as_ptr()) }
+        };
+        let affine: Vec<(__m256, __m256)> =
+            vector.iter().map(|&k| (lanes(k, |r| r.affine.0), lanes(k, |r| r.affine.1))).collect();
+        let fill_v = _mm256_set1_ps(fill);
+        let whole = samples / GROUP * GROUP;
+        for p0 in (0..whole).step_by(TILE) {
+            for (&k, &(mean, inv)) in vector.iter().zip(&affine) {
+                let col = rows[k].col;
+                for s0 in (p0..(p0 + TILE).min(whole)).step_by(GROUP) {
+                    // SAFETY: s0 + 8 <= samples <= every row's length; each store lands at
+                    // (s0 + i) · stride + col + j for i, j < 8, the columns col..col + 8 being those of rows
+                    // k..k + 8, all within the bounds the caller guarantees.
+                    unsafe {
+                        let x = transpose8(|j| _mm256_loadu_ps(rows[k + j].values.as_ptr().add(s0)));
+                        for (i, x) in x.into_iter().enumerate() {
+                            let missing = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+                            let y =
+                                _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(x, mean), inv), fill_v, missing);
+                            let o = (s0 + i) * stride + col;
+                            _mm256_storeu_ps(data.as_mut_ptr().add(o), y);
+                            let valid = (!_mm256_movemask_ps(missing) & 0xff) as usize;
+                            mask.as_mut_ptr().add(o).cast::<u64>().write_unaligned(BYTES_OF_BITS[valid]);
+                        }
+                    }
+                }
+            }
+        }
+        for &k in &scalar {
+            transpose_scalar(rows, k..k + 1, 0..whole, stride, fill, data, mask);
+        }
+        transpose_scalar(rows, 0..rows.len(), whole..samples, stride, fill, data, mask);
+    }
+
+    /// The 8 × 8 transpose: row `j` of the input is `load(j)`; vector `i` of the result holds element `i` of
+    /// every row.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn transpose8(load: impl Fn(usize) -> __m256) -> [__m256; 8] {
+        let a: [__m256; 8] = std::array::from_fn(load);
+        let t = [
+            _mm256_unpacklo_ps(a[0], a[1]),
+            _mm256_unpackhi_ps(a[0], a[1]),
+            _mm256_unpacklo_ps(a[2], a[3]),
+            _mm256_unpackhi_ps(a[2], a[3]),
+            _mm256_unpacklo_ps(a[4], a[5]),
+            _mm256_unpackhi_ps(a[4], a[5]),
+            _mm256_unpacklo_ps(a[6], a[7]),
+            _mm256_unpackhi_ps(a[6], a[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        [
+            _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Vector and scalar paths give what the element-by-element definition gives, bit for bit: ragged
+    /// sample tails, row groups broken by a gap in the columns, a repeated (static) row, missing values,
+    /// normalization, and every destination written.
+    #[test]
+    fn transpose_equals_the_definition() {
+        let value = |k: usize| if k % 7 == 3 { f32::NAN } else { (k as f32).sin() * 40.0 };
+        for samples in [1, 7, 8, 9, 16, 23, 40] {
+            for n_rows in [3, 8, 13, 24, 29] {
+                let chunks: Vec<Vec<f32>> =
+                    (0..n_rows).map(|r| (0..samples + 3).map(|p| value(r * 97 + p)).collect()).collect();
+                // Columns consecutive except for a gap after row 11; row 5 repeats row 4's values.
+                let stride = n_rows + 4;
+                let rows: Vec<Row<'_>> = (0..n_rows)
+                    .map(|r| Row {
+                        values: &chunks[if r == 5 { 4 } else { r }],
+                        col: r + usize::from(r > 11) * 2,
+                        affine: if r % 3 == 0 { (0.0, 1.0) } else { (r as f32, 0.5) },
+                    })
+                    .collect();
+                let fill = -7.5;
+                let cells = samples * stride;
+                let (mut data, mut mask) = (vec![f32::INFINITY; cells], vec![9u8; cells]);
+                transpose_rows(&rows, samples, stride, fill, &mut data, &mut mask);
+                let (mut data_s, mut mask_s) = (vec![f32::INFINITY; cells], vec![9u8; cells]);
+                transpose_scalar(&rows, 0..n_rows, 0..samples, stride, fill, &mut data_s, &mut mask_s);
+                let mut expected: Vec<(u32, u8)> = vec![(f32::INFINITY.to_bits(), 9); cells];
+                for row in &rows {
+                    for p in 0..samples {
+                        let x = row.values[p];
+                        let (mean, inv) = row.affine;
+                        let e = if x.is_nan() { (fill, 0) } else { ((x - mean) * inv, 1) };
+                        expected[p * stride + row.col] = (e.0.to_bits(), e.1);
+                    }
+                }
+                let bits = |d: &[f32], m: &[u8]| -> Vec<(u32, u8)> {
+                    d.iter().zip(m).map(|(x, &m)| (x.to_bits(), m)).collect()
+                };
+                assert_eq!(bits(&data, &mask), expected, "{samples} samples, {n_rows} rows");
+                assert_eq!(bits(&data_s, &mask_s), expected, "scalar: {samples} samples, {n_rows} rows");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "batch too small")]
+    fn destinations_outside_the_batch_are_refused() {
+        let values = [1.0f32; 8];
+        let rows = [Row { values: &values, col: 3, affine: (0.0, 1.0) }];
+        let (mut data, mut mask) = (vec![0.0; 10], vec![0; 10]);
+        transpose_rows(&rows, 8, 4, 0.0, &mut data, &mut mask);
+    }
+}
