@@ -23,14 +23,6 @@ pub struct Window {
     pub values: Vec<f32>,
 }
 
-impl Window {
-    #[inline]
-    fn at(&self, t: usize, row: usize, col: usize) -> f32 {
-        let (h, w) = (self.rows.len(), self.cols.len());
-        self.values[(t * h + row - self.rows.start) * w + col - self.cols.start]
-    }
-}
-
 /// Level rows (or columns) an upsampling of target cells `cells` reads, clamped to the `n` valid level cells.
 #[must_use]
 pub fn level_span(upsampling: Upsampling, cells: &Range<usize>, k: usize, n: usize) -> Range<usize> {
@@ -65,7 +57,8 @@ pub fn taps(i: usize, k: usize, n: usize) -> (usize, usize, f32) {
 }
 
 /// Target cells `rows × cols` (of a grid of `valid = (height, width)` cells; cells past it are padding and
-/// come out NaN) upsampled from `window`, as `[t][row][col]`.
+/// come out NaN) upsampled from `window`, as `[t][row][col]`. Where each cell reads, and with which weights,
+/// is the same at every step: it is worked out once, then applied step after step.
 #[must_use]
 pub fn upsample(
     window: &Window,
@@ -78,49 +71,62 @@ pub fn upsample(
     let [ky, kx] = level.factor;
     let (n_rows, n_cols) = (level.grid.height, level.grid.width);
     let (h, w) = (rows.len(), cols.len());
+    let width = window.cols.len();
+    let plane = window.rows.len() * width;
+    // Offset of level cell (row, col) in a step of the window.
+    let at = |row: usize, col: usize| (row - window.rows.start) * width + col - window.cols.start;
+    let inside = |y: usize, x: usize| rows.start + y < valid.0 && cols.start + x < valid.1;
     let mut out = vec![f32::NAN; window.steps * h * w];
     match upsampling {
         Upsampling::Nearest => {
-            let col_of: Vec<Option<usize>> =
-                cols.clone().map(|c| (c < valid.1).then(|| (c / kx).min(n_cols - 1))).collect();
-            for (y, r) in rows.clone().enumerate().filter(|&(_, r)| r < valid.0) {
-                let lr = (r / ky).min(n_rows - 1);
-                for t in 0..window.steps {
-                    let line = &mut out[(t * h + y) * w..(t * h + y + 1) * w];
-                    for (o, lc) in line.iter_mut().zip(&col_of) {
-                        if let Some(lc) = lc {
-                            *o = window.at(t, lr, *lc);
-                        }
+            let source: Vec<Option<usize>> = (0..h * w)
+                .map(|cell| {
+                    let (y, x) = (cell / w, cell % w);
+                    let lr = ((rows.start + y) / ky).min(n_rows - 1);
+                    let lc = ((cols.start + x) / kx).min(n_cols - 1);
+                    inside(y, x).then(|| at(lr, lc))
+                })
+                .collect();
+            for (step, values) in out.chunks_exact_mut(h * w).zip(window.values.chunks_exact(plane)) {
+                for (o, from) in step.iter_mut().zip(&source) {
+                    if let Some(from) = from {
+                        *o = values[*from];
                     }
                 }
             }
         }
         Upsampling::Bilinear => {
-            let col_taps: Vec<Option<(usize, usize, f32)>> =
-                cols.clone().map(|c| (c < valid.1).then(|| taps(c, kx, n_cols))).collect();
-            for (y, r) in rows.clone().enumerate().filter(|&(_, r)| r < valid.0) {
-                let (r0, r1, fy) = taps(r, ky, n_rows);
-                for t in 0..window.steps {
-                    let line = &mut out[(t * h + y) * w..(t * h + y + 1) * w];
-                    for (o, tap) in line.iter_mut().zip(&col_taps) {
-                        let Some((c0, c1, fx)) = *tap else { continue };
-                        let corners = [
-                            (window.at(t, r0, c0), (1.0 - fy) * (1.0 - fx)),
-                            (window.at(t, r0, c1), (1.0 - fy) * fx),
-                            (window.at(t, r1, c0), fy * (1.0 - fx)),
-                            (window.at(t, r1, c1), fy * fx),
-                        ];
-                        // Missing corners are left out and the others' weights renormalised.
-                        let (mut sum, mut weight) = (0.0f32, 0.0f32);
-                        for (x, wgt) in corners {
-                            if !x.is_nan() && wgt > 0.0 {
-                                sum += x * wgt;
-                                weight += wgt;
-                            }
+            let col_taps: Vec<(usize, usize, f32)> = cols.clone().map(|c| taps(c, kx, n_cols)).collect();
+            let row_taps: Vec<(usize, usize, f32)> = rows.clone().map(|r| taps(r, ky, n_rows)).collect();
+            // The four corners of each cell, as (offset, weight).
+            let corners: Vec<Option<[(usize, f32); 4]>> = (0..h * w)
+                .map(|cell| {
+                    let (y, x) = (cell / w, cell % w);
+                    let ((r0, r1, fy), (c0, c1, fx)) = (row_taps[y], col_taps[x]);
+                    inside(y, x).then(|| {
+                        [
+                            (at(r0, c0), (1.0 - fy) * (1.0 - fx)),
+                            (at(r0, c1), (1.0 - fy) * fx),
+                            (at(r1, c0), fy * (1.0 - fx)),
+                            (at(r1, c1), fy * fx),
+                        ]
+                    })
+                })
+                .collect();
+            for (step, values) in out.chunks_exact_mut(h * w).zip(window.values.chunks_exact(plane)) {
+                for (o, corners) in step.iter_mut().zip(&corners) {
+                    let Some(corners) = corners else { continue };
+                    // Missing corners are left out and the others' weights renormalised.
+                    let (mut sum, mut weight) = (0.0f32, 0.0f32);
+                    for &(from, wgt) in corners {
+                        let x = values[from];
+                        if !x.is_nan() && wgt > 0.0 {
+                            sum += x * wgt;
+                            weight += wgt;
                         }
-                        if weight > 0.0 {
-                            *o = sum / weight;
-                        }
+                    }
+                    if weight > 0.0 {
+                        *o = sum / weight;
                     }
                 }
             }
