@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use zarrs::array::codec::ZstdCodec;
-use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
+use zarrs::array::{ArrayBuilder, ArraySubset, data_type};
 use zarrs::filesystem::FilesystemStore;
-use zarrs::storage::ReadableStorageTraits;
 
 use crate::cube::reader::Cube;
+use crate::loader::assemble::{Assembler, Transform};
 use crate::loader::sampler::ChunkId;
-use crate::loader::{Loader, LoaderError};
+use crate::loader::{Loader, LoaderError, Regrid};
 use crate::store::{LatencyStore, Location};
 
 /// Options of a benchmark run.
@@ -242,18 +242,15 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     // Ceiling: every chunk of every variable (each level chunk of a multi-resolution cube once), decoded by
     // `threads` threads.
     prepare();
-    let arrays: Vec<Stored> = meta
-        .variables
-        .iter()
-        .map(|v| {
-            let geometry = meta.geometry(v);
-            Ok(Stored {
-                is_static: v.is_static,
-                layout: *geometry.layout,
-                array: cube.array(&geometry.array_path(&v.name))?,
-            })
-        })
-        .collect::<Result<_, LoaderError>>()?;
+    // Read as the loader reads them, by the loader's own reading code, with nothing assembled.
+    let transform = Transform {
+        normalize: false,
+        fill: 0.0,
+        separate_statics: false,
+        variable_major: false,
+        regrid: Regrid::Target,
+    };
+    let stored = Assembler::new(&cube, &[], transform)?;
     let work: Vec<(usize, ChunkId)> = meta
         .variables
         .iter()
@@ -278,7 +275,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     for _ in 0..ROUNDS {
         prepare();
         let started = Instant::now();
-        let decoded = read_chunks(&arrays, &work, options.threads.max(1))?;
+        let decoded = read_chunks(&stored, &work, options.threads.max(1))?;
         let ceiling_seconds = started.elapsed().as_secs_f64();
         prepare();
         let read_before = bytes_read();
@@ -542,17 +539,9 @@ fn dir_bytes(dir: &Path) -> u64 {
     })
 }
 
-/// Reads and decodes `ids` of every array with `threads` threads; returns the decoded bytes.
-/// One stored array of a cube and its chunking.
-struct Stored {
-    is_static: bool,
-    layout: crate::layout::Layout,
-    array: Array<dyn ReadableStorageTraits>,
-}
-
-/// Reads and decodes chunk `id` of array `i` for every `(i, id)` of `work`, with `threads` threads; returns
-/// the decoded bytes.
-fn read_chunks(arrays: &[Stored], work: &[(usize, ChunkId)], threads: usize) -> Result<u64, LoaderError> {
+/// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with `threads` threads;
+/// returns the decoded bytes.
+fn read_chunks(stored: &Assembler, work: &[(usize, ChunkId)], threads: usize) -> Result<u64, LoaderError> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -561,22 +550,8 @@ fn read_chunks(arrays: &[Stored], work: &[(usize, ChunkId)], threads: usize) -> 
                     let mut bytes = 0u64;
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(a, id)) = work.get(i) else { return Ok(bytes) };
-                        let stored = &arrays[a];
-                        let subset = stored.layout.chunk_subset(stored.is_static, id);
-                        let decoded = stored
-                            .array
-                            .retrieve_array_subset_opt::<zarrs::array::ArrayBytes<'static>>(
-                                &subset,
-                                &crate::loader::assemble::one_thread(),
-                            )
-                            .map_err(|e| LoaderError::Read {
-                                variable: stored.array.path().to_string(),
-                                chunk: id,
-                                message: e.to_string(),
-                            })?;
-                        bytes += decoded.size() as u64;
-                        std::hint::black_box(decoded);
+                        let Some(&(var, id)) = work.get(i) else { return Ok(bytes) };
+                        bytes += stored.decode_stored(var, id)? as u64;
                     }
                 })
             })

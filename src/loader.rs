@@ -20,6 +20,7 @@
 //!   the stream with an error naming it, or with [`OnCorrupt::Skip`] is left out and counted.
 
 pub mod assemble;
+pub(crate) mod decode;
 pub mod regrid;
 pub mod sampler;
 mod transpose;

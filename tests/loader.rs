@@ -55,6 +55,45 @@ fn fingerprint(batches: &[Batch]) -> Vec<(usize, usize, [usize; 3], u64)> {
         .collect()
 }
 
+/// Every value and mask element of `batches` (of the pixel cube's shape) is the cube's value as zarrs reads
+/// it (NaN and padding: fill 0, mask 0). Returns the cells each batch's samples are, per batch.
+fn assert_cube_values(cube: &Path, batches: &[Batch]) -> Vec<Vec<(usize, usize)>> {
+    let (nt, h, w) = (48usize, 100usize, 150usize);
+    let t2m = read_f32(cube, "t2m", Some(0..nt as u64), h as u64, w as u64);
+    let ndvi = read_f32(cube, "ndvi", Some(0..nt as u64), h as u64, w as u64);
+    let lc = array(cube, "landcover").retrieve_array_subset::<Vec<u8>>(&[0..h as u64, 0..w as u64]).unwrap();
+    let lat = coordinate(cube, "lat");
+    let lon = coordinate(cube, "lon");
+    let mut cells = Vec::new();
+    for b in batches {
+        assert_eq!(b.shape, vec![64, nt, 3]);
+        let mut batch_cells = Vec::new();
+        for s in 0..b.len() {
+            let y = lat.iter().position(|&v| v == b.lat[s]).unwrap();
+            let x = lon.iter().position(|&v| v == b.lon[s]).unwrap();
+            batch_cells.push((y, x));
+            for t in 0..nt {
+                let o = (s * nt + t) * 3;
+                let inside = y < h && x < w;
+                let expect = [
+                    if inside { t2m[t * h * w + y * w + x] } else { f32::NAN },
+                    if inside { ndvi[t * h * w + y * w + x] } else { f32::NAN },
+                    if inside { f32::from(lc[y * w + x]) } else { f32::NAN },
+                ];
+                for v in 0..3 {
+                    if expect[v].is_nan() {
+                        assert_eq!((b.mask[o + v], b.data[o + v]), (0, 0.0), "missing → fill 0, mask 0");
+                    } else {
+                        assert_eq!((b.mask[o + v], b.data[o + v]), (1, expect[v]));
+                    }
+                }
+            }
+        }
+        cells.push(batch_cells);
+    }
+    cells
+}
+
 #[test]
 fn every_valid_pixel_once_per_epoch_with_the_cube_values() {
     let cube = &cubes().pixel;
@@ -64,41 +103,56 @@ fn every_valid_pixel_once_per_epoch_with_the_cube_values() {
     let per_epoch = loader.batches_per_epoch();
     let batches = collect(loader);
     assert_eq!(batches.len(), 2 * per_epoch);
-    let (nt, h, w) = (48usize, 100usize, 150usize);
-    let t2m = read_f32(cube, "t2m", Some(0..nt as u64), h as u64, w as u64);
-    let ndvi = read_f32(cube, "ndvi", Some(0..nt as u64), h as u64, w as u64);
-    let lc = array(cube, "landcover").retrieve_array_subset::<Vec<u8>>(&[0..h as u64, 0..w as u64]).unwrap();
-    let lat = coordinate(cube, "lat");
-    let lon = coordinate(cube, "lon");
+    let (h, w) = (100usize, 150usize);
+    let cells = assert_cube_values(cube, &batches);
     for epoch in 0..2 {
         let mut seen = HashSet::new();
-        for b in batches.iter().filter(|b| b.origin.epoch == epoch) {
-            assert_eq!(b.shape, vec![64, nt, 3]);
-            for s in 0..b.len() {
-                let y = lat.iter().position(|&v| v == b.lat[s]).unwrap();
-                let x = lon.iter().position(|&v| v == b.lon[s]).unwrap();
-                assert!(seen.insert((y, x)), "pixel ({y}, {x}) twice in epoch {epoch}");
-                for t in 0..nt {
-                    let o = (s * nt + t) * 3;
-                    let inside = y < h && x < w;
-                    let expect = [
-                        if inside { t2m[t * h * w + y * w + x] } else { f32::NAN },
-                        if inside { ndvi[t * h * w + y * w + x] } else { f32::NAN },
-                        if inside { f32::from(lc[y * w + x]) } else { f32::NAN },
-                    ];
-                    for v in 0..3 {
-                        if expect[v].is_nan() {
-                            assert_eq!((b.mask[o + v], b.data[o + v]), (0, 0.0), "missing → fill 0, mask 0");
-                        } else {
-                            assert_eq!((b.mask[o + v], b.data[o + v]), (1, expect[v]));
-                        }
-                    }
-                }
+        for (b, batch_cells) in batches.iter().zip(&cells).filter(|(b, _)| b.origin.epoch == epoch) {
+            for &(y, x) in batch_cells {
+                assert!(
+                    seen.insert((y, x)),
+                    "pixel ({y}, {x}) twice in epoch {epoch} (batch {:?})",
+                    b.origin
+                );
             }
         }
         // Every cell of the grid came exactly once (padding cells too: their batches hold valid pixels).
         assert!((0..h).all(|y| (0..w).all(|x| seen.contains(&(y, x)))), "epoch {epoch} misses pixels");
     }
+}
+
+/// A chunk its shard does not store (an all-fill chunk, which zarrs leaves out when writing) is all missing
+/// in the batches, as zarrs reads it: the loader's own decoding of float32 chunks reads the shard index the
+/// same way.
+#[test]
+fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    // The first ndvi shard: its first inner chunk marked as not stored, the index's CRC32C made to match.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("ndvi/zarr.json")).unwrap()).unwrap();
+    let shape = |v: &serde_json::Value| -> Vec<u64> { serde_json::from_value(v.clone()).unwrap() };
+    let outer = shape(&meta["chunk_grid"]["configuration"]["chunk_shape"]);
+    let inner = shape(&meta["codecs"][0]["configuration"]["chunk_shape"]);
+    let per_shard: u64 = outer.iter().zip(&inner).map(|(o, i)| o / i).product();
+    let mut files = walk(&copy.join("ndvi/c"));
+    files.sort();
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let index = bytes.len() - (per_shard as usize * 16 + 4);
+    bytes[index..index + 16].fill(0xFF);
+    let checksum = crc32c::crc32c(&bytes[index..bytes.len() - 4]);
+    let end = bytes.len();
+    bytes[end - 4..].copy_from_slice(&checksum.to_le_bytes());
+    std::fs::write(&files[0], bytes).unwrap();
+    // zarrs now reads that chunk as fill values (the edit took)...
+    let ndvi = read_f32(&copy, "ndvi", Some(0..48), 100, 150);
+    assert!(ndvi[..8].iter().all(|x| x.is_nan()), "{:?}", &ndvi[..8]);
+    assert!(read_f32(cubes().pixel.as_path(), "ndvi", Some(0..48), 100, 150).iter().any(|x| !x.is_nan()));
+    // ...and the loader delivers exactly those values.
+    let batches = collect(Loader::builder(&copy).shuffle(3).build().unwrap());
+    assert!(!batches.is_empty());
+    assert_cube_values(&copy, &batches);
 }
 
 #[test]
@@ -604,12 +658,17 @@ fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahe
         remote.push(batch.unwrap());
     }
     assert_eq!(fingerprint(&remote), fingerprint(&local));
-    // Every chunk of every batch (3 variables, each sharded) came from what the fetch threads had fetched,
-    // with its shard's index; only the cube's opening (root metadata, coordinates, validity indexes) went to
-    // the store from the readers.
+    // Every chunk of every batch (3 variables, each sharded) came from what the fetch threads had fetched;
+    // landcover (uint8, decoded by zarrs) with its shard's index, while the float32 variables, decoded by
+    // the loader, take their shards' indexes from the fetch threads' cache. Only the cube's opening (root
+    // metadata, coordinates, validity indexes) went to the store from the readers.
     let batches = remote.len() as u64;
     let (hits, misses) = loader.prefetched_reads().expect("a slow store gets fetch threads");
-    assert_eq!(hits, 2 * 3 * batches, "a chunk and its shard index per variable and batch ({misses} misses)");
+    assert_eq!(
+        hits,
+        (3 + 1) * batches,
+        "a chunk per variable and batch, and landcover's index ({misses} misses)"
+    );
     assert!(misses <= 8, "{misses} misses");
     // Requests: one per chunk, one per shard index (read once by the fetchers), and the opening.
     let shards: u64 = ["t2m", "ndvi", "landcover"].iter().map(|v| count_files(&cube.join(v).join("c"))).sum();

@@ -19,6 +19,7 @@ use crate::cube::validate::{ArrayRole, check_array};
 use crate::cube::{CubeError, CubeMeta, VariableMeta};
 use crate::layout::{Layout, LayoutKind};
 use crate::levels::Level;
+use crate::loader::decode::{self, InShard};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
 use crate::loader::transpose::{Row, prepare, transpose_rows};
 use crate::plan::DType;
@@ -60,6 +61,8 @@ struct Var {
     index_read: Option<ByteRange>,
     /// `(mean, 1/std)` when normalizing; `(0, 1)` leaves values as stored, bit for bit.
     affine: (f32, f32),
+    /// Chunks are decoded from their encoded bytes here rather than by zarrs' pipeline ([`decode`]).
+    direct: bool,
 }
 
 /// Reads and assembles batches of one cube; shared by the reader threads.
@@ -89,6 +92,14 @@ pub enum Planned {
     Fetch(StoreKey, ByteRange),
     /// Give a reader these bytes as this range of this key (a shard index already held).
     Give(StoreKey, ByteRange, zarrs::storage::Bytes),
+}
+
+/// Where a chunk's stored bytes lie ([`Assembler::locate`]).
+enum Located {
+    /// A whole stored object (the array is not sharded).
+    Whole(StoreKey),
+    /// In a shard: its key, the store read of its index and the index, and the chunk there.
+    InShard { key: StoreKey, index_range: ByteRange, index: zarrs::storage::Bytes, chunk: InShard },
 }
 
 /// The store read zarrs makes for the index of a shard of `array`: `16` bytes per inner chunk (offset and
@@ -171,7 +182,8 @@ impl Assembler {
                 cache: ChunkCache::new((LEVEL_CACHE_BYTES / on_levels.max(1)).max(8 << 20)),
             });
             let index_read = shard_index_read(&array);
-            vars.push(Var { meta: v.clone(), coarse, array, shards, index_read, affine });
+            let direct = decode::is_direct(&array);
+            vars.push(Var { meta: v.clone(), coarse, array, shards, index_read, affine, direct });
         }
         let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = checked_array(cube, role, name)?;
@@ -285,7 +297,11 @@ impl Assembler {
 
     /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
     fn read_chunk(&self, id: ChunkId) -> Result<Vec<Floats>, LoaderError> {
-        self.vars.iter().map(|v| self.read_variable(v, id)).collect()
+        let read = |(i, v): (usize, &Var)| match self.read_direct(i, v, id)? {
+            Some(floats) => Ok(floats),
+            None => self.read_variable(v, id),
+        };
+        self.vars.iter().enumerate().map(read).collect()
     }
 
     /// Readers take their chunks from what fetch threads fetched ahead (see [`Assembler::planned_reads`]):
@@ -308,43 +324,125 @@ impl Assembler {
         let mut planned = Vec::new();
         for &id in chunks {
             for (i, v) in self.vars.iter().enumerate().filter(|(_, v)| v.coarse.is_none()) {
-                let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
-                let zeros = vec![0; subset.len()];
-                let Ok(outer) = v.array.chunk_shape(&zeros) else { continue };
-                let outer: Vec<u64> = outer.iter().map(|n| n.get()).collect();
-                // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
-                let stored: Vec<u64> = subset.iter().zip(&outer).map(|(r, n)| r.start / n).collect();
-                let key = v.array.chunk_key(&stored);
-                let Some(inner) = v.array.subchunk_shape() else {
-                    planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
-                    continue;
-                };
-                let Some(index_range) = v.index_read else { continue };
-                let once = self
-                    .shard_indexes
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .entry((i, stored.clone()))
-                    .or_default()
-                    .clone();
-                let Some(index) = once.get_or_init(|| read(&key, index_range)) else { continue };
-                // Row-major position of the chunk in its shard: 16 bytes (offset, length) per chunk.
-                let mut position = 0u64;
-                for ((r, n), o) in subset.iter().zip(inner.iter()).zip(&outer) {
-                    let per_shard = o / n.get();
-                    position = position * per_shard + (r.start / n.get()) % per_shard;
-                }
-                let at = (position * 16) as usize;
-                let Some(entry) = index.get(at..at + 16) else { continue };
-                let offset = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
-                let length = u64::from_le_bytes(entry[8..].try_into().expect("8 bytes"));
-                planned.push(Planned::Give(key.clone(), index_range, index.clone()));
-                if (offset, length) != (u64::MAX, u64::MAX) {
-                    planned.push(Planned::Fetch(key, ByteRange::FromStart(offset, Some(length))));
+                match self.locate(i, v, id, read) {
+                    None => {}
+                    Some(Located::Whole(key)) => {
+                        planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
+                    }
+                    Some(Located::InShard { key, index_range, index, chunk }) => {
+                        // Readers decoding directly take the index from the same cache ([`Self::read_direct`]).
+                        if !v.direct {
+                            planned.push(Planned::Give(key.clone(), index_range, index));
+                        }
+                        if let InShard::Stored(range) = chunk {
+                            planned.push(Planned::Fetch(key, range));
+                        }
+                    }
                 }
             }
         }
         planned
+    }
+
+    /// Where the stored bytes of chunk `id` of variable `i` (on the target grid) lie: its key when the
+    /// array is not sharded; otherwise the shard's key, its index (read once per shard through `read`, and
+    /// kept) and the chunk's place in the shard. `None` when the chunk is not one
+    /// stored (inner) chunk, or the shard's index cannot be read or is damaged (zarrs then reads the chunk,
+    /// and reports why).
+    fn locate(
+        &self,
+        i: usize,
+        v: &Var,
+        id: ChunkId,
+        read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
+    ) -> Option<Located> {
+        let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
+        let outer: Vec<u64> =
+            v.array.chunk_shape(&vec![0; subset.len()]).ok()?.iter().map(|n| n.get()).collect();
+        // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
+        let stored: Vec<u64> = subset.iter().zip(&outer).map(|(r, n)| r.start / n).collect();
+        let key = v.array.chunk_key(&stored);
+        let inner: Vec<u64> = match v.array.subchunk_shape() {
+            None if subset.iter().zip(&outer).all(|(r, &n)| r.end - r.start == n) => {
+                return Some(Located::Whole(key));
+            }
+            None => return None,
+            Some(inner) => inner.iter().map(|n| n.get()).collect(),
+        };
+        if subset.iter().zip(&inner).any(|(r, &n)| r.end - r.start != n) {
+            return None;
+        }
+        let index_range = v.index_read?;
+        let once = self
+            .shard_indexes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((i, stored))
+            .or_default()
+            .clone();
+        let index = once
+            .get_or_init(|| read(&key, index_range).filter(|index| decode::index_is_intact(index)))
+            .clone()?;
+        // Row-major position of the chunk in its shard.
+        let mut position = 0u64;
+        for ((r, n), o) in subset.iter().zip(&inner).zip(&outer) {
+            let per_shard = o / n;
+            position = position * per_shard + (r.start / n) % per_shard;
+        }
+        let chunk = decode::chunk_in_shard(&index, position)?;
+        Some(Located::InShard { key, index_range, index, chunk })
+    }
+
+    /// Chunk `id` of variable `i` decoded straight from its stored bytes ([`decode`]), the shard index
+    /// coming from the cache the fetch threads fill too; `Ok(None)` where that does not apply (a variable on
+    /// a level, another codec chain, an index that cannot be read), for zarrs to read it.
+    fn read_direct(&self, i: usize, v: &Var, id: ChunkId) -> Result<Option<Floats>, LoaderError> {
+        if !v.direct || v.coarse.is_some() {
+            return Ok(None);
+        }
+        let fail = |message: String| LoaderError::Read {
+            variable: v.meta.name.clone(),
+            chunk: id,
+            message: format!("{}: {message}", self.path.display()),
+        };
+        let storage = v.array.storage();
+        let read = |key: &StoreKey, range| storage.get_partial(key, range).ok().flatten();
+        let (key, range) = match self.locate(i, v, id, &read) {
+            None => return Ok(None),
+            Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
+            Some(Located::InShard { chunk: InShard::Empty, .. }) => {
+                return Ok(Some(Floats::nan(self.chunk_len(v))));
+            }
+            Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
+        };
+        let Some(encoded) = storage.get_partial(&key, range).map_err(|e| fail(e.to_string()))? else {
+            return Ok(Some(Floats::nan(self.chunk_len(v))));
+        };
+        let bytes = decode::decode(&encoded, self.chunk_len(v) * size_of::<f32>()).map_err(fail)?;
+        Ok(Some(Floats::from_le_bytes(bytes)))
+    }
+
+    /// Values in a chunk of `v` on the target grid.
+    fn chunk_len(&self, v: &Var) -> usize {
+        let subset = self.meta.layout.chunk_subset(v.meta.is_static, [0, 0, 0]);
+        subset.iter().map(|r| (r.end - r.start) as usize).product()
+    }
+
+    /// Reads and decodes every stored chunk of variable `var` in its own chunking (its level's, for a
+    /// variable on a level), as the loader reads them, assembling nothing; returns the decoded bytes. What
+    /// `cubeload bench` calls the ceiling.
+    ///
+    /// # Errors
+    /// [`LoaderError::Read`] naming the variable and chunk.
+    pub fn decode_stored(&self, var: usize, id: ChunkId) -> Result<usize, LoaderError> {
+        let v = &self.vars[var];
+        let floats = if let Some(floats) = self.read_direct(var, v, id)? {
+            floats
+        } else {
+            let layout = v.coarse.as_ref().map_or(&self.meta.layout, |c| &c.level.layout);
+            self.read_stored(v, layout, id)?
+        };
+        Ok(floats.len() * size_of::<f32>())
     }
 
     /// One chunk of `v` on the target cells of chunk `id`: read as stored, or regridded from its level
@@ -374,12 +472,12 @@ impl Assembler {
         }
         // Every target step of a level step's window takes its value; steps past the axis are padding.
         let cells = plane.len() / window.steps;
-        let mut values: Vec<f32> = plane
-            .chunks_exact(cells)
-            .flat_map(|step| std::iter::repeat_n(step, q))
-            .flatten()
-            .copied()
-            .collect();
+        let mut values: Vec<f32> = Vec::with_capacity(plane.len() * q);
+        for step in plane.chunks_exact(cells) {
+            for _ in 0..q {
+                values.extend_from_slice(step);
+            }
+        }
         let valid_steps = self.meta.shape[0].saturating_sub(id[0] * self.meta.layout.chunk_t);
         if let Some(padding) = values.get_mut(valid_steps * cells..) {
             padding.fill(f32::NAN);
@@ -697,6 +795,11 @@ impl Floats {
             return Floats::Bytes(bytes);
         }
         Floats::Values(le_floats(&bytes))
+    }
+
+    /// A chunk of `len` missing values.
+    fn nan(len: usize) -> Self {
+        Floats::Values(vec![f32::NAN; len])
     }
 
     fn into_vec(self) -> Vec<f32> {
