@@ -2,7 +2,8 @@
 //! one run so that the ratios are not spoiled by a noisy machine.
 //!
 //! - **loader**: one shuffled epoch delivered as batches (into tensors with the `tch` feature);
-//! - **ceiling**: the same chunks read and decoded with the same number of threads, nothing assembled;
+//! - **ceiling**: the same chunks read and decoded with the same number of threads, by the loader's own
+//!   reading code ([`Assembler::decode_stored`]), nothing assembled;
 //! - **image-chunked**: the same batches read from a copy of the cube chunked image by image
 //!   (`(1, 200, 200)`), the layout of the usual xarray recipe;
 //! - **read amplification**: bytes the process read (`/proc/self/io`) during the loader epoch ÷ the bytes the
