@@ -1,9 +1,12 @@
 //! Criterion benchmarks of the loader's hot paths, on a small synthetic cube built once in a temporary
 //! directory (`demo::build_cube`, 48 hours, batches of 256 pixel series):
 //!
-//! - `decode/t2m_chunk`: one batch chunk of one variable read and decoded by zarrs;
-//! - `decode/epoch_all_variables`: every chunk the loader reads in an epoch, decoded, nothing assembled (the
-//!   single-threaded ceiling of `batch_assembly`: the difference in time per epoch is the assembly);
+//! - `decode/t2m_chunk`: one batch chunk of one variable read and decoded as the loader does
+//!   (`Assembler::decode_stored`: float32 chunks decoded from their stored bytes), and
+//!   `decode/t2m_chunk_zarrs` the same chunk through zarrs' codec pipeline;
+//! - `decode/epoch_all_variables`: every chunk the loader reads in an epoch, read and decoded by the loader's
+//!   code, nothing assembled (the single-threaded ceiling of `batch_assembly`: the difference in time per
+//!   epoch is the assembly);
 //! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
 //!   thread), plain, with `normalize(true)`, and with `variable_major(true)`;
 //! - `tensor/*`: `Batch::to_tensor` and `Batch::mask_tensor` on the CPU (feature `tch`);
@@ -23,8 +26,8 @@ use std::path::{Path, PathBuf};
 use criterion::{BatchSize, Criterion, Throughput};
 use cubeload::Cube;
 use cubeload::demo::{DemoSpec, build_cube};
-use cubeload::loader::{Loader, LoaderBuilder};
-use zarrs::array::ArrayBytes;
+use cubeload::loader::assemble::{Assembler, Transform};
+use cubeload::loader::{Loader, LoaderBuilder, Regrid};
 
 /// A loader option under test.
 type Configure = fn(LoaderBuilder) -> LoaderBuilder;
@@ -40,36 +43,41 @@ fn decode(c: &mut Criterion, path: &Path) {
     let layout = meta.layout;
     let mut group = c.benchmark_group("decode");
 
+    // The loader's reading code, for every variable of the cube.
+    let transform = Transform {
+        normalize: false,
+        fill: 0.0,
+        separate_statics: false,
+        variable_major: false,
+        regrid: Regrid::Target,
+    };
+    let assembler = Assembler::new(&cube, &[], transform).expect("assembler");
+
     // One chunk of t2m: exactly one batch's (T, h, w) block.
-    let t2m = meta.variables.iter().find(|v| v.name == "t2m").expect("t2m in the demo cube");
+    let t2m_index = meta.variables.iter().position(|v| v.name == "t2m").expect("t2m in the demo cube");
+    let t2m = &meta.variables[t2m_index];
     let array = cube.array("t2m").expect("open t2m");
     let subset = layout.chunk_subset(t2m.is_static, [0, 0, 0]);
     let cells = array.retrieve_array_subset::<Vec<f32>>(&subset).expect("decode a t2m chunk").len();
     assert_eq!(cells, layout.chunk_t * layout.chunk_y * layout.chunk_x, "one whole chunk");
-    group.throughput(Throughput::Bytes((cells * size_of::<f32>()) as u64));
+    let bytes = assembler.decode_stored(t2m_index, [0, 0, 0]).expect("decode");
+    assert_eq!(bytes, cells * size_of::<f32>(), "the same chunk");
+    group.throughput(Throughput::Bytes(bytes as u64));
     group.bench_function("t2m_chunk", |b| {
+        b.iter(|| assembler.decode_stored(t2m_index, black_box([0, 0, 0])).expect("decode"));
+    });
+    group.bench_function("t2m_chunk_zarrs", |b| {
         b.iter(|| array.retrieve_array_subset::<Vec<f32>>(black_box(&subset)).expect("decode"));
     });
 
     // The chunks of one loader epoch, every variable (statics once per chunk, as the loader reads them).
     let chunks: Vec<_> =
         builder(path).build().expect("loader").map(|batch| batch.expect("batch").origin.chunk).collect();
-    let reads: Vec<_> = meta
-        .variables
-        .iter()
-        .map(|v| {
-            let array = cube.array(&v.name).expect("open variable");
-            let subsets: Vec<_> = chunks.iter().map(|&id| layout.chunk_subset(v.is_static, id)).collect();
-            (array, subsets)
-        })
-        .collect();
     let read_all = || -> u64 {
         let mut bytes = 0;
-        for (array, subsets) in &reads {
-            for subset in subsets {
-                let decoded = array.retrieve_array_subset::<ArrayBytes<'static>>(subset).expect("decode");
-                bytes += decoded.size() as u64;
-                black_box(decoded);
+        for var in 0..meta.variables.len() {
+            for &id in &chunks {
+                bytes += assembler.decode_stored(var, black_box(id)).expect("decode") as u64;
             }
         }
         bytes
