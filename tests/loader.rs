@@ -331,6 +331,69 @@ fn image_sequences_are_patches_of_the_cube() {
     }
 }
 
+/// Every element of image-sequence batches, every variable (the static land cover repeated along time):
+/// the cube's value as zarrs reads it, or fill 0 and mask 0; variable-major batches hold the same values
+/// transposed, and statics returned separately are the land cover's patches.
+#[test]
+fn image_sequence_batches_hold_every_cube_value() {
+    let cube = &cubes().image;
+    let (nt, h, w, b, s_len, p) = (48usize, 100usize, 150usize, 4usize, 8usize, 8usize);
+    let t2m = read_f32(cube, "t2m", Some(0..nt as u64), h as u64, w as u64);
+    let ndvi = read_f32(cube, "ndvi", Some(0..nt as u64), h as u64, w as u64);
+    let lc = array(cube, "landcover").retrieve_array_subset::<Vec<u8>>(&[0..h as u64, 0..w as u64]).unwrap();
+    let value = |v: usize, t: usize, y: usize, x: usize| -> f32 {
+        if y >= h || x >= w || t >= nt {
+            return f32::NAN;
+        }
+        match v {
+            0 => t2m[t * h * w + y * w + x],
+            1 => ndvi[t * h * w + y * w + x],
+            _ => f32::from(lc[y * w + x]),
+        }
+    };
+    let expect = |x: f32| if x.is_nan() { (0.0, 0) } else { (x, 1) };
+    let plain = collect(Loader::builder(cube).build().unwrap());
+    let vmajor = collect(Loader::builder(cube).variable_major(true).build().unwrap());
+    let separate = collect(Loader::builder(cube).separate_statics(true).build().unwrap());
+    assert!(!plain.is_empty());
+    for ((a, m), st) in plain.iter().zip(&vmajor).zip(&separate) {
+        assert_eq!(a.variables, ["t2m", "ndvi", "landcover"]);
+        assert_eq!((a.shape.clone(), m.shape.clone()), (vec![b, s_len, 3, p, p], vec![3, b, s_len, p, p]));
+        assert_eq!(
+            (st.variables.clone(), st.static_variables.clone()),
+            (vec!["t2m".to_string(), "ndvi".to_string()], vec!["landcover".to_string()])
+        );
+        let [it, iy, ix] = a.origin.chunk;
+        for s in 0..b {
+            let (y0, x0) = (iy * 16 + s / 2 * p, ix * 16 + s % 2 * p);
+            for (py, px) in (0..p).flat_map(|py| (0..p).map(move |px| (py, px))) {
+                let (y, x) = (y0 + py, x0 + px);
+                for t in 0..s_len {
+                    for v in 0..3 {
+                        let e = expect(value(v, it * s_len + t, y, x));
+                        let o = (((s * s_len + t) * 3 + v) * p + py) * p + px;
+                        assert_eq!(
+                            (a.data[o], a.mask[o]),
+                            e,
+                            "{:?} sample {s} t {t} var {v} ({py}, {px})",
+                            a.origin
+                        );
+                        let o = (((v * b + s) * s_len + t) * p + py) * p + px;
+                        assert_eq!((m.data[o], m.mask[o]), e, "variable-major");
+                        if v < 2 {
+                            let o = (((s * s_len + t) * 2 + v) * p + py) * p + px;
+                            assert_eq!((st.data[o], st.mask[o]), e, "with separate statics");
+                        }
+                    }
+                }
+                let lc_value = value(2, 0, y, x);
+                let want = if lc_value.is_nan() { 0.0 } else { lc_value };
+                assert_eq!(st.statics[(s * p + py) * p + px], want, "static patch");
+            }
+        }
+    }
+}
+
 #[test]
 fn normalization_uses_the_stored_statistics() {
     let cube = &cubes().pixel;

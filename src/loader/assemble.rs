@@ -662,32 +662,30 @@ impl Assembler {
                     });
                 }
                 LayoutKind::ImageSequence => {
+                    // Row by row: a patch row is `pw` values side by side in the chunk and in the batch.
                     let [ph, pw] = l.patch;
                     let gx = cx / pw;
+                    let step = if v.meta.is_static { 0 } else { cy * cx };
                     for s in 0..b {
                         let (sy, sx) = (s / gx * ph, s % gx * pw);
-                        for py in 0..ph {
-                            for px in 0..pw {
-                                let cell = (sy + py) * cx + sx + px;
-                                if into_statics {
-                                    statics[((s * ns + si) * ph + py) * pw + px] = prepare(v, chunk[cell]).0;
-                                    continue;
+                        if into_statics {
+                            for py in 0..ph {
+                                let (from, to) = ((sy + py) * cx + sx, ((s * ns + si) * ph + py) * pw);
+                                for (o, x) in statics[to..to + pw].iter_mut().zip(&chunk[from..from + pw]) {
+                                    *o = prepare(v, *x).0;
                                 }
-                                for t in 0..t_len {
-                                    let x = if v.meta.is_static {
-                                        chunk[cell]
-                                    } else {
-                                        chunk[t * cy * cx + cell]
-                                    };
-                                    let (value, valid) = prepare(v, x);
-                                    let plane = if vmajor {
-                                        (vi * b + s) * t_len + t
-                                    } else {
-                                        (s * t_len + t) * nv + vi
-                                    };
-                                    let o = (plane * ph + py) * pw + px;
-                                    data[o] = value;
-                                    mask[o] = valid;
+                            }
+                            continue;
+                        }
+                        for t in 0..t_len {
+                            let plane =
+                                if vmajor { (vi * b + s) * t_len + t } else { (s * t_len + t) * nv + vi };
+                            for py in 0..ph {
+                                let from = t * step + (sy + py) * cx + sx;
+                                let to = (plane * ph + py) * pw;
+                                let row = chunk[from..from + pw].iter().zip(&mut data[to..to + pw]);
+                                for ((x, value), valid) in row.zip(&mut mask[to..to + pw]) {
+                                    (*value, *valid) = prepare(v, *x);
                                 }
                             }
                         }
