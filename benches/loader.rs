@@ -27,7 +27,7 @@ use criterion::{BatchSize, Criterion, Throughput};
 use cubeload::Cube;
 use cubeload::demo::{DemoSpec, build_cube};
 use cubeload::loader::assemble::{Assembler, Transform};
-use cubeload::loader::{Loader, LoaderBuilder, Regrid};
+use cubeload::loader::{Loader, LoaderBuilder};
 
 /// A loader option under test.
 type Configure = fn(LoaderBuilder) -> LoaderBuilder;
@@ -44,13 +44,7 @@ fn decode(c: &mut Criterion, path: &Path) {
     let mut group = c.benchmark_group("decode");
 
     // The loader's reading code, for every variable of the cube.
-    let transform = Transform {
-        normalize: false,
-        fill: 0.0,
-        separate_statics: false,
-        variable_major: false,
-        regrid: Regrid::Target,
-    };
+    let transform = Transform::default();
     let assembler = Assembler::new(&cube, &[], transform).expect("assembler");
 
     // One chunk of t2m: exactly one batch's (T, h, w) block.

@@ -21,7 +21,7 @@ use zarrs::filesystem::FilesystemStore;
 use crate::cube::reader::Cube;
 use crate::loader::assemble::{Assembler, Transform};
 use crate::loader::sampler::ChunkId;
-use crate::loader::{Loader, LoaderError, Regrid};
+use crate::loader::{Loader, LoaderError};
 use crate::store::{LatencyStore, Location};
 
 /// Options of a benchmark run.
@@ -244,13 +244,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     // `threads` threads.
     prepare();
     // Read as the loader reads them, by the loader's own reading code, with nothing assembled.
-    let transform = Transform {
-        normalize: false,
-        fill: 0.0,
-        separate_statics: false,
-        variable_major: false,
-        regrid: Regrid::Target,
-    };
+    let transform = Transform::default();
     let stored = Assembler::new(&cube, &[], transform)?;
     let work: Vec<(usize, ChunkId)> = meta
         .variables

@@ -24,8 +24,9 @@ use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
 use crate::loader::transpose::{Row, prepare, transpose_rows};
 use crate::plan::DType;
 
-/// How values are turned into model inputs.
-#[derive(Debug, Clone, Copy)]
+/// How values are turned into model inputs. The default is the loader's: values as stored, missing values
+/// as 0, statics repeated along time, `[B, ...]`, every variable on the target cells.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Transform {
     /// `(x − mean) / std` from the cube's statistics (continuous variables only).
     pub normalize: bool,
