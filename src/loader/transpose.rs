@@ -13,8 +13,6 @@ pub(crate) struct Row<'a> {
     pub affine: (f32, f32),
 }
 
-/// Rows transposed together: one vector register each.
-const GROUP: usize = 8;
 /// Samples handled together, so that the batch rows being written stay in the L1 cache.
 const TILE: usize = 16;
 
@@ -77,25 +75,6 @@ pub(crate) fn prepare(x: f32, mean: f32, inv: f32, fill: f32) -> (f32, u8) {
     (if ok { (x - mean) * inv } else { fill }, u8::from(ok))
 }
 
-/// Groups of [`GROUP`] rows whose columns are consecutive (one contiguous store per sample), and the rows
-/// left for the scalar path.
-fn groups(rows: &[Row<'_>]) -> (Vec<usize>, Vec<usize>) {
-    let (mut vector, mut scalar) = (Vec::new(), Vec::new());
-    let mut k = 0;
-    while k < rows.len() {
-        let group =
-            rows.get(k..k + GROUP).filter(|g| g.iter().enumerate().all(|(j, r)| r.col == g[0].col + j));
-        if group.is_some() {
-            vector.push(k);
-            k += GROUP;
-        } else {
-            scalar.push(k);
-            k += 1;
-        }
-    }
-    (vector, scalar)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
@@ -104,7 +83,29 @@ mod avx2 {
         _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
     };
 
-    use super::{GROUP, Row, TILE, groups, transpose_scalar};
+    use super::{Row, TILE, transpose_scalar};
+
+    /// Rows transposed together: one vector register each.
+    const GROUP: usize = 8;
+
+    /// Groups of [`GROUP`] rows whose columns are consecutive (one contiguous store per sample), and the rows
+    /// left for the scalar path.
+    fn groups(rows: &[Row<'_>]) -> (Vec<usize>, Vec<usize>) {
+        let (mut vector, mut scalar) = (Vec::new(), Vec::new());
+        let mut k = 0;
+        while k < rows.len() {
+            let group =
+                rows.get(k..k + GROUP).filter(|g| g.iter().enumerate().all(|(j, r)| r.col == g[0].col + j));
+            if group.is_some() {
+                vector.push(k);
+                k += GROUP;
+            } else {
+                scalar.push(k);
+                k += 1;
+            }
+        }
+        (vector, scalar)
+    }
 
     /// Byte `j` is 1 where bit `j` of the index is set: an 8-lane validity bit mask as 8 mask bytes.
     static BYTES_OF_BITS: [u64; 256] = {
