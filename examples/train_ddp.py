@@ -94,6 +94,9 @@ def main() -> None:
         weights = torch.cat([p.detach().flatten() for p in model.module.parameters()]).tolist()
         log.write(json.dumps({"final": weights, "steps": step}) + "\n")
         log.close()
+    # Every rank at the end before any tears its process group down: a rank whose peer is already gone can
+    # die in gloo's threads at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
