@@ -1,9 +1,32 @@
-//! torch-sys links libtorch but sets no rpath: without one, binaries and test binaries fail to start with
-//! "`libtorch_cpu.so`: cannot open shared object file". torch-sys exports its lib dir as
-//! `DEP_TCH_LIBTORCH_LIB`.
+//! Two things the `tch` feature needs from libtorch, whose lib dir torch-sys exports as
+//! `DEP_TCH_LIBTORCH_LIB`:
+//! - an rpath: torch-sys links libtorch but sets none, and binaries and test binaries would fail to start
+//!   with "`libtorch_cpu.so`: cannot open shared object file";
+//! - `src/batch/owned_tensor.cpp`, compiled against libtorch's headers: a CPU tensor over a batch's own
+//!   memory that gives it back when libtorch frees the tensor (tch has no constructor with a deleter).
+use std::path::Path;
+
 fn main() {
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-changed=src/batch/owned_tensor.cpp");
+    if std::env::var_os("CARGO_FEATURE_TCH").is_none() {
+        return;
+    }
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    let include = Path::new(&lib).parent().expect("libtorch's lib dir has a parent").join("include");
+    // The same C++ standard and ABI as torch-sys compiles its own wrapper with (its default ABI is 1).
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        // libtorch's headers as system headers: their own warnings are not this crate's.
+        .flag("-isystem")
+        .flag(include.to_str().expect("libtorch's include dir is UTF-8"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/batch/owned_tensor.cpp")
+        .compile("cubeload_owned_tensor");
 }

@@ -38,8 +38,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
             (epoch, sum, count) = (batch.origin.epoch, 0.0, 0);
         }
-        let x = batch.to_tensor(device); // [B, T, V]
         let mask = batch.mask_tensor(device);
+        let x = batch.into_tensor(device); // [B, T, V]; on the CPU the batch's own buffer
         let loss = model.loss(&x, &mask);
         optimizer.backward_step(&loss);
         sum += loss.double_value(&[]);

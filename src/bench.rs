@@ -501,20 +501,21 @@ fn loader_epochs(
         if epoch.batches == 0 {
             epoch.first_ms = started.elapsed().as_secs_f64() * 1e3;
         }
-        deliver(&batch);
         epoch.batches += 1;
         epoch.samples += batch.len();
         epoch.bytes += batch.data.len() * 4;
+        deliver(batch);
     }
     epoch.seconds = started.elapsed().as_secs_f64();
     Ok(epoch)
 }
 
-/// Hands the batch to the training side: a tensor with `tch`, a read of every value without.
-fn deliver(batch: &crate::Batch) {
+/// Hands the batch to the training side: a tensor with `tch` (which takes the batch's buffer, as a training
+/// loop's `into_tensor` does), a read of every value without.
+fn deliver(batch: crate::Batch) {
     #[cfg(feature = "tch")]
     {
-        let tensor = batch.to_tensor(tch::Device::Cpu);
+        let tensor = batch.into_tensor(tch::Device::Cpu);
         drop(std::hint::black_box(tensor));
     }
     #[cfg(not(feature = "tch"))]

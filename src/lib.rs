@@ -33,8 +33,8 @@
 //!
 //! ## Crate features
 //! - `cli` (default): the `cubeload` binary.
-//! - `tch` (default): `Batch::to_tensor`, the reference models of [`train`] and the training demo; links
-//!   libtorch.
+//! - `tch` (default): `Batch::into_tensor` and `to_tensor`, the reference models of [`train`] and the training demo; links
+//!   libtorch (and compiles a small C++ file against its headers, see `build.rs`).
 
 pub mod batch;
 pub mod bench;

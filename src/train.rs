@@ -110,7 +110,8 @@ pub fn fit(
             (sum, count) = (0.0, 0);
         }
         epoch = batch.origin.epoch;
-        let (x, mask) = (batch.to_tensor(device), batch.mask_tensor(device));
+        let mask = batch.mask_tensor(device);
+        let x = batch.into_tensor(device);
         let value = loss(&x, &mask);
         optimizer.backward_step(&value);
         sum += value.double_value(&[]);
