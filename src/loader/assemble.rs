@@ -1,6 +1,7 @@
 //! Reading one batch: one chunk read per variable, then one pass that transposes the chunks into the batch
 //! layout, normalizes, fills missing values and builds the mask.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use rand::seq::SliceRandom;
@@ -622,7 +623,11 @@ impl Assembler {
                 (b, shape, t_len * nv * ph * pw)
             }
         };
-        let mut data = vec![0.0f32; b * sample_cells];
+        // Not zeroed: every element is written below (each variable on the target grid covers its column of
+        // every sample and step, or its rows of every patch) before the length is set.
+        let cells = b * sample_cells;
+        let mut data: Vec<f32> = Vec::with_capacity(cells);
+        let out = &mut data.spare_capacity_mut()[..cells];
         let mut mask = vec![0u8; b * sample_cells];
         let statics_cells = match l.kind {
             LayoutKind::PixelSeries => ns,
@@ -684,9 +689,11 @@ impl Assembler {
                             for py in 0..ph {
                                 let from = t * step + (sy + py) * cx + sx;
                                 let to = (plane * ph + py) * pw;
-                                let row = chunk[from..from + pw].iter().zip(&mut data[to..to + pw]);
+                                let row = chunk[from..from + pw].iter().zip(&mut out[to..to + pw]);
                                 for ((x, value), valid) in row.zip(&mut mask[to..to + pw]) {
-                                    (*value, *valid) = prepare(v, *x);
+                                    let prepared;
+                                    (prepared, *valid) = prepare(v, *x);
+                                    value.write(prepared);
                                 }
                             }
                         }
@@ -699,7 +706,12 @@ impl Assembler {
                 vi += 1;
             }
         }
-        copy_series(&series, (b, t_len), fill, &mut data, &mut mask);
+        copy_series(&series, (b, t_len), fill, out, &mut mask);
+        // SAFETY: the first `cells` elements are initialized: the variables in `data` are those of `names`
+        // (not native, not separate statics), each pushed one series copy writing its column of every sample
+        // and step, or wrote its rows of every patch of every step (image sequences), and these cover the
+        // batch (the loader's tests compare every element with the cube).
+        unsafe { data.set_len(cells) };
         let (lat, lon): (Vec<f64>, Vec<f64>) = (0..b)
             .map(|s| match l.kind {
                 LayoutKind::PixelSeries if l.shuffled.is_some() => {
@@ -868,7 +880,7 @@ fn copy_series(
     copies: &[SeriesCopy<'_>],
     (samples, steps): (usize, usize),
     fill: f32,
-    data: &mut [f32],
+    data: &mut [MaybeUninit<f32>],
     mask: &mut [u8],
 ) {
     let (time_major, sample_major): (Vec<&SeriesCopy<'_>>, Vec<&SeriesCopy<'_>>) =
@@ -890,7 +902,9 @@ fn copy_series(
         for p in 0..samples {
             for t in 0..steps {
                 let o = base + p * write_p + t * write_t;
-                (data[o], mask[o]) = prepare(copy.chunk[p * copy.read.0 + t * copy.read.1], mean, inv, fill);
+                let (value, valid) = prepare(copy.chunk[p * copy.read.0 + t * copy.read.1], mean, inv, fill);
+                data[o].write(value);
+                mask[o] = valid;
             }
         }
     }
@@ -1011,7 +1025,7 @@ mod tests {
                 .map(|(v, &(chunk, read, affine))| SeriesCopy { chunk, read, out: strides(v), affine })
                 .collect();
             let cells = samples * steps * nv;
-            let (mut data, mut mask) = (vec![f32::INFINITY; cells], vec![9u8; cells]);
+            let (mut data, mut mask) = (vec![MaybeUninit::new(f32::INFINITY); cells], vec![9u8; cells]);
             copy_series(&copies, (samples, steps), fill, &mut data, &mut mask);
             for (v, &(chunk, (read_p, read_t), (mean, inv))) in sources.iter().enumerate() {
                 let out = strides(v);
@@ -1021,7 +1035,8 @@ mod tests {
                         let o = out.base + p * out.write_p + t * out.write_t;
                         let expected = if x.is_nan() { (fill, 0) } else { ((x - mean) * inv, 1) };
                         assert_eq!(
-                            (data[o].to_bits(), mask[o]),
+                            // SAFETY: every element was initialized (to infinity) before the copy.
+                            (unsafe { data[o].assume_init() }.to_bits(), mask[o]),
                             (expected.0.to_bits(), expected.1),
                             "{v} {p} {t}"
                         );
