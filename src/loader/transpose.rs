@@ -8,7 +8,7 @@
 //! The batch is written, never read, by the transpose, and goes to another thread: where two row groups fill
 //! whole cache lines of it, they are written with non-temporal stores, straight to memory without first
 //! reading each line into the cache. The buffer is not zeroed beforehand either (every element is written:
-//! the destination is `MaybeUninit`). Together, in `cubeload bench`, `ratio_to_ceiling` 0.65 → 0.77.
+//! the destination is `MaybeUninit`). Together, in `cubeload bench`, `ratio_to_ceiling` 0.64 → 0.74.
 
 use std::mem::MaybeUninit;
 
