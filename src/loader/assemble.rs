@@ -628,7 +628,7 @@ impl Assembler {
         let cells = b * sample_cells;
         let mut data: Vec<f32> = Vec::with_capacity(cells);
         let out = &mut data.spare_capacity_mut()[..cells];
-        let mut mask = vec![0u8; b * sample_cells];
+        let mut mask = vec![0u8; cells];
         let statics_cells = match l.kind {
             LayoutKind::PixelSeries => ns,
             LayoutKind::ImageSequence => ns * l.patch[0] * l.patch[1],
@@ -691,9 +691,9 @@ impl Assembler {
                                 let to = (plane * ph + py) * pw;
                                 let row = chunk[from..from + pw].iter().zip(&mut out[to..to + pw]);
                                 for ((x, value), valid) in row.zip(&mut mask[to..to + pw]) {
-                                    let prepared;
-                                    (prepared, *valid) = prepare(v, *x);
+                                    let (prepared, ok) = prepare(v, *x);
                                     value.write(prepared);
+                                    *valid = ok;
                                 }
                             }
                         }

@@ -175,7 +175,10 @@ mod avx2 {
         mask: &mut [u8],
     ) {
         let out = data.as_mut_ptr().cast::<f32>();
-        let (vector, scalar) = groups(rows, line_start(rows, out));
+        // Groups start where a line does only when lines can be filled at all (every sample's row starting at
+        // the same offset within a line); otherwise at the first row, leaving the fewest to the scalar path.
+        let start = if stride.is_multiple_of(LINE) { line_start(rows, out) } else { 0 };
+        let (vector, scalar) = groups(rows, start);
         let lanes = |k: usize, f: fn(&Row<'_>) -> f32| {
             let mut lane = [0.0f32; GROUP];
             for (j, l) in lane.iter_mut().enumerate() {
