@@ -20,6 +20,7 @@ mod shuffled;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant as Clock;
@@ -33,9 +34,10 @@ use crate::cube::manifest::{
 use crate::cube::reader::{Cube, is_cubeload_cube};
 use crate::cube::writer::{BlockSummary, CubeWriter};
 use crate::cube::{CubeError, CubeMeta, RunningStats};
+use crate::grid::Grid;
 use crate::plan::{Plan, PlanError, VariablePlan};
-use crate::source::SourceError;
 use crate::source::warp::warp_window;
+use crate::source::{FileView, SourceError};
 use crate::store::Location;
 use crate::time::{self, StepSources};
 
@@ -980,26 +982,14 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
     if rows > 0 && cols > 0 {
         let per_band = rows * cols * 8;
         let batch = (WARP_BUDGET_BYTES / per_band.max(1)).clamp(1, 512);
-        for (file_index, file) in v.source.files.iter().enumerate() {
-            let needed: Vec<usize> = v
-                .source
-                .steps
-                .iter()
-                .enumerate()
-                .filter(|(s, step)| step.file == file_index && !feeds[*s].is_empty())
-                .map(|(s, _)| s)
-                .collect();
-            for group in needed.chunks(batch) {
-                let bands: Vec<usize> = group.iter().map(|&s| v.source.steps[s].band).collect();
-                let rasters = warp_window(
-                    file,
-                    &bands,
-                    v.source.data_type,
-                    v.source.nodata,
-                    v.resampling,
-                    grid,
-                    (row0..row0 + rows, col0..col0 + cols),
-                )?;
+        let window = (row0..row0 + rows, col0..col0 + cols);
+        let files = &v.source.files;
+        let file_of = |s: usize| &files[v.source.steps[s].file];
+        // The steps this block needs, in source order, warped together while consecutive files share a grid.
+        let needed: Vec<usize> = (0..v.source.steps.len()).filter(|&s| !feeds[s].is_empty()).collect();
+        for same_grid in needed.chunk_by(|&a, &b| file_of(a).same_grid(file_of(b))) {
+            for group in same_grid.chunks(batch) {
+                let rasters = warp_steps(v, group, grid, &window)?;
                 for (&s, raster) in group.iter().zip(rasters) {
                     accumulate(&mut acc, v, &feeds[s], &raster, rows, cols, px);
                 }
@@ -1008,6 +998,33 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
     }
     let values = acc.finish();
     Ok(writer.write_block(block.var, block.it, block.iy, block.first_shard, &values)?)
+}
+
+/// Warps source `steps` of `v` (files on one grid) onto `window` of `grid`, one raster per step. When the warp
+/// of several files fails, they are warped again one file at a time, so that an error names its file.
+fn warp_steps(
+    v: &VariablePlan,
+    steps: &[usize],
+    grid: &Grid,
+    window: &(Range<usize>, Range<usize>),
+) -> Result<Vec<Vec<f64>>, SourceError> {
+    let source = &v.source;
+    let bands: Vec<(&FileView, usize)> =
+        steps.iter().map(|&s| (&source.files[source.steps[s].file], source.steps[s].band)).collect();
+    let warp = |bands: &[(&FileView, usize)]| {
+        warp_window(bands, source.data_type, source.nodata, v.resampling, grid, window.clone())
+    };
+    let same_file = |a: &(&FileView, usize), b: &(&FileView, usize)| std::ptr::eq(a.0, b.0);
+    match warp(&bands) {
+        Err(_) if bands.chunk_by(same_file).nth(1).is_some() => {
+            let mut rasters = Vec::with_capacity(bands.len());
+            for one_file in bands.chunk_by(same_file) {
+                rasters.extend(warp(one_file)?);
+            }
+            Ok(rasters)
+        }
+        result => result,
+    }
 }
 
 /// Unpacks one warped band and adds it to every target step it feeds.

@@ -117,6 +117,15 @@ pub struct FileView {
     pub native_res: (f64, f64),
 }
 
+impl FileView {
+    /// Whether `other` has the same pixels on Earth (size, georeferencing, native cell size): the bands of
+    /// such files can be warped together, with one coordinate transformation.
+    #[must_use]
+    pub fn same_grid(&self, other: &FileView) -> bool {
+        self.size == other.size && self.georef == other.georef && self.native_res == other.native_res
+    }
+}
+
 /// One source time step: a band of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceStep {

@@ -17,6 +17,7 @@ mod cli_errors;
 mod demo;
 mod fuzz_cases;
 mod gen_real_data;
+mod image_archive;
 mod lifecycle;
 mod loader;
 mod multires;

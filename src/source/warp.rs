@@ -43,9 +43,12 @@ fn gdal_type_name(data_type: GdalDataType) -> &'static str {
     }
 }
 
-/// The VRT XML exposing `bands` (1-based, in order) of `file` with a georeferencing the warper can use.
+/// The VRT XML exposing `bands` (each a file and its 1-based band, in order) with a georeferencing the warper
+/// can use. All files share one grid (the first's): [`FileView::same_grid`].
 #[must_use]
-pub fn vrt_xml(file: &FileView, bands: &[usize], data_type: GdalDataType, nodata: Option<f64>) -> String {
+pub fn vrt_xml(bands: &[(&FileView, usize)], data_type: GdalDataType, nodata: Option<f64>) -> String {
+    let file = bands.first().expect("at least one band").0;
+    debug_assert!(bands.iter().all(|(f, _)| f.same_grid(file)), "bands of one VRT share a grid");
     let (w, h) = file.size;
     let mut xml = String::new();
     let (width, copies, header) = match &file.georef {
@@ -77,8 +80,8 @@ pub fn vrt_xml(file: &FileView, bands: &[usize], data_type: GdalDataType, nodata
     };
     let _ = write!(xml, "<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{h}\">{header}");
     let type_name = gdal_type_name(data_type);
-    let source_name = xml_escape(&file.gdal_name);
-    for (i, band) in bands.iter().enumerate() {
+    for (i, (file, band)) in bands.iter().enumerate() {
+        let source_name = xml_escape(&file.gdal_name);
         let _ = write!(xml, "<VRTRasterBand dataType=\"{type_name}\" band=\"{}\">", i + 1);
         if let Some(nodata) = nodata {
             let _ = write!(xml, "<NoDataValue>{}</NoDataValue>", format_nodata(nodata));
@@ -110,14 +113,15 @@ fn format_nodata(v: f64) -> String {
     if v.is_nan() { "nan".to_string() } else { format!("{v:.17e}") }
 }
 
-/// Warps `bands` of `file` onto a window `(rows, columns)` of `grid`.
+/// Warps `bands` (each a file and its 1-based band; the files share one grid) onto a window `(rows, columns)`
+/// of `grid`. One warp serves every band: GDAL transforms the window's coordinates once for all of them, so
+/// an archive of images on one tile pays for its projection once, not once per date.
 /// Returns one `rows × columns` raster per band, row-major, NaN where no source pixel contributes.
 ///
 /// # Errors
-/// [`SourceError::Gdal`] naming the file when GDAL fails.
+/// [`SourceError::Gdal`] naming the first file when GDAL fails (warp the files one by one to know which).
 pub fn warp_window(
-    file: &FileView,
-    bands: &[usize],
+    bands: &[(&FileView, usize)],
     data_type: GdalDataType,
     nodata: Option<f64>,
     resampling: Resampling,
@@ -126,8 +130,9 @@ pub fn warp_window(
 ) -> Result<Vec<Vec<f64>>, SourceError> {
     let (row0, rows) = (window_rows.start, window_rows.len());
     let (col0, cols) = (window_cols.start, window_cols.len());
+    let file = bands.first().expect("at least one band").0;
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
-    let xml = vrt_xml(file, bands, data_type, nodata);
+    let xml = vrt_xml(bands, data_type, nodata);
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
     let driver = DriverManager::get_driver_by_name("MEM").map_err(|e| fail(e.to_string()))?;
     let mut target = driver
@@ -302,7 +307,7 @@ fn suggested_output(
     nodata: Option<f64>,
 ) -> Result<([f64; 6], (i32, i32)), SourceError> {
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
-    let source = Dataset::open(vrt_xml(file, &[1], data_type, nodata))
+    let source = Dataset::open(vrt_xml(&[(file, 1)], data_type, nodata))
         .map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
     let option = CString::new(format!("DST_SRS={}", target_wkt())).expect("no NUL");
     let mut options = [option.as_ptr().cast_mut(), ptr::null_mut()];
