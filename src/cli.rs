@@ -5,7 +5,6 @@ mod info;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cubeload::bench::{BenchOptions, BenchReport};
@@ -118,20 +117,20 @@ enum Command {
     },
 }
 
-/// Parses arguments, runs the command, prints errors once, and maps them to exit codes.
-pub(crate) fn run() -> ExitCode {
+/// Parses arguments, runs the command, prints errors once, and returns the exit code.
+pub(crate) fn run() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() { 2 } else { 0 };
         }
     };
     match dispatch(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+            if e.is_usage() { 2 } else { 1 }
         }
     }
 }

@@ -866,10 +866,12 @@ struct Accumulator {
 impl Accumulator {
     fn new(ops: Vec<Option<Op>>, plane: usize) -> Self {
         let n = ops.len() * plane;
-        let aux = ops
-            .iter()
-            .flat_map(|op| std::iter::repeat_n(if *op == Some(Op::Ranked) { u32::MAX } else { 0 }, plane))
-            .collect();
+        let mut aux = vec![0; n];
+        for (op, aux) in ops.iter().zip(aux.chunks_exact_mut(plane.max(1))) {
+            if *op == Some(Op::Ranked) {
+                aux.fill(u32::MAX);
+            }
+        }
         Accumulator { ops, values: vec![f64::NAN; n], aux, plane }
     }
 
@@ -990,8 +992,8 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
         for same_grid in needed.chunk_by(|&a, &b| file_of(a).same_grid(file_of(b))) {
             for group in same_grid.chunks(batch) {
                 let rasters = warp_steps(v, group, grid, &window)?;
-                for (&s, raster) in group.iter().zip(rasters) {
-                    accumulate(&mut acc, v, &feeds[s], &raster, rows, cols, px);
+                for (&s, raster) in group.iter().zip(rasters.chunks_exact((rows * cols).max(1))) {
+                    accumulate(&mut acc, v, &feeds[s], raster, rows, cols, px);
                 }
             }
         }
@@ -1000,14 +1002,15 @@ fn run_block(plan: &Plan, writer: &CubeWriter, block: Block) -> Result<BlockSumm
     Ok(writer.write_block(block.var, block.it, block.iy, block.first_shard, &values)?)
 }
 
-/// Warps source `steps` of `v` (files on one grid) onto `window` of `grid`, one raster per step. When the warp
-/// of several files fails, they are warped again one file at a time, so that an error names its file.
+/// Warps source `steps` of `v` (files on one grid) onto `window` of `grid`: their rasters one after the other.
+/// When the warp of several files fails, they are warped again one file at a time, so that an error names its
+/// file.
 fn warp_steps(
     v: &VariablePlan,
     steps: &[usize],
     grid: &Grid,
     window: &(Range<usize>, Range<usize>),
-) -> Result<Vec<Vec<f64>>, SourceError> {
+) -> Result<Vec<f64>, SourceError> {
     let source = &v.source;
     let bands: Vec<(&FileView, usize)> =
         steps.iter().map(|&s| (&source.files[source.steps[s].file], source.steps[s].band)).collect();

@@ -116,7 +116,8 @@ fn format_nodata(v: f64) -> String {
 /// Warps `bands` (each a file and its 1-based band; the files share one grid) onto a window `(rows, columns)`
 /// of `grid`. One warp serves every band: GDAL transforms the window's coordinates once for all of them, so
 /// an archive of images on one tile pays for its projection once, not once per date.
-/// Returns one `rows × columns` raster per band, row-major, NaN where no source pixel contributes.
+/// Returns the `rows × columns` rasters of the bands one after the other, row-major, NaN where no source
+/// pixel contributes.
 ///
 /// # Errors
 /// [`SourceError::Gdal`] naming the first file when GDAL fails (warp the files one by one to know which).
@@ -127,17 +128,16 @@ pub fn warp_window(
     resampling: Resampling,
     grid: &Grid,
     (window_rows, window_cols): (Range<usize>, Range<usize>),
-) -> Result<Vec<Vec<f64>>, SourceError> {
+) -> Result<Vec<f64>, SourceError> {
     let (row0, rows) = (window_rows.start, window_rows.len());
     let (col0, cols) = (window_cols.start, window_cols.len());
     let file = bands.first().expect("at least one band").0;
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
     let xml = vrt_xml(bands, data_type, nodata);
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
-    let driver = DriverManager::get_driver_by_name("MEM").map_err(|e| fail(e.to_string()))?;
-    let mut target = driver
-        .create_with_band_type::<f64, _>("", cols, rows, bands.len())
-        .map_err(|e| fail(format!("cannot allocate the warp window: {e}")))?;
+    // The warp writes straight into `out`: a MEM dataset whose bands are views of it.
+    let mut out = vec![0.0f64; bands.len() * rows * cols];
+    let mut target = window_dataset(&mut out, cols, rows, bands.len()).map_err(&fail)?;
     let mut geotransform = grid.geotransform(row0);
     geotransform[0] += col0 as f64 * grid.res_x;
     target.set_geo_transform(&geotransform).map_err(|e| fail(e.to_string()))?;
@@ -150,22 +150,45 @@ pub fn warp_window(
     run_gdal_warp(&source, &target, resampling, scale).map_err(|m| fail(format!("warp failed: {m}")))?;
     let outside =
         if resampling.is_area() { Some(centres_outside(&source, &target).map_err(fail)?) } else { None };
-    let mut out = Vec::with_capacity(bands.len());
-    for i in 1..=bands.len() {
-        let band = target.rasterband(i).map_err(|e| fail(e.to_string()))?;
-        let mut buf = vec![0.0f64; cols * rows];
-        band.read_into_slice((0, 0), (cols, rows), (cols, rows), &mut buf, None)
-            .map_err(|e| fail(e.to_string()))?;
-        if let Some(outside) = &outside {
-            for (value, &out) in buf.iter_mut().zip(outside) {
+    drop(target);
+    if let Some(outside) = &outside {
+        for raster in out.chunks_exact_mut(rows * cols) {
+            for (value, &out) in raster.iter_mut().zip(outside) {
                 if out {
                     *value = f64::NAN;
                 }
             }
         }
-        out.push(buf);
     }
     Ok(out)
+}
+
+/// A MEM dataset of `count` Float64 bands of `cols × rows` over `buffer` (band after band), which must
+/// outlive it.
+fn window_dataset(buffer: &mut [f64], cols: usize, rows: usize, count: usize) -> Result<Dataset, String> {
+    assert_eq!(buffer.len(), count * cols * rows, "one raster per band");
+    let driver = DriverManager::get_driver_by_name("MEM").map_err(|e| e.to_string())?;
+    let target = driver
+        .create_with_band_type::<f64, _>("", cols, rows, 0)
+        .map_err(|e| format!("cannot allocate the warp window: {e}"))?;
+    for raster in buffer.chunks_exact_mut((cols * rows).max(1)) {
+        let option = CString::new(format!("DATAPOINTER={:p}", raster.as_mut_ptr())).expect("no NUL");
+        let mut options = [option.as_ptr().cast_mut(), ptr::null_mut()];
+        // SAFETY: the dataset is open; the options array is NULL-terminated and outlives the call; the band
+        // views `cols × rows` doubles of `raster`, which the caller keeps alive longer than the dataset.
+        let err = unsafe {
+            gdal_sys::CPLErrorReset();
+            gdal_sys::GDALAddBand(
+                target.c_dataset(),
+                gdal_sys::GDALDataType::GDT_Float64,
+                options.as_mut_ptr(),
+            )
+        };
+        if err != gdal_sys::CPLErr::CE_None {
+            return Err(format!("cannot allocate the warp window: {}", last_gdal_error()));
+        }
+    }
+    Ok(target)
 }
 
 /// Which target cells have their centre outside the source raster.
