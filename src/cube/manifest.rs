@@ -298,7 +298,7 @@ mod tests {
     use super::*;
 
     fn record(var: &str, it: usize, key: &str, file: &FileRecord) -> BlockRecord {
-        let stats = RunningStats::of([1.0, 2.5, -3.25].into_iter());
+        let stats = RunningStats::of_rows(&[&[1.0, 2.5, -3.25]], |_| true);
         BlockRecord {
             block: BlockId { var: var.into(), it, iy: 0, first_shard: 0, n_shards: 1 },
             inputs: "abc".into(),

@@ -198,7 +198,7 @@ impl CubeWriter {
             .map(|(k, &n)| (shards_before + k, n as f32 / (b * ct) as f32))
             .collect();
         let indices: Vec<u64> = if v.is_static { vec![shard as u64] } else { vec![shard as u64, it as u64] };
-        summary.files.push(self.store_converted(&self.arrays[var], v.dtype, fill, &indices, values)?);
+        summary.files.push(self.store_converted(&self.arrays[var], v.dtype, fill, &indices, &[values])?);
         Ok(summary)
     }
 
@@ -454,14 +454,11 @@ impl CubeWriter {
         let valid = |x: f64| !x.is_nan() && x != fill;
         for row in &rows {
             summary.cells += row.len() as u64;
-            for (x, &value) in row.iter().enumerate() {
-                if valid(value) {
-                    chunk_valid[x / cx] += 1;
-                }
+            for (n, cells) in chunk_valid.iter_mut().zip(row.chunks(cx)) {
+                *n += cells.iter().filter(|&&x| valid(x)).count() as u64;
             }
         }
-        summary.stats =
-            RunningStats::of(rows.iter().flat_map(|row| row.iter().copied().filter(|&x| valid(x))));
+        summary.stats = RunningStats::of_rows(&rows, valid);
         summary.valid = summary.stats.count();
         let per_chunk = (ct * cy * cx) as f32;
         summary.chunk_validity = chunk_valid
@@ -475,32 +472,28 @@ impl CubeWriter {
         let array = &self.arrays[var];
         for k in 0..px / shard_w {
             let ishard = first_shard + k;
-            let mut block = Vec::with_capacity(ct * cy * shard_w);
-            for t in 0..ct {
-                for y in 0..cy {
-                    let row = &values[(t * cy + y) * px..(t * cy + y + 1) * px];
-                    block.extend_from_slice(&row[k * shard_w..(k + 1) * shard_w]);
-                }
-            }
+            let shard_rows: Vec<&[f64]> =
+                values.chunks_exact(px).map(|row| &row[k * shard_w..(k + 1) * shard_w]).collect();
             let indices: Vec<u64> = if v.is_static {
                 vec![iy as u64, ishard as u64]
             } else {
                 vec![it as u64, iy as u64, ishard as u64]
             };
-            summary.files.push(self.store_converted(array, v.dtype, fill, &indices, &block)?);
+            summary.files.push(self.store_converted(array, v.dtype, fill, &indices, &shard_rows)?);
         }
         Ok(summary)
     }
 
-    /// Stores one chunk (or shard) converted to the variable's type; returns its store key. A file already
-    /// there is unlinked first, not rewritten in place: it may be a hard link into the cube being extended.
+    /// Stores one chunk (or shard), given as its rows, converted to the variable's type; returns its store
+    /// key. A file already there is unlinked first, not rewritten in place: it may be a hard link into the
+    /// cube being extended.
     fn store_converted(
         &self,
         array: &Array<FilesystemStore>,
         dtype: DType,
         fill: f64,
         indices: &[u64],
-        block: &[f64],
+        rows: &[&[f64]],
     ) -> Result<String, CubeError> {
         fn store<T: Element>(
             w: &CubeWriter,
@@ -513,6 +506,13 @@ impl CubeWriter {
             let sequential = zarrs::array::CodecOptions::default().with_concurrent_target(1);
             array.store_chunk_opt(indices, data, &sequential).map_err(|e| zarr_err(&w.path, e))
         }
+        fn converted<T>(rows: &[&[f64]], convert: impl Fn(f64) -> T) -> Vec<T> {
+            let mut out = Vec::with_capacity(rows.iter().map(|row| row.len()).sum());
+            for row in rows {
+                out.extend(row.iter().map(|&x| convert(x)));
+            }
+            out
+        }
         let key = array.chunk_key(indices).as_str().to_string();
         let file = self.path.join(&key);
         match std::fs::remove_file(&file) {
@@ -523,24 +523,12 @@ impl CubeWriter {
         }
         let int = |x: f64| if x.is_nan() { fill } else { x.round() };
         match dtype {
-            DType::Float32 => {
-                store(self, array, indices, &block.iter().map(|&x| x as f32).collect::<Vec<_>>())
-            }
-            DType::Uint8 => {
-                store(self, array, indices, &block.iter().map(|&x| int(x) as u8).collect::<Vec<_>>())
-            }
-            DType::Uint16 => {
-                store(self, array, indices, &block.iter().map(|&x| int(x) as u16).collect::<Vec<_>>())
-            }
-            DType::Int16 => {
-                store(self, array, indices, &block.iter().map(|&x| int(x) as i16).collect::<Vec<_>>())
-            }
-            DType::Uint32 => {
-                store(self, array, indices, &block.iter().map(|&x| int(x) as u32).collect::<Vec<_>>())
-            }
-            DType::Int32 => {
-                store(self, array, indices, &block.iter().map(|&x| int(x) as i32).collect::<Vec<_>>())
-            }
+            DType::Float32 => store(self, array, indices, &converted(rows, |x| x as f32)),
+            DType::Uint8 => store(self, array, indices, &converted(rows, |x| int(x) as u8)),
+            DType::Uint16 => store(self, array, indices, &converted(rows, |x| int(x) as u16)),
+            DType::Int16 => store(self, array, indices, &converted(rows, |x| int(x) as i16)),
+            DType::Uint32 => store(self, array, indices, &converted(rows, |x| int(x) as u32)),
+            DType::Int32 => store(self, array, indices, &converted(rows, |x| int(x) as i32)),
         }?;
         Ok(key)
     }
