@@ -875,22 +875,25 @@ impl Accumulator {
         Accumulator { ops, values: vec![f64::NAN; n], aux, plane }
     }
 
-    #[inline]
-    fn add(&mut self, j: usize, cell: usize, x: f64, rank: u32) {
-        let i = j * self.plane + cell;
-        let (value, aux) = (&mut self.values[i], &mut self.aux[i]);
-        match self.ops[j] {
-            Some(Op::Mean | Op::Sum) => {
-                *value = if *aux == 0 { x } else { *value + x };
-                *aux += 1;
+    /// Adds the values `xs` (NaN: missing) to cells `start..start + xs.len()` of local step `j`.
+    fn add_row(&mut self, j: usize, start: usize, xs: &[f64], rank: u32) {
+        let Some(op) = self.ops[j] else { return };
+        let cells = j * self.plane + start..j * self.plane + start + xs.len();
+        let targets = self.values[cells.clone()].iter_mut().zip(&mut self.aux[cells]);
+        for ((value, aux), &x) in targets.zip(xs).filter(|(_, x)| !x.is_nan()) {
+            match op {
+                Op::Mean | Op::Sum => {
+                    *value = if *aux == 0 { x } else { *value + x };
+                    *aux += 1;
+                }
+                Op::Min => *value = if value.is_nan() { x } else { value.min(x) },
+                Op::Max => *value = if value.is_nan() { x } else { value.max(x) },
+                Op::Ranked if rank < *aux => {
+                    *value = x;
+                    *aux = rank;
+                }
+                Op::Ranked => {}
             }
-            Some(Op::Min) => *value = if value.is_nan() { x } else { value.min(x) },
-            Some(Op::Max) => *value = if value.is_nan() { x } else { value.max(x) },
-            Some(Op::Ranked) if rank < *aux => {
-                *value = x;
-                *aux = rank;
-            }
-            Some(Op::Ranked) | None => {}
         }
     }
 
@@ -1042,16 +1045,18 @@ fn accumulate(
 ) {
     let (scale, offset) = (v.source.scale, v.source.offset);
     let unpack = scale != 1.0 || offset != 0.0;
-    for y in 0..rows {
-        for x in 0..width {
-            let raw = raster[y * width + x];
-            if raw.is_nan() {
-                continue;
+    let mut unpacked = vec![0.0; if unpack { width } else { 0 }];
+    for (y, raw) in raster.chunks_exact(width.max(1)).take(rows).enumerate() {
+        let row = if unpack {
+            for (value, &raw) in unpacked.iter_mut().zip(raw) {
+                *value = raw * scale + offset;
             }
-            let value = if unpack { raw * scale + offset } else { raw };
-            for &(j, rank) in feeds {
-                acc.add(j, y * px + x, value, rank);
-            }
+            &unpacked
+        } else {
+            raw
+        };
+        for &(j, rank) in feeds {
+            acc.add_row(j, y * px, row, rank);
         }
     }
 }
@@ -1063,13 +1068,14 @@ mod tests {
     #[test]
     fn accumulator_ops() {
         let mut acc = Accumulator::new(vec![Some(Op::Mean), Some(Op::Ranked), None, Some(Op::Max)], 2);
-        acc.add(0, 0, 1.0, 0);
-        acc.add(0, 0, 3.0, 0);
-        acc.add(1, 0, 5.0, 2);
-        acc.add(1, 0, 7.0, 1);
-        acc.add(1, 0, 9.0, 3);
-        acc.add(3, 1, -1.0, 0);
-        acc.add(3, 1, 4.0, 0);
+        acc.add_row(0, 0, &[1.0], 0);
+        acc.add_row(0, 0, &[3.0, f64::NAN], 0);
+        acc.add_row(1, 0, &[5.0], 2);
+        acc.add_row(1, 0, &[7.0], 1);
+        acc.add_row(1, 0, &[9.0], 3);
+        acc.add_row(3, 1, &[-1.0], 0);
+        acc.add_row(3, 0, &[f64::NAN, 4.0], 0);
+        acc.add_row(2, 0, &[8.0, 8.0], 0);
         let v = acc.finish();
         assert_eq!(v[0], 2.0);
         assert!(v[1].is_nan());
