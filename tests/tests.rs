@@ -22,3 +22,4 @@ mod lifecycle;
 mod loader;
 mod multires;
 mod object_store;
+mod precision;
