@@ -9,8 +9,6 @@
 //!   epoch is the assembly);
 //! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
 //!   thread), plain, with `normalize(true)`, and with `variable_major(true)`;
-//! - `tensor/*`: `Batch::to_tensor`, `Batch::into_tensor` (no copy: the time of handing the buffer over)
-//!   and `Batch::mask_tensor` on the CPU (feature `tch`);
 //! - `regrid/*`: a 64 × 64 batch footprint of 48 steps upsampled from a level 8 × 8 times coarser (the
 //!   kernels of multi-resolution cubes), nearest and bilinear.
 //!
@@ -112,22 +110,6 @@ fn batch_assembly(c: &mut Criterion, path: &Path) {
     group.finish();
 }
 
-#[cfg(feature = "tch")]
-fn tensor(c: &mut Criterion, path: &Path) {
-    // As `cubeload bench` does: one torch thread on the consumer side.
-    tch::set_num_threads(1);
-    let batch = builder(path).build().expect("loader").next().expect("a batch").expect("batch");
-    let mut group = c.benchmark_group("tensor");
-    // Bytes of the float32 tensor produced (the mask goes from u8 to float32).
-    group.throughput(Throughput::Bytes((batch.data.len() * size_of::<f32>()) as u64));
-    group.bench_function("to_tensor_cpu", |b| b.iter(|| batch.to_tensor(tch::Device::Cpu)));
-    group.bench_function("into_tensor_cpu", |b| {
-        b.iter_batched(|| batch.clone(), |x| x.into_tensor(tch::Device::Cpu), BatchSize::LargeInput);
-    });
-    group.bench_function("mask_tensor_cpu", |b| b.iter(|| batch.mask_tensor(tch::Device::Cpu)));
-    group.finish();
-}
-
 fn regrid(c: &mut Criterion) {
     use cubeload::config::{LayoutConfig, Upsampling};
     use cubeload::grid::Grid;
@@ -163,8 +145,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     decode(&mut c, &cube);
     batch_assembly(&mut c, &cube);
-    #[cfg(feature = "tch")]
-    tensor(&mut c, &cube);
     regrid(&mut c);
     c.final_summary();
 }

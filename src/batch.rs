@@ -101,6 +101,3 @@ impl Batch {
         }
     }
 }
-
-#[cfg(feature = "tch")]
-mod tensor;

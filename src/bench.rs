@@ -1,7 +1,8 @@
 //! `cubeload bench`: the loader measured against the machine's limit and against image-chunked storage, all in
 //! one run so that the ratios are not spoiled by a noisy machine.
 //!
-//! - **loader**: one shuffled epoch delivered as batches (into tensors with the `tch` feature);
+//! - **loader**: one shuffled epoch delivered as batches ([`BenchOptions::deliver`]: into tensors in the
+//!   `cubeload-torch` binary);
 //! - **ceiling**: the same chunks read and decoded with the same number of threads, by the loader's own
 //!   reading code ([`Assembler::decode_stored`]), nothing assembled;
 //! - **image-chunked**: the same batches read from a copy of the cube chunked image by image
@@ -40,6 +41,9 @@ pub struct BenchOptions {
     pub remote_threads: usize,
     /// Prefetch depth of the object-store phase.
     pub remote_prefetch: usize,
+    /// Hands each batch to the training side: `cubeload-torch` makes a tensor that takes the batch's buffer
+    /// (as a training loop's `into_tensor`); the default reads every value.
+    pub deliver: fn(crate::Batch),
 }
 
 impl Default for BenchOptions {
@@ -51,6 +55,7 @@ impl Default for BenchOptions {
             cold: false,
             remote_threads: 96,
             remote_prefetch: 192,
+            deliver: read_every_value,
         }
     }
 }
@@ -254,10 +259,6 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         })
         .collect();
     let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
-    // libtorch's OpenMP workers spin after each operation and would take the cores of the reader threads:
-    // the consumer side gets one torch thread.
-    #[cfg(feature = "tch")]
-    tch::set_num_threads(1);
 
     // Ceiling, loader (one shuffled epoch into tensors) and the same epoch with one reader thread, run one
     // after the other, ROUNDS times: an epoch of a cube of a few hundred MB lasts a fraction of a second on
@@ -274,12 +275,12 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         let ceiling_seconds = started.elapsed().as_secs_f64();
         prepare();
         let read_before = bytes_read();
-        let epoch = loader_epoch(cube_path, options.threads, options.prefetch)?;
+        let epoch = loader_epoch(cube_path, options.threads, options)?;
         let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
         // The same epoch with one reader thread: how reading scales with threads.
         let single_seconds = if options.threads >= 2 {
             prepare();
-            Some(loader_epoch(cube_path, 1, options.prefetch)?.seconds)
+            Some(loader_epoch(cube_path, 1, options)?.seconds)
         } else {
             None
         };
@@ -321,11 +322,20 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
                 options.remote_prefetch,
                 options.remote_threads,
                 REMOTE_EPOCHS,
+                options.deliver,
             )?;
             requests += store.requests() - before;
             batches_read += remote.batches;
             first_ms.push(remote.first_ms);
-            let local = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, REMOTE_EPOCHS)?;
+            let local = loader_epochs(
+                cube_path,
+                None,
+                options.threads,
+                options.prefetch,
+                0,
+                REMOTE_EPOCHS,
+                options.deliver,
+            )?;
             ratios.push(remote.steady_rate() / local.steady_rate());
         }
         (
@@ -443,12 +453,12 @@ pub fn compare_multires(
     // A first pass of each warms the page cache, so that neither pays for the other's disk reads; then the
     // median of three ratios of epochs run side by side (one epoch is under a second: noise on a shared
     // machine moves a single ratio by ±0.15).
-    loader_epoch(single, options.threads, options.prefetch)?;
-    loader_epoch(multi, options.threads, options.prefetch)?;
+    loader_epoch(single, options.threads, options)?;
+    loader_epoch(multi, options.threads, options)?;
     let mut ratios = (0..ROUNDS)
         .map(|_| {
-            let a = loader_epoch(single, options.threads, options.prefetch)?;
-            let b = loader_epoch(multi, options.threads, options.prefetch)?;
+            let a = loader_epoch(single, options.threads, options)?;
+            let b = loader_epoch(multi, options.threads, options)?;
             Ok(per_second(&b) / per_second(&a))
         })
         .collect::<Result<Vec<f64>, LoaderError>>()?;
@@ -464,8 +474,8 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
-fn loader_epoch(cube: &Path, threads: usize, prefetch: usize) -> Result<Epoch, LoaderError> {
-    loader_epochs(cube, None, threads, prefetch, 0, 1)
+fn loader_epoch(cube: &Path, threads: usize, options: &BenchOptions) -> Result<Epoch, LoaderError> {
+    loader_epochs(cube, None, threads, options.prefetch, 0, 1, options.deliver)
 }
 
 /// Epochs of the object-store phase.
@@ -479,6 +489,7 @@ fn loader_epochs(
     prefetch: usize,
     fetchers: usize,
     epochs: usize,
+    deliver: fn(crate::Batch),
 ) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
     let mut builder = Loader::builder(cube)
@@ -510,15 +521,10 @@ fn loader_epochs(
     Ok(epoch)
 }
 
-/// Hands the batch to the training side: a tensor with `tch` (which takes the batch's buffer, as a training
-/// loop's `into_tensor` does), a read of every value without.
-fn deliver(batch: crate::Batch) {
-    #[cfg(feature = "tch")]
-    {
-        let tensor = batch.into_tensor(tch::Device::Cpu);
-        drop(std::hint::black_box(tensor));
-    }
-    #[cfg(not(feature = "tch"))]
+/// The delivery of a library caller that has no tensors: a read of every value (the batch is then freed, as a
+/// training step frees it).
+#[allow(clippy::needless_pass_by_value)] // a `deliver` function takes the batch, as `into_tensor` does
+fn read_every_value(batch: crate::Batch) {
     std::hint::black_box(batch.data.iter().sum::<f32>());
 }
 

@@ -1,15 +1,21 @@
-//! Subcommands, progress bars and printing: the only place that talks to a terminal.
+//! The `cubeload` command line (feature `cli`): subcommands, progress bars and printing, the only place that
+//! talks to a terminal. Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+//!
+//! Two binaries run it: `cubeload`, which does not link libtorch (so that `gen`, `info` and the rest start in
+//! milliseconds), and `cubeload-torch` (crate `cubeload-torch`), which does and passes its [`Torch`] hooks.
+//! `cubeload` hands the two commands that need them, `demo` (a short training) and `bench` (batches delivered
+//! into tensors), over to `cubeload-torch` beside it.
 
 mod info;
 
 use std::fmt::Write as _;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 
+use crate::bench::{BenchOptions, BenchReport};
+use crate::generator::{GenOptions, GenReport, generate};
+use crate::{Batch, Config, Cube, Plan, demo};
 use clap::{Parser, Subcommand};
-use cubeload::bench::{BenchOptions, BenchReport};
-use cubeload::generator::{GenOptions, GenReport, generate};
-use cubeload::{Config, Cube, Plan, demo};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Batch-aligned Zarr cubes from Earth-observation rasters, for fast ML training.
@@ -41,7 +47,7 @@ enum Command {
         /// Write only part K of N (K from 0, as Slurm array task ids and Kubernetes completion indexes count) of the
         /// cube's blocks, for N concurrent jobs on one shared filesystem; then run --finalize once.
         #[arg(long, value_name = "K/N", conflicts_with_all = ["finalize", "overwrite", "append"])]
-        part: Option<cubeload::generator::Part>,
+        part: Option<crate::generator::Part>,
         /// Check that the parts wrote every block, then complete the cube and move it into place (with
         /// --overwrite, in place of an earlier cube).
         #[arg(long, conflicts_with = "append")]
@@ -117,8 +123,22 @@ enum Command {
     },
 }
 
-/// Parses arguments, runs the command, prints errors once, and returns the exit code.
-pub(crate) fn run() -> i32 {
+/// What a binary linked with libtorch adds to the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Torch {
+    /// Hands one batch to the training side in `bench`: a tensor that takes the batch's buffer.
+    pub deliver: fn(Batch),
+    /// The demo's short training run on a cube, for a number of epochs (printing its losses).
+    pub train_demo: fn(&Path, usize) -> crate::Result<()>,
+}
+
+/// The binary that links libtorch, beside the running one.
+pub const TORCH_BINARY: &str = "cubeload-torch";
+
+/// Parses arguments, runs the command, prints errors once, and returns the exit code. Without `torch`,
+/// `demo` and `bench` are handed over to [`TORCH_BINARY`].
+#[must_use]
+pub fn run(torch: Option<&Torch>) -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -126,7 +146,11 @@ pub(crate) fn run() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    match dispatch(cli.command) {
+    let result = match (&cli.command, torch) {
+        (Command::Demo { .. } | Command::Bench { .. }, None) => Err(hand_over_to_torch()),
+        (_, torch) => dispatch(cli.command, torch),
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
@@ -135,18 +159,39 @@ pub(crate) fn run() -> i32 {
     }
 }
 
-fn dispatch(command: Command) -> cubeload::Result<()> {
+/// Ends the process with `code` once a command is done: flushes standard output and error, then leaves
+/// with `_exit`, skipping the static destructors of the linked libraries (libtorch's unregister thousands of
+/// operators: a tenth of a second after every command).
+pub fn exit(code: i32) -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process and all its threads at once; the commands have written and closed
+    // their files, and standard output and error are flushed above, so nothing is lost with them.
+    unsafe { libc::_exit(code) }
+}
+
+/// Replaces this process with [`TORCH_BINARY`] beside it, same arguments; returns only the error.
+fn hand_over_to_torch() -> crate::Error {
+    use std::os::unix::process::CommandExt as _;
+    let path = std::env::current_exe()
+        .map_or_else(|_| PathBuf::from(TORCH_BINARY), |exe| exe.with_file_name(TORCH_BINARY));
+    let source = std::process::Command::new(&path).args(std::env::args_os().skip(1)).exec();
+    crate::Error::TorchBinary { path, source }
+}
+
+fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
+    let torch = || torch.expect("run() hands demo and bench over when there are no torch hooks");
     match command {
         Command::Gen { config, threads, overwrite, append, part, finalize } => {
             let text = std::fs::read_to_string(&config)
-                .map_err(|source| cubeload::config::ConfigError::Read { path: config.clone(), source })?;
+                .map_err(|source| crate::config::ConfigError::Read { path: config.clone(), source })?;
             let options = GenOptions { threads, overwrite, append, part, finalize, ..Default::default() };
             let report = run_gen(&text, &config, &options)?;
             print_summary(&report);
             Ok(())
         }
         Command::Verify { cube } => {
-            let report = cubeload::verify::verify(&cube)?;
+            let report = crate::verify::verify(&cube)?;
             for problem in &report.problems {
                 println!("{problem}");
             }
@@ -159,7 +204,7 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
                 );
                 Ok(())
             } else {
-                Err(cubeload::cube::CubeError::Damaged {
+                Err(crate::cube::CubeError::Damaged {
                     path: report.path.clone(),
                     problems: report.problems.len(),
                 }
@@ -176,7 +221,7 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             Ok(())
         }
         Command::Quicklook { cube, variable, time, out } => {
-            cubeload::plot::quicklook(&Cube::open(&cube)?, &variable, time, &out)?;
+            crate::plot::quicklook(&Cube::open(&cube)?, &variable, time, &out)?;
             println!("wrote {}", out.display());
             Ok(())
         }
@@ -191,14 +236,21 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             remote_prefetch,
             plot,
         } => {
-            let options =
-                BenchOptions { threads, prefetch, image_batches, cold, remote_threads, remote_prefetch };
+            let options = BenchOptions {
+                threads,
+                prefetch,
+                image_batches,
+                cold,
+                remote_threads,
+                remote_prefetch,
+                deliver: torch().deliver,
+            };
             let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
             let result = bench(cube.as_deref(), &options, &scratch);
             let _ = std::fs::remove_dir_all(&scratch);
             let report = result?;
             if let Some(path) = &plot {
-                cubeload::plot::bench(&report, path)?;
+                crate::plot::bench(&report, path)?;
                 eprintln!("wrote {}", path.display());
             }
             if json {
@@ -218,13 +270,15 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
             print_summary(&report);
             println!();
             print!("{}", info::table(&Cube::open(&report.path)?));
+            let torch = torch();
             if epochs > 0 {
                 println!();
-                train_demo(&report.path, epochs)?;
+                (torch.train_demo)(&report.path, epochs)?;
             }
             println!();
-            let options = BenchOptions { image_batches: 4, ..BenchOptions::default() };
-            let report = cubeload::bench::run(&report.path, &options, &dir)?;
+            let options =
+                BenchOptions { image_batches: 4, deliver: torch.deliver, ..BenchOptions::default() };
+            let report = crate::bench::run(&report.path, &options, &dir)?;
             print!("{}", bench_table(&report));
             Ok(())
         }
@@ -232,14 +286,14 @@ fn dispatch(command: Command) -> cubeload::Result<()> {
 }
 
 /// Runs the benchmark on `cube`, or on a synthetic default cube generated (and measured) first.
-fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeload::Result<BenchReport> {
+fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> crate::Result<BenchReport> {
     let Some(cube) = cube else {
         eprintln!("Generating the default benchmark cube (and one 4× larger) in {} ...", scratch.display());
         let spec = demo::DemoSpec { hours: 24 * 28, resolution: 0.005, ..demo::DemoSpec::default() };
         let text = demo::write_inputs(scratch, &spec)?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| cubeload::cube::CubeError::Io { path, source }
+            move |source| crate::cube::CubeError::Io { path, source }
         };
         let config = scratch.join("bench.yaml");
         std::fs::write(&config, &text).map_err(io(&config))?;
@@ -253,7 +307,7 @@ fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeloa
         std::fs::write(&big, text4).map_err(io(&big))?;
         let (_, rss4) = gen_child(&big)?;
         let _ = std::fs::remove_dir_all(scratch.join("demo4x.zarr"));
-        let mut result = cubeload::bench::run(&path, options, scratch)?;
+        let mut result = crate::bench::run(&path, options, scratch)?;
         result.gen_mb_per_s = Some(mb / seconds);
         result.gen_peak_rss_mb = Some(rss);
         result.gen_peak_rss_mb_4x = Some(rss4);
@@ -263,26 +317,29 @@ fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> cubeloa
         std::fs::write(&multi, demo::multires_config(&text, &spec)).map_err(io(&multi))?;
         gen_child(&multi)?;
         let (storage, throughput) =
-            cubeload::bench::compare_multires(&path, &scratch.join("multires.zarr"), options)?;
+            crate::bench::compare_multires(&path, &scratch.join("multires.zarr"), options)?;
         result.multires_storage_ratio = Some(storage);
         result.multires_throughput_ratio = Some(throughput);
         result.check_goals();
         return Ok(result);
     };
-    Ok(cubeload::bench::run(cube, options, scratch)?)
+    Ok(crate::bench::run(cube, options, scratch)?)
 }
 
-/// Runs `cubeload gen` on `config` in a child process: (seconds, peak RSS in MB of that child).
-fn gen_child(config: &Path) -> cubeload::Result<(f64, f64)> {
+/// Runs `cubeload gen` on `config` in a child process: (seconds, peak RSS in MB of that child). The child is
+/// the `cubeload` binary beside this one when there is one (as users run `gen`, without libtorch's start-up).
+fn gen_child(config: &Path) -> crate::Result<(f64, f64)> {
     let exe = std::env::current_exe()
-        .map_err(|source| cubeload::cube::CubeError::Io { path: "cubeload".into(), source })?;
+        .map_err(|source| crate::cube::CubeError::Io { path: "cubeload".into(), source })?;
+    let lean = exe.with_file_name("cubeload");
+    let exe = if lean.is_file() { lean } else { exe };
     let started = std::time::Instant::now();
     let child = std::process::Command::new(exe)
         .args(["gen", "--overwrite", "-c"])
         .arg(config)
         .stdout(std::process::Stdio::null())
         .spawn()
-        .map_err(|source| cubeload::cube::CubeError::Io { path: config.to_path_buf(), source })?;
+        .map_err(|source| crate::cube::CubeError::Io { path: config.to_path_buf(), source })?;
     // SAFETY: wait4 reaps exactly this child (std's `Child` is not waited for afterwards) and fills the
     // status and the rusage given to it: the child's own peak RSS, whatever ran before.
     let (status, max_kb) = unsafe {
@@ -293,7 +350,7 @@ fn gen_child(config: &Path) -> cubeload::Result<(f64, f64)> {
     };
     let seconds = started.elapsed().as_secs_f64();
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        return Err(cubeload::cube::CubeError::NotACube {
+        return Err(crate::cube::CubeError::NotACube {
             path: config.to_path_buf(),
             message: format!("generating the benchmark cube failed (wait status {status})"),
         }
@@ -335,7 +392,7 @@ fn bench_table(r: &BenchReport) -> String {
                     format!(
                         "{ratio:.2} of local batches/s with {} ms per request ({:.1} requests per batch, {} \
                          fetch threads, prefetch {})",
-                        cubeload::bench::REMOTE_LATENCY_MS,
+                        crate::bench::REMOTE_LATENCY_MS,
                         r.remote_requests_per_batch.unwrap_or(0.0),
                         r.machine.remote_threads,
                         r.machine.remote_prefetch
@@ -395,39 +452,6 @@ fn bench_table(r: &BenchReport) -> String {
     })
 }
 
-/// A short training run on the demo cube: an LSTM predicting the next hour of t2m from all variables.
-fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
-    use cubeload::train::{LstmForecaster, device, fit};
-    let loader = cubeload::Loader::builder(cube)
-        .shuffle(42)
-        .epochs(epochs)
-        .mix(4)
-        .normalize(true)
-        .prefetch(8)
-        .build()?;
-    let (variables, _) = loader.variable_names();
-    println!(
-        "training an LSTM (next-hour t2m from {}) for {epochs} epochs of {} batches on {:?}",
-        variables.join(", "),
-        loader.batches_per_epoch(),
-        device()
-    );
-    tch::manual_seed(0);
-    let vs = tch::nn::VarStore::new(device());
-    let model = LstmForecaster::new(&vs.root(), variables.len(), 32, 0);
-    let started = std::time::Instant::now();
-    fit(
-        loader,
-        &vs,
-        1e-2,
-        |x, mask| model.loss(x, mask),
-        |epoch, loss| {
-            println!("epoch {epoch} loss {loss:.4} ({:.1} s)", started.elapsed().as_secs_f64());
-        },
-    )?;
-    Ok(())
-}
-
 /// Sends what is printed on stdout to stderr while alive. GDAL's GRIB reader prints diagnostics with
 /// `printf` ("ERROR: Ran out of file reading SECT0" at the end of an ERA5 file); stdout is for results.
 struct StdoutToStderr(Option<i32>);
@@ -458,7 +482,7 @@ impl Drop for StdoutToStderr {
     }
 }
 
-fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> cubeload::Result<GenReport> {
+fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> crate::Result<GenReport> {
     let _stdout = StdoutToStderr::new();
     let config = Config::from_yaml(text, origin)?;
     let plan = Plan::new(config, text.to_string())?;

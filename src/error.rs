@@ -28,6 +28,19 @@ pub enum Error {
     /// Loading batches.
     #[error(transparent)]
     Loader(#[from] crate::loader::LoaderError),
+    /// `demo` and `bench` need the binary that links libtorch, which could not be started.
+    #[error(
+        "{}: cannot run it ({source}); `cubeload demo` and `cubeload bench` deliver batches into libtorch \
+         tensors, which `cubeload` does not link: they run in `cubeload-torch`, which `cargo build --release` \
+         builds beside it",
+        path.display()
+    )]
+    TorchBinary {
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+        /// Why it did not start.
+        source: std::io::Error,
+    },
 }
 
 impl From<PlanError> for Error {

@@ -28,16 +28,20 @@
 //! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
 //! - [`bench`]: the loader against the machine's limit and image-chunked storage, in one run.
 //! - [`plot`]: PNGs of the benchmark and quicklooks of cubes.
-//! - [`loader`]: shuffled, prefetched batches from a cube; [`batch`]: what it delivers (tensors with the
-//!   `tch` feature).
+//! - [`loader`]: shuffled, prefetched batches from a cube; [`batch`]: what it delivers (as tch tensors with
+//!   the `cubeload-torch` crate, `torch/` in this repository).
+//! - `cli`: the command line of the `cubeload` and `cubeload-torch` binaries.
+//!
+//! This crate does not link libtorch; `cubeload-torch` adds tensors, reference models and the commands that
+//! train (`demo`) or deliver into tensors (`bench`).
 //!
 //! ## Crate features
-//! - `cli` (default): the `cubeload` binary.
-//! - `tch` (default): `Batch::into_tensor` and `to_tensor`, the reference models of [`train`] and the training demo; links
-//!   libtorch (and compiles a small C++ file against its headers, see `build.rs`).
+//! - `cli` (default): the command line and the `cubeload` binary.
 
 pub mod batch;
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod cube;
 pub mod demo;
@@ -52,8 +56,6 @@ pub mod plot;
 pub mod source;
 pub mod store;
 pub mod time;
-#[cfg(feature = "tch")]
-pub mod train;
 pub mod verify;
 
 pub use batch::Batch;

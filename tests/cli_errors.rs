@@ -370,3 +370,23 @@ fn info_refuses_incomplete_cubes_and_non_cubes() {
     assert_eq!(out.status.code(), Some(1));
     assert_mentions(&String::from_utf8_lossy(&out.stderr), &["not a Zarr"]);
 }
+
+/// `demo` and `bench` run in `cubeload-torch` (the binary linked with libtorch); a `cubeload` without it beside
+/// it says where it looked and how to build it, exit code 1, and writes nothing.
+#[test]
+fn demo_and_bench_without_the_torch_binary_say_how_to_build_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("cubeload");
+    std::fs::copy(env!("CARGO_BIN_EXE_cubeload"), &alone).unwrap();
+    for args in [&["demo", "--dir", "work"][..], &["bench"][..]] {
+        let out = std::process::Command::new(&alone).args(args).current_dir(dir.path()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let expected = dir.path().join("cubeload-torch").display().to_string();
+        assert_mentions(&stderr, &[&expected, "cargo build --release"]);
+        assert!(!dir.path().join("work").exists(), "{args:?}: nothing is written");
+    }
+    // `gen` and the other commands need no libtorch.
+    let version = std::process::Command::new(&alone).arg("--version").output().unwrap();
+    assert!(version.status.success());
+}

@@ -656,47 +656,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[cfg(feature = "tch")]
-#[test]
-fn batches_become_tensors() {
-    let cube = &cubes().image;
-    let b = Loader::builder(cube).build().unwrap().next().unwrap().unwrap();
-    let x = b.to_tensor(tch::Device::Cpu);
-    assert_eq!(x.size(), vec![4, 8, 3, 8, 8]);
-    let m = b.mask_tensor(tch::Device::Cpu);
-    assert_eq!(m.size(), x.size());
-    let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    let (data, mask) = (bits(&b.data), b.mask.iter().map(|&v| f32::from(v)).collect::<Vec<_>>());
-    // The tensors hold copies: they outlive the batch, value for value.
-    drop(b);
-    assert_eq!(bits(&Vec::<f32>::try_from(x.flatten(0, -1)).unwrap()), data);
-    assert_eq!(Vec::<f32>::try_from(m.flatten(0, -1)).unwrap(), mask);
-}
-
-#[cfg(feature = "tch")]
-#[test]
-fn tensors_take_the_batch_buffer_without_a_copy() {
-    let cube = &cubes().pixel;
-    let loader = Loader::builder(cube).shuffle(5).epochs(2).threads(2).build().unwrap();
-    let mut seen = Vec::new();
-    for b in loader {
-        let b = b.unwrap();
-        let (copy, at) = (b.clone(), b.data.as_ptr());
-        let x = b.into_tensor(tch::Device::Cpu);
-        assert_eq!(
-            x.data_ptr().cast_const().cast::<f32>(),
-            at,
-            "the tensor is the batch's buffer, not a copy"
-        );
-        let held: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
-        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&held), bits(&copy.data));
-        drop(x);
-        seen.push(copy);
-    }
-    assert_cube_values(cube, &seen);
-}
-
 #[test]
 fn variable_major_batches_are_the_transposed_batches() {
     let cube = &cubes().pixel;

@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use cubeload::Cube;
-use cubeload::layout::LayoutKind;
+use crate::Cube;
+use crate::layout::LayoutKind;
 use serde_json::{Value, json};
 
 fn human_bytes(n: u64) -> String {
@@ -142,7 +142,7 @@ pub(crate) fn table(cube: &Cube) -> String {
         };
         let level = match (v.level, v.upsampling) {
             (Some(l), Some(up)) => {
-                let up = if up == cubeload::config::Upsampling::Bilinear { "bilinear" } else { "nearest" };
+                let up = if up == crate::config::Upsampling::Bilinear { "bilinear" } else { "nearest" };
                 format!("  on {}/, upsampled {up}", meta.levels[l].group)
             }
             _ => String::new(),

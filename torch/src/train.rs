@@ -10,7 +10,9 @@
 use tch::nn::{self, Module, RNN};
 use tch::{Device, Kind, Tensor};
 
-use crate::loader::{Loader, LoaderError};
+use cubeload::loader::{Loader, LoaderError};
+
+use crate::BatchTensors as _;
 
 /// An LSTM over `[B, T, V]` with a linear head.
 #[derive(Debug)]

@@ -1,14 +1,15 @@
 //! Trains a small convolutional next-frame predictor on an `image_sequence` cube.
 //!
 //! ```text
-//! cargo run --release --example train_video -- [CUBE] [EPOCHS]
+//! cargo run --release -p cubeload-torch --example train_video -- [CUBE] [EPOCHS]
 //! ```
 //! Without CUBE it builds the demo inputs as an image-sequence cube in a temporary directory.
 //! Prints `epoch N loss X`.
 
 use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, build_cube};
 use cubeload::loader::Loader;
-use cubeload::train::NextFrame;
+use cubeload_torch::BatchTensors as _;
+use cubeload_torch::train::NextFrame;
 use tch::nn::{self, OptimizerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}: {} batches per epoch, variables {variables:?}", cube.display(), loader.batches_per_epoch());
 
     tch::manual_seed(0);
-    let device = cubeload::train::device();
+    let device = cubeload_torch::train::device();
     let vs = nn::VarStore::new(device);
     let model = NextFrame::new(&vs.root(), variables.len(), 16, 0);
     let mut optimizer = nn::Adam::default().build(&vs, 3e-3)?;

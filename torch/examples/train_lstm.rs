@@ -1,12 +1,13 @@
 //! Trains an LSTM on a `pixel_series` cube: predict the next hour of the first variable from all variables.
 //!
 //! ```text
-//! cargo run --release --example train_lstm -- [CUBE] [EPOCHS]
+//! cargo run --release -p cubeload-torch --example train_lstm -- [CUBE] [EPOCHS]
 //! ```
 //! Without CUBE it builds the demo cube in a temporary directory. Prints `epoch N loss X`.
 
 use cubeload::loader::Loader;
-use cubeload::train::LstmForecaster;
+use cubeload_torch::BatchTensors as _;
+use cubeload_torch::train::LstmForecaster;
 use tch::nn::{self, OptimizerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}: {} batches per epoch, variables {variables:?}", cube.display(), loader.batches_per_epoch());
 
     tch::manual_seed(0);
-    let device = cubeload::train::device();
+    let device = cubeload_torch::train::device();
     let vs = nn::VarStore::new(device);
     let model = LstmForecaster::new(&vs.root(), variables.len(), 32, 0);
     let mut optimizer = nn::Adam::default().build(&vs, 1e-2)?;

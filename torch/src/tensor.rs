@@ -1,12 +1,13 @@
 //! Batches into tch tensors: by one copy out of a view of the batch (`to_tensor`, the batch stays usable), or
-//! without a copy by handing the batch's buffer to the tensor (`into_tensor`).
+//! without a copy by handing the batch's buffer to the tensor (`into_tensor`). An extension trait, because
+//! [`Batch`] belongs to `cubeload`, which does not link libtorch.
 
 use std::ffi::{c_char, c_void};
 
 use tch::kind::Element;
 use tch::{Device, Kind, Tensor};
 
-use super::Batch;
+use cubeload::Batch;
 
 /// Runs `f` on a tensor viewing `values` as `shape` (no copy); `f` must return a tensor of its own
 /// memory (a copy or a conversion), which is all that outlives the view.
@@ -39,7 +40,7 @@ fn copied<T: Element>(values: &[T], shape: &[usize], device: Device) -> Tensor {
 }
 
 unsafe extern "C" {
-    /// `src/batch/owned_tensor.cpp`: a float32 CPU tensor over `data` that calls `release(ctx)` when libtorch frees
+    /// `src/owned_tensor.cpp`: a float32 CPU tensor over `data` that calls `release(ctx)` when libtorch frees
     /// its storage (also when it fails, after writing the reason into `error`, and returning null).
     fn cubeload_owned_cpu_tensor(
         data: *mut c_void,
@@ -90,25 +91,37 @@ fn owned(values: Vec<f32>, shape: &[usize]) -> Tensor {
     unsafe { Tensor::from_ptr(tensor) }
 }
 
-impl Batch {
+/// A batch's data, mask and statics as tensors.
+pub trait BatchTensors {
     /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32): one copy into tensor memory,
     /// or, for a CUDA device, into pinned memory and from there without blocking to the device.
-    pub fn to_tensor(&self, device: Device) -> Tensor {
-        copied(&self.data, &self.shape, device)
-    }
+    fn to_tensor(&self, device: Device) -> Tensor;
 
     /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32), without a copy on the CPU: the
     /// tensor takes the batch's buffer and frees it when libtorch frees the tensor. For a CUDA device, as
-    /// [`Batch::to_tensor`]. Take the mask (and the statics) first when the training step needs them.
-    pub fn into_tensor(self, device: Device) -> Tensor {
+    /// [`BatchTensors::to_tensor`]. Take the mask (and the statics) first when the training step needs them.
+    fn into_tensor(self, device: Device) -> Tensor;
+
+    /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
+    fn mask_tensor(&self, device: Device) -> Tensor;
+
+    /// Static variables returned separately, `[B, Vs]` or `[B, Vs, h, w]`.
+    fn statics_tensor(&self, device: Device) -> Tensor;
+}
+
+impl BatchTensors for Batch {
+    fn to_tensor(&self, device: Device) -> Tensor {
+        copied(&self.data, &self.shape, device)
+    }
+
+    fn into_tensor(self, device: Device) -> Tensor {
         match device {
             Device::Cpu => owned(self.data, &self.shape),
             device => self.to_tensor(device),
         }
     }
 
-    /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
-    pub fn mask_tensor(&self, device: Device) -> Tensor {
+    fn mask_tensor(&self, device: Device) -> Tensor {
         let mask = with_view(&self.mask, &self.shape, |view| view.to_kind(Kind::Float));
         match device {
             Device::Cpu => mask,
@@ -116,8 +129,7 @@ impl Batch {
         }
     }
 
-    /// Static variables returned separately, `[B, Vs]` or `[B, Vs, h, w]`.
-    pub fn statics_tensor(&self, device: Device) -> Tensor {
+    fn statics_tensor(&self, device: Device) -> Tensor {
         copied(&self.statics, &self.statics_shape(), device)
     }
 }
@@ -125,8 +137,8 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::BatchOrigin;
-    use crate::layout::LayoutKind;
+    use cubeload::batch::BatchOrigin;
+    use cubeload::layout::LayoutKind;
 
     fn batch(shape: Vec<usize>) -> Batch {
         let n = shape.iter().product();

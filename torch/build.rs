@@ -1,18 +1,14 @@
-//! Two things the `tch` feature needs from libtorch, whose lib dir torch-sys exports as
-//! `DEP_TCH_LIBTORCH_LIB`:
+//! Two things this crate needs from libtorch, whose lib dir torch-sys exports as `DEP_TCH_LIBTORCH_LIB`:
 //! - an rpath: torch-sys links libtorch but sets none, and binaries and test binaries would fail to start
 //!   with "`libtorch_cpu.so`: cannot open shared object file";
-//! - `src/batch/owned_tensor.cpp`, compiled against libtorch's headers: a CPU tensor over a batch's own
+//! - `src/owned_tensor.cpp`, compiled against libtorch's headers: a CPU tensor over a batch's own
 //!   memory that gives it back when libtorch frees the tensor (tch has no constructor with a deleter).
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    println!("cargo:rerun-if-changed=src/batch/owned_tensor.cpp");
-    if std::env::var_os("CARGO_FEATURE_TCH").is_none() {
-        return;
-    }
+    println!("cargo:rerun-if-changed=src/owned_tensor.cpp");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     let include = Path::new(&lib).parent().expect("libtorch's lib dir has a parent").join("include");
@@ -27,6 +23,6 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("src/batch/owned_tensor.cpp")
+        .file("src/owned_tensor.cpp")
         .compile("cubeload_owned_tensor");
 }
