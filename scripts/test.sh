@@ -9,7 +9,8 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Optimised: the integration tests generate dozens of cubes (an unoptimised build is ~5x slower there), and the
-# release build is the one `cargo run --release -- demo` already made.
+# release build is the one `cargo build --release` already made. Both crates of the workspace: cubeload and
+# cubeload-torch (torch/), whose binary runs `demo` and `bench` for the tests that call them through `cubeload`.
 cargo test --release
 .venv/bin/python -m pip install -q ./python
 CUBELOAD_BIN="$PWD/target/release/cubeload" .venv/bin/python -m pytest tests/python python/tests -q
