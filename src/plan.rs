@@ -180,10 +180,18 @@ impl Plan {
             };
             let default_resampling = if categorical { Resampling::Nearest } else { Resampling::Bilinear };
             let default_aggregation = if categorical { Aggregation::Nearest } else { Aggregation::Mean };
+            let resampling = var.resampling.unwrap_or(default_resampling);
+            if resampling == Resampling::Mode && matches!(dtype, DType::Int32 | DType::Uint32) {
+                notes.push(
+                    "GDAL's `mode` kernel counts values as float32 (seen with GDAL 3.6): 32-bit codes above \
+                     16777216 that differ only in their last bits come out as one; `nearest` keeps every code"
+                        .to_string(),
+                );
+            }
             variables.push(VariablePlan {
                 name: name.clone(),
                 kind: var.kind,
-                resampling: var.resampling.unwrap_or(default_resampling),
+                resampling,
                 aggregation: var.aggregation.unwrap_or(default_aggregation),
                 is_static,
                 dtype,

@@ -5,12 +5,12 @@ use gdal::DriverManager;
 use gdal::raster::Buffer;
 use gdal::spatial_ref::SpatialRef;
 
-use crate::util::{TestGrid, array, gen_ok};
+use crate::util::{TestGrid, array, cubeload, gen_ok};
 
 /// Basin codes of ten digits (HydroBASINS-like) in a 32-bit integer map come through `nearest` unchanged: a
-/// Float32 working type would round them to multiples of 64 (1_060_000_011 → 1_060_000_000). (`mode` is not
-/// checked: GDAL 3.6's mode kernel counts values as Float32 whatever the working type, and `gdalwarp -r mode`
-/// rounds these codes too.)
+/// Float32 working type would round them to multiples of 64 (1_060_000_011 → 1_060_000_000). GDAL 3.6's `mode`
+/// kernel counts values as Float32 whatever the working type (`gdalwarp -r mode` rounds these codes too):
+/// asked for `mode`, `gen` says so.
 #[test]
 fn ten_digit_class_codes_survive_the_warp() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,4 +43,15 @@ fn ten_digit_class_codes_survive_the_warp() {
     let wrong = stored.iter().zip(&codes).filter(|(s, c)| s != c).count();
     let first = stored.iter().zip(&codes).find(|(s, c)| s != c);
     assert_eq!(wrong, 0, "{wrong} cells changed, the first: {first:?} (stored, source)");
+
+    let mode = dir.path().join("mode.yaml");
+    let config = std::fs::read_to_string(dir.path().join("cube.yaml")).unwrap();
+    std::fs::write(&mode, config.replace("resampling: nearest", "resampling: mode")).unwrap();
+    let out = cubeload(dir.path(), &["gen", "-c", mode.to_str().unwrap(), "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("note: variable `basin`: GDAL's `mode` kernel counts values as float32"),
+        "{stderr}"
+    );
 }
