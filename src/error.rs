@@ -32,7 +32,7 @@ pub enum Error {
     #[error(
         "{}: cannot run it ({source}); `cubeload demo` and `cubeload bench` deliver batches into libtorch \
          tensors, which `cubeload` does not link: they run in `cubeload-torch`, which `cargo build --release` \
-         builds beside it",
+         builds beside it (`cargo install --path torch` installs it beside an installed `cubeload`)",
         path.display()
     )]
     TorchBinary {
