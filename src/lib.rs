@@ -26,7 +26,7 @@
 //! - [`cube`]: the on-disk contract, writer, reader and the manifest of finished blocks.
 //! - [`verify`]: every stored file against its checksum, every chunk decoded.
 //! - [`demo`]: synthetic inputs for the demo and for tests that must run anywhere.
-//! - [`bench`]: the loader against the machine's limit and image-chunked storage, in one run.
+//! - [`bench`](mod@bench): the loader against the machine's limit and image-chunked storage, in one run.
 //! - [`plot`]: PNGs of the benchmark and quicklooks of cubes.
 //! - [`loader`]: shuffled, prefetched batches from a cube; [`batch`]: what it delivers (as tch tensors with
 //!   the `cubeload-torch` crate, `torch/` in this repository).

@@ -157,7 +157,7 @@ impl Calendar {
     }
 }
 
-/// Parsed CF time units "<unit> since <reference>" plus calendar.
+/// Parsed CF time units (`<unit> since <reference>`) plus calendar.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CfTime {
     /// Length of one unit in seconds.

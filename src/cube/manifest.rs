@@ -29,7 +29,7 @@ const MANIFEST_VERSION: u32 = 1;
 /// First line of a manifest: what the blocks below were made from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestHeader {
-    /// [`MANIFEST_VERSION`].
+    /// The format version of the manifest (`MANIFEST_VERSION`).
     pub cubeload_manifest: u32,
     /// Digest of the configuration and of every input file (size and SHA-256): a run with another
     /// fingerprint must not continue this cube.
