@@ -420,8 +420,12 @@ impl Assembler {
         let Some(encoded) = storage.get_partial(&key, range).map_err(|e| fail(e.to_string()))? else {
             return Ok(Some(Floats::nan(self.chunk_len(v))));
         };
-        let bytes = decode::decode(&encoded, self.chunk_len(v) * size_of::<f32>()).map_err(fail)?;
-        Ok(Some(Floats::from_le_bytes(bytes)))
+        let dtype = v.meta.dtype;
+        let bytes = decode::decode(&encoded, self.chunk_len(v) * dtype.size()).map_err(fail)?;
+        if dtype == DType::Float32 {
+            return Ok(Some(Floats::from_le_bytes(bytes)));
+        }
+        Ok(Some(Floats::Values(le_ints_as_floats(&bytes, dtype, v.meta.fill_value))))
     }
 
     /// Values in a chunk of `v` on the target grid.
@@ -557,11 +561,7 @@ impl Assembler {
         let fill = v.meta.fill_value;
         let values =
             read_f64_cached(&v.array, cache, v.meta.dtype, &subset, &one_thread()).map_err(|e| fail(&e))?;
-        Ok(values
-            .into_iter()
-            .map(|x| if Some(x) == fill { f32::NAN } else { x as f32 })
-            .collect::<Vec<f32>>()
-            .into())
+        Ok(values.into_iter().map(|x| stored_as_float(x, fill)).collect::<Vec<f32>>().into())
     }
 
     /// Reads and assembles the batches of one job; with several chunks, samples are mixed across them.
@@ -821,6 +821,26 @@ impl Floats {
     }
 }
 
+/// A stored integer as a float32 value, NaN for the variable's fill value (a missing value).
+fn stored_as_float(x: f64, fill: Option<f64>) -> f32 {
+    if Some(x) == fill { f32::NAN } else { x as f32 }
+}
+
+/// Little-endian integers of type `dtype` as float32 values, NaN for the fill value.
+fn le_ints_as_floats(bytes: &[u8], dtype: DType, fill: Option<f64>) -> Vec<f32> {
+    fn each<const N: usize>(bytes: &[u8], value: impl Fn([u8; N]) -> f64, fill: Option<f64>) -> Vec<f32> {
+        bytes.chunks_exact(N).map(|b| stored_as_float(value(b.try_into().expect("N bytes")), fill)).collect()
+    }
+    match dtype {
+        DType::Uint8 => each(bytes, |b: [u8; 1]| f64::from(b[0]), fill),
+        DType::Uint16 => each(bytes, |b| f64::from(u16::from_le_bytes(b)), fill),
+        DType::Int16 => each(bytes, |b| f64::from(i16::from_le_bytes(b)), fill),
+        DType::Uint32 => each(bytes, |b| f64::from(u32::from_le_bytes(b)), fill),
+        DType::Int32 => each(bytes, |b| f64::from(i32::from_le_bytes(b)), fill),
+        DType::Float32 => le_floats(bytes),
+    }
+}
+
 /// Little-endian float32 `bytes` as values, wherever they lie.
 fn le_floats(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
@@ -966,6 +986,24 @@ pub type SharedAssembler = Arc<Assembler>;
 mod tests {
     use super::super::{Loader, LoaderError};
     use super::*;
+
+    /// Every integer type cubeload stores, decoded from its little-endian bytes, against the values written.
+    #[test]
+    fn integer_chunks_become_floats_with_nan_for_the_fill() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let check = |dtype, bytes: Vec<u8>, fill, expected: &[f32]| {
+            assert_eq!(bits(&le_ints_as_floats(&bytes, dtype, fill)), bits(expected), "{dtype:?}");
+        };
+        check(DType::Uint8, vec![0, 7, 255], Some(255.0), &[0.0, 7.0, f32::NAN]);
+        let u16s: Vec<u8> = [1u16, 65535, 300].iter().flat_map(|x| x.to_le_bytes()).collect();
+        check(DType::Uint16, u16s, Some(65535.0), &[1.0, f32::NAN, 300.0]);
+        let i16s: Vec<u8> = [-5i16, 300, -32768].iter().flat_map(|x| x.to_le_bytes()).collect();
+        check(DType::Int16, i16s, Some(-5.0), &[f32::NAN, 300.0, -32768.0]);
+        let u32s: Vec<u8> = [4_000_000_000u32, 3].iter().flat_map(|x| x.to_le_bytes()).collect();
+        check(DType::Uint32, u32s, None, &[4e9, 3.0]);
+        let i32s: Vec<u8> = [i32::MIN, 11, -7].iter().flat_map(|x| x.to_le_bytes()).collect();
+        check(DType::Int32, i32s, Some(f64::from(i32::MIN)), &[f32::NAN, 11.0, -7.0]);
+    }
 
     /// A bug in a reader thread (here: coordinates shorter than the grid, which the checks of
     /// [`Assembler::new`] would refuse, so they are cut after it) panics while assembling; the panic must

@@ -1,11 +1,12 @@
-//! Decoding the chunks cubeload writes straight from their stored bytes. Their codec chain is fixed (float32
-//! little-endian bytes → zstd → CRC32C, in shards whose index is 16 bytes per chunk and a CRC32C, as the Zarr
+//! Decoding the chunks cubeload writes straight from their stored bytes. Their codec chain is fixed
+//! (little-endian bytes → zstd → CRC32C, in shards whose index is 16 bytes per chunk and a CRC32C, as the Zarr
 //! v3 sharding codec lays it out): the loader reads a shard's index once, each chunk's byte range, checks
 //! both checksums and lets zstd decompress into the chunk's final buffer, with one decompression context per
 //! thread. zarrs' pipeline would zero a buffer, copy the decoded chunk into it and make a context per chunk,
-//! which together cost as much as zstd itself (and zarrs 0.23's `retrieve_encoded_subchunk`, which would
-//! give the encoded bytes, overflows on chunks a shard does not store). Any other chain or data type, and
-//! anything that does not fit, is read by zarrs.
+//! which together cost as much as zstd itself (making a context runs `cpuid`, which in a virtual machine
+//! traps to the hypervisor), and zarrs 0.23's `retrieve_encoded_subchunk`, which would give the encoded
+//! bytes, overflows on chunks a shard does not store. Any other chain or data type, and anything that does
+//! not fit, is read by zarrs.
 
 use std::cell::RefCell;
 
@@ -19,10 +20,12 @@ thread_local! {
     static DCTX: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
 }
 
-/// Whether the chunks of `array` can be decoded by [`decode`]: float32 with a NaN fill value, and
-/// exactly the codecs cubeload writes (bytes little-endian, zstd, crc32c), inside `sharding_indexed` or not.
+/// Whether the chunks of `array` can be decoded by [`decode`]: float32 with a NaN fill value or one of the
+/// integer types cubeload stores categories in, and exactly the codecs cubeload writes (bytes little-endian,
+/// zstd, crc32c), inside `sharding_indexed` or not.
 pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
     let Ok(meta) = serde_json::to_value(array.metadata()) else { return false };
+    let integer = ["uint8", "uint16", "int16", "uint32", "int32"].iter().any(|t| meta["data_type"] == *t);
     let float_nan = meta["data_type"] == "float32" && meta["fill_value"] == "NaN";
     let codecs = &meta["codecs"];
     let chain = match codecs.as_array().map(Vec::as_slice) {
@@ -32,7 +35,7 @@ pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
     let names: Vec<&str> =
         chain.as_array().map_or(Vec::new(), |c| c.iter().filter_map(|c| c["name"].as_str()).collect());
     let little = chain[0]["configuration"]["endian"] == "little";
-    float_nan && little && cfg!(target_endian = "little") && names == ["bytes", "zstd", "crc32c"]
+    (float_nan || integer) && little && cfg!(target_endian = "little") && names == ["bytes", "zstd", "crc32c"]
 }
 
 /// Whether a shard index as stored (16 bytes per inner chunk, then, if present, the CRC32C of those) is
