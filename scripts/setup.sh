@@ -60,26 +60,30 @@ fi
 
 # --- Python packages used by the tests ---------------------------------------------------------------------
 VENV="$ROOT/.venv"
+# Whether the venv imports these modules. Run from / because the repository root holds a `torch/` directory
+# (the cubeload-torch crate), which Python would import from the working directory as an empty namespace
+# package, so that `import torch` would succeed without torch installed.
+venv_has() { (cd / && "$VENV/bin/python" -c "import $1") >/dev/null 2>&1; }
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating .venv"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import numpy, zarr, xarray" >/dev/null 2>&1; then
+if ! venv_has "numpy, zarr, xarray"; then
   log "installing numpy, zarr, xarray into .venv"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q numpy "zarr>=3" xarray
 fi
-if ! "$VENV/bin/python" -c "import pytest, netCDF4, scipy" >/dev/null 2>&1; then
+if ! venv_has "pytest, netCDF4, scipy"; then
   # scipy: xarray's `interp`, the tests' independent bilinear reference.
   log "installing pytest, netCDF4, scipy into .venv"
   "$VENV/bin/python" -m pip install -q pytest netCDF4 scipy
 fi
-if ! "$VENV/bin/python" -c "import moto.server" >/dev/null 2>&1; then
+if ! venv_has "moto.server"; then
   # A real S3-compatible server for the object-store tests, run on loopback.
   log "installing moto[server] into .venv"
   "$VENV/bin/python" -m pip install -q "moto[server]"
 fi
-if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+if ! venv_has "torch"; then
   # PyPI's Linux torch is the CUDA build (2.7 GB with its dependencies); the Python tests need real torch.
   log "installing torch 2.13 into .venv (large download)"
   "$VENV/bin/python" -m pip install -q torch==2.13.0
