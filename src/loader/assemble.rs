@@ -623,12 +623,13 @@ impl Assembler {
                 (b, shape, t_len * nv * ph * pw)
             }
         };
-        // Not zeroed: every element is written below (each variable on the target grid covers its column of
-        // every sample and step, or its rows of every patch) before the length is set.
+        // Neither zeroed: every element of both is written below (each variable on the target grid covers its
+        // column of every sample and step, or its rows of every patch) before the lengths are set.
         let cells = b * sample_cells;
         let mut data: Vec<f32> = Vec::with_capacity(cells);
         let out = &mut data.spare_capacity_mut()[..cells];
-        let mut mask = vec![0u8; cells];
+        let mut mask: Vec<u8> = Vec::with_capacity(cells);
+        let mask_out = &mut mask.spare_capacity_mut()[..cells];
         let statics_cells = match l.kind {
             LayoutKind::PixelSeries => ns,
             LayoutKind::ImageSequence => ns * l.patch[0] * l.patch[1],
@@ -690,10 +691,10 @@ impl Assembler {
                                 let from = t * step + (sy + py) * cx + sx;
                                 let to = (plane * ph + py) * pw;
                                 let row = chunk[from..from + pw].iter().zip(&mut out[to..to + pw]);
-                                for ((x, value), valid) in row.zip(&mut mask[to..to + pw]) {
+                                for ((x, value), valid) in row.zip(&mut mask_out[to..to + pw]) {
                                     let (prepared, ok) = prepare(v, *x);
                                     value.write(prepared);
-                                    *valid = ok;
+                                    valid.write(ok);
                                 }
                             }
                         }
@@ -706,12 +707,15 @@ impl Assembler {
                 vi += 1;
             }
         }
-        copy_series(&series, (b, t_len), fill, out, &mut mask);
-        // SAFETY: the first `cells` elements are initialized: the variables in `data` are those of `names`
+        copy_series(&series, (b, t_len), fill, out, mask_out);
+        // SAFETY: the first `cells` elements of both are initialized: the variables in `data` are those of `names`
         // (not native, not separate statics), each pushed one series copy writing its column of every sample
         // and step, or wrote its rows of every patch of every step (image sequences), and these cover the
         // batch (the loader's tests compare every element with the cube).
-        unsafe { data.set_len(cells) };
+        unsafe {
+            data.set_len(cells);
+            mask.set_len(cells);
+        }
         let (lat, lon): (Vec<f64>, Vec<f64>) = (0..b)
             .map(|s| match l.kind {
                 LayoutKind::PixelSeries if l.shuffled.is_some() => {
@@ -901,7 +905,7 @@ fn copy_series(
     (samples, steps): (usize, usize),
     fill: f32,
     data: &mut [MaybeUninit<f32>],
-    mask: &mut [u8],
+    mask: &mut [MaybeUninit<u8>],
 ) {
     let (time_major, sample_major): (Vec<&SeriesCopy<'_>>, Vec<&SeriesCopy<'_>>) =
         copies.iter().partition(|c| c.read.0 == 1);
@@ -924,7 +928,7 @@ fn copy_series(
                 let o = base + p * write_p + t * write_t;
                 let (value, valid) = prepare(copy.chunk[p * copy.read.0 + t * copy.read.1], mean, inv, fill);
                 data[o].write(value);
-                mask[o] = valid;
+                mask[o].write(valid);
             }
         }
     }
@@ -1063,7 +1067,8 @@ mod tests {
                 .map(|(v, &(chunk, read, affine))| SeriesCopy { chunk, read, out: strides(v), affine })
                 .collect();
             let cells = samples * steps * nv;
-            let (mut data, mut mask) = (vec![MaybeUninit::new(f32::INFINITY); cells], vec![9u8; cells]);
+            let (mut data, mut mask) =
+                (vec![MaybeUninit::new(f32::INFINITY); cells], vec![MaybeUninit::new(9u8); cells]);
             copy_series(&copies, (samples, steps), fill, &mut data, &mut mask);
             for (v, &(chunk, (read_p, read_t), (mean, inv))) in sources.iter().enumerate() {
                 let out = strides(v);
@@ -1073,8 +1078,8 @@ mod tests {
                         let o = out.base + p * out.write_p + t * out.write_t;
                         let expected = if x.is_nan() { (fill, 0) } else { ((x - mean) * inv, 1) };
                         assert_eq!(
-                            // SAFETY: every element was initialized (to infinity) before the copy.
-                            (unsafe { data[o].assume_init() }.to_bits(), mask[o]),
+                            // SAFETY: every element was initialized (to infinity and 9) before the copy.
+                            unsafe { (data[o].assume_init().to_bits(), mask[o].assume_init()) },
                             (expected.0.to_bits(), expected.1),
                             "{v} {p} {t}"
                         );
