@@ -82,6 +82,24 @@ pub struct Assembler {
     /// The fetch threads' shard indexes, by (variable, shard): each read once, by the first fetcher that
     /// needs it, while fetchers needing other shards go on.
     shard_indexes: std::sync::Mutex<ShardIndexes>,
+    /// The fetch threads' whole shards of static variables, by (variable, shard) ([`Assembler::static_shard`]).
+    static_shards: std::sync::Mutex<ShardIndexes>,
+    /// Bytes held there.
+    static_shard_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// Largest shard of a static variable the fetch threads keep whole.
+const STATIC_SHARD_BYTES: u64 = 16 << 20;
+
+/// Bytes of static variables' shards the fetch threads keep at most, all variables together.
+const STATIC_SHARDS_BYTES: u64 = 256 << 20;
+
+/// The bytes of `range` within `bytes` (a whole shard's chunks), `None` when it lies outside them.
+fn slice_of(bytes: &zarrs::storage::Bytes, range: ByteRange) -> Option<zarrs::storage::Bytes> {
+    let ByteRange::FromStart(offset, Some(length)) = range else { return None };
+    let start = usize::try_from(offset).ok()?;
+    let end = start.checked_add(usize::try_from(length).ok()?)?;
+    (end <= bytes.len()).then(|| bytes.slice(start..end))
 }
 
 type ShardIndexes =
@@ -92,7 +110,8 @@ type ShardIndexes =
 pub enum Planned {
     /// Read this range of this key from the store, for a reader.
     Fetch(StoreKey, ByteRange),
-    /// Give a reader these bytes as this range of this key (a shard index already held).
+    /// Give a reader these bytes as this range of this key (a shard index, or a chunk of a static variable's
+    /// shard, already held).
     Give(StoreKey, ByteRange, zarrs::storage::Bytes),
 }
 
@@ -101,7 +120,14 @@ enum Located {
     /// A whole stored object (the array is not sharded).
     Whole(StoreKey),
     /// In a shard: its key, the store read of its index and the index, and the chunk there.
-    InShard { key: StoreKey, index_range: ByteRange, index: zarrs::storage::Bytes, chunk: InShard },
+    InShard {
+        key: StoreKey,
+        index_range: ByteRange,
+        index: zarrs::storage::Bytes,
+        chunk: InShard,
+        /// The shard's place in the array's grid of shards.
+        shard: Vec<u64>,
+    },
 }
 
 /// The store read zarrs makes for the index of a shard of `array`: `16` bytes per inner chunk (offset and
@@ -214,6 +240,8 @@ impl Assembler {
             slow,
             fetched: false,
             shard_indexes: std::sync::Mutex::new(ShardIndexes::new()),
+            static_shards: std::sync::Mutex::new(ShardIndexes::new()),
+            static_shard_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -316,7 +344,8 @@ impl Assembler {
     /// What a fetch thread does so that reading `chunks` makes no request to a slow store: for each variable
     /// on the target grid, the chunk (unsharded), or its byte range in its shard, preceded by the shard's
     /// index given from the fetchers' own index cache (read once per shard, through `read`, without holding
-    /// any lock others wait on). Level chunks, and chunks of shards whose index cannot be read or laid out,
+    /// any lock others wait on); a static variable's chunk is given from its shard, read whole once
+    /// ([`Assembler::static_shard`]). Level chunks, and chunks of shards whose index cannot be read or laid out,
     /// are left to the readers.
     pub fn planned_reads(
         &self,
@@ -331,19 +360,61 @@ impl Assembler {
                     Some(Located::Whole(key)) => {
                         planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
                     }
-                    Some(Located::InShard { key, index_range, index, chunk }) => {
+                    Some(Located::InShard { key, index_range, index, chunk, shard }) => {
                         // Readers decoding directly take the index from the same cache ([`Self::read_direct`]).
                         if !v.direct {
-                            planned.push(Planned::Give(key.clone(), index_range, index));
+                            planned.push(Planned::Give(key.clone(), index_range, index.clone()));
                         }
                         if let InShard::Stored(range) = chunk {
-                            planned.push(Planned::Fetch(key, range));
+                            let held = self
+                                .static_shard(i, v, shard, &key, &index, read)
+                                .and_then(|bytes| slice_of(&bytes, range));
+                            planned.push(match held {
+                                Some(bytes) => Planned::Give(key, range, bytes),
+                                None => Planned::Fetch(key, range),
+                            });
                         }
                     }
                 }
             }
         }
         planned
+    }
+
+    /// The chunks of shard `shard` of static variable `i`, read whole once by the fetch threads and kept: a
+    /// static variable's chunk is needed by every batch of its footprint (and again each epoch), yet holds a
+    /// few hundred bytes, so reading it alone would cost a request per batch for almost nothing. `None` for
+    /// time-varying variables, shards over [`STATIC_SHARD_BYTES`], once [`STATIC_SHARDS_BYTES`] are held, or
+    /// when the read fails (the chunks are then fetched one by one).
+    fn static_shard(
+        &self,
+        i: usize,
+        v: &Var,
+        shard: Vec<u64>,
+        key: &StoreKey,
+        index: &[u8],
+        read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
+    ) -> Option<zarrs::storage::Bytes> {
+        if !v.meta.is_static {
+            return None;
+        }
+        let end = decode::shard_data_end(index).filter(|&end| end <= STATIC_SHARD_BYTES)?;
+        let once = self
+            .static_shards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((i, shard))
+            .or_default()
+            .clone();
+        once.get_or_init(|| {
+            let held = self.static_shard_bytes.fetch_add(end, std::sync::atomic::Ordering::Relaxed);
+            if held + end > STATIC_SHARDS_BYTES {
+                self.static_shard_bytes.fetch_sub(end, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            read(key, ByteRange::FromStart(0, Some(end))).filter(|bytes| bytes.len() as u64 == end)
+        })
+        .clone()
     }
 
     /// Where the stored bytes of chunk `id` of variable `i` (on the target grid) lie: its key when the
@@ -379,7 +450,7 @@ impl Assembler {
             .shard_indexes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry((i, stored))
+            .entry((i, stored.clone()))
             .or_default()
             .clone();
         let index = once
@@ -392,7 +463,7 @@ impl Assembler {
             position = position * per_shard + (r.start / n) % per_shard;
         }
         let chunk = decode::chunk_in_shard(&index, position)?;
-        Some(Located::InShard { key, index_range, index, chunk })
+        Some(Located::InShard { key, index_range, index, chunk, shard: stored })
     }
 
     /// Chunk `id` of variable `i` decoded straight from its stored bytes ([`decode`]), the shard index

@@ -72,6 +72,21 @@ pub(crate) fn chunk_in_shard(index: &[u8], position: u64) -> Option<InShard> {
     })
 }
 
+/// Where the chunks of a shard end: the largest end of the ranges its (intact) index gives, 0 when every
+/// chunk is empty; `None` when a range overflows.
+pub(crate) fn shard_data_end(index: &[u8]) -> Option<u64> {
+    let entries = &index[..index.len() / 16 * 16];
+    entries.chunks_exact(16).try_fold(0u64, |end, entry| {
+        let offset = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+        let length = u64::from_le_bytes(entry[8..].try_into().expect("8 bytes"));
+        if (offset, length) == (u64::MAX, u64::MAX) {
+            Some(end)
+        } else {
+            Some(end.max(offset.checked_add(length)?))
+        }
+    })
+}
+
 /// Checks the CRC32C of an encoded chunk and decompresses it into exactly `len` bytes.
 pub(crate) fn decode(encoded: &[u8], len: usize) -> Result<Vec<u8>, String> {
     let fail = |why: String| format!("cannot be decoded: {why}");
@@ -117,6 +132,7 @@ mod tests {
         assert_eq!(chunk_in_shard(&index, 1), Some(InShard::Empty));
         assert_eq!(chunk_in_shard(&index, 2), Some(InShard::Stored(ByteRange::FromStart(100, Some(7)))));
         assert_eq!(chunk_in_shard(&index, 3), None, "past the index: its checksum, not an entry");
+        assert_eq!(shard_data_end(&index), Some(107), "the end of the last chunk, the checksum left out");
         let mut damaged = index.clone();
         damaged[3] ^= 1;
         assert!(!index_is_intact(&damaged));
