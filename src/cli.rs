@@ -547,11 +547,11 @@ fn print_summary(report: &GenReport) {
 }
 
 /// Turns transparent huge pages off for this process (and the `gen` children it starts). mimalloc asks the
-/// kernel for huge pages, so the first touch of each 2 MB of fresh heap clears all of it: the reader and fetch
-/// threads of a loader, each with its own heap, then spend their time in the kernel's `clear_page` (the fetch
-/// threads of `cubeload bench`'s object-store phase three quarters of theirs; with huge pages off the bench's
-/// system time is a third lower).
-/// Nothing here is large and long-lived enough to gain from them.
+/// kernel for huge pages, so the first touch of each 2 MB of fresh heap clears all of it: the reader and
+/// fetch threads of a loader, each with its own heap, then spend their time in the kernel's `clear_page`
+/// (the fetch threads of `cubeload bench`'s object-store phase three quarters of theirs; with huge pages
+/// off the bench's system time is a third lower). Nothing here is large and long-lived enough to gain from
+/// them.
 fn without_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes an integer and changes only the process's paging policy; an old kernel

@@ -82,7 +82,8 @@ pub struct Assembler {
     /// The fetch threads' shard indexes, by (variable, shard): each read once, by the first fetcher that
     /// needs it, while fetchers needing other shards go on.
     shard_indexes: std::sync::Mutex<ShardIndexes>,
-    /// The fetch threads' whole shards of static variables, by (variable, shard) ([`Assembler::static_shard`]).
+    /// The fetch threads' whole shards of static variables, by (variable, shard)
+    /// ([`Assembler::static_shard`]).
     static_shards: std::sync::Mutex<ShardIndexes>,
     /// Bytes held there.
     static_shard_bytes: std::sync::atomic::AtomicU64,
@@ -345,8 +346,8 @@ impl Assembler {
     /// on the target grid, the chunk (unsharded), or its byte range in its shard, preceded by the shard's
     /// index given from the fetchers' own index cache (read once per shard, through `read`, without holding
     /// any lock others wait on); a static variable's chunk is given from its shard, read whole once
-    /// ([`Assembler::static_shard`]). Level chunks, and chunks of shards whose index cannot be read or laid out,
-    /// are left to the readers.
+    /// ([`Assembler::static_shard`]). Level chunks, and chunks of shards whose index cannot be read or laid
+    /// out, are left to the readers.
     pub fn planned_reads(
         &self,
         chunks: &[ChunkId],
@@ -779,10 +780,10 @@ impl Assembler {
             }
         }
         copy_series(&series, (b, t_len), fill, out, mask_out);
-        // SAFETY: the first `cells` elements of both are initialized: the variables in `data` are those of `names`
-        // (not native, not separate statics), each pushed one series copy writing its column of every sample
-        // and step, or wrote its rows of every patch of every step (image sequences), and these cover the
-        // batch (the loader's tests compare every element with the cube).
+        // SAFETY: the first `cells` elements of both are initialized: the variables in `data` are those of
+        // `names` (not native, not separate statics), each pushed one series copy writing its column of every
+        // sample and step, or wrote its rows of every patch of every step (image sequences), and these cover
+        // the batch (the loader's tests compare every element and mask byte with the cube).
         unsafe {
             data.set_len(cells);
             mask.set_len(cells);
