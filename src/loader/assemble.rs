@@ -82,9 +82,8 @@ pub struct Assembler {
     /// The fetch threads' shard indexes, by (variable, shard): each read once, by the first fetcher that
     /// needs it, while fetchers needing other shards go on.
     shard_indexes: std::sync::Mutex<ShardIndexes>,
-    /// The fetch threads' whole shards of static variables, by (variable, shard)
-    /// ([`Assembler::static_shard`]).
-    static_shards: std::sync::Mutex<ShardIndexes>,
+    /// The fetch threads' whole shards of static variables, by key ([`Assembler::static_shard`]).
+    static_shards: std::sync::Mutex<StaticShards>,
     /// Bytes held there.
     static_shard_bytes: std::sync::atomic::AtomicU64,
 }
@@ -106,6 +105,9 @@ fn slice_of(bytes: &zarrs::storage::Bytes, range: ByteRange) -> Option<zarrs::st
 type ShardIndexes =
     std::collections::HashMap<(usize, Vec<u64>), Arc<std::sync::OnceLock<Option<zarrs::storage::Bytes>>>>;
 
+type StaticShards =
+    std::collections::HashMap<StoreKey, Arc<std::sync::OnceLock<Option<zarrs::storage::Bytes>>>>;
+
 /// A step of fetching ahead ([`Assembler::planned_reads`]).
 #[derive(Debug)]
 pub enum Planned {
@@ -121,14 +123,7 @@ enum Located {
     /// A whole stored object (the array is not sharded).
     Whole(StoreKey),
     /// In a shard: its key, the store read of its index and the index, and the chunk there.
-    InShard {
-        key: StoreKey,
-        index_range: ByteRange,
-        index: zarrs::storage::Bytes,
-        chunk: InShard,
-        /// The shard's place in the array's grid of shards.
-        shard: Vec<u64>,
-    },
+    InShard { key: StoreKey, index_range: ByteRange, index: zarrs::storage::Bytes, chunk: InShard },
 }
 
 /// The store read zarrs makes for the index of a shard of `array`: `16` bytes per inner chunk (offset and
@@ -241,7 +236,7 @@ impl Assembler {
             slow,
             fetched: false,
             shard_indexes: std::sync::Mutex::new(ShardIndexes::new()),
-            static_shards: std::sync::Mutex::new(ShardIndexes::new()),
+            static_shards: std::sync::Mutex::new(StaticShards::new()),
             static_shard_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -361,14 +356,14 @@ impl Assembler {
                     Some(Located::Whole(key)) => {
                         planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
                     }
-                    Some(Located::InShard { key, index_range, index, chunk, shard }) => {
+                    Some(Located::InShard { key, index_range, index, chunk }) => {
                         // Readers decoding directly take the index from the same cache ([`Self::read_direct`]).
                         if !v.direct {
                             planned.push(Planned::Give(key.clone(), index_range, index.clone()));
                         }
                         if let InShard::Stored(range) = chunk {
                             let held = self
-                                .static_shard(i, v, shard, &key, &index, read)
+                                .static_shard(v, &key, &index, read)
                                 .and_then(|bytes| slice_of(&bytes, range));
                             planned.push(match held {
                                 Some(bytes) => Planned::Give(key, range, bytes),
@@ -382,16 +377,14 @@ impl Assembler {
         planned
     }
 
-    /// The chunks of shard `shard` of static variable `i`, read whole once by the fetch threads and kept: a
+    /// The chunks of shard `key` of a static variable `v`, read whole once by the fetch threads and kept: a
     /// static variable's chunk is needed by every batch of its footprint (and again each epoch), yet holds a
     /// few hundred bytes, so reading it alone would cost a request per batch for almost nothing. `None` for
     /// time-varying variables, shards over [`STATIC_SHARD_BYTES`], once [`STATIC_SHARDS_BYTES`] are held, or
     /// when the read fails (the chunks are then fetched one by one).
     fn static_shard(
         &self,
-        i: usize,
         v: &Var,
-        shard: Vec<u64>,
         key: &StoreKey,
         index: &[u8],
         read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
@@ -404,7 +397,7 @@ impl Assembler {
             .static_shards
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry((i, shard))
+            .entry(key.clone())
             .or_default()
             .clone();
         once.get_or_init(|| {
@@ -451,7 +444,7 @@ impl Assembler {
             .shard_indexes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry((i, stored.clone()))
+            .entry((i, stored))
             .or_default()
             .clone();
         let index = once
@@ -464,7 +457,7 @@ impl Assembler {
             position = position * per_shard + (r.start / n) % per_shard;
         }
         let chunk = decode::chunk_in_shard(&index, position)?;
-        Some(Located::InShard { key, index_range, index, chunk, shard: stored })
+        Some(Located::InShard { key, index_range, index, chunk })
     }
 
     /// Chunk `id` of variable `i` decoded straight from its stored bytes ([`decode`]), the shard index
