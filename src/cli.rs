@@ -380,7 +380,10 @@ fn bench_table(r: &BenchReport) -> String {
             format!("{:.3} GB/s (same chunks decoded, same threads, nothing assembled)", r.ceiling_gb_per_s),
         ),
         ("ratio_to_ceiling", format!("{:.2}", r.ratio_to_ceiling)),
-        ("first batch", format!("{:.1} ms", r.time_to_first_batch_ms)),
+        (
+            "first batch",
+            format!("{:.1} ms (building the loader {:.1} ms)", r.time_to_first_batch_ms, r.loader_build_ms),
+        ),
         ("latency", format!("p50 {:.2} ms, p99 {:.2} ms", r.latency_ms_p50, r.latency_ms_p99)),
         ("read_amplification", opt(r.read_amplification, "")),
         ("vs image-chunked", opt(r.speedup_vs_image_chunked, "× faster")),

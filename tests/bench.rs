@@ -15,6 +15,7 @@ fn bench_reports_every_figure_as_json() {
         "samples_per_s",
         "batches_per_s",
         "time_to_first_batch_ms",
+        "loader_build_ms",
         "latency_ms_p50",
         "latency_ms_p99",
         "peak_rss_mb",
@@ -24,6 +25,9 @@ fn bench_reports_every_figure_as_json() {
     ] {
         assert!(report[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key}: {}", report[key]);
     }
+    // Building the loader is part of the time to the first batch.
+    let build = report["loader_build_ms"].as_f64().unwrap();
+    assert!(build < report["time_to_first_batch_ms"].as_f64().unwrap(), "{build}");
     // The demo cube has 7 × 10 batches of 256 pixels × 168 h × 3 variables.
     assert_eq!(report["batches"], 70);
     assert_eq!(report["batch_bytes"], 256 * 168 * 3 * 4);
