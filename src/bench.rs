@@ -145,6 +145,23 @@ pub struct Goal {
     pub value: f64,
     /// Whether it is met.
     pub met: bool,
+    /// When missed, by how much: the distance from the goal as a fraction of it (0.2 for 0.64 against
+    /// `>= 0.8`).
+    pub missed_by: Option<f64>,
+}
+
+impl Goal {
+    /// `value >= min`.
+    fn at_least(name: &'static str, value: f64, min: f64) -> Goal {
+        let met = value >= min;
+        Goal { name, goal: format!(">= {min}"), value, met, missed_by: (!met).then(|| (min - value) / min) }
+    }
+
+    /// `value <= max`.
+    fn at_most(name: &'static str, value: f64, max: f64) -> Goal {
+        let met = value <= max;
+        Goal { name, goal: format!("<= {max}"), value, met, missed_by: (!met).then(|| (value - max) / max) }
+    }
 }
 
 impl BenchReport {
@@ -152,9 +169,7 @@ impl BenchReport {
     pub fn check_goals(&mut self) {
         let mut goals = Vec::new();
         let mut at_least = |name, value: Option<f64>, min: f64| {
-            if let Some(value) = value {
-                goals.push(Goal { name, goal: format!(">= {min}"), value, met: value >= min });
-            }
+            goals.extend(value.map(|value| Goal::at_least(name, value, min)));
         };
         at_least("ratio_to_ceiling", Some(self.ratio_to_ceiling), 0.8);
         at_least("speedup_vs_image_chunked", self.speedup_vs_image_chunked, 10.0);
@@ -163,9 +178,7 @@ impl BenchReport {
         at_least("multires_storage_ratio", self.multires_storage_ratio, 10.0);
         at_least("multires_throughput_ratio", self.multires_throughput_ratio, 0.7);
         let mut at_most = |name, value: Option<f64>, max: f64| {
-            if let Some(value) = value {
-                goals.push(Goal { name, goal: format!("<= {max}"), value, met: value <= max });
-            }
+            goals.extend(value.map(|value| Goal::at_most(name, value, max)));
         };
         at_most("read_amplification", self.read_amplification, 1.01);
         at_most("time_to_first_batch_ms", Some(self.time_to_first_batch_ms), 50.0);
@@ -643,4 +656,24 @@ fn image_chunked_seconds_per_batch(
     let per_batch = started.elapsed().as_secs_f64() / n as f64;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Some(per_batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A goal says whether it is met and, when not, by how much, relative to the goal.
+    #[test]
+    fn goals_say_by_how_much_they_are_missed() {
+        let missed = Goal::at_least("ratio_to_ceiling", 0.64, 0.8);
+        assert!(!missed.met);
+        assert!((missed.missed_by.unwrap() - 0.2).abs() < 1e-12, "{missed:?}");
+        let met = Goal::at_least("ratio_to_ceiling", 0.8, 0.8);
+        assert!(met.met && met.missed_by.is_none(), "the bound itself meets the goal");
+        let over = Goal::at_most("time_to_first_batch_ms", 75.0, 50.0);
+        assert!(!over.met);
+        assert!((over.missed_by.unwrap() - 0.5).abs() < 1e-12, "{over:?}");
+        assert_eq!(Goal::at_most("read_amplification", 1.0, 1.01).missed_by, None);
+        assert_eq!(over.goal, "<= 50");
+    }
 }

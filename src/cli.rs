@@ -443,10 +443,9 @@ fn bench_table(r: &BenchReport) -> String {
         rows.push(("note", note.clone()));
     }
     for goal in &r.goals {
-        let verdict = if goal.met {
-            "met".to_string()
-        } else {
-            format!("MISSED ({:.3}, goal {})", goal.value, goal.goal)
+        let verdict = match goal.missed_by {
+            None => "met".to_string(),
+            Some(by) => format!("MISSED by {:.0} % ({:.3}, goal {})", by * 100.0, goal.value, goal.goal),
         };
         rows.push(("goal", format!("{} {} : {verdict}", goal.name, goal.goal)));
     }

@@ -35,6 +35,13 @@ fn bench_reports_every_figure_as_json() {
     let amplification = report["read_amplification"].as_f64().unwrap();
     assert!((1.0..1.1).contains(&amplification), "{amplification}");
     assert_eq!(report["machine"]["codec"], "zstd(3)");
+    // Every goal says whether it is met and, only when it is not, by how much.
+    let goals = report["goals"].as_array().unwrap();
+    assert!(goals.iter().any(|g| g["name"] == "ratio_to_ceiling"), "{goals:?}");
+    for goal in goals {
+        let met = goal["met"].as_bool().unwrap();
+        assert_eq!(goal["missed_by"].as_f64().is_some_and(|by| by > 0.0), !met, "{goal}");
+    }
     // Without root, --cold says why it could not drop the page cache instead of pretending.
     assert!(report["cold"] == true || report["cold_note"].as_str().is_some_and(|n| n.contains("root")));
 }
