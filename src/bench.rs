@@ -277,8 +277,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
 
     // Ceiling, loader (one shuffled epoch into tensors) and the same epoch with one reader thread, run one
-    // after the other, LOCAL_ROUNDS times: an epoch of a cube of a few hundred MB lasts a fraction of a second on
-    // a shared machine, so each ratio is taken within a round and the round with the median
+    // after the other, LOCAL_ROUNDS times: an epoch of a cube of a few hundred MB lasts a fraction of a
+    // second on a shared machine, so each ratio is taken within a round and the round with the median
     // `ratio_to_ceiling` gives the loader's figures.
     let mut rounds = Vec::with_capacity(LOCAL_ROUNDS);
     for _ in 0..LOCAL_ROUNDS {
