@@ -85,8 +85,8 @@ pub struct BenchReport {
     /// The same chunks read and decoded with the same threads, nothing assembled: GB/s of decoded data.
     pub ceiling_gb_per_s: f64,
     /// Ceiling time per chunk ÷ loader time per batch (the same chunks; bytes differ, since batches repeat
-    /// static variables along time): the median of five rounds of a ceiling pass and a loader epoch run one
-    /// after the other; the loader's other figures come from that round.
+    /// static variables along time): the median of five rounds of a loader epoch between two ceiling passes
+    /// (their mean); the loader's other figures come from that round.
     pub ratio_to_ceiling: f64,
     /// Bytes read by the process during the loader epoch ÷ stored bytes of the batches delivered.
     pub read_amplification: Option<f64>,
@@ -276,23 +276,22 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         .collect();
     let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
 
-    // Ceiling, loader (one shuffled epoch into tensors) and the same epoch with one reader thread, run one
-    // after the other, LOCAL_ROUNDS times: an epoch of a cube of a few hundred MB lasts a fraction of a
-    // second on a shared machine, so each ratio is taken within a round and the round with the median
-    // `ratio_to_ceiling` gives the loader's figures.
+    // Ceiling, loader (one shuffled epoch into tensors), ceiling again and the same epoch with one reader
+    // thread, run one after the other, LOCAL_ROUNDS times: an epoch of a cube of a few hundred MB lasts a
+    // fraction of a second on a shared machine, so each ratio is taken within a round and the round with
+    // the median `ratio_to_ceiling` gives the loader's figures.
     let mut rounds = Vec::with_capacity(LOCAL_ROUNDS);
     for _ in 0..LOCAL_ROUNDS {
-        // Read as the loader reads them, by the loader's own reading code, with nothing assembled; opened
-        // afresh each round (untimed), as each loader epoch opens the cube and reads its shard indexes anew.
-        let stored = Assembler::new(&cube, &[], Transform::default())?;
-        prepare();
-        let started = Instant::now();
-        let decoded = read_chunks(&stored, &work, options.threads.max(1))?;
-        let ceiling_seconds = started.elapsed().as_secs_f64();
+        // The ceiling once before the loader epoch and once after it, their mean taken: the machine's speed
+        // drifts within a round (ceiling passes of one run differ by up to a fifth), and the two passes
+        // bracket the epoch.
+        let (before, decoded) = ceiling_pass(&cube, &work, options.threads.max(1), &mut prepare)?;
         prepare();
         let read_before = bytes_read();
         let epoch = loader_epoch(cube_path, options.threads, options)?;
         let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
+        let (after, _) = ceiling_pass(&cube, &work, options.threads.max(1), &mut prepare)?;
+        let ceiling_seconds = f64::midpoint(before, after);
         // The same epoch with one reader thread: how reading scales with threads.
         let single_seconds = if options.threads >= 2 {
             prepare();
@@ -573,6 +572,23 @@ fn dir_bytes(dir: &Path) -> u64 {
             )
             .sum()
     })
+}
+
+/// One pass of the ceiling: every `(variable, chunk)` of `work` read and decoded as the loader reads them,
+/// by the loader's own reading code, with nothing assembled; the cube opened afresh (untimed, then
+/// `prepare`), as each loader epoch opens it and reads its shard indexes anew. Returns (seconds, decoded
+/// bytes).
+fn ceiling_pass(
+    cube: &Cube,
+    work: &[(usize, ChunkId)],
+    threads: usize,
+    prepare: &mut impl FnMut(),
+) -> Result<(f64, u64), LoaderError> {
+    let stored = Assembler::new(cube, &[], Transform::default())?;
+    prepare();
+    let started = Instant::now();
+    let decoded = read_chunks(&stored, work, threads)?;
+    Ok((started.elapsed().as_secs_f64(), decoded))
 }
 
 /// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with `threads` threads;
