@@ -489,8 +489,8 @@ pub fn compare_multires(
 const ROUNDS: usize = 3;
 
 /// Rounds of ceiling, loader and one-thread epochs: each lasts under a second, and the machine's speed
-/// drifts from one second to the next by more than the effects measured (the ceiling alone moved between 2.7
-/// and 3.8 GB/s across runs of one binary), so the median of five is steadier than that of three.
+/// drifts from one second to the next by more than the effects measured (the ceiling alone moved by a
+/// fifth and more across runs of one binary), so the median of five is steadier than that of three.
 const LOCAL_ROUNDS: usize = 5;
 
 fn median(values: &mut [f64]) -> f64 {
