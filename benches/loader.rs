@@ -8,7 +8,8 @@
 //!   code, nothing assembled (the single-threaded ceiling of `batch_assembly`: the difference in time per
 //!   epoch is the assembly);
 //! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
-//!   thread), plain, with `normalize(true)`, and with `variable_major(true)`;
+//!   thread), plain, with `normalize(true)`, and with `variable_major(true)`; `shuffled` plain on the same
+//!   cube stored sample-major (`order: shuffled`);
 //! - `regrid/*`: a 64 × 64 batch footprint of 48 steps upsampled from a level 8 × 8 times coarser (the
 //!   kernels of multi-resolution cubes), nearest and bilinear.
 //!
@@ -25,6 +26,9 @@ use std::path::{Path, PathBuf};
 use criterion::{BatchSize, Criterion, Throughput};
 use cubeload::Cube;
 use cubeload::demo::{DemoSpec, build_cube};
+
+/// The demo's pixel series stored sample-major, samples permuted once (`order: shuffled`).
+const SHUFFLED_LAYOUT: &str = "{ kind: pixel_series, batch: 256, order: shuffled }";
 use cubeload::loader::assemble::{Assembler, Transform};
 use cubeload::loader::{Loader, LoaderBuilder};
 
@@ -81,18 +85,21 @@ fn decode(c: &mut Criterion, path: &Path) {
     group.finish();
 }
 
-fn batch_assembly(c: &mut Criterion, path: &Path) {
-    let bytes: usize =
-        builder(path).build().expect("loader").map(|b| b.expect("batch").data.len() * size_of::<f32>()).sum();
-    let variants: [(&str, Configure); 3] = [
-        ("default", |b| b),
-        ("normalize", |b| b.normalize(true)),
-        ("variable_major", |b| b.variable_major(true)),
+fn batch_assembly(c: &mut Criterion, path: &Path, shuffled: &Path) {
+    let bytes = |path: &Path| -> u64 {
+        let loader = builder(path).build().expect("loader");
+        loader.map(|b| (b.expect("batch").data.len() * size_of::<f32>()) as u64).sum()
+    };
+    let variants: [(&str, &Path, Configure); 4] = [
+        ("default", path, |b| b),
+        ("normalize", path, |b| b.normalize(true)),
+        ("variable_major", path, |b| b.variable_major(true)),
+        ("shuffled", shuffled, |b| b),
     ];
     let mut group = c.benchmark_group("batch_assembly");
-    group.throughput(Throughput::Bytes(bytes as u64));
     group.sample_size(20);
-    for (name, configure) in variants {
+    for (name, path, configure) in variants {
+        group.throughput(Throughput::Bytes(bytes(path)));
         // A fresh loader per iteration (opening the cube and its index is not timed); one epoch timed.
         group.bench_function(name, |b| {
             b.iter_batched(
@@ -142,9 +149,13 @@ fn main() {
     let scratch = tempfile::tempdir().expect("temporary directory"); // removed at the end of main
     let spec = DemoSpec { hours: 48, ..DemoSpec::default() };
     let cube: PathBuf = build_cube(scratch.path(), &spec, None).expect("build the demo cube").path;
+    let shuffled_spec = DemoSpec { layout: SHUFFLED_LAYOUT, ..spec };
+    let shuffled: PathBuf = build_cube(&scratch.path().join("shuffled"), &shuffled_spec, None)
+        .expect("build the shuffled cube")
+        .path;
     let mut c = Criterion::default().configure_from_args();
     decode(&mut c, &cube);
-    batch_assembly(&mut c, &cube);
+    batch_assembly(&mut c, &cube, &shuffled);
     regrid(&mut c);
     c.final_summary();
 }

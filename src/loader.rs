@@ -11,8 +11,9 @@
 //!
 //! - Order: [`sampler`] (seeded permutation of chunks per epoch, equal shares per rank).
 //! - Reading: [`assemble`] (one chunk read per variable, one pass into the batch layout), with float32
-//!   chunks decoded by `decode` (straight from their stored bytes) and pixel series transposed by
-//!   `transpose` (8 × 8 values at a time); variables on coarser levels regridded by [`regrid`].
+//!   chunks decoded by `decode` (straight from their stored bytes), pixel series transposed by `transpose`
+//!   (time-major chunks, 8 × 8 values at a time) or interleaved by `interleave` (sample-major chunks of
+//!   shuffled cubes); variables on coarser levels regridded by [`regrid`].
 //! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer, and
 //!   send results through a bounded channel; the consumer puts them back in order. Dropping the loader stops
 //!   and joins every thread; an error or a panic in a reader arrives as an `Err` from the iterator.
@@ -23,6 +24,7 @@
 
 pub mod assemble;
 pub(crate) mod decode;
+mod interleave;
 pub mod regrid;
 pub mod sampler;
 mod transpose;

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cubeload::loader::{Loader, LoaderError, OnCorrupt};
+use cubeload::loader::{Loader, LoaderBuilder, LoaderError, OnCorrupt};
 use cubeload::{Batch, Config, GenOptions, Plan, generate};
 
 use crate::util::{array, read_f32};
@@ -204,6 +204,48 @@ fn shuffled_cube_batches_are_random_pixels_with_the_tiled_values() {
         );
     }
     assert_eq!(seen.len(), h * w, "every pixel once");
+}
+
+/// A shuffled cube's batches, normalized, the same value for value and mask byte for mask byte whether
+/// delivered `[B, T, V]` with the static variable repeated along time, `[V, B, T]`, or with the static
+/// variable apart (each delivery takes its own path through the loader's assembly).
+#[test]
+fn shuffled_cube_batches_agree_across_deliveries() {
+    let cube = &cubes().shuffled;
+    let build = |f: fn(LoaderBuilder) -> LoaderBuilder| {
+        collect(f(Loader::builder(cube).normalize(true).fill_value(-9.0)).build().unwrap())
+    };
+    let interleaved = build(|b| b);
+    let variable_major = build(|b| b.variable_major(true));
+    let apart = build(|b| b.separate_statics(true));
+    assert_eq!(interleaved[0].variables, ["t2m", "ndvi", "landcover"]);
+    assert_eq!(apart[0].static_variables, ["landcover"]);
+    let (b, nt, nv) = (64, 48, 3);
+    let mut missing = 0;
+    for ((x, y), z) in interleaved.iter().zip(&variable_major).zip(&apart) {
+        assert_eq!((x.shape.as_slice(), y.shape.as_slice()), (&[b, nt, nv][..], &[nv, b, nt][..]));
+        for s in 0..b {
+            for t in 0..nt {
+                for v in 0..nv {
+                    let o = (s * nt + t) * nv + v;
+                    let (value, valid) = (x.data[o].to_bits(), x.mask[o]);
+                    missing += usize::from(valid == 0);
+                    assert_eq!(valid == 0, x.data[o] == -9.0, "missing values are filled");
+                    let k = (v * b + s) * nt + t;
+                    assert_eq!((value, valid), (y.data[k].to_bits(), y.mask[k]), "[V, B, T] at {s} {t} {v}");
+                    let expected = if v < 2 {
+                        let k = (s * nt + t) * 2 + v;
+                        (z.data[k].to_bits(), z.mask[k])
+                    } else {
+                        let k = s;
+                        (z.statics[k].to_bits(), u8::from(z.statics[k] != -9.0))
+                    };
+                    assert_eq!((value, valid), expected, "statics apart at {s} {t} {v}");
+                }
+            }
+        }
+    }
+    assert!(missing > 0, "the cube has missing values (padding, gaps)");
 }
 
 #[test]

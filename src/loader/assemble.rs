@@ -21,6 +21,7 @@ use crate::cube::{CubeError, CubeMeta, VariableMeta};
 use crate::layout::{Layout, LayoutKind};
 use crate::levels::Level;
 use crate::loader::decode::{self, InShard};
+use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
 use crate::loader::transpose::{Row, prepare, transpose_rows};
 use crate::plan::DType;
@@ -963,40 +964,49 @@ impl<'a> SeriesCopy<'a> {
 
 /// Copies every variable of a pixel-series batch into `data` and `mask` (every element written: missing
 /// values get `fill` and a 0 mask). Time-major chunks (the tiled layouts) are transposed a block of values at
-/// a time ([`transpose_rows`]); sample-major ones (shuffled cubes) are already in the batch's order and are
-/// copied value by value.
-fn copy_series(
-    copies: &[SeriesCopy<'_>],
+/// a time ([`transpose_rows`]); sample-major ones (shuffled cubes) already hold each sample's series side by
+/// side, and are interleaved sample by sample ([`interleave`]), with any other variable of the batch.
+fn copy_series<'a>(
+    copies: &[SeriesCopy<'a>],
     (samples, steps): (usize, usize),
     fill: f32,
     data: &mut [MaybeUninit<f32>],
     mask: &mut [MaybeUninit<u8>],
 ) {
-    let (time_major, sample_major): (Vec<&SeriesCopy<'_>>, Vec<&SeriesCopy<'_>>) =
-        copies.iter().partition(|c| c.read.0 == 1);
-    if let Some(first) = time_major.first() {
-        let stride = first.out.write_p;
-        assert!(time_major.iter().all(|c| c.out.write_p == stride), "one batch row length");
-        // Rows in column order: step by step across variables ([B, T, V]), or variable by variable.
-        let rows: Vec<Row<'_>> = if time_major.iter().all(|c| c.out.write_t == 1) {
-            time_major.iter().flat_map(|c| (0..steps).map(move |t| c.row(t, samples))).collect()
-        } else {
-            (0..steps).flat_map(|t| time_major.iter().map(move |c| c.row(t, samples))).collect()
-        };
-        transpose_rows(&rows, samples, stride, fill, data, mask);
-    }
-    for copy in sample_major {
-        let (mean, inv) = copy.affine;
-        let Strided { base, write_p, write_t } = copy.out;
-        for p in 0..samples {
-            for t in 0..steps {
-                let o = base + p * write_p + t * write_t;
-                let (value, valid) = prepare(copy.chunk[p * copy.read.0 + t * copy.read.1], mean, inv, fill);
-                data[o].write(value);
-                mask[o].write(valid);
+    let series = |c: &SeriesCopy<'a>| Series {
+        values: c.chunk,
+        per_sample: c.read.0,
+        per_step: c.read.1,
+        affine: c.affine,
+    };
+    if copies.iter().any(|c| c.read.0 != 1) {
+        let nv = copies.len();
+        if copies.iter().all(|c| c.out.write_t == 1) {
+            // `[V, B, T]`: each variable's block is a batch of one variable.
+            for c in copies {
+                let block = c.out.base..c.out.base + samples * steps;
+                interleave(&[series(c)], samples, steps, fill, &mut data[block.clone()], &mut mask[block]);
             }
+            return;
         }
+        assert!(
+            copies.iter().enumerate().all(|(v, c)| c.out.base == v && c.out.write_t == nv),
+            "`[B, T, V]` with the variables in order"
+        );
+        let all: Vec<Series<'_>> = copies.iter().map(series).collect();
+        interleave(&all, samples, steps, fill, data, mask);
+        return;
     }
+    let Some(first) = copies.first() else { return };
+    let stride = first.out.write_p;
+    assert!(copies.iter().all(|c| c.out.write_p == stride), "one batch row length");
+    // Rows in column order: step by step across variables ([B, T, V]), or variable by variable.
+    let rows: Vec<Row<'_>> = if copies.iter().all(|c| c.out.write_t == 1) {
+        copies.iter().flat_map(|c| (0..steps).map(move |t| c.row(t, samples))).collect()
+    } else {
+        (0..steps).flat_map(|t| copies.iter().map(move |c| c.row(t, samples))).collect()
+    };
+    transpose_rows(&rows, samples, stride, fill, data, mask);
 }
 
 /// Decoding options for a reader thread: the loader parallelizes across chunks with its own threads, so a
