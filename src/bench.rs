@@ -22,7 +22,7 @@ use zarrs::filesystem::FilesystemStore;
 use crate::cube::reader::Cube;
 use crate::loader::assemble::{Assembler, Transform};
 use crate::loader::sampler::ChunkId;
-use crate::loader::{Loader, LoaderError};
+use crate::loader::{HINT_AHEAD, Loader, LoaderError};
 use crate::store::{LatencyStore, Location};
 
 /// Options of a benchmark run.
@@ -594,6 +594,8 @@ fn ceiling_pass(
 /// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with `threads` threads;
 /// returns the decoded bytes.
 fn read_chunks(stored: &Assembler, work: &[(usize, ChunkId)], threads: usize) -> Result<u64, LoaderError> {
+    // As far ahead as the loader's readers hint: `HINT_AHEAD` batches (one read per variable) per thread.
+    let ahead = HINT_AHEAD * threads * stored.variable_count();
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -603,6 +605,10 @@ fn read_chunks(stored: &Assembler, work: &[(usize, ChunkId)], threads: usize) ->
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(&(var, id)) = work.get(i) else { return Ok(bytes) };
+                        // Reading ahead as the loader's readers do (the same distance, in reads).
+                        if let Some(&(var, id)) = work.get(i + ahead) {
+                            stored.hint_stored(var, id);
+                        }
                         bytes += stored.decode_stored(var, id)? as u64;
                     }
                 })

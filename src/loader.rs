@@ -393,6 +393,7 @@ impl LoaderBuilder {
             stop: AtomicBool::new(false),
             total_jobs,
             ahead: self.prefetch.div_ceil(per_job).max(1),
+            hint_ahead: HINT_AHEAD * self.threads,
             skip_corrupt: self.on_corrupt == OnCorrupt::Skip,
         });
         let (tx, rx) = crossbeam_channel::bounded(shared.ahead + self.threads.max(1));
@@ -464,6 +465,8 @@ struct Shared {
     stop: AtomicBool,
     total_jobs: usize,
     ahead: usize,
+    /// Readers taking job `j` hint the kernel to read job `j + hint_ahead` ([`Assembler::hint`]).
+    hint_ahead: usize,
     skip_corrupt: bool,
 }
 
@@ -483,6 +486,10 @@ impl Shared {
         })
     }
 }
+
+/// How far ahead of the jobs being read the readers hint the kernel to read, in jobs per reader: far enough
+/// that a hinted job's bytes are in memory when a reader takes it (two jobs' assembly per reader).
+pub(crate) const HINT_AHEAD: usize = 2;
 
 fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
     crate::source::quiet_hdf5_in_this_thread();
@@ -510,6 +517,11 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
         let result = shared.run_job(job);
         if tx.send((job, result)).is_err() {
             return; // the loader was dropped
+        }
+        // After the job, not before: the hint may read a shard's index, which the first batch must not wait
+        // for.
+        if job + shared.hint_ahead < shared.total_jobs {
+            shared.assembler.hint(&shared.sampler.job(job + shared.hint_ahead).2);
         }
     }
 }

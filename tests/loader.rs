@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use cubeload::loader::assemble::{Assembler, Transform};
 use cubeload::loader::{Loader, LoaderBuilder, LoaderError, OnCorrupt};
 use cubeload::{Batch, Config, GenOptions, Plan, generate};
 
@@ -768,4 +769,50 @@ fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahe
     assert!(partial.next().unwrap().is_ok());
     drop(partial);
     assert!(Loader::builder(cube).shuffle(9).build().unwrap().prefetched_reads().is_none(), "not locally");
+}
+
+/// Pages of the first `len` bytes of `file` (0: all of it) in the page cache (`mincore`).
+#[cfg(target_os = "linux")]
+fn resident_pages(file: &std::fs::File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let len = if len == 0 { file.metadata().unwrap().len() as usize } else { len };
+    let page = 4096;
+    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; `vec` holds a byte per
+    // page.
+    unsafe {
+        let map =
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+}
+
+/// Reading ahead on a local cube: a reader's hint for a batch brings its chunk's stored bytes into the page
+/// cache (the first chunk of the first shard of t2m, at the start of the shard file; the shard's index, read
+/// to find the chunk, is at its end), after the file's pages were dropped.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_hint_brings_a_batch_into_the_page_cache() {
+    use std::os::fd::AsRawFd;
+    let path = &cubes().pixel;
+    let shard = std::fs::File::open(path.join("t2m/c/0/0/0")).unwrap();
+    shard.sync_all().unwrap();
+    // SAFETY: a valid descriptor.
+    unsafe { libc::posix_fadvise(shard.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if resident_pages(&shard, 0) > 0 {
+        eprintln!("this file system keeps the shard's pages in memory: nothing to check");
+        return;
+    }
+    let cube = cubeload::Cube::open(path).unwrap();
+    let assembler = Assembler::new(&cube, &["t2m".to_string()], Transform::default()).unwrap();
+    assembler.hint(&[[0, 0, 0]]);
+    // The kernel reads asynchronously: wait for it, a few seconds at most.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while resident_pages(&shard, 4096) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(resident_pages(&shard, 4096), 1, "the hinted chunk's first page is in the page cache");
 }

@@ -206,6 +206,16 @@ impl Cube {
         &self.path
     }
 
+    /// The cube's directory when it is read from a local file system (not through an object store or a
+    /// store given to [`Cube::open_store`]).
+    #[must_use]
+    pub fn local_dir(&self) -> Option<&Path> {
+        match &self.location {
+            Location::Local(dir) if !self.slow => Some(dir),
+            _ => None,
+        }
+    }
+
     /// Opens the array `name` (a variable, a coordinate, or `cubeload_index/<var>`).
     ///
     /// # Errors
