@@ -891,7 +891,6 @@ impl Assembler {
     }
 }
 
-/// Opens an array and holds it to the cube's metadata before anything is read or sized from it.
 /// `posix_fadvise(WILLNEED)` over `length` bytes (0: to the end) from `offset` of `file`.
 #[cfg(target_os = "linux")]
 fn will_need(file: &std::fs::File, offset: u64, length: u64) {
@@ -904,6 +903,7 @@ fn will_need(file: &std::fs::File, offset: u64, length: u64) {
 #[cfg(not(target_os = "linux"))]
 fn will_need(_: &std::fs::File, _: u64, _: u64) {}
 
+/// Opens an array and holds it to the cube's metadata before anything is read or sized from it.
 fn checked_array(
     cube: &Cube,
     role: ArrayRole<'_>,
