@@ -816,3 +816,46 @@ fn a_hint_brings_a_batch_into_the_page_cache() {
     }
     assert_eq!(resident_pages(&shard, 4096), 1, "the hinted chunk's first page is in the page cache");
 }
+
+/// An unsharded cube (a file per chunk and variable, hundreds of them): its chunks are decoded by the loader's
+/// own path too (before, the codec chain as zarrs spells it, `"crc32c"` by name alone, sent every chunk
+/// through zarrs' pipeline), its batches hold the cube's values, and read-ahead keeps a bounded number of its
+/// files open (it only hints chunks it decodes itself).
+#[cfg(target_os = "linux")]
+#[test]
+fn an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open() {
+    use cubeload::loader::assemble::HINT_FILES;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = cubeload::demo::DemoSpec {
+        hours: 48,
+        layout: "{ kind: pixel_series, batch: 64, shard: none }",
+        ..Default::default()
+    };
+    let cube_path = cubeload::demo::build_cube(dir.path(), &spec, None).unwrap().path;
+    assert_cube_values(&cube_path, &collect(Loader::builder(&cube_path).build().unwrap()));
+    let cube_dir = cube_path.canonicalize().unwrap();
+    let open_in_cube = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.starts_with(&cube_dir))
+            .count()
+    };
+    let files = walk(&cube_path.join("t2m")).len();
+    assert!(files > 2 * HINT_FILES, "{files} files of t2m");
+    let cube = cubeload::Cube::open(&cube_path).unwrap();
+    let assembler = Assembler::new(&cube, &[], Transform::default()).unwrap();
+    let [ct, cy, cx] = cube.meta().chunk_counts();
+    let mut most = 0;
+    for t in 0..ct {
+        for y in 0..cy {
+            for x in 0..cx {
+                assembler.hint(&[[t, y, x]]);
+                most = most.max(open_in_cube());
+            }
+        }
+    }
+    assert!(most > 0 && most <= HINT_FILES, "{most} files open at once");
+    drop(assembler);
+    assert_eq!(open_in_cube(), 0, "closed with the assembler");
+}

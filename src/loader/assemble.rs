@@ -92,6 +92,9 @@ pub struct Assembler {
     local: Option<(std::path::PathBuf, std::sync::Mutex<HashMap<StoreKey, std::fs::File>>)>,
 }
 
+/// Files kept open for read-ahead hints at most (all of them are closed when there would be more).
+pub const HINT_FILES: usize = 64;
+
 /// Largest shard of a static variable the fetch threads keep whole.
 const STATIC_SHARD_BYTES: u64 = 16 << 20;
 
@@ -366,6 +369,10 @@ impl Assembler {
             }
         };
         will_need(file, offset, length);
+        // A cube may have more shard files than a process may hold open: the ones kept are bounded.
+        if files.len() >= HINT_FILES {
+            files.clear();
+        }
     }
 
     /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).

@@ -32,8 +32,10 @@ pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
         Some([sharding]) if sharding["name"] == "sharding_indexed" => &sharding["configuration"]["codecs"],
         _ => codecs,
     };
-    let names: Vec<&str> =
-        chain.as_array().map_or(Vec::new(), |c| c.iter().filter_map(|c| c["name"].as_str()).collect());
+    // A codec without configuration may be spelled by its name alone (zarrs writes `"crc32c"` so).
+    let names: Vec<&str> = chain
+        .as_array()
+        .map_or(Vec::new(), |c| c.iter().filter_map(|c| c.as_str().or_else(|| c["name"].as_str())).collect());
     let little = chain[0]["configuration"]["endian"] == "little";
     (float_nan || integer) && little && cfg!(target_endian = "little") && names == ["bytes", "zstd", "crc32c"]
 }
