@@ -148,7 +148,7 @@ fn shard_index_read(array: &Array<dyn ReadableStorageTraits>) -> Option<ByteRang
         .get("index_codecs")?
         .as_array()?
         .iter()
-        .map(|c| c.get("name").and_then(|n| n.as_str()).or_else(|| c.as_str()))
+        .map(decode::codec_name)
         .collect::<Option<_>>()?;
     let checksum = match names.as_slice() {
         ["bytes"] => 0,

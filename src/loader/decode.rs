@@ -32,12 +32,15 @@ pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
         Some([sharding]) if sharding["name"] == "sharding_indexed" => &sharding["configuration"]["codecs"],
         _ => codecs,
     };
-    // A codec without configuration may be spelled by its name alone (zarrs writes `"crc32c"` so).
-    let names: Vec<&str> = chain
-        .as_array()
-        .map_or(Vec::new(), |c| c.iter().filter_map(|c| c.as_str().or_else(|| c["name"].as_str())).collect());
+    let names: Vec<&str> = chain.as_array().map_or(Vec::new(), |c| c.iter().filter_map(codec_name).collect());
     let little = chain[0]["configuration"]["endian"] == "little";
     (float_nan || integer) && little && cfg!(target_endian = "little") && names == ["bytes", "zstd", "crc32c"]
+}
+
+/// The name of a codec in array metadata: `{"name": …, "configuration": …}`, or the name alone for a codec
+/// without configuration (zarrs writes `"crc32c"` so).
+pub(crate) fn codec_name(codec: &serde_json::Value) -> Option<&str> {
+    codec.get("name").and_then(serde_json::Value::as_str).or_else(|| codec.as_str())
 }
 
 /// Whether a shard index as stored (16 bytes per inner chunk, then, if present, the CRC32C of those) is
