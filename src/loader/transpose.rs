@@ -83,8 +83,9 @@ fn transpose_scalar(
 /// A stored value as a model input and its mask: `(x − mean) · inv`, or `fill` and 0 when missing.
 #[inline]
 pub(crate) fn prepare(x: f32, mean: f32, inv: f32, fill: f32) -> (f32, u8) {
-    let ok = !x.is_nan();
-    (if ok { (x - mean) * inv } else { fill }, u8::from(ok))
+    // Computed whatever `x`, then selected: no branch, so that loops over it are vectorized.
+    let (ok, y) = (!x.is_nan(), (x - mean) * inv);
+    (if ok { y } else { fill }, u8::from(ok))
 }
 
 #[cfg(target_arch = "x86_64")]
