@@ -67,6 +67,9 @@ struct Var {
     affine: (f32, f32),
     /// Chunks are decoded from their encoded bytes here rather than by zarrs' pipeline ([`decode`]).
     direct: bool,
+    /// The stored chunk's shape, and the inner chunk's in a shard, as [`Assembler::locate`] needs them for
+    /// every chunk (zarrs rebuilds the inner shape from the codec's metadata at each call).
+    stored_shapes: Option<(Vec<u64>, Option<Vec<u64>>)>,
 }
 
 /// Reads and assembles batches of one cube; shared by the reader threads.
@@ -214,7 +217,21 @@ impl Assembler {
             });
             let index_read = shard_index_read(&array);
             let direct = decode::is_direct(&array);
-            vars.push(Var { meta: v.clone(), coarse, array, shards, index_read, affine, direct });
+            let dims = array.dimensionality();
+            let stored_shapes = array.chunk_shape(&vec![0; dims]).ok().map(|outer| {
+                let shape = |s: &[std::num::NonZeroU64]| s.iter().map(|n| n.get()).collect::<Vec<u64>>();
+                (shape(&outer), array.subchunk_shape().map(|inner| shape(&inner)))
+            });
+            vars.push(Var {
+                meta: v.clone(),
+                coarse,
+                array,
+                shards,
+                index_read,
+                affine,
+                direct,
+                stored_shapes,
+            });
         }
         let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = checked_array(cube, role, name)?;
@@ -478,19 +495,18 @@ impl Assembler {
         read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
     ) -> Option<Located> {
         let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
-        let outer: Vec<u64> =
-            v.array.chunk_shape(&vec![0; subset.len()]).ok()?.iter().map(|n| n.get()).collect();
+        let (outer, inner) = v.stored_shapes.as_ref()?;
         // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
-        let stored: Vec<u64> = subset.iter().zip(&outer).map(|(r, n)| r.start / n).collect();
+        let stored: Vec<u64> = subset.iter().zip(outer).map(|(r, n)| r.start / n).collect();
         let key = v.array.chunk_key(&stored);
-        let inner: Vec<u64> = match v.array.subchunk_shape() {
-            None if subset.iter().zip(&outer).all(|(r, &n)| r.end - r.start == n) => {
-                return Some(Located::Whole(key));
-            }
-            None => return None,
-            Some(inner) => inner.iter().map(|n| n.get()).collect(),
+        let Some(inner) = inner else {
+            return subset
+                .iter()
+                .zip(outer)
+                .all(|(r, &n)| r.end - r.start == n)
+                .then_some(Located::Whole(key));
         };
-        if subset.iter().zip(&inner).any(|(r, &n)| r.end - r.start != n) {
+        if subset.iter().zip(inner).any(|(r, &n)| r.end - r.start != n) {
             return None;
         }
         let index_range = v.index_read?;
@@ -506,7 +522,7 @@ impl Assembler {
             .clone()?;
         // Row-major position of the chunk in its shard.
         let mut position = 0u64;
-        for ((r, n), o) in subset.iter().zip(&inner).zip(&outer) {
+        for ((r, n), o) in subset.iter().zip(inner).zip(outer) {
             let per_shard = o / n;
             position = position * per_shard + (r.start / n) % per_shard;
         }
