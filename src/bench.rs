@@ -30,8 +30,8 @@ use crate::store::{LatencyStore, Location};
 pub struct BenchOptions {
     /// Reader threads (loader and ceiling).
     pub threads: usize,
-    /// Prefetch depth of the loader.
-    pub prefetch: usize,
+    /// Prefetch depth of the loader (`None`: the loader's default for the cube's batches).
+    pub prefetch: Option<usize>,
     /// Batches read from the image-chunked copy (they are slow).
     pub image_batches: usize,
     /// Drop the page cache before each phase (root on Linux).
@@ -50,7 +50,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             threads: 2,
-            prefetch: 8,
+            prefetch: None,
             image_batches: 8,
             cold: false,
             remote_threads: 96,
@@ -197,7 +197,7 @@ pub struct Machine {
     pub memory_gb: f64,
     /// Reader threads used.
     pub threads: usize,
-    /// Prefetch depth used.
+    /// Prefetch depth used (in batches).
     pub prefetch: usize,
     /// Fetch threads of the object-store phase.
     pub remote_threads: usize,
@@ -316,7 +316,16 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     rounds.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
     let Round { ratio: ratio_to_ceiling, ceiling_gb_per_s, epoch, read_during, .. } =
         rounds.swap_remove(rounds.len() / 2);
-    let Epoch { seconds, build_ms, batches, samples, bytes, first_ms, mut latencies } = epoch;
+    let Epoch {
+        seconds,
+        build_ms,
+        batches,
+        samples,
+        bytes,
+        first_ms,
+        mut latencies,
+        prefetch: epoch_prefetch,
+    } = epoch;
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
     // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
     let (remote_ratio, remote_requests_per_batch, remote_first_ms) = if options.remote_threads > 0 {
@@ -334,7 +343,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
                 cube_path,
                 Some(store.clone()),
                 options.threads,
-                options.remote_prefetch,
+                Some(options.remote_prefetch),
                 options.remote_threads,
                 REMOTE_EPOCHS,
                 options.deliver,
@@ -410,7 +419,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             memory_gb,
             threads: options.threads,
-            prefetch: options.prefetch,
+            prefetch: epoch_prefetch,
             remote_threads: options.remote_threads,
             remote_prefetch: options.remote_prefetch,
             codec: meta.compression.clone(),
@@ -444,6 +453,8 @@ struct Epoch {
     bytes: usize,
     first_ms: f64,
     latencies: Vec<f64>,
+    /// The loader's prefetch depth.
+    prefetch: usize,
 }
 
 impl Epoch {
@@ -511,18 +522,16 @@ fn loader_epochs(
     cube: &Path,
     store: Option<zarrs::storage::ReadableStorage>,
     threads: usize,
-    prefetch: usize,
+    prefetch: Option<usize>,
     fetchers: usize,
     epochs: usize,
     deliver: fn(crate::Batch),
 ) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
-    let mut builder = Loader::builder(cube)
-        .shuffle(0)
-        .epochs(epochs)
-        .threads(threads)
-        .prefetch(prefetch)
-        .fetchers(fetchers);
+    let mut builder = Loader::builder(cube).shuffle(0).epochs(epochs).threads(threads).fetchers(fetchers);
+    if let Some(prefetch) = prefetch {
+        builder = builder.prefetch(prefetch);
+    }
     if let Some(store) = store {
         builder = builder.store(store);
     }
@@ -536,6 +545,7 @@ fn loader_epochs(
         bytes: 0,
         first_ms: 0.0,
         latencies: Vec::new(),
+        prefetch: loader.prefetch_depth(),
     };
     loop {
         let waited = Instant::now();

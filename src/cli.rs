@@ -80,9 +80,9 @@ enum Command {
         /// Reader threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Loader prefetch depth.
-        #[arg(long, default_value_t = 8)]
-        prefetch: usize,
+        /// Loader prefetch depth [default: the loader's, as many batches as 32 MiB hold, at least 4].
+        #[arg(long)]
+        prefetch: Option<usize>,
         /// Batches read from the image-chunked copy (0 to skip that comparison).
         #[arg(long, default_value_t = 8)]
         image_batches: usize,

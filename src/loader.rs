@@ -14,8 +14,9 @@
 //!   chunks decoded by `decode` (straight from their stored bytes), pixel series transposed by `transpose`
 //!   (time-major chunks, 8 × 8 values at a time) or interleaved by `interleave` (sample-major chunks of
 //!   shuffled cubes); variables on coarser levels regridded by [`regrid`].
-//! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer, and
-//!   send results through a bounded channel; the consumer puts them back in order. Dropping the loader stops
+//! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer (by
+//!   default as many batches as 32 MiB hold, at least 4), and send results through a bounded channel; the
+//!   consumer puts them back in order. Dropping the loader stops
 //!   and joins every thread; an error or a panic in a reader arrives as an `Err` from the iterator.
 //! - Resume: [`Loader::state`] is a small serializable value; a loader built from it delivers exactly the
 //!   batches not yet delivered.
@@ -140,7 +141,8 @@ pub struct LoaderBuilder {
     seed: u64,
     shuffle: bool,
     epochs: usize,
-    prefetch: usize,
+    /// `None`: from the batch size ([`default_prefetch`]).
+    prefetch: Option<usize>,
     threads: usize,
     share: Share,
     mix: usize,
@@ -190,10 +192,11 @@ impl LoaderBuilder {
         self.epochs = epochs;
         self
     }
-    /// Batches read ahead of the consumer. > default: 4
+    /// Batches read ahead of the consumer. > default: as many as [`PREFETCH_BYTES`] hold, at least
+    /// [`MIN_PREFETCH`] ([`Loader::prefetch_depth`] says how many)
     #[must_use]
     pub fn prefetch(mut self, depth: usize) -> Self {
-        self.prefetch = depth;
+        self.prefetch = Some(depth);
         self
     }
     /// Reader threads; 0 reads on the consumer's thread. > default: 2
@@ -305,7 +308,7 @@ impl LoaderBuilder {
         if workers == 0 || worker >= workers {
             return Err(LoaderError::Invalid(format!("worker {worker} of {workers}")));
         }
-        if self.mix == 0 || self.prefetch == 0 {
+        if self.mix == 0 || self.prefetch == Some(0) {
             return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
         }
         if self.transform.regrid == Regrid::Native && self.mix > 1 {
@@ -328,14 +331,15 @@ impl LoaderBuilder {
         };
         let mut assembler = Assembler::new(&cube, &self.variables, self.transform)?;
         assembler.read_fetched(readahead.is_some());
+        let prefetch = self.prefetch.unwrap_or_else(|| default_prefetch(assembler.batch_bytes()));
         if let Some(readahead) = &readahead {
             // Room for the reads of every batch within the prefetch depth and in the readers' hands, twice.
-            let jobs = self.prefetch + self.threads + self.fetchers;
+            let jobs = prefetch + self.threads + self.fetchers;
             readahead
                 .set_capacity(jobs.saturating_mul(self.mix).saturating_mul(2 * assembler.variable_count()));
         }
         let validity = assembler.validity(&cube)?;
-        self.start(assembler, validity, readahead)
+        self.start(assembler, validity, readahead, prefetch)
     }
 
     /// Starts the reader (and fetch) threads over an opened cube; `validity` is the stored valid fraction of
@@ -345,6 +349,7 @@ impl LoaderBuilder {
         assembler: Assembler,
         validity: Vec<(ChunkId, f64)>,
         readahead: Option<Arc<ReadaheadStore>>,
+        prefetch: usize,
     ) -> Result<Loader, LoaderError> {
         let Share { rank, world_size, worker, workers } = self.share;
         let eligible: Vec<ChunkId> = validity
@@ -385,6 +390,8 @@ impl LoaderBuilder {
                 next_read: first_job,
                 next_fetch: first_job,
                 fetched: BTreeSet::new(),
+                readers_waiting: 0,
+                fetchers_waiting: 0,
             }),
             readahead,
             delivered: AtomicUsize::new(first_job),
@@ -392,7 +399,7 @@ impl LoaderBuilder {
             fetch_wake: Condvar::new(),
             stop: AtomicBool::new(false),
             total_jobs,
-            ahead: self.prefetch.div_ceil(per_job).max(1),
+            ahead: prefetch.div_ceil(per_job).max(1),
             hint_ahead: HINT_AHEAD * self.threads,
             skip_corrupt: self.on_corrupt == OnCorrupt::Skip,
         });
@@ -429,8 +436,25 @@ impl LoaderBuilder {
             state,
             finished: false,
             corrupt: 0,
+            prefetch,
         })
     }
+}
+
+/// What the batches prefetched by default may hold, values and masks: readers wait whenever the consumer is
+/// `prefetch` batches behind, and on a machine whose cores they keep busy the consumer runs late (it is
+/// woken, then waits for a time slice). A few batches of pixel series are several milliseconds of work; as
+/// few image-sequence batches of a few hundred KB were under one, and the readers waited a fifth of the time.
+pub const PREFETCH_BYTES: usize = 32 << 20;
+
+/// The least prefetch depth by default, however large the batches.
+pub const MIN_PREFETCH: usize = 4;
+
+/// The prefetch depth for batches of `batch_bytes`: as many as [`PREFETCH_BYTES`] hold, at least
+/// [`MIN_PREFETCH`].
+#[must_use]
+pub fn default_prefetch(batch_bytes: usize) -> usize {
+    (PREFETCH_BYTES / batch_bytes.max(1)).max(MIN_PREFETCH)
 }
 
 /// A job's batches and the number of corrupt chunks left out of them.
@@ -445,6 +469,10 @@ struct Cursor {
     next_fetch: usize,
     /// Jobs fetched and not yet taken by a reader.
     fetched: BTreeSet<usize>,
+    /// Readers and fetchers waiting on their condition variables: a notification is a system call even when
+    /// nobody waits, and the consumer would make two per batch.
+    readers_waiting: usize,
+    fetchers_waiting: usize,
 }
 
 struct Shared {
@@ -509,7 +537,9 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
                 if fetched {
                     jobs.fetched.insert(next);
                 }
+                jobs.readers_waiting += 1;
                 jobs = shared.wake.wait(jobs).expect("job counter");
+                jobs.readers_waiting -= 1;
             }
             jobs.next_read += 1;
             jobs.next_read - 1
@@ -541,7 +571,9 @@ fn fetch_loop(shared: &Shared) {
                 if jobs.next_fetch < shared.delivered.load(Ordering::Acquire) + shared.ahead {
                     break;
                 }
+                jobs.fetchers_waiting += 1;
                 jobs = shared.fetch_wake.wait(jobs).expect("job counter");
+                jobs.fetchers_waiting -= 1;
             }
             jobs.next_fetch += 1;
             jobs.next_fetch - 1
@@ -563,8 +595,14 @@ fn fetch_loop(shared: &Shared) {
                 }
             }
         }));
-        shared.jobs.lock().expect("job counter").fetched.insert(job);
-        shared.wake.notify_all();
+        let readers_waiting = {
+            let mut jobs = shared.jobs.lock().expect("job counter");
+            jobs.fetched.insert(job);
+            jobs.readers_waiting
+        };
+        if readers_waiting > 0 {
+            shared.wake.notify_all();
+        }
     }
 }
 
@@ -582,6 +620,8 @@ pub struct Loader {
     finished: bool,
     /// Corrupt chunks left out so far.
     corrupt: usize,
+    /// Batches read ahead of the consumer at most.
+    prefetch: usize,
 }
 
 impl std::fmt::Debug for Loader {
@@ -599,7 +639,7 @@ impl Loader {
             seed: 0,
             shuffle: false,
             epochs: 1,
-            prefetch: 4,
+            prefetch: None,
             threads: 2,
             share: Share::ALL,
             mix: 1,
@@ -630,6 +670,13 @@ impl Loader {
     #[must_use]
     pub fn prefetched_reads(&self) -> Option<(u64, u64)> {
         self.shared.readahead.as_ref().map(|r| r.hits_and_misses())
+    }
+
+    /// Batches the readers may hold ready ahead of the consumer: the one given to
+    /// [`LoaderBuilder::prefetch`], or the default for this cube's batches ([`default_prefetch`]).
+    #[must_use]
+    pub fn prefetch_depth(&self) -> usize {
+        self.prefetch
     }
 
     /// Batches per epoch for this rank.
@@ -673,10 +720,17 @@ impl Loader {
         };
         self.next_job += 1;
         self.shared.delivered.store(self.next_job, Ordering::Release);
-        // Take the lock so that a reader between its check and its wait cannot miss this notification.
-        drop(self.shared.jobs.lock().expect("job counter"));
-        self.shared.wake.notify_all();
-        self.shared.fetch_wake.notify_one();
+        // Under the lock, so that a reader between its check and its wait cannot miss this notification: it
+        // counts itself as waiting before it releases the lock.
+        let jobs = self.shared.jobs.lock().expect("job counter");
+        let waiting = (jobs.readers_waiting, jobs.fetchers_waiting);
+        drop(jobs);
+        if waiting.0 > 0 {
+            self.shared.wake.notify_all();
+        }
+        if waiting.1 > 0 {
+            self.shared.fetch_wake.notify_one();
+        }
         Some(result)
     }
 }

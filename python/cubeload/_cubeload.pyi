@@ -43,7 +43,7 @@ class Loader:
         world_size: int = 1,
         worker: int = 0,
         workers: int = 1,
-        prefetch: int = 4,
+        prefetch: int | None = None,
         threads: int | None = None,
         mix: int = 1,
         normalize: bool = False,
@@ -61,6 +61,10 @@ class Loader:
     def variables(self) -> list[str]: ...
     @property
     def batches_per_epoch(self) -> int: ...
+    @property
+    def prefetch_depth(self) -> int:
+        """Batches the reader threads may hold ready: ``prefetch``, or by default as many as 32 MiB hold
+        (at least 4)."""
     @property
     def corrupt_chunks(self) -> int:
         """Corrupt chunks left out so far with ``on_corrupt="skip"``."""

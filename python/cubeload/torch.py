@@ -49,7 +49,7 @@ class CubeDataset(IterableDataset):
         epoch: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        prefetch: int = 4,
+        prefetch: int | None = None,
         threads: int | None = None,
         mix: int = 1,
         normalize: bool = False,

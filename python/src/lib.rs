@@ -77,7 +77,7 @@ impl Loader {
     #[new]
     #[pyo3(signature = (
         path, variables=None, *, shuffle=true, seed=0, epochs=1, rank=0, world_size=1, worker=0, workers=1,
-        prefetch=4, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
+        prefetch=None, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
         on_corrupt="error", regrid="target",
     ))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
@@ -92,7 +92,7 @@ impl Loader {
         world_size: usize,
         worker: usize,
         workers: usize,
-        prefetch: usize,
+        prefetch: Option<usize>,
         threads: Option<usize>,
         mix: usize,
         normalize: bool,
@@ -122,7 +122,6 @@ impl Loader {
         };
         let mut builder = cubeload::Loader::builder(&path)
             .epochs(epochs)
-            .prefetch(prefetch)
             .threads(threads.unwrap_or(2))
             .shard(rank, world_size)
             .worker(worker, workers)
@@ -132,6 +131,9 @@ impl Loader {
             .on_corrupt(on_corrupt)
             .regrid(regrid)
             .variable_major(true);
+        if let Some(prefetch) = prefetch {
+            builder = builder.prefetch(prefetch);
+        }
         if let Some(variables) = variables {
             builder = builder.variables(variables);
         }
@@ -195,6 +197,13 @@ impl Loader {
     #[getter]
     fn batches_per_epoch(&self) -> usize {
         self.inner.batches_per_epoch()
+    }
+
+    /// Batches the reader threads may hold ready: `prefetch`, or by default as many as 32 MiB hold (at
+    /// least 4).
+    #[getter]
+    fn prefetch_depth(&self) -> usize {
+        self.inner.prefetch_depth()
     }
 
     /// `pixel_series` or `image_sequence`.

@@ -64,6 +64,15 @@ def test_same_seed_same_batches_whatever_the_threads(pixel_cube):
     assert fingerprint(cubeload.Loader(pixel_cube, seed=8, epochs=2)) != runs[0]
 
 
+def test_prefetch_depth_by_default_and_given(pixel_cube):
+    loader = cubeload.Loader(pixel_cube, seed=1)
+    batch = next(loader)
+    # The batch's values and mask as the Rust loader holds them (float32 and one byte per value).
+    batch_bytes = sum(batch[v].size for v in loader.variables) * 5
+    assert loader.prefetch_depth == max(4, (32 << 20) // batch_bytes)
+    assert cubeload.Loader(pixel_cube, prefetch=2).prefetch_depth == 2
+
+
 def test_resume_from_json_state(pixel_cube):
     full = fingerprint(cubeload.Loader(pixel_cube, seed=3, epochs=2, mix=2))
     for stop in (1, 5, len(full) // 2 + 1):

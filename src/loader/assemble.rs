@@ -92,8 +92,11 @@ pub struct Assembler {
     /// Bytes held there.
     static_shard_bytes: std::sync::atomic::AtomicU64,
     /// A local cube's directory, and its files opened for read-ahead hints ([`Assembler::hint`]).
-    local: Option<(std::path::PathBuf, std::sync::Mutex<HashMap<StoreKey, std::fs::File>>)>,
+    local: Option<(std::path::PathBuf, HintFiles)>,
 }
+
+/// The files opened for read-ahead hints, by key.
+type HintFiles = std::sync::Mutex<HashMap<StoreKey, Arc<std::fs::File>>>;
 
 /// Files kept open for read-ahead hints at most (all of them are closed when there would be more).
 pub const HINT_FILES: usize = 64;
@@ -377,19 +380,23 @@ impl Assembler {
             }) => (key, offset, length),
             _ => return,
         };
-        let mut files = files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let file = match files.entry(key) {
-            std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                let Ok(file) = std::fs::File::open(dir.join(entry.key().as_str())) else { return };
-                entry.insert(file)
+        // The lock is held for the lookup only, not for the system calls: readers hint after every batch,
+        // and with the `open` and `posix_fadvise` inside it they queued on it (hundreds of sleeps per epoch of
+        // small image-sequence batches).
+        let lock = || files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = lock().get(&key).cloned();
+        let file = if let Some(file) = open {
+            file
+        } else {
+            let Ok(file) = std::fs::File::open(dir.join(key.as_str())) else { return };
+            let mut files = lock();
+            // A cube may have more shard files than a process may hold open: the ones kept are bounded.
+            if files.len() >= HINT_FILES {
+                files.clear();
             }
+            files.entry(key).or_insert_with(|| Arc::new(file)).clone()
         };
-        will_need(file, offset, length);
-        // A cube may have more shard files than a process may hold open: the ones kept are bounded.
-        if files.len() >= HINT_FILES {
-            files.clear();
-        }
+        will_need(&file, offset, length);
     }
 
     /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
@@ -737,16 +744,13 @@ impl Assembler {
         Ok((batches, corrupt))
     }
 
-    fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: &[Floats]) -> Batch {
+    /// The samples of a batch, the shape of its values and the values per sample.
+    fn batch_shape(&self) -> (usize, Vec<usize>, usize) {
         let l = &self.meta.layout;
-        let [it, iy, ix] = id;
         let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
-        let separate = self.transform.separate_statics;
-        let (names, static_names) = self.variable_names();
-        let nv = names.len();
-        let ns = static_names.len();
+        let nv = self.variable_names().0.len();
         let vmajor = self.transform.variable_major;
-        let (b, shape, sample_cells) = match l.kind {
+        match l.kind {
             LayoutKind::PixelSeries => {
                 let b = if l.shuffled.is_some() { cy } else { cy * cx };
                 (b, if vmajor { vec![nv, b, t_len] } else { vec![b, t_len, nv] }, t_len * nv)
@@ -757,7 +761,25 @@ impl Assembler {
                 let shape = if vmajor { vec![nv, b, t_len, ph, pw] } else { vec![b, t_len, nv, ph, pw] };
                 (b, shape, t_len * nv * ph * pw)
             }
-        };
+        }
+    }
+
+    /// The bytes of a batch's values and mask (what prefetching holds per batch).
+    pub(crate) fn batch_bytes(&self) -> usize {
+        let (b, _, sample_cells) = self.batch_shape();
+        b * sample_cells * (size_of::<f32>() + size_of::<u8>())
+    }
+
+    fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: &[Floats]) -> Batch {
+        let l = &self.meta.layout;
+        let [it, iy, ix] = id;
+        let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
+        let separate = self.transform.separate_statics;
+        let (names, static_names) = self.variable_names();
+        let nv = names.len();
+        let ns = static_names.len();
+        let vmajor = self.transform.variable_major;
+        let (b, shape, sample_cells) = self.batch_shape();
         // Neither zeroed: every element of both is written below (each variable on the target grid covers its
         // column of every sample and step, or its rows of every patch) before the lengths are set.
         let cells = b * sample_cells;
@@ -1175,11 +1197,11 @@ mod tests {
         let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
         for threads in [0, 2] {
             let cube = Cube::open(&cube).unwrap();
-            let builder = Loader::builder(cube.path()).threads(threads).prefetch(2);
+            let builder = Loader::builder(cube.path()).threads(threads);
             let mut assembler = Assembler::new(&cube, &[], builder.transform).unwrap();
             let validity = assembler.validity(&cube).unwrap();
             assembler.lat.clear();
-            let mut loader = builder.start(assembler, validity, None).unwrap();
+            let mut loader = builder.start(assembler, validity, None, 2).unwrap();
             match loader.next() {
                 Some(Err(LoaderError::Panic(message))) => {
                     assert!(message.contains("index out of bounds"), "{message}");
