@@ -24,7 +24,7 @@ use crate::levels::Level;
 use crate::loader::decode::{self, InShard};
 use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
-use crate::loader::transpose::{Row, prepare, transpose_rows};
+use crate::loader::transpose::{Row, prepare, prepare_block, transpose_rows};
 use crate::plan::DType;
 
 /// How values are turned into model inputs. The default is the loader's: values as stored, missing values
@@ -844,16 +844,16 @@ impl Assembler {
                         for t in 0..t_len {
                             let plane =
                                 if vmajor { (vi * b + s) * t_len + t } else { (s * t_len + t) * nv + vi };
-                            for py in 0..ph {
-                                let from = t * step + (sy + py) * cx + sx;
-                                let to = (plane * ph + py) * pw;
-                                let row = chunk[from..from + pw].iter().zip(&mut out[to..to + pw]);
-                                for ((x, value), valid) in row.zip(&mut mask_out[to..to + pw]) {
-                                    let (prepared, ok) = prepare(v, *x);
-                                    value.write(prepared);
-                                    valid.write(ok);
-                                }
-                            }
+                            let (from, to) = (t * step + sy * cx + sx, plane * ph * pw);
+                            prepare_block(
+                                &chunk[from..],
+                                cx,
+                                (ph, pw),
+                                v.affine,
+                                fill,
+                                &mut out[to..],
+                                &mut mask_out[to..],
+                            );
                         }
                     }
                 }
