@@ -93,13 +93,30 @@ pub struct Assembler {
     static_shard_bytes: std::sync::atomic::AtomicU64,
     /// A local cube's directory, and its files opened for read-ahead hints ([`Assembler::hint`]).
     local: Option<(std::path::PathBuf, HintFiles)>,
+    /// Files kept open there at most ([`hint_files`]).
+    hint_files: usize,
 }
 
 /// The files opened for read-ahead hints, by key.
 type HintFiles = std::sync::Mutex<HashMap<StoreKey, Arc<std::fs::File>>>;
 
-/// Files kept open for read-ahead hints at most (all of them are closed when there would be more).
-pub const HINT_FILES: usize = 64;
+/// Files kept open for read-ahead hints at most (all of them are closed when there would be more): an eighth
+/// of the process's limit on open files, the rest left to the store's own reads, other loaders and the
+/// program; between 16 and 1024. A cube of small image-sequence batches has hundreds of shard files, read in
+/// random order: with 64 kept, nearly every hint opened its file again (path lookups were 5 % of the readers'
+/// time in `cubeload bench`).
+#[must_use]
+pub fn hint_files() -> usize {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit only writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } == 0 {
+            return usize::try_from(limit.rlim_cur / 8).unwrap_or(usize::MAX).clamp(16, 1024);
+        }
+    }
+    64
+}
 
 /// Largest shard of a static variable the fetch threads keep whole.
 const STATIC_SHARD_BYTES: u64 = 16 << 20;
@@ -266,6 +283,7 @@ impl Assembler {
             static_shards: std::sync::Mutex::new(StaticShards::new()),
             static_shard_bytes: std::sync::atomic::AtomicU64::new(0),
             local: cube.local_dir().map(|dir| (dir.to_path_buf(), std::sync::Mutex::default())),
+            hint_files: hint_files(),
         })
     }
 
@@ -391,7 +409,7 @@ impl Assembler {
             let Ok(file) = std::fs::File::open(dir.join(key.as_str())) else { return };
             let mut files = lock();
             // A cube may have more shard files than a process may hold open: the ones kept are bounded.
-            if files.len() >= HINT_FILES {
+            if files.len() >= self.hint_files {
                 files.clear();
             }
             files.entry(key).or_insert_with(|| Arc::new(file)).clone()
