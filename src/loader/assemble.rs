@@ -381,7 +381,9 @@ impl Assembler {
     /// [`Assembler::hint`] for chunk `id` of variable `var` alone (one the loader decodes from its stored
     /// bytes).
     pub fn hint_stored(&self, var: usize, id: ChunkId) {
-        let Some((dir, files)) = &self.local else { return };
+        if self.local.is_none() {
+            return;
+        }
         let v = &self.vars[var];
         if !v.direct || v.coarse.is_some() {
             return;
@@ -398,23 +400,60 @@ impl Assembler {
             }) => (key, offset, length),
             _ => return,
         };
-        // The lock is held for the lookup only, not for the system calls: readers hint after every batch,
-        // and with the `open` and `posix_fadvise` inside it they queued on it (hundreds of sleeps per epoch of
-        // small image-sequence batches).
-        let lock = || files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let open = lock().get(&key).cloned();
-        let file = if let Some(file) = open {
-            file
-        } else {
-            let Ok(file) = std::fs::File::open(dir.join(key.as_str())) else { return };
-            let mut files = lock();
-            // A cube may have more shard files than a process may hold open: the ones kept are bounded.
-            if files.len() >= self.hint_files {
-                files.clear();
-            }
-            files.entry(key).or_insert_with(|| Arc::new(file)).clone()
-        };
+        let Some(Ok(file)) = self.local_file(&key) else { return };
         will_need(&file, offset, length);
+    }
+
+    /// The file of `key` in a local cube, kept open for the readers' reads and hints (opened and kept when it
+    /// is not); `None` for a store that is not a local directory.
+    fn local_file(&self, key: &StoreKey) -> Option<std::io::Result<Arc<std::fs::File>>> {
+        let (dir, files) = self.local.as_ref()?;
+        // The lock is held for the lookup only, not for the system calls: readers read and hint several files
+        // per batch, and with the `open` inside it they queued on it (hundreds of sleeps per epoch of small
+        // image-sequence batches).
+        let lock = || files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = lock().get(key).cloned();
+        if let Some(file) = open {
+            return Some(Ok(file));
+        }
+        let file = match std::fs::File::open(dir.join(key.as_str())) {
+            Ok(file) => file,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut files = lock();
+        // A cube may have more shard files than a process may hold open: the ones kept are bounded.
+        if files.len() >= self.hint_files {
+            files.clear();
+        }
+        Some(Ok(files.entry(key.clone()).or_insert_with(|| Arc::new(file)).clone()))
+    }
+
+    /// The bytes of `range` of `key`: from the file kept open in a local cube (no `open` per read, as the
+    /// store makes), else from the store; `None` when the store has no such key.
+    fn read_stored_bytes(
+        &self,
+        storage: &dyn ReadableStorageTraits,
+        key: &StoreKey,
+        range: ByteRange,
+    ) -> Result<Option<zarrs::storage::Bytes>, String> {
+        #[cfg(unix)]
+        if let ByteRange::FromStart(offset, length) = range
+            && let Some(file) = self.local_file(key)
+        {
+            let file = match file {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(format!("{key}: {e}")),
+            };
+            let length = match length {
+                Some(length) => length,
+                None => file.metadata().map_err(|e| format!("{key}: {e}"))?.len().saturating_sub(offset),
+            };
+            let bytes =
+                read_exact_at(&file, offset, length).map_err(|e| format!("{key}: bytes {offset}..: {e}"))?;
+            return Ok(Some(bytes.into()));
+        }
+        storage.get_partial(key, range).map_err(|e| e.to_string())
     }
 
     /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
@@ -577,7 +616,7 @@ impl Assembler {
             }
             Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
         };
-        let Some(encoded) = storage.get_partial(&key, range).map_err(|e| fail(e.to_string()))? else {
+        let Some(encoded) = self.read_stored_bytes(&*storage, &key, range).map_err(fail)? else {
             return Ok(Some(Floats::nan(self.chunk_len(v))));
         };
         let dtype = v.meta.dtype;
@@ -952,6 +991,38 @@ impl Assembler {
             mask,
         }
     }
+}
+
+/// `length` bytes of `file` from `offset`, read into a buffer that is not zeroed first (the reads are the
+/// encoded chunks, hundreds of KB each).
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let invalid = |what| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+    let length = usize::try_from(length).map_err(|_| invalid("length"))?;
+    let mut bytes: Vec<u8> = Vec::with_capacity(length);
+    let mut done = 0;
+    while done < length {
+        let at =
+            offset.checked_add(done as u64).and_then(|at| i64::try_from(at).ok()).ok_or(invalid("offset"))?;
+        // SAFETY: the kernel writes at most `length - done` bytes after the first `done` of the buffer, within
+        // its capacity.
+        let n =
+            unsafe { libc::pread(file.as_raw_fd(), bytes.as_mut_ptr().add(done).cast(), length - done, at) };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n.cast_unsigned(),
+        }
+    }
+    // SAFETY: the first `length` bytes were written by the reads above.
+    unsafe { bytes.set_len(length) };
+    Ok(bytes)
 }
 
 /// `posix_fadvise(WILLNEED)` over `length` bytes (0: to the end) from `offset` of `file`.
