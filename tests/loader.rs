@@ -597,6 +597,37 @@ fn a_flipped_byte_is_an_error_or_a_skipped_and_counted_batch() {
     }
 }
 
+/// In an unsharded cube (a file per chunk, read with `pread` from the files the loader keeps open): a chunk
+/// file that is missing is a missing chunk, as zarrs reads it; one cut short is an error naming the variable.
+#[test]
+fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = cubeload::demo::DemoSpec {
+        hours: 48,
+        layout: "{ kind: pixel_series, batch: 64, shard: none }",
+        ..Default::default()
+    };
+    let cube = cubeload::demo::build_cube(dir.path(), &spec, None).unwrap().path;
+    let mut files = walk(&cube.join("t2m/c"));
+    files.sort();
+    std::fs::remove_file(&files[0]).unwrap();
+    let batches = collect(Loader::builder(&cube).build().unwrap());
+    assert_cube_values(&cube, &batches);
+    let t2m_missing = |b: &Batch| (0..b.len() * 48).all(|k| b.mask[k * 3] == 0);
+    assert_eq!(batches.iter().filter(|b| t2m_missing(b)).count(), 1, "the batch of the missing file");
+
+    let bytes = std::fs::read(&files[1]).unwrap();
+    std::fs::write(&files[1], &bytes[..bytes.len() / 2]).unwrap();
+    let error = Loader::builder(&cube).build().unwrap().find_map(Result::err).expect("an error");
+    match error {
+        LoaderError::Read { variable, message, .. } => {
+            assert_eq!(variable, "t2m");
+            assert!(message.contains(&*cube.to_string_lossy()), "{message}");
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+}
+
 type JsonEdit = fn(&mut serde_json::Value);
 
 /// Edits the JSON file `path` in place.
