@@ -597,17 +597,22 @@ fn a_flipped_byte_is_an_error_or_a_skipped_and_counted_batch() {
     }
 }
 
-/// In an unsharded cube (a file per chunk, read with `pread` from the files the loader keeps open): a chunk
-/// file that is missing is a missing chunk, as zarrs reads it; one cut short is an error naming the variable.
-#[test]
-fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
+/// The demo cube of 48 hours with a file per chunk (`shard: none`), in `dir`.
+fn unsharded_cube(dir: &Path) -> PathBuf {
     let spec = cubeload::demo::DemoSpec {
         hours: 48,
         layout: "{ kind: pixel_series, batch: 64, shard: none }",
         ..Default::default()
     };
-    let cube = cubeload::demo::build_cube(dir.path(), &spec, None).unwrap().path;
+    cubeload::demo::build_cube(dir, &spec, None).unwrap().path
+}
+
+/// In an unsharded cube (a file per chunk, read with `pread` from the files the loader keeps open): a chunk
+/// file that is missing is a missing chunk, as zarrs reads it; one cut short is an error naming the variable.
+#[test]
+fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cube = unsharded_cube(dir.path());
     let mut files = walk(&cube.join("t2m/c"));
     files.sort();
     std::fs::remove_file(&files[0]).unwrap();
@@ -685,23 +690,27 @@ fn metadata_that_would_allocate_absurdly_is_refused_before_reading() {
     assert!(message.contains("array `ndvi` has shape"), "{message}");
 }
 
+/// Runs test `name` alone in a child process with the variable `env` set, and checks that it passed: for tests
+/// that measure or change the whole process (its memory, its limit on open files). `false` in that child,
+/// where the test itself runs.
+fn ran_in_a_child_process(name: &str, env: &str) -> bool {
+    if std::env::var_os(env).is_some() {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", &format!("loader::{name}"), "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    true
+}
+
 #[test]
 fn memory_stays_flat_over_many_epochs() {
     // RSS is per process: measure in a child running only this test, away from the other tests' allocations.
-    if std::env::var_os("CUBELOAD_MEMORY_CHILD").is_none() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "loader::memory_stays_flat_over_many_epochs",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("CUBELOAD_MEMORY_CHILD", "1")
-            .output()
-            .unwrap();
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    if ran_in_a_child_process("memory_stays_flat_over_many_epochs", "CUBELOAD_MEMORY_CHILD") {
         return;
     }
     let cube = &cubes().pixel;
@@ -881,20 +890,10 @@ fn a_hint_brings_a_batch_into_the_page_cache() {
 /// running only this test with a limit of 512 (so 64 files), on a cube of more files than that.
 #[test]
 fn an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open() {
-    if std::env::var_os("CUBELOAD_FD_CHILD").is_none() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "loader::an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("CUBELOAD_FD_CHILD", "1")
-            .output()
-            .unwrap();
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    if ran_in_a_child_process(
+        "an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open",
+        "CUBELOAD_FD_CHILD",
+    ) {
         return;
     }
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -907,12 +906,7 @@ fn an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open() {
     let bound = cubeload::loader::assemble::hint_files();
     assert_eq!(bound, 64, "an eighth of 512");
     let dir = tempfile::tempdir().unwrap();
-    let spec = cubeload::demo::DemoSpec {
-        hours: 48,
-        layout: "{ kind: pixel_series, batch: 64, shard: none }",
-        ..Default::default()
-    };
-    let cube_path = cubeload::demo::build_cube(dir.path(), &spec, None).unwrap().path;
+    let cube_path = unsharded_cube(dir.path());
     assert_cube_values(&cube_path, &collect(Loader::builder(&cube_path).build().unwrap()));
     let cube_dir = cube_path.canonicalize().unwrap();
     let open_in_cube = || {
