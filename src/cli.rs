@@ -80,7 +80,7 @@ enum Command {
         /// Reader threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Loader prefetch depth [default: the loader's, as many batches as 32 MiB hold, at least 4].
+        /// Loader prefetch depth [default: the loader's, as many batches as 32 MiB hold, 4 to 1024].
         #[arg(long)]
         prefetch: Option<usize>,
         /// Batches read from the image-chunked copy (0 to skip that comparison).

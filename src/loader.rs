@@ -15,9 +15,9 @@
 //!   (time-major chunks, 8 × 8 values at a time) or interleaved by `interleave` (sample-major chunks of
 //!   shuffled cubes); variables on coarser levels regridded by [`regrid`].
 //! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer (by
-//!   default as many batches as 32 MiB hold, at least 4), and send results through a bounded channel; the
-//!   consumer puts them back in order. Dropping the loader stops
-//!   and joins every thread; an error or a panic in a reader arrives as an `Err` from the iterator.
+//!   default as many batches as 32 MiB hold, 4 to 1024), and send results through a bounded channel; the
+//!   consumer puts them back in order. Dropping the loader stops and joins every thread; an error or a panic
+//!   in a reader arrives as an `Err` from the iterator.
 //! - Resume: [`Loader::state`] is a small serializable value; a loader built from it delivers exactly the
 //!   batches not yet delivered.
 //! - Corruption: a chunk that cannot be read or decoded (every stored chunk carries a CRC32C checksum) ends
@@ -192,8 +192,8 @@ impl LoaderBuilder {
         self.epochs = epochs;
         self
     }
-    /// Batches read ahead of the consumer. > default: as many as [`PREFETCH_BYTES`] hold, at least
-    /// [`MIN_PREFETCH`] ([`Loader::prefetch_depth`] says how many)
+    /// Batches read ahead of the consumer. > default: as many as [`PREFETCH_BYTES`] hold, between
+    /// [`MIN_PREFETCH`] and [`MAX_PREFETCH`] ([`Loader::prefetch_depth`] says how many)
     #[must_use]
     pub fn prefetch(mut self, depth: usize) -> Self {
         self.prefetch = Some(depth);
@@ -450,11 +450,14 @@ pub const PREFETCH_BYTES: usize = 32 << 20;
 /// The least prefetch depth by default, however large the batches.
 pub const MIN_PREFETCH: usize = 4;
 
-/// The prefetch depth for batches of `batch_bytes`: as many as [`PREFETCH_BYTES`] hold, at least
-/// [`MIN_PREFETCH`].
+/// The largest prefetch depth by default, however small the batches (the channel has a place for each).
+pub const MAX_PREFETCH: usize = 1024;
+
+/// The prefetch depth for batches of `batch_bytes`: as many as [`PREFETCH_BYTES`] hold, between
+/// [`MIN_PREFETCH`] and [`MAX_PREFETCH`].
 #[must_use]
 pub fn default_prefetch(batch_bytes: usize) -> usize {
-    (PREFETCH_BYTES / batch_bytes.max(1)).max(MIN_PREFETCH)
+    (PREFETCH_BYTES / batch_bytes.max(1)).clamp(MIN_PREFETCH, MAX_PREFETCH)
 }
 
 /// A job's batches and the number of corrupt chunks left out of them.

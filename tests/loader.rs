@@ -269,27 +269,29 @@ fn same_seed_same_batches_whatever_the_threads() {
     assert_ne!(epoch0, epoch1, "each epoch has its own order");
 }
 
-/// By default the readers may hold 32 MiB of batches ready (at least 4 batches): dozens of small ones, so
-/// that they need not wait for a consumer that runs late; a depth given is kept.
+/// By default the readers may hold 32 MiB of batches ready (4 to 1024 batches): dozens of small ones, so that
+/// they need not wait for a consumer that runs late; a depth given is kept.
 #[test]
 fn the_default_prefetch_depth_holds_32_mib_of_batches() {
-    use cubeload::loader::{MIN_PREFETCH, PREFETCH_BYTES, default_prefetch};
+    use cubeload::loader::{MAX_PREFETCH, MIN_PREFETCH, PREFETCH_BYTES, default_prefetch};
     for cube in [&cubes().pixel, &cubes().image] {
         let mut loader = Loader::builder(cube).shuffle(3).build().unwrap();
         let depth = loader.prefetch_depth();
         let batch = loader.next().unwrap().unwrap();
         let bytes = batch.data.len() * size_of::<f32>() + batch.mask.len();
         assert_eq!(depth, default_prefetch(bytes), "{}", cube.display());
-        assert!(
-            depth * bytes <= PREFETCH_BYTES && (depth + 1) * bytes > PREFETCH_BYTES,
-            "{depth} × {bytes} B"
-        );
         let given = Loader::builder(cube).prefetch(3).build().unwrap();
         assert_eq!(given.prefetch_depth(), 3);
         assert_eq!(collect(given).len(), loader.batches_per_epoch(), "every batch with a depth of 3");
     }
-    assert_eq!(default_prefetch(PREFETCH_BYTES), MIN_PREFETCH, "one batch of 32 MiB: still 4 ahead");
-    assert_eq!(default_prefetch(PREFETCH_BYTES / 10), 10);
+    // The most batches that 32 MiB hold, within the bounds.
+    for bytes in [1, 20_000, 46_080, 368_640, 2_580_480, PREFETCH_BYTES / 10, PREFETCH_BYTES, 100 << 20] {
+        let depth = default_prefetch(bytes);
+        assert!((MIN_PREFETCH..=MAX_PREFETCH).contains(&depth), "{bytes} B: {depth}");
+        assert!(depth * bytes <= PREFETCH_BYTES || depth == MIN_PREFETCH, "{bytes} B: {depth}");
+        assert!((depth + 1) * bytes > PREFETCH_BYTES || depth == MAX_PREFETCH, "{bytes} B: {depth}");
+    }
+    assert_eq!(default_prefetch(368_640), 91, "4 image sequences of 24 × 16 × 16 × 3");
     assert!(Loader::builder(&cubes().pixel).prefetch(0).build().is_err(), "a depth of 0 is refused");
 }
 

@@ -64,7 +64,7 @@ class Loader:
     @property
     def prefetch_depth(self) -> int:
         """Batches the reader threads may hold ready: ``prefetch``, or by default as many as 32 MiB hold
-        (at least 4)."""
+        (4 to 1024)."""
     @property
     def corrupt_chunks(self) -> int:
         """Corrupt chunks left out so far with ``on_corrupt="skip"``."""

@@ -199,8 +199,8 @@ impl Loader {
         self.inner.batches_per_epoch()
     }
 
-    /// Batches the reader threads may hold ready: `prefetch`, or by default as many as 32 MiB hold (at
-    /// least 4).
+    /// Batches the reader threads may hold ready: `prefetch`, or by default as many as 32 MiB hold (4 to
+    /// 1024).
     #[getter]
     fn prefetch_depth(&self) -> usize {
         self.inner.prefetch_depth()

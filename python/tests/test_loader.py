@@ -69,7 +69,7 @@ def test_prefetch_depth_by_default_and_given(pixel_cube):
     batch = next(loader)
     # The batch's values and mask as the Rust loader holds them (float32 and one byte per value).
     batch_bytes = sum(batch[v].size for v in loader.variables) * 5
-    assert loader.prefetch_depth == max(4, (32 << 20) // batch_bytes)
+    assert loader.prefetch_depth == min(1024, max(4, (32 << 20) // batch_bytes))
     assert cubeload.Loader(pixel_cube, prefetch=2).prefetch_depth == 2
 
 
