@@ -91,22 +91,22 @@ pub struct Assembler {
     static_shards: std::sync::Mutex<StaticShards>,
     /// Bytes held there.
     static_shard_bytes: std::sync::atomic::AtomicU64,
-    /// A local cube's directory, and its files opened for read-ahead hints ([`Assembler::hint`]).
-    local: Option<(std::path::PathBuf, HintFiles)>,
-    /// Files kept open there at most ([`hint_files`]).
-    hint_files: usize,
+    /// A local cube's directory, and the files kept open for its reads and read-ahead hints.
+    local: Option<(std::path::PathBuf, OpenFiles)>,
+    /// Files kept open there at most ([`open_files_kept`]).
+    open_files_kept: usize,
 }
 
-/// The files opened for read-ahead hints, by key.
-type HintFiles = std::sync::Mutex<HashMap<StoreKey, Arc<std::fs::File>>>;
+/// The files of a local cube kept open, by key.
+type OpenFiles = std::sync::Mutex<HashMap<StoreKey, Arc<std::fs::File>>>;
 
-/// Files kept open for read-ahead hints at most (all of them are closed when there would be more): an eighth
-/// of the process's limit on open files, the rest left to the store's own reads, other loaders and the
+/// Files of a local cube kept open for reads and read-ahead hints at most (one of them is closed to open
+/// another when there would be more): an eighth of the process's limit on open files, the rest left to the store's own reads, other loaders and the
 /// program; between 16 and 1024. A cube of small image-sequence batches has hundreds of shard files, read in
 /// random order: with 64 kept, nearly every hint opened its file again (path lookups were 5 % of the readers'
 /// time in `cubeload bench`).
 #[must_use]
-pub fn hint_files() -> usize {
+pub fn open_files_kept() -> usize {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -283,7 +283,7 @@ impl Assembler {
             static_shards: std::sync::Mutex::new(StaticShards::new()),
             static_shard_bytes: std::sync::atomic::AtomicU64::new(0),
             local: cube.local_dir().map(|dir| (dir.to_path_buf(), std::sync::Mutex::default())),
-            hint_files: hint_files(),
+            open_files_kept: open_files_kept(),
         })
     }
 
@@ -421,11 +421,19 @@ impl Assembler {
             Err(e) => return Some(Err(e)),
         };
         let mut files = lock();
-        // A cube may have more shard files than a process may hold open: the ones kept are bounded.
-        if files.len() >= self.hint_files {
-            files.clear();
-        }
-        Some(Ok(files.entry(key.clone()).or_insert_with(|| Arc::new(file)).clone()))
+        // A cube may have more shard files than a process may hold open: the ones kept are bounded. One is
+        // closed (any: batches come in random order) rather than all of them, which in a reader's path would
+        // be up to a thousand `close` calls at once.
+        let closed = if files.len() >= self.open_files_kept {
+            let any = files.keys().next().cloned();
+            any.and_then(|key| files.remove(&key))
+        } else {
+            None
+        };
+        let file = files.entry(key.clone()).or_insert_with(|| Arc::new(file)).clone();
+        drop(files);
+        drop(closed);
+        Some(Ok(file))
     }
 
     /// The bytes of `range` of `key`: from the file kept open in a local cube (no `open` per read, as the
