@@ -1200,12 +1200,18 @@ fn copy_series<'a>(
     let Some(first) = copies.first() else { return };
     let stride = first.out.write_p;
     assert!(copies.iter().all(|c| c.out.write_p == stride), "one batch row length");
-    // Rows in column order: step by step across variables ([B, T, V]), or variable by variable.
-    let rows: Vec<Row<'_>> = if copies.iter().all(|c| c.out.write_t == 1) {
-        copies.iter().flat_map(|c| (0..steps).map(move |t| c.row(t, samples))).collect()
+    // Rows in column order: step by step across variables ([B, T, V]), or variable by variable. (Pushed in
+    // plain loops: collected from a `flat_map`, each of the thousands of rows came through a call.)
+    let mut rows: Vec<Row<'_>> = Vec::with_capacity(copies.len() * steps);
+    if copies.iter().all(|c| c.out.write_t == 1) {
+        for c in copies {
+            rows.extend((0..steps).map(|t| c.row(t, samples)));
+        }
     } else {
-        (0..steps).flat_map(|t| copies.iter().map(move |c| c.row(t, samples))).collect()
-    };
+        for t in 0..steps {
+            rows.extend(copies.iter().map(|c| c.row(t, samples)));
+        }
+    }
     transpose_rows(&rows, samples, stride, fill, data, mask);
 }
 
