@@ -24,7 +24,7 @@ use crate::levels::Level;
 use crate::loader::decode::{self, InShard};
 use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
-use crate::loader::transpose::{Row, prepare, prepare_block, transpose_rows};
+use crate::loader::transpose::{Row, fence, prepare, prepare_block, transpose_rows};
 use crate::plan::DType;
 
 /// How values are turned into model inputs. The default is the loader's: values as stored, missing values
@@ -930,6 +930,9 @@ impl Assembler {
             }
         }
         copy_series(&series, (b, t_len), fill, out, mask_out);
+        // Image-sequence blocks are written with non-temporal stores: visible to the thread the batch goes to
+        // only after a fence.
+        fence();
         // SAFETY: the first `cells` elements of both are initialized: the variables in `data` are those of
         // `names` (not native, not separate statics), each pushed one series copy writing its column of every
         // sample and step, or wrote its rows of every patch of every step (image sequences), and these cover

@@ -92,6 +92,8 @@ pub(crate) fn prepare(x: f32, mean: f32, inv: f32, fill: f32) -> (f32, u8) {
 
 /// Copies a block of `rows × cols` values (rows `stride` apart in `values`) into consecutive rows of `out`
 /// and `mask`, each value prepared as [`prepare`] does: a patch of an image-sequence batch at one step.
+/// Rows of whole AVX2 vectors are written with non-temporal stores: [`fence`] before another thread reads
+/// them.
 ///
 /// # Panics
 /// When the block lies outside `values`, or `out` or `mask` holds fewer than `rows × cols` elements.
@@ -126,8 +128,8 @@ pub(crate) fn prepare_block(
             }
         }
     }
-    // Rows of a patch are short (16 values): with AVX2 each is two vector iterations instead of four, the
-    // loop being bound by its stores.
+    // Rows of a patch are short (a patch 12 values wide, say): with AVX2 fewer vector iterations, the loop
+    // being bound by its stores. (Rows of whole vectors take the streamed path below.)
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn body_avx2(
@@ -146,6 +148,16 @@ pub(crate) fn prepare_block(
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
+        if cols.is_multiple_of(8) {
+            let rows_in = |len: usize| (rows - 1) * stride + cols <= len;
+            assert!(rows_in(values.len()), "block outside the values");
+            assert!(out.len() >= rows * cols && mask.len() >= rows * cols, "destination too small");
+            // SAFETY: AVX2 is present (checked above); the block lies in `values`, and `out` and `mask`
+            // hold `rows × cols` elements (asserted above).
+            let shape = (rows, cols);
+            unsafe { avx2::prepare_rows_streamed(values, stride, shape, (mean, inv), fill, out, mask) };
+            return;
+        }
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { body_avx2(values, stride, (rows, cols), (mean, inv), fill, out, mask) };
         return;
@@ -153,13 +165,23 @@ pub(crate) fn prepare_block(
     body(values, stride, (rows, cols), (mean, inv), fill, out, mask);
 }
 
+/// Makes the non-temporal stores of [`prepare_block`] visible to other threads: once after the blocks of a
+/// batch, before the batch is handed over.
+pub(crate) fn fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of every x86_64 processor; the fence only orders this thread's stores.
+    unsafe {
+        std::arch::x86_64::_mm_sfence();
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, __m256i, _CMP_UNORD_Q, _mm_sfence, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_loadu_ps,
-        _mm256_loadu_si256, _mm256_movemask_ps, _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_ps,
-        _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_stream_ps, _mm256_stream_si256, _mm256_sub_ps,
-        _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+        __m256, __m256i, _CMP_UNORD_Q, _mm_sfence, _mm_stream_si64, _mm256_blendv_ps, _mm256_cmp_ps,
+        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_movemask_ps, _mm256_mul_ps, _mm256_permute2f128_ps,
+        _mm256_set1_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_stream_ps, _mm256_stream_si256,
+        _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
     };
     use std::cell::RefCell;
     use std::mem::MaybeUninit;
@@ -250,6 +272,55 @@ mod avx2 {
         }
         for (d, s) in dst[head + body..].iter_mut().zip(&src[head + body..]) {
             d.write(*s);
+        }
+    }
+
+    /// [`super::prepare_block`] for rows of whole vectors, written with non-temporal stores (each row's
+    /// values and mask bytes follow the previous row's, so lines fill in order): a batch goes to another
+    /// thread unread, and the buffers it is made in, freed after the prefetch window, are no longer in the
+    /// cache, whose lines regular stores would first read from memory. Values are streamed where `out` is
+    /// 32-byte aligned, mask bytes where `mask` is 8-byte aligned, and written through the cache otherwise.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `cols` a multiple of 8; `(rows − 1) · stride + cols <= values.len()`;
+    /// `out` and `mask` at least `rows · cols` long.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::cast_ptr_alignment)] // the mask's 8-byte stores are unaligned where not streamed
+    pub(super) unsafe fn prepare_rows_streamed(
+        values: &[f32],
+        stride: usize,
+        (rows, cols): (usize, usize),
+        (mean, inv): (f32, f32),
+        fill: f32,
+        out: &mut [MaybeUninit<f32>],
+        mask: &mut [MaybeUninit<u8>],
+    ) {
+        let (mean, inv, fill) = (_mm256_set1_ps(mean), _mm256_set1_ps(inv), _mm256_set1_ps(fill));
+        let (out, mask) = (out.as_mut_ptr().cast::<f32>(), mask.as_mut_ptr().cast::<u8>());
+        let (stream_values, stream_mask) = (out.addr().is_multiple_of(32), mask.addr().is_multiple_of(8));
+        for r in 0..rows {
+            for k in (0..cols).step_by(8) {
+                let o = r * cols + k;
+                // SAFETY: r · stride + k + 8 <= (rows − 1) · stride + cols <= values.len(), and o + 8 <=
+                // rows · cols, within `out` and `mask` (the caller's bounds); 32-byte alignment of `out + o`
+                // follows from that of `out` (o a multiple of 8), 8-byte alignment of `mask + o` likewise.
+                unsafe {
+                    let x = _mm256_loadu_ps(values.as_ptr().add(r * stride + k));
+                    let missing = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+                    let y = _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(x, mean), inv), fill, missing);
+                    let bytes = BYTES_OF_BITS[(!_mm256_movemask_ps(missing) & 0xff) as usize];
+                    if stream_values {
+                        _mm256_stream_ps(out.add(o), y);
+                    } else {
+                        _mm256_storeu_ps(out.add(o), y);
+                    }
+                    if stream_mask {
+                        _mm_stream_si64(mask.add(o).cast::<i64>(), bytes.cast_signed());
+                    } else {
+                        mask.add(o).cast::<u64>().write_unaligned(bytes);
+                    }
+                }
+            }
         }
     }
 
@@ -587,22 +658,36 @@ mod tests {
         for (rows, cols, stride) in [(16, 16, 32), (3, 5, 7), (1, 9, 9), (8, 24, 40), (2, 0, 4)] {
             let values: Vec<f32> = (0..rows * stride).map(|k| value(k * 13 + 1)).collect();
             let cells = rows * cols;
-            let mut out = vec![MaybeUninit::new(f32::INFINITY); cells + 3];
-            let mut mask = vec![MaybeUninit::new(9u8); cells + 3];
-            prepare_block(&values, stride, (rows, cols), (1.5, 0.25), fill, &mut out, &mut mask);
-            for (i, (x, m)) in out.iter().zip(&mask).enumerate() {
-                // SAFETY: every element was initialized before the copy.
-                let (x, m) = unsafe { (x.assume_init(), m.assume_init()) };
-                let expected = if i < cells {
-                    prepare(values[i / cols * stride + i % cols], 1.5, 0.25, fill)
-                } else {
-                    (f32::INFINITY, 9)
+            // The block starting on a 32-byte boundary or not (values streamed or not), and the mask on an
+            // 8-byte boundary or not; nothing before or after the block written.
+            for (shift, mask_shift) in [(0, 0), (4, 8), (8, 3), (1, 1)] {
+                let (mut out, at) = aligned(cells + 16, f32::INFINITY);
+                let mut mask = vec![MaybeUninit::new(9u8); cells + 80];
+                let mask_at = mask.as_ptr().align_offset(64) + mask_shift;
+                let (block, block_mask) = (at + shift..at + shift + cells + 3, mask_at..mask_at + cells + 3);
+                let (out_block, mask_block) = (&mut out[block.clone()], &mut mask[block_mask.clone()]);
+                prepare_block(&values, stride, (rows, cols), (1.5, 0.25), fill, out_block, mask_block);
+                // What element `i` of a buffer holding the block from `start` should be (`f` picks the value
+                // or the mask byte of a prepared value).
+                let expected = |i: usize, start: usize, f: fn((f32, u8)) -> u32| match i.checked_sub(start) {
+                    Some(k) if k < cells => f(prepare(values[k / cols * stride + k % cols], 1.5, 0.25, fill)),
+                    _ => f((f32::INFINITY, 9)),
                 };
-                assert_eq!(
-                    (x.to_bits(), m),
-                    (expected.0.to_bits(), expected.1),
-                    "{rows}×{cols}, element {i}"
-                );
+                for (i, x) in out.iter().enumerate() {
+                    // SAFETY: every element was initialized before the copy.
+                    let x = unsafe { x.assume_init() }.to_bits();
+                    assert_eq!(
+                        x,
+                        expected(i, block.start, |(x, _)| x.to_bits()),
+                        "{rows}×{cols}+{shift}, {i}"
+                    );
+                }
+                for (i, m) in mask.iter().enumerate() {
+                    // SAFETY: as above.
+                    let m = u32::from(unsafe { m.assume_init() });
+                    let want = expected(i, block_mask.start, |(_, m)| u32::from(m));
+                    assert_eq!(m, want, "{rows}×{cols}, mask +{mask_shift}, {i}");
+                }
             }
         }
     }
