@@ -101,10 +101,10 @@ pub struct Assembler {
 type OpenFiles = std::sync::Mutex<HashMap<StoreKey, Arc<std::fs::File>>>;
 
 /// Files of a local cube kept open for reads and read-ahead hints at most (one of them is closed to open
-/// another when there would be more): an eighth of the process's limit on open files, the rest left to the store's own reads, other loaders and the
-/// program; between 16 and 1024. A cube of small image-sequence batches has hundreds of shard files, read in
-/// random order: with 64 kept, nearly every hint opened its file again (path lookups were 5 % of the readers'
-/// time in `cubeload bench`).
+/// another when there would be more): an eighth of the process's limit on open files, the rest left to the
+/// store's own reads, other loaders and the program; between 16 and 1024. A cube of small image-sequence
+/// batches has hundreds of shard files, read in random order: with 64 kept, nearly every hint opened its
+/// file again (path lookups were 5 % of the readers' time in `cubeload bench`).
 #[must_use]
 pub fn open_files_kept() -> usize {
     #[cfg(unix)]
@@ -500,7 +500,8 @@ impl Assembler {
                         planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
                     }
                     Some(Located::InShard { key, index_range, index, chunk }) => {
-                        // Readers decoding directly take the index from the same cache ([`Self::read_direct`]).
+                        // Readers decoding directly take the index from the same cache
+                        // ([`Self::read_direct`]).
                         if !v.direct {
                             planned.push(Planned::Give(key.clone(), index_range, index.clone()));
                         }
@@ -1016,8 +1017,8 @@ fn read_exact_at(file: &std::fs::File, offset: u64, length: u64) -> std::io::Res
     while done < length {
         let at =
             offset.checked_add(done as u64).and_then(|at| i64::try_from(at).ok()).ok_or(invalid("offset"))?;
-        // SAFETY: the kernel writes at most `length - done` bytes after the first `done` of the buffer, within
-        // its capacity.
+        // SAFETY: the kernel writes at most `length - done` bytes after the first `done` of the buffer,
+        // within its capacity.
         let n =
             unsafe { libc::pread(file.as_raw_fd(), bytes.as_mut_ptr().add(done).cast(), length - done, at) };
         match n {
