@@ -143,7 +143,7 @@ pub(crate) fn prepare_block(
     ) {
         body(values, stride, shape, affine, fill, out, mask);
     }
-    if cols == 0 {
+    if rows == 0 || cols == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -306,9 +306,7 @@ mod avx2 {
                 // follows from that of `out` (o a multiple of 8), 8-byte alignment of `mask + o` likewise.
                 unsafe {
                     let x = _mm256_loadu_ps(values.as_ptr().add(r * stride + k));
-                    let missing = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
-                    let y = _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(x, mean), inv), fill, missing);
-                    let bytes = BYTES_OF_BITS[(!_mm256_movemask_ps(missing) & 0xff) as usize];
+                    let (y, bytes) = prepared(x, (mean, inv), fill);
                     if stream_values {
                         _mm256_stream_ps(out.add(o), y);
                     } else {
@@ -473,9 +471,7 @@ mod avx2 {
         (mean, inv): (__m256, __m256),
         fill: __m256,
     ) {
-        let missing = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
-        let y = _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(x, mean), inv), fill, missing);
-        let valid = (!_mm256_movemask_ps(missing) & 0xff) as usize;
+        let (y, valid) = prepared(x, (mean, inv), fill);
         // SAFETY: the caller's bounds and alignment.
         unsafe {
             if STREAM {
@@ -483,8 +479,17 @@ mod avx2 {
             } else {
                 _mm256_storeu_ps(out, y);
             }
-            mask.cast::<u64>().write_unaligned(BYTES_OF_BITS[valid]);
+            mask.cast::<u64>().write_unaligned(valid);
         }
+    }
+
+    /// 8 values prepared as [`super::prepare`] does, and their 8 mask bytes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn prepared(x: __m256, (mean, inv): (__m256, __m256), fill: __m256) -> (__m256, u64) {
+        let missing = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        let y = _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(x, mean), inv), fill, missing);
+        (y, BYTES_OF_BITS[(!_mm256_movemask_ps(missing) & 0xff) as usize])
     }
 
     /// The 8 × 8 transpose: row `j` of the input is `load(j)`; vector `i` of the result holds element `i` of
@@ -655,7 +660,8 @@ mod tests {
     #[test]
     fn prepare_block_equals_the_definition() {
         let fill = -3.0;
-        for (rows, cols, stride) in [(16, 16, 32), (3, 5, 7), (1, 9, 9), (8, 24, 40), (2, 0, 4)] {
+        for (rows, cols, stride) in [(16, 16, 32), (3, 5, 7), (1, 9, 9), (8, 24, 40), (2, 0, 4), (0, 16, 16)]
+        {
             let values: Vec<f32> = (0..rows * stride).map(|k| value(k * 13 + 1)).collect();
             let cells = rows * cols;
             // The block starting on a 32-byte boundary or not (values streamed or not), and the mask on an
