@@ -21,10 +21,10 @@ use crate::cube::validate::{ArrayRole, check_array};
 use crate::cube::{CubeError, CubeMeta, VariableMeta};
 use crate::layout::{Layout, LayoutKind};
 use crate::levels::Level;
-use crate::loader::decode::{self, InShard};
+use crate::loader::decode::{self, InShard, Progressive};
 use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
-use crate::loader::transpose::{Row, fence, prepare, prepare_block, transpose_rows};
+use crate::loader::transpose::{Row, fence, prepare, prepare_block, transpose_rows, with_mask_staged};
 use crate::plan::DType;
 
 /// How values are turned into model inputs. The default is the loader's: values as stored, missing values
@@ -464,11 +464,18 @@ impl Assembler {
         storage.get_partial(key, range).map_err(|e| e.to_string())
     }
 
-    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding).
-    fn read_chunk(&self, id: ChunkId) -> Result<Vec<Floats>, LoaderError> {
-        let read = |(i, v): (usize, &Var)| match self.read_direct(i, v, id)? {
-            Some(floats) => Ok(floats),
-            None => self.read_variable(v, id),
+    /// Reads one chunk of every variable as f32 with NaN for missing values (fill values and padding); the
+    /// time-major float32 chunks of a pixel-series batch are left to be decoded as the batch is assembled
+    /// ([`Chunk::Decoding`]).
+    fn read_chunk(&self, id: ChunkId) -> Result<Vec<Chunk>, LoaderError> {
+        let l = &self.meta.layout;
+        let series = l.kind == LayoutKind::PixelSeries && l.shuffled.is_none();
+        let read = |(i, v): (usize, &Var)| {
+            let progressive = series && !v.meta.is_static && v.meta.dtype == DType::Float32;
+            match self.read_direct(i, v, id, progressive)? {
+                Some(chunk) => Ok(chunk),
+                None => self.read_variable(v, id).map(Chunk::Decoded),
+            }
         };
         self.vars.iter().enumerate().map(read).collect()
     }
@@ -605,8 +612,15 @@ impl Assembler {
 
     /// Chunk `id` of variable `i` decoded straight from its stored bytes ([`decode`]), the shard index
     /// coming from the cache the fetch threads fill too; `Ok(None)` where that does not apply (a variable on
-    /// a level, another codec chain, an index that cannot be read), for zarrs to read it.
-    fn read_direct(&self, i: usize, v: &Var, id: ChunkId) -> Result<Option<Floats>, LoaderError> {
+    /// a level, another codec chain, an index that cannot be read), for zarrs to read it. With
+    /// `progressive`, a float32 chunk is checked and left to be decoded by its user.
+    fn read_direct(
+        &self,
+        i: usize,
+        v: &Var,
+        id: ChunkId,
+        progressive: bool,
+    ) -> Result<Option<Chunk>, LoaderError> {
         if !v.direct || v.coarse.is_some() {
             return Ok(None);
         }
@@ -621,19 +635,24 @@ impl Assembler {
             None => return Ok(None),
             Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
             Some(Located::InShard { chunk: InShard::Empty, .. }) => {
-                return Ok(Some(Floats::nan(self.chunk_len(v))));
+                return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
             }
             Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
         };
         let Some(encoded) = self.read_stored_bytes(&*storage, &key, range).map_err(fail)? else {
-            return Ok(Some(Floats::nan(self.chunk_len(v))));
+            return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
         };
         let dtype = v.meta.dtype;
-        let bytes = decode::decode(&encoded, self.chunk_len(v) * dtype.size()).map_err(fail)?;
-        if dtype == DType::Float32 {
-            return Ok(Some(Floats::from_le_bytes(bytes)));
+        let decoding = Progressive::new(encoded, self.chunk_len(v) * dtype.size()).map_err(fail)?;
+        if progressive && decoding.aligned_for::<f32>() {
+            return Ok(Some(Chunk::Decoding(decoding)));
         }
-        Ok(Some(Floats::Values(le_ints_as_floats(&bytes, dtype, v.meta.fill_value))))
+        let bytes = decoding.finish().map_err(fail)?;
+        Ok(Some(Chunk::Decoded(if dtype == DType::Float32 {
+            Floats::from_le_bytes(bytes)
+        } else {
+            Floats::Values(le_ints_as_floats(&bytes, dtype, v.meta.fill_value))
+        })))
     }
 
     /// Values in a chunk of `v` on the target grid.
@@ -650,7 +669,7 @@ impl Assembler {
     /// [`LoaderError::Read`] naming the variable and chunk.
     pub fn decode_stored(&self, var: usize, id: ChunkId) -> Result<usize, LoaderError> {
         let v = &self.vars[var];
-        let floats = if let Some(floats) = self.read_direct(var, v, id)? {
+        let floats = if let Some(Chunk::Decoded(floats)) = self.read_direct(var, v, id, false)? {
             floats
         } else {
             let layout = v.coarse.as_ref().map_or(&self.meta.layout, |c| &c.level.layout);
@@ -798,11 +817,11 @@ impl Assembler {
                 }
                 Err(e) => return Err(e),
             };
-            batches.push(self.assemble(
-                id,
-                BatchOrigin { epoch, position: first_position + k, chunk: id },
-                &raw,
-            ));
+            match self.assemble(id, BatchOrigin { epoch, position: first_position + k, chunk: id }, raw) {
+                Ok(batch) => batches.push(batch),
+                Err(LoaderError::Read { .. }) if skip_corrupt => corrupt += 1,
+                Err(e) => return Err(e),
+            }
         }
         if batches.len() > 1 {
             mix(&mut batches, &mut rng_for(seed, 1, job as u64));
@@ -836,7 +855,11 @@ impl Assembler {
         b * sample_cells * (size_of::<f32>() + size_of::<u8>())
     }
 
-    fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: &[Floats]) -> Batch {
+    /// The batch of chunk `id` from its chunks as read ([`Assembler::read_chunk`]).
+    ///
+    /// # Errors
+    /// [`LoaderError::Read`] when a chunk decoded here cannot be decoded.
+    fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: Vec<Chunk>) -> Result<Batch, LoaderError> {
         let l = &self.meta.layout;
         let [it, iy, ix] = id;
         let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
@@ -863,7 +886,35 @@ impl Assembler {
         let (mut vi, mut si) = (0, 0);
         let mut native = Vec::new();
         let mut series = Vec::new();
-        for (v, chunk) in self.vars.iter().zip(raw) {
+        // Chunks still to decode go to the series copy, which decodes them as it goes.
+        let mut decoders = Vec::new();
+        let mut decoding = Vec::new();
+        let raw: Vec<Option<Floats>> = raw
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(chunk, v)| match chunk {
+                Chunk::Decoded(floats) => Some(floats),
+                Chunk::Decoding(d) => {
+                    decoders.push(d);
+                    decoding.push(v.meta.name.as_str());
+                    None
+                }
+            })
+            .collect();
+        let mut next_decoder = 0;
+        for (v, chunk) in self.vars.iter().zip(&raw) {
+            // Only the time-major chunks of pixel-series batches are left to decode (`read_chunk`).
+            let decoder = chunk.is_none().then(|| {
+                next_decoder += 1;
+                next_decoder - 1
+            });
+            let chunk: &[f32] = chunk.as_deref().unwrap_or_default();
+            let into_series =
+                l.kind == LayoutKind::PixelSeries && !self.is_native(v) && !(separate && v.meta.is_static);
+            assert!(
+                decoder.is_none() || into_series,
+                "only chunks copied as series are decoded as they are copied"
+            );
             if self.is_native(v) {
                 native.push(self.native_field(v, id, chunk, &prepare));
                 continue;
@@ -886,6 +937,7 @@ impl Assembler {
                         if vmajor { (t_len, 1, vi * b * t_len) } else { (t_len * nv, nv, vi) };
                     series.push(SeriesCopy {
                         chunk,
+                        decoder,
                         read: (read_p, read_t),
                         out: Strided { base, write_p, write_t },
                         affine: v.affine,
@@ -930,7 +982,13 @@ impl Assembler {
                 vi += 1;
             }
         }
-        copy_series(&series, (b, t_len), fill, out, mask_out);
+        copy_series(&series, &mut decoders, (b, t_len), fill, out, mask_out).map_err(|(k, message)| {
+            LoaderError::Read {
+                variable: decoding[k].to_string(),
+                chunk: id,
+                message: format!("{}: {message}", self.path.display()),
+            }
+        })?;
         // Image-sequence blocks are written with non-temporal stores: visible to the thread the batch goes to
         // only after a fence.
         fence();
@@ -959,7 +1017,7 @@ impl Assembler {
                 }
             })
             .unzip();
-        Batch {
+        Ok(Batch {
             origin,
             kind: l.kind,
             variable_major: vmajor,
@@ -973,7 +1031,7 @@ impl Assembler {
             lon,
             time_index: vec![it * t_len; b],
             native,
-        }
+        })
     }
 
     /// The level cells under chunk `id` of a variable delivered at its native resolution.
@@ -1063,6 +1121,13 @@ fn checked_array(
     Ok(array)
 }
 
+/// A chunk as read for a batch: decoded, or (a time-major float32 chunk of a pixel-series batch) checked
+/// and left to be decoded a block at a time as the batch is assembled ([`copy_series`]).
+enum Chunk {
+    Decoded(Floats),
+    Decoding(Progressive),
+}
+
 /// A decoded chunk of float32 values. Decoded bytes are viewed as `f32` where they lie (allocations are
 /// aligned for `f32` in practice), which saves copying every chunk into a new vector.
 pub(crate) enum Floats {
@@ -1148,35 +1213,47 @@ struct Strided {
 /// variable reads `t · 0`), is normalized as `(x − mean) · inv_std` and goes to `out`.
 struct SeriesCopy<'a> {
     chunk: &'a [f32],
+    /// The chunk is instead the one decoder `decoder` of [`copy_series`] decodes (time-major chunks).
+    decoder: Option<usize>,
     read: (usize, usize),
     out: Strided,
     /// `(mean, inv_std)`; `(0, 1)` leaves values as stored, bit for bit.
     affine: (f32, f32),
 }
 
-impl<'a> SeriesCopy<'a> {
-    /// Step `t` of a time-major chunk as a row of the batch's transpose.
-    fn row(&self, t: usize, samples: usize) -> Row<'a> {
+impl SeriesCopy<'_> {
+    /// Step `t` of a time-major chunk `chunk` as a row of the batch's transpose.
+    fn row<'c>(&self, chunk: &'c [f32], t: usize, samples: usize) -> Row<'c> {
         let at = t * self.read.1;
         Row {
-            values: &self.chunk[at..at + samples],
+            values: &chunk[at..at + samples],
             col: self.out.base + t * self.out.write_t,
             affine: self.affine,
         }
     }
 }
 
+/// Bytes of each time-major chunk that [`copy_series`] decodes, then transposes, at a time: a zstd block
+/// (zstd's blocks hold at most 128 KiB), so that what was decoded is still in the core's cache.
+const BLOCK_BYTES: usize = 128 << 10;
+
 /// Copies every variable of a pixel-series batch into `data` and `mask` (every element written: missing
 /// values get `fill` and a 0 mask). Time-major chunks (the tiled layouts) are transposed a block of values at
-/// a time ([`transpose_rows`]); sample-major ones (shuffled cubes) already hold each sample's series side by
-/// side, and are interleaved sample by sample ([`interleave`]), with any other variable of the batch.
+/// a time ([`transpose_rows`]); those still to decode (`decoders`, see [`SeriesCopy::decoder`]) are decoded
+/// a block of steps at a time, each block transposed (every variable's steps of it) right after. Sample-major
+/// ones (shuffled cubes) already hold each sample's series side by side, and are interleaved sample by
+/// sample ([`interleave`]), with any other variable of the batch.
+///
+/// # Errors
+/// The decoder that failed, and why.
 fn copy_series<'a>(
     copies: &[SeriesCopy<'a>],
+    decoders: &mut [Progressive],
     (samples, steps): (usize, usize),
     fill: f32,
     data: &mut [MaybeUninit<f32>],
     mask: &mut [MaybeUninit<u8>],
-) {
+) -> Result<(), (usize, String)> {
     let series = |c: &SeriesCopy<'a>| Series {
         values: c.chunk,
         per_sample: c.read.0,
@@ -1184,6 +1261,7 @@ fn copy_series<'a>(
         affine: c.affine,
     };
     if copies.iter().any(|c| c.read.0 != 1) {
+        assert!(decoders.is_empty(), "sample-major chunks are decoded whole");
         let nv = copies.len();
         if copies.iter().all(|c| c.out.write_t == 1) {
             // `[V, B, T]`: each variable's block is a batch of one variable.
@@ -1191,7 +1269,7 @@ fn copy_series<'a>(
                 let block = c.out.base..c.out.base + samples * steps;
                 interleave(&[series(c)], samples, steps, fill, &mut data[block.clone()], &mut mask[block]);
             }
-            return;
+            return Ok(());
         }
         assert!(
             copies.iter().enumerate().all(|(v, c)| c.out.base == v && c.out.write_t == nv),
@@ -1199,25 +1277,82 @@ fn copy_series<'a>(
         );
         let all: Vec<Series<'_>> = copies.iter().map(series).collect();
         interleave(&all, samples, steps, fill, data, mask);
-        return;
+        return Ok(());
     }
-    let Some(first) = copies.first() else { return };
+    let Some(first) = copies.first() else { return Ok(()) };
     let stride = first.out.write_p;
     assert!(copies.iter().all(|c| c.out.write_p == stride), "one batch row length");
-    // Rows in column order: step by step across variables ([B, T, V]), or variable by variable. (Pushed in
-    // plain loops: collected from a `flat_map`, each of the thousands of rows came through a call.)
-    let mut rows: Vec<Row<'_>> = Vec::with_capacity(copies.len() * steps);
+    if decoders.is_empty() {
+        let chunks: Vec<&[f32]> = copies.iter().map(|c| c.chunk).collect();
+        transpose_rows(
+            &series_rows(copies, &chunks, 0..steps, samples),
+            samples,
+            stride,
+            fill,
+            data,
+            mask,
+            false,
+        );
+        return Ok(());
+    }
+    // Each transpose of a block writes a part of every sample's mask row: the mask is made whole in the
+    // thread's cache and streamed after (where it fits; otherwise the chunks are decoded whole first).
+    with_mask_staged(mask, |mask, cached| {
+        // Steps per block: whole cache lines of every sample's values (16 floats, so 16 steps).
+        let block = if cached {
+            (BLOCK_BYTES / (samples * size_of::<f32>())).max(LINE_FLOATS) / LINE_FLOATS * LINE_FLOATS
+        } else {
+            steps
+        };
+        for t0 in (0..steps).step_by(block.max(1)) {
+            let t1 = (t0 + block).min(steps);
+            for c in copies {
+                if let Some(k) = c.decoder {
+                    let bytes = ((t1 - 1) * c.read.1 + samples) * size_of::<f32>();
+                    decoders[k].decode_to(bytes).map_err(|e| (k, e))?;
+                }
+            }
+            let chunks: Vec<&[f32]> = copies
+                .iter()
+                .map(|c| {
+                    c.decoder.map_or(c.chunk, |k| {
+                        let bytes = decoders[k].decoded();
+                        // Aligned for f32 (checked when it was read).
+                        bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4])
+                    })
+                })
+                .collect();
+            let rows = series_rows(copies, &chunks, t0..t1, samples);
+            transpose_rows(&rows, samples, stride, fill, data, mask, cached);
+        }
+        Ok(())
+    })
+}
+
+/// The rows of steps `steps` of time-major chunks (`chunks[v]` that of `copies[v]`), in column order: step
+/// by step across variables (`[B, T, V]`), or variable by variable. (Pushed in plain loops: collected from a
+/// `flat_map`, each of the thousands of rows came through a call.)
+fn series_rows<'c>(
+    copies: &[SeriesCopy<'_>],
+    chunks: &[&'c [f32]],
+    steps: std::ops::Range<usize>,
+    samples: usize,
+) -> Vec<Row<'c>> {
+    let mut rows: Vec<Row<'c>> = Vec::with_capacity(copies.len() * steps.len());
     if copies.iter().all(|c| c.out.write_t == 1) {
-        for c in copies {
-            rows.extend((0..steps).map(|t| c.row(t, samples)));
+        for (c, values) in copies.iter().zip(chunks) {
+            rows.extend(steps.clone().map(|t| c.row(values, t, samples)));
         }
     } else {
-        for t in 0..steps {
-            rows.extend(copies.iter().map(|c| c.row(t, samples)));
+        for t in steps {
+            rows.extend(copies.iter().zip(chunks).map(|(c, values)| c.row(values, t, samples)));
         }
     }
-    transpose_rows(&rows, samples, stride, fill, data, mask);
+    rows
 }
+
+/// Floats in a cache line.
+const LINE_FLOATS: usize = 64 / size_of::<f32>();
 
 /// Decoding options for a reader thread: the loader parallelizes across chunks with its own threads, so a
 /// read must not also fan out over rayon's pool (which would make `threads(1)` use every core).
@@ -1326,17 +1461,38 @@ mod tests {
 
     #[test]
     fn series_copy_equals_the_element_by_element_copy() {
-        let (samples, steps, fill) = (37, 29, -7.5);
+        // A few samples and steps; then enough that the time-major chunk spans several zstd blocks, which
+        // the progressive copy decodes a block of steps at a time (blocks of 32 steps here, ending inside
+        // zstd's blocks of 128 KiB), with a ragged tail of samples.
+        for (samples, steps) in [(37, 29), (1003, 100)] {
+            for progressive in [false, true] {
+                assert_series_copy_as_defined(samples, steps, progressive);
+            }
+        }
+    }
+
+    /// Encodes `values` as cubeload stores a chunk: zstd, then the CRC32C of the compressed bytes.
+    fn encoded(values: &[f32]) -> zarrs::storage::Bytes {
+        let raw: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut encoded = zstd::bulk::compress(&raw, 3).unwrap();
+        let checksum = crc32c::crc32c(&encoded);
+        encoded.extend_from_slice(&checksum.to_le_bytes());
+        encoded.into()
+    }
+
+    fn assert_series_copy_as_defined(samples: usize, steps: usize, progressive: bool) {
+        let fill = -7.5;
         let value = |k: usize| if k % 7 == 3 { f32::NAN } else { (k as f32).sin() * 40.0 };
         let time_major: Vec<f32> = (0..samples * steps).map(value).collect();
         let sample_major: Vec<f32> = (0..samples * steps).map(|k| value(k + 1)).collect();
         let statics: Vec<f32> = (0..samples).map(|k| value(k + 2)).collect();
-        // (chunk, read strides, (mean, inv_std)) of each variable.
-        let sources: [Source<'_>; 3] = [
-            (&time_major, (1, samples), (3.0, 0.25)),
-            (&sample_major, (steps, 1), (0.0, 1.0)),
-            (&statics, (1, 0), (-1.0, 2.0)),
-        ];
+        // (chunk, read strides, (mean, inv_std)) of each variable; sample-major chunks are not decoded
+        // progressively (nor mixed with those that are).
+        let mut sources: Vec<Source<'_>> =
+            vec![(&time_major, (1, samples), (3.0, 0.25)), (&statics, (1, 0), (-1.0, 2.0))];
+        if !progressive {
+            sources.insert(1, (&sample_major, (steps, 1), (0.0, 1.0)));
+        }
         let nv = sources.len();
         for variable_major in [false, true] {
             let strides = |v: usize| {
@@ -1346,15 +1502,23 @@ mod tests {
                     Strided { base: v, write_p: steps * nv, write_t: nv }
                 }
             };
+            let mut decoders = Vec::new();
             let copies: Vec<SeriesCopy<'_>> = sources
                 .iter()
                 .enumerate()
-                .map(|(v, &(chunk, read, affine))| SeriesCopy { chunk, read, out: strides(v), affine })
+                .map(|(v, &(chunk, read, affine))| {
+                    let decoder = (progressive && v == 0).then(|| {
+                        decoders.push(Progressive::new(encoded(chunk), chunk.len() * 4).unwrap());
+                        decoders.len() - 1
+                    });
+                    let chunk = if decoder.is_some() { &[][..] } else { chunk };
+                    SeriesCopy { chunk, decoder, read, out: strides(v), affine }
+                })
                 .collect();
             let cells = samples * steps * nv;
             let (mut data, mut mask) =
                 (vec![MaybeUninit::new(f32::INFINITY); cells], vec![MaybeUninit::new(9u8); cells]);
-            copy_series(&copies, (samples, steps), fill, &mut data, &mut mask);
+            copy_series(&copies, &mut decoders, (samples, steps), fill, &mut data, &mut mask).unwrap();
             for (v, &(chunk, (read_p, read_t), (mean, inv))) in sources.iter().enumerate() {
                 let out = strides(v);
                 for p in 0..samples {
@@ -1366,12 +1530,47 @@ mod tests {
                             // SAFETY: every element was initialized (to infinity and 9) before the copy.
                             unsafe { (data[o].assume_init().to_bits(), mask[o].assume_init()) },
                             (expected.0.to_bits(), expected.1),
-                            "{v} {p} {t}"
+                            "{v} {p} {t} ({samples} × {steps}, progressive: {progressive})"
                         );
                     }
                 }
             }
         }
+    }
+
+    /// A chunk whose checksum is right but whose zstd frame ends early (or holds more than the chunk) is an
+    /// error of its decoder, found as the copy reaches it, not a panic or a batch with holes.
+    #[test]
+    fn a_frame_that_does_not_make_the_chunk_is_an_error() {
+        let (samples, steps) = (1003, 100);
+        let values: Vec<f32> = (0..samples * steps).map(|k| k as f32).collect();
+        let copy = |encoded: zarrs::storage::Bytes, len: usize| {
+            let mut decoders = vec![Progressive::new(encoded, len).unwrap()];
+            let copies = [SeriesCopy {
+                chunk: &[],
+                decoder: Some(0),
+                read: (1, samples),
+                out: Strided { base: 0, write_p: steps, write_t: 1 },
+                affine: (0.0, 1.0),
+            }];
+            let cells = samples * steps;
+            let (mut data, mut mask) =
+                (vec![MaybeUninit::new(0.0f32); cells], vec![MaybeUninit::new(0u8); cells]);
+            copy_series(&copies, &mut decoders, (samples, steps), 0.0, &mut data, &mut mask)
+        };
+        // Steps short of the chunk, and more than it.
+        let short = copy(encoded(&values[..values.len() - samples]), values.len() * 4).unwrap_err();
+        assert_eq!(short.0, 0);
+        assert!(short.1.contains("zstd gave 397188 bytes, the chunk holds 401200"), "{}", short.1);
+        let long = copy(encoded(&values), (values.len() - samples) * 4);
+        assert!(long.unwrap_err().1.contains("zstd"));
+        // A frame cut inside a block, its checksum made for the cut bytes.
+        let whole = encoded(&values);
+        let mut cut = whole[..whole.len() / 2].to_vec();
+        let checksum = crc32c::crc32c(&cut);
+        cut.extend_from_slice(&checksum.to_le_bytes());
+        let cut = copy(cut.into(), values.len() * 4).unwrap_err();
+        assert!(cut.1.contains("truncated"), "{}", cut.1);
     }
 
     /// Decoded bytes are viewed in place when aligned, copied otherwise, with the same values either way.

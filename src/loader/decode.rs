@@ -1,26 +1,36 @@
 //! Decoding the chunks cubeload writes straight from their stored bytes. Their codec chain is fixed
 //! (little-endian bytes → zstd → CRC32C, in shards whose index is 16 bytes per chunk and a CRC32C, as the Zarr
 //! v3 sharding codec lays it out): the loader reads a shard's index once, each chunk's byte range, checks
-//! both checksums and lets zstd decompress into the chunk's final buffer, with one decompression context per
-//! thread. zarrs' pipeline would zero a buffer, copy the decoded chunk into it and make a context per chunk,
+//! both checksums and lets zstd decompress into the chunk's final buffer, a block at a time where the batch
+//! is assembled as it goes ([`Progressive`]), with decompression contexts made once per thread. zarrs' pipeline would zero a buffer, copy the decoded chunk into it and make a context per chunk,
 //! which together cost as much as zstd itself (making a context runs `cpuid`, which in a virtual machine
 //! traps to the hypervisor), and zarrs 0.23's `retrieve_encoded_subchunk`, which would give the encoded
 //! bytes, overflows on chunks a shard does not store. Any other chain or data type, and anything that does
 //! not fit, is read by zarrs.
 
 use std::cell::RefCell;
+use std::ptr::NonNull;
 
 use zarrs::array::Array;
-use zarrs::storage::ReadableStorageTraits;
 use zarrs::storage::byte_range::ByteRange;
-use zstd::zstd_safe::DCtx;
+use zarrs::storage::{Bytes, ReadableStorageTraits};
 
-thread_local! {
-    /// This thread's decompression context, reused for every chunk.
-    static DCTX: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
+/// A zstd decompression context, freed when dropped.
+struct Context(NonNull<zstd_sys::ZSTD_DCtx>);
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: made by `ZSTD_createDCtx`, freed once.
+        unsafe { zstd_sys::ZSTD_freeDCtx(self.0.as_ptr()) };
+    }
 }
 
-/// Whether the chunks of `array` can be decoded by [`decode`]: float32 with a NaN fill value or one of the
+thread_local! {
+    /// This thread's idle decompression contexts: one per chunk being decoded at once, made once and reused.
+    static CONTEXTS: RefCell<Vec<Context>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether the chunks of `array` can be decoded by [`Progressive`]: float32 with a NaN fill value or one of the
 /// integer types cubeload stores categories in, and exactly the codecs cubeload writes (bytes little-endian,
 /// zstd, crc32c), inside `sharding_indexed` or not.
 pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
@@ -92,22 +102,129 @@ pub(crate) fn shard_data_end(index: &[u8]) -> Option<u64> {
     })
 }
 
-/// Checks the CRC32C of an encoded chunk and decompresses it into exactly `len` bytes.
-pub(crate) fn decode(encoded: &[u8], len: usize) -> Result<Vec<u8>, String> {
-    let fail = |why: String| format!("cannot be decoded: {why}");
-    let Some((body, checksum)) = encoded.split_last_chunk::<4>() else {
-        return Err(fail(format!("{} bytes are too few for a CRC32C checksum", encoded.len())));
-    };
-    if crc32c::crc32c(body) != u32::from_le_bytes(*checksum) {
-        return Err(fail("CRC32C checksum mismatch".to_string()));
+/// An encoded chunk decompressed into its final buffer one zstd block (at most 128 KiB) at a time, as
+/// asked (zstd's buffer-less API), or whole. A pixel-series batch is assembled from what was just decoded,
+/// while it is in the core's cache: decoded whole first, a batch's chunks (1.4 MB on the default cube) are
+/// more than a core's cache holds, and go to memory and back, with two readers on two cores racing for it.
+pub(crate) struct Progressive {
+    /// The compressed bytes, their checksum off.
+    encoded: Bytes,
+    /// Compressed bytes consumed.
+    read: usize,
+    /// The decoded bytes so far; its capacity is the chunk's length.
+    out: Vec<u8>,
+    /// `None` once every frame is decoded.
+    context: Option<Context>,
+}
+
+impl Progressive {
+    /// Checks the CRC32C that ends an encoded chunk and gets ready to decompress it into `len` bytes.
+    pub(crate) fn new(mut encoded: Bytes, len: usize) -> Result<Self, String> {
+        let Some((body, checksum)) = encoded.split_last_chunk::<4>() else {
+            return Err(fail(&format!("{} bytes are too few for a CRC32C checksum", encoded.len())));
+        };
+        if crc32c::crc32c(body) != u32::from_le_bytes(*checksum) {
+            return Err(fail("CRC32C checksum mismatch"));
+        }
+        encoded.truncate(encoded.len() - 4);
+        let context = CONTEXTS.with_borrow_mut(Vec::pop).unwrap_or_else(|| {
+            // SAFETY: no precondition; a null result is an allocation failure.
+            Context(NonNull::new(unsafe { zstd_sys::ZSTD_createDCtx() }).expect("a zstd context"))
+        });
+        // SAFETY: a valid context; beginning a frame resets whatever it decoded before.
+        check(unsafe { zstd_sys::ZSTD_decompressBegin(context.0.as_ptr()) })?;
+        Ok(Progressive { encoded, read: 0, out: Vec::with_capacity(len), context: Some(context) })
     }
-    // Decompressed into the vector's capacity: nothing is zeroed first.
-    let mut bytes = Vec::with_capacity(len);
-    match DCTX.with_borrow_mut(|dctx| dctx.decompress(&mut bytes, body)) {
-        Ok(n) if n == len => Ok(bytes),
-        Ok(n) => Err(fail(format!("zstd gave {n} bytes, the chunk holds {len}"))),
-        Err(code) => Err(fail(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))),
+
+    /// Decompresses until at least `bytes` bytes are decoded (whole zstd blocks, so usually more), or, with
+    /// the chunk's length or more, to the end of its frames; an error when they end before.
+    pub(crate) fn decode_to(&mut self, bytes: usize) -> Result<(), String> {
+        let whole = bytes >= self.out.capacity();
+        while (whole || self.out.len() < bytes)
+            && let Some(context) = &self.context
+        {
+            let dctx = context.0.as_ptr();
+            // SAFETY: a valid context.
+            let next = unsafe { zstd_sys::ZSTD_nextSrcSizeToDecompress(dctx) };
+            let encoded = &self.encoded;
+            if next == 0 {
+                // A frame ends: another may follow (zstd decodes concatenated frames as one).
+                if self.read == encoded.len() {
+                    self.release();
+                } else {
+                    // SAFETY: as above.
+                    check(unsafe { zstd_sys::ZSTD_decompressBegin(dctx) })?;
+                }
+                continue;
+            }
+            let Some(input) = encoded.get(self.read..self.read + next) else {
+                return Err(fail("zstd: the frame is truncated"));
+            };
+            let (done, capacity) = (self.out.len(), self.out.capacity());
+            // SAFETY: zstd writes at most `capacity − done` bytes after the first `done` of `out`, which
+            // hold what it decoded before (its back-references point there); it reads `next` input bytes.
+            let n = check(unsafe {
+                zstd_sys::ZSTD_decompressContinue(
+                    dctx,
+                    self.out.as_mut_ptr().add(done).cast(),
+                    capacity - done,
+                    input.as_ptr().cast(),
+                    next,
+                )
+            })?;
+            self.read += next;
+            // SAFETY: the `n` bytes after `done` were written by zstd, within the capacity.
+            unsafe { self.out.set_len(done + n) };
+        }
+        let (n, len) = (self.out.len(), self.out.capacity());
+        if n < bytes.min(len) {
+            return Err(fail(&format!("zstd gave {n} bytes, the chunk holds {len}")));
+        }
+        Ok(())
     }
+
+    /// The bytes decoded so far.
+    pub(crate) fn decoded(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Whether the decoded bytes lie where a `T` may be read.
+    pub(crate) fn aligned_for<T>(&self) -> bool {
+        self.out.as_ptr().cast::<T>().is_aligned()
+    }
+
+    /// Decodes the rest; the chunk, checked to be exactly its length.
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, String> {
+        self.decode_to(usize::MAX)?;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// Gives the context back to the thread's idle ones (at the thread's end it is freed instead).
+    fn release(&mut self) {
+        if let Some(context) = self.context.take() {
+            let _ = CONTEXTS.try_with(|idle| idle.borrow_mut().push(context));
+        }
+    }
+}
+
+impl Drop for Progressive {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn fail(why: &str) -> String {
+    format!("cannot be decoded: {why}")
+}
+
+/// A zstd result as a count, or its error as a message.
+fn check(code: usize) -> Result<usize, String> {
+    // SAFETY: both only read the code; the name is a static C string.
+    if unsafe { zstd_sys::ZSTD_isError(code) } == 0 {
+        return Ok(code);
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(zstd_sys::ZSTD_getErrorName(code)) };
+    Err(fail(&format!("zstd: {}", name.to_string_lossy())))
 }
 
 #[cfg(test)]
@@ -115,12 +232,12 @@ mod tests {
     use super::*;
 
     /// Frames as zarrs' codecs write them (zstd, then the CRC32C of the compressed bytes appended).
-    fn encode(values: &[f32]) -> Vec<u8> {
+    fn encode(values: &[f32]) -> Bytes {
         let raw: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut encoded = zstd::bulk::compress(&raw, 3).unwrap();
         let checksum = crc32c::crc32c(&encoded);
         encoded.extend_from_slice(&checksum.to_le_bytes());
-        encoded
+        encoded.into()
     }
 
     /// A shard index as the sharding codec writes it: (offset, length) per chunk, `u64::MAX` twice for a
@@ -145,6 +262,10 @@ mod tests {
         assert!(index_is_intact(&index[..48]), "an index without a checksum has nothing to check");
     }
 
+    fn decode(encoded: &[u8], len: usize) -> Result<Vec<u8>, String> {
+        Progressive::new(Bytes::copy_from_slice(encoded), len)?.finish()
+    }
+
     #[test]
     fn decodes_what_was_encoded_and_refuses_damage() {
         let values: Vec<f32> =
@@ -156,7 +277,7 @@ mod tests {
         };
         assert_eq!(bits(&decoded), values.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
 
-        let mut flipped = encoded.clone();
+        let mut flipped = encoded.to_vec();
         flipped[5] ^= 0x10;
         assert!(decode(&flipped, values.len() * 4).unwrap_err().contains("checksum mismatch"));
         let short = decode(&encoded, values.len() * 4 - 4).unwrap_err();

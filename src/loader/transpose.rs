@@ -30,6 +30,7 @@ const TILE: usize = 128;
 
 /// Writes `data[p · stride + row.col]` and `mask[…]` for every row and every sample `p < samples`: the value
 /// prepared as [`prepare`] does, or `fill` and 0 where it is missing. Nothing else of `data` is touched.
+/// `mask_cached`: `mask` is a buffer of this thread in its cache ([`with_mask_staged`]), written in place.
 ///
 /// # Panics
 /// When a row holds fewer than `samples` values, or a destination lies outside `data` or `mask`.
@@ -40,6 +41,7 @@ pub(crate) fn transpose_rows(
     fill: f32,
     data: &mut [MaybeUninit<f32>],
     mask: &mut [MaybeUninit<u8>],
+    mask_cached: bool,
 ) {
     if samples == 0 || rows.is_empty() {
         return;
@@ -51,10 +53,35 @@ pub(crate) fn transpose_rows(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present (checked above); rows and destinations are in bounds (asserted above).
-        unsafe { avx2::transpose_rows(rows, samples, stride, fill, data, mask) };
+        unsafe { avx2::transpose_rows(rows, samples, stride, fill, data, mask, mask_cached) };
         return;
     }
     transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, data, mask);
+}
+
+/// Runs `make` on a mask to be written to `mask`: where the processor has AVX2 and it fits, a buffer of
+/// this thread, which stays in its cache while `make` writes it piece by piece (`true`: the mask is
+/// cached), then streamed to `mask` whole cache lines at a time ([`fence`] before another thread reads it);
+/// otherwise `mask` itself (`false`). For a
+/// batch made in several transposes, each writing part of every sample's mask row: streamed by each, the
+/// parts would begin and end inside cache lines, each such line written to memory in pieces.
+pub(crate) fn with_mask_staged<R>(
+    mask: &mut [MaybeUninit<u8>],
+    make: impl FnOnce(&mut [MaybeUninit<u8>], bool) -> R,
+) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if mask.len() <= avx2::STAGING_BYTES && std::arch::is_x86_feature_detected!("avx2") {
+        let mut staging = avx2::STAGING.take();
+        staging.resize(staging.len().max(mask.len()), 0);
+        let staged = &mut staging[..mask.len()];
+        // SAFETY: `u8` and `MaybeUninit<u8>` have one layout; only initialized bytes are written to it.
+        let result = make(unsafe { &mut *(std::ptr::from_mut(staged) as *mut [MaybeUninit<u8>]) }, true);
+        // SAFETY: AVX2 is present (checked above).
+        unsafe { avx2::stream_copy(staged, mask) };
+        avx2::STAGING.set(staging);
+        return result;
+    }
+    make(mask, false)
 }
 
 /// The same, one value at a time, for `rows[rows_range]` and samples `samples`: the fallback, and the
@@ -241,13 +268,15 @@ mod avx2 {
             && rows.iter().all(|r| r.col < stride && !std::mem::replace(&mut seen[r.col], true))
     }
 
-    /// The most bytes of a tile's mask rows staged: a part of a core's cache (a tile of 256-step series
-    /// of 3 variables takes 96 KB, of a year of hourly steps of one variable 1.1 MB).
-    const STAGING_BYTES: usize = 512 << 10;
+    /// The most bytes of mask staged: a part of a core's cache (a tile of 256-step series of 3 variables
+    /// takes 96 KB, of a year of hourly steps of one variable 1.1 MB; the mask of a batch of 256 series of
+    /// 672 steps of 3 variables, 504 KiB).
+    pub(super) const STAGING_BYTES: usize = 512 << 10;
 
     thread_local! {
-        /// A tile's mask rows, built here (in this core's cache) and then streamed to the batch.
-        static STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        /// A tile's mask rows, or a batch's mask ([`super::with_mask_staged`]), built here (in this core's
+        /// cache) and then streamed to the batch.
+        pub(super) static STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
 
     /// Copies `src` to `dst` (same length), the 32-byte-aligned part of `dst` with non-temporal stores.
@@ -256,7 +285,7 @@ mod avx2 {
     /// AVX2 must be available.
     #[target_feature(enable = "avx2")]
     #[allow(clippy::cast_ptr_alignment)] // the load takes any address; the stores' are 32-byte aligned
-    unsafe fn stream_copy(src: &[u8], dst: &mut [MaybeUninit<u8>]) {
+    pub(super) unsafe fn stream_copy(src: &[u8], dst: &mut [MaybeUninit<u8>]) {
         assert_eq!(src.len(), dst.len());
         let head = dst.as_ptr().align_offset(32).min(dst.len());
         let body = (dst.len() - head) / 32 * 32;
@@ -352,6 +381,7 @@ mod avx2 {
         fill: f32,
         data: &mut [MaybeUninit<f32>],
         mask: &mut [MaybeUninit<u8>],
+        mask_cached: bool,
     ) {
         let out = data.as_mut_ptr().cast::<f32>();
         // Groups start where a line does only when lines can be filled at all (every sample's row starting at
@@ -383,8 +413,9 @@ mod avx2 {
             transpose8(|j| unsafe { _mm256_loadu_ps(rows[k + j].values.as_ptr().add(s0)) })
         };
         // Each tile's mask rows are made in a buffer of this thread (in its cache) and streamed to the batch
-        // after: written in place, each of their cache lines would first be read from memory.
-        let staged = TILE * stride <= STAGING_BYTES && cover_every_column(rows, stride);
+        // after: written in place, each of their cache lines would first be read from memory. (Unless the
+        // mask is such a buffer already.)
+        let staged = !mask_cached && TILE * stride <= STAGING_BYTES && cover_every_column(rows, stride);
         let mut staging = if staged { STAGING.take() } else { Vec::new() };
         if staged && staging.len() < TILE * stride {
             staging = vec![0; TILE * stride];
@@ -554,7 +585,12 @@ mod tests {
         let (mut data, at) = aligned(cells + shift, f32::INFINITY);
         let at = at + shift;
         let mut mask = vec![MaybeUninit::new(9u8); cells];
-        transpose_rows(rows, samples, stride, fill, &mut data[at..at + cells], &mut mask);
+        transpose_rows(rows, samples, stride, fill, &mut data[at..at + cells], &mut mask, false);
+        // The same with the mask written in place, as in a buffer of the thread's.
+        let (mut data_c, at_c) = aligned(cells + shift, f32::INFINITY);
+        let at_c = at_c + shift;
+        let mut mask_c = vec![MaybeUninit::new(9u8); cells];
+        transpose_rows(rows, samples, stride, fill, &mut data_c[at_c..at_c + cells], &mut mask_c, true);
         let (mut data_s, mut mask_s) =
             (vec![MaybeUninit::new(f32::INFINITY); cells], vec![MaybeUninit::new(9u8); cells]);
         transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, &mut data_s, &mut mask_s);
@@ -573,6 +609,7 @@ mod tests {
         };
         let n_rows = rows.len();
         assert_eq!(bits(&data[at..at + cells], &mask), expected, "{samples} samples, {n_rows} rows");
+        assert_eq!(bits(&data_c[at_c..at_c + cells], &mask_c), expected, "mask cached: {samples}, {n_rows}");
         assert_eq!(bits(&data_s, &mask_s), expected, "scalar: {samples} samples, {n_rows} rows");
     }
 
@@ -704,6 +741,6 @@ mod tests {
         let values = [1.0f32; 8];
         let rows = [Row { values: &values, col: 3, affine: (0.0, 1.0) }];
         let (mut data, mut mask) = (vec![MaybeUninit::new(0.0); 10], vec![MaybeUninit::new(0u8); 10]);
-        transpose_rows(&rows, 8, 4, 0.0, &mut data, &mut mask);
+        transpose_rows(&rows, 8, 4, 0.0, &mut data, &mut mask, false);
     }
 }
