@@ -286,4 +286,42 @@ mod tests {
         assert!(long.contains("gave 4000 bytes"), "{long}");
         assert!(decode(&[1, 2], 8).unwrap_err().contains("too few"));
     }
+
+    /// With the CRC32C appended to what a zstd encoder gave.
+    fn with_crc(mut frames: Vec<u8>) -> Vec<u8> {
+        let checksum = crc32c::crc32c(&frames);
+        frames.extend_from_slice(&checksum.to_le_bytes());
+        frames
+    }
+
+    /// Frames that carry zstd's own checksum of their content (zarrs writes them with `checksum: true`) are
+    /// checked too; several frames one after the other decode as one chunk, as zstd's one-shot call decodes
+    /// them; both also a block at a time.
+    #[test]
+    fn frames_with_a_content_checksum_and_concatenated_frames() {
+        let values: Vec<u8> = (0..300_000u32).flat_map(|k| ((k % 977) as f32 * 0.25).to_le_bytes()).collect();
+        let mut encoder = zstd::bulk::Compressor::new(3).unwrap();
+        encoder.include_checksum(true).unwrap();
+        let checked = encoder.compress(&values).unwrap();
+        assert_eq!(decode(&with_crc(checked.clone()), values.len()).unwrap(), values);
+        // The content changed under a frame whose CRC32C is recomputed: zstd's checksum still finds it (the
+        // last 4 bytes of the frame are that checksum).
+        let mut damaged = checked.clone();
+        let at = damaged.len() - 2;
+        damaged[at] ^= 1;
+        let error = decode(&with_crc(damaged), values.len()).unwrap_err();
+        assert!(error.contains("zstd") && error.contains("checksum"), "{error}");
+
+        let half = values.len() / 2;
+        let mut two = zstd::bulk::compress(&values[..half], 3).unwrap();
+        two.extend(zstd::bulk::compress(&values[half..], 3).unwrap());
+        let two = Bytes::from(with_crc(two));
+        assert_eq!(decode(&two, values.len()).unwrap(), values);
+        let mut blocks = Progressive::new(two, values.len()).unwrap();
+        for upto in (0..=values.len()).step_by(100_000) {
+            blocks.decode_to(upto).unwrap();
+            assert!(blocks.decoded().len() >= upto && values.starts_with(blocks.decoded()));
+        }
+        assert_eq!(blocks.finish().unwrap(), values);
+    }
 }
