@@ -1300,7 +1300,7 @@ fn copy_series<'a>(
     with_mask_staged(mask, |mask, cached| {
         // Steps per block: whole cache lines of every sample's values (16 floats, so 16 steps).
         let block = if cached {
-            (BLOCK_BYTES / (samples * size_of::<f32>())).max(LINE_FLOATS) / LINE_FLOATS * LINE_FLOATS
+            (BLOCK_BYTES / (samples * size_of::<f32>()).max(1)).max(LINE_FLOATS) / LINE_FLOATS * LINE_FLOATS
         } else {
             steps
         };
