@@ -1,12 +1,13 @@
 //! Decoding the chunks cubeload writes straight from their stored bytes. Their codec chain is fixed
-//! (little-endian bytes → zstd → CRC32C, in shards whose index is 16 bytes per chunk and a CRC32C, as the Zarr
-//! v3 sharding codec lays it out): the loader reads a shard's index once, each chunk's byte range, checks
-//! both checksums and lets zstd decompress into the chunk's final buffer, a block at a time where the batch
-//! is assembled as it goes ([`Progressive`]), with decompression contexts made once per thread. zarrs' pipeline would zero a buffer, copy the decoded chunk into it and make a context per chunk,
-//! which together cost as much as zstd itself (making a context runs `cpuid`, which in a virtual machine
-//! traps to the hypervisor), and zarrs 0.23's `retrieve_encoded_subchunk`, which would give the encoded
-//! bytes, overflows on chunks a shard does not store. Any other chain or data type, and anything that does
-//! not fit, is read by zarrs.
+//! (little-endian bytes → zstd → CRC32C, in shards whose index is 16 bytes per chunk and a CRC32C, as the
+//! Zarr v3 sharding codec lays it out): the loader reads a shard's index once, each chunk's byte range,
+//! checks both checksums and lets zstd decompress into the chunk's final buffer, a block at a time where the
+//! batch is assembled as it goes ([`Progressive`]), with decompression contexts made once per thread. zarrs'
+//! pipeline would zero a buffer, copy the decoded chunk into it and make a context per chunk, which together
+//! cost as much as zstd itself (making a context runs `cpuid`, which in a virtual machine traps to the
+//! hypervisor), and zarrs 0.23's `retrieve_encoded_subchunk`, which would give the encoded bytes, overflows
+//! on chunks a shard does not store. Any other chain or data type, and anything that does not fit, is read by
+//! zarrs.
 
 use std::cell::RefCell;
 use std::ptr::NonNull;
@@ -30,9 +31,9 @@ thread_local! {
     static CONTEXTS: RefCell<Vec<Context>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether the chunks of `array` can be decoded by [`Progressive`]: float32 with a NaN fill value or one of the
-/// integer types cubeload stores categories in, and exactly the codecs cubeload writes (bytes little-endian,
-/// zstd, crc32c), inside `sharding_indexed` or not.
+/// Whether the chunks of `array` can be decoded by [`Progressive`]: float32 with a NaN fill value or one of
+/// the integer types cubeload stores categories in, and exactly the codecs cubeload writes (bytes
+/// little-endian, zstd, crc32c), inside `sharding_indexed` or not.
 pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
     let Ok(meta) = serde_json::to_value(array.metadata()) else { return false };
     let integer = ["uint8", "uint16", "int16", "uint32", "int32"].iter().any(|t| meta["data_type"] == *t);

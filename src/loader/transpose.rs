@@ -62,9 +62,9 @@ pub(crate) fn transpose_rows(
 /// Runs `make` on a mask to be written to `mask`: where the processor has AVX2 and it fits, a buffer of
 /// this thread, which stays in its cache while `make` writes it piece by piece (`true`: the mask is
 /// cached), then streamed to `mask` whole cache lines at a time ([`fence`] before another thread reads it);
-/// otherwise `mask` itself (`false`). For a
-/// batch made in several transposes, each writing part of every sample's mask row: streamed by each, the
-/// parts would begin and end inside cache lines, each such line written to memory in pieces.
+/// otherwise `mask` itself (`false`). For a batch made in several transposes, each writing a part of every
+/// sample's mask row: streamed by each, the parts would begin and end inside cache lines, each such line
+/// written to memory in pieces.
 pub(crate) fn with_mask_staged<R>(
     mask: &mut [MaybeUninit<u8>],
     make: impl FnOnce(&mut [MaybeUninit<u8>], bool) -> R,
