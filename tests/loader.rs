@@ -156,6 +156,56 @@ fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
     assert_cube_values(&copy, &batches);
 }
 
+/// A chunk whose checksum is right but whose zstd frame does not make it (the size its header declares
+/// changed and the chunk's CRC32C made to match: a writer's bug rather than a flipped bit) is a read error
+/// naming the variable and the chunk, found while the batch is assembled from it a block at a time.
+#[test]
+fn a_frame_that_does_not_make_its_chunk_is_a_read_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("ndvi/zarr.json")).unwrap()).unwrap();
+    let shape = |v: &serde_json::Value| -> Vec<u64> { serde_json::from_value(v.clone()).unwrap() };
+    let outer = shape(&meta["chunk_grid"]["configuration"]["chunk_shape"]);
+    let inner = shape(&meta["codecs"][0]["configuration"]["chunk_shape"]);
+    let per_shard = outer.iter().zip(&inner).map(|(o, i)| o / i).product::<u64>() as usize;
+    let mut files = walk(&copy.join("ndvi/c"));
+    files.sort();
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let index = bytes.len() - (per_shard * 16 + 4);
+    let entry =
+        |k: usize, at: usize| u64::from_le_bytes(bytes[index + 16 * k + at..][..8].try_into().unwrap());
+    let k = (0..per_shard).find(|&k| entry(k, 0) != u64::MAX).expect("a stored chunk");
+    let (offset, length) = (entry(k, 0) as usize, entry(k, 8) as usize);
+    // The frame header (RFC 8878, 3.1.1.1): magic, descriptor, window descriptor unless single-segment,
+    // dictionary ID, then the content size, whose lowest bit is flipped.
+    let frame = &mut bytes[offset..offset + length - 4];
+    let descriptor = frame[4];
+    let size_field = [usize::from(descriptor & 0x20 != 0), 2, 4, 8][usize::from(descriptor >> 6)];
+    assert!(size_field > 0, "zarrs' frames declare their content size");
+    let at = 5 + usize::from(descriptor & 0x20 == 0) + [0, 1, 2, 4][usize::from(descriptor & 3)];
+    frame[at] ^= 1;
+    let checksum = crc32c::crc32c(frame);
+    bytes[offset + length - 4..offset + length].copy_from_slice(&checksum.to_le_bytes());
+    std::fs::write(&files[0], bytes).unwrap();
+
+    let results: Vec<_> = Loader::builder(&copy).build().unwrap().collect();
+    let errors: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(errors.len(), 1, "the stream ends at the error");
+    match errors[0] {
+        LoaderError::Read { variable, message, .. } => {
+            assert_eq!(variable, "ndvi");
+            assert!(message.contains("copy.zarr") && message.contains("zstd"), "{message}");
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    let mut skipping = Loader::builder(&copy).on_corrupt(OnCorrupt::Skip).build().unwrap();
+    let delivered = skipping.by_ref().map(Result::unwrap).count();
+    assert_eq!(skipping.corrupt_chunks(), 1);
+    assert_eq!(delivered + 1, Loader::builder(&cubes().pixel).build().unwrap().count());
+}
+
 #[test]
 fn shuffled_cube_batches_are_random_pixels_with_the_tiled_values() {
     let (tiled, cube) = (&cubes().pixel, &cubes().shuffled);

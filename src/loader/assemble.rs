@@ -888,15 +888,12 @@ impl Assembler {
         let mut series = Vec::new();
         // Chunks still to decode go to the series copy, which decodes them as it goes.
         let mut decoders = Vec::new();
-        let mut decoding = Vec::new();
         let raw: Vec<Option<Floats>> = raw
             .into_iter()
-            .zip(&self.vars)
-            .map(|(chunk, v)| match chunk {
+            .map(|chunk| match chunk {
                 Chunk::Decoded(floats) => Some(floats),
                 Chunk::Decoding(d) => {
                     decoders.push(d);
-                    decoding.push(v.meta.name.as_str());
                     None
                 }
             })
@@ -983,8 +980,10 @@ impl Assembler {
             }
         }
         copy_series(&series, &mut decoders, (b, t_len), fill, out, mask_out).map_err(|(k, message)| {
+            // Decoder `k` is that of the k-th variable whose chunk was left to decode.
+            let (v, _) = self.vars.iter().zip(&raw).filter(|(_, c)| c.is_none()).nth(k).expect("a decoder");
             LoaderError::Read {
-                variable: decoding[k].to_string(),
+                variable: v.meta.name.clone(),
                 chunk: id,
                 message: format!("{}: {message}", self.path.display()),
             }
