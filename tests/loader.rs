@@ -122,15 +122,11 @@ fn every_valid_pixel_once_per_epoch_with_the_cube_values() {
     }
 }
 
-/// A chunk its shard does not store (an all-fill chunk, which zarrs leaves out when writing) is all missing
-/// in the batches, as zarrs reads it: the loader's own decoding of float32 chunks reads the shard index the
-/// same way.
-#[test]
-fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("copy.zarr");
+/// A copy of the pixel cube in `dir`, the path of its first ndvi shard, that shard's bytes and where its index
+/// (16 bytes per inner chunk, then their CRC32C) begins in them.
+fn copy_with_first_ndvi_shard(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>, usize) {
+    let copy = dir.join("copy.zarr");
     copy_dir(&cubes().pixel, &copy);
-    // The first ndvi shard: its first inner chunk marked as not stored, the index's CRC32C made to match.
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(copy.join("ndvi/zarr.json")).unwrap()).unwrap();
     let shape = |v: &serde_json::Value| -> Vec<u64> { serde_json::from_value(v.clone()).unwrap() };
@@ -139,13 +135,24 @@ fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
     let per_shard: u64 = outer.iter().zip(&inner).map(|(o, i)| o / i).product();
     let mut files = walk(&copy.join("ndvi/c"));
     files.sort();
-    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let bytes = std::fs::read(&files[0]).unwrap();
     let index = bytes.len() - (per_shard as usize * 16 + 4);
+    (copy, files[0].clone(), bytes, index)
+}
+
+/// A chunk its shard does not store (an all-fill chunk, which zarrs leaves out when writing) is all missing
+/// in the batches, as zarrs reads it: the loader's own decoding of float32 chunks reads the shard index the
+/// same way.
+#[test]
+fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first ndvi shard: its first inner chunk marked as not stored, the index's CRC32C made to match.
+    let (copy, shard, mut bytes, index) = copy_with_first_ndvi_shard(dir.path());
     bytes[index..index + 16].fill(0xFF);
     let checksum = crc32c::crc32c(&bytes[index..bytes.len() - 4]);
     let end = bytes.len();
     bytes[end - 4..].copy_from_slice(&checksum.to_le_bytes());
-    std::fs::write(&files[0], bytes).unwrap();
+    std::fs::write(&shard, bytes).unwrap();
     // zarrs now reads that chunk as fill values (the edit took)...
     let ndvi = read_f32(&copy, "ndvi", Some(0..48), 100, 150);
     assert!(ndvi[..8].iter().all(|x| x.is_nan()), "{:?}", &ndvi[..8]);
@@ -162,18 +169,8 @@ fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
 #[test]
 fn a_frame_that_does_not_make_its_chunk_is_a_read_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("copy.zarr");
-    copy_dir(&cubes().pixel, &copy);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(copy.join("ndvi/zarr.json")).unwrap()).unwrap();
-    let shape = |v: &serde_json::Value| -> Vec<u64> { serde_json::from_value(v.clone()).unwrap() };
-    let outer = shape(&meta["chunk_grid"]["configuration"]["chunk_shape"]);
-    let inner = shape(&meta["codecs"][0]["configuration"]["chunk_shape"]);
-    let per_shard = outer.iter().zip(&inner).map(|(o, i)| o / i).product::<u64>() as usize;
-    let mut files = walk(&copy.join("ndvi/c"));
-    files.sort();
-    let mut bytes = std::fs::read(&files[0]).unwrap();
-    let index = bytes.len() - (per_shard * 16 + 4);
+    let (copy, shard, mut bytes, index) = copy_with_first_ndvi_shard(dir.path());
+    let per_shard = (bytes.len() - 4 - index) / 16;
     let entry =
         |k: usize, at: usize| u64::from_le_bytes(bytes[index + 16 * k + at..][..8].try_into().unwrap());
     let k = (0..per_shard).find(|&k| entry(k, 0) != u64::MAX).expect("a stored chunk");
@@ -188,7 +185,7 @@ fn a_frame_that_does_not_make_its_chunk_is_a_read_error_naming_it() {
     frame[at] ^= 1;
     let checksum = crc32c::crc32c(frame);
     bytes[offset + length - 4..offset + length].copy_from_slice(&checksum.to_le_bytes());
-    std::fs::write(&files[0], bytes).unwrap();
+    std::fs::write(&shard, bytes).unwrap();
 
     let results: Vec<_> = Loader::builder(&copy).build().unwrap().collect();
     let errors: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
