@@ -379,7 +379,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parses "Y-M-D[(T| )H[:M[:S[.f]]]][Z|UTC|GMT|±H[H][[:]MM]]" with 1-2 digit fields, as found in CF units
+/// Parses `Y-M-D[(T| )H[:M[:S[.f]]]][Z|UTC|GMT|±H[H][[:]MM]]` with 1-2 digit fields, as found in CF units
 /// and typed by users.
 fn parse_parts(text: &str) -> Result<Parts, String> {
     let mut c = Cursor::new(text.trim());
@@ -587,7 +587,7 @@ fn months_step(count: u64, unit_months: u32) -> Option<Step> {
     (months > 0).then_some(Step::Months(months))
 }
 
-/// Parses an ISO 8601 duration "P[nY][nM][nW][nD][T[nH][nM][nS]]" that is either whole months or whole
+/// Parses an ISO 8601 duration `P[nY][nM][nW][nD][T[nH][nM][nS]]` that is either whole months or whole
 /// seconds; a mix has no single length and is refused.
 fn parse_iso_duration(text: &str) -> Option<Step> {
     let upper = text.to_ascii_uppercase();

@@ -491,7 +491,7 @@ impl Assembler {
     /// on the target grid, the chunk (unsharded), or its byte range in its shard, preceded by the shard's
     /// index given from the fetchers' own index cache (read once per shard, through `read`, without holding
     /// any lock others wait on); a static variable's chunk is given from its shard, read whole once
-    /// ([`Assembler::static_shard`]). Level chunks, and chunks of shards whose index cannot be read or laid
+    /// (`Assembler::static_shard`). Level chunks, and chunks of shards whose index cannot be read or laid
     /// out, are left to the readers.
     pub fn planned_reads(
         &self,
