@@ -41,6 +41,9 @@ pub struct BenchOptions {
     pub remote_threads: usize,
     /// Prefetch depth of the object-store phase.
     pub remote_prefetch: usize,
+    /// Static variables delivered once per sample (`[B, S]`, the loader's `separate_statics`) instead of
+    /// repeated along time in every batch.
+    pub separate_statics: bool,
     /// Hands each batch to the training side: `cubeload-torch` makes a tensor that takes the batch's buffer
     /// (as a training loop's `into_tensor`); the default reads every value.
     pub deliver: fn(crate::Batch),
@@ -55,6 +58,7 @@ impl Default for BenchOptions {
             cold: false,
             remote_threads: 96,
             remote_prefetch: 192,
+            separate_statics: false,
             deliver: read_every_value,
         }
     }
@@ -203,6 +207,8 @@ pub struct Machine {
     pub remote_threads: usize,
     /// Prefetch depth of the object-store phase.
     pub remote_prefetch: usize,
+    /// Whether static variables were delivered once per sample instead of repeated along time.
+    pub separate_statics: bool,
     /// The cube's codec.
     pub codec: String,
     /// cubeload version.
@@ -346,20 +352,13 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
                 Some(options.remote_prefetch),
                 options.remote_threads,
                 REMOTE_EPOCHS,
-                options.deliver,
+                options,
             )?;
             requests += store.requests() - before;
             batches_read += remote.batches;
             first_ms.push(remote.first_ms);
-            let local = loader_epochs(
-                cube_path,
-                None,
-                options.threads,
-                options.prefetch,
-                0,
-                REMOTE_EPOCHS,
-                options.deliver,
-            )?;
+            let local =
+                loader_epochs(cube_path, None, options.threads, options.prefetch, 0, REMOTE_EPOCHS, options)?;
             ratios.push(remote.steady_rate() / local.steady_rate());
         }
         (
@@ -422,6 +421,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             prefetch: epoch_prefetch,
             remote_threads: options.remote_threads,
             remote_prefetch: options.remote_prefetch,
+            separate_statics: options.separate_statics,
             codec: meta.compression.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
@@ -511,7 +511,7 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
 fn loader_epoch(cube: &Path, threads: usize, options: &BenchOptions) -> Result<Epoch, LoaderError> {
-    loader_epochs(cube, None, threads, options.prefetch, 0, 1, options.deliver)
+    loader_epochs(cube, None, threads, options.prefetch, 0, 1, options)
 }
 
 /// Epochs of the object-store phase.
@@ -525,10 +525,15 @@ fn loader_epochs(
     prefetch: Option<usize>,
     fetchers: usize,
     epochs: usize,
-    deliver: fn(crate::Batch),
+    options: &BenchOptions,
 ) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
-    let mut builder = Loader::builder(cube).shuffle(0).epochs(epochs).threads(threads).fetchers(fetchers);
+    let mut builder = Loader::builder(cube)
+        .shuffle(0)
+        .epochs(epochs)
+        .threads(threads)
+        .fetchers(fetchers)
+        .separate_statics(options.separate_statics);
     if let Some(prefetch) = prefetch {
         builder = builder.prefetch(prefetch);
     }
@@ -558,7 +563,7 @@ fn loader_epochs(
         epoch.batches += 1;
         epoch.samples += batch.len();
         epoch.bytes += batch.data.len() * 4;
-        deliver(batch);
+        (options.deliver)(batch);
     }
     epoch.seconds = built.elapsed().as_secs_f64();
     Ok(epoch)

@@ -92,6 +92,9 @@ enum Command {
         /// Prefetch depth of the object-store phase.
         #[arg(long, default_value_t = 192)]
         remote_prefetch: usize,
+        /// Deliver static variables once per sample ([B, S]) instead of repeated along time in every batch.
+        #[arg(long)]
+        separate_statics: bool,
         /// Also draw throughput and latency into this PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -235,6 +238,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             image_batches,
             remote_threads,
             remote_prefetch,
+            separate_statics,
             plot,
         } => {
             let options = BenchOptions {
@@ -244,6 +248,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 cold,
                 remote_threads,
                 remote_prefetch,
+                separate_statics,
                 deliver: torch().deliver,
             };
             let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
@@ -430,13 +435,14 @@ fn bench_table(r: &BenchReport) -> String {
     rows.push((
         "machine",
         format!(
-            "{} cores, {:.1} GB, {} threads, prefetch {}, {}{}",
+            "{} cores, {:.1} GB, {} threads, prefetch {}, {}{}{}",
             m.cores,
             m.memory_gb,
             m.threads,
             m.prefetch,
             m.codec,
-            if r.cold { ", cold cache" } else { ", warm cache" }
+            if r.cold { ", cold cache" } else { ", warm cache" },
+            if m.separate_statics { ", statics once per sample" } else { "" }
         ),
     ));
     if let Some(note) = &r.cold_note {

@@ -35,6 +35,7 @@ fn bench_reports_every_figure_as_json() {
     let amplification = report["read_amplification"].as_f64().unwrap();
     assert!((1.0..1.1).contains(&amplification), "{amplification}");
     assert_eq!(report["machine"]["codec"], "zstd(3)");
+    assert_eq!(report["machine"]["separate_statics"], false);
     // Every goal says whether it is met and, only when it is not, by how much.
     let goals = report["goals"].as_array().unwrap();
     assert!(goals.iter().any(|g| g["name"] == "ratio_to_ceiling"), "{goals:?}");
@@ -44,6 +45,25 @@ fn bench_reports_every_figure_as_json() {
     }
     // Without root, --cold says why it could not drop the page cache instead of pretending.
     assert!(report["cold"] == true || report["cold_note"].as_str().is_some_and(|n| n.contains("root")));
+}
+
+/// `--separate-statics` measures the loader delivering the static land cover once per sample: the batches
+/// hold the two time-varying variables only, the same chunks are read, and the report says how it ran.
+#[test]
+fn bench_with_statics_apart_delivers_the_time_varying_variables_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args = ["bench", "work/demo.zarr", "--json", "--image-batches", "0", "--remote-threads", "0"];
+    let out = cubeload(dir.path(), &[&args[..], &["--separate-statics"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["batches"], 70);
+    assert_eq!(report["batch_bytes"], 256 * 168 * 2 * 4);
+    assert_eq!(report["machine"]["separate_statics"], true);
+    assert!(report["ratio_to_ceiling"].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()));
+    let amplification = report["read_amplification"].as_f64().unwrap();
+    assert!((1.0..1.1).contains(&amplification), "{amplification}");
 }
 
 /// Width and height of a PNG, from its IHDR chunk.
