@@ -20,6 +20,12 @@ class Loader:
     axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer.
     Missing values hold ``fill_value``. The GIL is released while a batch is awaited.
 
+    With ``separate_statics=True`` each static variable comes once per sample (``[B]``, or ``[B, h, w]`` for
+    image_sequence) instead of repeated along time: ``variables`` and ``"mask"`` then hold the time-varying
+    variables only, and ``static_variables`` names the others. A batch then carries fewer bytes (a third fewer
+    on the demo cube); broadcast them on the device (``x_s[:, None].expand(-1, T)``) where a model wants them
+    at every step.
+
     Multi-resolution cubes: variables stored at a coarser resolution come regridded onto the batch's cells
     (``regrid="target"``: nearest or bilinear, as the cube declares), or with ``regrid="native"`` in
     ``batch["native"][name]`` as ``{"data", "mask", "origin", "factor"}``: the level cells under the batch
@@ -52,6 +58,7 @@ class Loader:
         state: dict[str, Any] | None = None,
         on_corrupt: Literal["error", "skip"] = "error",
         regrid: Literal["target", "native"] = "target",
+        separate_statics: bool = False,
     ) -> None: ...
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def __next__(self) -> dict[str, Any]: ...
@@ -59,6 +66,9 @@ class Loader:
         """Where the loader stands (JSON-able); ``Loader(path, state=...)`` continues exactly after it."""
     @property
     def variables(self) -> list[str]: ...
+    @property
+    def static_variables(self) -> list[str]:
+        """Static variables delivered once per sample (``separate_statics=True``; empty otherwise)."""
     @property
     def batches_per_epoch(self) -> int: ...
     @property

@@ -34,7 +34,7 @@ class CubeDataset(IterableDataset):
         shuffle: shuffle the batches of each epoch.
         epoch: the epoch to iterate (see ``set_epoch``).
         rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
-        prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt, regrid: as for
+        prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt, regrid, separate_statics: as for
             :class:`cubeload.Loader`.
         state: a ``state()`` of an interrupted epoch (single-worker use) to resume it exactly.
     """
@@ -58,6 +58,7 @@ class CubeDataset(IterableDataset):
         state: dict[str, Any] | None = None,
         on_corrupt: str = "error",
         regrid: str = "target",
+        separate_statics: bool = False,
     ) -> None:
         super().__init__()
         self.path = str(path)
@@ -66,7 +67,7 @@ class CubeDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.options = dict(
             prefetch=prefetch, threads=threads, mix=mix, normalize=normalize, fill_value=fill_value,
-            min_valid=min_valid, on_corrupt=on_corrupt, regrid=regrid,
+            min_valid=min_valid, on_corrupt=on_corrupt, regrid=regrid, separate_statics=separate_statics,
         )
         self.state = state
 
@@ -100,7 +101,7 @@ class CubeDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = self.loader()
-        names = loader.variables
+        names = loader.variables + loader.static_variables
         for batch in loader:
             out: dict[str, Any] = {name: torch.from_numpy(batch[name]) for name in names}
             out["mask"] = torch.from_numpy(batch["mask"])

@@ -50,6 +50,9 @@ fn to_py_err(error: LoaderError) -> PyErr {
 struct Loader {
     inner: cubeload::Loader,
     variables: Vec<String>,
+    /// Static variables delivered once per sample (`separate_statics=True`), in the order of the batch's
+    /// statics.
+    static_variables: Vec<String>,
 }
 
 fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
@@ -78,7 +81,7 @@ impl Loader {
     #[pyo3(signature = (
         path, variables=None, *, shuffle=true, seed=0, epochs=1, rank=0, world_size=1, worker=0, workers=1,
         prefetch=None, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
-        on_corrupt="error", regrid="target",
+        on_corrupt="error", regrid="target", separate_statics=false,
     ))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
@@ -101,6 +104,7 @@ impl Loader {
         state: Option<&Bound<'_, PyDict>>,
         on_corrupt: &str,
         regrid: &str,
+        separate_statics: bool,
     ) -> PyResult<Self> {
         let regrid = match regrid {
             "target" => Regrid::Target,
@@ -130,6 +134,7 @@ impl Loader {
             .fill_value(fill_value)
             .on_corrupt(on_corrupt)
             .regrid(regrid)
+            .separate_statics(separate_statics)
             .variable_major(true);
         if let Some(prefetch) = prefetch {
             builder = builder.prefetch(prefetch);
@@ -147,8 +152,8 @@ impl Loader {
             builder = builder.resume(state_from_dict(state)?);
         }
         let inner = py.detach(move || builder.build()).map_err(to_py_err)?;
-        let (variables, _) = inner.variable_names();
-        Ok(Loader { inner, variables })
+        let (variables, static_variables) = inner.variable_names();
+        Ok(Loader { inner, variables, static_variables })
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -161,7 +166,7 @@ impl Loader {
         match next {
             None => Ok(None),
             Some(Err(e)) => Err(to_py_err(e)),
-            Some(Ok(batch)) => batch_to_dict(py, batch, &slf.variables).map(Some),
+            Some(Ok(batch)) => batch_to_dict(py, batch, &slf.variables, &slf.static_variables).map(Some),
         }
     }
 
@@ -185,6 +190,12 @@ impl Loader {
     #[getter]
     fn variables(&self) -> Vec<String> {
         self.variables.clone()
+    }
+
+    /// Static variables delivered once per sample (`separate_statics=True`; empty otherwise).
+    #[getter]
+    fn static_variables(&self) -> Vec<String> {
+        self.static_variables.clone()
     }
 
     /// Corrupt chunks left out so far with ``on_corrupt="skip"``.
@@ -217,11 +228,25 @@ impl Loader {
 }
 
 /// The batch as a dict; every array is a view of one Rust-owned buffer (no copy).
-fn batch_to_dict(py: Python<'_>, batch: cubeload::Batch, variables: &[String]) -> PyResult<Py<PyDict>> {
+fn batch_to_dict(
+    py: Python<'_>,
+    batch: cubeload::Batch,
+    variables: &[String],
+    static_variables: &[String],
+) -> PyResult<Py<PyDict>> {
     let dict = PyDict::new(py);
+    let statics_shape = batch.statics_shape();
     let data = PyArray1::from_vec(py, batch.data).reshape(batch.shape.clone())?;
     for (i, name) in variables.iter().enumerate() {
         dict.set_item(name, data.get_item(i)?)?;
+    }
+    // Statics apart: `[B, S]` (or `[B, S, h, w]`), each variable a strided view along axis 1.
+    if !static_variables.is_empty() {
+        let statics = PyArray1::from_vec(py, batch.statics).reshape(statics_shape)?;
+        for (j, name) in static_variables.iter().enumerate() {
+            let column = (pyo3::types::PySlice::full(py), j);
+            dict.set_item(name, statics.get_item(column)?)?;
+        }
     }
     let mask = PyArray1::from_vec(py, batch.mask).reshape(batch.shape)?;
     dict.set_item("mask", mask.call_method1("view", ("bool",))?)?;

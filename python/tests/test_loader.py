@@ -49,6 +49,29 @@ def test_every_pixel_once_per_epoch_with_xarrays_values(pixel_cube):
         assert seen == {(a, o) for a in ds.lat.values.tolist() for o in ds.lon.values.tolist()}
 
 
+def test_statics_apart_once_per_sample_with_the_same_values(pixel_cube):
+    ds = xr.open_zarr(pixel_cube)
+    lat_index = {v: i for i, v in enumerate(ds.lat.values)}
+    lon_index = {v: i for i, v in enumerate(ds.lon.values)}
+    lc = ds.landcover.values.astype(np.float32)
+    loader = cubeload.Loader(pixel_cube, seed=3, separate_statics=True)
+    assert loader.variables == ["t2m", "ndvi"] and loader.static_variables == ["landcover"]
+    repeated = cubeload.Loader(pixel_cube, seed=3)
+    for apart, whole in zip(loader, repeated):
+        assert apart["landcover"].shape == (256,) and apart["mask"].shape == (2, 256, 168)
+        # The same batches as with statics repeated along time, whose first step gives the static value.
+        assert apart["chunk"] == whole["chunk"]
+        np.testing.assert_array_equal(apart["t2m"], whole["t2m"])
+        np.testing.assert_array_equal(apart["mask"], whole["mask"][:2])
+        np.testing.assert_array_equal(apart["landcover"], whole["landcover"][:, 0])
+        # And xarray's map where it has data (0 is its declared fill value), the fill value elsewhere.
+        ref = lc[[lat_index[a] for a in apart["lat"]], [lon_index[o] for o in apart["lon"]]]
+        np.testing.assert_array_equal(apart["landcover"], np.where(np.isnan(ref), 0.0, ref))
+    dataset = CubeDataset(pixel_cube, seed=3, separate_statics=True)
+    batch = next(iter(dataset))
+    assert batch["landcover"].shape == (256,) and batch["t2m"].shape == (256, 168)
+
+
 def test_image_sequences(image_cube):
     ds = xr.open_zarr(image_cube)
     loader = cubeload.Loader(image_cube, ["ndvi", "t2m"], shuffle=False)
