@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of cubeload: formatting, clippy, the API documentation, the Rust unit and integration tests
 # (which read the real rasters in ../shared/data and compare with the gdalwarp program), the Python suite that
-# opens cubes with real xarray, and the Python binding's suite with real numpy and torch. Installs what is missing first
-# (scripts/setup.sh), so it works on a fresh machine.
+# opens cubes with real xarray, and the Python binding's suite with real numpy and torch. Installs what is
+# missing first (scripts/setup.sh), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

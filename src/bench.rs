@@ -69,7 +69,8 @@ impl Default for BenchOptions {
 pub struct BenchReport {
     /// The cube measured.
     pub cube: PathBuf,
-    /// Loader throughput, GB/s of delivered float32 batch data, from the built loader to its last batch.
+    /// Loader throughput, GB/s of delivered float32 batch data (values, and statics delivered apart), from
+    /// the built loader to its last batch.
     pub loader_gb_per_s: f64,
     /// Samples (pixel series or image sequences) per second.
     pub samples_per_s: f64,
@@ -562,7 +563,7 @@ fn loader_epochs(
         }
         epoch.batches += 1;
         epoch.samples += batch.len();
-        epoch.bytes += batch.data.len() * 4;
+        epoch.bytes += (batch.data.len() + batch.statics.len()) * 4;
         (options.deliver)(batch);
     }
     epoch.seconds = built.elapsed().as_secs_f64();

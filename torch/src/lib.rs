@@ -41,7 +41,9 @@ fn deliver(batch: Batch) {
     // the consumer side gets one torch thread.
     static ONE_THREAD: std::sync::Once = std::sync::Once::new();
     ONE_THREAD.call_once(|| tch::set_num_threads(1));
-    drop(std::hint::black_box(batch.into_tensor(tch::Device::Cpu)));
+    // Statics delivered apart (`--separate-statics`) become a tensor too, as a training step takes them.
+    let statics = (!batch.statics.is_empty()).then(|| batch.statics_tensor(tch::Device::Cpu));
+    drop(std::hint::black_box((batch.into_tensor(tch::Device::Cpu), statics)));
 }
 
 /// The demo's short training run: an LSTM predicting the next hour of t2m from all variables.
