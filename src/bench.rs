@@ -2,7 +2,7 @@
 //! one run so that the ratios are not spoiled by a noisy machine.
 //!
 //! - **loader**: one shuffled epoch delivered as batches ([`BenchOptions::deliver`]: into tensors in the
-//!   `cubeload-torch` binary);
+//!   `cubeload-torch` binary), or several of one loader where an epoch is too short to measure;
 //! - **ceiling**: the same chunks read and decoded with the same number of threads, by the loader's own
 //!   reading code ([`Assembler::decode_stored`]), nothing assembled;
 //! - **image-chunked**: the same batches read from a copy of the cube chunked image by image
@@ -93,7 +93,10 @@ pub struct BenchReport {
     /// static variables along time): the median of five rounds of a loader epoch between two ceiling passes
     /// (their mean); the loader's other figures come from that round.
     pub ratio_to_ceiling: f64,
-    /// Bytes read by the process during the loader epoch ÷ stored bytes of the batches delivered.
+    /// Epochs of one loader in each measurement of the loader (and passes over the chunks in each of the
+    /// ceiling): 1, unless a pass lasts under 50 ms (a small cube), then as many as last that long.
+    pub epochs_per_round: usize,
+    /// Bytes read by the process during the loader's epochs ÷ stored bytes of the batches delivered.
     pub read_amplification: Option<f64>,
     /// Per-batch time from the image-chunked copy ÷ per-batch time of the loader.
     pub speedup_vs_image_chunked: Option<f64>,
@@ -282,6 +285,14 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         })
         .collect();
     let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
+    // Epochs per loader measurement (and ceiling passes per ceiling measurement), from an untimed pass: more
+    // than one where a pass is shorter than `MIN_PASS_SECONDS`. Cold, one: only the first pass reads the disk.
+    let passes = if options.cold {
+        1
+    } else {
+        let (seconds, _) = ceiling_pass(&cube, &work, options.threads.max(1), 1, &mut prepare)?;
+        passes_for(seconds)
+    };
 
     // Ceiling, loader (one shuffled epoch into tensors), ceiling again and the same epoch with one reader
     // thread, run one after the other, LOCAL_ROUNDS times: an epoch of a cube of a few hundred MB lasts a
@@ -292,23 +303,23 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         // The ceiling once before the loader epoch and once after it, their mean taken: the machine's speed
         // drifts within a round (ceiling passes of one run differ by up to a fifth), and the two passes
         // bracket the epoch.
-        let (before, decoded) = ceiling_pass(&cube, &work, options.threads.max(1), &mut prepare)?;
+        let (before, decoded) = ceiling_pass(&cube, &work, options.threads.max(1), passes, &mut prepare)?;
         prepare();
         let read_before = bytes_read();
-        let epoch = loader_epoch(cube_path, options.threads, options)?;
+        let epoch = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, passes, options)?;
         let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
-        let (after, _) = ceiling_pass(&cube, &work, options.threads.max(1), &mut prepare)?;
+        let (after, _) = ceiling_pass(&cube, &work, options.threads.max(1), passes, &mut prepare)?;
         let ceiling_seconds = f64::midpoint(before, after);
         // The same epoch with one reader thread: how reading scales with threads.
         let single_seconds = if options.threads >= 2 {
             prepare();
-            Some(loader_epoch(cube_path, 1, options)?.seconds)
+            Some(loader_epochs(cube_path, None, 1, options.prefetch, 0, passes, options)?.seconds)
         } else {
             None
         };
         // Time per chunk, not bytes: delivered batches repeat static variables along time.
-        let ratio =
-            (ceiling_seconds / batches_in_cube as f64) / (epoch.seconds / epoch.batches.max(1) as f64);
+        let ratio = (ceiling_seconds / (batches_in_cube * passes) as f64)
+            / (epoch.seconds / epoch.batches.max(1) as f64);
         rounds.push(Round {
             ratio,
             ceiling_gb_per_s: decoded as f64 / ceiling_seconds / 1e9,
@@ -352,14 +363,21 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
                 options.threads,
                 Some(options.remote_prefetch),
                 options.remote_threads,
-                REMOTE_EPOCHS,
+                REMOTE_EPOCHS * passes,
                 options,
             )?;
             requests += store.requests() - before;
             batches_read += remote.batches;
             first_ms.push(remote.first_ms);
-            let local =
-                loader_epochs(cube_path, None, options.threads, options.prefetch, 0, REMOTE_EPOCHS, options)?;
+            let local = loader_epochs(
+                cube_path,
+                None,
+                options.threads,
+                options.prefetch,
+                0,
+                REMOTE_EPOCHS * passes,
+                options,
+            )?;
             ratios.push(remote.steady_rate() / local.steady_rate());
         }
         (
@@ -400,6 +418,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         peak_rss_mb: peak_rss_mb(),
         ceiling_gb_per_s,
         ratio_to_ceiling,
+        epochs_per_round: passes,
         read_amplification,
         speedup_vs_image_chunked,
         thread_scaling,
@@ -598,13 +617,28 @@ fn ceiling_pass(
     cube: &Cube,
     work: &[(usize, ChunkId)],
     threads: usize,
+    passes: usize,
     prepare: &mut impl FnMut(),
 ) -> Result<(f64, u64), LoaderError> {
     let stored = Assembler::new(cube, &[], Transform::default())?;
     prepare();
     let started = Instant::now();
-    let decoded = read_chunks(&stored, work, threads)?;
+    let mut decoded = 0;
+    for _ in 0..passes {
+        decoded += read_chunks(&stored, work, threads)?;
+    }
     Ok((started.elapsed().as_secs_f64(), decoded))
+}
+
+/// The least time a measurement reads for: an epoch of a small cube (the demo's 70 batches, about 10 ms)
+/// is mostly the loader's start (its threads, its first batch, the first fill of its prefetch window) and
+/// the machine's noise, so such a cube is measured over several epochs of one loader, as a training run
+/// reads it, against as many ceiling passes. An epoch of the default cube lasts longer: one of each.
+const MIN_PASS_SECONDS: f64 = 0.05;
+
+/// Passes (epochs) per measurement for a cube whose ceiling pass took `seconds`.
+fn passes_for(seconds: f64) -> usize {
+    (MIN_PASS_SECONDS / seconds.max(1e-6)).ceil().clamp(1.0, 1000.0) as usize
 }
 
 /// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with `threads` threads;
@@ -699,6 +733,20 @@ fn image_chunked_seconds_per_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Passes of at least `MIN_PASS_SECONDS` in all: one for a long pass, as many as it takes for short ones.
+    #[test]
+    fn short_passes_are_repeated_until_they_last_long_enough() {
+        assert_eq!(passes_for(0.12), 1);
+        assert_eq!(passes_for(MIN_PASS_SECONDS), 1);
+        assert_eq!(passes_for(0.007), 8);
+        assert_eq!(passes_for(0.0), 1000);
+        for seconds in [0.001, 0.003, 0.011, 0.02, 0.049] {
+            let passes = passes_for(seconds);
+            assert!(passes as f64 * seconds >= MIN_PASS_SECONDS, "{seconds}: {passes}");
+            assert!((passes - 1) as f64 * seconds < MIN_PASS_SECONDS, "{seconds}: {passes}");
+        }
+    }
 
     /// A goal says whether it is met and, when not, by how much, relative to the goal.
     #[test]

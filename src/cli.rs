@@ -372,12 +372,17 @@ fn bench_table(r: &BenchReport) -> String {
         (
             "loader",
             format!(
-                "{:.3} GB/s, {:.0} samples/s, {:.1} batches/s ({} batches of {:.1} MB)",
+                "{:.3} GB/s, {:.0} samples/s, {:.1} batches/s ({} batches of {:.1} MB{})",
                 r.loader_gb_per_s,
                 r.samples_per_s,
                 r.batches_per_s,
                 r.batches,
-                r.batch_bytes as f64 / 1e6
+                r.batch_bytes as f64 / 1e6,
+                if r.epochs_per_round > 1 {
+                    format!(", {} epochs of one loader: an epoch lasts under 50 ms", r.epochs_per_round)
+                } else {
+                    String::new()
+                }
             ),
         ),
         (

@@ -28,7 +28,9 @@ fn bench_reports_every_figure_as_json() {
     // Building the loader is part of the time to the first batch.
     let build = report["loader_build_ms"].as_f64().unwrap();
     assert!(build < report["time_to_first_batch_ms"].as_f64().unwrap(), "{build}");
-    // The demo cube has 7 × 10 batches of 256 pixels × 168 h × 3 variables.
+    // The demo cube has 7 × 10 batches of 256 pixels × 168 h × 3 variables; cold, one epoch is measured
+    // (only the first reads the disk).
+    assert_eq!(report["epochs_per_round"], 1);
     assert_eq!(report["batches"], 70);
     assert_eq!(report["batch_bytes"], 256 * 168 * 3 * 4);
     // Each chunk is read once: the bytes read are the cube's chunk bytes plus metadata.
@@ -58,12 +60,18 @@ fn bench_with_statics_apart_delivers_the_time_varying_variables_only() {
     let out = cubeload(dir.path(), &[&args[..], &["--separate-statics"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["batches"], 70);
+    // Warm, an epoch of the demo cube is too short to measure alone: whole epochs of one loader, each of the
+    // 70 batches.
+    let epochs = report["epochs_per_round"].as_u64().unwrap();
+    assert!(epochs >= 1, "{epochs}");
+    assert_eq!(report["batches"], 70 * epochs);
     assert_eq!(report["batch_bytes"], 256 * (168 * 2 + 1) * 4);
     assert_eq!(report["machine"]["separate_statics"], true);
     assert!(report["ratio_to_ceiling"].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()));
+    // Each chunk read once per epoch; the shard indexes (a few bytes per chunk) once for all epochs of the
+    // loader, hence possibly a hair under 1.
     let amplification = report["read_amplification"].as_f64().unwrap();
-    assert!((1.0..1.1).contains(&amplification), "{amplification}");
+    assert!((0.99..1.1).contains(&amplification), "{amplification}");
 }
 
 /// Width and height of a PNG, from its IHDR chunk.
