@@ -2,13 +2,14 @@
 //! one run so that the ratios are not spoiled by a noisy machine.
 //!
 //! - **loader**: one shuffled epoch delivered as batches ([`BenchOptions::deliver`]: into tensors in the
-//!   `cubeload-torch` binary), or several of one loader where an epoch is too short to measure;
+//!   `cubeload-torch` binary): several of one loader where an epoch is too short to measure, its first
+//!   batches where it is too long (measurements last 50 ms to [`MAX_PASS_SECONDS`]);
 //! - **ceiling**: the same chunks read and decoded with the same number of threads, by the loader's own
 //!   reading code ([`Assembler::decode_stored`]), nothing assembled;
 //! - **image-chunked**: the same batches read from a copy of the cube chunked image by image
 //!   (`(1, 200, 200)`), the layout of the usual xarray recipe;
-//! - **read amplification**: bytes the process read (`/proc/self/io`) during the loader epoch ÷ the bytes the
-//!   delivered batches occupy on disk.
+//! - **read amplification**: bytes the process read (`/proc/self/io`) during the loader's epochs ÷ the bytes
+//!   the batches read occupy on disk.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use zarrs::array::{ArrayBuilder, ArraySubset, data_type};
 use zarrs::filesystem::FilesystemStore;
 
 use crate::cube::reader::Cube;
+use crate::cube::{CubeMeta, VariableMeta};
 use crate::loader::assemble::{Assembler, Transform};
 use crate::loader::sampler::ChunkId;
 use crate::loader::{HINT_AHEAD, Loader, LoaderError};
@@ -44,6 +46,9 @@ pub struct BenchOptions {
     /// Static variables delivered once per sample (`[B, S]`, the loader's `separate_statics`) instead of
     /// repeated along time in every batch.
     pub separate_statics: bool,
+    /// The most time a measurement reads for ([`MAX_PASS_SECONDS`] by default): of a cube whose ceiling pass
+    /// would last longer, each measurement takes the first batches of the shuffled epoch.
+    pub max_pass_seconds: f64,
     /// Hands each batch to the training side: `cubeload-torch` makes a tensor that takes the batch's buffer
     /// (as a training loop's `into_tensor`); the default reads every value.
     pub deliver: fn(crate::Batch),
@@ -59,6 +64,7 @@ impl Default for BenchOptions {
             remote_threads: 96,
             remote_prefetch: 192,
             separate_statics: false,
+            max_pass_seconds: MAX_PASS_SECONDS,
             deliver: read_every_value,
         }
     }
@@ -96,7 +102,12 @@ pub struct BenchReport {
     /// Epochs of one loader in each measurement of the loader (and passes over the chunks in each of the
     /// ceiling): 1, unless a pass lasts under 50 ms (a small cube), then as many as last that long.
     pub epochs_per_round: usize,
-    /// Bytes read by the process during the loader's epochs ÷ stored bytes of the batches delivered.
+    /// Where a ceiling pass would last over a second (a large cube), the batches each measurement takes:
+    /// the first of the shuffled epoch, as many as last that long (the ceiling reads their chunks). `None`:
+    /// whole epochs.
+    pub epoch_batches_measured: Option<usize>,
+    /// Bytes read by the process during the loader's epochs ÷ stored bytes of the batches read (delivered,
+    /// and read ahead of a measurement that ends before its epoch does).
     pub read_amplification: Option<f64>,
     /// Per-batch time from the image-chunked copy ÷ per-batch time of the loader.
     pub speedup_vs_image_chunked: Option<f64>,
@@ -108,7 +119,8 @@ pub struct BenchReport {
     /// epochs after the first batch (the time to it is `remote_time_to_first_batch_ms`); the median of three
     /// such pairs run side by side.
     pub remote_ratio: Option<f64>,
-    /// Requests per batch in that phase (each pays the latency).
+    /// Requests per batch read in that phase (each pays the latency; in a measurement cut short, the fetch
+    /// threads' requests for batches further ahead count too).
     pub remote_requests_per_batch: Option<f64>,
     /// Build of that loader plus its first batch: opening the cube (metadata, coordinates, validity index)
     /// pays the latency once per request before prefetching starts.
@@ -213,6 +225,8 @@ pub struct Machine {
     pub remote_prefetch: usize,
     /// Whether static variables were delivered once per sample instead of repeated along time.
     pub separate_statics: bool,
+    /// The most seconds a measurement reads for (`--max-pass-seconds`).
+    pub max_pass_seconds: f64,
     /// The cube's codec.
     pub codec: String,
     /// cubeload version.
@@ -271,28 +285,28 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         }
     };
 
-    // Ceiling: every chunk of every variable (each level chunk of a multi-resolution cube once), decoded by
-    // `threads` threads.
-    prepare();
-    let work: Vec<(usize, ChunkId)> = meta
-        .variables
-        .iter()
-        .enumerate()
-        .flat_map(|(i, v)| {
-            let [ct, cy, cx] = meta.geometry(v).chunk_counts();
-            let ct = if v.is_static { 1 } else { ct };
-            (0..ct).flat_map(move |t| (0..cy).flat_map(move |y| (0..cx).map(move |x| (i, [t, y, x]))))
-        })
-        .collect();
+    // How long each measurement reads: the ceiling over the chunks of the loader's first batches, timed
+    // once (reading them from disk if they are not in memory), says how long a whole pass would take.
     let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
-    // Epochs per loader measurement (and ceiling passes per ceiling measurement), from an untimed pass: more
-    // than one where a pass is shorter than `MIN_PASS_SECONDS`. Cold, one: only the first pass reads the disk.
-    let passes = if options.cold {
-        1
-    } else {
-        let (seconds, _) = ceiling_pass(&cube, &work, options.threads.max(1), 1, &mut prepare)?;
-        passes_for(seconds)
+    let order = |n| -> Result<Vec<ChunkId>, LoaderError> {
+        Ok(Loader::builder(cube_path).shuffle(0).threads(0).build()?.first_chunks(n))
     };
+    let first = order(CALIBRATION_BATCHES)?;
+    let threads = options.threads.max(1);
+    let (seconds, _) = ceiling_pass(&cube, &ceiling_work(&meta, Some(&first)), threads, 1, &mut prepare)?;
+    let per_batch = seconds / first.len().max(1) as f64;
+    let plan = Plan::new(per_batch * batches_in_cube as f64, per_batch, options);
+    // Ceiling: the chunks of every variable that the measured batches read (each level chunk of a
+    // multi-resolution cube once), decoded by `threads` threads.
+    prepare();
+    let (work, ceiling_batches) = match plan.batches {
+        None => (ceiling_work(&meta, None), batches_in_cube),
+        Some(n) => {
+            let measured = order(n)?;
+            (ceiling_work(&meta, Some(&measured)), measured.len())
+        }
+    };
+    let passes = plan.passes;
 
     // Ceiling, loader (one shuffled epoch into tensors), ceiling again and the same epoch with one reader
     // thread, run one after the other, LOCAL_ROUNDS times: an epoch of a cube of a few hundred MB lasts a
@@ -303,22 +317,22 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         // The ceiling once before the loader epoch and once after it, their mean taken: the machine's speed
         // drifts within a round (ceiling passes of one run differ by up to a fifth), and the two passes
         // bracket the epoch.
-        let (before, decoded) = ceiling_pass(&cube, &work, options.threads.max(1), passes, &mut prepare)?;
+        let (before, decoded) = ceiling_pass(&cube, &work, threads, passes, &mut prepare)?;
         prepare();
         let read_before = bytes_read();
-        let epoch = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, passes, options)?;
+        let epoch = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, plan, options)?;
         let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
-        let (after, _) = ceiling_pass(&cube, &work, options.threads.max(1), passes, &mut prepare)?;
+        let (after, _) = ceiling_pass(&cube, &work, threads, passes, &mut prepare)?;
         let ceiling_seconds = f64::midpoint(before, after);
         // The same epoch with one reader thread: how reading scales with threads.
         let single_seconds = if options.threads >= 2 {
             prepare();
-            Some(loader_epochs(cube_path, None, 1, options.prefetch, 0, passes, options)?.seconds)
+            Some(loader_epochs(cube_path, None, 1, options.prefetch, 0, plan, options)?.seconds)
         } else {
             None
         };
         // Time per chunk, not bytes: delivered batches repeat static variables along time.
-        let ratio = (ceiling_seconds / (batches_in_cube * passes) as f64)
+        let ratio = (ceiling_seconds / (ceiling_batches * passes) as f64)
             / (epoch.seconds / epoch.batches.max(1) as f64);
         rounds.push(Round {
             ratio,
@@ -343,9 +357,16 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         first_ms,
         mut latencies,
         prefetch: epoch_prefetch,
+        batches_read: epoch_batches_read,
     } = epoch;
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
     // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
+    // A measurement cut short takes at least four times the prefetch depth there, which a remote epoch fills
+    // first.
+    let remote_plan = Plan {
+        passes: plan.passes * REMOTE_EPOCHS,
+        batches: plan.batches.map(|n| n.max(4 * options.remote_prefetch)),
+    };
     let (remote_ratio, remote_requests_per_batch, remote_first_ms) = if options.remote_threads > 0 {
         let store = Arc::new(LatencyStore::new(
             Location::Local(cube_path.to_path_buf()).readable()?,
@@ -363,21 +384,14 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
                 options.threads,
                 Some(options.remote_prefetch),
                 options.remote_threads,
-                REMOTE_EPOCHS * passes,
+                remote_plan,
                 options,
             )?;
             requests += store.requests() - before;
-            batches_read += remote.batches;
+            batches_read += remote.batches_read;
             first_ms.push(remote.first_ms);
-            let local = loader_epochs(
-                cube_path,
-                None,
-                options.threads,
-                options.prefetch,
-                0,
-                REMOTE_EPOCHS * passes,
-                options,
-            )?;
+            let local =
+                loader_epochs(cube_path, None, options.threads, options.prefetch, 0, remote_plan, options)?;
             ratios.push(remote.steady_rate() / local.steady_rate());
         }
         (
@@ -390,11 +404,12 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     };
     let latencies_ms = latencies.clone();
     latencies.sort_by(f64::total_cmp);
-    // Stored bytes of the delivered batches: the arrays' files, times the share of chunks delivered.
+    // Stored bytes of the batches read: the arrays' files, times the share of chunks read (those delivered,
+    // and those read ahead of a measurement that stops before the end of the epoch).
     let stored: u64 =
         meta.variables.iter().map(|v| dir_bytes(&cube_path.join(meta.geometry(v).array_path(&v.name)))).sum();
     let read_amplification =
-        read_during.map(|r| r as f64 / (stored as f64 * batches as f64 / batches_in_cube as f64));
+        read_during.map(|r| r as f64 / (stored as f64 * epoch_batches_read as f64 / batches_in_cube as f64));
 
     // Image-chunked copy.
     let speedup_vs_image_chunked = if options.image_batches > 0 && meta.shape[0] > 0 {
@@ -419,6 +434,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         ceiling_gb_per_s,
         ratio_to_ceiling,
         epochs_per_round: passes,
+        epoch_batches_measured: plan.batches,
         read_amplification,
         speedup_vs_image_chunked,
         thread_scaling,
@@ -442,6 +458,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             remote_threads: options.remote_threads,
             remote_prefetch: options.remote_prefetch,
             separate_statics: options.separate_statics,
+            max_pass_seconds: options.max_pass_seconds,
             codec: meta.compression.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
@@ -475,6 +492,8 @@ struct Epoch {
     latencies: Vec<f64>,
     /// The loader's prefetch depth.
     prefetch: usize,
+    /// Batches the readers took: those delivered, and those read ahead of a measurement that stops early.
+    batches_read: usize,
 }
 
 impl Epoch {
@@ -531,26 +550,27 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// One shuffled epoch delivered into tensors; times the build, the first batch and every wait.
 fn loader_epoch(cube: &Path, threads: usize, options: &BenchOptions) -> Result<Epoch, LoaderError> {
-    loader_epochs(cube, None, threads, options.prefetch, 0, 1, options)
+    loader_epochs(cube, None, threads, options.prefetch, 0, Plan::WHOLE_EPOCH, options)
 }
 
 /// Epochs of the object-store phase.
 const REMOTE_EPOCHS: usize = 2;
 
-/// `epochs` of [`loader_epoch`] through `store` when given, with `fetchers` fetch threads in front of it.
+/// The epochs of `plan` (of each, all batches or its first ones) through `store` when given, with `fetchers`
+/// fetch threads in front of it: one loader, timed as [`loader_epoch`].
 fn loader_epochs(
     cube: &Path,
     store: Option<zarrs::storage::ReadableStorage>,
     threads: usize,
     prefetch: Option<usize>,
     fetchers: usize,
-    epochs: usize,
+    plan: Plan,
     options: &BenchOptions,
 ) -> Result<Epoch, LoaderError> {
     let started = Instant::now();
     let mut builder = Loader::builder(cube)
         .shuffle(0)
-        .epochs(epochs)
+        .epochs(plan.passes)
         .threads(threads)
         .fetchers(fetchers)
         .separate_statics(options.separate_statics);
@@ -571,8 +591,10 @@ fn loader_epochs(
         first_ms: 0.0,
         latencies: Vec::new(),
         prefetch: loader.prefetch_depth(),
+        batches_read: 0,
     };
-    loop {
+    let limit = plan.batches.map(|n| n * plan.passes);
+    while limit.is_none_or(|limit| epoch.batches < limit) {
         let waited = Instant::now();
         let Some(batch) = loader.next() else { break };
         let batch = batch?;
@@ -586,6 +608,8 @@ fn loader_epochs(
         (options.deliver)(batch);
     }
     epoch.seconds = built.elapsed().as_secs_f64();
+    // Batches (of one chunk: the bench mixes none) the readers took, delivered or read ahead.
+    epoch.batches_read = loader.stop();
     Ok(epoch)
 }
 
@@ -636,9 +660,71 @@ fn ceiling_pass(
 /// reads it, against as many ceiling passes. An epoch of the default cube lasts longer: one of each.
 const MIN_PASS_SECONDS: f64 = 0.05;
 
-/// Passes (epochs) per measurement for a cube whose ceiling pass took `seconds`.
-fn passes_for(seconds: f64) -> usize {
-    (MIN_PASS_SECONDS / seconds.max(1e-6)).ceil().clamp(1.0, 1000.0) as usize
+/// The most time a measurement reads for: the bench runs some thirty of them, and an epoch of a user's cube
+/// of hundreds of GB lasts many minutes. Of a cube whose ceiling pass would last longer, each measurement
+/// reads the first batches of the shuffled epoch, as many as last this long (the default cube's pass takes
+/// about 0.12 s).
+pub const MAX_PASS_SECONDS: f64 = 1.0;
+
+/// Batches whose chunks are read to estimate how long a ceiling pass takes.
+const CALIBRATION_BATCHES: usize = 64;
+
+/// What each measurement reads: `passes` epochs of one loader (and as many ceiling passes), each whole or
+/// its first `batches`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Plan {
+    passes: usize,
+    batches: Option<usize>,
+}
+
+impl Plan {
+    const WHOLE_EPOCH: Plan = Plan { passes: 1, batches: None };
+
+    /// The plan for a cube whose ceiling pass would take `seconds` (of `per_batch` seconds a batch). Cold,
+    /// one epoch at most: only the first pass would read the disk.
+    fn new(seconds: f64, per_batch: f64, options: &BenchOptions) -> Plan {
+        let max = options.max_pass_seconds;
+        if seconds > max {
+            let batches = (max / per_batch.max(1e-9)).ceil().max(1.0) as usize;
+            Plan { passes: 1, batches: Some(batches) }
+        } else if options.cold {
+            Plan::WHOLE_EPOCH
+        } else {
+            let passes = (MIN_PASS_SECONDS / seconds.max(1e-6)).ceil().clamp(1.0, 1000.0) as usize;
+            Plan { passes, batches: None }
+        }
+    }
+}
+
+/// The `(variable, chunk)` reads of the ceiling: every chunk of every variable (a static variable's once
+/// per tile), or, for the batches of chunks `batches`, theirs (a variable on a level of a multi-resolution
+/// cube, whose chunks do not follow the batches', the same share of its chunks).
+fn ceiling_work(meta: &CubeMeta, batches: Option<&[ChunkId]>) -> Vec<(usize, ChunkId)> {
+    let all = |i: usize, v: &VariableMeta| {
+        let [ct, cy, cx] = meta.geometry(v).chunk_counts();
+        let ct = if v.is_static { 1 } else { ct };
+        (0..ct).flat_map(move |t| (0..cy).flat_map(move |y| (0..cx).map(move |x| (i, [t, y, x]))))
+    };
+    let Some(batches) = batches else {
+        return meta.variables.iter().enumerate().flat_map(|(i, v)| all(i, v)).collect();
+    };
+    let share = batches.len() as f64 / meta.chunk_counts().iter().product::<usize>().max(1) as f64;
+    let mut work = Vec::new();
+    for (i, v) in meta.variables.iter().enumerate() {
+        if v.level.is_some() {
+            let chunks: Vec<_> = all(i, v).collect();
+            let n = (chunks.len() as f64 * share).ceil() as usize;
+            work.extend(chunks.into_iter().take(n));
+        } else if v.is_static {
+            let mut seen = std::collections::HashSet::new();
+            work.extend(
+                batches.iter().filter(|id| seen.insert((id[1], id[2]))).map(|id| (i, [0, id[1], id[2]])),
+            );
+        } else {
+            work.extend(batches.iter().map(|&id| (i, id)));
+        }
+    }
+    work
 }
 
 /// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with `threads` threads;
@@ -734,18 +820,48 @@ fn image_chunked_seconds_per_batch(
 mod tests {
     use super::*;
 
-    /// Passes of at least `MIN_PASS_SECONDS` in all: one for a long pass, as many as it takes for short ones.
+    /// Short passes are repeated until they last `MIN_PASS_SECONDS`, long ones cut to `MAX_PASS_SECONDS`;
+    /// cold, never repeated.
     #[test]
-    fn short_passes_are_repeated_until_they_last_long_enough() {
-        assert_eq!(passes_for(0.12), 1);
-        assert_eq!(passes_for(MIN_PASS_SECONDS), 1);
-        assert_eq!(passes_for(0.007), 8);
-        assert_eq!(passes_for(0.0), 1000);
+    fn measurements_last_long_enough_and_not_too_long() {
+        let (warm, cold) = (BenchOptions::default(), BenchOptions { cold: true, ..BenchOptions::default() });
+        let whole = Plan::WHOLE_EPOCH;
+        assert_eq!(Plan::new(0.12, 0.0005, &warm), whole);
+        assert_eq!(Plan::new(MIN_PASS_SECONDS, 0.001, &warm), whole);
+        assert_eq!(Plan::new(0.007, 0.0001, &warm), Plan { passes: 8, batches: None });
+        assert_eq!(Plan::new(0.007, 0.0001, &cold), whole);
+        assert_eq!(Plan::new(MAX_PASS_SECONDS, 0.001, &warm), whole);
+        for options in [&warm, &cold] {
+            assert_eq!(Plan::new(600.0, 0.002, options), Plan { passes: 1, batches: Some(500) });
+        }
+        let shorter = BenchOptions { max_pass_seconds: 0.1, ..BenchOptions::default() };
+        assert_eq!(Plan::new(0.12, 0.0005, &shorter), Plan { passes: 1, batches: Some(200) });
         for seconds in [0.001, 0.003, 0.011, 0.02, 0.049] {
-            let passes = passes_for(seconds);
-            assert!(passes as f64 * seconds >= MIN_PASS_SECONDS, "{seconds}: {passes}");
+            let Plan { passes, batches } = Plan::new(seconds, seconds / 70.0, &warm);
+            assert!(batches.is_none() && passes as f64 * seconds >= MIN_PASS_SECONDS, "{seconds}: {passes}");
             assert!((passes - 1) as f64 * seconds < MIN_PASS_SECONDS, "{seconds}: {passes}");
         }
+    }
+
+    /// The ceiling of part of an epoch reads the chunks of its batches: each time-varying variable's chunk
+    /// of every batch, a static variable's once per tile.
+    #[test]
+    fn the_ceiling_of_some_batches_reads_their_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = crate::demo::build_cube(dir.path(), &crate::demo::DemoSpec::default(), Some(2)).unwrap();
+        let meta = Cube::open(&report.path).unwrap().meta().clone();
+        let names: Vec<(&str, bool)> =
+            meta.variables.iter().map(|v| (v.name.as_str(), v.is_static)).collect();
+        assert_eq!(names, [("t2m", false), ("ndvi", false), ("landcover", true)]);
+        // 1 × 7 × 10 chunks: every one of the two time-varying variables, one per tile of the static.
+        assert_eq!(ceiling_work(&meta, None).len(), 70 * 3);
+        let batches = [[0, 3, 4], [0, 1, 2], [0, 3, 5]];
+        let expected: Vec<(usize, ChunkId)> = [0, 1]
+            .into_iter()
+            .flat_map(|i| batches.map(|id| (i, id)))
+            .chain(batches.map(|[_, y, x]| (2, [0, y, x])))
+            .collect();
+        assert_eq!(ceiling_work(&meta, Some(&batches)), expected);
     }
 
     /// A goal says whether it is met and, when not, by how much, relative to the goal.

@@ -95,6 +95,10 @@ enum Command {
         /// Deliver static variables once per sample ([B, S]) instead of repeated along time in every batch.
         #[arg(long)]
         separate_statics: bool,
+        /// The most seconds a measurement reads for: of a larger cube, each takes the first batches of the
+        /// shuffled epoch.
+        #[arg(long, default_value_t = crate::bench::MAX_PASS_SECONDS)]
+        max_pass_seconds: f64,
         /// Also draw throughput and latency into this PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -239,6 +243,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             remote_threads,
             remote_prefetch,
             separate_statics,
+            max_pass_seconds,
             plot,
         } => {
             let options = BenchOptions {
@@ -249,6 +254,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 remote_threads,
                 remote_prefetch,
                 separate_statics,
+                max_pass_seconds,
                 deliver: torch().deliver,
             };
             let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
@@ -378,10 +384,13 @@ fn bench_table(r: &BenchReport) -> String {
                 r.batches_per_s,
                 r.batches,
                 r.batch_bytes as f64 / 1e6,
-                if r.epochs_per_round > 1 {
-                    format!(", {} epochs of one loader: an epoch lasts under 50 ms", r.epochs_per_round)
-                } else {
-                    String::new()
+                match (r.epochs_per_round, r.epoch_batches_measured) {
+                    (_, Some(_)) => format!(
+                        ", the first of the shuffled epoch: a whole one lasts over {} s",
+                        r.machine.max_pass_seconds
+                    ),
+                    (1, None) => String::new(),
+                    (epochs, None) => format!(", {epochs} epochs of one loader: an epoch lasts under 50 ms"),
                 }
             ),
         ),

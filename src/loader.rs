@@ -688,6 +688,20 @@ impl Loader {
         self.shared.sampler.per_epoch()
     }
 
+    /// Stops the readers, as dropping the loader does, and returns the jobs they took (counted from the first
+    /// epoch's first, delivered or read ahead): what a measurement that stops early has read.
+    pub(crate) fn stop(self) -> usize {
+        let shared = self.shared.clone();
+        drop(self);
+        shared.jobs.lock().expect("job counter").next_read
+    }
+
+    /// The chunks of the first `n` batches of the first epoch (fewer if the epoch is shorter), in delivery
+    /// order: what `cubeload bench` reads in a measurement that takes only part of an epoch.
+    pub(crate) fn first_chunks(&self, n: usize) -> Vec<ChunkId> {
+        self.shared.sampler.epoch_order(0).iter().take(n).copied().collect()
+    }
+
     /// The cube's metadata.
     #[must_use]
     pub fn meta(&self) -> &CubeMeta {

@@ -31,6 +31,7 @@ fn bench_reports_every_figure_as_json() {
     // The demo cube has 7 × 10 batches of 256 pixels × 168 h × 3 variables; cold, one epoch is measured
     // (only the first reads the disk).
     assert_eq!(report["epochs_per_round"], 1);
+    assert_eq!(report["epoch_batches_measured"], serde_json::Value::Null);
     assert_eq!(report["batches"], 70);
     assert_eq!(report["batch_bytes"], 256 * 168 * 3 * 4);
     // Each chunk is read once: the bytes read are the cube's chunk bytes plus metadata.
@@ -72,6 +73,34 @@ fn bench_with_statics_apart_delivers_the_time_varying_variables_only() {
     // loader, hence possibly a hair under 1.
     let amplification = report["read_amplification"].as_f64().unwrap();
     assert!((0.99..1.1).contains(&amplification), "{amplification}");
+}
+
+/// A cube whose epoch lasts longer than `--max-pass-seconds` is measured over the first batches of its
+/// shuffled epoch, as many as last that long; the ceiling reads their chunks.
+#[test]
+fn bench_of_a_cube_too_large_to_read_whole_takes_the_first_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A pass over the demo cube's 70 batches takes some milliseconds: 2 ms covers a few batches.
+    let args = ["bench", "work/demo.zarr", "--image-batches", "0", "--remote-threads", "0"];
+    let out = cubeload(dir.path(), &[&args[..], &["--json", "--max-pass-seconds", "0.002"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = report["epoch_batches_measured"].as_u64().unwrap();
+    assert!((1..70).contains(&n), "{n}");
+    assert_eq!(report["batches"], n);
+    assert_eq!(report["epochs_per_round"], 1);
+    assert_eq!(report["machine"]["max_pass_seconds"], 0.002);
+    assert!(report["ratio_to_ceiling"].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()));
+    // Bytes read against the stored bytes of the batches the readers took, delivered or read ahead.
+    let amplification = report["read_amplification"].as_f64().unwrap();
+    assert!((0.9..1.1).contains(&amplification), "{amplification}");
+    // The table says so.
+    let out = cubeload(dir.path(), &[&args[..], &["--max-pass-seconds", "0.002"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("the first of the shuffled epoch: a whole one lasts over 0.002 s"), "{table}");
 }
 
 /// Width and height of a PNG, from its IHDR chunk.
