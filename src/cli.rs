@@ -97,7 +97,7 @@ enum Command {
         separate_statics: bool,
         /// The most seconds a measurement reads for: of a larger cube, each takes the first batches of the
         /// shuffled epoch.
-        #[arg(long, default_value_t = crate::bench::MAX_PASS_SECONDS)]
+        #[arg(long, default_value_t = crate::bench::MAX_PASS_SECONDS, value_parser = positive_seconds, allow_negative_numbers = true)]
         max_pass_seconds: f64,
         /// Also draw throughput and latency into this PNG.
         #[arg(long)]
@@ -294,6 +294,14 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             print!("{}", bench_table(&report));
             Ok(())
         }
+    }
+}
+
+/// A number of seconds greater than zero.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
+        _ => Err(format!("`{text}` is not a number of seconds greater than 0")),
     }
 }
 

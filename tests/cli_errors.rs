@@ -390,3 +390,17 @@ fn demo_and_bench_without_the_torch_binary_say_how_to_build_it() {
     let version = std::process::Command::new(&alone).arg("--version").output().unwrap();
     assert!(version.status.success());
 }
+
+/// A measurement's longest time must be a number of seconds above zero: anything else is a usage error naming
+/// the flag, before anything is generated or read.
+#[test]
+fn bench_refuses_a_max_pass_time_that_is_not_positive() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0", "-1", "nan", "inf", "soon"] {
+        let out = cubeload(dir.path(), &["bench", "--max-pass-seconds", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_mentions(&stderr, &["--max-pass-seconds", &format!("`{bad}` is not a number of seconds")]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{bad}: nothing is written");
+    }
+}
