@@ -97,7 +97,8 @@ enum Command {
         separate_statics: bool,
         /// The most seconds a measurement reads for: of a larger cube, each takes the first batches of the
         /// shuffled epoch.
-        #[arg(long, default_value_t = crate::bench::MAX_PASS_SECONDS, value_parser = positive_seconds, allow_negative_numbers = true)]
+        #[arg(long, default_value_t = crate::bench::MAX_PASS_SECONDS)]
+        #[arg(value_parser = positive_seconds, allow_negative_numbers = true)]
         max_pass_seconds: f64,
         /// Also draw throughput and latency into this PNG.
         #[arg(long)]
