@@ -102,9 +102,9 @@ pub struct BenchReport {
     /// Epochs of one loader in each measurement of the loader (and passes over the chunks in each of the
     /// ceiling): 1, unless a pass lasts under 50 ms (a small cube), then as many as last that long.
     pub epochs_per_round: usize,
-    /// Where a ceiling pass would last over a second (a large cube), the batches each measurement takes:
-    /// the first of the shuffled epoch, as many as last that long (the ceiling reads their chunks). `None`:
-    /// whole epochs.
+    /// Where a ceiling pass would last over `max_pass_seconds` (a large cube), the batches each measurement
+    /// takes: the first of the shuffled epoch, as many as last that long (the ceiling reads their chunks).
+    /// `None`: whole epochs.
     pub epoch_batches_measured: Option<usize>,
     /// Bytes read by the process during the loader's epochs ÷ stored bytes of the batches read (delivered,
     /// and read ahead of a measurement that ends before its epoch does).
