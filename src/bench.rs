@@ -285,27 +285,50 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         }
     };
 
-    // How long each measurement reads: the ceiling over the chunks of the loader's first batches, timed
-    // once (reading them from disk if they are not in memory), says how long a whole pass would take.
+    // How long each measurement reads: the ceiling over the chunks of the loader's first batches says how
+    // long a whole pass would take.
     let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
-    let order = |n| -> Result<Vec<ChunkId>, LoaderError> {
-        Ok(Loader::builder(cube_path).shuffle(0).threads(0).build()?.first_chunks(n))
-    };
-    let first = order(CALIBRATION_BATCHES)?;
+    // A loader without threads, asked only for its order of batches.
+    let order = Loader::builder(cube_path).shuffle(0).threads(0).build()?;
+    let first = order.first_chunks(CALIBRATION_BATCHES);
     let threads = options.threads.max(1);
-    let (seconds, _) = ceiling_pass(&cube, &ceiling_work(&meta, Some(&first)), threads, 1, &mut prepare)?;
+    // Twice, the second timed: warm, the first brings the chunks into memory (cold, both read the disk).
+    let calibration = ceiling_work(&meta, Some(&first));
+    ceiling_pass(&cube, &calibration, threads, 1, &mut prepare)?;
+    let (seconds, _) = ceiling_pass(&cube, &calibration, threads, 1, &mut prepare)?;
     let per_batch = seconds / first.len().max(1) as f64;
     let plan = Plan::new(per_batch * batches_in_cube as f64, per_batch, options);
+    // The object-store phase: of a measurement cut short, at least four times the prefetch depth there,
+    // which a remote epoch fills first.
+    let remote_plan = Plan {
+        passes: plan.passes * REMOTE_EPOCHS,
+        batches: plan.batches.map(|n| n.max(4 * options.remote_prefetch)),
+    };
     // Ceiling: the chunks of every variable that the measured batches read (each level chunk of a
     // multi-resolution cube once), decoded by `threads` threads.
-    prepare();
     let (work, ceiling_batches) = match plan.batches {
         None => (ceiling_work(&meta, None), batches_in_cube),
         Some(n) => {
-            let measured = order(n)?;
+            let measured = order.first_chunks(n);
             (ceiling_work(&meta, Some(&measured)), measured.len())
         }
     };
+    // Warm means warm: the chunks every phase reads are read into memory first (a cube the bench has just
+    // generated is there already; a user's cube, or the batches past the first of a cut measurement, may
+    // not be).
+    if !options.cold {
+        let remote;
+        let warm = match remote_plan.limit() {
+            Some(limit) if options.remote_threads > 0 => {
+                remote = ceiling_work(&meta, Some(&order.first_chunks(limit)));
+                &remote
+            }
+            _ => &work,
+        };
+        ceiling_pass(&cube, warm, threads, 1, &mut || {})?;
+    }
+    drop(order);
+    prepare();
     let passes = plan.passes;
 
     // Ceiling, loader (one shuffled epoch into tensors), ceiling again and the same epoch with one reader
@@ -361,12 +384,6 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     } = epoch;
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
     // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
-    // A measurement cut short takes at least four times the prefetch depth there, which a remote epoch fills
-    // first.
-    let remote_plan = Plan {
-        passes: plan.passes * REMOTE_EPOCHS,
-        batches: plan.batches.map(|n| n.max(4 * options.remote_prefetch)),
-    };
     let (remote_ratio, remote_requests_per_batch, remote_first_ms) = if options.remote_threads > 0 {
         let store = Arc::new(LatencyStore::new(
             Location::Local(cube_path.to_path_buf()).readable()?,
@@ -593,7 +610,7 @@ fn loader_epochs(
         prefetch: loader.prefetch_depth(),
         batches_read: 0,
     };
-    let limit = plan.batches.map(|n| n * plan.passes);
+    let limit = plan.limit();
     while limit.is_none_or(|limit| epoch.batches < limit) {
         let waited = Instant::now();
         let Some(batch) = loader.next() else { break };
@@ -679,6 +696,11 @@ struct Plan {
 
 impl Plan {
     const WHOLE_EPOCH: Plan = Plan { passes: 1, batches: None };
+
+    /// The batches delivered in all, when cut short.
+    fn limit(self) -> Option<usize> {
+        self.batches.map(|n| n * self.passes)
+    }
 
     /// The plan for a cube whose ceiling pass would take `seconds` (of `per_batch` seconds a batch). Cold,
     /// one epoch at most: only the first pass would read the disk.
