@@ -297,7 +297,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     ceiling_pass(&cube, &calibration, threads, 1, &mut prepare)?;
     let (seconds, _) = ceiling_pass(&cube, &calibration, threads, 1, &mut prepare)?;
     let per_batch = seconds / first.len().max(1) as f64;
-    let plan = Plan::new(per_batch * batches_in_cube as f64, per_batch, options);
+    let plan = Plan::new(per_batch, batches_in_cube, options);
     // The object-store phase: of a measurement cut short, at least four times the prefetch depth there,
     // which a remote epoch fills first.
     let remote_plan = Plan {
@@ -702,19 +702,20 @@ impl Plan {
         self.batches.map(|n| n * self.passes)
     }
 
-    /// The plan for a cube whose ceiling pass would take `seconds` (of `per_batch` seconds a batch). Cold,
-    /// one epoch at most: only the first pass would read the disk.
-    fn new(seconds: f64, per_batch: f64, options: &BenchOptions) -> Plan {
-        let max = options.max_pass_seconds;
+    /// The plan for a cube of `batches` batches whose ceiling takes `per_batch` seconds a batch. Cold, one
+    /// epoch at most: only the first pass would read the disk.
+    fn new(per_batch: f64, batches: usize, options: &BenchOptions) -> Plan {
+        let (seconds, max) = (per_batch * batches as f64, options.max_pass_seconds);
         if seconds > max {
-            let batches = (max / per_batch.max(1e-9)).ceil().max(1.0) as usize;
-            Plan { passes: 1, batches: Some(batches) }
-        } else if options.cold {
-            Plan::WHOLE_EPOCH
-        } else {
-            let passes = (MIN_PASS_SECONDS / seconds.max(1e-6)).ceil().clamp(1.0, 1000.0) as usize;
-            Plan { passes, batches: None }
+            // Fewer than the epoch's batches, or the whole epoch.
+            let n = (max / per_batch.max(1e-9)).ceil().max(1.0) as usize;
+            return if n < batches { Plan { passes: 1, batches: Some(n) } } else { Plan::WHOLE_EPOCH };
         }
+        if options.cold {
+            return Plan::WHOLE_EPOCH;
+        }
+        let passes = (MIN_PASS_SECONDS / seconds.max(1e-6)).ceil().clamp(1.0, 1000.0) as usize;
+        Plan { passes, batches: None }
     }
 }
 
@@ -848,18 +849,22 @@ mod tests {
     fn measurements_last_long_enough_and_not_too_long() {
         let (warm, cold) = (BenchOptions::default(), BenchOptions { cold: true, ..BenchOptions::default() });
         let whole = Plan::WHOLE_EPOCH;
-        assert_eq!(Plan::new(0.12, 0.0005, &warm), whole);
-        assert_eq!(Plan::new(MIN_PASS_SECONDS, 0.001, &warm), whole);
-        assert_eq!(Plan::new(0.007, 0.0001, &warm), Plan { passes: 8, batches: None });
-        assert_eq!(Plan::new(0.007, 0.0001, &cold), whole);
-        assert_eq!(Plan::new(MAX_PASS_SECONDS, 0.001, &warm), whole);
+        assert_eq!(Plan::new(0.0005, 240, &warm), whole);
+        assert_eq!(Plan::new(0.001, 50, &warm), whole);
+        assert_eq!(Plan::new(0.0001, 70, &warm), Plan { passes: 8, batches: None });
+        assert_eq!(Plan::new(0.0001, 70, &cold), whole);
+        assert_eq!(Plan::new(0.001, 1000, &warm), whole);
         for options in [&warm, &cold] {
-            assert_eq!(Plan::new(600.0, 0.002, options), Plan { passes: 1, batches: Some(500) });
+            assert_eq!(Plan::new(0.002, 300_000, options), Plan { passes: 1, batches: Some(500) });
         }
         let shorter = BenchOptions { max_pass_seconds: 0.1, ..BenchOptions::default() };
-        assert_eq!(Plan::new(0.12, 0.0005, &shorter), Plan { passes: 1, batches: Some(200) });
+        assert_eq!(Plan::new(0.0005, 240, &shorter), Plan { passes: 1, batches: Some(200) });
+        // Over the maximum by less than a batch: the whole epoch, once.
+        let tiny = BenchOptions { max_pass_seconds: 0.002, ..BenchOptions::default() };
+        assert_eq!(Plan::new(0.002 / 69.7, 70, &tiny), whole);
+        assert_eq!(Plan::new(0.002 / 60.0, 70, &tiny), Plan { passes: 1, batches: Some(60) });
         for seconds in [0.001, 0.003, 0.011, 0.02, 0.049] {
-            let Plan { passes, batches } = Plan::new(seconds, seconds / 70.0, &warm);
+            let Plan { passes, batches } = Plan::new(seconds / 70.0, 70, &warm);
             assert!(batches.is_none() && passes as f64 * seconds >= MIN_PASS_SECONDS, "{seconds}: {passes}");
             assert!((passes - 1) as f64 * seconds < MIN_PASS_SECONDS, "{seconds}: {passes}");
         }
