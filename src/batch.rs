@@ -100,4 +100,15 @@ impl Batch {
             }
         }
     }
+
+    /// Gives the batch's buffers back, for the next batches of any loader of this process to be made in
+    /// instead of fresh memory, whose pages the reader would fault in ([`crate::loader::buffers`]). For a
+    /// training loop done with a batch; dropping it frees them, as any vector. The tensors of
+    /// `cubeload-torch` and the arrays of the Python module give their buffers back themselves.
+    pub fn recycle(self) {
+        use crate::loader::buffers::give_back;
+        give_back(self.data);
+        give_back(self.mask);
+        give_back(self.statics);
+    }
 }

@@ -630,11 +630,12 @@ fn loader_epochs(
     Ok(epoch)
 }
 
-/// The delivery of a library caller that has no tensors: a read of every value (the batch is then freed, as a
-/// training step frees it).
-#[allow(clippy::needless_pass_by_value)] // a `deliver` function takes the batch, as `into_tensor` does
+/// The delivery of a library caller that has no tensors: a read of every value, then the batch given back
+/// for the next ones, as a training loop done with it gives it back ([`crate::Batch::recycle`]; the tensors
+/// of `cubeload-torch` give theirs back when freed).
 fn read_every_value(batch: crate::Batch) {
     std::hint::black_box(batch.data.iter().sum::<f32>());
+    batch.recycle();
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

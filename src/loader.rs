@@ -14,6 +14,8 @@
 //!   chunks decoded by `decode` (straight from their stored bytes), pixel series transposed by `transpose`
 //!   (time-major chunks, 8 × 8 values at a time) or interleaved by `interleave` (sample-major chunks of
 //!   shuffled cubes); variables on coarser levels regridded by [`regrid`].
+//! - Buffers: [`buffers`] keeps the batches' values and masks given back by the consumer (`cubeload-torch`'s
+//!   tensors, the Python arrays, [`Batch::recycle`]) for the next batches of any loader of the process.
 //! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer (by
 //!   default as many batches as 32 MiB hold, 4 to 1024), and send results through a bounded channel; the
 //!   consumer puts them back in order. Dropping the loader stops and joins every thread; an error or a panic
@@ -24,6 +26,7 @@
 //!   the stream with an error naming it, or with [`OnCorrupt::Skip`] is left out and counted.
 
 pub mod assemble;
+pub mod buffers;
 pub(crate) mod decode;
 mod interleave;
 pub mod regrid;

@@ -16,6 +16,8 @@ struct Cubes {
     pixel: PathBuf,
     image: PathBuf,
     shuffled: PathBuf,
+    /// Batches of 512 series, large enough for their buffers to be kept when given back.
+    wide: PathBuf,
 }
 
 /// Demo inputs and two cubes over them (pixel_series, image_sequence), made once per test run.
@@ -37,7 +39,8 @@ fn cubes() -> &'static Cubes {
         let image = make("image", "layout: { kind: image_sequence, seq_len: 8, patch: [8, 8], batch: 4 }");
         let shuffled =
             make("shuffled", "layout: { kind: pixel_series, batch: 64, order: shuffled, seed: 5 }");
-        Cubes { _dir: dir, pixel, image, shuffled }
+        let wide = make("wide", "layout: { kind: pixel_series, batch: 512 }");
+        Cubes { _dir: dir, pixel, image, shuffled, wide }
     })
 }
 
@@ -314,6 +317,46 @@ fn same_seed_same_batches_whatever_the_threads() {
     let epoch0: Vec<_> = reference.iter().filter(|f| f.0 == 0).map(|f| f.2).collect();
     let epoch1: Vec<_> = reference.iter().filter(|f| f.0 == 1).map(|f| f.2).collect();
     assert_ne!(epoch0, epoch1, "each epoch has its own order");
+}
+
+/// Batches given back are made again in their memory, and what it held never shows through: buffers of
+/// the batch's size filled with other values, given back first, are taken by the loader, and every batch of
+/// loaders whose batches are all given back is the batch of a loader whose batches are dropped, bit for bit.
+#[test]
+fn batches_given_back_are_made_again_in_their_memory() {
+    use cubeload::loader::buffers::{MIN_BYTES, give_back};
+    let cube = &cubes().wide;
+    let loader = |threads| Loader::builder(cube).shuffle(4).epochs(2).threads(threads).prefetch(2).build();
+    let reference = collect(loader(2).unwrap());
+    let cells = reference[0].data.len();
+    assert!(reference[0].mask.len() >= MIN_BYTES, "the cube's masks are large enough to be kept");
+    // Only this test's loaders make batches of this size: nothing else takes these buffers.
+    let mut poisoned = HashSet::new();
+    for _ in 0..4 {
+        let (data, mask) = (vec![f32::from_bits(0x7fc0_dead); cells], vec![7u8; cells]);
+        poisoned.insert(data.as_ptr() as usize);
+        give_back(data);
+        give_back(mask);
+    }
+    let mut made_in_poisoned = 0;
+    for threads in [2, 0] {
+        let batches = loader(threads).unwrap();
+        let mut delivered = 0;
+        for (batch, expected) in batches.zip(&reference) {
+            let batch = batch.unwrap();
+            assert_eq!(batch.origin, expected.origin);
+            assert_eq!(
+                fingerprint(std::slice::from_ref(&batch)),
+                fingerprint(std::slice::from_ref(expected))
+            );
+            assert!(batch.mask == expected.mask, "mask of batch {:?}", batch.origin);
+            made_in_poisoned += usize::from(poisoned.contains(&(batch.data.as_ptr() as usize)));
+            delivered += 1;
+            batch.recycle();
+        }
+        assert_eq!(delivered, reference.len());
+    }
+    assert!(made_in_poisoned > 0, "no batch was made in a buffer given back");
 }
 
 /// By default the readers may hold 32 MiB of batches ready (4 to 1024 batches): dozens of small ones, so that

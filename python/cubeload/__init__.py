@@ -10,7 +10,8 @@ with ``regrid="native"`` at their own resolution in ``batch["native"][name]`` (`
 cell ``origin`` and the level ``factor``).
 
 The arrays are views of a buffer filled by the Rust loader: no copy is made, and ``torch.from_numpy`` shares
-them. For PyTorch's DataLoader (several workers, distributed ranks) use :class:`cubeload.torch.CubeDataset`.
+them. When numpy frees a batch's last array, its values and mask go back to the loaders, which make their next
+batches in them instead of in fresh memory (:func:`kept_buffer_bytes` says how much is kept). For PyTorch's DataLoader (several workers, distributed ranks) use :class:`cubeload.torch.CubeDataset`.
 """
 
 # numpy must be imported before the extension starts threads that create arrays.
@@ -22,6 +23,7 @@ from ._cubeload import (
     CubeloadError,
     Loader,
     UnknownVariableError,
+    kept_buffer_bytes,
 )
 
-__all__ = ["Loader", "CubeloadError", "CubeError", "UnknownVariableError", "CorruptChunkError"]
+__all__ = ["Loader", "CubeloadError", "CubeError", "UnknownVariableError", "CorruptChunkError", "kept_buffer_bytes"]

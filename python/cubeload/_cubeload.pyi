@@ -11,13 +11,18 @@ class CubeError(CubeloadError): ...
 class UnknownVariableError(CubeloadError): ...
 class CorruptChunkError(CubeloadError): ...
 
+def kept_buffer_bytes() -> int:
+    """Bytes of batch buffers this process keeps for its loaders' next batches: the values and masks of
+    batches whose arrays numpy has freed (at most 64 MiB of each)."""
+
 class Loader:
     """An iterable of batches from a cubeload cube.
 
     Each batch is a dict: one float32 array per variable (``[B, T]`` for pixel_series, ``[B, S, h, w]`` for
     image_sequence), ``"mask"`` (bool, ``[V, B, ...]`` in ``variables`` order: True where a value is real),
     per-sample ``"lat"``, ``"lon"`` (float64) and ``"time_index"`` (int64, first step on the cube's time
-    axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer.
+    axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer; the
+    values and mask go back to the loaders when numpy frees the last array over them.
     Missing values hold ``fill_value``. The GIL is released while a batch is awaited.
 
     With ``separate_statics=True`` each static variable comes once per sample (``[B]``, or ``[B, h, w]`` for

@@ -1,11 +1,13 @@
 //! `cubeload._cubeload`: a thin binding of the Rust loader. Batches are handed to numpy without copying:
-//! each batch's buffer is a Rust `Vec` that numpy adopts, and the per-variable arrays are views of it. The
-//! GIL is released while waiting for a batch. No libtorch is linked: `torch.from_numpy` shares the arrays
+//! each batch's buffer is a Rust `Vec` that numpy adopts, and the per-variable arrays are views of it; the
+//! values and mask go back to the loaders when numpy frees the last array over them. The GIL is released
+//! while waiting for a batch. No libtorch is linked: `torch.from_numpy` shares the arrays
 //! with whatever torch the user has.
 
 use std::path::PathBuf;
 
 use cubeload::loader::{LoaderError, LoaderState, OnCorrupt, Regrid};
+use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -227,6 +229,32 @@ impl Loader {
     }
 }
 
+/// A batch's values and mask behind its numpy arrays, given back to the loaders for their next batches when
+/// numpy frees the last array over them (`cubeload::loader::buffers`): a batch made in fresh memory has its
+/// pages faulted in by the reader.
+#[pyclass(frozen, module = "cubeload._cubeload")]
+struct BatchBuffers {
+    data: Vec<f32>,
+    mask: Vec<u8>,
+}
+
+impl Drop for BatchBuffers {
+    fn drop(&mut self) {
+        cubeload::loader::buffers::give_back(std::mem::take(&mut self.data));
+        cubeload::loader::buffers::give_back(std::mem::take(&mut self.mask));
+    }
+}
+
+/// A 1-D array over `values`, which `owner` holds.
+fn borrowed<'py, T: numpy::Element>(
+    values: &[T],
+    owner: &Bound<'py, BatchBuffers>,
+) -> Bound<'py, PyArray1<T>> {
+    // SAFETY: `owner` is frozen: its vectors are neither changed nor moved until it is dropped, which numpy
+    // does only after the array (and every view of it), whose base it is, is gone.
+    unsafe { PyArray1::borrow_from_array(&ArrayView1::from(values), owner.clone().into_any()) }
+}
+
 /// The batch as a dict; every array is a view of one Rust-owned buffer (no copy).
 fn batch_to_dict(
     py: Python<'_>,
@@ -236,7 +264,8 @@ fn batch_to_dict(
 ) -> PyResult<Py<PyDict>> {
     let dict = PyDict::new(py);
     let statics_shape = batch.statics_shape();
-    let data = PyArray1::from_vec(py, batch.data).reshape(batch.shape.clone())?;
+    let owner = Bound::new(py, BatchBuffers { data: batch.data, mask: batch.mask })?;
+    let data = borrowed(&owner.get().data, &owner).reshape(batch.shape.clone())?;
     for (i, name) in variables.iter().enumerate() {
         dict.set_item(name, data.get_item(i)?)?;
     }
@@ -248,7 +277,7 @@ fn batch_to_dict(
             dict.set_item(name, statics.get_item(column)?)?;
         }
     }
-    let mask = PyArray1::from_vec(py, batch.mask).reshape(batch.shape)?;
+    let mask = borrowed(&owner.get().mask, &owner).reshape(batch.shape)?;
     dict.set_item("mask", mask.call_method1("view", ("bool",))?)?;
     dict.set_item("lat", PyArray1::from_vec(py, batch.lat))?;
     dict.set_item("lon", PyArray1::from_vec(py, batch.lon))?;
@@ -274,9 +303,17 @@ fn batch_to_dict(
     Ok(dict.unbind())
 }
 
+/// Bytes of batch buffers this process keeps for its loaders' next batches: the values and masks of batches
+/// whose arrays numpy has freed (at most 64 MiB of each).
+#[pyfunction]
+fn kept_buffer_bytes() -> usize {
+    cubeload::loader::buffers::kept_bytes()
+}
+
 #[pymodule]
 fn _cubeload(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Loader>()?;
+    m.add_function(wrap_pyfunction!(kept_buffer_bytes, m)?)?;
     m.add("CubeloadError", m.py().get_type::<CubeloadError>())?;
     m.add("CubeError", m.py().get_type::<CubeError>())?;
     m.add("UnknownVariableError", m.py().get_type::<UnknownVariableError>())?;

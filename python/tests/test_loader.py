@@ -3,6 +3,8 @@ DataLoader workers, zero-copy arrays and exceptions."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -152,6 +154,33 @@ def test_arrays_are_views_of_one_rust_buffer_without_copies(pixel_cube):
     assert not isinstance(owner, np.ndarray), f"memory owned by the Rust buffer, got {type(owner)}"
     tensor = torch.from_numpy(t2m)
     assert tensor.data_ptr() == t2m.ctypes.data, "torch shares the array"
+
+
+FREED_BATCH_SCRIPT = """
+import sys
+import cubeload, torch
+loader = cubeload.Loader(sys.argv[1], seed=4, threads=0)
+first = next(loader)
+size = sum(first[v].nbytes for v in loader.variables) + first["mask"].nbytes
+assert cubeload.kept_buffer_bytes() == 0
+held = torch.from_numpy(first["ndvi"])
+at = held.data_ptr()
+del first
+assert cubeload.kept_buffer_bytes() == 0, "a tensor still shares the buffer"
+del held
+assert cubeload.kept_buffer_bytes() == size, (cubeload.kept_buffer_bytes(), size)
+second = next(loader)
+assert cubeload.kept_buffer_bytes() == 0, "the next batch was made in the buffers given back"
+assert second["ndvi"].ctypes.data == at
+print("ok")
+"""
+
+
+def test_a_batch_freed_by_numpy_gives_its_buffers_to_the_next_batch(pixel_cube):
+    """When numpy frees a batch's last array (here after a torch tensor sharing it), its values and mask go
+    back to the loaders, which make the next batch in them. In a child process, whose store starts empty."""
+    out = subprocess.run([sys.executable, "-c", FREED_BATCH_SCRIPT, str(pixel_cube)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_errors_are_python_exceptions(pixel_cube, tmp_path):

@@ -12,6 +12,7 @@ use zarrs::array::{
 use zarrs::storage::byte_range::ByteRange;
 use zarrs::storage::{ReadableStorageTraits, StoreKey};
 
+use super::buffers;
 use super::sampler::{ChunkId, rng_for};
 use super::{LoaderError, Regrid};
 use crate::batch::{Batch, BatchOrigin, NativeField};
@@ -870,11 +871,12 @@ impl Assembler {
         let vmajor = self.transform.variable_major;
         let (b, shape, sample_cells) = self.batch_shape();
         // Neither zeroed: every element of both is written below (each variable on the target grid covers its
-        // column of every sample and step, or its rows of every patch) before the lengths are set.
+        // column of every sample and step, or its rows of every patch) before the lengths are set. Both are
+        // buffers given back by earlier batches' consumers where there are some ([`buffers`]).
         let cells = b * sample_cells;
-        let mut data: Vec<f32> = Vec::with_capacity(cells);
+        let mut data: Vec<f32> = buffers::take(cells);
         let out = &mut data.spare_capacity_mut()[..cells];
-        let mut mask: Vec<u8> = Vec::with_capacity(cells);
+        let mut mask: Vec<u8> = buffers::take(cells);
         let mask_out = &mut mask.spare_capacity_mut()[..cells];
         let statics_cells = match l.kind {
             LayoutKind::PixelSeries => ns,
@@ -1400,6 +1402,8 @@ fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
             batch.time_index[s] = from.time_index[g];
         }
     }
+    // For the next batches to be made in.
+    source.into_iter().for_each(Batch::recycle);
 }
 
 /// Shared handle.

@@ -8,6 +8,7 @@ use tch::kind::Element;
 use tch::{Device, Kind, Tensor};
 
 use cubeload::Batch;
+use cubeload::loader::buffers;
 
 /// Runs `f` on a tensor viewing `values` as `shape` (no copy); `f` must return a tensor of its own
 /// memory (a copy or a conversion), which is all that outlives the view.
@@ -53,14 +54,16 @@ unsafe extern "C" {
     ) -> *mut torch_sys::C_tensor;
 }
 
-/// Frees a buffer handed to libtorch by [`owned`].
+/// Gives a buffer handed to libtorch by [`owned`] back to the loaders ([`buffers`]), which make their next
+/// batches in it.
 unsafe extern "C" fn release(ctx: *mut c_void) {
     // SAFETY: `ctx` is the `Box<Vec<f32>>` leaked by `owned`, and libtorch calls this once, when it frees the
     // tensor's storage.
-    drop(unsafe { Box::from_raw(ctx.cast::<Vec<f32>>()) });
+    buffers::give_back(*unsafe { Box::from_raw(ctx.cast::<Vec<f32>>()) });
 }
 
-/// A CPU tensor of `shape` that owns `values`: no copy; the vector is freed when libtorch frees the tensor.
+/// A CPU tensor of `shape` that owns `values`: no copy; the vector is given back to the loaders
+/// ([`buffers`]) when libtorch frees the tensor.
 fn owned(values: Vec<f32>, shape: &[usize]) -> Tensor {
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     assert_eq!(values.len() as i64, dims.iter().product::<i64>(), "batch values and shape disagree");
@@ -98,8 +101,9 @@ pub trait BatchTensors {
     fn to_tensor(&self, device: Device) -> Tensor;
 
     /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32), without a copy on the CPU: the
-    /// tensor takes the batch's buffer and frees it when libtorch frees the tensor. For a CUDA device, as
-    /// [`BatchTensors::to_tensor`]. Take the mask (and the statics) first when the training step needs them.
+    /// tensor takes the batch's buffer and gives it back to the loaders ([`buffers`]) when libtorch frees
+    /// the tensor. For a CUDA device, as [`BatchTensors::to_tensor`]. Take the mask (and the statics)
+    /// first when the training step needs them: the batch's other buffers are given back at once.
     fn into_tensor(self, device: Device) -> Tensor;
 
     /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
@@ -114,11 +118,13 @@ impl BatchTensors for Batch {
         copied(&self.data, &self.shape, device)
     }
 
-    fn into_tensor(self, device: Device) -> Tensor {
-        match device {
-            Device::Cpu => owned(self.data, &self.shape),
+    fn into_tensor(mut self, device: Device) -> Tensor {
+        let tensor = match device {
+            Device::Cpu => owned(std::mem::take(&mut self.data), &self.shape),
             device => self.to_tensor(device),
-        }
+        };
+        self.recycle();
+        tensor
     }
 
     fn mask_tensor(&self, device: Device) -> Tensor {

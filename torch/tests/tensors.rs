@@ -12,9 +12,12 @@ struct Cubes {
     _dir: tempfile::TempDir,
     pixel: PathBuf,
     image: PathBuf,
+    /// Batches of 512 series, large enough for their buffers to be kept when given back.
+    wide: PathBuf,
 }
 
-/// The demo cube (pixel series) and one of image sequences over the same inputs, made once per test run.
+/// The demo cube (pixel series), and others of image sequences and wider batches over the same inputs, made
+/// once per test run.
 fn cubes() -> &'static Cubes {
     static CUBES: OnceLock<Cubes> = OnceLock::new();
     CUBES.get_or_init(|| {
@@ -25,7 +28,8 @@ fn cubes() -> &'static Cubes {
         };
         let pixel = make("pixel", "{ kind: pixel_series, batch: 64 }");
         let image = make("image", "{ kind: image_sequence, seq_len: 8, patch: [8, 8], batch: 4 }");
-        Cubes { _dir: dir, pixel, image }
+        let wide = make("wide", "{ kind: pixel_series, batch: 512 }");
+        Cubes { _dir: dir, pixel, image, wide }
     })
 }
 
@@ -66,4 +70,26 @@ fn tensors_take_the_batch_buffer_without_a_copy() {
         batches += 1;
     }
     assert!(batches > 2, "{batches} batches");
+}
+
+/// A tensor that took a batch's buffer gives it back when libtorch frees it, and the batch's mask is given
+/// back at once: the next batch is made in both. (No other test makes batches of this size.)
+#[test]
+fn a_freed_tensor_gives_its_buffer_to_the_next_batch() {
+    let mut loader = Loader::builder(&cubes().wide).shuffle(1).threads(0).build().unwrap();
+    let first = loader.next().unwrap().unwrap();
+    let (data_at, mask_at, cells) = (first.data.as_ptr(), first.mask.as_ptr(), first.data.len());
+    let tensor = first.into_tensor(tch::Device::Cpu);
+    let view = tensor.select(0, 0);
+    drop(tensor);
+    // Memory freed instead of given back would be taken by these.
+    let between = (Vec::<f32>::with_capacity(cells), Vec::<u8>::with_capacity(cells));
+    let second = loader.next().unwrap().unwrap();
+    assert_eq!(second.mask.as_ptr(), mask_at, "the mask was given back with the batch");
+    assert_ne!(second.data.as_ptr(), data_at, "a view still holds the tensor's storage");
+    drop(view);
+    let after = Vec::<f32>::with_capacity(cells);
+    let third = loader.next().unwrap().unwrap();
+    assert_eq!(third.data.as_ptr(), data_at, "given back when its last view was freed");
+    drop((between, after, second, third));
 }
