@@ -12,6 +12,10 @@
 //! `ratio_to_ceiling` 0.64 → 0.74. The mask's bytes of a group of samples come 8 at a time, too few to fill
 //! a line: where the rows make whole mask rows, they are made in a small buffer of the thread and streamed
 //! to the batch from there.
+//!
+//! Where the processor has AVX-512 (F, BW, VL), the lines of values are written by code for it, still on
+//! 256-bit vectors: a comparison gives a bit mask, which selects the fill and makes a line's 16 mask bytes
+//! in one store, where AVX2 makes 8 at a time from a table (a `movemask`, a load and a store each).
 
 use std::mem::MaybeUninit;
 
@@ -43,6 +47,52 @@ pub(crate) fn transpose_rows(
     mask: &mut [MaybeUninit<u8>],
     mask_cached: bool,
 ) {
+    transpose_rows_on(Isa::best(), rows, samples, stride, fill, (data, mask), mask_cached);
+}
+
+/// The instruction sets the transpose is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    Avx2,
+    /// AVX2, and AVX-512 F, BW and VL where pairs of groups fill lines.
+    Avx512,
+}
+
+impl Isa {
+    /// Those this processor has, the best last.
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        let mut isas = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            isas.push(Isa::Avx2);
+            if avx2::avx512_available() {
+                isas.push(Isa::Avx512);
+            }
+        }
+        isas
+    }
+
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return if avx2::avx512_available() { Isa::Avx512 } else { Isa::Avx2 };
+        }
+        Isa::Scalar
+    }
+}
+
+/// [`transpose_rows`] with the instructions of `isa`, which the processor must have.
+fn transpose_rows_on(
+    isa: Isa,
+    rows: &[Row<'_>],
+    samples: usize,
+    stride: usize,
+    fill: f32,
+    (data, mask): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>]),
+    mask_cached: bool,
+) {
     if samples == 0 || rows.is_empty() {
         return;
     }
@@ -51,9 +101,13 @@ pub(crate) fn transpose_rows(
     assert!(end < data.len() && end < mask.len(), "batch too small for the rows");
     assert!(rows.iter().all(|r| r.values.len() >= samples), "row shorter than the samples");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked above); rows and destinations are in bounds (asserted above).
-        unsafe { avx2::transpose_rows(rows, samples, stride, fill, data, mask, mask_cached) };
+    if isa != Isa::Scalar {
+        assert!(std::arch::is_x86_feature_detected!("avx2"), "AVX2 is present");
+        assert!(isa != Isa::Avx512 || avx2::avx512_available(), "AVX-512 is present");
+        let avx512 = isa == Isa::Avx512;
+        // SAFETY: AVX2 (and where used AVX-512) is present (asserted above); rows and destinations are in
+        // bounds (asserted above).
+        unsafe { avx2::transpose_rows(rows, samples, stride, fill, (data, mask), mask_cached, avx512) };
         return;
     }
     transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, data, mask);
@@ -205,10 +259,11 @@ pub(crate) fn fence() {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, __m256i, _CMP_UNORD_Q, _mm_sfence, _mm_stream_si64, _mm256_blendv_ps, _mm256_cmp_ps,
-        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_movemask_ps, _mm256_mul_ps, _mm256_permute2f128_ps,
-        _mm256_set1_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_stream_ps, _mm256_stream_si256,
-        _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+        __m128i, __m256, __m256i, _CMP_ORD_Q, _CMP_UNORD_Q, _mm_maskz_set1_epi8, _mm_sfence,
+        _mm_storeu_si128, _mm_stream_si64, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_cmp_ps_mask,
+        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mask_blend_ps, _mm256_movemask_ps, _mm256_mul_ps,
+        _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_stream_ps,
+        _mm256_stream_si256, _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
     };
     use std::cell::RefCell;
     use std::mem::MaybeUninit;
@@ -368,20 +423,20 @@ mod avx2 {
         table
     };
 
-    /// See [`super::transpose_rows`].
+    /// See [`super::transpose_rows`]; with `avx512`, pairs of groups are written by AVX-512 code.
     ///
     /// # Safety
-    /// AVX2 must be available; every row must hold at least `samples` values and `(samples − 1) · stride +
-    /// col` must lie inside `data` and `mask` for every row.
+    /// AVX2 (and with `avx512`, AVX-512 F, BW and VL) must be available; every row must hold at least
+    /// `samples` values and `(samples − 1) · stride + col` must lie inside `data` and `mask` for every row.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn transpose_rows(
         rows: &[Row<'_>],
         samples: usize,
         stride: usize,
         fill: f32,
-        data: &mut [MaybeUninit<f32>],
-        mask: &mut [MaybeUninit<u8>],
+        (data, mask): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>]),
         mask_cached: bool,
+        avx512: bool,
     ) {
         let out = data.as_mut_ptr().cast::<f32>();
         // Groups start where a line does only when lines can be filled at all (every sample's row starting at
@@ -409,9 +464,7 @@ mod avx2 {
         // less p0 · stride: inside the staging's TILE · stride bytes, as s0 + i < p0 + TILE and
         // col + j < stride); with `lines`, the first column of each pair starts a 64-byte line of every
         // sample (stride a multiple of 16 floats), so every non-temporal store is 32-byte aligned.
-        let load = |k: usize, s0: usize| {
-            transpose8(|j| unsafe { _mm256_loadu_ps(rows[k + j].values.as_ptr().add(s0)) })
-        };
+        let load = |k: usize, s0: usize| unsafe { transpose8(load8(rows, k, s0)) };
         // Each tile's mask rows are made in a buffer of this thread (in its cache) and streamed to the batch
         // after: written in place, each of their cache lines would first be read from memory. (Unless the
         // mask is such a buffer already.)
@@ -424,31 +477,8 @@ mod avx2 {
         // (whose first sample is `shift / stride`).
         let mask_at = if staged { staging.as_mut_ptr() } else { mask.as_mut_ptr().cast::<u8>() };
         let at = |o: usize, shift: usize| (out.wrapping_add(o), mask_at.wrapping_add(o - shift));
-        // Two groups at a time, whole lines of each sample, streamed; a last group without a pair through the
-        // cache.
-        let pairs = |p0: usize, shift: usize| {
-            for (pair, affine) in vector.chunks(2).zip(affine.chunks(2)) {
-                let col = rows[pair[0]].col;
-                for s0 in blocks(p0) {
-                    let a = load(pair[0], s0);
-                    let Some(&second) = pair.get(1) else {
-                        for (i, x) in a.into_iter().enumerate() {
-                            let o = (s0 + i) * stride + col;
-                            unsafe { put::<false>(at(o, shift), x, affine[0], fill_v) };
-                        }
-                        continue;
-                    };
-                    let b = load(second, s0);
-                    for i in 0..GROUP {
-                        let o = (s0 + i) * stride + col;
-                        unsafe {
-                            put::<true>(at(o, shift), a[i], affine[0], fill_v);
-                            put::<true>(at(o + GROUP, shift), b[i], affine[1], fill_v);
-                        }
-                    }
-                }
-            }
-        };
+        let pairs =
+            Pairs { rows, vector: &vector, affine: &affine, whole, stride, fill: fill_v, out, mask_at };
         let singles = |p0: usize, shift: usize| {
             for (&k, &affine) in vector.iter().zip(&affine) {
                 let col = rows[k].col;
@@ -463,7 +493,14 @@ mod avx2 {
         for p0 in tiles {
             let shift = if staged { p0 * stride } else { 0 };
             if lines {
-                pairs(p0, shift);
+                // SAFETY: as above; AVX-512 is present where it is used.
+                unsafe {
+                    if avx512 {
+                        pairs_avx512(&pairs, p0, shift);
+                    } else {
+                        pairs_avx2(&pairs, p0, shift);
+                    }
+                }
             } else {
                 singles(p0, shift);
             }
@@ -487,6 +524,123 @@ mod avx2 {
             transpose_scalar(rows, k..k + 1, 0..whole, stride, fill, data, mask);
         }
         transpose_scalar(rows, 0..rows.len(), whole..samples, stride, fill, data, mask);
+    }
+
+    /// Whether the processor has the AVX-512 subsets [`put_pair_avx512`] uses.
+    pub(super) fn avx512_available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+
+    /// What the rows of one transpose are written with where pairs of groups fill whole lines of each
+    /// sample: see [`transpose_rows`].
+    struct Pairs<'p, 'r> {
+        rows: &'p [Row<'r>],
+        /// The first row of each group, pairs of groups side by side.
+        vector: &'p [usize],
+        /// Each group's `(mean, inv)`, a lane per row.
+        affine: &'p [(__m256, __m256)],
+        /// Samples in whole groups of 8.
+        whole: usize,
+        stride: usize,
+        fill: __m256,
+        out: *mut f32,
+        /// The mask, or the staging of the tile's mask rows.
+        mask_at: *mut u8,
+    }
+
+    /// The samples `p0 .. p0 + TILE` of every pair of groups: each sample receives 16 consecutive values,
+    /// a whole line, streamed, and their 16 mask bytes (a last group without a pair, 8 through the cache).
+    /// Compiled twice, for AVX2 and for AVX-512, whose comparisons give a bit mask: 16 mask bytes in one
+    /// store, where AVX2 makes 8 at a time from a table.
+    ///
+    /// # Safety
+    /// AVX2 (and with `AVX512`, AVX-512 F, BW and VL) must be available; the bounds of [`transpose_rows`]
+    /// hold for `t`, with `shift` that of the tile's staging (0 without).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    unsafe fn pairs_of<const AVX512: bool>(t: &Pairs<'_, '_>, p0: usize, shift: usize) {
+        let at = |o: usize| (t.out.wrapping_add(o), t.mask_at.wrapping_add(o - shift));
+        for (pair, affine) in t.vector.chunks(2).zip(t.affine.chunks(2)) {
+            let col = t.rows[pair[0]].col;
+            for s0 in (p0..(p0 + TILE).min(t.whole)).step_by(GROUP) {
+                // SAFETY (here and below): as in `transpose_rows`.
+                let a = unsafe { transpose8(load8(t.rows, pair[0], s0)) };
+                let Some(&second) = pair.get(1) else {
+                    for (i, x) in a.into_iter().enumerate() {
+                        unsafe { put::<false>(at((s0 + i) * t.stride + col), x, affine[0], t.fill) };
+                    }
+                    continue;
+                };
+                let b = unsafe { transpose8(load8(t.rows, second, s0)) };
+                for i in 0..GROUP {
+                    let o = (s0 + i) * t.stride + col;
+                    unsafe {
+                        if AVX512 {
+                            put_pair_avx512(at(o), (a[i], b[i]), (affine[0], affine[1]), t.fill);
+                        } else {
+                            put::<true>(at(o), a[i], affine[0], t.fill);
+                            put::<true>(at(o + GROUP), b[i], affine[1], t.fill);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`pairs_of`] for AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn pairs_avx2(t: &Pairs<'_, '_>, p0: usize, shift: usize) {
+        // SAFETY: the caller's.
+        unsafe { pairs_of::<false>(t, p0, shift) };
+    }
+
+    /// [`pairs_of`] for AVX-512.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    unsafe fn pairs_avx512(t: &Pairs<'_, '_>, p0: usize, shift: usize) {
+        // SAFETY: the caller's.
+        unsafe { pairs_of::<true>(t, p0, shift) };
+    }
+
+    /// Writes two groups' values of one sample, prepared as [`super::prepare`] does, at `out[..16]` with
+    /// non-temporal stores, and their validity at `mask[..16]` in one store: the comparisons' bit masks
+    /// select the fill and make the mask bytes.
+    ///
+    /// # Safety
+    /// `out` and `mask` must be valid for 16 writes, `out` 32-byte aligned.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    #[allow(clippy::cast_ptr_alignment)] // the mask's store is unaligned
+    unsafe fn put_pair_avx512(
+        (out, mask): (*mut f32, *mut u8),
+        (a, b): (__m256, __m256),
+        ((mean_a, inv_a), (mean_b, inv_b)): ((__m256, __m256), (__m256, __m256)),
+        fill: __m256,
+    ) {
+        let (valid_a, valid_b) =
+            (_mm256_cmp_ps_mask::<_CMP_ORD_Q>(a, a), _mm256_cmp_ps_mask::<_CMP_ORD_Q>(b, b));
+        let ya = _mm256_mask_blend_ps(valid_a, fill, _mm256_mul_ps(_mm256_sub_ps(a, mean_a), inv_a));
+        let yb = _mm256_mask_blend_ps(valid_b, fill, _mm256_mul_ps(_mm256_sub_ps(b, mean_b), inv_b));
+        let bytes = _mm_maskz_set1_epi8(u16::from(valid_a) | (u16::from(valid_b) << 8), 1);
+        // SAFETY: the caller's bounds and alignment.
+        unsafe {
+            _mm256_stream_ps(out, ya);
+            _mm256_stream_ps(out.add(GROUP), yb);
+            _mm_storeu_si128(mask.cast::<__m128i>(), bytes);
+        }
+    }
+
+    /// Rows `k .. k + 8` at sample `s0`, 8 values each.
+    ///
+    /// # Safety
+    /// AVX2 must be available; the rows must exist and hold `s0 + 8` values.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8(rows: &[Row<'_>], k: usize, s0: usize) -> [__m256; 8] {
+        let rows = &rows[k..k + GROUP];
+        // SAFETY: the caller's bounds.
+        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(rows[j].values.as_ptr().add(s0)) })
     }
 
     /// Writes 8 values prepared as [`super::prepare`] does at `out[..8]` (non-temporal stores with `STREAM`)
@@ -523,12 +677,10 @@ mod avx2 {
         (y, BYTES_OF_BITS[(!_mm256_movemask_ps(missing) & 0xff) as usize])
     }
 
-    /// The 8 × 8 transpose: row `j` of the input is `load(j)`; vector `i` of the result holds element `i` of
-    /// every row.
+    /// The 8 × 8 transpose: vector `i` of the result holds element `i` of every vector of `a`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn transpose8(load: impl Fn(usize) -> __m256) -> [__m256; 8] {
-        let a: [__m256; 8] = std::array::from_fn(load);
+    fn transpose8(a: [__m256; 8]) -> [__m256; 8] {
         let t = [
             _mm256_unpacklo_ps(a[0], a[1]),
             _mm256_unpackhi_ps(a[0], a[1]),
@@ -577,23 +729,28 @@ mod tests {
         (buffer, offset)
     }
 
-    /// The vector path (where the processor has it) and the scalar path give what the element-by-element
-    /// definition gives, bit for bit, and write nothing else.
+    /// Every instruction set this processor has (the scalar path, AVX2, AVX-512), with the mask staged or
+    /// written in place, gives what the element-by-element definition gives, bit for bit, and writes
+    /// nothing else.
     fn assert_as_defined(rows: &[Row<'_>], samples: usize, stride: usize, shift: usize) {
         let fill = -7.5;
         let cells = samples * stride;
-        let (mut data, at) = aligned(cells + shift, f32::INFINITY);
-        let at = at + shift;
-        let mut mask = vec![MaybeUninit::new(9u8); cells];
-        transpose_rows(rows, samples, stride, fill, &mut data[at..at + cells], &mut mask, false);
-        // The same with the mask written in place, as in a buffer of the thread's.
-        let (mut data_c, at_c) = aligned(cells + shift, f32::INFINITY);
-        let at_c = at_c + shift;
-        let mut mask_c = vec![MaybeUninit::new(9u8); cells];
-        transpose_rows(rows, samples, stride, fill, &mut data_c[at_c..at_c + cells], &mut mask_c, true);
-        let (mut data_s, mut mask_s) =
-            (vec![MaybeUninit::new(f32::INFINITY); cells], vec![MaybeUninit::new(9u8); cells]);
-        transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, &mut data_s, &mut mask_s);
+        let mut results = Vec::new();
+        for isa in Isa::available() {
+            // Written in place, then as in a buffer of the thread's (`mask_cached`).
+            for mask_cached in [false, true] {
+                let (mut data, at) = aligned(cells + shift, f32::INFINITY);
+                let at = at + shift;
+                let mut mask = vec![MaybeUninit::new(9u8); cells];
+                let out = (&mut data[at..at + cells], &mut mask[..]);
+                transpose_rows_on(isa, rows, samples, stride, fill, out, mask_cached);
+                results.push((
+                    format!("{isa:?}, mask cached {mask_cached}"),
+                    data[at..at + cells].to_vec(),
+                    mask,
+                ));
+            }
+        }
         let mut expected: Vec<(u32, u8)> = vec![(f32::INFINITY.to_bits(), 9); cells];
         for row in rows {
             for p in 0..samples {
@@ -608,9 +765,9 @@ mod tests {
             d.iter().zip(m).map(|(x, m)| unsafe { (x.assume_init().to_bits(), m.assume_init()) }).collect()
         };
         let n_rows = rows.len();
-        assert_eq!(bits(&data[at..at + cells], &mask), expected, "{samples} samples, {n_rows} rows");
-        assert_eq!(bits(&data_c[at_c..at_c + cells], &mask_c), expected, "mask cached: {samples}, {n_rows}");
-        assert_eq!(bits(&data_s, &mask_s), expected, "scalar: {samples} samples, {n_rows} rows");
+        for (what, data, mask) in &results {
+            assert_eq!(bits(data, mask), expected, "{what}: {samples} samples, {n_rows} rows");
+        }
     }
 
     /// Ragged sample tails, row groups broken by a gap in the columns, a repeated (static) row, missing
