@@ -6,7 +6,8 @@
     python3 scripts/perf_phases.py perf.data [PHASE KIND]
 
 The bench runs, in each round, a ceiling pass (scoped threads named after the binary), a loader epoch with
-two reader threads, another ceiling pass and an epoch with one reader (threads named `cubeload-reader`).
+two reader threads, another ceiling pass and an epoch with one reader (threads named `cubeload-reader`);
+before the rounds, ceiling passes that calibrate and warm, which are left out.
 Threads are told apart by name and by being started together; each phase's samples are divided by its
 number of passes, so that phases and runs compare per pass. With PHASE (ceiling, loader2, loader1) and KIND
 (zstd, transpose, pagecache, fault, alloc, mem, crc, other), the symbols of that kind in that phase are listed.
@@ -74,8 +75,19 @@ def phases(all_samples):
             groups[-1].append(tid)
         else:
             groups.append([tid])
-    phase_of, passes = {}, collections.Counter()
+    # A ceiling pass runs two threads (the bench's default); passes one after the other may have consecutive
+    # ids: split them. The passes before the first loader epoch but the last (the calibration on the first
+    # batches, the warming read) are not a round's.
+    split = []
     for group in groups:
+        if name_of[group[0]] == "cubeload-reader":
+            split.append(group)
+        else:
+            split.extend(group[k : k + 2] for k in range(0, len(group), 2))
+    first_loader = next((i for i, g in enumerate(split) if name_of[g[0]] == "cubeload-reader"), len(split))
+    split = split[max(first_loader - 1, 0) :]
+    phase_of, passes = {}, collections.Counter()
+    for group in split:
         if name_of[group[0]] != "cubeload-reader":
             phase = "ceiling"
         else:
