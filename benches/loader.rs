@@ -8,8 +8,8 @@
 //!   code, nothing assembled (the single-threaded ceiling of `batch_assembly`: the difference in time per
 //!   epoch is the assembly);
 //! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
-//!   thread), plain, with `normalize(true)`, and with `variable_major(true)`; `shuffled` plain on the same
-//!   cube stored sample-major (`order: shuffled`);
+//!   thread), each batch given back (`Batch::recycle`) once delivered, plain, with `normalize(true)`, and
+//!   with `variable_major(true)`; `shuffled` plain on the same cube stored sample-major (`order: shuffled`);
 //! - `regrid/*`: a 64 × 64 batch footprint of 48 steps upsampled from a level 8 × 8 times coarser (the
 //!   kernels of multi-resolution cubes), nearest and bilinear.
 //!
@@ -105,8 +105,9 @@ fn batch_assembly(c: &mut Criterion, path: &Path, shuffled: &Path) {
             b.iter_batched(
                 || configure(builder(path)).build().expect("loader"),
                 |mut loader| {
+                    // Each batch given back once read, as a training loop's tensors give theirs back.
                     for batch in &mut loader {
-                        black_box(batch.expect("batch"));
+                        black_box(batch.expect("batch")).recycle();
                     }
                     loader // dropped untimed
                 },
