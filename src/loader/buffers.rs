@@ -8,8 +8,8 @@
 //! before.
 //!
 //! One store per process, shared by its loaders, holding at most [`KEPT_BYTES`] of values and as much of
-//! masks ([`kept_bytes`] says how much it holds); buffers under
-//! [`MIN_BYTES`] are left to the allocator, which serves small blocks from pages it keeps.
+//! masks ([`kept_bytes`] says how much it holds); buffers under [`MIN_BYTES`] are left to the allocator,
+//! which serves small blocks from pages it keeps.
 
 use std::collections::VecDeque;
 
