@@ -79,18 +79,24 @@ pub fn upsample(
     let mut out = vec![f32::NAN; window.steps * h * w];
     match upsampling {
         Upsampling::Nearest => {
-            let source: Vec<Option<usize>> = (0..h * w)
-                .map(|cell| {
-                    let (y, x) = (cell / w, cell % w);
-                    let lr = ((rows.start + y) / ky).min(n_rows - 1);
-                    let lc = ((cols.start + x) / kx).min(n_cols - 1);
-                    inside(y, x).then(|| at(lr, lc))
-                })
-                .collect();
+            // Each row of cells reads one level row, and runs of `kx` cells one level cell: worked out once,
+            // each run filled at every step (cells past the valid grid stay NaN).
+            let (hv, wv) =
+                (valid.0.saturating_sub(rows.start).min(h), valid.1.saturating_sub(cols.start).min(w));
+            let from_rows: Vec<usize> =
+                (0..hv).map(|y| at(((rows.start + y) / ky).min(n_rows - 1), window.cols.start)).collect();
+            let mut runs: Vec<(Range<usize>, usize)> = Vec::new();
+            for x in 0..wv {
+                let col = ((cols.start + x) / kx).min(n_cols - 1) - window.cols.start;
+                match runs.last_mut() {
+                    Some((run, c)) if *c == col => run.end = x + 1,
+                    _ => runs.push((x..x + 1, col)),
+                }
+            }
             for (step, values) in out.chunks_exact_mut(h * w).zip(window.values.chunks_exact(plane)) {
-                for (o, from) in step.iter_mut().zip(&source) {
-                    if let Some(from) = from {
-                        *o = values[*from];
+                for (row, &from) in step.chunks_exact_mut(w).zip(&from_rows) {
+                    for (run, col) in &runs {
+                        row[run.clone()].fill(values[from + col]);
                     }
                 }
             }
@@ -272,6 +278,46 @@ mod tests {
         let padded =
             upsample(&window, &level, Upsampling::Bilinear, 0..height, 0..width + 2, (height, width));
         assert!(padded[width + 1].is_nan() && !padded[width - 1].is_nan());
+    }
+
+    /// Every cell takes the level cell it lies in, at every step, for several factors, a window that does
+    /// not start at the level's first cell, and padding.
+    #[test]
+    fn nearest_takes_the_level_cell_each_cell_lies_in() {
+        for k in [1, 2, 3, 8, 50] {
+            let (width, height) = (150, 100);
+            let level = level(k, width, height);
+            let (lh, lw) = (level.grid.height, level.grid.width);
+            let (rows, cols) = (k * 3 / 2..k * 3 / 2 + 16, 7..7 + 16 + 5);
+            let (wr, wc) = (
+                level_span(Upsampling::Nearest, &rows, k, lh),
+                level_span(Upsampling::Nearest, &cols, k, lw),
+            );
+            let plane = wr.len() * wc.len();
+            let window = Window {
+                rows: wr.clone(),
+                cols: wc.clone(),
+                steps: 2,
+                values: (0..2 * plane).map(|i| i as f32 * 0.5).collect(),
+            };
+            let valid = (height, cols.start + 16);
+            let out = upsample(&window, &level, Upsampling::Nearest, rows.clone(), cols.clone(), valid);
+            let (h, w) = (rows.len(), cols.len());
+            for t in 0..2 {
+                for y in 0..h {
+                    for x in 0..w {
+                        let got = out[(t * h + y) * w + x];
+                        if cols.start + x >= valid.1 {
+                            assert!(got.is_nan(), "padding: k {k}, step {t}, ({y}, {x})");
+                            continue;
+                        }
+                        let (r, c) = (((rows.start + y) / k).min(lh - 1), ((cols.start + x) / k).min(lw - 1));
+                        let expected = window.values[t * plane + (r - wr.start) * wc.len() + c - wc.start];
+                        assert_eq!(got.to_bits(), expected.to_bits(), "k {k}, step {t}, ({y}, {x})");
+                    }
+                }
+            }
+        }
     }
 
     /// Steps without missing values (interpolated across columns, then down rows) and steps with some (the
