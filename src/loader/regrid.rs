@@ -280,104 +280,106 @@ mod tests {
         assert!(padded[width + 1].is_nan() && !padded[width - 1].is_nan());
     }
 
-    /// Every cell takes the level cell it lies in, at every step, for several factors, a window that does
-    /// not start at the level's first cell, and padding.
-    #[test]
-    fn nearest_takes_the_level_cell_each_cell_lies_in() {
-        for k in [1, 2, 3, 8, 50] {
-            let (width, height) = (150, 100);
-            let level = level(k, width, height);
-            let (lh, lw) = (level.grid.height, level.grid.width);
-            let (rows, cols) = (k * 3 / 2..k * 3 / 2 + 16, 7..7 + 16 + 5);
-            let (wr, wc) = (
-                level_span(Upsampling::Nearest, &rows, k, lh),
-                level_span(Upsampling::Nearest, &cols, k, lw),
-            );
-            let plane = wr.len() * wc.len();
-            let window = Window {
-                rows: wr.clone(),
-                cols: wc.clone(),
-                steps: 2,
-                values: (0..2 * plane).map(|i| i as f32 * 0.5).collect(),
-            };
-            let valid = (height, cols.start + 16);
-            let out = upsample(&window, &level, Upsampling::Nearest, rows.clone(), cols.clone(), valid);
-            let (h, w) = (rows.len(), cols.len());
-            for t in 0..2 {
-                for y in 0..h {
-                    for x in 0..w {
-                        let got = out[(t * h + y) * w + x];
-                        if cols.start + x >= valid.1 {
-                            assert!(got.is_nan(), "padding: k {k}, step {t}, ({y}, {x})");
-                            continue;
-                        }
-                        let (r, c) = (((rows.start + y) / k).min(lh - 1), ((cols.start + x) / k).min(lw - 1));
-                        let expected = window.values[t * plane + (r - wr.start) * wc.len() + c - wc.start];
-                        assert_eq!(got.to_bits(), expected.to_bits(), "k {k}, step {t}, ({y}, {x})");
+    /// Upsamples, with `upsampling` and a factor `k`, a window of `steps` steps whose value `i` is
+    /// `value(i)` onto 16 × 21 target cells that start on neither the level's first row nor its first
+    /// column, the last 5 columns past the valid grid: checks that those come out missing, and calls
+    /// `check(t, (r, c), got, at)` for the others, `(r, c)` the target cell and `at(t, row, col)` the value
+    /// of a level cell at step `t`.
+    fn each_upsampled_cell(
+        upsampling: Upsampling,
+        k: usize,
+        steps: usize,
+        value: impl Fn(usize) -> f32,
+        mut check: impl FnMut(usize, (usize, usize), f32, &dyn Fn(usize, usize, usize) -> f32),
+    ) {
+        let level = level(k, 150, 100);
+        let (lh, lw) = (level.grid.height, level.grid.width);
+        let (rows, cols) = (k * 3 / 2..k * 3 / 2 + 16, 7..7 + 16 + 5);
+        let (wr, wc) = (level_span(upsampling, &rows, k, lh), level_span(upsampling, &cols, k, lw));
+        let plane = wr.len() * wc.len();
+        let values = (0..steps * plane).map(value).collect();
+        let window = Window { rows: wr.clone(), cols: wc.clone(), steps, values };
+        let valid = (100, cols.start + 16);
+        let out = upsample(&window, &level, upsampling, rows.clone(), cols.clone(), valid);
+        let at = |t: usize, r: usize, c: usize| {
+            window.values[t * plane + (r - wr.start) * wc.len() + c - wc.start]
+        };
+        let (height, width) = (rows.len(), cols.len());
+        for t in 0..steps {
+            for y in 0..height {
+                for x in 0..width {
+                    let (got, (r, c)) = (out[(t * height + y) * width + x], (rows.start + y, cols.start + x));
+                    if c >= valid.1 {
+                        assert!(got.is_nan(), "padding: k {k}, step {t}, cell ({r}, {c})");
+                        continue;
                     }
+                    check(t, (r, c), got, &at);
                 }
             }
         }
     }
 
+    /// The width and height of the level of factor `k` of the tests' grid.
+    fn level_size(k: usize) -> (usize, usize) {
+        let level = level(k, 150, 100);
+        (level.grid.width, level.grid.height)
+    }
+
+    /// Every cell takes the level cell it lies in, at every step.
+    #[test]
+    fn nearest_takes_the_level_cell_each_cell_lies_in() {
+        for k in [1, 2, 3, 8, 50] {
+            let (lw, lh) = level_size(k);
+            each_upsampled_cell(
+                Upsampling::Nearest,
+                k,
+                2,
+                |i| i as f32 * 0.5,
+                |t, (r, c), got, at| {
+                    let expected = at(t, (r / k).min(lh - 1), (c / k).min(lw - 1));
+                    assert_eq!(got.to_bits(), expected.to_bits(), "k {k}, step {t}, cell ({r}, {c})");
+                },
+            );
+        }
+    }
+
     /// Steps without missing values (interpolated across columns, then down rows) and steps with some (the
-    /// weighted mean of the valid corners) against the definition in f64, for several factors, a window
-    /// that does not start at the level's first cell, and padding.
+    /// weighted mean of the valid corners) against the definition in f64.
     #[test]
     fn bilinear_is_the_weighted_mean_of_the_corners() {
         for k in [1, 2, 3, 25, 50] {
-            let (width, height) = (150, 100);
-            let level = level(k, width, height);
-            let (lh, lw) = (level.grid.height, level.grid.width);
-            let (rows, cols) = (k * 3 / 2..k * 3 / 2 + 16, 7..7 + 16 + 5);
-            let (wr, wc) = (
-                level_span(Upsampling::Bilinear, &rows, k, lh),
-                level_span(Upsampling::Bilinear, &cols, k, lw),
-            );
-            let plane = wr.len() * wc.len();
-            let value = |i: usize| ((i * 7919) % 1013) as f32 * 0.37 - 100.0;
+            let (lw, lh) = level_size(k);
             // Step 1 has a missing value.
-            let values: Vec<f32> =
-                (0..3 * plane).map(|i| if i == plane + plane / 2 { f32::NAN } else { value(i) }).collect();
-            let window = Window { rows: wr.clone(), cols: wc.clone(), steps: 3, values };
-            let valid = (height, cols.start + 16);
-            let out = upsample(&window, &level, Upsampling::Bilinear, rows.clone(), cols.clone(), valid);
-            let (h, w) = (rows.len(), cols.len());
-            for t in 0..3 {
-                for y in 0..h {
-                    for x in 0..w {
-                        let got = out[(t * h + y) * w + x];
-                        if cols.start + x >= valid.1 {
-                            assert!(got.is_nan(), "padding: k {k}, step {t}, ({y}, {x})");
-                            continue;
-                        }
-                        let ((r0, r1, fy), (c0, c1, fx)) =
-                            (taps(rows.start + y, k, lh), taps(cols.start + x, k, lw));
-                        let at = |r: usize, c: usize| {
-                            window.values[t * plane + (r - wr.start) * wc.len() + c - wc.start]
-                        };
-                        let (fy, fx) = (f64::from(fy), f64::from(fx));
-                        let corners = [
-                            (at(r0, c0), (1.0 - fy) * (1.0 - fx)),
-                            (at(r0, c1), (1.0 - fy) * fx),
-                            (at(r1, c0), fy * (1.0 - fx)),
-                            (at(r1, c1), fy * fx),
-                        ];
-                        let valid = corners.iter().filter(|(v, wgt)| !v.is_nan() && *wgt > 0.0);
-                        let (sum, weight) =
-                            valid.fold((0.0, 0.0), |(s, n), (v, wgt)| (s + f64::from(*v) * wgt, n + wgt));
-                        if weight == 0.0 {
-                            assert!(got.is_nan(), "no valid corner: k {k}, step {t}, ({y}, {x})");
-                            continue;
-                        }
-                        let expected = sum / weight;
-                        assert!(
-                            (f64::from(got) - expected).abs() <= 1e-5 * expected.abs().max(1.0),
-                            "k {k}, step {t}, ({y}, {x}): {got} vs {expected}"
-                        );
-                    }
+            let plane = {
+                let span =
+                    |cells: std::ops::Range<usize>, n| level_span(Upsampling::Bilinear, &cells, k, n).len();
+                span(k * 3 / 2..k * 3 / 2 + 16, lh) * span(7..7 + 21, lw)
+            };
+            let value = |i: usize| {
+                if i == plane + plane / 2 { f32::NAN } else { ((i * 7919) % 1013) as f32 * 0.37 - 100.0 }
+            };
+            each_upsampled_cell(Upsampling::Bilinear, k, 3, value, |t, (r, c), got, at| {
+                let ((r0, r1, fy), (c0, c1, fx)) = (taps(r, k, lh), taps(c, k, lw));
+                let (fy, fx) = (f64::from(fy), f64::from(fx));
+                let corners = [
+                    (at(t, r0, c0), (1.0 - fy) * (1.0 - fx)),
+                    (at(t, r0, c1), (1.0 - fy) * fx),
+                    (at(t, r1, c0), fy * (1.0 - fx)),
+                    (at(t, r1, c1), fy * fx),
+                ];
+                let valid = corners.iter().filter(|(v, wgt)| !v.is_nan() && *wgt > 0.0);
+                let (sum, weight) =
+                    valid.fold((0.0, 0.0), |(s, n), (v, wgt)| (s + f64::from(*v) * wgt, n + wgt));
+                if weight == 0.0 {
+                    assert!(got.is_nan(), "no valid corner: k {k}, step {t}, cell ({r}, {c})");
+                    return;
                 }
-            }
+                let expected = sum / weight;
+                assert!(
+                    (f64::from(got) - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+                    "k {k}, step {t}, cell ({r}, {c}): {got} vs {expected}"
+                );
+            });
         }
     }
 
