@@ -25,7 +25,7 @@ use crate::levels::Level;
 use crate::loader::decode::{self, InShard, Progressive};
 use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
-use crate::loader::transpose::{Row, fence, prepare, prepare_block, transpose_rows, with_mask_staged};
+use crate::loader::transpose::{Mask, Row, fence, prepare, prepare_block, transpose_rows, with_mask_staged};
 use crate::plan::DType;
 
 /// How values are turned into model inputs. The default is the loader's: values as stored, missing values
@@ -1291,16 +1291,16 @@ fn copy_series<'a>(
             stride,
             fill,
             data,
-            mask,
-            false,
+            Mask::Bytes(mask),
         );
         return Ok(());
     }
     // Each transpose of a block writes a part of every sample's mask row: the mask is made whole in the
-    // thread's cache and streamed after (where it fits; otherwise the chunks are decoded whole first).
-    with_mask_staged(mask, |mask, cached| {
+    // thread's cache as bits and streamed after as bytes (where it fits, a mask of up to 4 MiB; otherwise
+    // the chunks are decoded whole first).
+    with_mask_staged(mask, |mut mask| {
         // Steps per block: whole cache lines of every sample's values (16 floats, so 16 steps).
-        let block = if cached {
+        let block = if matches!(mask, Mask::Bits(_)) {
             (BLOCK_BYTES / (samples * size_of::<f32>()).max(1)).max(LINE_FLOATS) / LINE_FLOATS * LINE_FLOATS
         } else {
             steps
@@ -1324,7 +1324,7 @@ fn copy_series<'a>(
                 })
                 .collect();
             let rows = series_rows(copies, &chunks, t0..t1, samples);
-            transpose_rows(&rows, samples, stride, fill, data, mask, cached);
+            transpose_rows(&rows, samples, stride, fill, data, mask.reborrow());
         }
         Ok(())
     })

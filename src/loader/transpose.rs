@@ -11,7 +11,8 @@
 //! written: the destinations are `MaybeUninit`). Together (the batch's part), in `cubeload bench`,
 //! `ratio_to_ceiling` 0.64 → 0.74. The mask's bytes of a group of samples come 8 at a time, too few to fill
 //! a line: where the rows make whole mask rows, they are made in a small buffer of the thread and streamed
-//! to the batch from there.
+//! to the batch from there; a batch made a block of steps at a time has its whole mask made as bits, one
+//! per mask byte, which stay in the core's cache, then written out as bytes ([`with_mask_staged`]).
 //!
 //! Where the processor has AVX-512 (F, BW, VL), the lines of values are written by code for it, still on
 //! 256-bit vectors: a comparison gives a bit mask, which selects the fill and makes a line's 16 mask bytes
@@ -34,9 +35,46 @@ pub(crate) struct Row<'a> {
 /// written through the cache, each sample keeping a line in L1.)
 const TILE: usize = 8;
 
-/// Writes `data[p · stride + row.col]` and `mask[…]` for every row and every sample `p < samples`: the value
-/// prepared as [`prepare`] does, or `fill` and 0 where it is missing. Nothing else of `data` is touched.
-/// `mask_cached`: `mask` is a buffer of this thread in its cache ([`with_mask_staged`]), written in place.
+/// Where a transpose writes the validity of the values it writes.
+pub(crate) enum Mask<'a> {
+    /// The batch's mask: byte `o` for value `o`, 1 where valid and 0 where missing.
+    Bytes(&'a mut [MaybeUninit<u8>]),
+    /// One bit per mask byte (bit `o % 64` of word `o / 64`), all zero before the transposes, which set
+    /// those of valid values ([`with_mask_staged`] makes them and turns them into bytes).
+    Bits(&'a mut [u64]),
+}
+
+impl Mask<'_> {
+    /// The same mask, for one more transpose of the batch.
+    pub(crate) fn reborrow(&mut self) -> Mask<'_> {
+        match self {
+            Mask::Bytes(bytes) => Mask::Bytes(bytes),
+            Mask::Bits(words) => Mask::Bits(words),
+        }
+    }
+
+    /// Mask bytes it holds.
+    fn len(&self) -> usize {
+        match self {
+            Mask::Bytes(bytes) => bytes.len(),
+            Mask::Bits(words) => words.len() * 64,
+        }
+    }
+
+    /// Sets the validity of value `o`.
+    fn set(&mut self, o: usize, valid: u8) {
+        match self {
+            Mask::Bytes(bytes) => {
+                bytes[o].write(valid);
+            }
+            Mask::Bits(words) => words[o / 64] |= u64::from(valid) << (o % 64),
+        }
+    }
+}
+
+/// Writes `data[p · stride + row.col]` and its validity in `mask` for every row and every sample
+/// `p < samples`: the value prepared as [`prepare`] does, or `fill` and 0 where it is missing. Nothing else
+/// of `data` is touched.
 ///
 /// # Panics
 /// When a row holds fewer than `samples` values, or a destination lies outside `data` or `mask`.
@@ -46,10 +84,9 @@ pub(crate) fn transpose_rows(
     stride: usize,
     fill: f32,
     data: &mut [MaybeUninit<f32>],
-    mask: &mut [MaybeUninit<u8>],
-    mask_cached: bool,
+    mask: Mask<'_>,
 ) {
-    transpose_rows_on(Isa::best(), rows, samples, stride, fill, (data, mask), mask_cached);
+    transpose_rows_on(Isa::best(), rows, samples, stride, fill, data, mask);
 }
 
 /// The instruction sets the transpose is written for.
@@ -92,8 +129,8 @@ fn transpose_rows_on(
     samples: usize,
     stride: usize,
     fill: f32,
-    (data, mask): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>]),
-    mask_cached: bool,
+    data: &mut [MaybeUninit<f32>],
+    mut mask: Mask<'_>,
 ) {
     if samples == 0 || rows.is_empty() {
         return;
@@ -109,35 +146,35 @@ fn transpose_rows_on(
         let avx512 = isa == Isa::Avx512;
         // SAFETY: AVX2 (and where used AVX-512) is present (asserted above); rows and destinations are in
         // bounds (asserted above).
-        unsafe { avx2::transpose_rows(rows, samples, stride, fill, (data, mask), mask_cached, avx512) };
+        unsafe { avx2::transpose_rows(rows, samples, stride, fill, (data, mask), avx512) };
         return;
     }
-    transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, data, mask);
+    transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, data, &mut mask);
 }
 
-/// Runs `make` on a mask to be written to `mask`: where the processor has AVX2 and it fits, a buffer of
-/// this thread, which stays in its cache while `make` writes it piece by piece (`true`: the mask is
-/// cached), then streamed to `mask` whole cache lines at a time ([`fence`] before another thread reads it);
-/// otherwise `mask` itself (`false`). For a batch made in several transposes, each writing a part of every
+/// Runs `make` on a mask to be written to `mask`: where the processor has AVX2 and it fits, bits in a buffer
+/// of this thread ([`Mask::Bits`]), which stays in its cache while `make` writes it piece by piece, then
+/// turned into bytes streamed to `mask` whole cache lines at a time ([`fence`] before another thread reads
+/// it); otherwise `mask` itself. For a batch made in several transposes, each writing a part of every
 /// sample's mask row: streamed by each, the parts would begin and end inside cache lines, each such line
-/// written to memory in pieces.
-pub(crate) fn with_mask_staged<R>(
-    mask: &mut [MaybeUninit<u8>],
-    make: impl FnOnce(&mut [MaybeUninit<u8>], bool) -> R,
-) -> R {
+/// written to memory in pieces. As bits, the staged mask takes an eighth of the cache that bytes took (63
+/// KiB for a batch of the default bench cube), and a batch's mask of up to 4 MiB stays in the cache: staged
+/// as bytes, a mask over 512 KiB had its chunks decoded whole first. (In `cubeload bench` on a cube of the
+/// same inputs with batches of 1024 series, a 2 MiB mask, `ratio_to_ceiling` 0.63 → 0.71 in four
+/// alternating pairs, higher in each; on the default cube, no difference beyond the noise.)
+pub(crate) fn with_mask_staged<R>(mask: &mut [MaybeUninit<u8>], make: impl FnOnce(Mask<'_>) -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if mask.len() <= avx2::STAGING_BYTES && std::arch::is_x86_feature_detected!("avx2") {
-        let mut staging = avx2::STAGING.take();
-        staging.resize(staging.len().max(mask.len()), 0);
-        let staged = &mut staging[..mask.len()];
-        // SAFETY: `u8` and `MaybeUninit<u8>` have one layout; only initialized bytes are written to it.
-        let result = make(unsafe { &mut *(std::ptr::from_mut(staged) as *mut [MaybeUninit<u8>]) }, true);
+    if mask.len() / 8 <= avx2::STAGING_BYTES && std::arch::is_x86_feature_detected!("avx2") {
+        let mut bits = avx2::BITS.take();
+        bits.clear();
+        bits.resize(mask.len().div_ceil(64), 0);
+        let result = make(Mask::Bits(&mut bits));
         // SAFETY: AVX2 is present (checked above).
-        unsafe { avx2::stream_copy(staged, mask) };
-        avx2::STAGING.set(staging);
+        unsafe { avx2::expand_bits(&bits, mask) };
+        avx2::BITS.set(bits);
         return result;
     }
-    make(mask, false)
+    make(Mask::Bytes(mask))
 }
 
 /// The same, one value at a time, for `rows[rows_range]` and samples `samples`: the fallback, and the
@@ -149,7 +186,7 @@ fn transpose_scalar(
     stride: usize,
     fill: f32,
     data: &mut [MaybeUninit<f32>],
-    mask: &mut [MaybeUninit<u8>],
+    mask: &mut Mask<'_>,
 ) {
     for p0 in samples.clone().step_by(TILE) {
         let tile = p0..(p0 + TILE).min(samples.end);
@@ -159,7 +196,7 @@ fn transpose_scalar(
                 let o = p * stride + row.col;
                 let (value, valid) = prepare(row.values[p], mean, inv, fill);
                 data[o].write(value);
-                mask[o].write(valid);
+                mask.set(o, valid);
             }
         }
     }
@@ -261,16 +298,18 @@ pub(crate) fn fence() {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m128i, __m256, __m256i, _CMP_ORD_Q, _CMP_UNORD_Q, _mm_maskz_set1_epi8, _mm_sfence,
-        _mm_storeu_si128, _mm_stream_si64, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_cmp_ps_mask,
-        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mask_blend_ps, _mm256_movemask_ps, _mm256_mul_ps,
-        _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_stream_ps,
-        _mm256_stream_si256, _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+        __m128i, __m256, __m256i, __m512i, _CMP_ORD_Q, _CMP_UNORD_Q, _mm_maskz_set1_epi8, _mm_sfence,
+        _mm_storeu_si128, _mm_stream_si64, _mm256_and_si256, _mm256_blendv_ps, _mm256_cmp_ps,
+        _mm256_cmp_ps_mask, _mm256_cmpeq_epi8, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mask_blend_ps,
+        _mm256_movemask_ps, _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_epi8, _mm256_set1_epi32,
+        _mm256_set1_epi64x, _mm256_set1_ps, _mm256_setr_epi8, _mm256_shuffle_epi8, _mm256_shuffle_ps,
+        _mm256_storeu_ps, _mm256_stream_ps, _mm256_stream_si256, _mm256_sub_ps, _mm256_unpackhi_ps,
+        _mm256_unpacklo_ps, _mm512_maskz_set1_epi8, _mm512_stream_si512,
     };
     use std::cell::RefCell;
     use std::mem::MaybeUninit;
 
-    use super::{Row, TILE, transpose_scalar};
+    use super::{Mask, Row, TILE, transpose_scalar};
 
     /// Rows transposed together: one vector register each.
     const GROUP: usize = 8;
@@ -325,15 +364,16 @@ mod avx2 {
             && rows.iter().all(|r| r.col < stride && !std::mem::replace(&mut seen[r.col], true))
     }
 
-    /// The most bytes of mask staged: a part of a core's cache (a tile of 256-step series of 3 variables
-    /// takes 96 KB, of a year of hourly steps of one variable 1.1 MB; the mask of a batch of 256 series of
-    /// 672 steps of 3 variables, 504 KiB).
+    /// The most bytes of mask staged, a part of a core's cache: a tile's mask rows as bytes (8 series of 672
+    /// steps of 3 variables take 16 KB), or a batch's mask as bits (that of the default bench cube's batch
+    /// of 256 such series, 63 KiB; at most a mask of 4 MiB).
     pub(super) const STAGING_BYTES: usize = 512 << 10;
 
     thread_local! {
-        /// A tile's mask rows, or a batch's mask ([`super::with_mask_staged`]), built here (in this core's
-        /// cache) and then streamed to the batch.
+        /// A tile's mask rows, built here (in this core's cache) and then streamed to the batch.
         pub(super) static STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        /// A batch's mask as bits ([`super::with_mask_staged`]).
+        pub(super) static BITS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
     }
 
     /// Copies `src` to `dst` (same length), the 32-byte-aligned part of `dst` with non-temporal stores.
@@ -358,6 +398,88 @@ mod avx2 {
         }
         for (d, s) in dst[head + body..].iter_mut().zip(&src[head + body..]) {
             d.write(*s);
+        }
+    }
+
+    /// Writes mask byte `o` of `mask` as bit `o` of `bits` says (1 where set, 0 where not), a cache line at a
+    /// time with non-temporal stores where `mask` is 64-byte aligned: the batch's mask goes to another
+    /// thread.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    ///
+    /// # Panics
+    /// When `bits` holds fewer bits than `mask` bytes.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn expand_bits(bits: &[u64], mask: &mut [MaybeUninit<u8>]) {
+        assert!(bits.len() * 64 >= mask.len(), "a bit for every mask byte");
+        let bit = |o: usize| ((bits[o / 64] >> (o % 64)) & 1) as u8;
+        let head = mask.as_ptr().align_offset(64).min(mask.len());
+        let lines = (mask.len() - head) / 64;
+        for (o, m) in mask[..head].iter_mut().enumerate() {
+            m.write(bit(o));
+        }
+        let out = mask[head..].as_mut_ptr().cast::<u8>();
+        // SAFETY: AVX2 (and AVX-512 where used) is present; `lines` whole lines from `out` lie in `mask`.
+        unsafe {
+            if avx512_available() {
+                expand_lines_avx512(bits, head, out, lines);
+            } else {
+                expand_lines_avx2(bits, head, out, lines);
+            }
+        }
+        for (o, m) in mask.iter_mut().enumerate().skip(head + lines * 64) {
+            m.write(bit(o));
+        }
+    }
+
+    /// The 64 bits from bit `head + 64 · k` (those past the last word zero).
+    #[inline]
+    fn bits64(bits: &[u64], head: usize, k: usize) -> u64 {
+        let (w, shift) = (head / 64 + k, head % 64);
+        let next = bits.get(w + 1).copied().unwrap_or(0);
+        if shift == 0 { bits[w] } else { (bits[w] >> shift) | (next << (64 - shift)) }
+    }
+
+    /// Lines `k < lines` of [`expand_bits`]: 64 mask bytes at `out + 64 · k` from [`bits64`].
+    ///
+    /// # Safety
+    /// AVX2 must be available; `out` 64-byte aligned and valid for `64 · lines` writes.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::cast_ptr_alignment)] // `out` is 64-byte aligned
+    unsafe fn expand_lines_avx2(bits: &[u64], head: usize, out: *mut u8, lines: usize) {
+        // Byte j of a vector takes byte j / 8 of 32 bits, then keeps bit j % 8 of it.
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64.cast_signed());
+        let one = _mm256_set1_epi8(1);
+        let bytes = |half: u32| {
+            let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(half.cast_signed()), spread);
+            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select), one)
+        };
+        for k in 0..lines {
+            let word = bits64(bits, head, k);
+            // SAFETY: the caller's bounds and alignment.
+            unsafe {
+                let line = out.add(64 * k).cast::<__m256i>();
+                _mm256_stream_si256(line, bytes(word as u32));
+                _mm256_stream_si256(line.add(1), bytes((word >> 32) as u32));
+            }
+        }
+    }
+
+    /// [`expand_lines_avx2`] with AVX-512: a line from its 64 bits in one instruction.
+    ///
+    /// # Safety
+    /// AVX-512 F and BW must be available; `out` 64-byte aligned and valid for `64 · lines` writes.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[allow(clippy::cast_ptr_alignment)] // `out` is 64-byte aligned
+    unsafe fn expand_lines_avx512(bits: &[u64], head: usize, out: *mut u8, lines: usize) {
+        for k in 0..lines {
+            let line = _mm512_maskz_set1_epi8(bits64(bits, head, k), 1);
+            // SAFETY: the caller's bounds and alignment.
+            unsafe { _mm512_stream_si512(out.add(64 * k).cast::<__m512i>(), line) };
         }
     }
 
@@ -392,7 +514,8 @@ mod avx2 {
                 // follows from that of `out` (o a multiple of 8), 8-byte alignment of `mask + o` likewise.
                 unsafe {
                     let x = _mm256_loadu_ps(values.as_ptr().add(r * stride + k));
-                    let (y, bytes) = prepared(x, (mean, inv), fill);
+                    let (y, valid) = prepared(x, (mean, inv), fill);
+                    let bytes = BYTES_OF_BITS[valid as usize];
                     if stream_values {
                         _mm256_stream_ps(out.add(o), y);
                     } else {
@@ -436,8 +559,7 @@ mod avx2 {
         samples: usize,
         stride: usize,
         fill: f32,
-        (data, mask): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>]),
-        mask_cached: bool,
+        (data, mut mask): (&mut [MaybeUninit<f32>], Mask<'_>),
         avx512: bool,
     ) {
         let out = data.as_mut_ptr().cast::<f32>();
@@ -467,27 +589,31 @@ mod avx2 {
         // col + j < stride); with `lines`, the first column of each pair starts a 64-byte line of every
         // sample (stride a multiple of 16 floats), so every non-temporal store is 32-byte aligned.
         let load = |k: usize, s0: usize| unsafe { transpose8(load8(rows, k, s0)) };
-        // Each tile's mask rows are made in a buffer of this thread (in its cache) and streamed to the batch
-        // after: written in place, each of their cache lines would first be read from memory. (Unless the
-        // mask is such a buffer already.)
-        let staged = !mask_cached && TILE * stride <= STAGING_BYTES && cover_every_column(rows, stride);
+        // Mask bytes: each tile's mask rows are made in a buffer of this thread (in its cache) and streamed
+        // to the batch after: written in place, each of their cache lines would first be read from memory.
+        let staged = matches!(mask, Mask::Bytes(_))
+            && TILE * stride <= STAGING_BYTES
+            && cover_every_column(rows, stride);
         let mut staging = if staged { STAGING.take() } else { Vec::new() };
         if staged && staging.len() < TILE * stride {
             staging = vec![0; TILE * stride];
         }
-        // Where value `o` of the batch goes, and its mask byte: in the batch, or in the staging of its tile
-        // (whose first sample is `shift / stride`).
-        let mask_at = if staged { staging.as_mut_ptr() } else { mask.as_mut_ptr().cast::<u8>() };
-        let at = |o: usize, shift: usize| (out.wrapping_add(o), mask_at.wrapping_add(o - shift));
+        // Where the validity of value `o` of the batch goes: its byte, in the batch or in the staging of its
+        // tile (whose first sample is `shift / stride`), or its bit.
+        let mask_at = match &mut mask {
+            _ if staged => MaskAt { base: staging.as_mut_ptr(), bits: false },
+            Mask::Bytes(bytes) => MaskAt { base: bytes.as_mut_ptr().cast::<u8>(), bits: false },
+            Mask::Bits(words) => MaskAt { base: words.as_mut_ptr().cast::<u8>(), bits: true },
+        };
         let pairs =
-            Pairs { rows, vector: &vector, affine: &affine, whole, stride, fill: fill_v, out, mask_at };
+            Pairs { rows, vector: &vector, affine: &affine, whole, stride, fill: fill_v, out, mask: mask_at };
         let singles = |p0: usize, shift: usize| {
             for (&k, &affine) in vector.iter().zip(&affine) {
                 let col = rows[k].col;
                 for s0 in blocks(p0) {
                     for (i, x) in load(k, s0).into_iter().enumerate() {
                         let o = (s0 + i) * stride + col;
-                        unsafe { put::<false>(at(o, shift), x, affine, fill_v) };
+                        unsafe { put::<false>(out.wrapping_add(o), (mask_at, o - shift), x, affine, fill_v) };
                     }
                 }
             }
@@ -506,12 +632,12 @@ mod avx2 {
             } else {
                 singles(p0, shift);
             }
-            if staged {
+            if staged && let Mask::Bytes(bytes) = &mut mask {
                 let n = (p0 + TILE).min(whole) - p0;
                 // SAFETY: the staging holds `TILE · stride` initialized bytes, the tile's rows written
                 // through `mask_at` above (not used while this view lives).
-                let tile = unsafe { std::slice::from_raw_parts(mask_at, n * stride) };
-                unsafe { stream_copy(tile, &mut mask[p0 * stride..(p0 + n) * stride]) };
+                let tile = unsafe { std::slice::from_raw_parts(mask_at.base, n * stride) };
+                unsafe { stream_copy(tile, &mut bytes[p0 * stride..(p0 + n) * stride]) };
             }
         }
         if staged {
@@ -523,9 +649,58 @@ mod avx2 {
             _mm_sfence();
         }
         for &k in &scalar {
-            transpose_scalar(rows, k..k + 1, 0..whole, stride, fill, data, mask);
+            transpose_scalar(rows, k..k + 1, 0..whole, stride, fill, data, &mut mask);
         }
-        transpose_scalar(rows, 0..rows.len(), whole..samples, stride, fill, data, mask);
+        transpose_scalar(rows, 0..rows.len(), whole..samples, stride, fill, data, &mut mask);
+    }
+
+    /// Where a vector of values writes its validity: mask bytes, or the bits of [`Mask::Bits`].
+    #[derive(Clone, Copy)]
+    struct MaskAt {
+        base: *mut u8,
+        bits: bool,
+    }
+
+    impl MaskAt {
+        /// Writes the validity of values `o .. o + 8`, bit `j` of `valid` that of value `o + j`, as bytes or
+        /// bits (a whole byte of bits stored, or set in the bits it shares with other values).
+        ///
+        /// # Safety
+        /// Bytes: `base + o .. base + o + 8` must be writable. Bits: word `o / 64` (and, where set bits
+        /// cross into it, the next) must lie in the words at `base`, which must be 8-byte aligned.
+        #[inline]
+        #[allow(clippy::cast_ptr_alignment)] // bits: the base of `u64` words; bytes: an unaligned store
+        unsafe fn put8(self, o: usize, valid: u32) {
+            // SAFETY: the caller's bounds.
+            unsafe {
+                if self.bits && o.is_multiple_of(8) {
+                    *self.base.add(o / 8) = valid as u8;
+                } else if self.bits {
+                    self.or_bits(o, valid);
+                } else {
+                    self.base.add(o).cast::<u64>().write_unaligned(BYTES_OF_BITS[valid as usize]);
+                }
+            }
+        }
+
+        /// Sets the bits of `valid` (at most 16) from bit `o`.
+        ///
+        /// # Safety
+        /// As [`MaskAt::put8`]'s, for bits.
+        #[inline]
+        #[allow(clippy::cast_ptr_alignment)] // the base of `u64` words
+        unsafe fn or_bits(self, o: usize, valid: u32) {
+            let (words, shift) = (self.base.cast::<u64>(), o % 64);
+            // SAFETY: the caller's bounds.
+            unsafe {
+                *words.add(o / 64) |= u64::from(valid) << shift;
+                // Set bits past the word's end (of values inside the mask, so the next word exists).
+                let past = if shift > 48 { u64::from(valid) >> (64 - shift) } else { 0 };
+                if past != 0 {
+                    *words.add(o / 64 + 1) |= past;
+                }
+            }
+        }
     }
 
     /// Whether the processor has the AVX-512 subsets [`put_pair_avx512`] uses.
@@ -548,8 +723,8 @@ mod avx2 {
         stride: usize,
         fill: __m256,
         out: *mut f32,
-        /// The mask, or the staging of the tile's mask rows.
-        mask_at: *mut u8,
+        /// The mask, the staging of the tile's mask rows, or bits.
+        mask: MaskAt,
     }
 
     /// The samples `p0 .. p0 + TILE` of every pair of groups: each sample receives 16 consecutive values,
@@ -563,7 +738,7 @@ mod avx2 {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     unsafe fn pairs_of<const AVX512: bool>(t: &Pairs<'_, '_>, p0: usize, shift: usize) {
-        let at = |o: usize| (t.out.wrapping_add(o), t.mask_at.wrapping_add(o - shift));
+        let at = |o: usize| (t.out.wrapping_add(o), (t.mask, o - shift));
         for (pair, affine) in t.vector.chunks(2).zip(t.affine.chunks(2)) {
             let col = t.rows[pair[0]].col;
             for s0 in (p0..(p0 + TILE).min(t.whole)).step_by(GROUP) {
@@ -571,19 +746,21 @@ mod avx2 {
                 let a = unsafe { transpose8(load8(t.rows, pair[0], s0)) };
                 let Some(&second) = pair.get(1) else {
                     for (i, x) in a.into_iter().enumerate() {
-                        unsafe { put::<false>(at((s0 + i) * t.stride + col), x, affine[0], t.fill) };
+                        let (out, mask) = at((s0 + i) * t.stride + col);
+                        unsafe { put::<false>(out, mask, x, affine[0], t.fill) };
                     }
                     continue;
                 };
                 let b = unsafe { transpose8(load8(t.rows, second, s0)) };
                 for i in 0..GROUP {
                     let o = (s0 + i) * t.stride + col;
+                    let (out, mask) = at(o);
                     unsafe {
                         if AVX512 {
-                            put_pair_avx512(at(o), (a[i], b[i]), (affine[0], affine[1]), t.fill);
+                            put_pair_avx512(out, mask, (a[i], b[i]), (affine[0], affine[1]), t.fill);
                         } else {
-                            put::<true>(at(o), a[i], affine[0], t.fill);
-                            put::<true>(at(o + GROUP), b[i], affine[1], t.fill);
+                            put::<true>(out, mask, a[i], affine[0], t.fill);
+                            put::<true>(out.add(GROUP), (mask.0, mask.1 + GROUP), b[i], affine[1], t.fill);
                         }
                     }
                 }
@@ -606,16 +783,18 @@ mod avx2 {
     }
 
     /// Writes two groups' values of one sample, prepared as [`super::prepare`] does, at `out[..16]` with
-    /// non-temporal stores, and their validity at `mask[..16]` in one store: the comparisons' bit masks
-    /// select the fill and make the mask bytes.
+    /// non-temporal stores, and their validity, values `o .. o + 16` of `mask`, in one store: the
+    /// comparisons' bit masks select the fill and make the mask bytes (or are the bits).
     ///
     /// # Safety
-    /// `out` and `mask` must be valid for 16 writes, `out` 32-byte aligned.
+    /// `out` must be valid for 16 writes and 32-byte aligned; `mask` as [`MaskAt::put8`] requires, for 16
+    /// values.
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
     #[inline]
     #[allow(clippy::cast_ptr_alignment)] // the mask's store is unaligned
     unsafe fn put_pair_avx512(
-        (out, mask): (*mut f32, *mut u8),
+        out: *mut f32,
+        (mask, o): (MaskAt, usize),
         (a, b): (__m256, __m256),
         ((mean_a, inv_a), (mean_b, inv_b)): ((__m256, __m256), (__m256, __m256)),
         fill: __m256,
@@ -624,12 +803,18 @@ mod avx2 {
             (_mm256_cmp_ps_mask::<_CMP_ORD_Q>(a, a), _mm256_cmp_ps_mask::<_CMP_ORD_Q>(b, b));
         let ya = _mm256_mask_blend_ps(valid_a, fill, _mm256_mul_ps(_mm256_sub_ps(a, mean_a), inv_a));
         let yb = _mm256_mask_blend_ps(valid_b, fill, _mm256_mul_ps(_mm256_sub_ps(b, mean_b), inv_b));
-        let bytes = _mm_maskz_set1_epi8(u16::from(valid_a) | (u16::from(valid_b) << 8), 1);
+        let valid = u16::from(valid_a) | (u16::from(valid_b) << 8);
         // SAFETY: the caller's bounds and alignment.
         unsafe {
             _mm256_stream_ps(out, ya);
             _mm256_stream_ps(out.add(GROUP), yb);
-            _mm_storeu_si128(mask.cast::<__m128i>(), bytes);
+            if mask.bits && o.is_multiple_of(16) {
+                mask.base.add(o / 8).cast::<u16>().write_unaligned(valid);
+            } else if mask.bits {
+                mask.or_bits(o, u32::from(valid));
+            } else {
+                _mm_storeu_si128(mask.base.add(o).cast::<__m128i>(), _mm_maskz_set1_epi8(valid, 1));
+            }
         }
     }
 
@@ -646,14 +831,15 @@ mod avx2 {
     }
 
     /// Writes 8 values prepared as [`super::prepare`] does at `out[..8]` (non-temporal stores with `STREAM`)
-    /// and their validity at `mask[..8]`.
+    /// and their validity, values `o .. o + 8` of `mask`.
     ///
     /// # Safety
-    /// `out` and `mask` must be valid for 8 writes; with `STREAM`, `out` must be 32-byte aligned.
+    /// `out` must be valid for 8 writes, with `STREAM` 32-byte aligned; `mask` as [`MaskAt::put8`] requires.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn put<const STREAM: bool>(
-        (out, mask): (*mut f32, *mut u8),
+        out: *mut f32,
+        (mask, o): (MaskAt, usize),
         x: __m256,
         (mean, inv): (__m256, __m256),
         fill: __m256,
@@ -666,17 +852,17 @@ mod avx2 {
             } else {
                 _mm256_storeu_ps(out, y);
             }
-            mask.cast::<u64>().write_unaligned(valid);
+            mask.put8(o, valid);
         }
     }
 
-    /// 8 values prepared as [`super::prepare`] does, and their 8 mask bytes.
+    /// 8 values prepared as [`super::prepare`] does, and their validity, bit `j` that of value `j`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn prepared(x: __m256, (mean, inv): (__m256, __m256), fill: __m256) -> (__m256, u64) {
+    fn prepared(x: __m256, (mean, inv): (__m256, __m256), fill: __m256) -> (__m256, u32) {
         let missing = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
         let y = _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(x, mean), inv), fill, missing);
-        (y, BYTES_OF_BITS[(!_mm256_movemask_ps(missing) & 0xff) as usize])
+        (y, (!_mm256_movemask_ps(missing) & 0xff).cast_unsigned())
     }
 
     /// The 8 × 8 transpose: vector `i` of the result holds element `i` of every vector of `a`.
@@ -731,25 +917,31 @@ mod tests {
         (buffer, offset)
     }
 
-    /// Every instruction set this processor has (the scalar path, AVX2, AVX-512), with the mask staged or
-    /// written in place, gives what the element-by-element definition gives, bit for bit, and writes
-    /// nothing else.
+    /// Every instruction set this processor has (the scalar path, AVX2, AVX-512), with the mask as bytes or
+    /// as bits, gives what the element-by-element definition gives, bit for bit, and writes nothing else.
     fn assert_as_defined(rows: &[Row<'_>], samples: usize, stride: usize, shift: usize) {
         let fill = -7.5;
         let cells = samples * stride;
         let mut results = Vec::new();
         for isa in Isa::available() {
-            // Written in place, then as in a buffer of the thread's (`mask_cached`).
-            for mask_cached in [false, true] {
+            for as_bits in [false, true] {
                 let (mut data, at) = aligned(cells + shift, f32::INFINITY);
                 let at = at + shift;
                 let mut mask = vec![MaybeUninit::new(9u8); cells];
-                let out = (&mut data[at..at + cells], &mut mask[..]);
-                transpose_rows_on(isa, rows, samples, stride, fill, out, mask_cached);
+                // Bits: those not written stay 0; bytes of the mask where a bit is set become 1, others
+                // keep their 9 (that a missing value's byte is 0 is checked with bytes).
+                let mut bits = vec![0u64; cells.div_ceil(64)];
+                let out = &mut data[at..at + cells];
+                if as_bits {
+                    transpose_rows_on(isa, rows, samples, stride, fill, out, Mask::Bits(&mut bits));
+                } else {
+                    transpose_rows_on(isa, rows, samples, stride, fill, out, Mask::Bytes(&mut mask));
+                }
                 results.push((
-                    format!("{isa:?}, mask cached {mask_cached}"),
+                    format!("{isa:?}, mask as bits {as_bits}"),
                     data[at..at + cells].to_vec(),
                     mask,
+                    as_bits.then_some(bits),
                 ));
             }
         }
@@ -767,8 +959,56 @@ mod tests {
             d.iter().zip(m).map(|(x, m)| unsafe { (x.assume_init().to_bits(), m.assume_init()) }).collect()
         };
         let n_rows = rows.len();
-        for (what, data, mask) in &results {
-            assert_eq!(bits(data, mask), expected, "{what}: {samples} samples, {n_rows} rows");
+        for (what, data, mask, as_bits) in &results {
+            let Some(words) = as_bits else {
+                assert_eq!(bits(data, mask), expected, "{what}: {samples} samples, {n_rows} rows");
+                continue;
+            };
+            let set = |o: usize| (words[o / 64] >> (o % 64)) & 1 == 1;
+            let got: Vec<(u32, u8)> = bits(data, mask)
+                .into_iter()
+                .enumerate()
+                .map(|(o, (x, m))| (x, if set(o) { 1 } else { m }))
+                .collect();
+            let want: Vec<(u32, u8)> =
+                expected.iter().map(|&(x, m)| (x, if m == 0 { 9 } else { m })).collect();
+            assert_eq!(got, want, "{what}: {samples} samples, {n_rows} rows");
+            assert!((cells..words.len() * 64).all(|o| !set(o)), "{what}: bits past the mask");
+        }
+    }
+
+    /// The bits of a mask become its bytes, whatever the alignment and length of the destination, and
+    /// nothing around it is written; [`with_mask_staged`] hands a transpose bits or bytes and leaves the
+    /// mask as the transpose made it.
+    #[test]
+    fn mask_bits_become_mask_bytes() {
+        let words: Vec<u64> = (0..40u64).map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k << 17)).collect();
+        let set = |o: usize| u8::from((words[o / 64] >> (o % 64)) & 1 == 1);
+        for len in [0, 1, 31, 64, 65, 127, 1000, 40 * 64] {
+            for shift in [0, 1, 8, 31, 32, 63] {
+                let mut buffer = vec![MaybeUninit::new(9u8); len + 128];
+                let at = buffer.as_ptr().align_offset(64) + shift;
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present.
+                    unsafe { avx2::expand_bits(&words, &mut buffer[at..at + len]) };
+                    for (i, b) in buffer.iter().enumerate() {
+                        // SAFETY: initialized above.
+                        let b = unsafe { b.assume_init() };
+                        let want = if (at..at + len).contains(&i) { set(i - at) } else { 9 };
+                        assert_eq!(b, want, "length {len}, shift {shift}, byte {i}");
+                    }
+                }
+                let mut mask = vec![MaybeUninit::new(9u8); len];
+                with_mask_staged(&mut mask, |mut staged| {
+                    for o in 0..len {
+                        staged.set(o, set(o));
+                    }
+                });
+                // SAFETY: initialized above.
+                let got: Vec<u8> = mask.iter().map(|b| unsafe { b.assume_init() }).collect();
+                assert_eq!(got, (0..len).map(set).collect::<Vec<u8>>(), "length {len}");
+            }
         }
     }
 
@@ -900,6 +1140,6 @@ mod tests {
         let values = [1.0f32; 8];
         let rows = [Row { values: &values, col: 3, affine: (0.0, 1.0) }];
         let (mut data, mut mask) = (vec![MaybeUninit::new(0.0); 10], vec![MaybeUninit::new(0u8); 10]);
-        transpose_rows(&rows, 8, 4, 0.0, &mut data, &mut mask, false);
+        transpose_rows(&rows, 8, 4, 0.0, &mut data, Mask::Bytes(&mut mask));
     }
 }
