@@ -28,12 +28,27 @@ pub(crate) struct Row<'a> {
     pub affine: (f32, f32),
 }
 
-/// Samples handled together: every row is transposed for 8 samples (one 8 × 8 block's width) before the
-/// next 8, so that the lines streamed at any moment lie in the rows of 8 samples, a few pages, not of 128.
-/// (In `cubeload bench`, 8 against 128 raised `ratio_to_ceiling` from 0.72 to 0.74 in ten alternating pairs
-/// out of ten; 16 did about as well as 8, 32 in between. 128 had been chosen over 16 when the batch was
-/// written through the cache, each sample keeping a line in L1.)
-const TILE: usize = 8;
+/// Samples handled together, where a transpose has few rows: every row is transposed for 8 samples (one
+/// 8 × 8 block's width) before the next 8, so that the lines streamed at any moment lie in the rows of 8
+/// samples, a few pages, not of 128; the rows' lines stay in L1 from one 8 samples to the next. (In `cubeload
+/// bench`, 8 against 128 raised `ratio_to_ceiling` from 0.72 to 0.74 in ten alternating pairs out of ten; 16
+/// did about as well as 8, 32 in between.)
+const SMALL_TILE: usize = 8;
+
+/// Samples handled together, where a transpose has many rows (a chunk decoded whole, its thousands of rows
+/// read from beyond the core's cache): each group of rows is read 512 bytes at a time, which the processor's
+/// prefetcher follows. (On a cube of batches of 4096 series decoded whole, 128 against 8: `ratio_to_ceiling`
+/// 0.545 against 0.507, medians of three alternating pairs.)
+const LARGE_TILE: usize = 128;
+
+/// The most rows transposed in [`SMALL_TILE`]s: a 64-byte line of each, 32 KiB, fits a core's L1 cache (a
+/// block of 128 steps of 3 variables, as a batch of the default bench cube is made, has 384 rows).
+const SMALL_TILE_ROWS: usize = 512;
+
+/// The tile for a transpose of `rows` rows.
+fn tile_for(rows: usize) -> usize {
+    if rows <= SMALL_TILE_ROWS { SMALL_TILE } else { LARGE_TILE }
+}
 
 /// Where a transpose writes the validity of the values it writes.
 pub(crate) enum Mask<'a> {
@@ -86,7 +101,7 @@ pub(crate) fn transpose_rows(
     data: &mut [MaybeUninit<f32>],
     mask: Mask<'_>,
 ) {
-    transpose_rows_on(Isa::best(), rows, samples, stride, fill, data, mask);
+    transpose_rows_on(Isa::best(), tile_for(rows.len()), rows, samples, stride, fill, data, mask);
 }
 
 /// The instruction sets the transpose is written for.
@@ -122,9 +137,12 @@ impl Isa {
     }
 }
 
-/// [`transpose_rows`] with the instructions of `isa`, which the processor must have.
+/// [`transpose_rows`] with the instructions of `isa`, which the processor must have, `tile` samples at a
+/// time.
+#[allow(clippy::too_many_arguments)] // those of `transpose_rows`, and how to run it
 fn transpose_rows_on(
     isa: Isa,
+    tile: usize,
     rows: &[Row<'_>],
     samples: usize,
     stride: usize,
@@ -146,10 +164,10 @@ fn transpose_rows_on(
         let avx512 = isa == Isa::Avx512;
         // SAFETY: AVX2 (and where used AVX-512) is present (asserted above); rows and destinations are in
         // bounds (asserted above).
-        unsafe { avx2::transpose_rows(rows, samples, stride, fill, (data, mask), avx512) };
+        unsafe { avx2::transpose_rows(rows, samples, stride, fill, (data, mask), (tile, avx512)) };
         return;
     }
-    transpose_scalar(rows, 0..rows.len(), 0..samples, stride, fill, data, &mut mask);
+    transpose_scalar(rows, 0..rows.len(), (0..samples, tile), stride, fill, data, &mut mask);
 }
 
 /// Runs `make` on a mask to be written to `mask`: where the processor has AVX2 and it fits, bits in a buffer
@@ -158,13 +176,14 @@ fn transpose_rows_on(
 /// it); otherwise `mask` itself. For a batch made in several transposes, each writing a part of every
 /// sample's mask row: streamed by each, the parts would begin and end inside cache lines, each such line
 /// written to memory in pieces. As bits, the staged mask takes an eighth of the cache that bytes took (63
-/// KiB for a batch of the default bench cube), and a batch's mask of up to 4 MiB stays in the cache: staged
-/// as bytes, a mask over 512 KiB had its chunks decoded whole first. (In `cubeload bench` on a cube of the
+/// KiB for a batch of the default bench cube), and larger batches are made a block at a time too: staged as
+/// bytes, a mask over 512 KiB had its chunks decoded whole first. (In `cubeload bench`, on cubes of the
 /// same inputs with batches of 1024 series, a 2 MiB mask, `ratio_to_ceiling` 0.63 → 0.71 in four
-/// alternating pairs, higher in each; on the default cube, no difference beyond the noise.)
+/// alternating pairs, higher in each; of 4096 series, 0.51 → 0.57 in three; on the default cube, about
+/// +0.01, within the noise.)
 pub(crate) fn with_mask_staged<R>(mask: &mut [MaybeUninit<u8>], make: impl FnOnce(Mask<'_>) -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if mask.len() / 8 <= avx2::STAGING_BYTES && std::arch::is_x86_feature_detected!("avx2") {
+    if mask.len() / 8 <= BITS_BYTES && std::arch::is_x86_feature_detected!("avx2") {
         let mut bits = avx2::BITS.take();
         bits.clear();
         bits.resize(mask.len().div_ceil(64), 0);
@@ -177,19 +196,23 @@ pub(crate) fn with_mask_staged<R>(mask: &mut [MaybeUninit<u8>], make: impl FnOnc
     make(Mask::Bytes(mask))
 }
 
+/// The most bytes of a batch's mask staged as bits by [`with_mask_staged`]: a mask of 16 MiB (a batch of 4096
+/// series of 672 steps of 3 variables takes 1 MiB of bits).
+const BITS_BYTES: usize = 2 << 20;
+
 /// The same, one value at a time, for `rows[rows_range]` and samples `samples`: the fallback, and the
 /// edges the vector path leaves (ragged row groups and sample tails).
 fn transpose_scalar(
     rows: &[Row<'_>],
     rows_range: std::ops::Range<usize>,
-    samples: std::ops::Range<usize>,
+    (samples, tile): (std::ops::Range<usize>, usize),
     stride: usize,
     fill: f32,
     data: &mut [MaybeUninit<f32>],
     mask: &mut Mask<'_>,
 ) {
-    for p0 in samples.clone().step_by(TILE) {
-        let tile = p0..(p0 + TILE).min(samples.end);
+    for p0 in samples.clone().step_by(tile) {
+        let tile = p0..(p0 + tile).min(samples.end);
         for row in &rows[rows_range.clone()] {
             let (mean, inv) = row.affine;
             for p in tile.clone() {
@@ -309,7 +332,7 @@ mod avx2 {
     use std::cell::RefCell;
     use std::mem::MaybeUninit;
 
-    use super::{Mask, Row, TILE, transpose_scalar};
+    use super::{Mask, Row, transpose_scalar};
 
     /// Rows transposed together: one vector register each.
     const GROUP: usize = 8;
@@ -364,9 +387,8 @@ mod avx2 {
             && rows.iter().all(|r| r.col < stride && !std::mem::replace(&mut seen[r.col], true))
     }
 
-    /// The most bytes of mask staged, a part of a core's cache: a tile's mask rows as bytes (8 series of 672
-    /// steps of 3 variables take 16 KB), or a batch's mask as bits (that of the default bench cube's batch
-    /// of 256 such series, 63 KiB; at most a mask of 4 MiB).
+    /// The most bytes of a tile's mask rows staged, a part of a core's cache (8 series of 672 steps of 3
+    /// variables take 16 KB, 128 of them 252 KiB).
     pub(super) const STAGING_BYTES: usize = 512 << 10;
 
     thread_local! {
@@ -560,7 +582,7 @@ mod avx2 {
         stride: usize,
         fill: f32,
         (data, mut mask): (&mut [MaybeUninit<f32>], Mask<'_>),
-        avx512: bool,
+        (tile, avx512): (usize, bool),
     ) {
         let out = data.as_mut_ptr().cast::<f32>();
         // Groups start where a line does only when lines can be filled at all (every sample's row starting at
@@ -580,23 +602,23 @@ mod avx2 {
         let fill_v = _mm256_set1_ps(fill);
         let whole = samples / GROUP * GROUP;
         let lines = fills_lines(rows, &vector, out, stride);
-        let tiles = (0..whole).step_by(TILE);
-        let blocks = |p0: usize| (p0..(p0 + TILE).min(whole)).step_by(GROUP);
+        let tiles = (0..whole).step_by(tile);
+        let blocks = |p0: usize| (p0..(p0 + tile).min(whole)).step_by(GROUP);
         // SAFETY (of the loads and `put`s below): s0 + 8 <= samples <= every row's length; each store lands
         // at (s0 + i) · stride + col + j for i, j < 8, the columns col .. col + 8 being those of the rows of
         // the group, all within the bounds the caller guarantees (a mask store, with `staged`, at that place
-        // less p0 · stride: inside the staging's TILE · stride bytes, as s0 + i < p0 + TILE and
+        // less p0 · stride: inside the staging's tile · stride bytes, as s0 + i < p0 + tile and
         // col + j < stride); with `lines`, the first column of each pair starts a 64-byte line of every
         // sample (stride a multiple of 16 floats), so every non-temporal store is 32-byte aligned.
         let load = |k: usize, s0: usize| unsafe { transpose8(load8(rows, k, s0)) };
         // Mask bytes: each tile's mask rows are made in a buffer of this thread (in its cache) and streamed
         // to the batch after: written in place, each of their cache lines would first be read from memory.
         let staged = matches!(mask, Mask::Bytes(_))
-            && TILE * stride <= STAGING_BYTES
+            && tile * stride <= STAGING_BYTES
             && cover_every_column(rows, stride);
         let mut staging = if staged { STAGING.take() } else { Vec::new() };
-        if staged && staging.len() < TILE * stride {
-            staging = vec![0; TILE * stride];
+        if staged && staging.len() < tile * stride {
+            staging = vec![0; tile * stride];
         }
         // Where the validity of value `o` of the batch goes: its byte, in the batch or in the staging of its
         // tile (whose first sample is `shift / stride`), or its bit.
@@ -605,8 +627,17 @@ mod avx2 {
             Mask::Bytes(bytes) => MaskAt { base: bytes.as_mut_ptr().cast::<u8>(), bits: false },
             Mask::Bits(words) => MaskAt { base: words.as_mut_ptr().cast::<u8>(), bits: true },
         };
-        let pairs =
-            Pairs { rows, vector: &vector, affine: &affine, whole, stride, fill: fill_v, out, mask: mask_at };
+        let pairs = Pairs {
+            rows,
+            vector: &vector,
+            affine: &affine,
+            whole,
+            tile,
+            stride,
+            fill: fill_v,
+            out,
+            mask: mask_at,
+        };
         let singles = |p0: usize, shift: usize| {
             for (&k, &affine) in vector.iter().zip(&affine) {
                 let col = rows[k].col;
@@ -633,8 +664,8 @@ mod avx2 {
                 singles(p0, shift);
             }
             if staged && let Mask::Bytes(bytes) = &mut mask {
-                let n = (p0 + TILE).min(whole) - p0;
-                // SAFETY: the staging holds `TILE · stride` initialized bytes, the tile's rows written
+                let n = (p0 + tile).min(whole) - p0;
+                // SAFETY: the staging holds `tile · stride` initialized bytes, the tile's rows written
                 // through `mask_at` above (not used while this view lives).
                 let tile = unsafe { std::slice::from_raw_parts(mask_at.base, n * stride) };
                 unsafe { stream_copy(tile, &mut bytes[p0 * stride..(p0 + n) * stride]) };
@@ -649,9 +680,9 @@ mod avx2 {
             _mm_sfence();
         }
         for &k in &scalar {
-            transpose_scalar(rows, k..k + 1, 0..whole, stride, fill, data, &mut mask);
+            transpose_scalar(rows, k..k + 1, (0..whole, tile), stride, fill, data, &mut mask);
         }
-        transpose_scalar(rows, 0..rows.len(), whole..samples, stride, fill, data, &mut mask);
+        transpose_scalar(rows, 0..rows.len(), (whole..samples, tile), stride, fill, data, &mut mask);
     }
 
     /// Where a vector of values writes its validity: mask bytes, or the bits of [`Mask::Bits`].
@@ -720,6 +751,8 @@ mod avx2 {
         affine: &'p [(__m256, __m256)],
         /// Samples in whole groups of 8.
         whole: usize,
+        /// Samples handled together.
+        tile: usize,
         stride: usize,
         fill: __m256,
         out: *mut f32,
@@ -727,7 +760,7 @@ mod avx2 {
         mask: MaskAt,
     }
 
-    /// The samples `p0 .. p0 + TILE` of every pair of groups: each sample receives 16 consecutive values,
+    /// The samples `p0 .. p0 + t.tile` of every pair of groups: each sample receives 16 consecutive values,
     /// a whole line, streamed, and their 16 mask bytes (a last group without a pair, 8 through the cache).
     /// Compiled twice, for AVX2 and for AVX-512, whose comparisons give a bit mask: 16 mask bytes in one
     /// store, where AVX2 makes 8 at a time from a table.
@@ -741,7 +774,7 @@ mod avx2 {
         let at = |o: usize| (t.out.wrapping_add(o), (t.mask, o - shift));
         for (pair, affine) in t.vector.chunks(2).zip(t.affine.chunks(2)) {
             let col = t.rows[pair[0]].col;
-            for s0 in (p0..(p0 + TILE).min(t.whole)).step_by(GROUP) {
+            for s0 in (p0..(p0 + t.tile).min(t.whole)).step_by(GROUP) {
                 // SAFETY (here and below): as in `transpose_rows`.
                 let a = unsafe { transpose8(load8(t.rows, pair[0], s0)) };
                 let Some(&second) = pair.get(1) else {
@@ -917,13 +950,16 @@ mod tests {
         (buffer, offset)
     }
 
-    /// Every instruction set this processor has (the scalar path, AVX2, AVX-512), with the mask as bytes or
-    /// as bits, gives what the element-by-element definition gives, bit for bit, and writes nothing else.
+    /// Every instruction set this processor has (the scalar path, AVX2, AVX-512), in small and large tiles,
+    /// with the mask as bytes or as bits, gives what the element-by-element definition gives, bit for bit,
+    /// and writes nothing else.
     fn assert_as_defined(rows: &[Row<'_>], samples: usize, stride: usize, shift: usize) {
         let fill = -7.5;
         let cells = samples * stride;
         let mut results = Vec::new();
-        for isa in Isa::available() {
+        let runs =
+            Isa::available().into_iter().flat_map(|isa| [SMALL_TILE, LARGE_TILE].map(|tile| (isa, tile)));
+        for (isa, tile) in runs {
             for as_bits in [false, true] {
                 let (mut data, at) = aligned(cells + shift, f32::INFINITY);
                 let at = at + shift;
@@ -932,13 +968,10 @@ mod tests {
                 // keep their 9 (that a missing value's byte is 0 is checked with bytes).
                 let mut bits = vec![0u64; cells.div_ceil(64)];
                 let out = &mut data[at..at + cells];
-                if as_bits {
-                    transpose_rows_on(isa, rows, samples, stride, fill, out, Mask::Bits(&mut bits));
-                } else {
-                    transpose_rows_on(isa, rows, samples, stride, fill, out, Mask::Bytes(&mut mask));
-                }
+                let mask_out = if as_bits { Mask::Bits(&mut bits) } else { Mask::Bytes(&mut mask) };
+                transpose_rows_on(isa, tile, rows, samples, stride, fill, out, mask_out);
                 results.push((
-                    format!("{isa:?}, mask as bits {as_bits}"),
+                    format!("{isa:?}, tile {tile}, mask as bits {as_bits}"),
                     data[at..at + cells].to_vec(),
                     mask,
                     as_bits.then_some(bits),
@@ -1016,8 +1049,8 @@ mod tests {
     /// values, normalization.
     #[test]
     fn transpose_equals_the_definition() {
-        // Up to several tiles of samples, the last one partial.
-        for samples in [1, 7, 8, 9, 16, 23, 40, 2 * TILE + 13] {
+        // Up to several tiles of samples (small and large), the last one partial.
+        for samples in [1, 7, 8, 9, 16, 23, 40, 2 * LARGE_TILE + 13] {
             for n_rows in [3, 8, 13, 24, 29] {
                 let chunks: Vec<Vec<f32>> =
                     (0..n_rows).map(|r| (0..samples + 3).map(|p| value(r * 97 + p)).collect()).collect();
@@ -1039,7 +1072,7 @@ mod tests {
     /// batch starting anywhere the allocator may put it.
     #[test]
     fn whole_cache_lines_are_written_as_defined() {
-        for samples in [8, 13, 2 * TILE + 5] {
+        for samples in [8, 13, 2 * LARGE_TILE + 5] {
             let chunks: Vec<Vec<f32>> =
                 (0..32).map(|r| (0..samples).map(|p| value(r * 31 + p)).collect()).collect();
             let rows: Vec<Row<'_>> = (0..32)
@@ -1072,7 +1105,7 @@ mod tests {
     /// repeated (static) row; several tiles and a ragged tail of samples.
     #[test]
     fn rows_writing_every_column_are_written_as_defined() {
-        for samples in [8, 9, TILE, 2 * TILE + 13] {
+        for samples in [8, 9, LARGE_TILE, 2 * LARGE_TILE + 13] {
             for (stride, shuffled) in [(24, false), (29, false), (64, false), (29, true), (40, true)] {
                 let chunks: Vec<Vec<f32>> =
                     (0..stride).map(|r| (0..samples).map(|p| value(r * 53 + p)).collect()).collect();
