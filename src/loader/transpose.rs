@@ -30,9 +30,10 @@ pub(crate) struct Row<'a> {
 
 /// Samples handled together, where a transpose has few rows: every row is transposed for 8 samples (one
 /// 8 × 8 block's width) before the next 8, so that the lines streamed at any moment lie in the rows of 8
-/// samples, a few pages, not of 128; the rows' lines stay in L1 from one 8 samples to the next. (In `cubeload
-/// bench`, 8 against 128 raised `ratio_to_ceiling` from 0.72 to 0.74 in ten alternating pairs out of ten; 16
-/// did about as well as 8, 32 in between.)
+/// samples, a few pages, not of 128. (In `cubeload bench`, 8 against 128 raised `ratio_to_ceiling` from
+/// 0.72 to 0.74 in ten alternating pairs out of ten; 16 against 8, 0.740 against 0.750, medians of six
+/// rounds, lower in five. With one thread on chunks in its cache, `cargo bench --bench loader --
+/// batch_assembly/default`, 8 takes 3 % longer than 16 or 128.)
 const SMALL_TILE: usize = 8;
 
 /// Samples handled together, where a transpose has many rows (a chunk decoded whole, its thousands of rows
@@ -41,8 +42,9 @@ const SMALL_TILE: usize = 8;
 /// 0.545 against 0.507, medians of three alternating pairs.)
 const LARGE_TILE: usize = 128;
 
-/// The most rows transposed in [`SMALL_TILE`]s: a 64-byte line of each, 32 KiB, fits a core's L1 cache (a
-/// block of 128 steps of 3 variables, as a batch of the default bench cube is made, has 384 rows).
+/// The most rows transposed in [`SMALL_TILE`]s: those of a block of steps just decoded, in the core's cache
+/// (a batch of the default bench cube is made in blocks of 128 steps of 3 variables, 384 rows); the
+/// thousands of rows of chunks decoded whole lie mostly beyond it.
 const SMALL_TILE_ROWS: usize = 512;
 
 /// The tile for a transpose of `rows` rows.
