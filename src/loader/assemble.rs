@@ -1296,7 +1296,7 @@ fn copy_series<'a>(
         return Ok(());
     }
     // Each transpose of a block writes a part of every sample's mask row: the mask is made whole in the
-    // thread's cache as bits and streamed after as bytes (where it fits, a mask of up to 4 MiB; otherwise
+    // thread's cache as bits and streamed after as bytes (where it fits, a mask of up to 16 MiB; otherwise
     // the chunks are decoded whole first).
     with_mask_staged(mask, |mut mask| {
         // Steps per block: whole cache lines of every sample's values (16 floats, so 16 steps).
