@@ -31,15 +31,15 @@ pub(crate) struct Row<'a> {
 /// Samples handled together, where a transpose has few rows: every row is transposed for 8 samples (one
 /// 8 × 8 block's width) before the next 8, so that the lines streamed at any moment lie in the rows of 8
 /// samples, a few pages, not of 128. (In `cubeload bench`, 8 against 128 raised `ratio_to_ceiling` from
-/// 0.72 to 0.74 in ten alternating pairs out of ten; 16 against 8, 0.740 against 0.750, medians of six
-/// rounds, lower in five. With one thread on chunks in its cache, `cargo bench --bench loader --
-/// batch_assembly/default`, 8 takes 3 % longer than 16 or 128.)
+/// 0.72 to 0.74 in ten alternating pairs out of ten; 16 was lower than 8 in five rounds of six. With one
+/// thread on chunks in its cache, `cargo bench --bench loader -- batch_assembly/default`, 8 takes longer
+/// than 16 or 128.)
 const SMALL_TILE: usize = 8;
 
 /// Samples handled together, where a transpose has many rows (a chunk decoded whole, its thousands of rows
 /// read from beyond the core's cache): each group of rows is read 512 bytes at a time, which the processor's
-/// prefetcher follows. (On a cube of batches of 4096 series decoded whole, 128 against 8: `ratio_to_ceiling`
-/// 0.545 against 0.507, medians of three alternating pairs.)
+/// prefetcher follows. (On a cube of batches of 4096 series decoded whole, 128 was higher than 8 in three
+/// alternating pairs of three.)
 const LARGE_TILE: usize = 128;
 
 /// The most rows transposed in [`SMALL_TILE`]s: those of a block of steps just decoded, in the core's cache
