@@ -635,10 +635,13 @@ mod avx2 {
             Mask::Bytes(bytes) => MaskAt { base: bytes.as_mut_ptr().cast::<u8>(), bits: false },
             Mask::Bits(words) => MaskAt { base: words.as_mut_ptr().cast::<u8>(), bits: true },
         };
+        let as_stored: Vec<bool> =
+            affine.chunks(2).map(|a| a.len() == 2 && a.iter().all(|&a| is_identity(a))).collect();
         let pairs = Pairs {
             rows,
             vector: &vector,
             affine: &affine,
+            as_stored: &as_stored,
             whole,
             tile,
             stride,
@@ -778,6 +781,8 @@ mod avx2 {
         vector: &'p [usize],
         /// Each group's `(mean, inv)`, a lane per row.
         affine: &'p [(__m256, __m256)],
+        /// For each pair, whether both its groups are delivered as stored (affine `(0, 1)`).
+        as_stored: &'p [bool],
         /// Samples in whole groups of 8.
         whole: usize,
         /// Samples handled together.
@@ -865,9 +870,10 @@ mod avx2 {
     unsafe fn pairs_avx512(t: &Pairs<'_, '_>, p0: usize, shift: usize) {
         let end = (p0 + t.tile).min(t.whole);
         let fill = widen(t.fill, t.fill);
-        for (pair, affine) in t.vector.chunks(2).zip(t.affine.chunks(2)) {
+        let pairs = t.vector.chunks(2).zip(t.affine.chunks(2)).zip(t.as_stored);
+        for ((pair, affine), &as_stored) in pairs {
             let wide = match *pair {
-                [first, second] if affine.iter().all(|&a| is_identity(a)) => Some((first, second)),
+                [first, second] if as_stored => Some((first, second)),
                 _ => None,
             };
             for s0 in (p0..end).step_by(GROUP) {
@@ -926,7 +932,7 @@ mod avx2 {
     }
 
     /// [`transpose8`] of both halves at once: vector `i` of the result holds element `i` of the lower
-    /// halves of every vector of `z`, then element `i` of their upper halves.
+    /// halves of every vector of `rows`, then element `i` of their upper halves.
     #[target_feature(enable = "avx2,avx512f")]
     #[inline]
     fn transpose16x8(rows: &[__m512; 8]) -> [__m512; 8] {
