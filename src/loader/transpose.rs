@@ -635,8 +635,12 @@ mod avx2 {
             Mask::Bytes(bytes) => MaskAt { base: bytes.as_mut_ptr().cast::<u8>(), bits: false },
             Mask::Bits(words) => MaskAt { base: words.as_mut_ptr().cast::<u8>(), bits: true },
         };
-        let as_stored: Vec<bool> =
-            affine.chunks(2).map(|a| a.len() == 2 && a.iter().all(|&a| is_identity(a))).collect();
+        // Only the AVX-512 code tells pairs as stored from the others.
+        let as_stored: Vec<bool> = if avx512 {
+            affine.chunks(2).map(|a| a.len() == 2 && a.iter().all(|&a| is_identity(a))).collect()
+        } else {
+            Vec::new()
+        };
         let pairs = Pairs {
             rows,
             vector: &vector,
