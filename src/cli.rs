@@ -577,17 +577,22 @@ fn print_summary(report: &GenReport) {
     }
 }
 
-/// Turns transparent huge pages off for this process (and the `gen` children it starts). mimalloc asks the
-/// kernel for huge pages, so the first touch of each 2 MB of fresh heap clears all of it: the reader and
-/// fetch threads of a loader, each with its own heap, then spend their time in the kernel's `clear_page`
-/// (the fetch threads of `cubeload bench`'s object-store phase three quarters of theirs; with huge pages
-/// off the bench's system time is a third lower). Nothing here is large and long-lived enough to gain from
-/// them.
+/// Turns transparent huge pages off for this process (and the `gen` children it starts), except where it
+/// asks for them: the batch buffers of [`crate::Allocator`]. On a machine whose kernel backs all memory
+/// with huge pages, the first touch of each 2 MB of every thread's fresh heap would clear all of it: the
+/// reader and fetch threads of a loader would spend their time in the kernel's `clear_page` (the fetch
+/// threads of `cubeload bench`'s object-store phase three quarters of theirs). A kernel older than 6.18,
+/// which knows no exception, turns them off everywhere.
 fn without_transparent_huge_pages() {
+    /// `PR_THP_DISABLE_EXCEPT_ADVISED` (Linux 6.18): memory advised `MADV_HUGEPAGE` keeps them.
     #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes an integer and changes only the process's paging policy; an old kernel
-    // refuses it, which leaves things as they were.
+    const EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integers and changes only the process's paging policy; a kernel that
+    // refuses a flag leaves things as they were.
     unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        if libc::prctl(libc::PR_SET_THP_DISABLE, 1, EXCEPT_ADVISED, 0, 0) != 0 {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
     }
 }

@@ -38,6 +38,7 @@
 //! ## Crate features
 //! - `cli` (default): the command line and the `cubeload` binary.
 
+pub mod allocator;
 pub mod batch;
 pub mod bench;
 #[cfg(feature = "cli")]
@@ -58,6 +59,7 @@ pub mod store;
 pub mod time;
 pub mod verify;
 
+pub use allocator::Allocator;
 pub use batch::Batch;
 pub use config::Config;
 pub use cube::reader::Cube;
@@ -65,3 +67,8 @@ pub use error::{Error, Result};
 pub use generator::{GenOptions, GenReport, generate};
 pub use loader::{Loader, LoaderError, LoaderState, OnCorrupt, Regrid};
 pub use plan::Plan;
+
+/// The unit tests run on the binaries' allocator, so that batch buffers are mapped as they are there.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: Allocator = Allocator;

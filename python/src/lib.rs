@@ -14,11 +14,11 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-/// Batches are megabytes each, allocated by reader threads and freed by numpy in the Python thread: glibc's
-/// allocator hands such blocks back to the kernel and takes them again with page faults; mimalloc reuses them
-/// (Rust's allocations only; numpy's and torch's own stay with theirs).
+/// Batches are megabytes each, allocated by reader threads and freed by numpy in the Python thread:
+/// cubeload's allocator (mimalloc, which reuses such blocks where glibc's would hand them back to the kernel,
+/// with batch buffers on huge pages) takes Rust's allocations; numpy's and torch's own stay with theirs.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: cubeload::Allocator = cubeload::Allocator;
 
 create_exception!(_cubeload, CubeloadError, PyException, "Base class of cubeload's errors.");
 create_exception!(

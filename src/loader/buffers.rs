@@ -109,7 +109,7 @@ pub(crate) fn take<T: Element>(len: usize) -> Vec<T> {
     {
         return buffer;
     }
-    Vec::with_capacity(len)
+    crate::allocator::on_huge_pages(|| Vec::with_capacity(len))
 }
 
 /// Gives `buffer` back, its contents dropped, for the batches of any loader of this process to be made in.
