@@ -91,6 +91,11 @@ impl Mappings {
         false
     }
 
+    /// Whether `at` is the start of a mapping made for huge pages.
+    fn contains(&self, at: usize) -> bool {
+        self.at.iter().any(|slot| slot.load(Ordering::Acquire) == at)
+    }
+
     /// Forgets the mapping at `at` and gives its length; `None` for an address that is not one.
     fn remove(&self, at: usize) -> Option<usize> {
         let i = self.at.iter().position(|slot| slot.load(Ordering::Acquire) == at)?;
@@ -100,8 +105,8 @@ impl Mappings {
     }
 }
 
-/// Maps `size` bytes (at most 2 MiB-aligned) at a 2 MiB boundary, the first `huge` of them advised for huge
-/// pages; `None` where the kernel refuses.
+/// Maps `size` bytes at a 2 MiB boundary (which meets any alignment up to 2 MiB), the first `huge` of them
+/// advised for huge pages; `None` where the kernel refuses.
 #[cfg(target_os = "linux")]
 fn map_huge(size: usize, huge: usize) -> Option<*mut u8> {
     let len = size.next_multiple_of(PAGE).max(huge);
@@ -200,9 +205,7 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !(ptr as usize).is_multiple_of(HUGE_PAGE)
-            || !MAPPINGS.at.iter().any(|a| a.load(Ordering::Acquire) == ptr as usize)
-        {
+        if !(ptr as usize).is_multiple_of(HUGE_PAGE) || !MAPPINGS.contains(ptr as usize) {
             // SAFETY: a block of mimalloc's, as the caller describes it.
             return unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         }
@@ -230,7 +233,7 @@ mod tests {
 
     /// Whether `at` is the start of one of the mappings made for huge pages.
     fn mapped(at: *const u8) -> bool {
-        MAPPINGS.at.iter().any(|slot| slot.load(Ordering::Acquire) == at as usize)
+        MAPPINGS.contains(at as usize)
     }
 
     /// The `VmFlags` of the mapping of this process that holds `at` (Linux), from `/proc/self/smaps`.
