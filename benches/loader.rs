@@ -26,11 +26,16 @@ use std::path::{Path, PathBuf};
 use criterion::{BatchSize, Criterion, Throughput};
 use cubeload::Cube;
 use cubeload::demo::{DemoSpec, build_cube};
+use cubeload::loader::assemble::{Assembler, Transform};
+use cubeload::loader::{Loader, LoaderBuilder};
+
+/// The allocator of the binaries and the Python module (batch buffers on huge pages), so that the hot
+/// paths are measured on the memory they run on there.
+#[global_allocator]
+static ALLOCATOR: cubeload::Allocator = cubeload::Allocator;
 
 /// The demo's pixel series stored sample-major, samples permuted once (`order: shuffled`).
 const SHUFFLED_LAYOUT: &str = "{ kind: pixel_series, batch: 256, order: shuffled }";
-use cubeload::loader::assemble::{Assembler, Transform};
-use cubeload::loader::{Loader, LoaderBuilder};
 
 /// A loader option under test.
 type Configure = fn(LoaderBuilder) -> LoaderBuilder;

@@ -12,6 +12,11 @@ use cubeload::Loader;
 use cubeload::demo::{DemoSpec, build_cube};
 use cubeload_torch::BatchTensors as _;
 
+/// The allocator of the binaries and the Python module (batch buffers on huge pages), so that the hot
+/// paths are measured on the memory they run on there.
+#[global_allocator]
+static ALLOCATOR: cubeload::Allocator = cubeload::Allocator;
+
 fn main() {
     let scratch = tempfile::tempdir().expect("temporary directory"); // removed at the end of main
     let spec = DemoSpec { hours: 48, ..DemoSpec::default() };
