@@ -9,8 +9,9 @@ The bench runs, in each round, a ceiling pass (scoped threads named after the bi
 two reader threads, another ceiling pass and an epoch with one reader (threads named `cubeload-reader`);
 before the rounds, ceiling passes that calibrate and warm, which are left out.
 Threads are told apart by name and by being started together; each phase's samples are divided by its
-number of passes, so that phases and runs compare per pass. With PHASE (ceiling, loader2, loader1) and KIND
-(zstd, transpose, pagecache, fault, alloc, mem, crc, other), the symbols of that kind in that phase are listed.
+number of passes, so that phases and runs compare per pass; then each pass's samples in the order run, and
+of those the page faults. With PHASE (ceiling, loader2, loader1) and KIND (zstd, transpose, pagecache,
+fault, alloc, mem, crc, other), the symbols of that kind in that phase are listed.
 """
 
 import collections
@@ -86,30 +87,39 @@ def phases(all_samples):
             split.extend(group[k : k + 2] for k in range(0, len(group), 2))
     first_loader = next((i for i, g in enumerate(split) if name_of[g[0]] == "cubeload-reader"), len(split))
     split = split[max(first_loader - 1, 0) :]
-    phase_of, passes = {}, collections.Counter()
+    phase_of, passes, pass_of = {}, collections.Counter(), {}
     for group in split:
         if name_of[group[0]] != "cubeload-reader":
             phase = "ceiling"
         else:
             phase = "loader2" if len(group) == 2 else "loader1"
-        passes[phase] += 1
         for tid in group:
             phase_of[tid] = phase
-    return phase_of, passes
+            pass_of[tid] = passes[phase]
+        passes[phase] += 1
+    return phase_of, passes, pass_of
 
 
 def main():
     all_samples = samples(sys.argv[1])
-    phase_of, passes = phases(all_samples)
+    phase_of, passes, pass_of = phases(all_samples)
     totals = collections.defaultdict(collections.Counter)
+    # Samples of each pass in the order run, and of those the page faults: the first loader epoch of a run
+    # is the first to touch its batch buffers' memory.
+    each, faults = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for _, tid, symbol in all_samples:
         if tid in phase_of:
             totals[phase_of[tid]][kind(symbol)] += 1
+            each[phase_of[tid]][pass_of[tid]] += 1
+            faults[phase_of[tid]][pass_of[tid]] += kind(symbol) == "fault"
     print("passes", dict(passes))
     for phase in ("ceiling", "loader2", "loader1"):
         n = passes[phase] or 1
         per_pass = {k: v // n for k, v in totals[phase].most_common()}
         print(phase, sum(totals[phase].values()) // n, per_pass)
+    for phase in ("ceiling", "loader2", "loader1"):
+        runs = range(passes[phase])
+        print(phase, "each pass", [each[phase][k] for k in runs], "faults", [faults[phase][k] for k in runs])
     if len(sys.argv) > 3:
         phase, wanted = sys.argv[2], sys.argv[3]
         symbols = collections.Counter(
