@@ -46,6 +46,8 @@ pub struct BenchOptions {
     /// Static variables delivered once per sample (`[B, S]`, the loader's `separate_statics`) instead of
     /// repeated along time in every batch.
     pub separate_statics: bool,
+    /// Chunks whose samples the loader mixes into each group of batches (its `mix`; 1: none).
+    pub mix: usize,
     /// The most time a measurement reads for ([`MAX_PASS_SECONDS`] by default): of a cube whose ceiling pass
     /// would last longer, each measurement takes the first batches of the shuffled epoch.
     pub max_pass_seconds: f64,
@@ -64,6 +66,7 @@ impl Default for BenchOptions {
             remote_threads: 96,
             remote_prefetch: 192,
             separate_statics: false,
+            mix: 1,
             max_pass_seconds: MAX_PASS_SECONDS,
             deliver: read_every_value,
         }
@@ -225,6 +228,8 @@ pub struct Machine {
     pub remote_prefetch: usize,
     /// Whether static variables were delivered once per sample instead of repeated along time.
     pub separate_statics: bool,
+    /// Chunks mixed per group of batches (`--mix`).
+    pub mix: usize,
     /// The most seconds a measurement reads for (`--max-pass-seconds`).
     pub max_pass_seconds: f64,
     /// The cube's codec.
@@ -475,6 +480,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             remote_threads: options.remote_threads,
             remote_prefetch: options.remote_prefetch,
             separate_statics: options.separate_statics,
+            mix: options.mix,
             max_pass_seconds: options.max_pass_seconds,
             codec: meta.compression.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -590,7 +596,8 @@ fn loader_epochs(
         .epochs(plan.passes)
         .threads(threads)
         .fetchers(fetchers)
-        .separate_statics(options.separate_statics);
+        .separate_statics(options.separate_statics)
+        .mix(options.mix);
     if let Some(prefetch) = prefetch {
         builder = builder.prefetch(prefetch);
     }

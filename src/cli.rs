@@ -95,6 +95,9 @@ enum Command {
         /// Deliver static variables once per sample ([B, S]) instead of repeated along time in every batch.
         #[arg(long)]
         separate_statics: bool,
+        /// Mix the samples of this many chunks into each group of batches, as the loader's `mix`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        mix: u64,
         /// The most seconds a measurement reads for: of a larger cube, each takes the first batches of the
         /// shuffled epoch.
         #[arg(long, default_value_t = crate::bench::MAX_PASS_SECONDS)]
@@ -244,6 +247,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             remote_threads,
             remote_prefetch,
             separate_statics,
+            mix,
             max_pass_seconds,
             plot,
         } => {
@@ -255,6 +259,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 remote_threads,
                 remote_prefetch,
                 separate_statics,
+                mix: usize::try_from(mix).unwrap_or(usize::MAX),
                 max_pass_seconds,
                 deliver: torch().deliver,
             };
@@ -458,14 +463,15 @@ fn bench_table(r: &BenchReport) -> String {
     rows.push((
         "machine",
         format!(
-            "{} cores, {:.1} GB, {} threads, prefetch {}, {}{}{}",
+            "{} cores, {:.1} GB, {} threads, prefetch {}, {}{}{}{}",
             m.cores,
             m.memory_gb,
             m.threads,
             m.prefetch,
             m.codec,
             if r.cold { ", cold cache" } else { ", warm cache" },
-            if m.separate_statics { ", statics once per sample" } else { "" }
+            if m.separate_statics { ", statics once per sample" } else { "" },
+            if m.mix > 1 { format!(", samples of {} chunks mixed", m.mix) } else { String::new() }
         ),
     ));
     if let Some(note) = &r.cold_note {

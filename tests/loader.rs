@@ -444,6 +444,7 @@ fn mixing_spreads_samples_across_chunks_and_keeps_coverage() {
         }
     }
     assert_eq!(seen.len(), batches.len() * 64);
+    assert_cube_values(cube, &batches);
     // Groups of 4 chunks: every batch but those of a last, single-chunk group mixes several tiles.
     let full_groups = batches.len() / 4 * 4;
     assert!(tiles_per_batch[..full_groups].iter().all(|&n| n >= 2), "{tiles_per_batch:?}");
@@ -457,6 +458,59 @@ fn mixing_spreads_samples_across_chunks_and_keeps_coverage() {
         })),
         "without mixing a batch is one tile"
     );
+}
+
+/// Every sample of `batches`, sorted: where and when it is (lat, lon, first step), its values and mask bytes
+/// (every variable's rows, `[V, B, …]` or `[B, …]`) and its statics. (The padding samples of a shuffled cube
+/// share a NaN position and their fill values.)
+type Sample = ((u64, u64, usize), Vec<u32>, Vec<u8>, Vec<u32>);
+
+fn samples_of(batches: &[Batch]) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for b in batches {
+        let n = b.len();
+        let outer = if b.variable_major { b.shape[0] } else { 1 };
+        let (cell, scell) = (b.data.len() / n / outer, b.statics.len() / n);
+        for s in 0..n {
+            let rows = |o: usize| (o * n + s) * cell..(o * n + s + 1) * cell;
+            let data = (0..outer).flat_map(|o| b.data[rows(o)].iter().map(|x| x.to_bits())).collect();
+            let mask = (0..outer).flat_map(|o| b.mask[rows(o)].iter().copied()).collect();
+            let statics = b.statics[s * scell..(s + 1) * scell].iter().map(|x| x.to_bits()).collect();
+            samples.push(((b.lat[s].to_bits(), b.lon[s].to_bits(), b.time_index[s]), data, mask, statics));
+        }
+    }
+    samples.sort();
+    samples
+}
+
+/// Mixing only moves samples: an epoch of batches mixed across chunks holds exactly the samples of the same
+/// epoch unmixed, every value and mask byte, in every layout and arrangement (the slow obvious reference
+/// being the loader without mixing, itself compared with the cube above).
+#[test]
+fn mixed_batches_hold_the_samples_of_unmixed_ones() {
+    type Arrange = fn(LoaderBuilder) -> LoaderBuilder;
+    let c = cubes();
+    let arrangements: [(&str, Arrange); 4] = [
+        ("plain", |b| b),
+        ("variable-major", |b| b.variable_major(true)),
+        ("separate statics", |b| b.separate_statics(true)),
+        ("normalized, fill -1", |b| b.normalize(true).fill_value(-1.0)),
+    ];
+    for cube in [&c.pixel, &c.image, &c.shuffled] {
+        for (name, arrange) in arrangements {
+            let epoch =
+                |mix: usize| collect(arrange(Loader::builder(cube).shuffle(2).mix(mix)).build().unwrap());
+            let (plain, mixed) = (epoch(1), epoch(3));
+            assert_eq!(plain.len(), mixed.len());
+            assert!(mixed.iter().zip(&plain).all(|(m, p)| m.shape == p.shape), "{name}: shapes");
+            assert!(
+                mixed.iter().zip(&plain).any(|(m, p)| m.lat != p.lat || m.lon != p.lon),
+                "{name}: {} was mixed",
+                cube.display()
+            );
+            assert!(samples_of(&mixed) == samples_of(&plain), "{name}: {} samples differ", cube.display());
+        }
+    }
 }
 
 #[test]

@@ -25,7 +25,9 @@ use crate::levels::Level;
 use crate::loader::decode::{self, InShard, Progressive};
 use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
-use crate::loader::transpose::{Mask, Row, fence, prepare, prepare_block, transpose_rows, with_mask_staged};
+use crate::loader::transpose::{
+    Mask, Row, fence, prepare, prepare_block, stream_rows, transpose_rows, with_mask_staged,
+};
 use crate::plan::DType;
 
 /// How values are turned into model inputs. The default is the loader's: values as stored, missing values
@@ -1362,17 +1364,15 @@ pub fn one_thread() -> zarrs::array::CodecOptions {
     zarrs::array::CodecOptions::default().with_concurrent_target(1)
 }
 
-/// Permutes the samples of `batches` across all of them (each batch keeps its size).
+/// Permutes the samples of `batches` across all of them (each batch keeps its size). Each batch is made
+/// anew in buffers from the pool ([`buffers`]), its rows copied sample by sample from the batches as
+/// assembled and written front to back with non-temporal stores, as the assembly writes; the buffers the
+/// batches were assembled in go back to the pool for the next ones.
 fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
     let sizes: Vec<usize> = batches.iter().map(Batch::len).collect();
     let total: usize = sizes.iter().sum();
     let mut order: Vec<usize> = (0..total).collect();
     order.shuffle(rng);
-    // Data is [outer, B, inner]: outer = V when variable-major, 1 otherwise.
-    let outer = |b: &Batch| if b.variable_major { b.shape[0] } else { 1 };
-    let cell = |b: &Batch| b.data.len() / b.len().max(1) / outer(b);
-    let scell = |b: &Batch| b.statics.len() / b.len().max(1);
-    let source: Vec<Batch> = batches.to_vec();
     let locate = |mut g: usize| {
         let mut k = 0;
         while g >= sizes[k] {
@@ -1381,29 +1381,87 @@ fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
         }
         (k, g)
     };
+    let sources: &[Batch] = batches;
     let mut next = 0;
-    for batch in batches.iter_mut() {
-        let (c, sc, size) = (cell(batch), scell(batch), batch.len());
-        for s in 0..size {
-            let (k, g) = locate(order[next]);
-            next += 1;
-            let from = &source[k];
-            let from_size = from.len();
-            for o in 0..outer(batch) {
-                let (to, fro) = ((o * size + s) * c, (o * from_size + g) * c);
-                batch.data[to..to + c].copy_from_slice(&from.data[fro..fro + c]);
-                batch.mask[to..to + c].copy_from_slice(&from.mask[fro..fro + c]);
-            }
-            if sc > 0 {
-                batch.statics[s * sc..(s + 1) * sc].copy_from_slice(&from.statics[g * sc..(g + 1) * sc]);
-            }
-            batch.lat[s] = from.lat[g];
-            batch.lon[s] = from.lon[g];
-            batch.time_index[s] = from.time_index[g];
+    let mixed: Vec<Mixed> = sources
+        .iter()
+        .map(|batch| {
+            let picks: Vec<(&Batch, usize)> = order[next..next + batch.len()]
+                .iter()
+                .map(|&g| {
+                    let (k, g) = locate(g);
+                    (&sources[k], g)
+                })
+                .collect();
+            next += batch.len();
+            Mixed::from_picks(batch, &picks)
+        })
+        .collect();
+    // The rows were streamed: visible to the thread the batches go to only after this fence.
+    fence();
+    for (batch, m) in batches.iter_mut().zip(mixed) {
+        buffers::give_back(std::mem::replace(&mut batch.data, m.data));
+        buffers::give_back(std::mem::replace(&mut batch.mask, m.mask));
+        batch.statics = m.statics;
+        batch.lat = m.lat;
+        batch.lon = m.lon;
+        batch.time_index = m.time_index;
+    }
+}
+
+/// What [`mix`] makes of one batch: its samples taken from the batches of the group.
+struct Mixed {
+    data: Vec<f32>,
+    mask: Vec<u8>,
+    statics: Vec<f32>,
+    lat: Vec<f64>,
+    lon: Vec<f64>,
+    time_index: Vec<usize>,
+}
+
+impl Mixed {
+    /// A batch shaped as `like`, sample `s` of which is sample `picks[s].1` of batch `picks[s].0`.
+    fn from_picks(like: &Batch, picks: &[(&Batch, usize)]) -> Mixed {
+        // Values are `[outer, B, cell]`: outer = V when variable-major, 1 otherwise.
+        let outer = if like.variable_major { like.shape[0] } else { 1 };
+        let size = picks.len();
+        let cells = like.data.len();
+        let cell = cells / size.max(1) / outer;
+        // Row `o` of sample `(from, g)`: where it lies in `from`.
+        let rows = |o: usize| picks.iter().map(move |&(from, g)| (from, (o * from.len() + g) * cell..));
+        let mut data: Vec<f32> = buffers::take(cells);
+        let mut mask: Vec<u8> = buffers::take(cells);
+        let data_rows = (0..outer).flat_map(|o| {
+            rows(o).map(|(from, at)| bytemuck::cast_slice::<f32, u8>(&from.data[at.start..at.start + cell]))
+        });
+        let data_out = &mut data.spare_capacity_mut()[..cells];
+        // SAFETY: the same memory as bytes (`MaybeUninit<u8>` has no invalid values, `f32` no padding).
+        let data_bytes = unsafe {
+            std::slice::from_raw_parts_mut(data_out.as_mut_ptr().cast::<MaybeUninit<u8>>(), cells * 4)
+        };
+        stream_rows(data_rows, data_bytes);
+        let mask_rows =
+            (0..outer).flat_map(|o| rows(o).map(|(from, at)| &from.mask[at.start..at.start + cell]));
+        stream_rows(mask_rows, &mut mask.spare_capacity_mut()[..cells]);
+        // SAFETY: `stream_rows` wrote every element of both (it checks that the rows fill them).
+        unsafe {
+            data.set_len(cells);
+            mask.set_len(cells);
+        }
+        let scell = like.statics.len() / size.max(1);
+        Mixed {
+            data,
+            mask,
+            statics: picks
+                .iter()
+                .flat_map(|&(from, g)| &from.statics[g * scell..(g + 1) * scell])
+                .copied()
+                .collect(),
+            lat: picks.iter().map(|&(from, g)| from.lat[g]).collect(),
+            lon: picks.iter().map(|&(from, g)| from.lon[g]).collect(),
+            time_index: picks.iter().map(|&(from, g)| from.time_index[g]).collect(),
         }
     }
-    // For the next batches to be made in.
-    source.into_iter().for_each(Batch::recycle);
 }
 
 /// Shared handle.

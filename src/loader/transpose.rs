@@ -312,6 +312,34 @@ pub(crate) fn prepare_block(
     body(values, stride, (rows, cols), (mean, inv), fill, out, mask);
 }
 
+/// Writes `rows` one after the other from the start of `dst`, which they fill: a batch made sample by
+/// sample from rows of other batches (the mixing of chunks). The batch goes to another thread unread, so
+/// where the processor has AVX2 the rows are written with non-temporal stores, each 32-byte-aligned part
+/// of `dst` in one store whichever rows its bytes come from ([`fence`] before the batch is handed over).
+///
+/// # Panics
+/// When the rows do not add up to the length of `dst`.
+pub(crate) fn stream_rows<'a>(rows: impl IntoIterator<Item = &'a [u8]>, dst: &mut [MaybeUninit<u8>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        let mut out = avx2::Streamed::new(dst);
+        for row in rows {
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { out.push(row) };
+        }
+        out.finish();
+        return;
+    }
+    let mut at = 0;
+    for row in rows {
+        for (d, s) in dst[at..at + row.len()].iter_mut().zip(row) {
+            d.write(*s);
+        }
+        at += row.len();
+    }
+    assert_eq!(at, dst.len(), "the rows fill the destination");
+}
+
 /// Makes the non-temporal stores of [`prepare_block`] visible to other threads: once after the blocks of a
 /// batch, before the batch is handed over.
 pub(crate) fn fence() {
@@ -428,6 +456,85 @@ mod avx2 {
         }
         for (d, s) in dst[head + body..].iter_mut().zip(&src[head + body..]) {
             d.write(*s);
+        }
+    }
+
+    /// A destination written front to back, each 32-byte-aligned part by one non-temporal store: the bytes
+    /// before the first such part, and after the last, plainly; a part that begins in one row and ends in
+    /// the next is gathered first.
+    pub(super) struct Streamed<'d> {
+        dst: &'d mut [MaybeUninit<u8>],
+        /// Bytes written (or gathered) so far.
+        at: usize,
+        /// The part being gathered, `at % 32` of its bytes in place (past the plainly written head).
+        part: [u8; 32],
+    }
+
+    impl<'d> Streamed<'d> {
+        pub(super) fn new(dst: &'d mut [MaybeUninit<u8>]) -> Self {
+            Streamed { dst, at: 0, part: [0; 32] }
+        }
+
+        /// Bytes before the first 32-byte-aligned part, written plainly.
+        fn head(&self) -> usize {
+            self.dst.as_ptr().align_offset(32).min(self.dst.len())
+        }
+
+        /// Appends `row`.
+        ///
+        /// # Safety
+        /// AVX2 must be available.
+        ///
+        /// # Panics
+        /// When `row` goes past the end of the destination.
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::cast_ptr_alignment)] // the load takes any address; the stores' are 32-byte aligned
+        pub(super) unsafe fn push(&mut self, mut row: &[u8]) {
+            assert!(self.at + row.len() <= self.dst.len(), "rows past the end of the destination");
+            let (head, len) = (self.head(), self.dst.len());
+            // Plain bytes: the head, and the tail after the last whole part.
+            let tail = head + (len - head) / 32 * 32;
+            let plain = |this: &mut Self, row: &mut &[u8], until: usize| {
+                let n = until.saturating_sub(this.at).min(row.len());
+                for (d, s) in this.dst[this.at..this.at + n].iter_mut().zip(&row[..n]) {
+                    d.write(*s);
+                }
+                (this.at, *row) = (this.at + n, &row[n..]);
+            };
+            plain(self, &mut row, head);
+            while !row.is_empty() && self.at < tail {
+                let offset = (self.at - head) % 32;
+                let base = self.at - offset;
+                if offset == 0 && row.len() >= 32 {
+                    // A whole part straight from the row.
+                    // SAFETY: base + 32 <= tail <= len, dst + base is 32-byte aligned; the row holds 32 bytes.
+                    unsafe {
+                        let v = _mm256_loadu_si256(row.as_ptr().cast::<__m256i>());
+                        _mm256_stream_si256(self.dst.as_mut_ptr().add(base).cast::<__m256i>(), v);
+                    }
+                    (self.at, row) = (self.at + 32, &row[32..]);
+                    continue;
+                }
+                let n = (32 - offset).min(row.len());
+                self.part[offset..offset + n].copy_from_slice(&row[..n]);
+                (self.at, row) = (self.at + n, &row[n..]);
+                if offset + n == 32 {
+                    // SAFETY: as above; the gathered part is whole.
+                    unsafe {
+                        let v = _mm256_loadu_si256(self.part.as_ptr().cast::<__m256i>());
+                        _mm256_stream_si256(self.dst.as_mut_ptr().add(base).cast::<__m256i>(), v);
+                    }
+                }
+            }
+            plain(self, &mut row, len);
+        }
+
+        /// Checks that the rows filled the destination.
+        ///
+        /// # Panics
+        /// When they did not.
+        pub(super) fn finish(self) {
+            assert_eq!(self.at, self.dst.len(), "the rows fill the destination");
         }
     }
 
@@ -1079,6 +1186,35 @@ mod tests {
 
     fn value(k: usize) -> f32 {
         if k % 7 == 3 { f32::NAN } else { (k as f32).sin() * 40.0 }
+    }
+
+    /// Rows of many lengths (whole 32-byte parts, less, more, a part split over several rows, empty rows)
+    /// land in order in destinations starting at every offset from a 32-byte boundary, and nothing is
+    /// written outside them.
+    #[test]
+    fn rows_are_streamed_in_order() {
+        let lengths = [0, 1, 31, 32, 33, 5, 0, 64, 100, 2016, 3, 29, 96, 7];
+        let rows: Vec<Vec<u8>> =
+            lengths.iter().enumerate().map(|(k, &n)| (0..n).map(|i| (k * 37 + i) as u8).collect()).collect();
+        let all: Vec<u8> = rows.concat();
+        for first in 0..40 {
+            let mut buffer = vec![MaybeUninit::new(0xEEu8); all.len() + 128];
+            let start = buffer.as_ptr().align_offset(32) + first;
+            stream_rows(rows.iter().map(Vec::as_slice), &mut buffer[start..start + all.len()]);
+            fence();
+            // SAFETY: every byte was initialized above.
+            let got: Vec<u8> = buffer.iter().map(|b| unsafe { b.assume_init() }).collect();
+            assert_eq!(&got[start..start + all.len()], &all[..], "destination at offset {first}");
+            assert!(got[..start].iter().chain(&got[start + all.len()..]).all(|&b| b == 0xEE), "outside");
+        }
+    }
+
+    /// Rows that do not fill the destination are an error, not a batch left partly unwritten.
+    #[test]
+    #[should_panic(expected = "fill the destination")]
+    fn rows_must_fill_the_destination() {
+        let mut buffer = vec![MaybeUninit::new(0u8); 100];
+        stream_rows([&[1u8; 40][..], &[2u8; 40][..]], &mut buffer);
     }
 
     /// `n` floats set to `x`, and where in them a 64-byte boundary is.
