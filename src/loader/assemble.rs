@@ -26,7 +26,8 @@ use crate::loader::decode::{self, InShard, Progressive};
 use crate::loader::interleave::{Series, interleave};
 use crate::loader::regrid::{ChunkCache, Window, level_span, upsample};
 use crate::loader::transpose::{
-    Mask, Row, fence, prepare, prepare_block, stream_rows, transpose_rows, with_mask_staged,
+    Dest, Mask, Row, bits_to_mask, fence, prepare, prepare_block, stream_rows, transpose_rows,
+    with_mask_staged,
 };
 use crate::plan::DType;
 
@@ -809,6 +810,15 @@ impl Assembler {
         chunks: &[ChunkId],
         skip_corrupt: bool,
     ) -> Result<(Vec<Batch>, usize), LoaderError> {
+        let mixing = || mixing_order(chunks.len() * self.batch_shape().0, &mut rng_for(seed, 1, job as u64));
+        if chunks.len() > 1 && self.mixes_in_place() {
+            match self.assemble_mixed(chunks, (epoch, first_position), &mixing()) {
+                Ok(batches) => return Ok((batches, 0)),
+                // The group is made again below, chunk by chunk, without the chunk that cannot be read.
+                Err(LoaderError::Read { .. }) if skip_corrupt => {}
+                Err(e) => return Err(e),
+            }
+        }
         let mut batches = Vec::with_capacity(chunks.len());
         let mut corrupt = 0;
         for (k, &id) in chunks.iter().enumerate() {
@@ -827,9 +837,126 @@ impl Assembler {
             }
         }
         if batches.len() > 1 {
-            mix(&mut batches, &mut rng_for(seed, 1, job as u64));
+            let total = batches.iter().map(Batch::len).sum();
+            mix(&mut batches, &mixing_order(total, &mut rng_for(seed, 1, job as u64)));
         }
         Ok((batches, corrupt))
+    }
+
+    /// Whether the samples of a group of chunks are transposed straight to their places in the mixed batches
+    /// ([`Assembler::assemble_mixed`]): pixel series stored time-major (tiled), every variable delivered on
+    /// the target grid. Other groups are made batch by batch, then mixed ([`mix`]).
+    fn mixes_in_place(&self) -> bool {
+        let l = &self.meta.layout;
+        l.kind == LayoutKind::PixelSeries
+            && l.shuffled.is_none()
+            && !self.vars.iter().any(|v| self.is_native(v))
+    }
+
+    /// The batches of the group of chunks `chunks`, their samples mixed across them by `order`, as [`mix`]
+    /// mixes the batches made one by one: sample `s` of batch `j` is source `order[j · B + s]`, sample
+    /// `% B` of chunk `/ B`. Each chunk's samples are transposed straight to their places in the group's
+    /// batches, so that mixing writes nothing more than assembling; the group's mask is made as bits in the
+    /// core's cache, each batch's streamed as bytes once every chunk is done.
+    ///
+    /// # Errors
+    /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
+    fn assemble_mixed(
+        &self,
+        chunks: &[ChunkId],
+        (epoch, first_position): (usize, usize),
+        order: &[usize],
+    ) -> Result<Vec<Batch>, LoaderError> {
+        let t_len = self.meta.layout.chunk_t;
+        let (names, static_names) = self.variable_names();
+        let (nv, ns) = (names.len(), static_names.len());
+        let separate = self.transform.separate_statics;
+        let (b, shape, sample_cells) = self.batch_shape();
+        let (k, cells) = (chunks.len(), b * sample_cells);
+        // Each batch's bits from a word of its own, turned into bytes on their own.
+        let batch_bits = cells.div_ceil(64) * 64;
+        // The slot in the group (batch `/ B`, sample `% B`) of each source sample (chunk `/ B`, sample `% B`).
+        let mut place = vec![0; k * b];
+        for (slot, &source) in order.iter().enumerate() {
+            place[source] = slot;
+        }
+        // Where a sample's values begin in its batch: its row (`[B, T, V]`), or its row of the first
+        // variable (`[V, B, T]`).
+        let row = if self.transform.variable_major { t_len } else { sample_cells };
+        let fill = self.transform.fill;
+        // Not zeroed: every sample of every batch receives one source sample, every column of it.
+        let mut data: Vec<Vec<f32>> = (0..k).map(|_| buffers::take(cells)).collect();
+        let mut masks: Vec<Vec<u8>> = (0..k).map(|_| buffers::take(cells)).collect();
+        let mut bits = vec![0u64; k * batch_bits / 64];
+        let mut statics = vec![vec![0.0f32; if separate { b * ns } else { 0 }]; k];
+        let (mut lat, mut lon) = (vec![vec![0.0; b]; k], vec![vec![0.0; b]; k]);
+        let mut time_index = vec![vec![0; b]; k];
+        let mut outs: Vec<&mut [MaybeUninit<f32>]> =
+            data.iter_mut().map(|d| &mut d.spare_capacity_mut()[..cells]).collect();
+        for (c, &id) in chunks.iter().enumerate() {
+            let places: Vec<(usize, usize)> =
+                place[c * b..(c + 1) * b].iter().map(|&q| (q / b, q % b)).collect();
+            let (raw, mut decoders) = split_decoders(self.read_chunk(id)?);
+            let (mut vi, mut si) = (0, 0);
+            let mut series = Vec::new();
+            for ((v, chunk), decoder) in self.vars.iter().zip(&raw).zip(decoder_indices(&raw)) {
+                let chunk: &[f32] = chunk.as_deref().unwrap_or_default();
+                if separate && v.meta.is_static {
+                    for (g, &(j, s)) in places.iter().enumerate() {
+                        statics[j][s * ns + si] = prepare(chunk[g], v.affine.0, v.affine.1, fill).0;
+                    }
+                    si += 1;
+                } else {
+                    series.push(self.series_copy((v, vi), chunk, decoder, (b, nv)));
+                    vi += 1;
+                }
+            }
+            for (g, &(j, s)) in places.iter().enumerate() {
+                (lat[j][s], lon[j][s]) = self.position(id, g);
+                time_index[j][s] = id[0] * t_len;
+            }
+            let starts: Vec<(usize, usize)> = places.iter().map(|&(j, s)| (j, s * row)).collect();
+            let mask_at = places.iter().map(|&(j, s)| j * batch_bits + s * row).collect();
+            let dest = Dest::scattered(&mut outs, &starts, cells - (b - 1) * row, mask_at);
+            transpose_blocks(&series, &mut decoders, (b, t_len), fill, &dest, Mask::Bits(&mut bits))
+                .map_err(|(d, message)| self.decoding_failed(id, &raw, d, &message))?;
+        }
+        for (j, mask) in masks.iter_mut().enumerate() {
+            bits_to_mask(
+                &bits[j * batch_bits / 64..(j + 1) * batch_bits / 64],
+                &mut mask.spare_capacity_mut()[..cells],
+            );
+        }
+        // Streamed values and mask bytes: visible to the threads the batches go to only after this fence.
+        fence();
+        let parts = data.into_iter().zip(masks).zip(statics).zip(lat.into_iter().zip(lon)).zip(time_index);
+        Ok(parts
+            .enumerate()
+            .map(|(j, ((((mut data, mut mask), statics), (lat, lon)), time_index))| {
+                // SAFETY: every element of both was written: each sample of each batch received one source
+                // sample (`order` is a permutation), whose variables cover every column of its values (as
+                // in `assemble`), and `bits_to_mask` wrote every mask byte.
+                unsafe {
+                    data.set_len(cells);
+                    mask.set_len(cells);
+                }
+                Batch {
+                    origin: BatchOrigin { epoch, position: first_position + j, chunk: chunks[j] },
+                    kind: LayoutKind::PixelSeries,
+                    variable_major: self.transform.variable_major,
+                    variables: names.clone(),
+                    shape: shape.clone(),
+                    data,
+                    mask,
+                    static_variables: static_names.clone(),
+                    statics,
+                    lat,
+                    lon,
+                    time_index,
+                    native: Vec::new(),
+                }
+            })
+            .collect())
     }
 
     /// The samples of a batch, the shape of its values and the values per sample.
@@ -858,13 +985,66 @@ impl Assembler {
         b * sample_cells * (size_of::<f32>() + size_of::<u8>())
     }
 
+    /// Where sample `s` of the batch of chunk `id` is: its pixel, or its patch's centre.
+    fn position(&self, id: ChunkId, s: usize) -> (f64, f64) {
+        let l = &self.meta.layout;
+        let [_, iy, ix] = id;
+        let (cy, cx) = (l.chunk_y, l.chunk_x);
+        match l.kind {
+            LayoutKind::PixelSeries if l.shuffled.is_some() => (self.lat[iy * cy + s], self.lon[iy * cy + s]),
+            LayoutKind::PixelSeries => (self.lat[iy * cy + s / cx], self.lon[ix * cx + s % cx]),
+            LayoutKind::ImageSequence => {
+                let [ph, pw] = l.patch;
+                let gx = cx / pw;
+                let (y0, x0) = (iy * cy + s / gx * ph, ix * cx + s % gx * pw);
+                // Patch centre: mean of the two middle cells for even sizes.
+                let lat = f64::midpoint(self.lat[y0 + (ph - 1) / 2], self.lat[y0 + ph / 2]);
+                let lon = f64::midpoint(self.lon[x0 + (pw - 1) / 2], self.lon[x0 + pw / 2]);
+                (lat, lon)
+            }
+        }
+    }
+
+    /// How variable `v` (the `vi`-th of the `nv` in the values of a batch of `b` samples), whose chunk is
+    /// `chunk` or is left to decoder `decoder`, is copied into a pixel-series batch: where value (p, t) of the
+    /// chunk is, and where it goes.
+    fn series_copy<'c>(
+        &self,
+        (v, vi): (&Var, usize),
+        chunk: &'c [f32],
+        decoder: Option<usize>,
+        (b, nv): (usize, usize),
+    ) -> SeriesCopy<'c> {
+        let l = &self.meta.layout;
+        let t_len = l.chunk_t;
+        let read = match (v.meta.is_static, l.shuffled.is_some()) {
+            (true, _) => (1, 0),
+            (false, true) => (t_len, 1),
+            (false, false) => (1, b),
+        };
+        let (write_p, write_t, base) =
+            if self.transform.variable_major { (t_len, 1, vi * b * t_len) } else { (t_len * nv, nv, vi) };
+        SeriesCopy { chunk, decoder, read, out: Strided { base, write_p, write_t }, affine: v.affine }
+    }
+
+    /// The error of decoder `k` of the chunks `raw` of batch `id`: that of the k-th variable whose chunk was
+    /// left to decode.
+    fn decoding_failed(&self, id: ChunkId, raw: &[Option<Floats>], k: usize, message: &str) -> LoaderError {
+        let (v, _) = self.vars.iter().zip(raw).filter(|(_, c)| c.is_none()).nth(k).expect("a decoder");
+        LoaderError::Read {
+            variable: v.meta.name.clone(),
+            chunk: id,
+            message: format!("{}: {message}", self.path.display()),
+        }
+    }
+
     /// The batch of chunk `id` from its chunks as read ([`Assembler::read_chunk`]).
     ///
     /// # Errors
     /// [`LoaderError::Read`] when a chunk decoded here cannot be decoded.
     fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: Vec<Chunk>) -> Result<Batch, LoaderError> {
         let l = &self.meta.layout;
-        let [it, iy, ix] = id;
+        let [it, _, _] = id;
         let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
         let separate = self.transform.separate_statics;
         let (names, static_names) = self.variable_names();
@@ -890,25 +1070,8 @@ impl Assembler {
         let (mut vi, mut si) = (0, 0);
         let mut native = Vec::new();
         let mut series = Vec::new();
-        // Chunks still to decode go to the series copy, which decodes them as it goes.
-        let mut decoders = Vec::new();
-        let raw: Vec<Option<Floats>> = raw
-            .into_iter()
-            .map(|chunk| match chunk {
-                Chunk::Decoded(floats) => Some(floats),
-                Chunk::Decoding(d) => {
-                    decoders.push(d);
-                    None
-                }
-            })
-            .collect();
-        let mut next_decoder = 0;
-        for (v, chunk) in self.vars.iter().zip(&raw) {
-            // Only the time-major chunks of pixel-series batches are left to decode (`read_chunk`).
-            let decoder = chunk.is_none().then(|| {
-                next_decoder += 1;
-                next_decoder - 1
-            });
+        let (raw, mut decoders) = split_decoders(raw);
+        for ((v, chunk), decoder) in self.vars.iter().zip(&raw).zip(decoder_indices(&raw)) {
             let chunk: &[f32] = chunk.as_deref().unwrap_or_default();
             let into_series =
                 l.kind == LayoutKind::PixelSeries && !self.is_native(v) && !(separate && v.meta.is_static);
@@ -927,23 +1090,7 @@ impl Assembler {
                         statics[p * ns + si] = prepare(v, chunk[p]).0;
                     }
                 }
-                LayoutKind::PixelSeries => {
-                    // Where value (p, t) of the chunk is, and where it goes.
-                    let (read_p, read_t) = match (v.meta.is_static, l.shuffled.is_some()) {
-                        (true, _) => (1, 0),
-                        (false, true) => (t_len, 1),
-                        (false, false) => (1, b),
-                    };
-                    let (write_p, write_t, base) =
-                        if vmajor { (t_len, 1, vi * b * t_len) } else { (t_len * nv, nv, vi) };
-                    series.push(SeriesCopy {
-                        chunk,
-                        decoder,
-                        read: (read_p, read_t),
-                        out: Strided { base, write_p, write_t },
-                        affine: v.affine,
-                    });
-                }
+                LayoutKind::PixelSeries => series.push(self.series_copy((v, vi), chunk, decoder, (b, nv))),
                 LayoutKind::ImageSequence => {
                     // Row by row: a patch row is `pw` values side by side in the chunk and in the batch.
                     let [ph, pw] = l.patch;
@@ -983,15 +1130,8 @@ impl Assembler {
                 vi += 1;
             }
         }
-        copy_series(&series, &mut decoders, (b, t_len), fill, out, mask_out).map_err(|(k, message)| {
-            // Decoder `k` is that of the k-th variable whose chunk was left to decode.
-            let (v, _) = self.vars.iter().zip(&raw).filter(|(_, c)| c.is_none()).nth(k).expect("a decoder");
-            LoaderError::Read {
-                variable: v.meta.name.clone(),
-                chunk: id,
-                message: format!("{}: {message}", self.path.display()),
-            }
-        })?;
+        copy_series(&series, &mut decoders, (b, t_len), fill, out, mask_out)
+            .map_err(|(k, message)| self.decoding_failed(id, &raw, k, &message))?;
         // Image-sequence blocks are written with non-temporal stores: visible to the thread the batch goes to
         // only after a fence.
         fence();
@@ -1003,23 +1143,7 @@ impl Assembler {
             data.set_len(cells);
             mask.set_len(cells);
         }
-        let (lat, lon): (Vec<f64>, Vec<f64>) = (0..b)
-            .map(|s| match l.kind {
-                LayoutKind::PixelSeries if l.shuffled.is_some() => {
-                    (self.lat[iy * cy + s], self.lon[iy * cy + s])
-                }
-                LayoutKind::PixelSeries => (self.lat[iy * cy + s / cx], self.lon[ix * cx + s % cx]),
-                LayoutKind::ImageSequence => {
-                    let [ph, pw] = l.patch;
-                    let gx = cx / pw;
-                    let (y0, x0) = (iy * cy + s / gx * ph, ix * cx + s % gx * pw);
-                    // Patch centre: mean of the two middle cells for even sizes.
-                    let lat = f64::midpoint(self.lat[y0 + (ph - 1) / 2], self.lat[y0 + ph / 2]);
-                    let lon = f64::midpoint(self.lon[x0 + (pw - 1) / 2], self.lon[x0 + pw / 2]);
-                    (lat, lon)
-                }
-            })
-            .unzip();
+        let (lat, lon): (Vec<f64>, Vec<f64>) = (0..b).map(|s| self.position(id, s)).unzip();
         Ok(Batch {
             origin,
             kind: l.kind,
@@ -1236,6 +1360,35 @@ impl SeriesCopy<'_> {
     }
 }
 
+/// The chunks of a batch as read: those decoded, and the decoders of those left to decode as they are
+/// copied (in variable order), `None` in their place.
+fn split_decoders(raw: Vec<Chunk>) -> (Vec<Option<Floats>>, Vec<Progressive>) {
+    let mut decoders = Vec::new();
+    let raw = raw
+        .into_iter()
+        .map(|chunk| match chunk {
+            Chunk::Decoded(floats) => Some(floats),
+            Chunk::Decoding(d) => {
+                decoders.push(d);
+                None
+            }
+        })
+        .collect();
+    (raw, decoders)
+}
+
+/// For each chunk of [`split_decoders`], the index of its decoder (only the time-major chunks of
+/// pixel-series batches are left to decode, by [`Assembler::read_chunk`]).
+fn decoder_indices(raw: &[Option<Floats>]) -> impl Iterator<Item = Option<usize>> + '_ {
+    let mut next = 0;
+    raw.iter().map(move |chunk| {
+        chunk.is_none().then(|| {
+            next += 1;
+            next - 1
+        })
+    })
+}
+
 /// Bytes of each time-major chunk that [`copy_series`] decodes, then transposes, at a time: a zstd block
 /// (zstd's blocks hold at most 128 KiB), so that what was decoded is still in the core's cache.
 const BLOCK_BYTES: usize = 128 << 10;
@@ -1285,14 +1438,14 @@ fn copy_series<'a>(
     let Some(first) = copies.first() else { return Ok(()) };
     let stride = first.out.write_p;
     assert!(copies.iter().all(|c| c.out.write_p == stride), "one batch row length");
+    let dest = Dest::batch(data, samples, stride);
     if decoders.is_empty() {
         let chunks: Vec<&[f32]> = copies.iter().map(|c| c.chunk).collect();
         transpose_rows(
             &series_rows(copies, &chunks, 0..steps, samples),
             samples,
-            stride,
             fill,
-            data,
+            &dest,
             Mask::Bytes(mask),
         );
         return Ok(());
@@ -1300,36 +1453,51 @@ fn copy_series<'a>(
     // Each transpose of a block writes a part of every sample's mask row: the mask is made whole in the
     // thread's cache as bits and streamed after as bytes (where it fits, a mask of up to 16 MiB; otherwise
     // the chunks are decoded whole first).
-    with_mask_staged(mask, |mut mask| {
-        // Steps per block: whole cache lines of every sample's values (16 floats, so 16 steps).
-        let block = if matches!(mask, Mask::Bits(_)) {
-            (BLOCK_BYTES / (samples * size_of::<f32>()).max(1)).max(LINE_FLOATS) / LINE_FLOATS * LINE_FLOATS
-        } else {
-            steps
-        };
-        for t0 in (0..steps).step_by(block.max(1)) {
-            let t1 = (t0 + block).min(steps);
-            for c in copies {
-                if let Some(k) = c.decoder {
-                    let bytes = ((t1 - 1) * c.read.1 + samples) * size_of::<f32>();
-                    decoders[k].decode_to(bytes).map_err(|e| (k, e))?;
-                }
+    with_mask_staged(mask, |mask| transpose_blocks(copies, decoders, (samples, steps), fill, &dest, mask))
+}
+
+/// The time-major chunks of `copies` transposed into `dest`, with the mask as bits a block of steps at a
+/// time, each decoded just before (by `decoders`, for the copies that have one), while it is in the core's
+/// cache; with the mask as bytes, in one transpose.
+///
+/// # Errors
+/// `(k, message)` when decoder `k` fails.
+fn transpose_blocks(
+    copies: &[SeriesCopy<'_>],
+    decoders: &mut [Progressive],
+    (samples, steps): (usize, usize),
+    fill: f32,
+    dest: &Dest<'_>,
+    mut mask: Mask<'_>,
+) -> Result<(), (usize, String)> {
+    // Steps per block: whole cache lines of every sample's values (16 floats, so 16 steps).
+    let block = if matches!(mask, Mask::Bits(_)) {
+        (BLOCK_BYTES / (samples * size_of::<f32>()).max(1)).max(LINE_FLOATS) / LINE_FLOATS * LINE_FLOATS
+    } else {
+        steps
+    };
+    for t0 in (0..steps).step_by(block.max(1)) {
+        let t1 = (t0 + block).min(steps);
+        for c in copies {
+            if let Some(k) = c.decoder {
+                let bytes = ((t1 - 1) * c.read.1 + samples) * size_of::<f32>();
+                decoders[k].decode_to(bytes).map_err(|e| (k, e))?;
             }
-            let chunks: Vec<&[f32]> = copies
-                .iter()
-                .map(|c| {
-                    c.decoder.map_or(c.chunk, |k| {
-                        let bytes = decoders[k].decoded();
-                        // Aligned for f32 (checked when it was read).
-                        bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4])
-                    })
-                })
-                .collect();
-            let rows = series_rows(copies, &chunks, t0..t1, samples);
-            transpose_rows(&rows, samples, stride, fill, data, mask.reborrow());
         }
-        Ok(())
-    })
+        let chunks: Vec<&[f32]> = copies
+            .iter()
+            .map(|c| {
+                c.decoder.map_or(c.chunk, |k| {
+                    let bytes = decoders[k].decoded();
+                    // Aligned for f32 (checked when it was read).
+                    bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4])
+                })
+            })
+            .collect();
+        let rows = series_rows(copies, &chunks, t0..t1, samples);
+        transpose_rows(&rows, samples, fill, dest, mask.reborrow());
+    }
+    Ok(())
 }
 
 /// The rows of steps `steps` of time-major chunks (`chunks[v]` that of `copies[v]`), in column order: step
@@ -1364,15 +1532,20 @@ pub fn one_thread() -> zarrs::array::CodecOptions {
     zarrs::array::CodecOptions::default().with_concurrent_target(1)
 }
 
-/// Permutes the samples of `batches` across all of them (each batch keeps its size). Each batch is made
+/// The permutation that mixes `total` samples of a group of batches: sample `s` of the group's batches taken
+/// one after the other receives sample `order[s]`.
+fn mixing_order(total: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..total).collect();
+    order.shuffle(rng);
+    order
+}
+
+/// Permutes the samples of `batches` across all of them by `order` (each batch keeps its size). Each batch is made
 /// anew in buffers from the pool ([`buffers`]), its rows copied sample by sample from the batches as
 /// assembled and written front to back with non-temporal stores, as the assembly writes; the buffers the
 /// batches were assembled in go back to the pool for the next ones.
-fn mix(batches: &mut [Batch], rng: &mut rand_chacha::ChaCha8Rng) {
+fn mix(batches: &mut [Batch], order: &[usize]) {
     let sizes: Vec<usize> = batches.iter().map(Batch::len).collect();
-    let total: usize = sizes.iter().sum();
-    let mut order: Vec<usize> = (0..total).collect();
-    order.shuffle(rng);
     let locate = |mut g: usize| {
         let mut k = 0;
         while g >= sizes[k] {

@@ -19,6 +19,10 @@
 //! AVX2 makes 8 at a time from a table (a `movemask`, a load and a store each). Values delivered as stored
 //! are transposed a whole line of each sample at a time, in 512-bit registers; normalized ones on 256-bit
 //! vectors.
+//!
+//! Each sample is written from a place of its own ([`Dest`]): the samples of one batch lie a stride apart,
+//! and the samples of a group of chunks mixed across its batches go straight to their places there, so that
+//! mixing writes nothing more than assembling.
 
 use std::mem::MaybeUninit;
 
@@ -91,21 +95,74 @@ impl Mask<'_> {
     }
 }
 
-/// Writes `data[p · stride + row.col]` and its validity in `mask` for every row and every sample
-/// `p < samples`: the value prepared as [`prepare`] does, or `fill` and 0 where it is missing. Nothing else
-/// of `data` is touched.
+/// Where a transpose writes each sample: a row's value of sample `p` at `row.col` from `starts[p]`, its
+/// validity at index `masks[p] + row.col` of the mask. The samples of one batch lie a stride apart in it;
+/// mixed across the batches of a group, anywhere in any of them.
+pub(crate) struct Dest<'a> {
+    starts: Vec<*mut f32>,
+    masks: Vec<usize>,
+    /// Elements from each sample's start to the end of its buffer, at least.
+    room: usize,
+    /// `Some(stride)` where the samples lie `stride` apart in one buffer and mask, from their starts.
+    stride: Option<usize>,
+    _buffers: std::marker::PhantomData<&'a mut [MaybeUninit<f32>]>,
+}
+
+impl<'a> Dest<'a> {
+    /// The samples of one batch: sample `p` from `p · stride` of `data`, and of the mask.
+    ///
+    /// # Panics
+    /// When `data` does not reach the start of the last sample.
+    pub(crate) fn batch(data: &'a mut [MaybeUninit<f32>], samples: usize, stride: usize) -> Self {
+        let last = samples.saturating_sub(1) * stride;
+        assert!(samples == 0 || last < data.len(), "batch too small for the samples");
+        let base = data.as_mut_ptr().cast::<f32>();
+        Dest {
+            starts: (0..samples).map(|p| base.wrapping_add(p * stride)).collect(),
+            masks: (0..samples).map(|p| p * stride).collect(),
+            room: data.len().saturating_sub(last),
+            stride: Some(stride),
+            _buffers: std::marker::PhantomData,
+        }
+    }
+
+    /// Samples placed anywhere in `buffers`: sample `p` from element `places[p].1` of buffer
+    /// `places[p].0`, with at least `room` elements of it from there, its mask from `masks[p]`.
+    ///
+    /// # Panics
+    /// When a place lies outside its buffer or has less room, or the lengths differ.
+    pub(crate) fn scattered(
+        buffers: &'a mut [&mut [MaybeUninit<f32>]],
+        places: &[(usize, usize)],
+        room: usize,
+        masks: Vec<usize>,
+    ) -> Self {
+        assert_eq!(places.len(), masks.len(), "a mask place for every sample");
+        let starts = places
+            .iter()
+            .map(|&(b, at)| {
+                assert!(at + room <= buffers[b].len(), "sample outside its batch");
+                buffers[b].as_mut_ptr().cast::<f32>().wrapping_add(at)
+            })
+            .collect();
+        Dest { starts, masks, room, stride: None, _buffers: std::marker::PhantomData }
+    }
+
+    /// Whether every sample starts at the same offset within a 64-byte line.
+    fn aligned_alike(&self) -> bool {
+        let offset = |p: &*mut f32| p.addr() % 64;
+        self.starts.first().is_none_or(|first| self.starts.iter().all(|p| offset(p) == offset(first)))
+    }
+}
+
+/// Writes each row's value of every sample `p < samples` at its place in `dest`, and its validity in
+/// `mask`: the value prepared as [`prepare`] does, or `fill` and 0 where it is missing. Nothing else is
+/// touched.
 ///
 /// # Panics
-/// When a row holds fewer than `samples` values, or a destination lies outside `data` or `mask`.
-pub(crate) fn transpose_rows(
-    rows: &[Row<'_>],
-    samples: usize,
-    stride: usize,
-    fill: f32,
-    data: &mut [MaybeUninit<f32>],
-    mask: Mask<'_>,
-) {
-    transpose_rows_on(Isa::best(), tile_for(rows.len()), rows, samples, stride, fill, data, mask);
+/// When a row holds fewer than `samples` values, or a destination lies outside its buffer or `mask`.
+pub(crate) fn transpose_rows(rows: &[Row<'_>], samples: usize, fill: f32, dest: &Dest<'_>, mask: Mask<'_>) {
+    transpose_rows_on(Isa::best(), tile_for(rows.len()), rows, samples, fill, dest, mask);
 }
 
 /// The instruction sets the transpose is written for.
@@ -143,23 +200,22 @@ impl Isa {
 
 /// [`transpose_rows`] with the instructions of `isa`, which the processor must have, `tile` samples at a
 /// time.
-#[allow(clippy::too_many_arguments)] // those of `transpose_rows`, and how to run it
 fn transpose_rows_on(
     isa: Isa,
     tile: usize,
     rows: &[Row<'_>],
     samples: usize,
-    stride: usize,
     fill: f32,
-    data: &mut [MaybeUninit<f32>],
+    dest: &Dest<'_>,
     mut mask: Mask<'_>,
 ) {
     if samples == 0 || rows.is_empty() {
         return;
     }
     let last_col = rows.iter().map(|r| r.col).max().unwrap_or(0);
-    let end = (samples - 1) * stride + last_col;
-    assert!(end < data.len() && end < mask.len(), "batch too small for the rows");
+    assert!(samples <= dest.starts.len(), "a place for every sample");
+    let last_mask = dest.masks[..samples].iter().max().map_or(0, |m| m + last_col);
+    assert!(last_col < dest.room && last_mask < mask.len(), "batch too small for the rows");
     assert!(rows.iter().all(|r| r.values.len() >= samples), "row shorter than the samples");
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
@@ -168,10 +224,10 @@ fn transpose_rows_on(
         let avx512 = isa == Isa::Avx512;
         // SAFETY: AVX2 (and where used AVX-512) is present (asserted above); rows and destinations are in
         // bounds (asserted above).
-        unsafe { avx2::transpose_rows(rows, samples, stride, fill, (data, mask), (tile, avx512)) };
+        unsafe { avx2::transpose_rows(rows, samples, fill, (dest, mask), (tile, avx512)) };
         return;
     }
-    transpose_scalar(rows, 0..rows.len(), (0..samples, tile), stride, fill, data, &mut mask);
+    transpose_scalar(rows, 0..rows.len(), (0..samples, tile), fill, dest, &mut mask);
 }
 
 /// Runs `make` on a mask to be written to `mask`: where the processor has AVX2 and it fits, bits in a buffer
@@ -192,12 +248,29 @@ pub(crate) fn with_mask_staged<R>(mask: &mut [MaybeUninit<u8>], make: impl FnOnc
         bits.clear();
         bits.resize(mask.len().div_ceil(64), 0);
         let result = make(Mask::Bits(&mut bits));
-        // SAFETY: AVX2 is present (checked above).
-        unsafe { avx2::expand_bits(&bits, mask) };
+        bits_to_mask(&bits, mask);
         avx2::BITS.set(bits);
         return result;
     }
     make(Mask::Bytes(mask))
+}
+
+/// Writes mask byte `o` of `mask` as bit `o` of `bits` says: 1 where set, 0 where not. Where the processor
+/// has AVX2, whole cache lines with non-temporal stores ([`fence`] before another thread reads it).
+///
+/// # Panics
+/// When `bits` holds fewer bits than `mask` bytes.
+pub(crate) fn bits_to_mask(bits: &[u64], mask: &mut [MaybeUninit<u8>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked above).
+        unsafe { avx2::expand_bits(bits, mask) };
+        return;
+    }
+    assert!(bits.len() * 64 >= mask.len(), "a bit for every mask byte");
+    for (o, m) in mask.iter_mut().enumerate() {
+        m.write(((bits[o / 64] >> (o % 64)) & 1) as u8);
+    }
 }
 
 /// The most bytes of a batch's mask staged as bits by [`with_mask_staged`]: a mask of 16 MiB (a batch of 4096
@@ -206,24 +279,26 @@ const BITS_BYTES: usize = 2 << 20;
 
 /// The same, one value at a time, for `rows[rows_range]` and samples `samples`: the fallback, and the
 /// edges the vector path leaves (ragged row groups and sample tails).
+///
+/// The bounds [`transpose_rows_on`] checks must hold.
 fn transpose_scalar(
     rows: &[Row<'_>],
     rows_range: std::ops::Range<usize>,
     (samples, tile): (std::ops::Range<usize>, usize),
-    stride: usize,
     fill: f32,
-    data: &mut [MaybeUninit<f32>],
+    dest: &Dest<'_>,
     mask: &mut Mask<'_>,
 ) {
     for p0 in samples.clone().step_by(tile) {
         let tile = p0..(p0 + tile).min(samples.end);
         for row in &rows[rows_range.clone()] {
             let (mean, inv) = row.affine;
+            assert!(row.col < dest.room, "column outside the samples' room");
             for p in tile.clone() {
-                let o = p * stride + row.col;
                 let (value, valid) = prepare(row.values[p], mean, inv, fill);
-                data[o].write(value);
-                mask.set(o, valid);
+                // SAFETY: `col < room` (asserted), and each start has `room` elements of its buffer after it.
+                unsafe { dest.starts[p].add(row.col).write(value) };
+                mask.set(dest.masks[p] + row.col, valid);
             }
         }
     }
@@ -368,7 +443,7 @@ mod avx2 {
     use std::cell::RefCell;
     use std::mem::MaybeUninit;
 
-    use super::{Mask, Row, transpose_scalar};
+    use super::{Dest, Mask, Row, transpose_scalar};
 
     /// Rows transposed together: one vector register each.
     const GROUP: usize = 8;
@@ -404,16 +479,16 @@ mod avx2 {
     }
 
     /// Whether the row groups `vector`, taken two by two, each cover 16 consecutive columns starting on a
-    /// cache line of every sample of `out`: each pair then fills whole lines, written by non-temporal stores
-    /// (a last group without a pair is written through the cache). Otherwise every group is written through
-    /// the cache.
-    pub(super) fn fills_lines(rows: &[Row<'_>], vector: &[usize], out: *const f32, stride: usize) -> bool {
-        stride.is_multiple_of(LINE)
-            && vector.chunks_exact(2).all(|g| {
-                g[1] == g[0] + GROUP
-                    && rows[g[1]].col == rows[g[0]].col + GROUP
-                    && (out as usize + rows[g[0]].col * size_of::<f32>()).is_multiple_of(64)
-            })
+    /// cache line from `out`, the start of a sample (every sample starting at the same offset within a line,
+    /// [`Dest::aligned_alike`]): each pair then fills whole lines, written by non-temporal stores (a last
+    /// group without a pair is written through the cache). Otherwise every group is written through the
+    /// cache.
+    pub(super) fn fills_lines(rows: &[Row<'_>], vector: &[usize], out: *const f32) -> bool {
+        vector.chunks_exact(2).all(|g| {
+            g[1] == g[0] + GROUP
+                && rows[g[1]].col == rows[g[0]].col + GROUP
+                && (out as usize + rows[g[0]].col * size_of::<f32>()).is_multiple_of(64)
+        })
     }
 
     /// Whether the rows write every column `0..stride` once: each sample's mask row is then whole.
@@ -688,21 +763,22 @@ mod avx2 {
     /// See [`super::transpose_rows`]; with `avx512`, pairs of groups are written by AVX-512 code.
     ///
     /// # Safety
-    /// AVX2 (and with `avx512`, AVX-512 F, BW and VL) must be available; every row must hold at least
-    /// `samples` values and `(samples − 1) · stride + col` must lie inside `data` and `mask` for every row.
+    /// AVX2 (and with `avx512`, AVX-512 F, BW and VL) must be available; the bounds
+    /// [`super::transpose_rows_on`] checks must hold.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn transpose_rows(
         rows: &[Row<'_>],
         samples: usize,
-        stride: usize,
         fill: f32,
-        (data, mut mask): (&mut [MaybeUninit<f32>], Mask<'_>),
+        (dest, mut mask): (&Dest<'_>, Mask<'_>),
         (tile, avx512): (usize, bool),
     ) {
-        let out = data.as_mut_ptr().cast::<f32>();
+        // Every sample's start in the same place of a line, as this one's: the lines pairs of groups fill.
+        let out = dest.starts[0];
         // Groups start where a line does only when lines can be filled at all (every sample's row starting at
         // the same offset within a line); otherwise at the first row, leaving the fewest to the scalar path.
-        let start = if stride.is_multiple_of(LINE) { line_start(rows, out) } else { 0 };
+        let alike = dest.aligned_alike();
+        let start = if alike { line_start(rows, out) } else { 0 };
         let (vector, scalar) = groups(rows, start);
         let lanes = |k: usize, f: fn(&Row<'_>) -> f32| {
             let mut lane = [0.0f32; GROUP];
@@ -716,27 +792,28 @@ mod avx2 {
             vector.iter().map(|&k| (lanes(k, |r| r.affine.0), lanes(k, |r| r.affine.1))).collect();
         let fill_v = _mm256_set1_ps(fill);
         let whole = samples / GROUP * GROUP;
-        let lines = fills_lines(rows, &vector, out, stride);
+        let lines = alike && fills_lines(rows, &vector, out);
         let tiles = (0..whole).step_by(tile);
         let blocks = |p0: usize| (p0..(p0 + tile).min(whole)).step_by(GROUP);
         // SAFETY (of the loads and `put`s below): s0 + 8 <= samples <= every row's length; each store lands
-        // at (s0 + i) · stride + col + j for i, j < 8, the columns col .. col + 8 being those of the rows of
-        // the group, all within the bounds the caller guarantees (a mask store, with `staged`, at that place
-        // less p0 · stride: inside the staging's tile · stride bytes, as s0 + i < p0 + tile and
-        // col + j < stride); with `lines`, the first column of each pair starts a 64-byte line of every
-        // sample (stride a multiple of 16 floats), so every non-temporal store is 32-byte aligned.
+        // at col + j from the start of sample s0 + i, for i, j < 8, the columns col .. col + 8 being those of
+        // the rows of the group, below the room of every start (checked by the caller), and its validity at
+        // col + j from the sample's mask place (with `staged`, less that of the tile's first sample p0:
+        // inside the staging's tile · stride bytes, as s0 + i < p0 + tile and col + j < stride); with
+        // `lines`, the first column of each pair starts a 64-byte line of every sample (all starting alike),
+        // so every non-temporal store is 32-byte aligned.
         let load = |k: usize, s0: usize| unsafe { transpose8(load8(rows, k, s0)) };
-        // Mask bytes: each tile's mask rows are made in a buffer of this thread (in its cache) and streamed
-        // to the batch after: written in place, each of their cache lines would first be read from memory.
-        let staged = matches!(mask, Mask::Bytes(_))
-            && tile * stride <= STAGING_BYTES
-            && cover_every_column(rows, stride);
+        // Mask bytes of one batch: each tile's mask rows are made in a buffer of this thread (in its cache)
+        // and streamed to the batch after: written in place, each of their cache lines would first be read
+        // from memory.
+        let stride = dest.stride.filter(|_| matches!(mask, Mask::Bytes(_))).unwrap_or(0);
+        let staged = stride > 0 && tile * stride <= STAGING_BYTES && cover_every_column(rows, stride);
         let mut staging = if staged { STAGING.take() } else { Vec::new() };
         if staged && staging.len() < tile * stride {
             staging = vec![0; tile * stride];
         }
-        // Where the validity of value `o` of the batch goes: its byte, in the batch or in the staging of its
-        // tile (whose first sample is `shift / stride`), or its bit.
+        // Where the validity of a value goes: its byte, in the batch or in the staging of its tile (less
+        // `shift`, the mask place of the tile's first sample), or its bit.
         let mask_at = match &mut mask {
             _ if staged => MaskAt { base: staging.as_mut_ptr(), bits: false },
             Mask::Bytes(bytes) => MaskAt { base: bytes.as_mut_ptr().cast::<u8>(), bits: false },
@@ -755,9 +832,8 @@ mod avx2 {
             as_stored: &as_stored,
             whole,
             tile,
-            stride,
             fill: fill_v,
-            out,
+            dest,
             mask: mask_at,
         };
         let singles = |p0: usize, shift: usize| {
@@ -765,14 +841,14 @@ mod avx2 {
                 let col = rows[k].col;
                 for s0 in blocks(p0) {
                     for (i, x) in load(k, s0).into_iter().enumerate() {
-                        let o = (s0 + i) * stride + col;
-                        unsafe { put::<false>(out.wrapping_add(o), (mask_at, o - shift), x, affine, fill_v) };
+                        let (out, m) = unsafe { pairs.at(s0 + i, col, shift) };
+                        unsafe { put::<false>(out, m, x, affine, fill_v) };
                     }
                 }
             }
         };
         for p0 in tiles {
-            let shift = if staged { p0 * stride } else { 0 };
+            let shift = if staged { dest.masks[p0] } else { 0 };
             if lines {
                 // SAFETY: as above; AVX-512 is present where it is used.
                 unsafe {
@@ -790,7 +866,7 @@ mod avx2 {
                 // SAFETY: the staging holds `tile · stride` initialized bytes, the tile's rows written
                 // through `mask_at` above (not used while this view lives).
                 let tile = unsafe { std::slice::from_raw_parts(mask_at.base, n * stride) };
-                unsafe { stream_copy(tile, &mut bytes[p0 * stride..(p0 + n) * stride]) };
+                unsafe { stream_copy(tile, &mut bytes[shift..shift + n * stride]) };
             }
         }
         if staged {
@@ -802,9 +878,9 @@ mod avx2 {
             _mm_sfence();
         }
         for &k in &scalar {
-            transpose_scalar(rows, k..k + 1, (0..whole, tile), stride, fill, data, &mut mask);
+            transpose_scalar(rows, k..k + 1, (0..whole, tile), fill, dest, &mut mask);
         }
-        transpose_scalar(rows, 0..rows.len(), (whole..samples, tile), stride, fill, data, &mut mask);
+        transpose_scalar(rows, 0..rows.len(), (whole..samples, tile), fill, dest, &mut mask);
     }
 
     /// Where a vector of values writes its validity: mask bytes, or the bits of [`Mask::Bits`].
@@ -898,11 +974,24 @@ mod avx2 {
         whole: usize,
         /// Samples handled together.
         tile: usize,
-        stride: usize,
         fill: __m256,
-        out: *mut f32,
+        dest: &'p Dest<'p>,
         /// The mask, the staging of the tile's mask rows, or bits.
         mask: MaskAt,
+    }
+
+    impl Pairs<'_, '_> {
+        /// Where column `col` of sample `p` goes, and its validity (the mask place less `shift`).
+        ///
+        /// # Safety
+        /// `p` must be below the samples of the transpose (which has a place for each).
+        #[inline]
+        unsafe fn at(&self, p: usize, col: usize, shift: usize) -> (*mut f32, (MaskAt, usize)) {
+            // SAFETY: the caller's (the places' lengths were checked by `transpose_rows_on`).
+            let (start, mask) =
+                unsafe { (*self.dest.starts.get_unchecked(p), *self.dest.masks.get_unchecked(p)) };
+            (start.wrapping_add(col), (self.mask, mask + col - shift))
+        }
     }
 
     /// The samples `p0 .. p0 + t.tile` of every pair of groups: each sample receives 16 consecutive values,
@@ -936,21 +1025,19 @@ mod avx2 {
         s0: usize,
         shift: usize,
     ) {
-        let at = |o: usize| (t.out.wrapping_add(o), (t.mask, o - shift));
         let col = t.rows[pair[0]].col;
         // SAFETY (here and below): as in `transpose_rows`.
         let a = unsafe { transpose8(load8(t.rows, pair[0], s0)) };
         let Some(&second) = pair.get(1) else {
             for (i, x) in a.into_iter().enumerate() {
-                let (out, mask) = at((s0 + i) * t.stride + col);
+                let (out, mask) = unsafe { t.at(s0 + i, col, shift) };
                 unsafe { put::<false>(out, mask, x, affine[0], t.fill) };
             }
             return;
         };
         let b = unsafe { transpose8(load8(t.rows, second, s0)) };
         for i in 0..GROUP {
-            let o = (s0 + i) * t.stride + col;
-            let (out, mask) = at(o);
+            let (out, mask) = unsafe { t.at(s0 + i, col, shift) };
             unsafe {
                 if AVX512 {
                     put_pair_avx512(out, mask, (a[i], b[i]), (affine[0], affine[1]), t.fill);
@@ -997,12 +1084,12 @@ mod avx2 {
                 // SAFETY: as in `transpose_rows`.
                 let lines = transpose16x8(&unsafe { load16x8(t.rows, (first, second), s0) });
                 for (i, x) in lines.into_iter().enumerate() {
-                    let o = (s0 + i) * t.stride + col;
+                    let (out, (mask, o)) = unsafe { t.at(s0 + i, col, shift) };
                     let valid = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
-                    // SAFETY: as in `transpose_rows`; `o` starts a line of the batch (`fills_lines`).
+                    // SAFETY: as in `transpose_rows`; `out` starts a line of the batch (`fills_lines`).
                     unsafe {
-                        _mm512_stream_ps(t.out.add(o), _mm512_mask_blend_ps(valid, fill, x));
-                        t.mask.put16(o - shift, valid);
+                        _mm512_stream_ps(out, _mm512_mask_blend_ps(valid, fill, x));
+                        mask.put16(o, valid);
                     }
                 }
             }
@@ -1243,7 +1330,15 @@ mod tests {
                 let mut bits = vec![0u64; cells.div_ceil(64)];
                 let out = &mut data[at..at + cells];
                 let mask_out = if as_bits { Mask::Bits(&mut bits) } else { Mask::Bytes(&mut mask) };
-                transpose_rows_on(isa, tile, rows, samples, stride, fill, out, mask_out);
+                transpose_rows_on(
+                    isa,
+                    tile,
+                    rows,
+                    samples,
+                    fill,
+                    &Dest::batch(out, samples, stride),
+                    mask_out,
+                );
                 results.push((
                     format!("{isa:?}, tile {tile}, mask as bits {as_bits}"),
                     data[at..at + cells].to_vec(),
@@ -1377,7 +1472,7 @@ mod tests {
                         let out = buffer[at + shift..].as_ptr().cast::<f32>();
                         let start = avx2::line_start(&rows, out);
                         assert_eq!(start, (16 - shift) % 16);
-                        assert!(avx2::fills_lines(&rows, &avx2::groups(&rows, start).0, out, stride));
+                        assert!(avx2::fills_lines(&rows, &avx2::groups(&rows, start).0, out));
                     }
                     assert_as_defined(&rows, samples, stride, shift);
                 }
@@ -1458,6 +1553,87 @@ mod tests {
         let values = [1.0f32; 8];
         let rows = [Row { values: &values, col: 3, affine: (0.0, 1.0) }];
         let (mut data, mut mask) = (vec![MaybeUninit::new(0.0); 10], vec![MaybeUninit::new(0u8); 10]);
-        transpose_rows(&rows, 8, 4, 0.0, &mut data, Mask::Bytes(&mut mask));
+        transpose_rows(&rows, 8, 0.0, &Dest::batch(&mut data, 8, 4), Mask::Bytes(&mut mask));
+    }
+
+    /// Samples placed anywhere in several batches (the mixing of chunks) receive, with every instruction set
+    /// and tile, what they receive as the samples of one batch, mask bits included, and nothing else is
+    /// written.
+    #[test]
+    fn scattered_samples_are_written_as_in_one_batch() {
+        let (samples, stride) = (40, 48);
+        let chunks: Vec<Vec<f32>> =
+            (0..stride).map(|r| (0..samples).map(|p| value(r * 29 + p)).collect()).collect();
+        let rows: Vec<Row<'_>> = (0..stride)
+            .map(|r| Row {
+                values: &chunks[r],
+                col: r,
+                affine: if r % 5 == 0 { (1.0, 0.5) } else { (0.0, 1.0) },
+            })
+            .collect();
+        // Sample p goes to batch p % 3, at slot (7 · p) % 40 / 3 spread over the three: a permutation.
+        let order: Vec<usize> = (0..samples).map(|p| (7 * p) % samples).collect();
+        let places: Vec<(usize, usize)> = order.iter().map(|&q| (q % 3, q / 3)).collect();
+        let slots = samples.div_ceil(3);
+        for isa in Isa::available() {
+            for tile in [SMALL_TILE, LARGE_TILE] {
+                let mut one = vec![MaybeUninit::new(f32::INFINITY); samples * stride];
+                let mut one_bits = vec![0u64; (samples * stride).div_ceil(64)];
+                transpose_rows_on(
+                    isa,
+                    tile,
+                    &rows,
+                    samples,
+                    -1.0,
+                    &Dest::batch(&mut one, samples, stride),
+                    Mask::Bits(&mut one_bits),
+                );
+                // Each batch on a line, so that the vector paths stream whole lines of every sample.
+                let mut lined: Vec<(Vec<MaybeUninit<f32>>, usize)> =
+                    (0..3).map(|_| aligned(slots * stride, f32::INFINITY)).collect();
+                let mut bits = vec![0u64; (3 * slots * stride).div_ceil(64)];
+                {
+                    let mut buffers: Vec<&mut [MaybeUninit<f32>]> =
+                        lined.iter_mut().map(|(b, at)| &mut b[*at..*at + slots * stride]).collect();
+                    let at: Vec<(usize, usize)> = places.iter().map(|&(b, s)| (b, s * stride)).collect();
+                    let masks = places.iter().map(|&(b, s)| (b * slots + s) * stride).collect();
+                    let dest = Dest::scattered(&mut buffers, &at, stride, masks);
+                    transpose_rows_on(isa, tile, &rows, samples, -1.0, &dest, Mask::Bits(&mut bits));
+                }
+                fence();
+                let batches: Vec<&[MaybeUninit<f32>]> =
+                    lined.iter().map(|(b, at)| &b[*at..*at + slots * stride]).collect();
+                let bit = |words: &[u64], o: usize| (words[o / 64] >> (o % 64)) & 1;
+                let mut written = vec![vec![false; slots]; 3];
+                for (p, &(b, s)) in places.iter().enumerate() {
+                    written[b][s] = true;
+                    for c in 0..stride {
+                        // SAFETY: both were initialized above.
+                        let (got, want) = unsafe {
+                            (batches[b][s * stride + c].assume_init(), one[p * stride + c].assume_init())
+                        };
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{isa:?}, tile {tile}, sample {p}, column {c}"
+                        );
+                        let (got, want) =
+                            (bit(&bits, (b * slots + s) * stride + c), bit(&one_bits, p * stride + c));
+                        assert_eq!(got, want, "{isa:?}, tile {tile}, mask of sample {p}, column {c}");
+                    }
+                }
+                for (b, batch) in batches.iter().enumerate() {
+                    for s in (0..slots).filter(|&s| !written[b][s]) {
+                        // SAFETY: initialized above.
+                        assert!(
+                            batch[s * stride..(s + 1) * stride]
+                                .iter()
+                                .all(|x| unsafe { x.assume_init() } == f32::INFINITY)
+                        );
+                        assert!((0..stride).all(|c| bit(&bits, (b * slots + s) * stride + c) == 0));
+                    }
+                }
+            }
+        }
     }
 }
