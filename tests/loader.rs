@@ -463,9 +463,9 @@ fn mixing_spreads_samples_across_chunks_and_keeps_coverage() {
 /// Every sample of `batches`, sorted: where and when it is (lat, lon, first step), its values and mask bytes
 /// (every variable's rows, `[V, B, …]` or `[B, …]`) and its statics. (The padding samples of a shuffled cube
 /// share a NaN position and their fill values.)
-type Sample = ((u64, u64, usize), Vec<u32>, Vec<u8>, Vec<u32>);
+pub(crate) type Sample = ((u64, u64, usize), Vec<u32>, Vec<u8>, Vec<u32>);
 
-fn samples_of(batches: &[Batch]) -> Vec<Sample> {
+pub(crate) fn samples_of(batches: &[Batch]) -> Vec<Sample> {
     let mut samples = Vec::new();
     for b in batches {
         let n = b.len();

@@ -235,6 +235,12 @@ fn a_native_time_step_stores_one_window_per_step_and_the_loader_holds_it_over_th
     let native = batches(&multi, Regrid::Native);
     assert_eq!(native[0].native[0].shape, [2, 16, 16]);
     assert_eq!(native[0].variables, ["t2m", "landcover"]);
+
+    // Mixed across chunks, the batches of the level held over its windows hold the samples of unmixed ones.
+    let epoch = |mix| Loader::builder(&multi).shuffle(2).mix(mix).build().unwrap().map(Result::unwrap);
+    let (plain, mixed): (Vec<Batch>, Vec<Batch>) = (epoch(1).collect(), epoch(3).collect());
+    assert!(mixed.iter().zip(&plain).any(|(m, p)| m.lat != p.lat), "mixed");
+    assert!(crate::loader::samples_of(&mixed) == crate::loader::samples_of(&plain));
 }
 
 #[test]

@@ -810,9 +810,13 @@ impl Assembler {
         chunks: &[ChunkId],
         skip_corrupt: bool,
     ) -> Result<(Vec<Batch>, usize), LoaderError> {
-        let mixing = || mixing_order(chunks.len() * self.batch_shape().0, &mut rng_for(seed, 1, job as u64));
+        let mixing = |total| mixing_order(total, &mut rng_for(seed, 1, job as u64));
         if chunks.len() > 1 && self.mixes_in_place() {
-            match self.assemble_mixed(chunks, (epoch, first_position), &mixing()) {
+            match self.assemble_mixed(
+                chunks,
+                (epoch, first_position),
+                &mixing(chunks.len() * self.batch_shape().0),
+            ) {
                 Ok(batches) => return Ok((batches, 0)),
                 // The group is made again below, chunk by chunk, without the chunk that cannot be read.
                 Err(LoaderError::Read { .. }) if skip_corrupt => {}
@@ -837,8 +841,8 @@ impl Assembler {
             }
         }
         if batches.len() > 1 {
-            let total = batches.iter().map(Batch::len).sum();
-            mix(&mut batches, &mixing_order(total, &mut rng_for(seed, 1, job as u64)));
+            let order = mixing(batches.iter().map(Batch::len).sum());
+            mix(&mut batches, &order);
         }
         Ok((batches, corrupt))
     }
