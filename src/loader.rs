@@ -231,7 +231,9 @@ impl LoaderBuilder {
         self
     }
     /// Mix samples across groups of `k` chunks, so that a batch is not one spatial tile (memory: k chunks).
-    /// > default: 1 (no mixing)
+    /// On tiled pixel-series cubes each chunk's samples are transposed straight to their places in the
+    /// group's batches, so mixing writes no more than reading unmixed batches; other layouts copy each
+    /// batch's samples to their places once. > default: 1 (no mixing)
     #[must_use]
     pub fn mix(mut self, k: usize) -> Self {
         self.mix = k;
