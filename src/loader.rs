@@ -231,9 +231,9 @@ impl LoaderBuilder {
         self
     }
     /// Mix samples across groups of `k` chunks, so that a batch is not one spatial tile (memory: k chunks).
-    /// On tiled pixel-series cubes each chunk's samples are transposed straight to their places in the
-    /// group's batches, so mixing writes no more than reading unmixed batches; other layouts copy each
-    /// batch's samples to their places once. > default: 1 (no mixing)
+    /// Each chunk's samples are written straight to their places in the group's batches, so mixing writes
+    /// no more than reading unmixed batches; cubes stored `order: shuffled` (whose batches are random
+    /// already) copy each batch's samples to their places once. > default: 1 (no mixing)
     #[must_use]
     pub fn mix(mut self, k: usize) -> Self {
         self.mix = k;

@@ -847,21 +847,22 @@ impl Assembler {
         Ok((batches, corrupt))
     }
 
-    /// Whether the samples of a group of chunks are transposed straight to their places in the mixed batches
-    /// ([`Assembler::assemble_mixed`]): pixel series stored time-major (tiled), every variable delivered on
-    /// the target grid. Other groups are made batch by batch, then mixed ([`mix`]).
+    /// Whether the samples of a group of chunks are written straight to their places in the mixed batches
+    /// ([`Assembler::assemble_mixed`]): image sequences, and pixel series stored time-major (tiled), every
+    /// variable delivered on the target grid. Groups of cubes stored `order: shuffled` are made batch by
+    /// batch, then mixed ([`mix`]).
     fn mixes_in_place(&self) -> bool {
         let l = &self.meta.layout;
-        l.kind == LayoutKind::PixelSeries
-            && l.shuffled.is_none()
+        (l.kind == LayoutKind::ImageSequence || l.shuffled.is_none())
             && !self.vars.iter().any(|v| self.is_native(v))
     }
 
     /// The batches of the group of chunks `chunks`, their samples mixed across them by `order`, as [`mix`]
     /// mixes the batches made one by one: sample `s` of batch `j` is source `order[j · B + s]`, sample
-    /// `% B` of chunk `/ B`. Each chunk's samples are transposed straight to their places in the group's
-    /// batches, so that mixing writes nothing more than assembling; the group's mask is made as bits in the
-    /// core's cache, each batch's streamed as bytes once every chunk is done.
+    /// `% B` of chunk `/ B`. Each chunk's samples are written straight to their places in the group's
+    /// batches, so that mixing writes nothing more than assembling: pixel series transposed there, the
+    /// group's mask made as bits in the core's cache and each batch's streamed as bytes once every chunk is
+    /// done; image sequences a patch row at a time, with their mask bytes.
     ///
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
@@ -871,12 +872,15 @@ impl Assembler {
         (epoch, first_position): (usize, usize),
         order: &[usize],
     ) -> Result<Vec<Batch>, LoaderError> {
-        let t_len = self.meta.layout.chunk_t;
+        let l = &self.meta.layout;
+        let t_len = l.chunk_t;
         let (names, static_names) = self.variable_names();
         let (nv, ns) = (names.len(), static_names.len());
         let separate = self.transform.separate_statics;
         let (b, shape, sample_cells) = self.batch_shape();
         let (k, cells) = (chunks.len(), b * sample_cells);
+        let images = l.kind == LayoutKind::ImageSequence;
+        let statics_cells = if images { ns * l.patch[0] * l.patch[1] } else { ns };
         // Each batch's bits from a word of its own, turned into bytes on their own.
         let batch_bits = cells.div_ceil(64) * 64;
         // The slot in the group (batch `/ B`, sample `% B`) of each source sample (chunk `/ B`, sample `% B`).
@@ -891,12 +895,14 @@ impl Assembler {
         // Not zeroed: every sample of every batch receives one source sample, every column of it.
         let mut data: Vec<Vec<f32>> = (0..k).map(|_| buffers::take(cells)).collect();
         let mut masks: Vec<Vec<u8>> = (0..k).map(|_| buffers::take(cells)).collect();
-        let mut bits = vec![0u64; k * batch_bits / 64];
-        let mut statics = vec![vec![0.0f32; if separate { b * ns } else { 0 }]; k];
+        let mut bits = vec![0u64; if images { 0 } else { k * batch_bits / 64 }];
+        let mut statics = vec![vec![0.0f32; if separate { b * statics_cells } else { 0 }]; k];
         let (mut lat, mut lon) = (vec![vec![0.0; b]; k], vec![vec![0.0; b]; k]);
         let mut time_index = vec![vec![0; b]; k];
         let mut outs: Vec<&mut [MaybeUninit<f32>]> =
             data.iter_mut().map(|d| &mut d.spare_capacity_mut()[..cells]).collect();
+        let mut mask_outs: Vec<&mut [MaybeUninit<u8>]> =
+            masks.iter_mut().map(|m| &mut m.spare_capacity_mut()[..cells]).collect();
         for (c, &id) in chunks.iter().enumerate() {
             let places: Vec<(usize, usize)> =
                 place[c * b..(c + 1) * b].iter().map(|&q| (q / b, q % b)).collect();
@@ -905,13 +911,24 @@ impl Assembler {
             let mut series = Vec::new();
             for ((v, chunk), decoder) in self.vars.iter().zip(&raw).zip(decoder_indices(&raw)) {
                 let chunk: &[f32] = chunk.as_deref().unwrap_or_default();
-                if separate && v.meta.is_static {
+                let into_statics = separate && v.meta.is_static;
+                if images {
+                    // Patch by patch, each to its place (mask bytes written with the values).
+                    let slot = if into_statics { si } else { vi };
+                    for (g, &(j, s)) in places.iter().enumerate() {
+                        let parts = (&mut *outs[j], &mut *mask_outs[j], &mut statics[j][..]);
+                        self.image_sample((v, slot, into_statics), chunk, (g, s), (b, nv, ns), parts);
+                    }
+                } else if into_statics {
                     for (g, &(j, s)) in places.iter().enumerate() {
                         statics[j][s * ns + si] = prepare(chunk[g], v.affine.0, v.affine.1, fill).0;
                     }
-                    si += 1;
                 } else {
                     series.push(self.series_copy((v, vi), chunk, decoder, (b, nv)));
+                }
+                if into_statics {
+                    si += 1;
+                } else {
                     vi += 1;
                 }
             }
@@ -919,17 +936,19 @@ impl Assembler {
                 (lat[j][s], lon[j][s]) = self.position(id, g);
                 time_index[j][s] = id[0] * t_len;
             }
+            if images {
+                continue;
+            }
             let starts: Vec<(usize, usize)> = places.iter().map(|&(j, s)| (j, s * row)).collect();
             let mask_at = places.iter().map(|&(j, s)| j * batch_bits + s * row).collect();
             let dest = Dest::scattered(&mut outs, &starts, cells - (b - 1) * row, mask_at);
             transpose_blocks(&series, &mut decoders, (b, t_len), fill, &dest, Mask::Bits(&mut bits))
                 .map_err(|(d, message)| self.decoding_failed(id, &raw, d, &message))?;
         }
-        for (j, mask) in masks.iter_mut().enumerate() {
-            bits_to_mask(
-                &bits[j * batch_bits / 64..(j + 1) * batch_bits / 64],
-                &mut mask.spare_capacity_mut()[..cells],
-            );
+        if !images {
+            for (j, mask) in mask_outs.iter_mut().enumerate() {
+                bits_to_mask(&bits[j * batch_bits / 64..(j + 1) * batch_bits / 64], mask);
+            }
         }
         // Streamed values and mask bytes: visible to the threads the batches go to only after this fence.
         fence();
@@ -938,15 +957,16 @@ impl Assembler {
             .enumerate()
             .map(|(j, ((((mut data, mut mask), statics), (lat, lon)), time_index))| {
                 // SAFETY: every element of both was written: each sample of each batch received one source
-                // sample (`order` is a permutation), whose variables cover every column of its values (as
-                // in `assemble`), and `bits_to_mask` wrote every mask byte.
+                // sample (`order` is a permutation), whose variables cover every column of its values, or
+                // every row of its patches, with their mask bytes (as in `assemble`); the mask bytes of
+                // pixel series were then written by `bits_to_mask`.
                 unsafe {
                     data.set_len(cells);
                     mask.set_len(cells);
                 }
                 Batch {
                     origin: BatchOrigin { epoch, position: first_position + j, chunk: chunks[j] },
-                    kind: LayoutKind::PixelSeries,
+                    kind: l.kind,
                     variable_major: self.transform.variable_major,
                     variables: names.clone(),
                     shape: shape.clone(),
@@ -1009,6 +1029,45 @@ impl Assembler {
         }
     }
 
+    /// Sample `s` of variable `v`'s chunk `chunk` in an image-sequence batch of `b` samples, written as sample
+    /// `d` of a batch's values `out` and `mask` (`v` the `slot`-th of its `nv` values), or of its `statics`
+    /// (`v` the `slot`-th of its `ns`), row by row: a patch row is `pw` values side by side in the chunk and
+    /// in the batch.
+    fn image_sample(
+        &self,
+        (v, slot, into_statics): (&Var, usize, bool),
+        chunk: &[f32],
+        (s, d): (usize, usize),
+        (b, nv, ns): (usize, usize, usize),
+        (out, mask, statics): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>], &mut [f32]),
+    ) {
+        let l = &self.meta.layout;
+        let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
+        let [ph, pw] = l.patch;
+        let gx = cx / pw;
+        let (sy, sx) = (s / gx * ph, s % gx * pw);
+        let fill = self.transform.fill;
+        if into_statics {
+            for py in 0..ph {
+                let (from, to) = ((sy + py) * cx + sx, ((d * ns + slot) * ph + py) * pw);
+                for (o, x) in statics[to..to + pw].iter_mut().zip(&chunk[from..from + pw]) {
+                    *o = prepare(*x, v.affine.0, v.affine.1, fill).0;
+                }
+            }
+            return;
+        }
+        let step = if v.meta.is_static { 0 } else { cy * cx };
+        for t in 0..t_len {
+            let plane = if self.transform.variable_major {
+                (slot * b + d) * t_len + t
+            } else {
+                (d * t_len + t) * nv + slot
+            };
+            let (from, to) = (t * step + sy * cx + sx, plane * ph * pw);
+            prepare_block(&chunk[from..], cx, (ph, pw), v.affine, fill, &mut out[to..], &mut mask[to..]);
+        }
+    }
+
     /// How variable `v` (the `vi`-th of the `nv` in the values of a batch of `b` samples), whose chunk is
     /// `chunk` or is left to decoder `decoder`, is copied into a pixel-series batch: where value (p, t) of the
     /// chunk is, and where it goes.
@@ -1049,7 +1108,7 @@ impl Assembler {
     fn assemble(&self, id: ChunkId, origin: BatchOrigin, raw: Vec<Chunk>) -> Result<Batch, LoaderError> {
         let l = &self.meta.layout;
         let [it, _, _] = id;
-        let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
+        let t_len = l.chunk_t;
         let separate = self.transform.separate_statics;
         let (names, static_names) = self.variable_names();
         let nv = names.len();
@@ -1096,35 +1155,10 @@ impl Assembler {
                 }
                 LayoutKind::PixelSeries => series.push(self.series_copy((v, vi), chunk, decoder, (b, nv))),
                 LayoutKind::ImageSequence => {
-                    // Row by row: a patch row is `pw` values side by side in the chunk and in the batch.
-                    let [ph, pw] = l.patch;
-                    let gx = cx / pw;
-                    let step = if v.meta.is_static { 0 } else { cy * cx };
+                    let slot = if into_statics { si } else { vi };
                     for s in 0..b {
-                        let (sy, sx) = (s / gx * ph, s % gx * pw);
-                        if into_statics {
-                            for py in 0..ph {
-                                let (from, to) = ((sy + py) * cx + sx, ((s * ns + si) * ph + py) * pw);
-                                for (o, x) in statics[to..to + pw].iter_mut().zip(&chunk[from..from + pw]) {
-                                    *o = prepare(v, *x).0;
-                                }
-                            }
-                            continue;
-                        }
-                        for t in 0..t_len {
-                            let plane =
-                                if vmajor { (vi * b + s) * t_len + t } else { (s * t_len + t) * nv + vi };
-                            let (from, to) = (t * step + sy * cx + sx, plane * ph * pw);
-                            prepare_block(
-                                &chunk[from..],
-                                cx,
-                                (ph, pw),
-                                v.affine,
-                                fill,
-                                &mut out[to..],
-                                &mut mask_out[to..],
-                            );
-                        }
+                        let parts = (&mut *out, &mut *mask_out, &mut statics[..]);
+                        self.image_sample((v, slot, into_statics), chunk, (s, s), (b, nv, ns), parts);
                     }
                 }
             }
