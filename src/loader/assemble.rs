@@ -1029,15 +1029,15 @@ impl Assembler {
         }
     }
 
-    /// Sample `s` of variable `v`'s chunk `chunk` in an image-sequence batch of `b` samples, written as sample
-    /// `d` of a batch's values `out` and `mask` (`v` the `slot`-th of its `nv` values), or of its `statics`
-    /// (`v` the `slot`-th of its `ns`), row by row: a patch row is `pw` values side by side in the chunk and
-    /// in the batch.
+    /// Sample `sample` of variable `v`'s chunk `chunk` in an image-sequence batch of `b` samples, written as
+    /// sample `place` of a batch's values `out` and `mask` (`v` the `slot`-th of its `nv` values), or of its
+    /// `statics` (`v` the `slot`-th of its `ns`), row by row: a patch row is `pw` values side by side in the
+    /// chunk and in the batch.
     fn image_sample(
         &self,
         (v, slot, into_statics): (&Var, usize, bool),
         chunk: &[f32],
-        (s, d): (usize, usize),
+        (sample, place): (usize, usize),
         (b, nv, ns): (usize, usize, usize),
         (out, mask, statics): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>], &mut [f32]),
     ) {
@@ -1045,11 +1045,11 @@ impl Assembler {
         let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
         let [ph, pw] = l.patch;
         let gx = cx / pw;
-        let (sy, sx) = (s / gx * ph, s % gx * pw);
+        let (sy, sx) = (sample / gx * ph, sample % gx * pw);
         let fill = self.transform.fill;
         if into_statics {
             for py in 0..ph {
-                let (from, to) = ((sy + py) * cx + sx, ((d * ns + slot) * ph + py) * pw);
+                let (from, to) = ((sy + py) * cx + sx, ((place * ns + slot) * ph + py) * pw);
                 for (o, x) in statics[to..to + pw].iter_mut().zip(&chunk[from..from + pw]) {
                     *o = prepare(*x, v.affine.0, v.affine.1, fill).0;
                 }
@@ -1059,9 +1059,9 @@ impl Assembler {
         let step = if v.meta.is_static { 0 } else { cy * cx };
         for t in 0..t_len {
             let plane = if self.transform.variable_major {
-                (slot * b + d) * t_len + t
+                (slot * b + place) * t_len + t
             } else {
-                (d * t_len + t) * nv + slot
+                (place * t_len + t) * nv + slot
             };
             let (from, to) = (t * step + sy * cx + sx, plane * ph * pw);
             prepare_block(&chunk[from..], cx, (ph, pw), v.affine, fill, &mut out[to..], &mut mask[to..]);
