@@ -6,11 +6,15 @@
 //!   batches where it is too long (measurements last 50 ms to [`MAX_PASS_SECONDS`]);
 //! - **ceiling**: the same chunks read and decoded with the same number of threads, by the loader's own
 //!   reading code ([`Assembler::decode_stored`]), nothing assembled;
+//! - **ceiling with writes**: the same, each read then streaming its share of the bytes the loader wrote to
+//!   memory, by the loader's own stores, nothing rearranged: what decoding and writing the batches cost
+//!   at least, so that the report tells the write volume's part of a gap from the assembly's;
 //! - **image-chunked**: the same batches read from a copy of the cube chunked image by image
 //!   (`(1, 200, 200)`), the layout of the usual xarray recipe;
 //! - **read amplification**: bytes the process read (`/proc/self/io`) during the loader's epochs ÷ the bytes
 //!   the batches read occupy on disk.
 
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +28,7 @@ use crate::cube::reader::Cube;
 use crate::cube::{CubeMeta, VariableMeta};
 use crate::loader::assemble::{Assembler, Transform};
 use crate::loader::sampler::ChunkId;
+use crate::loader::transpose;
 use crate::loader::{HINT_AHEAD, Loader, LoaderError};
 use crate::store::{LatencyStore, Location};
 
@@ -102,6 +107,13 @@ pub struct BenchReport {
     /// static variables along time): the median of five rounds of a loader epoch between two ceiling passes
     /// (their mean); the loader's other figures come from that round.
     pub ratio_to_ceiling: f64,
+    /// The ceiling's chunks decoded again, each read then streaming its share of the bytes the loader wrote
+    /// (values, statics and masks) to memory by the loader's stores, nothing rearranged: a limit for a
+    /// loader that must write its batches. GB/s of decoded data, from the round of `ratio_to_ceiling`.
+    pub ceiling_with_writes_gb_per_s: f64,
+    /// As `ratio_to_ceiling`, against the ceiling with writes: how much of the loader's time is spent
+    /// beyond decoding and writing its bytes (rearranging them, masking, handing batches over).
+    pub ratio_to_ceiling_with_writes: f64,
     /// Epochs of one loader in each measurement of the loader (and passes over the chunks in each of the
     /// ceiling): 1, unless a pass lasts under 50 ms (a small cube), then as many as last that long.
     pub epochs_per_round: usize,
@@ -299,8 +311,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     let threads = options.threads.max(1);
     // Twice, the second timed: warm, the first brings the chunks into memory (cold, both read the disk).
     let calibration = ceiling_work(&meta, Some(&first));
-    ceiling_pass(&cube, &calibration, threads, 1, &mut prepare)?;
-    let (seconds, _) = ceiling_pass(&cube, &calibration, threads, 1, &mut prepare)?;
+    ceiling_pass(&cube, &calibration, threads, 1, 0, &mut prepare)?;
+    let (seconds, _) = ceiling_pass(&cube, &calibration, threads, 1, 0, &mut prepare)?;
     let per_batch = seconds / first.len().max(1) as f64;
     let plan = Plan::new(per_batch, batches_in_cube, options);
     // The object-store phase: of a measurement cut short, at least four times the prefetch depth there,
@@ -330,7 +342,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             }
             _ => &work,
         };
-        ceiling_pass(&cube, warm, threads, 1, &mut || {})?;
+        ceiling_pass(&cube, warm, threads, 1, 0, &mut || {})?;
     }
     drop(order);
     prepare();
@@ -345,13 +357,16 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         // The ceiling once before the loader epoch and once after it, their mean taken: the machine's speed
         // drifts within a round (ceiling passes of one run differ by up to a fifth), and the two passes
         // bracket the epoch.
-        let (before, decoded) = ceiling_pass(&cube, &work, threads, passes, &mut prepare)?;
+        let (before, decoded) = ceiling_pass(&cube, &work, threads, passes, 0, &mut prepare)?;
         prepare();
         let read_before = bytes_read();
         let epoch = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, plan, options)?;
         let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
-        let (after, _) = ceiling_pass(&cube, &work, threads, passes, &mut prepare)?;
+        let (after, _) = ceiling_pass(&cube, &work, threads, passes, 0, &mut prepare)?;
         let ceiling_seconds = f64::midpoint(before, after);
+        // The ceiling again, each read also streaming its share of the bytes the epoch delivered.
+        let share = (epoch.written / epoch.batches.max(1)) * ceiling_batches / work.len().max(1);
+        let (with_writes, _) = ceiling_pass(&cube, &work, threads, passes, share, &mut prepare)?;
         // The same epoch with one reader thread: how reading scales with threads.
         let single_seconds = if options.threads >= 2 {
             prepare();
@@ -365,6 +380,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         rounds.push(Round {
             ratio,
             ceiling_gb_per_s: decoded as f64 / ceiling_seconds / 1e9,
+            ratio_with_writes: ratio * with_writes / ceiling_seconds,
+            with_writes_gb_per_s: decoded as f64 / with_writes / 1e9,
             epoch,
             read_during,
             single_seconds,
@@ -374,8 +391,15 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         rounds.iter().filter_map(|r| r.single_seconds.map(|single| single / r.epoch.seconds)).collect();
     let thread_scaling = (!scalings.is_empty()).then(|| median(&mut scalings));
     rounds.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
-    let Round { ratio: ratio_to_ceiling, ceiling_gb_per_s, epoch, read_during, .. } =
-        rounds.swap_remove(rounds.len() / 2);
+    let Round {
+        ratio: ratio_to_ceiling,
+        ceiling_gb_per_s,
+        ratio_with_writes: ratio_to_ceiling_with_writes,
+        with_writes_gb_per_s: ceiling_with_writes_gb_per_s,
+        epoch,
+        read_during,
+        ..
+    } = rounds.swap_remove(rounds.len() / 2);
     let Epoch {
         seconds,
         build_ms,
@@ -384,6 +408,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         bytes,
         first_ms,
         mut latencies,
+        written: _,
         prefetch: epoch_prefetch,
         batches_read: epoch_batches_read,
     } = epoch;
@@ -455,6 +480,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         peak_rss_mb: peak_rss_mb(),
         ceiling_gb_per_s,
         ratio_to_ceiling,
+        ceiling_with_writes_gb_per_s,
+        ratio_to_ceiling_with_writes,
         epochs_per_round: passes,
         epoch_batches_measured: plan.batches,
         read_amplification,
@@ -498,6 +525,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
 struct Round {
     ratio: f64,
     ceiling_gb_per_s: f64,
+    ratio_with_writes: f64,
+    with_writes_gb_per_s: f64,
     epoch: Epoch,
     read_during: Option<u64>,
     single_seconds: Option<f64>,
@@ -511,6 +540,8 @@ struct Epoch {
     batches: usize,
     samples: usize,
     bytes: usize,
+    /// Bytes of every batch the loader wrote: values, statics, masks and native fields.
+    written: usize,
     first_ms: f64,
     latencies: Vec<f64>,
     /// The loader's prefetch depth.
@@ -612,6 +643,7 @@ fn loader_epochs(
         batches: 0,
         samples: 0,
         bytes: 0,
+        written: 0,
         first_ms: 0.0,
         latencies: Vec::new(),
         prefetch: loader.prefetch_depth(),
@@ -629,12 +661,19 @@ fn loader_epochs(
         epoch.batches += 1;
         epoch.samples += batch.len();
         epoch.bytes += (batch.data.len() + batch.statics.len()) * 4;
+        epoch.written += written_bytes(&batch);
         (options.deliver)(batch);
     }
     epoch.seconds = built.elapsed().as_secs_f64();
     // Batches (of one chunk: the bench mixes none) the readers took, delivered or read ahead.
     epoch.batches_read = loader.stop();
     Ok(epoch)
+}
+
+/// Bytes of every buffer the loader wrote for `batch`: values, statics, masks and native fields.
+fn written_bytes(batch: &crate::Batch) -> usize {
+    let native: usize = batch.native.iter().map(|f| f.data.len() * 4 + f.mask.len()).sum();
+    (batch.data.len() + batch.statics.len()) * 4 + batch.mask.len() + native
 }
 
 /// The delivery of a library caller that has no tensors: a read of every value, then the batch given back
@@ -660,23 +699,36 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// One pass of the ceiling: every `(variable, chunk)` of `work` read and decoded as the loader reads them,
 /// by the loader's own reading code, with nothing assembled; the cube opened afresh (untimed, then
-/// `prepare`), as each loader epoch opens it and reads its shard indexes anew. Returns (seconds, decoded
-/// bytes).
+/// `prepare`), as each loader epoch opens it and reads its shard indexes anew. With `writes` > 0, each read
+/// then streams that many bytes from the values it decoded to a buffer of its thread, as
+/// [`read_chunks`] says. Returns (seconds, decoded bytes).
 fn ceiling_pass(
     cube: &Cube,
     work: &[(usize, ChunkId)],
     threads: usize,
     passes: usize,
+    writes: usize,
     prepare: &mut impl FnMut(),
 ) -> Result<(f64, u64), LoaderError> {
     let stored = Assembler::new(cube, &[], Transform::default())?;
+    // The buffers written to, faulted in before the pass: the loader's batch buffers come from its pool.
+    let mut sinks: Vec<Vec<u8>> = (0..threads)
+        .map(|_| {
+            let mut sink = crate::loader::buffers::take::<u8>(writes);
+            sink.resize(writes, 0);
+            sink.clear();
+            sink
+        })
+        .collect();
     prepare();
     let started = Instant::now();
     let mut decoded = 0;
     for _ in 0..passes {
-        decoded += read_chunks(&stored, work, threads)?;
+        decoded += read_chunks(&stored, work, &mut sinks, writes)?;
     }
-    Ok((started.elapsed().as_secs_f64(), decoded))
+    let seconds = started.elapsed().as_secs_f64();
+    sinks.into_iter().for_each(crate::loader::buffers::give_back);
+    Ok((seconds, decoded))
 }
 
 /// The least time a measurement reads for: an epoch of a small cube (the demo's 70 batches, about 10 ms)
@@ -758,16 +810,27 @@ fn ceiling_work(meta: &CubeMeta, batches: Option<&[ChunkId]>) -> Vec<(usize, Chu
     work
 }
 
-/// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with `threads` threads;
-/// returns the decoded bytes.
-fn read_chunks(stored: &Assembler, work: &[(usize, ChunkId)], threads: usize) -> Result<u64, LoaderError> {
+/// Reads and decodes chunk `id` of variable `i` for every `(i, id)` of `work`, with a thread for each of
+/// `sinks`; returns the decoded bytes. With `writes` > 0, each read then streams `writes` bytes to its
+/// thread's sink (the values decoded, over again as often as they fit), by the non-temporal stores that
+/// write the loader's batches: the bytes a loader must deliver, written at the machine's rate, with
+/// nothing rearranged.
+fn read_chunks(
+    stored: &Assembler,
+    work: &[(usize, ChunkId)],
+    sinks: &mut [Vec<u8>],
+    writes: usize,
+) -> Result<u64, LoaderError> {
+    let threads = sinks.len();
     // As far ahead as the loader's readers hint: `HINT_AHEAD` batches (one read per variable) per thread.
     let ahead = HINT_AHEAD * threads * stored.variable_count();
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| -> Result<u64, LoaderError> {
+        let handles: Vec<_> = sinks
+            .iter_mut()
+            .map(|sink| {
+                let next = &next;
+                scope.spawn(move || -> Result<u64, LoaderError> {
                     let mut bytes = 0u64;
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -776,13 +839,27 @@ fn read_chunks(stored: &Assembler, work: &[(usize, ChunkId)], threads: usize) ->
                         if let Some(&(var, id)) = work.get(i + ahead) {
                             stored.hint_stored(var, id);
                         }
-                        bytes += stored.decode_stored(var, id)? as u64;
+                        let write =
+                            |values: &[f32]| stream_over(values, &mut sink.spare_capacity_mut()[..writes]);
+                        bytes += stored.decode_stored_then(var, id, write)? as u64;
                     }
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("reader thread")).sum()
     })
+}
+
+/// Fills `sink` with the bytes of `values`, over again as often as they fit, by the stores that write the
+/// loader's batches ([`transpose::stream_rows`]). Nothing is written when `values` is empty.
+fn stream_over(values: &[f32], sink: &mut [MaybeUninit<u8>]) {
+    let bytes: &[u8] = bytemuck::cast_slice(values);
+    if bytes.is_empty() || sink.is_empty() {
+        return;
+    }
+    let (whole, rest) = (sink.len() / bytes.len(), sink.len() % bytes.len());
+    transpose::stream_rows(std::iter::repeat_n(bytes, whole).chain([&bytes[..rest]]), sink);
+    transpose::fence();
 }
 
 /// Copies the time-varying variables image by image (`(1, 200, 200)` chunks, same codec) and times reading
@@ -850,6 +927,33 @@ fn image_chunked_seconds_per_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ceiling with writes streams the values it decoded, over again, into every byte of the sink: at
+    /// every alignment of the sink, and for sinks shorter and longer than the values.
+    #[test]
+    fn writes_fill_the_sink_with_the_values_over_again() {
+        let values: Vec<f32> = (0..37u16).map(|i| f32::from(i) * 1.5 - 7.0).collect();
+        let bytes: &[u8] = bytemuck::cast_slice(&values);
+        // SAFETY: every byte of the sinks below is initialized before it is written or read.
+        let read = |sink: &[MaybeUninit<u8>]| -> Vec<u8> {
+            sink.iter().map(|b| unsafe { b.assume_init() }).collect()
+        };
+        for len in [0, 3, 64, 148, 1000, 4096 + 5] {
+            for offset in 0..4 {
+                let mut sink = vec![MaybeUninit::new(0xAAu8); offset + len + 8];
+                stream_over(&values, &mut sink[offset..offset + len]);
+                let sink = read(&sink);
+                let expected: Vec<u8> = bytes.iter().copied().cycle().take(len).collect();
+                assert_eq!(&sink[offset..offset + len], &expected[..], "{len} bytes at {offset}");
+                let around = sink[..offset].iter().chain(&sink[offset + len..]);
+                assert!(around.into_iter().all(|&b| b == 0xAA), "{len} bytes at {offset}");
+            }
+        }
+        // Nothing decoded: nothing written.
+        let mut sink = [MaybeUninit::new(1u8); 16];
+        stream_over(&[], &mut sink);
+        assert_eq!(read(&sink), [1; 16]);
+    }
 
     /// Short passes are repeated until they last `MIN_PASS_SECONDS`, long ones cut to `MAX_PASS_SECONDS`;
     /// cold, never repeated.

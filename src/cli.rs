@@ -414,6 +414,16 @@ fn bench_table(r: &BenchReport) -> String {
         ),
         ("ratio_to_ceiling", format!("{:.2}", r.ratio_to_ceiling)),
         (
+            "with writes",
+            format!(
+                "{:.3} GB/s ({:.2} of the ceiling: the same chunks, each read also writing its share of the \
+                 batches' bytes); the loader at {:.2} of it",
+                r.ceiling_with_writes_gb_per_s,
+                r.ceiling_with_writes_gb_per_s / r.ceiling_gb_per_s,
+                r.ratio_to_ceiling_with_writes
+            ),
+        ),
+        (
             "first batch",
             format!("{:.1} ms (building the loader {:.1} ms)", r.time_to_first_batch_ms, r.loader_build_ms),
         ),

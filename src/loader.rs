@@ -31,7 +31,7 @@ pub(crate) mod decode;
 mod interleave;
 pub mod regrid;
 pub mod sampler;
-mod transpose;
+pub(crate) mod transpose;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

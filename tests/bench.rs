@@ -21,6 +21,8 @@ fn bench_reports_every_figure_as_json() {
         "peak_rss_mb",
         "ceiling_gb_per_s",
         "ratio_to_ceiling",
+        "ceiling_with_writes_gb_per_s",
+        "ratio_to_ceiling_with_writes",
         "speedup_vs_image_chunked",
     ] {
         assert!(report[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key}: {}", report[key]);

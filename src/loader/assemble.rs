@@ -672,6 +672,20 @@ impl Assembler {
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk.
     pub fn decode_stored(&self, var: usize, id: ChunkId) -> Result<usize, LoaderError> {
+        self.decode_stored_then(var, id, |_| {})
+    }
+
+    /// [`Assembler::decode_stored`], then `then` given the values decoded (still in the core's cache): what
+    /// `cubeload bench` streams its batches' bytes from in the ceiling with writes.
+    ///
+    /// # Errors
+    /// As [`Assembler::decode_stored`].
+    pub fn decode_stored_then(
+        &self,
+        var: usize,
+        id: ChunkId,
+        then: impl FnOnce(&[f32]),
+    ) -> Result<usize, LoaderError> {
         let v = &self.vars[var];
         let floats = if let Some(Chunk::Decoded(floats)) = self.read_direct(var, v, id, false)? {
             floats
@@ -679,6 +693,7 @@ impl Assembler {
             let layout = v.coarse.as_ref().map_or(&self.meta.layout, |c| &c.level.layout);
             self.read_stored(v, layout, id)?
         };
+        then(&floats);
         Ok(floats.len() * size_of::<f32>())
     }
 
