@@ -6,17 +6,21 @@
     python3 scripts/perf_phases.py perf.data [PHASE KIND]
 
 The bench runs, in each round, a ceiling pass (scoped threads named after the binary), a loader epoch with
-two reader threads, another ceiling pass and an epoch with one reader (threads named `cubeload-reader`);
-before the rounds, ceiling passes that calibrate and warm, which are left out.
+two reader threads, another ceiling pass, the ceiling with writes (each read also streaming its share of
+the batches' bytes) and an epoch with one reader (threads named `cubeload-reader`); before the rounds,
+ceiling passes that calibrate and warm, which are left out.
 Threads are told apart by name and by being started together; each phase's samples are divided by its
 number of passes, so that phases and runs compare per pass; then each pass's samples in the order run, and
-of those the page faults. With PHASE (ceiling, loader2, loader1) and KIND (zstd, transpose, pagecache,
+of those the page faults. With PHASE (ceiling, writes, loader2, loader1) and KIND (zstd, transpose, pagecache,
 fault, alloc, mem, crc, other), the symbols of that kind in that phase are listed.
 """
 
 import collections
 import subprocess
 import sys
+
+# The phases of a round, in the order of the report.
+PHASES = ("ceiling", "writes", "loader2", "loader1")
 
 # Threads with fewer samples are not a phase's workers (the bench's short-lived helpers).
 MIN_SAMPLES = 50
@@ -88,11 +92,15 @@ def phases(all_samples):
     first_loader = next((i for i, g in enumerate(split) if name_of[g[0]] == "cubeload-reader"), len(split))
     split = split[max(first_loader - 1, 0) :]
     phase_of, passes, pass_of = {}, collections.Counter(), {}
+    # After the two-reader epoch, a round runs the ceiling again, then the ceiling with writes.
+    after_loader2 = None
     for group in split:
         if name_of[group[0]] != "cubeload-reader":
-            phase = "ceiling"
+            phase = "writes" if after_loader2 == 1 else "ceiling"
+            after_loader2 = None if after_loader2 is None else after_loader2 + 1
         else:
             phase = "loader2" if len(group) == 2 else "loader1"
+            after_loader2 = 0 if phase == "loader2" else None
         for tid in group:
             phase_of[tid] = phase
             pass_of[tid] = passes[phase]
@@ -113,11 +121,11 @@ def main():
             each[phase_of[tid]][pass_of[tid]] += 1
             faults[phase_of[tid]][pass_of[tid]] += kind(symbol) == "fault"
     print("passes", dict(passes))
-    for phase in ("ceiling", "loader2", "loader1"):
+    for phase in PHASES:
         n = passes[phase] or 1
         per_pass = {k: v // n for k, v in totals[phase].most_common()}
         print(phase, sum(totals[phase].values()) // n, per_pass)
-    for phase in ("ceiling", "loader2", "loader1"):
+    for phase in PHASES:
         runs = range(passes[phase])
         print(phase, "each pass", [each[phase][k] for k in runs], "faults", [faults[phase][k] for k in runs])
     if len(sys.argv) > 3:
