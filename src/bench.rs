@@ -711,10 +711,12 @@ fn ceiling_pass(
     prepare: &mut impl FnMut(),
 ) -> Result<(f64, u64), LoaderError> {
     let stored = Assembler::new(cube, &[], Transform::default())?;
-    // The buffers written to, faulted in before the pass: the loader's batch buffers come from its pool.
+    // The buffers written to, faulted in before the pass, as the loader's batch buffers are once its pool
+    // has them (apart from that pool, whose buffers the loader's next epochs take).
     let mut sinks: Vec<Vec<u8>> = (0..threads)
         .map(|_| {
-            let mut sink = crate::loader::buffers::take::<u8>(writes);
+            let mut sink = Vec::with_capacity(writes);
+            // Written, so that its pages are there (`vec![0; n]` could map zeroed pages untouched).
             sink.resize(writes, 0);
             sink.clear();
             sink
@@ -726,9 +728,7 @@ fn ceiling_pass(
     for _ in 0..passes {
         decoded += read_chunks(&stored, work, &mut sinks, writes)?;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    sinks.into_iter().for_each(crate::loader::buffers::give_back);
-    Ok((seconds, decoded))
+    Ok((started.elapsed().as_secs_f64(), decoded))
 }
 
 /// The least time a measurement reads for: an epoch of a small cube (the demo's 70 batches, about 10 ms)
