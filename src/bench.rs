@@ -715,9 +715,8 @@ fn ceiling_pass(
     // has them (apart from that pool, whose buffers the loader's next epochs take).
     let mut sinks: Vec<Vec<u8>> = (0..threads)
         .map(|_| {
-            let mut sink = Vec::with_capacity(writes);
-            // Written, so that its pages are there (`vec![0; n]` could map zeroed pages untouched).
-            sink.resize(writes, 0);
+            // Not zeros, which may come as pages mapped but untouched: written, its pages are there.
+            let mut sink = vec![1; writes];
             sink.clear();
             sink
         })
