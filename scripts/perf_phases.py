@@ -11,8 +11,8 @@ the batches' bytes) and an epoch with one reader (threads named `cubeload-reader
 ceiling passes that calibrate and warm, which are left out.
 Threads are told apart by name and by being started together; each phase's samples are divided by its
 number of passes, so that phases and runs compare per pass; then each pass's samples in the order run, and
-of those the page faults. With PHASE (ceiling, writes, loader2, loader1) and KIND (zstd, transpose, pagecache,
-fault, alloc, mem, crc, other), the symbols of that kind in that phase are listed.
+of those the page faults. With PHASE (ceiling, writes, loader2, loader1) and KIND (zstd, transpose,
+pagecache, fault, alloc, mem, crc, other), the symbols of that kind in that phase are listed.
 """
 
 import collections
