@@ -857,8 +857,8 @@ fn stream_over(values: &[f32], sink: &mut [MaybeUninit<u8>]) {
         return;
     }
     let (whole, rest) = (sink.len() / bytes.len(), sink.len() % bytes.len());
+    // No fence: the sink is this thread's, never read by another.
     transpose::stream_rows(std::iter::repeat_n(bytes, whole).chain([&bytes[..rest]]), sink);
-    transpose::fence();
 }
 
 /// Copies the time-varying variables image by image (`(1, 200, 200)` chunks, same codec) and times reading

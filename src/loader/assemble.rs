@@ -680,7 +680,7 @@ impl Assembler {
     ///
     /// # Errors
     /// As [`Assembler::decode_stored`].
-    pub fn decode_stored_then(
+    pub(crate) fn decode_stored_then(
         &self,
         var: usize,
         id: ChunkId,
