@@ -99,7 +99,8 @@ pub struct BenchReport {
     pub latency_ms_p50: f64,
     /// 99th percentile wait for a batch.
     pub latency_ms_p99: f64,
-    /// Peak resident memory of the process so far.
+    /// Peak resident memory of the process up to the end of the loader's rounds (generation runs in a
+    /// child process; the object-store phase and the image-chunked copy come after).
     pub peak_rss_mb: f64,
     /// The same chunks read and decoded with the same threads, nothing assembled: GB/s of decoded data.
     pub ceiling_gb_per_s: f64,
@@ -121,8 +122,9 @@ pub struct BenchReport {
     /// takes: the first of the shuffled epoch, as many as last that long (the ceiling reads their chunks).
     /// `None`: whole epochs.
     pub epoch_batches_measured: Option<usize>,
-    /// Bytes read by the process during the loader's epochs ÷ stored bytes of the batches read (delivered,
-    /// and read ahead of a measurement that ends before its epoch does).
+    /// Bytes read by the process during the loader's epochs, its build included (the cube's metadata and
+    /// validity index) ÷ stored bytes of the batches read (delivered, and read ahead of a measurement that
+    /// ends before its epoch does).
     pub read_amplification: Option<f64>,
     /// Per-batch time from the image-chunked copy ÷ per-batch time of the loader.
     pub speedup_vs_image_chunked: Option<f64>,
@@ -134,8 +136,8 @@ pub struct BenchReport {
     /// epochs after the first batch (the time to it is `remote_time_to_first_batch_ms`); the median of three
     /// such pairs run side by side.
     pub remote_ratio: Option<f64>,
-    /// Requests per batch read in that phase (each pays the latency; in a measurement cut short, the fetch
-    /// threads' requests for batches further ahead count too).
+    /// Requests per batch read in that phase, opening the cube included (each pays the latency; in a
+    /// measurement cut short, the fetch threads' requests for batches further ahead count too).
     pub remote_requests_per_batch: Option<f64>,
     /// Build of that loader plus its first batch: opening the cube (metadata, coordinates, validity index)
     /// pays the latency once per request before prefetching starts.
@@ -304,13 +306,17 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
 
     // How long each measurement reads: the ceiling over the chunks of the loader's first batches says how
     // long a whole pass would take.
-    let batches_in_cube = meta.chunk_counts().iter().product::<usize>();
     // A loader without threads, asked only for its order of batches.
     let order = Loader::builder(cube_path).shuffle(0).threads(0).build()?;
+    // The batches of an epoch: the cube's chunks but those without a valid value, which the loader skips
+    // (in the cube's order: the ceiling reads them as they lie in their files).
+    let mut epoch_chunks = order.first_chunks(usize::MAX);
+    epoch_chunks.sort_unstable();
+    let batches_in_cube = epoch_chunks.len();
     let first = order.first_chunks(CALIBRATION_BATCHES);
     let threads = options.threads.max(1);
     // Twice, the second timed: warm, the first brings the chunks into memory (cold, both read the disk).
-    let calibration = ceiling_work(&meta, Some(&first));
+    let calibration = ceiling_work(&meta, &first);
     ceiling_pass(&cube, &calibration, threads, 1, 0, &mut prepare)?;
     let (seconds, _) = ceiling_pass(&cube, &calibration, threads, 1, 0, &mut prepare)?;
     let per_batch = seconds / first.len().max(1) as f64;
@@ -324,10 +330,10 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     // Ceiling: the chunks of every variable that the measured batches read (each level chunk of a
     // multi-resolution cube once), decoded by `threads` threads.
     let (work, ceiling_batches) = match plan.batches {
-        None => (ceiling_work(&meta, None), batches_in_cube),
+        None => (ceiling_work(&meta, &epoch_chunks), batches_in_cube),
         Some(n) => {
             let measured = order.first_chunks(n);
-            (ceiling_work(&meta, Some(&measured)), measured.len())
+            (ceiling_work(&meta, &measured), measured.len())
         }
     };
     // Warm means warm: the chunks every phase reads are read into memory first (a cube the bench has just
@@ -337,7 +343,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         let remote;
         let warm = match remote_plan.limit() {
             Some(limit) if options.remote_threads > 0 => {
-                remote = ceiling_work(&meta, Some(&order.first_chunks(limit)));
+                remote = ceiling_work(&meta, &order.first_chunks(limit));
                 &remote
             }
             _ => &work,
@@ -360,7 +366,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         let (before, decoded) = ceiling_pass(&cube, &work, threads, passes, 0, &mut prepare)?;
         prepare();
         let read_before = bytes_read();
-        let epoch = loader_epochs(cube_path, None, options.threads, options.prefetch, 0, plan, options)?;
+        let epoch = loader_epochs(cube_path, None, threads, options.prefetch, 0, plan, options)?;
         let read_during = read_before.zip(bytes_read()).map(|(a, b)| b.saturating_sub(a));
         let (after, _) = ceiling_pass(&cube, &work, threads, passes, 0, &mut prepare)?;
         let ceiling_seconds = f64::midpoint(before, after);
@@ -368,7 +374,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         let share = (epoch.written / epoch.batches.max(1)) * ceiling_batches / work.len().max(1);
         let (with_writes, _) = ceiling_pass(&cube, &work, threads, passes, share, &mut prepare)?;
         // The same epoch with one reader thread: how reading scales with threads.
-        let single_seconds = if options.threads >= 2 {
+        let single_seconds = if threads >= 2 {
             prepare();
             Some(loader_epochs(cube_path, None, 1, options.prefetch, 0, plan, options)?.seconds)
         } else {
@@ -413,6 +419,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         batches_read: epoch_batches_read,
     } = epoch;
     let loader_gb_per_s = bytes as f64 / seconds / 1e9;
+    // The loader's peak: the phases after it (object store, image-chunked copy) hold memory of their own.
+    let loader_peak_rss_mb = peak_rss_mb();
     // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
     let (remote_ratio, remote_requests_per_batch, remote_first_ms) = if options.remote_threads > 0 {
         let store = Arc::new(LatencyStore::new(
@@ -428,7 +436,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             let remote = loader_epochs(
                 cube_path,
                 Some(store.clone()),
-                options.threads,
+                threads,
                 Some(options.remote_prefetch),
                 options.remote_threads,
                 remote_plan,
@@ -437,8 +445,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             requests += store.requests() - before;
             batches_read += remote.batches_read;
             first_ms.push(remote.first_ms);
-            let local =
-                loader_epochs(cube_path, None, options.threads, options.prefetch, 0, remote_plan, options)?;
+            let local = loader_epochs(cube_path, None, threads, options.prefetch, 0, remote_plan, options)?;
             ratios.push(remote.steady_rate() / local.steady_rate());
         }
         (
@@ -460,8 +467,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
 
     // Image-chunked copy.
     let speedup_vs_image_chunked = if options.image_batches > 0 && meta.shape[0] > 0 {
-        prepare();
-        image_chunked_seconds_per_batch(&cube, scratch, options.image_batches)?
+        image_chunked_seconds_per_batch(&cube, scratch, options.image_batches, &mut prepare)?
             .map(|per_batch| per_batch / (seconds / batches.max(1) as f64))
     } else {
         None
@@ -477,7 +483,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         loader_build_ms: build_ms,
         latency_ms_p50: percentile(&latencies, 0.5),
         latency_ms_p99: percentile(&latencies, 0.99),
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: loader_peak_rss_mb,
         ceiling_gb_per_s,
         ratio_to_ceiling,
         ceiling_with_writes_gb_per_s,
@@ -502,7 +508,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         machine: Machine {
             cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             memory_gb,
-            threads: options.threads,
+            threads,
             prefetch: epoch_prefetch,
             remote_threads: options.remote_threads,
             remote_prefetch: options.remote_prefetch,
@@ -665,7 +671,7 @@ fn loader_epochs(
         (options.deliver)(batch);
     }
     epoch.seconds = built.elapsed().as_secs_f64();
-    // Batches (of one chunk: the bench mixes none) the readers took, delivered or read ahead.
+    // Batches the readers took, delivered or read ahead.
     epoch.batches_read = loader.stop();
     Ok(epoch)
 }
@@ -778,17 +784,14 @@ impl Plan {
     }
 }
 
-/// The `(variable, chunk)` reads of the ceiling: every chunk of every variable (a static variable's once
-/// per tile), or, for the batches of chunks `batches`, theirs (a variable on a level of a multi-resolution
-/// cube, whose chunks do not follow the batches', the same share of its chunks).
-fn ceiling_work(meta: &CubeMeta, batches: Option<&[ChunkId]>) -> Vec<(usize, ChunkId)> {
+/// The `(variable, chunk)` reads of the ceiling for the batches of chunks `batches`: theirs, a static
+/// variable's once per tile (a variable on a level of a multi-resolution cube, whose chunks do not follow
+/// the batches', the same share of its chunks).
+fn ceiling_work(meta: &CubeMeta, batches: &[ChunkId]) -> Vec<(usize, ChunkId)> {
     let all = |i: usize, v: &VariableMeta| {
         let [ct, cy, cx] = meta.geometry(v).chunk_counts();
         let ct = if v.is_static { 1 } else { ct };
         (0..ct).flat_map(move |t| (0..cy).flat_map(move |y| (0..cx).map(move |x| (i, [t, y, x]))))
-    };
-    let Some(batches) = batches else {
-        return meta.variables.iter().enumerate().flat_map(|(i, v)| all(i, v)).collect();
     };
     let share = batches.len() as f64 / meta.chunk_counts().iter().product::<usize>().max(1) as f64;
     let mut work = Vec::new();
@@ -861,38 +864,43 @@ fn stream_over(values: &[f32], sink: &mut [MaybeUninit<u8>]) {
     transpose::stream_rows(std::iter::repeat_n(bytes, whole).chain([&bytes[..rest]]), sink);
 }
 
-/// Copies the time-varying variables image by image (`(1, 200, 200)` chunks, same codec) and times reading
-/// `n` of the cube's batches from the copy. `None` for layouts other than tiled cubes or copies over 4 GB.
+/// Copies the time-varying float32 variables image by image (`(1, 200, 200)` chunks, zstd level 3 as
+/// zarr-python writes by default) and times reading `n` of the cube's batches from the copy, `prepare` run
+/// between the two (`--cold` drops the page cache there). `None` for layouts other than tiled cubes, cubes
+/// without such a variable, or copies over 4 GB.
 fn image_chunked_seconds_per_batch(
     cube: &Cube,
     scratch: &Path,
     n: usize,
+    prepare: &mut impl FnMut(),
 ) -> Result<Option<f64>, LoaderError> {
     let meta = cube.meta();
     let layout = meta.layout;
-    if layout.shuffled.is_some() {
-        return Ok(None);
-    }
-    let [pt, py, px] = meta.padded_shape;
     // The usual recipe has every variable on one grid: the copy holds those on the target grid.
-    let dynamic: Vec<&crate::cube::VariableMeta> =
-        meta.variables.iter().filter(|v| !v.is_static && v.level.is_none()).collect();
-    if (pt * py * px * 4 * dynamic.len()) as u64 > 4 << 30 {
+    let dynamic: Vec<&crate::cube::VariableMeta> = meta
+        .variables
+        .iter()
+        .filter(|v| !v.is_static && v.level.is_none() && v.dtype == crate::plan::DType::Float32)
+        .collect();
+    let [pt, py, px] = meta.padded_shape;
+    if layout.shuffled.is_some() || dynamic.is_empty() || (pt * py * px * 4 * dynamic.len()) as u64 > 4 << 30
+    {
         return Ok(None);
     }
-    let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
-        variable: "image-chunked copy".into(),
-        chunk: [0, 0, 0],
+    let dir = scratch.join("image-chunked.zarr");
+    let fail = |name: &str, chunk: ChunkId, e: &dyn std::fmt::Display| LoaderError::Read {
+        variable: format!("{name} (its image-chunked copy in {})", dir.display()),
+        chunk,
         message: e.to_string(),
     };
-    let dir = scratch.join("image-chunked.zarr");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| fail(&e))?;
-    let store = Arc::new(FilesystemStore::new(&dir).map_err(|e| fail(&e))?);
+    std::fs::create_dir_all(&dir).map_err(|e| fail("", [0, 0, 0], &e))?;
+    let store = Arc::new(FilesystemStore::new(&dir).map_err(|e| fail("", [0, 0, 0], &e))?);
     let mut copies = Vec::new();
     for v in &dynamic {
         let source = cube.array(&v.name)?;
         let whole = ArraySubset::new_with_shape(vec![pt as u64, py as u64, px as u64]);
+        let fail = |e: &dyn std::fmt::Display| fail(&v.name, [0, 0, 0], e);
         let values = source.retrieve_array_subset::<Vec<f32>>(&whole).map_err(|e| fail(&e))?;
         let mut builder = ArrayBuilder::new(
             vec![pt as u64, py as u64, px as u64],
@@ -904,17 +912,18 @@ fn image_chunked_seconds_per_batch(
         let copy = builder.build(store.clone(), &format!("/{}", v.name)).map_err(|e| fail(&e))?;
         copy.store_metadata().map_err(|e| fail(&e))?;
         copy.store_array_subset(&whole, values.as_slice()).map_err(|e| fail(&e))?;
-        copies.push(copy);
+        copies.push((v.name.as_str(), copy));
     }
     // The same batches as the loader reads: one (T, h, w) block per variable, here spread over T images.
     let [ct, cy, cx] = meta.chunk_counts();
     let ids: Vec<ChunkId> = (0..n).map(|i| [i % ct, (i * 7) % cy, (i * 13) % cx]).collect();
+    prepare();
     let started = Instant::now();
     for &id in &ids {
-        for copy in &copies {
+        for (name, copy) in &copies {
             let values = copy
                 .retrieve_array_subset::<Vec<f32>>(&layout.chunk_subset(false, id))
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| fail(name, id, &e))?;
             std::hint::black_box(values);
         }
     }
@@ -992,14 +1001,15 @@ mod tests {
             meta.variables.iter().map(|v| (v.name.as_str(), v.is_static)).collect();
         assert_eq!(names, [("t2m", false), ("ndvi", false), ("landcover", true)]);
         // 1 × 7 × 10 chunks: every one of the two time-varying variables, one per tile of the static.
-        assert_eq!(ceiling_work(&meta, None).len(), 70 * 3);
+        let every: Vec<ChunkId> = (0..7).flat_map(|y| (0..10).map(move |x| [0, y, x])).collect();
+        assert_eq!(ceiling_work(&meta, &every).len(), 70 * 3);
         let batches = [[0, 3, 4], [0, 1, 2], [0, 3, 5]];
         let expected: Vec<(usize, ChunkId)> = [0, 1]
             .into_iter()
             .flat_map(|i| batches.map(|id| (i, id)))
             .chain(batches.map(|[_, y, x]| (2, [0, y, x])))
             .collect();
-        assert_eq!(ceiling_work(&meta, Some(&batches)), expected);
+        assert_eq!(ceiling_work(&meta, &batches), expected);
     }
 
     /// A goal says whether it is met and, when not, by how much, relative to the goal.

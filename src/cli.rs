@@ -78,8 +78,8 @@ enum Command {
         #[arg(long)]
         cold: bool,
         /// Reader threads.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+        threads: u64,
         /// Loader prefetch depth [default: the loader's, as many batches as 32 MiB hold, 4 to 1024].
         #[arg(long)]
         prefetch: Option<usize>,
@@ -252,7 +252,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             plot,
         } => {
             let options = BenchOptions {
-                threads,
+                threads: usize::try_from(threads).unwrap_or(usize::MAX),
                 prefetch,
                 image_batches,
                 cold,

@@ -693,12 +693,14 @@ impl Loader {
         self.shared.sampler.per_epoch()
     }
 
-    /// Stops the readers, as dropping the loader does, and returns the jobs they took (counted from the first
-    /// epoch's first, delivered or read ahead): what a measurement that stops early has read.
+    /// Stops the readers, as dropping the loader does, and returns the batches of the jobs they took (counted
+    /// from the first epoch's first, delivered or read ahead; `mix` batches a job): what a measurement that
+    /// stops early has read.
     pub(crate) fn stop(self) -> usize {
         let shared = self.shared.clone();
         drop(self);
-        shared.jobs.lock().expect("job counter").next_read
+        let jobs = shared.jobs.lock().expect("job counter").next_read;
+        shared.sampler.batches_before(jobs)
     }
 
     /// The chunks of the first `n` batches of the first epoch (fewer if the epoch is shorter), in delivery

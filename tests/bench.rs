@@ -106,6 +106,31 @@ fn bench_of_a_cube_too_large_to_read_whole_takes_the_first_batches() {
 }
 
 /// Width and height of a PNG, from its IHDR chunk.
+/// Mixing the samples of 4 chunks into each group of batches still reads each chunk once: the read
+/// amplification counts every batch of the groups the readers took. A bench without reader threads is a
+/// usage error.
+#[test]
+fn bench_with_mixing_reads_each_chunk_once_and_needs_a_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args =
+        ["bench", "work/demo.zarr", "--json", "--mix", "4", "--image-batches", "0", "--remote-threads", "0"];
+    let out = cubeload(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Counted per job of 4 batches, it would be about 4.
+    let amplification = report["read_amplification"].as_f64().unwrap();
+    assert!((0.95..1.1).contains(&amplification), "{amplification}");
+    let out = cubeload(dir.path(), &["bench", "work/demo.zarr", "--threads", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--threads"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn png_size(path: &std::path::Path) -> (u32, u32) {
     let bytes = std::fs::read(path).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());

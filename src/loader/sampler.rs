@@ -114,6 +114,14 @@ impl Sampler {
         order
     }
 
+    /// Batches in the jobs before job `job` (counted from the first epoch's first): a job holds `mix`
+    /// batches, the last of an epoch those left.
+    #[must_use]
+    pub fn batches_before(&self, job: usize) -> usize {
+        let per = self.jobs_per_epoch().max(1);
+        job / per * self.per_epoch() + (job % per * self.mix).min(self.per_epoch())
+    }
+
     /// The chunks of job `job` (counted from the first epoch): `(epoch, first position, chunks)`.
     #[must_use]
     pub fn job(&self, job: usize) -> (usize, usize, Vec<ChunkId>) {
@@ -193,5 +201,10 @@ mod tests {
         assert_eq!((start, chunks.len()), (48, 2));
         let plain = Sampler::new(ids(5), 7, false, Share::ALL, 1);
         assert_eq!(*plain.epoch_order(3), ids(5));
+        // The batches of the jobs before each job, against the jobs' own chunks counted.
+        for job in 0..40 {
+            let counted: usize = (0..job).map(|j| s.job(j).2.len()).sum();
+            assert_eq!(s.batches_before(job), counted, "job {job}");
+        }
     }
 }
