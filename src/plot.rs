@@ -45,14 +45,16 @@ pub enum PlotError {
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 fn register_font() -> Result<(), PlotError> {
-    static FONT_BYTES: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
-    if FONT_BYTES.get().is_none() {
+    // Set once the font is registered: a failed registration is tried again, and fails again, by the next
+    // picture of the process rather than letting it draw without text.
+    static REGISTERED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if REGISTERED.get().is_none() {
         let bytes = std::fs::read(FONT).map_err(|source| PlotError::Font { path: FONT.into(), source })?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        let _ = FONT_BYTES.set(bytes);
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
             PlotError::Font { path: FONT.into(), source: std::io::Error::other("not a TrueType font") }
         })?;
+        let _ = REGISTERED.set(());
     }
     Ok(())
 }
@@ -183,7 +185,8 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     if !v.is_static && time >= n_time {
         return Err(PlotError::Cube(format!("time index {time} is past the {n_time} steps of the cube")));
     }
-    let values = slice(cube, v, time, height, width).map_err(PlotError::Cube)?;
+    let values = slice(cube, v, time, height, width)
+        .map_err(|e| PlotError::Cube(format!("{}: variable `{variable}`: {e}", cube.path().display())))?;
     let fill = v.fill_value;
     let valid = |x: f64| !x.is_nan() && Some(x) != fill;
     let (lo, hi) = values
@@ -270,9 +273,9 @@ fn slice(
         read(&ArraySubset::new_with_ranges(&[0..samples, t..t + 1]))?
     };
     let coordinate = |name: &str| -> Result<Vec<f64>, String> {
-        let a = cube.array(name).map_err(|e| e.to_string())?;
+        let a = cube.array(name).map_err(|e| format!("coordinate `{name}`: {e}"))?;
         a.retrieve_array_subset::<Vec<f64>>(&ArraySubset::new_with_ranges(&[0..samples]))
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("coordinate `{name}`: {e}"))
     };
     let (lat, lon) = (coordinate("lat")?, coordinate("lon")?);
     let grid = meta.grid;
