@@ -52,6 +52,20 @@ impl DType {
         }
     }
 
+    /// Whether a value of this type can equal `x` (NaN for float32, whose fill value it is).
+    #[must_use]
+    pub fn holds(self, x: f64) -> bool {
+        let (lo, hi) = match self {
+            DType::Float32 => return x.is_nan(),
+            DType::Uint8 => (0.0, f64::from(u8::MAX)),
+            DType::Uint16 => (0.0, f64::from(u16::MAX)),
+            DType::Int16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
+            DType::Uint32 => (0.0, f64::from(u32::MAX)),
+            DType::Int32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
+        };
+        x.fract() == 0.0 && (lo..=hi).contains(&x)
+    }
+
     /// The largest value of an integer type (a fill value that is rarely a class).
     #[must_use]
     pub fn max_value(self) -> f64 {
@@ -172,8 +186,18 @@ impl Plan {
             } else {
                 DType::Float32
             };
-            let fill =
-                if categorical { source.nodata.unwrap_or_else(|| dtype.max_value()) } else { f64::NAN };
+            // A nodata the data type cannot hold (-9999 on bytes) marks no cell of the source: the cube then
+            // needs a fill value of its own, which its chunks can store (the loader reads a chunk left
+            // unstored, all fill, as all missing).
+            let nodata = source.nodata.filter(|&n| dtype.holds(n));
+            if let Some(n) = source.nodata.filter(|_| categorical && nodata.is_none()) {
+                notes.push(format!(
+                    "nodata {n} does not fit {}: no cell of the source is missing; {} marks cells outside it",
+                    format!("{dtype:?}").to_lowercase(),
+                    dtype.max_value()
+                ));
+            }
+            let fill = if categorical { nodata.unwrap_or_else(|| dtype.max_value()) } else { f64::NAN };
             let step_sources = match (&time, is_static) {
                 (Some(axis), false) => time::map_steps(axis, &source.instants()),
                 _ => Vec::new(),
@@ -720,6 +744,16 @@ mod tests {
     }
 
     const VARIABLES: [(DType, bool); 2] = [(DType::Float32, false), (DType::Uint8, true)];
+
+    /// The values each type can hold, fill values among them.
+    #[test]
+    fn a_data_type_holds_its_own_whole_numbers() {
+        assert!(DType::Uint8.holds(0.0) && DType::Uint8.holds(255.0));
+        assert!(!DType::Uint8.holds(-1.0) && !DType::Uint8.holds(256.0) && !DType::Uint8.holds(1.5));
+        assert!(DType::Int16.holds(-32768.0) && !DType::Int16.holds(-9999.5));
+        assert!(DType::Int32.holds(-9999.0) && !DType::Uint32.holds(-9999.0));
+        assert!(DType::Float32.holds(f64::NAN) && !DType::Uint16.holds(f64::NAN));
+    }
 
     #[test]
     fn estimate_counts_the_padded_arrays_and_the_shuffled_scratch() {

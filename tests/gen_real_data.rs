@@ -229,6 +229,30 @@ fn categorical_albers_map_keeps_integer_classes() {
     assert!(valid > w * h / 3, "{valid}");
 }
 
+/// A nodata the bytes cannot hold marks no cell: the cube's fill value is then the largest byte, stored as
+/// the array's own, so that a chunk left unstored (all fill) reads as missing by every reader.
+#[test]
+fn categorical_nodata_outside_the_data_type_leaves_a_fill_value_the_cube_can_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let tif = shared_data("lc.tif");
+    let grid = TestGrid { bbox: [-67.5, 17.2, -66.5, 18.2], res: 0.02 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\n\
+             variables:\n  lc: {{ path: {}, kind: categorical, resampling: mode, nodata: -9999 }}\n",
+            grid.yaml(),
+            tif.display()
+        ),
+    );
+    let variable = &meta(&cube)["variables"][0];
+    assert_eq!(variable["fill_value"].as_f64(), Some(255.0), "{variable}");
+    let notes = variable["notes"].to_string();
+    assert!(notes.contains("nodata -9999 does not fit uint8"), "{notes}");
+    let lc = array(&cube, "lc");
+    assert_eq!(lc.fill_value().as_ne_bytes(), &[255u8][..], "the array stores the declared fill value");
+}
+
 #[test]
 fn sentinel2_irregular_dates_equal_gdalwarp_per_date() {
     let dir = tempfile::tempdir().unwrap();

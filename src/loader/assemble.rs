@@ -240,7 +240,7 @@ impl Assembler {
                 cache: ChunkCache::new((LEVEL_CACHE_BYTES / on_levels.max(1)).max(8 << 20)),
             });
             let index_read = shard_index_read(&array);
-            let direct = decode::is_direct(&array);
+            let direct = decode::is_direct(&array, v.fill_value);
             let dims = array.dimensionality();
             let stored_shapes = array.chunk_shape(&vec![0; dims]).ok().map(|outer| {
                 let shape = |s: &[std::num::NonZeroU64]| s.iter().map(|n| n.get()).collect::<Vec<u64>>();
@@ -457,10 +457,20 @@ impl Assembler {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(format!("{key}: {e}")),
             };
+            let size = || file.metadata().map(|m| m.len()).map_err(|e| format!("{key}: {e}"));
             let length = match length {
                 Some(length) => length,
-                None => file.metadata().map_err(|e| format!("{key}: {e}"))?.len().saturating_sub(offset),
+                None => size()?.saturating_sub(offset),
             };
+            // A length from a damaged shard index could ask for more memory than the machine has: past what
+            // any chunk holds, it is checked against the file first.
+            if length > LARGE_READ
+                && offset.checked_add(length).is_none_or(|end| size().is_ok_and(|s| end > s))
+            {
+                return Err(format!(
+                    "{key}: bytes {offset}.. ({length} of them) lie past the end of the file"
+                ));
+            }
             let bytes =
                 read_exact_at(&file, offset, length).map_err(|e| format!("{key}: bytes {offset}..: {e}"))?;
             return Ok(Some(bytes.into()));
@@ -561,7 +571,13 @@ impl Assembler {
                 self.static_shard_bytes.fetch_sub(end, std::sync::atomic::Ordering::Relaxed);
                 return None;
             }
-            read(key, ByteRange::FromStart(0, Some(end))).filter(|bytes| bytes.len() as u64 == end)
+            let bytes =
+                read(key, ByteRange::FromStart(0, Some(end))).filter(|bytes| bytes.len() as u64 == end);
+            if bytes.is_none() {
+                // Not held: the budget is given back.
+                self.static_shard_bytes.fetch_sub(end, std::sync::atomic::Ordering::Relaxed);
+            }
+            bytes
         })
         .clone()
     }
@@ -647,7 +663,15 @@ impl Assembler {
             return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
         };
         let dtype = v.meta.dtype;
-        let decoding = Progressive::new(encoded, self.chunk_len(v) * dtype.size()).map_err(fail)?;
+        let origin = match range {
+            ByteRange::FromStart(offset, Some(length)) => {
+                format!("{key} bytes {offset}..{}", offset.saturating_add(length))
+            }
+            _ => key.to_string(),
+        };
+        let decoding = Progressive::new(encoded, self.chunk_len(v) * dtype.size())
+            .map_err(|e| fail(format!("{origin}: {e}")))?
+            .with_origin(origin);
         if progressive && decoding.aligned_for::<f32>() {
             return Ok(Some(Chunk::Decoding(decoding)));
         }
@@ -665,9 +689,9 @@ impl Assembler {
         subset.iter().map(|r| (r.end - r.start) as usize).product()
     }
 
-    /// Reads and decodes every stored chunk of variable `var` in its own chunking (its level's, for a
-    /// variable on a level), as the loader reads them, assembling nothing; returns the decoded bytes. What
-    /// `cubeload bench` calls the ceiling.
+    /// Reads and decodes chunk `id` of variable `var` in its own chunking (its level's, for a variable on a
+    /// level), as the loader reads it, assembling nothing; returns the number of bytes decoded. What
+    /// `cubeload bench` calls the ceiling does this for every chunk of its batches.
     ///
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk.
@@ -1242,6 +1266,9 @@ impl Assembler {
         }
     }
 }
+
+/// Bytes of a read past which [`Assembler::read_stored_bytes`] checks that the file holds them.
+const LARGE_READ: u64 = 256 << 20;
 
 /// `length` bytes of `file` from `offset`, read into a buffer that is not zeroed first (the reads are the
 /// encoded chunks, hundreds of KB each).

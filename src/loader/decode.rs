@@ -32,11 +32,14 @@ thread_local! {
 }
 
 /// Whether the chunks of `array` can be decoded by [`Progressive`]: float32 with a NaN fill value or one of
-/// the integer types cubeload stores categories in, and exactly the codecs cubeload writes (bytes
-/// little-endian, zstd, crc32c), inside `sharding_indexed` or not.
-pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>) -> bool {
+/// the integer types cubeload stores categories in with the variable's declared fill value `fill` (a chunk
+/// not stored, all fill, is then all missing), and exactly the codecs cubeload writes (bytes little-endian,
+/// zstd, crc32c), inside `sharding_indexed` or not.
+pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>, fill: Option<f64>) -> bool {
     let Ok(meta) = serde_json::to_value(array.metadata()) else { return false };
-    let integer = ["uint8", "uint16", "int16", "uint32", "int32"].iter().any(|t| meta["data_type"] == *t);
+    let integer = ["uint8", "uint16", "int16", "uint32", "int32"].iter().any(|t| meta["data_type"] == *t)
+        && fill.is_some()
+        && meta["fill_value"].as_f64() == fill;
     let float_nan = meta["data_type"] == "float32" && meta["fill_value"] == "NaN";
     let codecs = &meta["codecs"];
     let chain = match codecs.as_array().map(Vec::as_slice) {
@@ -116,6 +119,9 @@ pub(crate) struct Progressive {
     out: Vec<u8>,
     /// `None` once every frame is decoded.
     context: Option<Context>,
+    /// Where the bytes come from (a file and its byte range), for the errors of a decoding left to the
+    /// batch's assembly.
+    origin: String,
 }
 
 impl Progressive {
@@ -134,12 +140,29 @@ impl Progressive {
         });
         // SAFETY: a valid context; beginning a frame resets whatever it decoded before.
         check(unsafe { zstd_sys::ZSTD_decompressBegin(context.0.as_ptr()) })?;
-        Ok(Progressive { encoded, read: 0, out: Vec::with_capacity(len), context: Some(context) })
+        Ok(Progressive {
+            encoded,
+            read: 0,
+            out: Vec::with_capacity(len),
+            context: Some(context),
+            origin: String::new(),
+        })
+    }
+
+    /// The same, its errors prefixed by where its bytes come from.
+    pub(crate) fn with_origin(mut self, origin: String) -> Self {
+        self.origin = origin;
+        self
     }
 
     /// Decompresses until at least `bytes` bytes are decoded (whole zstd blocks, so usually more), or, with
     /// the chunk's length or more, to the end of its frames; an error when they end before.
     pub(crate) fn decode_to(&mut self, bytes: usize) -> Result<(), String> {
+        self.decode_blocks(bytes)
+            .map_err(|e| if self.origin.is_empty() { e } else { format!("{}: {e}", self.origin) })
+    }
+
+    fn decode_blocks(&mut self, bytes: usize) -> Result<(), String> {
         let whole = bytes >= self.out.capacity();
         while (whole || self.out.len() < bytes)
             && let Some(context) = &self.context
