@@ -698,7 +698,12 @@ fn a_flipped_byte_is_an_error_or_a_skipped_and_counted_batch() {
     let bad = match Loader::builder(&copy).build().unwrap().nth(delivered) {
         Some(Err(LoaderError::Read { variable, chunk, message })) => {
             assert_eq!(variable, "ndvi");
-            assert!(message.contains("copy.zarr"), "{message}");
+            // The cube, the shard file and the chunk's bytes in it.
+            let shard = files[0].strip_prefix(&copy).unwrap().to_string_lossy().into_owned();
+            assert!(
+                message.contains("copy.zarr") && message.contains(&format!("{shard} bytes ")),
+                "{message}"
+            );
             chunk
         }
         other => panic!("expected a read error after {delivered} batches, got {other:?}"),
@@ -774,6 +779,27 @@ fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
         LoaderError::Read { variable, message, .. } => {
             assert_eq!(variable, "t2m");
             assert!(message.contains(&*cube.to_string_lossy()), "{message}");
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+}
+
+/// A shard file cut to a whole number of index entries: its index, read from its end, is not whole, and the
+/// chunks it holds are a read error naming the variable, not offsets read from the chunks' bytes.
+#[test]
+fn a_shard_cut_short_is_a_read_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    let mut files = walk(&copy.join("t2m/c"));
+    files.sort();
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::write(&files[0], &bytes[..160]).unwrap();
+    let error = Loader::builder(&copy).build().unwrap().find_map(Result::err).expect("an error");
+    match error {
+        LoaderError::Read { variable, message, .. } => {
+            assert_eq!(variable, "t2m");
+            assert!(message.contains("copy.zarr"), "{message}");
         }
         other => panic!("expected a read error, got {other:?}"),
     }

@@ -182,6 +182,11 @@ fn shard_index_read(array: &Array<dyn ReadableStorageTraits>) -> Option<ByteRang
         ["bytes", "crc32c"] => 4,
         _ => return None,
     };
+    // The index is read as little-endian numbers (`decode::chunk_in_shard`).
+    let endian = &configuration["index_codecs"][0]["configuration"]["endian"];
+    if !(endian.is_null() || endian == "little") {
+        return None;
+    }
     let zeros = vec![0; array.dimensionality()];
     let outer = array.chunk_shape(&zeros).ok()?;
     let inner = array.subchunk_shape()?;
@@ -617,8 +622,15 @@ impl Assembler {
             .entry((i, stored))
             .or_default()
             .clone();
+        // Whole (a store may answer a range with fewer bytes) and matching its checksum.
+        let whole = |index: &zarrs::storage::Bytes| match index_range {
+            ByteRange::Suffix(length) | ByteRange::FromStart(_, Some(length)) => index.len() as u64 == length,
+            ByteRange::FromStart(_, None) => false,
+        };
         let index = once
-            .get_or_init(|| read(&key, index_range).filter(|index| decode::index_is_intact(index)))
+            .get_or_init(|| {
+                read(&key, index_range).filter(|index| whole(index) && decode::index_is_intact(index))
+            })
             .clone()?;
         // Row-major position of the chunk in its shard.
         let mut position = 0u64;

@@ -58,7 +58,7 @@ pub(crate) fn codec_name(codec: &serde_json::Value) -> Option<&str> {
 }
 
 /// Whether a shard index as stored (16 bytes per inner chunk, then, if present, the CRC32C of those) is
-/// whole and matches its checksum.
+/// made of whole entries and matches its checksum (its caller knows the length it must have).
 pub(crate) fn index_is_intact(index: &[u8]) -> bool {
     match index.len() % 16 {
         0 => true,
