@@ -568,7 +568,7 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
 /// fails is left to the reader, which reports it.
 fn fetch_loop(shared: &Shared) {
     let Some(readahead) = &shared.readahead else { return };
-    let read = |key: &StoreKey, range: ByteRange| readahead.read_through(key, range).ok().flatten();
+    let read = |key: &StoreKey, range: ByteRange| readahead.read_through(key, range);
     loop {
         let job = {
             let mut jobs = shared.jobs.lock().expect("job counter");

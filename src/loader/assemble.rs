@@ -142,6 +142,11 @@ type ShardIndexes =
 type StaticShards =
     std::collections::HashMap<StoreKey, Arc<std::sync::OnceLock<Option<zarrs::storage::Bytes>>>>;
 
+/// A read of a byte range of a store key: `Ok(None)` where the store has no such key, `Err` where the store
+/// failed (which a later read may not).
+pub type StoreRead<'a> =
+    &'a dyn Fn(&StoreKey, ByteRange) -> Result<Option<zarrs::storage::Bytes>, zarrs::storage::StorageError>;
+
 /// A step of fetching ahead ([`Assembler::planned_reads`]).
 #[derive(Debug)]
 pub enum Planned {
@@ -398,7 +403,7 @@ impl Assembler {
             return;
         }
         let storage = v.array.storage();
-        let read = |key: &StoreKey, range| storage.get_partial(key, range).ok().flatten();
+        let read = |key: &StoreKey, range| storage.get_partial(key, range);
         let (key, offset, length) = match self.locate(var, v, id, &read) {
             // A length of 0 is the whole file.
             Some(Located::Whole(key)) => (key, 0, 0),
@@ -512,11 +517,7 @@ impl Assembler {
     /// any lock others wait on); a static variable's chunk is given from its shard, read whole once
     /// (`Assembler::static_shard`). Level chunks, and chunks of shards whose index cannot be read or laid
     /// out, are left to the readers.
-    pub fn planned_reads(
-        &self,
-        chunks: &[ChunkId],
-        read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
-    ) -> Vec<Planned> {
+    pub fn planned_reads(&self, chunks: &[ChunkId], read: StoreRead<'_>) -> Vec<Planned> {
         let mut planned = Vec::new();
         for &id in chunks {
             for (i, v) in self.vars.iter().enumerate().filter(|(_, v)| v.coarse.is_none()) {
@@ -557,7 +558,7 @@ impl Assembler {
         v: &Var,
         key: &StoreKey,
         index: &[u8],
-        read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
+        read: StoreRead<'_>,
     ) -> Option<zarrs::storage::Bytes> {
         if !v.meta.is_static {
             return None;
@@ -576,8 +577,10 @@ impl Assembler {
                 self.static_shard_bytes.fetch_sub(end, std::sync::atomic::Ordering::Relaxed);
                 return None;
             }
-            let bytes =
-                read(key, ByteRange::FromStart(0, Some(end))).filter(|bytes| bytes.len() as u64 == end);
+            let bytes = read(key, ByteRange::FromStart(0, Some(end)))
+                .ok()
+                .flatten()
+                .filter(|bytes| bytes.len() as u64 == end);
             if bytes.is_none() {
                 // Not held: the budget is given back.
                 self.static_shard_bytes.fetch_sub(end, std::sync::atomic::Ordering::Relaxed);
@@ -592,17 +595,12 @@ impl Assembler {
     /// kept) and the chunk's place in the shard. `None` when the chunk is not one
     /// stored (inner) chunk, or the shard's index cannot be read or is damaged (zarrs then reads the chunk,
     /// and reports why).
-    fn locate(
-        &self,
-        i: usize,
-        v: &Var,
-        id: ChunkId,
-        read: &dyn Fn(&StoreKey, ByteRange) -> Option<zarrs::storage::Bytes>,
-    ) -> Option<Located> {
+    fn locate(&self, i: usize, v: &Var, id: ChunkId, read: StoreRead<'_>) -> Option<Located> {
         let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
         let (outer, inner) = v.stored_shapes.as_ref()?;
         // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
-        let stored: Vec<u64> = subset.iter().zip(outer).map(|(r, n)| r.start / n).collect();
+        let stored_at = || subset.iter().zip(outer).map(|(r, n)| r.start / n).collect::<Vec<u64>>();
+        let stored = stored_at();
         let key = v.array.chunk_key(&stored);
         let Some(inner) = inner else {
             return subset
@@ -627,11 +625,25 @@ impl Assembler {
             ByteRange::Suffix(length) | ByteRange::FromStart(_, Some(length)) => index.len() as u64 == length,
             ByteRange::FromStart(_, None) => false,
         };
+        let failed = std::cell::Cell::new(false);
         let index = once
             .get_or_init(|| {
-                read(&key, index_range).filter(|index| whole(index) && decode::index_is_intact(index))
+                let index = read(&key, index_range);
+                failed.set(index.is_err());
+                index.ok().flatten().filter(|index| whole(index) && decode::index_is_intact(index))
             })
-            .clone()?;
+            .clone();
+        if failed.get() {
+            // The store failed, which it may not do again (an object store's hiccup): the shard's next chunk
+            // reads its index anew. A missing or damaged index stays remembered (zarrs reads those chunks,
+            // and reports why).
+            let mut indexes = self.shard_indexes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let shard = (i, stored_at());
+            if indexes.get(&shard).is_some_and(|kept| Arc::ptr_eq(kept, &once)) {
+                indexes.remove(&shard);
+            }
+        }
+        let index = index?;
         // Row-major position of the chunk in its shard.
         let mut position = 0u64;
         for ((r, n), o) in subset.iter().zip(inner).zip(outer) {
@@ -662,7 +674,7 @@ impl Assembler {
             message: format!("{}: {message}", self.path.display()),
         };
         let storage = v.array.storage();
-        let read = |key: &StoreKey, range| storage.get_partial(key, range).ok().flatten();
+        let read = |key: &StoreKey, range| storage.get_partial(key, range);
         let (key, range) = match self.locate(i, v, id, &read) {
             None => return Ok(None),
             Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
@@ -1778,6 +1790,40 @@ mod tests {
             }
             assert!(loader.next().is_none(), "the stream ends after a panic");
         }
+    }
+
+    /// A shard index the store failed to give is read again for the shard's next chunk (an object store's
+    /// error may not recur); one the store does not have stays remembered.
+    #[test]
+    fn a_failed_index_read_is_tried_again_and_a_missing_index_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
+        let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
+        let cube = Cube::open(&cube).unwrap();
+        let storage = cube.array("t2m").unwrap().storage();
+        let plan = |assembler: &Assembler, read: StoreRead<'_>| assembler.planned_reads(&[[0, 0, 0]], read);
+        let index_reads = std::sync::atomic::AtomicUsize::new(0);
+        let counted = |key: &StoreKey, range| {
+            if matches!(range, ByteRange::Suffix(_)) {
+                index_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            storage.get_partial(key, range)
+        };
+        let failing =
+            |_: &StoreKey, _| Err(zarrs::storage::StorageError::Other("the store hiccupped".into()));
+        let missing = |_: &StoreKey, _| Ok(None);
+
+        let assembler = Assembler::new(&cube, &[], Transform::default()).unwrap();
+        let whole = plan(&assembler, &counted).len();
+        assert!(whole > 0, "the chunk's reads, planned from its shards' indexes");
+        let assembler = Assembler::new(&cube, &[], Transform::default()).unwrap();
+        assert!(plan(&assembler, &failing).len() < whole, "no index: the readers read through zarrs");
+        let before = index_reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(plan(&assembler, &counted).len(), whole, "the indexes read again");
+        assert!(index_reads.load(std::sync::atomic::Ordering::Relaxed) > before);
+        let assembler = Assembler::new(&cube, &[], Transform::default()).unwrap();
+        assert!(plan(&assembler, &missing).len() < whole);
+        assert!(plan(&assembler, &counted).len() < whole, "a missing index stays remembered");
     }
 
     /// [`copy_series`] against the obvious element-by-element copy, for every read and write pattern of
