@@ -197,6 +197,10 @@ fn a_frame_that_does_not_make_its_chunk_is_a_read_error_naming_it() {
         LoaderError::Read { variable, message, .. } => {
             assert_eq!(variable, "ndvi");
             assert!(message.contains("copy.zarr") && message.contains("zstd"), "{message}");
+            // The shard file and the chunk's bytes in it.
+            let key = shard.strip_prefix(&copy).unwrap().to_string_lossy().into_owned();
+            let place = format!("{key} bytes {offset}..{}", offset + length);
+            assert!(message.contains(&place), "{message}");
         }
         other => panic!("expected a read error, got {other:?}"),
     }

@@ -687,19 +687,12 @@ impl Assembler {
             return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
         };
         let dtype = v.meta.dtype;
-        let origin = match range {
-            ByteRange::FromStart(offset, Some(length)) => {
-                format!("{key} bytes {offset}..{}", offset.saturating_add(length))
-            }
-            _ => key.to_string(),
-        };
-        let decoding = Progressive::new(encoded, self.chunk_len(v) * dtype.size())
-            .map_err(|e| fail(format!("{origin}: {e}")))?
-            .with_origin(origin);
+        let failed = |e: String| fail(format!("{}: {e}", origin(&key, range)));
+        let decoding = Progressive::new(encoded, self.chunk_len(v) * dtype.size()).map_err(failed)?;
         if progressive && decoding.aligned_for::<f32>() {
             return Ok(Some(Chunk::Decoding(decoding)));
         }
-        let bytes = decoding.finish().map_err(fail)?;
+        let bytes = decoding.finish().map_err(failed)?;
         Ok(Some(Chunk::Decoded(if dtype == DType::Float32 {
             Floats::from_le_bytes(bytes)
         } else {
@@ -1156,11 +1149,26 @@ impl Assembler {
     /// The error of decoder `k` of the chunks `raw` of batch `id`: that of the k-th variable whose chunk was
     /// left to decode.
     fn decoding_failed(&self, id: ChunkId, raw: &[Option<Floats>], k: usize, message: &str) -> LoaderError {
-        let (v, _) = self.vars.iter().zip(raw).filter(|(_, c)| c.is_none()).nth(k).expect("a decoder");
+        let (i, (v, _)) = self
+            .vars
+            .iter()
+            .zip(raw)
+            .enumerate()
+            .filter(|(_, (_, c))| c.is_none())
+            .nth(k)
+            .expect("a decoder");
+        // Where its bytes lie, found again for the message (the readers' path keeps no name of them).
+        let storage = v.array.storage();
+        let read = |key: &StoreKey, range| storage.get_partial(key, range);
+        let place = match self.locate(i, v, id, &read) {
+            Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => origin(&key, range) + ": ",
+            Some(Located::Whole(key)) => format!("{key}: "),
+            _ => String::new(),
+        };
         LoaderError::Read {
             variable: v.meta.name.clone(),
             chunk: id,
-            message: format!("{}: {message}", self.path.display()),
+            message: format!("{}: {place}{message}", self.path.display()),
         }
     }
 
@@ -1288,6 +1296,16 @@ impl Assembler {
             data,
             mask,
         }
+    }
+}
+
+/// A chunk's place in the store, for error messages: its key, and its bytes there when they are a range.
+fn origin(key: &StoreKey, range: ByteRange) -> String {
+    match range {
+        ByteRange::FromStart(offset, Some(length)) => {
+            format!("{key} bytes {offset}..{}", offset.saturating_add(length))
+        }
+        _ => key.to_string(),
     }
 }
 

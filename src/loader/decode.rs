@@ -119,9 +119,6 @@ pub(crate) struct Progressive {
     out: Vec<u8>,
     /// `None` once every frame is decoded.
     context: Option<Context>,
-    /// Where the bytes come from (a file and its byte range), for the errors of a decoding left to the
-    /// batch's assembly.
-    origin: String,
 }
 
 impl Progressive {
@@ -140,29 +137,12 @@ impl Progressive {
         });
         // SAFETY: a valid context; beginning a frame resets whatever it decoded before.
         check(unsafe { zstd_sys::ZSTD_decompressBegin(context.0.as_ptr()) })?;
-        Ok(Progressive {
-            encoded,
-            read: 0,
-            out: Vec::with_capacity(len),
-            context: Some(context),
-            origin: String::new(),
-        })
-    }
-
-    /// The same, its errors prefixed by where its bytes come from.
-    pub(crate) fn with_origin(mut self, origin: String) -> Self {
-        self.origin = origin;
-        self
+        Ok(Progressive { encoded, read: 0, out: Vec::with_capacity(len), context: Some(context) })
     }
 
     /// Decompresses until at least `bytes` bytes are decoded (whole zstd blocks, so usually more), or, with
     /// the chunk's length or more, to the end of its frames; an error when they end before.
     pub(crate) fn decode_to(&mut self, bytes: usize) -> Result<(), String> {
-        self.decode_blocks(bytes)
-            .map_err(|e| if self.origin.is_empty() { e } else { format!("{}: {e}", self.origin) })
-    }
-
-    fn decode_blocks(&mut self, bytes: usize) -> Result<(), String> {
         let whole = bytes >= self.out.capacity();
         while (whole || self.out.len() < bytes)
             && let Some(context) = &self.context
