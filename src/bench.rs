@@ -308,11 +308,8 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     // long a whole pass would take.
     // A loader without threads, asked only for its order of batches.
     let order = Loader::builder(cube_path).shuffle(0).threads(0).build()?;
-    // The batches of an epoch: the cube's chunks but those without a valid value, which the loader skips
-    // (in the cube's order: the ceiling reads them as they lie in their files).
-    let mut epoch_chunks = order.first_chunks(usize::MAX);
-    epoch_chunks.sort_unstable();
-    let batches_in_cube = epoch_chunks.len();
+    // The batches of an epoch: the cube's chunks but those without a valid value, which the loader skips.
+    let batches_in_cube = order.batches_per_epoch();
     let first = order.first_chunks(CALIBRATION_BATCHES);
     let threads = options.threads.max(1);
     // Twice, the second timed: warm, the first brings the chunks into memory (cold, both read the disk).
@@ -330,7 +327,12 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     // Ceiling: the chunks of every variable that the measured batches read (each level chunk of a
     // multi-resolution cube once), decoded by `threads` threads.
     let (work, ceiling_batches) = match plan.batches {
-        None => (ceiling_work(&meta, &epoch_chunks), batches_in_cube),
+        None => {
+            // In the cube's order: the ceiling reads them as they lie in their files.
+            let mut epoch = order.first_chunks(batches_in_cube);
+            epoch.sort_unstable();
+            (ceiling_work(&meta, &epoch), batches_in_cube)
+        }
         Some(n) => {
             let measured = order.first_chunks(n);
             (ceiling_work(&meta, &measured), measured.len())
