@@ -373,6 +373,14 @@ impl LoaderBuilder {
                 sampler.per_epoch()
             )));
         }
+        // A state of a run of more epochs than asked would deliver nothing, silently.
+        if epoch > self.epochs || (epoch == self.epochs && cursor > 0) {
+            return Err(LoaderError::Invalid(format!(
+                "resume state at epoch {epoch} (batch {cursor}) is past the {} epochs asked: ask as many epochs \
+                 as the run it continues",
+                self.epochs
+            )));
+        }
         let per_job = sampler.mix();
         let first_job = epoch * sampler.jobs_per_epoch() + cursor / per_job;
         let total_jobs = self.epochs * sampler.jobs_per_epoch();

@@ -405,6 +405,12 @@ fn resume_delivers_exactly_the_remaining_batches() {
         joined.extend(fingerprint(&rest));
         assert_eq!(joined, full, "stopped after {stop_after}");
     }
+    // A state past the epochs asked is refused rather than resumed into nothing.
+    let mut first = Loader::builder(cube).shuffle(5).epochs(3).build().unwrap();
+    let per_epoch = first.batches_per_epoch();
+    first.by_ref().take(per_epoch + 1).for_each(|b| drop(b.unwrap()));
+    let error = Loader::builder(cube).epochs(1).resume(first.state()).build().unwrap_err().to_string();
+    assert!(error.contains("at epoch 1") && error.contains("past the 1 epochs asked"), "{error}");
 }
 
 #[test]

@@ -49,7 +49,7 @@ class Loader:
         *,
         shuffle: bool = True,
         seed: int = 0,
-        epochs: int = 1,
+        epochs: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         worker: int = 0,
@@ -68,7 +68,9 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def __next__(self) -> dict[str, Any]: ...
     def state(self) -> dict[str, Any]:
-        """Where the loader stands (JSON-able); ``Loader(path, state=...)`` continues exactly after it."""
+        """Where the loader stands (JSON-able), with the epochs and variables of its run;
+        ``Loader(path, state=...)`` continues exactly after it (given variables must be the same; ``epochs``,
+        when given, must reach the state's epoch)."""
     @property
     def variables(self) -> list[str]: ...
     @property

@@ -70,6 +70,8 @@ class CubeDataset(IterableDataset):
             min_valid=min_valid, on_corrupt=on_corrupt, regrid=regrid, separate_statics=separate_statics,
         )
         self.state = state
+        if state is not None:
+            self.epoch = state["epoch"]
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch the next iteration delivers (each has its own permutation)."""
@@ -90,6 +92,14 @@ class CubeDataset(IterableDataset):
     def loader(self) -> Loader:
         """The Rust loader of this process's share (call it in the process that iterates)."""
         rank, world, worker, workers = self._share()
+        if self.state is not None:
+            saved = (self.state.get("worker", 0), self.state.get("workers", 1))
+            if saved != (worker, workers):
+                # Each worker would deliver the whole share the state was saved for: every batch again.
+                raise ValueError(
+                    f"the state was saved by DataLoader worker {saved[0]} of {saved[1]}, not {worker} of "
+                    f"{workers}: resume with the num_workers it was saved with"
+                )
         state = self.state or dict(
             seed=self.seed, shuffle=self.shuffle, epoch=self.epoch, cursor=0, rank=rank, world_size=world,
             worker=worker, workers=workers, mix=self.options["mix"],

@@ -47,10 +47,17 @@ fn to_py_err(error: LoaderError) -> PyErr {
     }
 }
 
+/// The keys of a batch dict besides its variables.
+const BATCH_KEYS: [&str; 8] = ["mask", "lat", "lon", "time_index", "epoch", "position", "chunk", "native"];
+
 /// An iterable of batches (dicts of numpy arrays) from a cubeload cube.
 #[pyclass(module = "cubeload._cubeload")]
 struct Loader {
     inner: cubeload::Loader,
+    /// Epochs asked, kept in `state()` so that a resume runs as many.
+    epochs: usize,
+    /// The process that built it: after a `fork`, the child has none of its threads.
+    pid: u32,
     variables: Vec<String>,
     /// Static variables delivered once per sample (`separate_statics=True`), in the order of the batch's
     /// statics.
@@ -81,7 +88,7 @@ fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
 impl Loader {
     #[new]
     #[pyo3(signature = (
-        path, variables=None, *, shuffle=true, seed=0, epochs=1, rank=0, world_size=1, worker=0, workers=1,
+        path, variables=None, *, shuffle=true, seed=0, epochs=None, rank=0, world_size=1, worker=0, workers=1,
         prefetch=None, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
         on_corrupt="error", regrid="target", separate_statics=false,
     ))]
@@ -92,7 +99,7 @@ impl Loader {
         variables: Option<Vec<String>>,
         shuffle: bool,
         seed: u64,
-        epochs: usize,
+        epochs: Option<usize>,
         rank: usize,
         world_size: usize,
         worker: usize,
@@ -126,6 +133,30 @@ impl Loader {
                 )));
             }
         };
+        // A state carries the epochs and variables of the run it continues (the variables choose the batches:
+        // those without a valid value in any of them are left out).
+        let resumed = |key: &str| state.map(|s| s.get_item(key)).transpose().map(Option::flatten);
+        let epochs = match (epochs, resumed("epochs")?) {
+            (Some(epochs), _) => epochs,
+            (None, Some(kept)) => kept.extract()?,
+            (None, None) => 1,
+        };
+        let same = |a: &[String], mut b: Vec<String>| {
+            let mut a = a.to_vec();
+            a.sort();
+            b.sort();
+            a == b
+        };
+        let variables = match (variables, resumed("variables")?) {
+            (Some(given), Some(kept)) if !same(&given, kept.extract()?) => {
+                return Err(PyValueError::new_err(format!(
+                    "variables {given:?} differ from those of the state, {kept}: the batches would not be the \
+                     ones it continues"
+                )));
+            }
+            (Some(given), _) => Some(given),
+            (None, kept) => kept.map(|k| k.extract()).transpose()?,
+        };
         let mut builder = cubeload::Loader::builder(&path)
             .epochs(epochs)
             .threads(threads.unwrap_or(2))
@@ -155,7 +186,16 @@ impl Loader {
         }
         let inner = py.detach(move || builder.build()).map_err(to_py_err)?;
         let (variables, static_variables) = inner.variable_names();
-        Ok(Loader { inner, variables, static_variables })
+        // A batch is a dict: a variable named like one of its other keys would be overwritten by it.
+        if let Some(name) =
+            variables.iter().chain(&static_variables).find(|n| BATCH_KEYS.contains(&n.as_str()))
+        {
+            return Err(PyValueError::new_err(format!(
+                "variable `{name}` has the name of a batch key ({}): load the cube without it, or rename it",
+                BATCH_KEYS.join(", ")
+            )));
+        }
+        Ok(Loader { inner, epochs, pid: std::process::id(), variables, static_variables })
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -163,6 +203,13 @@ impl Loader {
     }
 
     fn __next__(mut slf: PyRefMut<'_, Self>, py: Python<'_>) -> PyResult<Option<Py<PyDict>>> {
+        // A forked child has no reader threads: it would wait for their batches forever.
+        if std::process::id() != slf.pid {
+            return Err(CubeloadError::new_err(
+                "this Loader was built in another process (before a fork): build it in the process that \
+                 iterates (cubeload.torch.CubeDataset does, in each DataLoader worker)",
+            ));
+        }
         let inner = &mut slf.inner;
         let next = py.detach(|| inner.next());
         match next {
@@ -185,6 +232,8 @@ impl Loader {
         dict.set_item("worker", s.worker)?;
         dict.set_item("workers", s.workers)?;
         dict.set_item("mix", s.mix)?;
+        dict.set_item("epochs", self.epochs)?;
+        dict.set_item("variables", self.variables.iter().chain(&self.static_variables).collect::<Vec<_>>())?;
         Ok(dict)
     }
 

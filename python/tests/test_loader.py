@@ -2,6 +2,8 @@
 DataLoader workers, zero-copy arrays and exceptions."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import cubeload
 from cubeload.torch import CubeDataset
+from conftest import cubeload_bin, run
 
 
 def fingerprint(batches):
@@ -107,6 +110,66 @@ def test_resume_from_json_state(pixel_cube):
         del first
         rest = list(cubeload.Loader(pixel_cube, epochs=2, state=state))
         assert fingerprint(head) + fingerprint(rest) == full
+
+
+def test_a_state_resumes_its_runs_epochs_and_variables(pixel_cube):
+    full = fingerprint(cubeload.Loader(pixel_cube, ["t2m", "landcover"], seed=4, epochs=3))
+    first = cubeload.Loader(pixel_cube, ["t2m", "landcover"], seed=4, epochs=3)
+    per_epoch = first.batches_per_epoch
+    head = [next(first) for _ in range(per_epoch + 3)]
+    state = json.loads(json.dumps(first.state()))
+    assert state["epochs"] == 3 and sorted(state["variables"]) == ["landcover", "t2m"]
+    # Neither the epochs nor the variables given: the state's.
+    rest = cubeload.Loader(pixel_cube, state=state)
+    assert rest.variables == ["t2m", "landcover"]
+    assert fingerprint(head) + fingerprint(rest) == full
+    with pytest.raises(ValueError, match="differ from those of the state"):
+        cubeload.Loader(pixel_cube, ["t2m"], state=state)
+    with pytest.raises(ValueError, match="past the 1 epochs asked"):
+        cubeload.Loader(pixel_cube, epochs=1, state=state)
+
+
+def test_a_loader_built_before_a_fork_raises_in_the_child(pixel_cube):
+    loader = cubeload.Loader(pixel_cube, seed=1)
+    next(loader)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            next(loader)
+            code = 1
+        except cubeload.CubeloadError as e:
+            code = 0 if "before a fork" in str(e) else 2
+        except BaseException:
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert next(loader)["t2m"].shape == (256, 168), "the parent's loader goes on"
+
+
+def test_a_variable_named_like_a_batch_key_is_refused(demo_dir, tmp_path):
+    text = (demo_dir / "demo.yaml").read_text()
+    text = text.replace(str(demo_dir / "demo.zarr"), str(tmp_path / "mask.zarr"))
+    text = re.sub(r"\n  ndvi:", "\n  mask:", text)
+    config = tmp_path / "mask.yaml"
+    config.write_text(text)
+    run(cubeload_bin(), "gen", "-c", config)
+    with pytest.raises(ValueError, match="variable `mask` has the name of a batch key"):
+        cubeload.Loader(tmp_path / "mask.zarr")
+    assert cubeload.Loader(tmp_path / "mask.zarr", ["t2m"]).variables == ["t2m"]
+
+
+def test_a_dataset_state_resumes_its_epoch_with_the_workers_it_was_saved_with(pixel_cube):
+    per_epoch = cubeload.Loader(pixel_cube).batches_per_epoch
+    ds = CubeDataset(pixel_cube, seed=2, epoch=1)
+    it = iter(ds)
+    head = [next(it) for _ in range(3)]
+    state = ds.state_dict()
+    resumed = CubeDataset(pixel_cube, seed=2, state=state)
+    rest = list(resumed)
+    assert len(head) + len(rest) == per_epoch and all(b["epoch"] == 1 for b in rest)
+    with pytest.raises(ValueError, match="saved by DataLoader worker 0 of 1"):
+        list(DataLoader(CubeDataset(pixel_cube, seed=2, state=state), batch_size=None, num_workers=2))
 
 
 def test_ranks_are_disjoint_and_equal(pixel_cube):
