@@ -233,6 +233,7 @@ pub fn generate(
     // Parts only write into the staging directory; what is at the output path matters when a run moves the
     // cube there.
     if options.part.is_none() {
+        restore_previous(&output)?;
         check_output(&output, options)?;
     }
     if options.append {
@@ -497,6 +498,17 @@ fn remove_dir(path: &Path) -> Result<(), CubeError> {
     std::fs::remove_dir_all(path).map_err(|source| CubeError::Io { path: path.to_path_buf(), source })
 }
 
+/// A run stopped between the two renames of [`swap_into_place`] leaves the previous cube hidden beside an
+/// empty output path: it is put back first, and the run goes on as if that one had not started its swap.
+fn restore_previous(output: &Path) -> Result<(), CubeError> {
+    let old = sibling(output, "cubeload-old");
+    if !output.exists() && crate::Cube::open(&old).is_ok() {
+        std::fs::rename(&old, output)
+            .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
 fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -618,7 +630,15 @@ fn link_files(record: &BlockRecord, from: &Path, to: &Path) -> Result<(), CubeEr
             _ => {}
         }
         if std::fs::hard_link(&src, &dst).is_err() {
-            std::fs::copy(&src, &dst).map_err(io(&dst))?;
+            // Copied beside it and renamed over it: a copy opened onto a path that is (or has become) a link
+            // to the source would empty the source, a file of the cube being extended.
+            let copy = dst.with_file_name(format!(
+                ".{}.cubeload-copy-{}",
+                dst.file_name().map_or_else(Default::default, |n| n.to_string_lossy()),
+                std::process::id()
+            ));
+            std::fs::copy(&src, &copy).map_err(io(&copy))?;
+            std::fs::rename(&copy, &dst).map_err(io(&dst))?;
         }
     }
     Ok(())
@@ -663,17 +683,18 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
             }
         }
     }
+    let part = options.part;
+    let mine = |i: usize| part.is_none_or(|p| p.owns(i));
     if let Some(previous) = run.reuse_from.filter(|_| plan.layout.shuffled.is_none()) {
         for record in Manifest::load(previous)?.records {
-            if let Some(i) = usable(&record, previous).filter(|&i| done[i].is_none()) {
+            // Each part links its own blocks' files only: parts run at once, in the same staging directory.
+            if let Some(i) = usable(&record, previous).filter(|&i| done[i].is_none() && mine(i)) {
                 link_files(&record, previous, dir)?;
                 done[i] = Some(record);
             }
         }
     }
     let reused = done.iter().filter(|d| d.is_some()).count();
-    let part = options.part;
-    let mine = |i: usize| part.is_none_or(|p| p.owns(i));
     let todo: Vec<usize> =
         (0..total).filter(|&i| done[i].is_none() && mine(i) && !options.finalize).collect();
     let manifest_name = part.map_or_else(|| MANIFEST_FILE.to_string(), |p| p.manifest_file());

@@ -296,6 +296,25 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     );
 }
 
+/// A run stopped between the two renames of its swap (the previous cube moved aside, the new one not yet in
+/// place) loses nothing: the next run puts the previous cube back, then finishes as it would have.
+#[test]
+fn a_swap_stopped_halfway_is_finished_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let reference = config(dir, &text, "reference.zarr", 5);
+    run_gen(dir, &["-c", reference.to_str().unwrap()]);
+    let four_days = config(dir, &text, "cube.zarr", 4);
+    run_gen(dir, &["-c", four_days.to_str().unwrap()]);
+    let five_days = config(dir, &text, "cube.zarr", 5);
+    let old = dir.join(".cube.zarr.cubeload-old");
+    std::fs::rename(dir.join("cube.zarr"), &old).unwrap();
+    run_gen(dir, &["--append", "-c", five_days.to_str().unwrap()]);
+    assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
+    assert!(!old.exists(), "the previous cube, superseded, is removed");
+}
+
 #[test]
 fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
     let dir = tempfile::tempdir().unwrap();
