@@ -251,7 +251,7 @@ pub fn generate(
     let built = built.inspect_err(|_| {
         // Keep what an interrupted or failed run finished for the next run; nothing finished, nothing kept.
         let scratch = shuffled::scratch(&staging);
-        let nothing = |dir: &Path| Manifest::load(dir).map_or(true, |m| m.records.is_empty());
+        let nothing = |dir: &Path| Manifest::load(dir).is_ok_and(|m| m.records.is_empty());
         if options.part.is_none() && nothing(&staging) && nothing(&scratch) {
             let _ = std::fs::remove_dir_all(&staging);
             let _ = std::fs::remove_dir_all(&scratch);
@@ -459,7 +459,8 @@ fn prepare_staging(
         }
         return Ok(());
     }
-    let recorded = Manifest::fingerprint(staging);
+    // A manifest that cannot be read is an error, not "nothing finished": that would delete the blocks.
+    let recorded = Manifest::load(staging)?.header.map(|h| h.fingerprint);
     match recorded {
         Some(fp) if fp == fingerprint => Ok(()),
         Some(_) if options.overwrite && options.part.is_none() && !options.finalize => {

@@ -211,7 +211,9 @@ impl Manifest {
         let mut manifest = Manifest::default();
         let mut index: HashMap<BlockId, usize> = HashMap::new();
         for path in files {
-            let text = std::fs::read_to_string(&path).map_err(|source| CubeError::Io { path, source })?;
+            // Lossy: a line torn in the middle of a character is skipped as any torn line is.
+            let bytes = std::fs::read(&path).map_err(|source| CubeError::Io { path, source })?;
+            let text = String::from_utf8_lossy(&bytes);
             let mut lines = text.lines();
             let Some(header) = lines.next().and_then(|l| serde_json::from_str::<ManifestHeader>(l).ok())
             else {
@@ -321,10 +323,10 @@ mod tests {
         let (a, b) = (record("t2m", 0, "t2m/c0", &file), record("t2m", 1, "t2m/c1", &file));
         let mut writer = ManifestWriter::create(dir.path(), MANIFEST_FILE, &header, &[&a]).unwrap();
         writer.append(&b).unwrap();
-        // A crash in the middle of a line.
+        // A crash in the middle of a line, and of a character of it.
         let path = dir.path().join(MANIFEST_FILE);
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        text.push_str("{\"block\":{\"var\":\"t2");
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(b"{\"block\":{\"var\":\"t2\xc3");
         std::fs::write(&path, text).unwrap();
 
         let manifest = Manifest::load(dir.path()).unwrap();
