@@ -896,8 +896,8 @@ fn image_chunked_seconds_per_batch(
         message: e.to_string(),
     };
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| fail("", [0, 0, 0], &e))?;
-    let store = Arc::new(FilesystemStore::new(&dir).map_err(|e| fail("", [0, 0, 0], &e))?);
+    std::fs::create_dir_all(&dir).map_err(|e| fail("every variable", [0, 0, 0], &e))?;
+    let store = Arc::new(FilesystemStore::new(&dir).map_err(|e| fail("every variable", [0, 0, 0], &e))?);
     let mut copies = Vec::new();
     for v in &dynamic {
         let source = cube.array(&v.name)?;

@@ -794,8 +794,8 @@ fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
     }
 }
 
-/// A shard file cut to a whole number of index entries: its index, read from its end, is not whole, and the
-/// chunks it holds are a read error naming the variable, not offsets read from the chunks' bytes.
+/// A shard file cut short (to a whole number of index entries): the chunks it held are a read error naming
+/// the variable, not a panic or wrong values.
 #[test]
 fn a_shard_cut_short_is_a_read_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -1844,6 +1844,30 @@ mod tests {
         assert!(plan(&assembler, &counted).len() < whole, "a missing index stays remembered");
     }
 
+    /// An index shorter than its codecs make it (a store answering a range with fewer bytes) is not used,
+    /// though its whole entries would pass for an index without a checksum.
+    #[test]
+    fn an_index_cut_to_whole_entries_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
+        let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
+        let cube = Cube::open(&cube).unwrap();
+        let storage = cube.array("t2m").unwrap().storage();
+        let plan = |read: StoreRead<'_>| {
+            Assembler::new(&cube, &[], Transform::default()).unwrap().planned_reads(&[[0, 0, 0]], read)
+        };
+        let whole = plan(&|key: &StoreKey, range| storage.get_partial(key, range)).len();
+        // The index's first entry and its checksum left out: 16-byte entries, shifted by one.
+        let short = |key: &StoreKey, range| {
+            let bytes = storage.get_partial(key, range)?;
+            Ok(match range {
+                ByteRange::Suffix(_) => bytes.map(|b| b.slice(16..b.len() - 4)),
+                ByteRange::FromStart(..) => bytes,
+            })
+        };
+        assert!(plan(&short).len() < whole, "the shard's chunks are left to zarrs");
+    }
+
     /// [`copy_series`] against the obvious element-by-element copy, for every read and write pattern of
     /// pixel-series batches (time-major, sample-major and static chunks; `[B, T, V]` and `[V, B, T]`), with
     /// missing values, normalization and a sample count that is not a whole number of tiles.
