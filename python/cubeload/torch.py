@@ -63,7 +63,12 @@ class CubeDataset(IterableDataset):
         super().__init__()
         self.path = str(path)
         self.variables = list(variables) if variables is not None else None
-        self.seed, self.shuffle, self.epoch = seed, shuffle, epoch
+        self.seed, self.shuffle = seed, shuffle
+        # The epoch, and whether the next iteration resumes ``state``, in shared memory: persistent DataLoader
+        # workers keep the copies of the dataset they were started with, and would otherwise deliver the
+        # first epoch (and resume the same state) every time.
+        self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
+        self._resume = torch.tensor(state is not None).share_memory_()
         self.rank, self.world_size = rank, world_size
         self.options = dict(
             prefetch=prefetch, threads=threads, mix=mix, normalize=normalize, fill_value=fill_value,
@@ -73,9 +78,20 @@ class CubeDataset(IterableDataset):
         if state is not None:
             self.epoch = state["epoch"]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration delivers."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch the next iteration delivers (each has its own permutation)."""
+        """Selects the epoch the next iteration delivers (each has its own permutation), whole: a state being
+        resumed is dropped. Reaches DataLoader workers, persistent ones too."""
         self.epoch = epoch
+        self._resume.fill_(False)
         self.state = None
 
     def _share(self) -> tuple[int, int, int, int]:
@@ -92,15 +108,21 @@ class CubeDataset(IterableDataset):
     def loader(self) -> Loader:
         """The Rust loader of this process's share (call it in the process that iterates)."""
         rank, world, worker, workers = self._share()
-        if self.state is not None:
-            saved = (self.state.get("worker", 0), self.state.get("workers", 1))
+        resume = self.state if bool(self._resume) else None
+        if bool(self._resume) and resume is None:
+            raise RuntimeError(
+                "load_state_dict was called after this persistent DataLoader worker started, which keeps the "
+                "dataset it was started with: load the state before the DataLoader's first iteration"
+            )
+        if resume is not None:
+            saved = (resume.get("worker", 0), resume.get("workers", 1))
             if saved != (worker, workers):
                 # Each worker would deliver the whole share the state was saved for: every batch again.
                 raise ValueError(
                     f"the state was saved by DataLoader worker {saved[0]} of {saved[1]}, not {worker} of "
                     f"{workers}: resume with the num_workers it was saved with"
                 )
-        state = self.state or dict(
+        state = resume or dict(
             seed=self.seed, shuffle=self.shuffle, epoch=self.epoch, cursor=0, rank=rank, world_size=world,
             worker=worker, workers=workers, mix=self.options["mix"],
         )
@@ -135,6 +157,8 @@ class CubeDataset(IterableDataset):
         return getattr(self, "_delivered", None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict` (same cube, seed and share)."""
+        """Continue from a :meth:`state_dict` (same cube, seed and share). Call it before a DataLoader with
+        persistent workers first iterates: they keep the dataset they were started with."""
         self.state = dict(state)
         self.epoch = state["epoch"]
+        self._resume.fill_(True)

@@ -194,6 +194,26 @@ def test_dataloader_with_two_workers_sees_every_batch_once(pixel_cube):
         assert len(chunks) == len(set(chunks)) == total
 
 
+def test_set_epoch_reaches_persistent_workers(pixel_cube):
+    total = cubeload.Loader(pixel_cube).batches_per_epoch
+    dataset = CubeDataset(str(pixel_cube), seed=11, threads=1)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, persistent_workers=True)
+    orders = []
+    for epoch in (0, 1, 2):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert {b["epoch"] for b in batches} == {epoch}
+        chunks = sorted(tuple(b["chunk"]) for b in batches)
+        assert len(chunks) == len(set(chunks)) == total
+        expected = sorted(tuple(b["chunk"]) for b in cubeload.Loader(pixel_cube, seed=11, epochs=epoch + 1) if b["epoch"] == epoch)
+        assert chunks == expected
+        orders.append([b["position"] for b in batches])
+    # A state loaded once the workers run cannot reach them: an error, not the whole epoch again.
+    dataset.load_state_dict(dict(seed=11, shuffle=True, epoch=2, cursor=3, rank=0, world_size=1, mix=1))
+    with pytest.raises(RuntimeError, match="before the DataLoader's first iteration"):
+        list(loader)
+
+
 def test_distributed_ranks_times_workers(pixel_cube):
     total = cubeload.Loader(pixel_cube).batches_per_epoch
     seen = []

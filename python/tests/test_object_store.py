@@ -13,7 +13,7 @@ import pytest
 
 import cubeload
 
-from conftest import cubeload_bin, run
+from conftest import cubeload_bin
 
 
 @pytest.fixture(scope="module")
