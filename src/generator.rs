@@ -16,6 +16,7 @@
 //! blocks of one cube between independent jobs that `--finalize` completes. Statistics are merged in block
 //! order, not in the order threads finish: however a cube was made, its bytes are the same.
 
+mod lock;
 mod shuffled;
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ use crate::source::warp::warp_window;
 use crate::source::{FileView, SourceError};
 use crate::store::Location;
 use crate::time::{self, StepSources};
+use lock::RunLock;
 
 /// A generation error.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,18 @@ pub enum GenError {
         path: PathBuf,
         /// Why not.
         message: String,
+    },
+    /// Another run is writing this cube.
+    #[error(
+        "{output}: another `cubeload gen` is writing this cube (it holds {lock}); wait for it to end (parts \
+         of one cube may run together, but not beside a whole run, --append or --finalize)",
+        lock = lock.display()
+    )]
+    Busy {
+        /// The cube being generated.
+        output: PathBuf,
+        /// The lock file the other run holds.
+        lock: PathBuf,
     },
     /// `--finalize` found blocks that no part has written (yet).
     #[error("{path}: cannot finalize: {message}")]
@@ -218,7 +232,8 @@ const WARP_BUDGET_BYTES: usize = 64 << 20;
 ///
 /// # Errors
 /// [`GenError`] naming the file, variable or path at fault; the output path is then untouched, and the
-/// blocks finished so far are kept for the next run of the same configuration.
+/// blocks finished so far are kept for the next run of the same configuration. [`GenError::Busy`] when
+/// another run writes the same output (`--part` runs of one cube may run together).
 pub fn generate(
     plan: &Plan,
     options: &GenOptions,
@@ -228,6 +243,16 @@ pub fn generate(
     if let Location::S3 { .. } = location {
         return generate_remote(plan, &location, options, progress);
     }
+    let _lock = RunLock::acquire(&plan.config.output, options.part.is_some())?;
+    generate_locked(plan, options, progress)
+}
+
+/// [`generate`] to a filesystem, once the output's [`RunLock`] is held.
+fn generate_locked(
+    plan: &Plan,
+    options: &GenOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<GenReport, GenError> {
     let started = Clock::now();
     let output = plan.config.output.clone();
     // Parts only write into the staging directory; what is at the output path matters when a run moves the
@@ -299,6 +324,8 @@ fn generate_remote(
     local_plan.config.output =
         std::env::temp_dir().join(format!("cubeload-upload-{}", &key[..16])).join("cube.zarr");
     let local = local_plan.config.output.clone();
+    // Held until the upload ends: another run to the same URL would share (and delete) the local cube.
+    let _lock = RunLock::acquire(&local, false)?;
     // A cube made by an earlier run whose upload failed: upload it again rather than make it again.
     let made = Manifest::fingerprint(&local)
         .is_some_and(|f| f == fingerprint(&local_plan))
@@ -312,7 +339,7 @@ fn generate_remote(
         if local.exists() {
             remove_dir(&local)?; // an earlier configuration's, never uploaded
         }
-        generate(&local_plan, options, progress)?
+        generate_locked(&local_plan, options, progress)?
     };
     let started = Clock::now();
     crate::store::upload(&local, location, options.overwrite)?;

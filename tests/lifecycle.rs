@@ -357,6 +357,54 @@ fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("counts from 0"));
 }
 
+#[test]
+fn a_run_beside_another_run_of_the_same_cube_is_refused_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 2);
+    let config = config.to_str().unwrap();
+    run_gen(dir, &["-c", config]);
+    let cube = dir.join("cube.zarr");
+    let before = stored_files(&cube);
+    let lock_path = dir.join(".cube.zarr.cubeload-lock");
+    assert!(!lock_path.exists(), "a run removes its lock file");
+    let staging = dir.join(".cube.zarr.cubeload-partial");
+    let staged = || staging.exists().then(|| stored_files(&staging));
+    let refused = |args: &[&str]| {
+        let staged_before = staged();
+        let out = cubeload(dir, &[&["gen"], args, &["-c", config]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("another `cubeload gen` is writing this cube")
+                && stderr.contains(&lock_path.display().to_string()),
+            "{stderr}"
+        );
+        assert_eq!(staged(), staged_before, "{args:?} wrote into the staging directory");
+    };
+
+    // A whole run holds the lock (here this test, as another process would): every other run is refused.
+    let held = std::fs::File::create(&lock_path).unwrap();
+    held.try_lock().unwrap();
+    refused(&["--overwrite"]);
+    refused(&["--part", "0/2"]);
+    refused(&["--finalize"]);
+    drop(held);
+    assert_eq!(stored_files(&cube), before, "the cube was touched");
+
+    // A part holds it: other parts run beside it, whole runs do not.
+    let part = std::fs::File::open(&lock_path).unwrap();
+    part.try_lock_shared().unwrap();
+    run_gen(dir, &["--threads", "1", "--part", "0/2", "-c", config]);
+    refused(&["--overwrite"]);
+    drop(part);
+    run_gen(dir, &["--part", "1/2", "-c", config]);
+    run_gen(dir, &["--finalize", "--overwrite", "-c", config]);
+    assert_eq!(stored_files(&cube), before);
+    assert!(!lock_path.exists());
+}
+
 /// `Command::spawn` with captured output, to run several at once.
 trait SpawnCaptured {
     fn output_async(&mut self) -> std::process::Child;
