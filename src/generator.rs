@@ -746,6 +746,7 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
     let cancel = AtomicBool::new(false);
     let writer_ref = &writer;
     let blocks_ref = &blocks;
+    let ids_ref = &ids;
     let mut finished = kept as u64;
     let to_finish = finished + todo.len() as u64;
     (run.progress)(finished, to_finish);
@@ -761,7 +762,8 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
                     if cancel.load(Ordering::Relaxed) {
                         break;
                     }
-                    let result = run_block(plan, writer_ref, blocks_ref[i]).map(|summary| (i, summary));
+                    let result =
+                        guarded(&ids_ref[i], || run_block(plan, writer_ref, blocks_ref[i])).map(|s| (i, s));
                     if done_tx.send(result).is_err() {
                         break;
                     }
@@ -803,12 +805,7 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         }
         for handle in handles {
             if let Err(panic) = handle.join() {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
-                    .unwrap_or_default();
-                first_error.get_or_insert(GenError::Panic(message));
+                first_error.get_or_insert(GenError::Panic(panic_message(&*panic)));
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -824,19 +821,31 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         return Err(GenError::Unfinished {
             path: plan.config.output.clone(),
             message: format!(
-                "{} of {total} blocks are not written (the first: variable `{}`, time chunk {}, chunk row {}, \
-                 shard {}); run the parts that failed again, then --finalize",
+                "{} of {total} blocks are not written (the first: {b}); run the parts that failed again, then \
+                 --finalize",
                 done.iter().filter(|d| d.is_none()).count(),
-                b.var,
-                b.it,
-                b.iy,
-                b.first_shard
             ),
         });
     }
     let records: Vec<&BlockRecord> = done.iter().flatten().collect();
     let meta = finish(plan, writer, dir, &header, &blocks, &records)?;
     Ok(Built::Complete { meta, blocks: total, reused })
+}
+
+/// Runs block `id`'s work, a panic (a bug) turned into an error naming the block: it then stops the other
+/// threads at once, as any failed block does, instead of being found when they have done all theirs.
+fn guarded<T>(id: &BlockId, work: impl FnOnce() -> Result<T, GenError>) -> Result<T, GenError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or_else(|panic| Err(GenError::Panic(format!("{id}: {}", panic_message(&*panic)))))
+}
+
+/// The text a panic was raised with (`panic!`'s message), or nothing.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_default()
 }
 
 /// Merges the blocks' statistics and validity in block order, writes the merged manifest (removing the
@@ -1113,6 +1122,18 @@ fn accumulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_block_is_an_error_naming_it() {
+        let id = BlockId { var: "t2m".into(), it: 2, iy: 5, first_shard: 1, n_shards: 1 };
+        let err = guarded::<()>(&id, || panic!("index out of bounds: {}", 7)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a generation thread panicked: variable `t2m`, time chunk 2, chunk row 5, shard 1: index out of \
+             bounds: 7"
+        );
+        assert!(matches!(guarded(&id, || Ok(3)), Ok(3)));
+    }
 
     #[test]
     fn accumulator_ops() {

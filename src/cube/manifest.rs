@@ -62,6 +62,16 @@ pub struct BlockId {
     pub n_shards: usize,
 }
 
+impl std::fmt::Display for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "variable `{}`, time chunk {}, chunk row {}, shard {}",
+            self.var, self.it, self.iy, self.first_shard
+        )
+    }
+}
+
 /// One stored file (a chunk or a shard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
