@@ -312,13 +312,7 @@ fn generate_remote(
                     .to_string(),
         });
     }
-    if crate::store::exists(location)? && !options.overwrite {
-        return Err(CubeError::OutputTaken {
-            path: url,
-            message: "a cube already exists here; pass --overwrite to replace it".to_string(),
-        }
-        .into());
-    }
+    crate::store::check_replaceable(location, options.overwrite)?;
     let key = hex(&Sha256::digest(url.to_string_lossy().as_bytes()));
     let mut local_plan = plan.clone();
     local_plan.config.output =

@@ -76,13 +76,27 @@ impl Location {
 }
 
 /// Uploads the complete cube in directory `dir` to `location` (an object store), the root metadata last.
-/// An earlier cube there is removed first when `replace`, refused otherwise.
+/// An earlier cubeload cube there is replaced when `replace` (its root metadata removed first, its objects
+/// that the new cube does not have removed before the new root is written), refused otherwise; so are
+/// objects left under the cube's nodes by an upload that did not finish. Objects under the URL but outside
+/// the cube's nodes are left alone. An object store cannot rename: while a cube is replaced, and after a
+/// replacement that failed, there is no cube at `location` (readers refuse it), not the earlier one.
 ///
 /// # Errors
-/// [`CubeError::OutputTaken`] when a cube exists there and `replace` is false; [`CubeError::Zarr`] when
-/// a request fails (the remote cube then has no root metadata: readers see no cube).
+/// [`CubeError::OutputTaken`] when a cube or an unfinished upload's objects are there and `replace` is
+/// false, or a Zarr store that cubeload did not make is there; [`CubeError::Zarr`] when a request fails
+/// (the remote cube then has no root metadata: readers see no cube).
 pub fn upload(dir: &Path, location: &Location, replace: bool) -> Result<(), CubeError> {
     object_store::upload(dir, location, replace)
+}
+
+/// Whether [`upload`] to `location` (an object store) could replace what is there: nothing, or a cubeload
+/// cube when `replace`. Checked before a cube is made for it, so that a refusal comes first.
+///
+/// # Errors
+/// [`CubeError::OutputTaken`] as [`upload`] refuses; [`CubeError::Zarr`] when the store cannot be reached.
+pub fn check_replaceable(location: &Location, replace: bool) -> Result<(), CubeError> {
+    object_store::check_replaceable(location, replace)
 }
 
 /// Whether a cube (a root `zarr.json`) exists at `location`.
@@ -108,8 +122,12 @@ mod object_store {
     use std::path::Path;
     use std::sync::{Arc, OnceLock};
 
+    use std::collections::{BTreeSet, HashSet};
     use zarrs::storage::storage_adapter::async_to_sync::{AsyncToSyncBlockOn, AsyncToSyncStorageAdapter};
-    use zarrs::storage::{ReadableStorage, StorePrefix, WritableStorageTraits};
+
+    use zarrs::storage::{
+        ListableStorageTraits, ReadableStorage, ReadableStorageTraits, StorePrefix, WritableStorageTraits,
+    };
     use zarrs_object_store::AsyncObjectStore;
     use zarrs_object_store::object_store::aws::AmazonS3Builder;
     use zarrs_object_store::object_store::prefix::PrefixStore;
@@ -159,31 +177,90 @@ mod object_store {
 
     pub(super) fn upload(dir: &Path, location: &Location, replace: bool) -> Result<(), CubeError> {
         let store = store(location)?;
-        let fail = |e: &dyn std::fmt::Display| CubeError::Zarr {
-            path: location.display_path(),
-            message: e.to_string(),
-        };
+        let url = location.display_path();
+        let fail = |e: &dyn std::fmt::Display| CubeError::Zarr { path: url.clone(), message: e.to_string() };
+        let taken = |message: String| CubeError::OutputTaken { path: url.clone(), message };
         let root = StoreKey::new("zarr.json").expect("valid key");
-        if super::exists(location)? {
-            if !replace {
-                return Err(CubeError::OutputTaken {
-                    path: location.display_path(),
-                    message: "a cube already exists here; pass --overwrite to replace it".to_string(),
-                });
-            }
-            // The root first: from here on readers see no cube rather than a mix of two.
-            store.erase(&root).map_err(|e| fail(&e))?;
-            store.erase_prefix(&StorePrefix::root()).map_err(|e| fail(&e))?;
-        }
         let mut files = Vec::new();
         collect(dir, dir, &mut files)?;
-        for (key, path) in files.iter().filter(|(key, _)| key.as_str() != "zarr.json") {
+        let uploaded: HashSet<&str> = files.iter().map(|(key, _)| key.as_str()).collect();
+        // The cube's objects lie under its nodes (`t2m/`, `time/`, ...): the new cube's, and the earlier
+        // cube's when one is replaced. Nothing else under the URL is touched.
+        let mut nodes = top_level(uploaded.iter().copied());
+        let earlier = earlier_cube(&store, location, replace)?;
+        nodes.extend(earlier.iter().flatten().cloned());
+        // Objects under those nodes that the new cube does not have: the earlier cube's, or those of an
+        // upload that stopped before its root metadata. Left there, they would be read as the new cube's
+        // chunks that are not stored (all fill value).
+        let mut stale = Vec::new();
+        for node in &nodes {
+            let prefix = StorePrefix::new(format!("{node}/")).map_err(|e| fail(&e))?;
+            let keys = store.list_prefix(&prefix).map_err(|e| fail(&e))?;
+            stale.extend(keys.into_iter().filter(|key| !uploaded.contains(key.as_str())));
+        }
+        if !replace && let Some(first) = stale.first() {
+            return Err(taken(format!(
+                "{} objects of an upload that did not finish are here (such as {first}); pass --overwrite to \
+                 replace them",
+                stale.len()
+            )));
+        }
+        if earlier.is_some() {
+            // The root first: from here on readers see no cube rather than a mix of two.
+            store.erase(&root).map_err(|e| fail(&e))?;
+        }
+        for (key, path) in files.iter().filter(|(key, _)| *key != root) {
             let bytes = std::fs::read(path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
             store.set(key, bytes.into()).map_err(|e| fail(&e))?;
         }
+        store.erase_many(&stale).map_err(|e| fail(&e))?;
         let bytes = std::fs::read(dir.join("zarr.json"))
             .map_err(|source| CubeError::Io { path: dir.join("zarr.json"), source })?;
         store.set(&root, bytes.into()).map_err(|e| fail(&e))
+    }
+
+    pub(super) fn check_replaceable(location: &Location, replace: bool) -> Result<(), CubeError> {
+        earlier_cube(store(location)?.as_ref(), location, replace).map(drop)
+    }
+
+    /// The top-level nodes of the cube at `location` that an upload would replace (`None`: no cube there).
+    fn earlier_cube(
+        store: &Store,
+        location: &Location,
+        replace: bool,
+    ) -> Result<Option<BTreeSet<String>>, CubeError> {
+        let url = location.display_path();
+        let root = StoreKey::new("zarr.json").expect("valid key");
+        let Some(earlier) =
+            store.get(&root).map_err(|e| CubeError::Zarr { path: url.clone(), message: e.to_string() })?
+        else {
+            return Ok(None);
+        };
+        let taken =
+            |message: &str| CubeError::OutputTaken { path: url.clone(), message: message.to_string() };
+        if !replace {
+            return Err(taken("a cube already exists here; pass --overwrite to replace it"));
+        }
+        cube_nodes(&earlier).map(Some).ok_or_else(|| {
+            taken(
+                "a Zarr store that cubeload did not make is here; cubeload replaces only its own cubes: choose \
+                 another URL or remove it",
+            )
+        })
+    }
+
+    /// The first parts of `keys` that have more than one (`t2m` of `t2m/c/0/0/0`).
+    fn top_level<'a>(keys: impl Iterator<Item = &'a str>) -> BTreeSet<String> {
+        keys.filter_map(|key| key.split_once('/')).map(|(node, _)| node.to_string()).collect()
+    }
+
+    /// The top-level nodes of the cubeload cube whose root metadata is `root` (from its consolidated
+    /// metadata); `None` when it is not a cubeload cube.
+    fn cube_nodes(root: &[u8]) -> Option<BTreeSet<String>> {
+        let root: serde_json::Value = serde_json::from_slice(root).ok()?;
+        root.get("attributes")?.get("cubeload")?;
+        let nodes = root.get("consolidated_metadata")?.get("metadata")?.as_object()?;
+        Some(nodes.keys().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
     }
 
     /// Every file under `dir` with its store key.
@@ -228,6 +305,10 @@ mod object_store {
     }
 
     pub(super) fn upload(_: &Path, location: &Location, _: bool) -> Result<(), CubeError> {
+        Err(unsupported(location))
+    }
+
+    pub(super) fn check_replaceable(location: &Location, _: bool) -> Result<(), CubeError> {
         Err(unsupported(location))
     }
 }

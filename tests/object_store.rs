@@ -35,14 +35,40 @@ impl S3Server {
         server
     }
 
-    /// Creates a bucket (S3's `PUT /bucket`); moto accepts unsigned requests.
-    fn create_bucket(&self, name: &str) {
+    /// One plain S3 request (moto accepts unsigned ones); asserts a 2xx status and returns the body.
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(stream, "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n", self.port)
-            .unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).unwrap();
-        assert_eq!(&head[9..12], b"200", "{}", String::from_utf8_lossy(&head));
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\r\n",
+            self.port,
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.split(' ').nth(1).is_some_and(|status| status.starts_with('2')),
+            "{method} {path}: {response}"
+        );
+        response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    }
+
+    /// Creates a bucket (S3's `PUT /bucket`).
+    fn create_bucket(&self, name: &str) {
+        self.request("PUT", &format!("/{name}"), b"");
+    }
+
+    /// The keys of bucket `cubes` under `prefix` (at most a thousand).
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let listing = self.request("GET", &format!("/cubes?list-type=2&prefix={prefix}"), b"");
+        listing
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split_once("</Key>"))
+            .map(|(key, _)| key.to_string())
+            .collect()
     }
 
     /// Runs the cubeload binary with the AWS environment of this server.
@@ -130,4 +156,78 @@ fn gen_writes_to_s3_and_readers_read_it_back() {
     let parts = server.cubeload(dir, &["gen", "--part", "0/2", "-c", remote.to_str().unwrap()]);
     assert_eq!(parts.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&parts.stderr).contains("need the cube on a filesystem"));
+}
+
+#[test]
+fn an_overwrite_replaces_only_a_cubeload_cube_and_removes_the_objects_it_leaves() {
+    let server = S3Server::start();
+    server.create_bucket("cubes");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = write_inputs(dir, &DemoSpec { layout: IMAGE_LAYOUT, ..DemoSpec::default() }).unwrap();
+    let url = "s3://cubes/eo/demo.zarr";
+    let gen_ = |args: &[&str], config: &Path| {
+        server.cubeload(dir, &[&["gen"], args, &["-c", config.to_str().unwrap()]].concat())
+    };
+    let all = config(dir, &text, url, "all.yaml");
+    // The same cube without its static variable: the earlier cube's `landcover/` objects are then its own.
+    let fewer: String =
+        text.lines().filter(|l| !l.trim_start().starts_with("landcover:")).collect::<Vec<_>>().join("\n");
+    assert_ne!(fewer, text);
+    let fewer = config(dir, &fewer, url, "fewer.yaml");
+    let variables = || -> serde_json::Value {
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&server.cubeload(dir, &["info", "--json", url]))).unwrap();
+        info["variables"].as_array().unwrap().iter().map(|v| v["name"].clone()).collect()
+    };
+
+    ok(&gen_(&[], &all));
+    assert_eq!(variables(), serde_json::json!(["t2m", "ndvi", "landcover"]));
+    assert!(!server.keys("eo/demo.zarr/landcover/").is_empty());
+    // Not the cube's: kept. A chunk no chunk of the new cube stores (left by an upload that stopped): removed.
+    server.request("PUT", "/cubes/eo/demo.zarr/notes/readme.txt", b"the team's notes");
+    server.request("PUT", "/cubes/eo/demo.zarr/t2m/c/99/0/0", b"stale");
+    ok(&gen_(&["--overwrite"], &fewer));
+    assert_eq!(variables(), serde_json::json!(["t2m", "ndvi"]));
+    assert_eq!(server.keys("eo/demo.zarr/landcover/"), Vec::<String>::new());
+    assert_eq!(server.keys("eo/demo.zarr/t2m/c/99/"), Vec::<String>::new());
+    assert_eq!(server.keys("eo/demo.zarr/notes/"), ["eo/demo.zarr/notes/readme.txt"]);
+
+    // An upload stopped before its root metadata leaves objects and no cube: a new cube is not written over
+    // them unless asked.
+    server.request("PUT", "/cubes/left.zarr/t2m/c/99/0/0", b"stale");
+    let left = config(dir, &text, "s3://cubes/left.zarr", "left.yaml");
+    let refused = gen_(&[], &left);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not finish")
+            && stderr.contains("t2m/c/99/0/0")
+            && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
+    ok(&gen_(&["--overwrite"], &left));
+    assert_eq!(server.keys("left.zarr/t2m/c/99/"), Vec::<String>::new());
+    assert!(!server.keys("left.zarr/t2m/").is_empty());
+
+    // A Zarr store that cubeload did not make is never replaced, and is refused before a cube is made for it.
+    server.request(
+        "PUT",
+        "/cubes/plain.zarr/zarr.json",
+        br#"{"zarr_format":3,"node_type":"group","attributes":{}}"#,
+    );
+    server.request("PUT", "/cubes/plain.zarr/data/c/0", b"theirs");
+    let plain = config(dir, &text, "s3://cubes/plain.zarr", "plain.yaml");
+    let refused = gen_(&["--overwrite"], &plain);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("s3://cubes/plain.zarr") && stderr.contains("cubeload did not make"), "{stderr}");
+    assert_eq!(server.keys("plain.zarr/"), ["plain.zarr/data/c/0", "plain.zarr/zarr.json"]);
+    assert!(
+        !std::fs::read_dir(dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("cubeload-upload"))
+    );
 }
