@@ -662,8 +662,10 @@ fn georeference(
     Ok((Georef::Transform { geotransform, wkt, wrap_cols }, note))
 }
 
-/// Rebuilds a geotransform from regular 1-D coordinate variables named like the raster's dimensions.
-/// GDAL does not flip rows it did not recognise as y, so file order is raster order.
+/// Rebuilds a geotransform from regular 1-D coordinate variables named like the raster's dimensions, for
+/// GDAL's rows: GDAL reads a `NetCDF` variable bottom-up (its last row first) unless it recognises a y axis
+/// that decreases (and its `GDAL_NETCDF_BOTTOMUP` option changes that default), so which file row each of
+/// its rows is is found by reading rows both ways ([`rows_in_file_order`]).
 fn cf_coordinate_geotransform(path: &Path, dataset: &Dataset) -> Option<[f64; 6]> {
     let var = dataset.rasterband(1).ok()?.metadata_item("NETCDF_VARNAME", "")?;
     let md = Dataset::open_ex(
@@ -688,8 +690,68 @@ fn cf_coordinate_geotransform(path: &Path, dataset: &Dataset) -> Option<[f64; 6]
     };
     let (dx, dy) = (regular(&x)?, regular(&y)?);
     let (width, height) = dataset.raster_size();
-    (x.len() == width && y.len() == height).then_some([x[0] - dx / 2.0, dx, 0.0, y[0] - dy / 2.0, 0.0, dy])
+    if x.len() != width || y.len() != height {
+        return None;
+    }
+    let (first, step) =
+        if rows_in_file_order(dataset, &array, (width, height))? { (y[0], dy) } else { (y[height - 1], -dy) };
+    Some([x[0] - dx / 2.0, dx, 0.0, first - step / 2.0, 0.0, step])
 }
+
+/// Whether GDAL's row `k` of band 1 is row `k` of the file's `array` (`[.., y, x]`, band 1 its first
+/// index along the others) rather than row `height - 1 - k`: told by rows that differ from their mirror
+/// image (rows of fill values alone, as a sea's, tell nothing), a few spread over the height, or all of them
+/// until one tells. Rows all equal to their mirror images read the same either way. `None` when rows tell
+/// both ways, a row of GDAL's is neither, or a read fails.
+fn rows_in_file_order(
+    dataset: &Dataset,
+    array: &gdal::raster::MDArray<'_>,
+    (width, height): (usize, usize),
+) -> Option<bool> {
+    let band = dataset.rasterband(1).ok()?;
+    let dims = array.num_dimensions();
+    let file_row = |k: usize| -> Option<Vec<f64>> {
+        let mut start = vec![0u64; dims];
+        start[dims - 2] = k as u64;
+        let mut count = vec![1usize; dims];
+        count[dims - 1] = width;
+        array.read_as::<f64>(start, count).ok()
+    };
+    let gdal_row = |k: usize| -> Option<Vec<f64>> {
+        let row = band.read_as::<f64>((0, isize::try_from(k).ok()?), (width, 1), (width, 1), None).ok()?;
+        Some(row.into_shape_and_vec().1)
+    };
+    // Equal as stored: NaN fill values equal too.
+    let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+    let half = height / 2;
+    let step = (half / ROW_ORDER_SAMPLES).max(1);
+    let spread = (0..half).step_by(step);
+    let rest = (0..half).filter(|k| k % step != 0);
+    let (mut kept, mut flipped) = (0, 0);
+    for (i, k) in spread.chain(rest).enumerate() {
+        if i >= ROW_ORDER_SAMPLES && kept + flipped > 0 {
+            break;
+        }
+        let (top, bottom) = (file_row(k)?, file_row(height - 1 - k)?);
+        if same(&top, &bottom) {
+            continue;
+        }
+        let row = gdal_row(k)?;
+        match (same(&row, &top), same(&row, &bottom)) {
+            (true, _) => kept += 1,
+            (_, true) => flipped += 1,
+            _ => return None,
+        }
+    }
+    match (kept, flipped) {
+        (_, 0) => Some(true),
+        (0, _) => Some(false),
+        _ => None,
+    }
+}
+
+/// Rows (and their mirror images) read to tell the order of a `NetCDF` file's rows in GDAL's raster.
+const ROW_ORDER_SAMPLES: usize = 32;
 
 /// Refuses a classic (CDF-1, -2 or -5) `NetCDF` file shorter than its header says: netCDF-C reads the missing
 /// values as fill values without an error, so a truncated file would silently become missing data.

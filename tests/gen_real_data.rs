@@ -63,8 +63,10 @@ fn era5_grib_hourly_equals_gdalwarp_bilinear() {
 
 #[test]
 fn cf_coordinates_rebuild_georeferencing_that_gdal_misses() {
-    // tmean_1910: GDAL gives an identity geotransform (x/y lack standard_name). The reference attaches the
-    // georeferencing the README documents (x −200…700 km, y −200…1250 km) with gdal_translate.
+    // tmean_1910: GDAL gives an identity geotransform (x/y lack standard_name), and reads the rows bottom-up
+    // (its default when it sees no y axis), while the file's y runs north to south. The reference reads them
+    // in the file's order (`GDAL_NETCDF_BOTTOMUP=NO`) and attaches the georeferencing the README documents
+    // (x −200…700 km, y 1250…−200 km from the first row) with gdal_translate.
     let dir = tempfile::tempdir().unwrap();
     let nc = shared_data("tmean_1910_1910.nc");
     let grid = TestGrid { bbox: [-10.0, 50.0, 2.0, 58.0], res: 0.05 };
@@ -77,24 +79,27 @@ fn cf_coordinates_rebuild_georeferencing_that_gdal_misses() {
             nc.display()
         ),
     );
-    let vrt = dir.path().join("tmean.vrt");
+    let tif = dir.path().join("tmean.tif");
     let source = format!("NETCDF:\"{}\":tmean", nc.display());
     gdal_tool(
         "gdal_translate",
         &[
             "-q",
+            "--config",
+            "GDAL_NETCDF_BOTTOMUP",
+            "NO",
             "-of",
-            "VRT",
+            "GTiff",
             "-a_ullr",
             "-200000",
             "1250000",
             "700000",
             "-200000",
             &source,
-            vrt.to_str().unwrap(),
+            tif.to_str().unwrap(),
         ],
     );
-    let (w, h, reference) = gdalwarp(vrt.to_str().unwrap(), grid, "average", dir.path());
+    let (w, h, reference) = gdalwarp(tif.to_str().unwrap(), grid, "average", dir.path());
     let tmean = array(&cube, "tmean");
     assert_eq!(tmean.dimensionality(), 2, "static variables have no time axis");
     let values = read_f32(&cube, "tmean", None, h as u64, w as u64);
@@ -367,4 +372,33 @@ fn blocks_split_along_x_give_the_same_cube() {
         };
         assert_eq!(index(&whole.path), index(&split.path), "validity index of {name}");
     }
+}
+
+#[test]
+fn cells_beyond_the_data_are_missing_in_blocks_that_no_source_pixel_reaches() {
+    // The data ends at 37.125°N. Batches of 2 × 2 cells make chunk rows of 2 cells: those north of the edge
+    // are warped from no source pixel at all, which GDAL skips, and must hold NaN as the cells beyond the
+    // edge in the rows that touch it do (not the 0.0 of a buffer GDAL never wrote).
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("bcsd_obs_1999.nc");
+    let grid = TestGrid { bbox: [-80.0, 36.0, -79.0, 39.0], res: 0.125 };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\ntime: {{ from: pr }}\nlayout: {{ kind: pixel_series, batch: 4 }}\n\
+             variables:\n  pr: {{ path: {}, variable: pr }}\n",
+            grid.yaml(),
+            nc.display()
+        ),
+    );
+    let (h, w) = (24, 8);
+    let values = read_f32(&cube, "pr", Some(0..12), h as u64, w as u64);
+    for (i, v) in values.iter().enumerate() {
+        let row = (i / w) % h;
+        let centre = 39.0 - (row as f64 + 0.5) * 0.125;
+        // Inland North Carolina and Virginia: every cell inside the data has a value.
+        assert_eq!(v.is_nan(), centre > 37.125, "step {}, row {row} (lat {centre}): {v}", i / (h * w));
+    }
+    let stats = &meta(&cube)["variables"][0]["stats"];
+    assert!(stats["min"].as_f64().unwrap() > 10.0, "{stats}");
 }

@@ -135,8 +135,9 @@ pub fn warp_window(
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
     let xml = vrt_xml(bands, data_type, nodata);
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
-    // The warp writes straight into `out`: a MEM dataset whose bands are views of it.
-    let mut out = vec![0.0f64; bands.len() * rows * cols];
+    // The warp writes straight into `out`: a MEM dataset whose bands are views of it. NaN before the warp
+    // too: GDAL skips a window that no source pixel reaches, without applying `INIT_DEST`.
+    let mut out = vec![f64::NAN; bands.len() * rows * cols];
     let mut target = window_dataset(&mut out, cols, rows, bands.len()).map_err(&fail)?;
     let mut geotransform = grid.geotransform(row0);
     geotransform[0] += col0 as f64 * grid.res_x;
