@@ -643,6 +643,12 @@ impl Config {
         if self.variables.0.is_empty() {
             return Err(ConfigError::invalid("variables", "at least one variable is required"));
         }
+        if self.metadata.contains_key("cubeload") {
+            return Err(ConfigError::invalid(
+                "metadata.cubeload",
+                "reserved: the cube's own description (layout, variables, statistics) is written there",
+            ));
+        }
         for (name, var) in &self.variables.0 {
             let key = |k: &str| format!("variables.{name}.{k}");
             if name.is_empty() || name.starts_with('.') || name.contains('/') || name.contains('\\') {
@@ -651,10 +657,18 @@ impl Config {
                     "a variable name must be non-empty and contain no `/`",
                 ));
             }
-            if ["time", "lat", "lon", "spatial_ref"].contains(&name.as_str()) {
+            if ["time", "lat", "lon", "spatial_ref", "sample"].contains(&name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("variables.{name}"),
                     "this name is reserved for a coordinate",
+                ));
+            }
+            // The cube's own files and groups lie beside the variables' arrays.
+            if name == "zarr.json" || name.starts_with("cubeload") || name.starts_with("coarse_") {
+                return Err(ConfigError::invalid(
+                    format!("variables.{name}"),
+                    "names `zarr.json` and those starting with `cubeload` or `coarse_` are reserved for the \
+                     cube's metadata, manifest, validity index and resolution levels",
                 ));
             }
             if var.band == Some(0) {

@@ -56,7 +56,9 @@ pub fn factor_for(
     let key = format!("variables.{name}.resolution");
     let snap = |r: f64, cell: f64| (r / cell).round();
     let (kx, ky) = (snap(rx, grid.res_x), snap(ry, grid.res_y));
-    if kx < 1.0 || ky < 1.0 {
+    // Finer by more than rounding: checked before snapping, which would make 0.07 on 0.125 cells a factor 1.
+    let finer = |r: f64, cell: f64| r < cell * (1.0 - 1e-9);
+    if finer(rx, grid.res_x) || finer(ry, grid.res_y) {
         return Err(ConfigError::invalid(
             key,
             format!(

@@ -202,6 +202,13 @@ impl Plan {
                 (Some(axis), false) => time::map_steps(axis, &source.instants()),
                 _ => Vec::new(),
             };
+            if let Some(axis) = time.as_ref().filter(|_| !is_static)
+                && step_sources.iter().all(|s| matches!(s, StepSources::Empty))
+            {
+                return Err(
+                    ConfigError::invalid("time", no_time_overlap(name, axis, &source.instants())).into()
+                );
+            }
             let default_resampling = if categorical { Resampling::Nearest } else { Resampling::Bilinear };
             let default_aggregation = if categorical { Aggregation::Nearest } else { Aggregation::Mean };
             let resampling = var.resampling.unwrap_or(default_resampling);
@@ -694,6 +701,24 @@ fn free_space(path: &Path) -> Option<(std::path::PathBuf, u64)> {
         (libc::statvfs(c_path.as_ptr(), &raw mut stat) == 0).then_some(stat)
     }?;
     Some((dir, stat.f_bavail.saturating_mul(stat.f_frsize)))
+}
+
+/// Why a time axis that gives a variable no step is refused: its steps and the variable's.
+fn no_time_overlap(name: &str, axis: &TimeAxis, source: &[Instant]) -> String {
+    let span = |mut times: Vec<Instant>| {
+        times.sort_unstable();
+        match (times.first(), times.last()) {
+            (Some(&first), Some(&last)) => {
+                format!("{} … {}", time::format_instant(first), time::format_instant(last))
+            }
+            _ => "no step".to_string(),
+        }
+    };
+    format!(
+        "{} gives variable `{name}` no step: its files cover {}",
+        span(axis.times.clone()),
+        span(source.to_vec())
+    )
 }
 
 /// Refuses a grid that misses every file of a variable: the cube would hold nothing of it. Files whose

@@ -109,6 +109,35 @@ fn misfit_disjoint_or_absurd_configs_exit_2_name_the_keys_and_write_nothing() {
             image("{ kind: image_sequence, seq_len: 4, patch: [8, 8], batch: 4 }"),
             vec!["layout.batch", "2 × 2"],
         ),
+        // Names of the cube's own files and groups, and of its description.
+        (
+            era5_config().replace("  t2m: {", "  cubeload_index: {"),
+            vec!["variables.cubeload_index", "reserved"],
+        ),
+        (
+            era5_config().replace("  t2m: {", "  cubeload_manifest.jsonl: {"),
+            vec!["variables.cubeload_manifest.jsonl", "reserved"],
+        ),
+        (era5_config().replace("  t2m: {", "  zarr.json: {"), vec!["variables.zarr.json", "reserved"]),
+        (era5_config().replace("  t2m: {", "  coarse_2: {"), vec!["variables.coarse_2", "reserved"]),
+        (era5_config().replace("  t2m: {", "  sample: {"), vec!["variables.sample", "reserved"]),
+        (format!("{}metadata: {{ cubeload: mine }}\n", era5_config()), vec!["metadata.cubeload", "reserved"]),
+        // A native resolution finer than the target's by less than half a cell.
+        (
+            era5_config()
+                .replace("batch: 16 }", "batch: 16, multires: true }")
+                .replace("{ path:", "{ resolution: 0.3, path:"),
+            vec!["variables.t2m.resolution", "finer than the target grid"],
+        ),
+        // A time axis beside the data's (March 2019).
+        (
+            era5_config().replace("from: t2m", "start: 2020-03-01, end: 2020-03-31, step: 1d"),
+            vec![
+                "config key `time`",
+                "variable `t2m` no step",
+                "2019-03-01T00:00:00Z … 2019-03-31T23:00:00Z",
+            ],
+        ),
         // A bbox beside the data (ERA5 covers the UK).
         (
             era5_config().replace("[-8.0, 51.0, 0.0, 57.0]", "[100.0, -10.0, 110.0, 0.0]"),
