@@ -202,6 +202,9 @@ impl Plan {
                 (Some(axis), false) => time::map_steps(axis, &source.instants()),
                 _ => Vec::new(),
             };
+            if !is_static && let Some(note) = shared_instants(&source.steps) {
+                notes.push(note);
+            }
             if let Some(axis) = time.as_ref().filter(|_| !is_static)
                 && step_sources.iter().all(|s| matches!(s, StepSources::Empty))
             {
@@ -703,6 +706,23 @@ fn free_space(path: &Path) -> Option<(std::path::PathBuf, u64)> {
     Some((dir, stat.f_bavail.saturating_mul(stat.f_frsize)))
 }
 
+/// A note when steps of one file fall on one instant: the days past a Gregorian month's end of a `360_day`
+/// or `all_leap` calendar go on the month's last day, and a target step then aggregates them together.
+/// (Steps of different files at one instant are tiles of one date, mosaicked.)
+fn shared_instants(steps: &[crate::source::SourceStep]) -> Option<String> {
+    let mut sorted: Vec<(usize, Instant)> = steps.iter().filter_map(|s| Some((s.file, s.time?))).collect();
+    sorted.sort_unstable();
+    let shared = sorted.windows(2).filter(|w| w[0] == w[1]).count();
+    (shared > 0).then(|| {
+        format!(
+            "{shared} of its {} steps fall on the instant of another step of their file (a calendar's days \
+             past a Gregorian month's end, as in 360_day, go on the month's last day): a target step \
+             aggregates them together",
+            sorted.len()
+        )
+    })
+}
+
 /// Why a time axis that gives a variable no step is refused: its steps and the variable's.
 fn no_time_overlap(name: &str, axis: &TimeAxis, source: &[Instant]) -> String {
     let span = |mut times: Vec<Instant>| {
@@ -769,6 +789,20 @@ mod tests {
     }
 
     const VARIABLES: [(DType, bool); 2] = [(DType::Float32, false), (DType::Uint8, true)];
+
+    /// Days 29 and 30 of February in a 360-day file fall on the 28th; tiles of one date in two files do not
+    /// count.
+    #[test]
+    fn steps_of_one_file_on_one_instant_get_a_note() {
+        use crate::source::SourceStep;
+        let feb = |d: u32| crate::time::parse_timestamp(&format!("2001-02-{d:02}")).unwrap();
+        let step = |file: usize, time: Instant| SourceStep { file, band: 1, time: Some(time) };
+        assert_eq!(shared_instants(&[step(0, feb(27)), step(1, feb(27)), step(0, feb(28))]), None);
+        let note = shared_instants(&[step(0, feb(27)), step(0, feb(28)), step(0, feb(28)), step(0, feb(28))]);
+        assert!(
+            note.unwrap().starts_with("2 of its 4 steps fall on the instant of another step of their file")
+        );
+    }
 
     /// The values each type can hold, fill values among them.
     #[test]
