@@ -58,6 +58,7 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         match self {
             Error::Config(_) => true,
+            Error::Source(e) => e.is_usage(),
             Error::Gen(e) => e.is_usage(),
             _ => false,
         }

@@ -105,7 +105,11 @@ impl GenError {
     /// disk (1).
     #[must_use]
     pub fn is_usage(&self) -> bool {
-        matches!(self, GenError::Plan(PlanError::Config(_)) | GenError::Append { .. })
+        match self {
+            GenError::Plan(PlanError::Config(_)) | GenError::Append { .. } => true,
+            GenError::Plan(PlanError::Source(e)) | GenError::Source(e) => e.is_usage(),
+            _ => false,
+        }
     }
 }
 

@@ -52,6 +52,17 @@ pub enum SourceError {
         /// What is wrong, and what to do about it.
         message: String,
     },
+    /// The config does not fit the file (a variable or band it does not have, or none chosen where it has
+    /// several): the config is at fault (exit code 2).
+    #[error("config key `{key}`: {path}: {message}")]
+    Misconfigured {
+        /// The config key (`variables.NAME.variable` or `.band`).
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What the file has instead.
+        message: String,
+    },
     /// Reading the file for hashing failed.
     #[error("{path}: {source}")]
     Io {
@@ -63,6 +74,20 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// Whether the configuration is at fault (exit code 2) rather than the file (1).
+    #[must_use]
+    pub fn is_usage(&self) -> bool {
+        matches!(self, SourceError::Misconfigured { .. })
+    }
+
+    fn misconfigured(name: &str, key: &str, path: &Path, message: impl Into<String>) -> Self {
+        SourceError::Misconfigured {
+            key: format!("variables.{name}.{key}"),
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+
     fn unusable(path: &Path, message: impl Into<String>) -> Self {
         SourceError::Unusable { path: path.to_path_buf(), message: message.into() }
     }
@@ -181,7 +206,7 @@ impl Source {
         let mut first: Option<BandInfo> = None;
         let mut notes = Vec::new();
         for (index, path) in paths.iter().enumerate() {
-            let (view, file_steps, band_info, note) = probe_file(path, config)?;
+            let (view, file_steps, band_info, note) = probe_file(name, path, config)?;
             if let Some(note) = note
                 && !notes.contains(&note)
             {
@@ -317,10 +342,10 @@ type BandInfo = (GdalDataType, Option<f64>, f64, f64, Option<String>);
 type FileProbe = (FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<String>);
 
 /// Opens a file, selects the variable, and reads its steps, band info and georeferencing.
-fn probe_file(path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceError> {
+fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceError> {
     check_classic_netcdf_length(path)?;
     let container = open(path, path.to_string_lossy().as_ref())?;
-    let gdal_name = select_variable(path, &container, config.variable.as_deref())?;
+    let gdal_name = select_variable(name, path, &container, config.variable.as_deref())?;
     let dataset = if gdal_name == path.to_string_lossy() { container } else { open(path, &gdal_name)? };
     let count = dataset.raster_count();
     if count == 0 {
@@ -329,7 +354,12 @@ fn probe_file(path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceE
     if let Some(band) = config.band
         && band > count
     {
-        return Err(SourceError::unusable(path, format!("band {band} requested, the file has {count}")));
+        return Err(SourceError::misconfigured(
+            name,
+            "band",
+            path,
+            format!("band {band} requested, the file has {count}"),
+        ));
     }
     let (data_type, nodata, scale, offset, units) = {
         let band1 = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
@@ -356,7 +386,9 @@ fn probe_file(path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceE
                     (Some(b), _) => b,
                     (None, 1) => 1,
                     (None, n) => {
-                        return Err(SourceError::unusable(
+                        return Err(SourceError::misconfigured(
+                            name,
+                            "band",
                             path,
                             format!(
                                 "has {n} bands and no time axis (no CF time, no GRIB valid time); \
@@ -403,7 +435,12 @@ fn open(path: &Path, name: &str) -> Result<Dataset, SourceError> {
 }
 
 /// Picks the subdataset for `variable`, or checks that the file is a single raster.
-fn select_variable(path: &Path, dataset: &Dataset, variable: Option<&str>) -> Result<String, SourceError> {
+fn select_variable(
+    name: &str,
+    path: &Path,
+    dataset: &Dataset,
+    variable: Option<&str>,
+) -> Result<String, SourceError> {
     let subdatasets: Vec<String> = dataset
         .metadata_domain("SUBDATASETS")
         .unwrap_or_default()
@@ -428,7 +465,9 @@ fn select_variable(path: &Path, dataset: &Dataset, variable: Option<&str>) -> Re
                 }
             }
             let names: Vec<String> = subdatasets.iter().map(|s| short(s)).collect();
-            Err(SourceError::unusable(
+            Err(SourceError::misconfigured(
+                name,
+                "variable",
                 path,
                 if names.is_empty() {
                     format!("has no variable `{var}`")
@@ -439,7 +478,9 @@ fn select_variable(path: &Path, dataset: &Dataset, variable: Option<&str>) -> Re
         }
         None if dataset.raster_count() == 0 && !subdatasets.is_empty() => {
             let names: Vec<String> = subdatasets.iter().map(|s| short(s)).collect();
-            Err(SourceError::unusable(
+            Err(SourceError::misconfigured(
+                name,
+                "variable",
                 path,
                 format!("holds several variables; choose one with `variable:` ({})", names.join(", ")),
             ))

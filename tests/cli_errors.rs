@@ -252,14 +252,6 @@ fn unusable_sources_exit_1_and_name_the_file() {
         ),
         (config(&format!("  a: {{ path: {} }}\n", garbage.display())), vec!["garbage.nc".into()]),
         (
-            config(&format!("  a: {{ path: {}, variable: prr }}\n", bcsd.display())),
-            vec!["bcsd_obs_1999.nc".into(), "prr".into(), "pr, tas".into()],
-        ),
-        (
-            config(&format!("  a: {{ path: {} }}\n", bcsd.display())),
-            vec!["bcsd_obs_1999.nc".into(), "variable:".into()],
-        ),
-        (
             config(&format!("  z: {{ path: {}, variable: z }}\n", eraint.display())),
             vec!["eraint_uvz.nc".into(), "non-spatial dimensions".into()],
         ),
@@ -267,19 +259,37 @@ fn unusable_sources_exit_1_and_name_the_file() {
             config(&format!("  b: {{ path: {}, variable: blue }}\n", l3b.display())),
             vec!["L3B_S2B".into(), "crs".into()],
         ),
-        (
-            config(&format!("  rgb: {{ path: {} }}\n", rgb.display())),
-            vec!["RGB.byte.tif".into(), "band".into()],
-        ),
-        (
-            config(&format!("  rgb: {{ path: {}, band: 4, static: true }}\n", rgb.display())),
-            vec!["RGB.byte.tif".into(), "band 4".into()],
-        ),
     ];
     for (text, parts) in cases {
         let (code, stderr) = gen_err(dir.path(), &text);
         assert_eq!(code, 1, "{text}\n{stderr}");
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        assert_mentions(&stderr, &parts);
+        assert!(!dir.path().join("cube.zarr").exists());
+    }
+    // A config that names what the file does not have, or does not choose among what it has: exit 2, with
+    // the key and the file.
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            config(&format!("  a: {{ path: {}, variable: prr }}\n", bcsd.display())),
+            vec!["variables.a.variable", "bcsd_obs_1999.nc", "prr", "pr, tas"],
+        ),
+        (
+            config(&format!("  a: {{ path: {} }}\n", bcsd.display())),
+            vec!["variables.a.variable", "bcsd_obs_1999.nc", "variable:"],
+        ),
+        (
+            config(&format!("  rgb: {{ path: {} }}\n", rgb.display())),
+            vec!["variables.rgb.band", "RGB.byte.tif"],
+        ),
+        (
+            config(&format!("  rgb: {{ path: {}, band: 4, static: true }}\n", rgb.display())),
+            vec!["variables.rgb.band", "RGB.byte.tif", "band 4"],
+        ),
+    ];
+    for (text, parts) in cases {
+        let (code, stderr) = gen_err(dir.path(), &text);
+        assert_eq!(code, 2, "{text}\n{stderr}");
         assert_mentions(&stderr, &parts);
         assert!(!dir.path().join("cube.zarr").exists());
     }
