@@ -44,6 +44,28 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The same error about a grid given by xcube's keys, named by them.
+    fn in_xcube_keys(self) -> Self {
+        match self {
+            ConfigError::Invalid { key, message } => {
+                let (key, message) = match key.as_str() {
+                    "grid.bbox" => ("output_region".to_string(), message),
+                    "grid.resolution" => ("output_spatial_res".to_string(), message),
+                    "grid.size" => ("output_size".to_string(), message),
+                    "grid" => (
+                        "output_size".to_string(),
+                        message
+                            .replace("`resolution`", "`output_spatial_res`")
+                            .replace("`size`", "`output_size`"),
+                    ),
+                    _ => (key, message),
+                };
+                ConfigError::Invalid { key, message }
+            }
+            other => other,
+        }
+    }
+
     pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid { key: key.into(), message: message.into() }
     }
@@ -560,13 +582,14 @@ impl Config {
     pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = serde_yaml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })?;
-        config.apply_xcube_aliases()?;
-        config.validate()?;
+        let xcube = config.apply_xcube_aliases()?;
+        config.validate().map_err(|e| if xcube { e.in_xcube_keys() } else { e })?;
         Ok(config)
     }
 
-    /// Folds the xcube top-level keys into `grid` (an error if both spell the same thing).
-    fn apply_xcube_aliases(&mut self) -> Result<(), ConfigError> {
+    /// Folds the xcube top-level keys into `grid` (an error if both spell the same thing); whether the grid
+    /// came from them.
+    fn apply_xcube_aliases(&mut self) -> Result<bool, ConfigError> {
         let any =
             self.output_size.is_some() || self.output_region.is_some() || self.output_spatial_res.is_some();
         if any {
@@ -593,7 +616,7 @@ impl Config {
                 }
             }
         }
-        Ok(())
+        Ok(any)
     }
 
     /// Checks what the file alone can tell; each error names its key.
@@ -928,6 +951,15 @@ variables:
         assert_eq!(c.grid().size, Some([240, 160]));
         assert_eq!(c.metadata["title"], "demo");
         assert_eq!(c.variables.0[0].1.resampling, Some(Resampling::Average));
+        // Errors name the xcube keys given, not the `grid` they stand for.
+        let error = |from: &str, to: &str| parse(&text.replace(from, to)).unwrap_err().to_string();
+        let both = error("output_size: [240, 160]", "output_size: [240, 160]\noutput_spatial_res: 0.05");
+        assert!(both.contains("`output_size`") && both.contains("`output_spatial_res`"), "{both}");
+        assert!(!both.contains("grid"), "{both}");
+        let region = error("[-10.0, 50.0, 2.0, 58.0]", "[2.0, 50.0, -10.0, 58.0]");
+        assert!(region.starts_with("config key `output_region`"), "{region}");
+        let size = error("[240, 160]", "[0, 160]");
+        assert!(size.starts_with("config key `output_size`"), "{size}");
     }
 
     #[test]
