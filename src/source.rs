@@ -223,6 +223,20 @@ impl Source {
                         ),
                     ));
                 }
+                // The warp masks one nodata value for all the files: another one's would pass as data.
+                Some(f) if !same_nodata(f.1, band_info.1) => {
+                    let show = |n: Option<f64>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
+                    return Err(SourceError::unusable(
+                        path,
+                        format!(
+                            "its nodata ({}) differs from that of {} ({}): all files of variable `{name}` must \
+                             agree, or `nodata:` in its config sets one for all",
+                            show(band_info.1),
+                            paths[0].display(),
+                            show(f.1)
+                        ),
+                    ));
+                }
                 Some(_) => {}
             }
             steps.extend(file_steps.into_iter().map(|(band, time)| SourceStep { file: index, band, time }));
@@ -337,6 +351,14 @@ fn file_provenance(path: &Path) -> Result<SourceFile, SourceError> {
 }
 
 type BandInfo = (GdalDataType, Option<f64>, f64, f64, Option<String>);
+
+/// Nodata values that mark the same cells (NaN marks NaN).
+fn same_nodata(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b || (a.is_nan() && b.is_nan()),
+        (a, b) => a.is_none() && b.is_none(),
+    }
+}
 
 /// What [`probe_file`] learns about one file: its view, its steps (band, time), its band info and a note.
 type FileProbe = (FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<String>);

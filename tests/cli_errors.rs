@@ -443,3 +443,44 @@ fn bench_refuses_a_max_pass_time_that_is_not_positive() {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{bad}: nothing is written");
     }
 }
+
+#[test]
+fn files_of_one_variable_with_another_nodata_are_refused_unless_the_config_sets_one() {
+    use gdal::raster::Buffer;
+    let dir = tempfile::tempdir().unwrap();
+    let dates = dir.path().join("dates");
+    std::fs::create_dir(&dates).unwrap();
+    // Two dates of one tile; the second marks its gaps 255 where the first marks them 0.
+    for (day, nodata) in [(1, 0.0), (2, 255.0)] {
+        let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
+        let path = dates.join(format!("ndvi_2024-06-{day:02}.tif"));
+        let mut ds = driver.create_with_band_type::<u8, _>(&path, 8, 8, 1).unwrap();
+        ds.set_geo_transform(&[10.0, 0.1, 0.0, 46.0, 0.0, -0.1]).unwrap();
+        let wkt = gdal::spatial_ref::SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap();
+        ds.set_projection(&wkt).unwrap();
+        let mut band = ds.rasterband(1).unwrap();
+        band.set_no_data_value(Some(nodata)).unwrap();
+        let values: Vec<u8> = (0..64).map(|i| if i % 4 == 0 { nodata as u8 } else { 100 }).collect();
+        band.write((0, 0), (8, 8), &mut Buffer::new((8, 8), values)).unwrap();
+    }
+    let config = |nodata: &str| {
+        format!(
+            "output: cube.zarr\ngrid: {{ bbox: [10.0, 45.2, 10.8, 46.0], resolution: 0.1 }}\ntime: {{ from: ndvi }}\n\
+             layout: {{ kind: pixel_series, batch: 16 }}\n\
+             variables:\n  ndvi: {{ path: \"{}/ndvi_*.tif\", resampling: nearest{nodata} }}\n",
+            dates.display()
+        )
+    };
+    let (code, stderr) = gen_err(dir.path(), &config(""));
+    assert_eq!(code, 1, "{stderr}");
+    assert_mentions(
+        &stderr,
+        &["ndvi_2024-06-02.tif", "its nodata (255)", "ndvi_2024-06-01.tif", "(0)", "nodata:"],
+    );
+    assert!(!dir.path().join("cube.zarr").exists());
+    // One nodata for both: the second date's 255s are gaps, its 0s would be too.
+    let cube = gen_ok(dir.path(), &config(", nodata: 255"));
+    let values = crate::util::read_f32(&cube, "ndvi", Some(0..2), 8, 8);
+    let gaps = values[64..].iter().filter(|v| v.is_nan()).count();
+    assert_eq!(gaps, 16, "{:?}", &values[64..]);
+}
