@@ -20,16 +20,21 @@ use pyo3::types::{PyDict, PyTuple};
 #[global_allocator]
 static ALLOCATOR: cubeload::Allocator = cubeload::Allocator;
 
-create_exception!(_cubeload, CubeloadError, PyException, "Base class of cubeload's errors.");
+create_exception!(cubeload._cubeload, CubeloadError, PyException, "Base class of cubeload's errors.");
 create_exception!(
-    _cubeload,
+    cubeload._cubeload,
     CubeError,
     CubeloadError,
     "The cube is missing, incomplete or not a cubeload cube."
 );
-create_exception!(_cubeload, UnknownVariableError, CubeloadError, "A requested variable is not in the cube.");
 create_exception!(
-    _cubeload,
+    cubeload._cubeload,
+    UnknownVariableError,
+    CubeloadError,
+    "A requested variable is not in the cube."
+);
+create_exception!(
+    cubeload._cubeload,
     CorruptChunkError,
     CubeloadError,
     "A chunk of the cube cannot be read or decoded."

@@ -3,6 +3,7 @@ DataLoader workers, zero-copy arrays and exceptions."""
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -302,6 +303,13 @@ def test_a_flipped_byte_raises_or_is_skipped_and_counted(pixel_cube, tmp_path):
     assert all(reference[chunk] == h for chunk, h in batches.items()), "the others as in the intact cube"
     dataset = CubeDataset(str(copy), shuffle=False, on_corrupt="skip")
     assert len(list(DataLoader(dataset, batch_size=None, num_workers=0))) == len(reference) - 1
+    # In a DataLoader worker, the error reaches the training loop as itself (pickled across the processes),
+    # rather than ending the epoch early.
+    failing = DataLoader(CubeDataset(str(copy), shuffle=False), batch_size=None, num_workers=2)
+    with pytest.raises(cubeload.CorruptChunkError, match=r"`ndvi`, chunk \[\d+, \d+, \d+\]"):
+        list(failing)
+    error = cubeload.CorruptChunkError("a message")
+    assert type(pickle.loads(pickle.dumps(error))) is cubeload.CorruptChunkError
 
 
 def test_example_training_loss_falls(pixel_cube):
