@@ -203,6 +203,46 @@ impl Level {
         [it, iy / self.nest[0], ix / self.nest[1]]
     }
 
+    /// The level chunks whose cells a target chunk of `[h, w]` cells at `[iy, ix]` may read: those under it
+    /// and, with `halo` (bilinear upsampling), one level cell around it, within the level's valid shape.
+    /// `(rows, columns)` of level chunks.
+    #[must_use]
+    pub fn chunks_read(
+        &self,
+        [iy, ix]: [usize; 2],
+        [h, w]: [usize; 2],
+        halo: bool,
+    ) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let halo = usize::from(halo);
+        let span = |first: usize, n: usize, k: usize, cells: usize, chunk: usize| {
+            let lo = (first / k).saturating_sub(halo);
+            let hi = ((first + n).div_ceil(k) + halo).min(cells.max(1));
+            lo / chunk..hi.div_ceil(chunk).max(lo / chunk + 1)
+        };
+        (
+            span(iy * h, h, self.factor[0], self.shape[1], self.layout.chunk_y),
+            span(ix * w, w, self.factor[1], self.shape[2], self.layout.chunk_x),
+        )
+    }
+
+    /// Cells of level chunk `[it, iy, ix]` inside the level's valid shape (its padding left out); a static
+    /// variable's chunk counts one step.
+    #[must_use]
+    pub fn cells_inside(&self, [it, iy, ix]: [usize; 3], is_static: bool) -> usize {
+        let l = &self.layout;
+        let inside = |i: usize, chunk: usize, n: usize| n.saturating_sub(i * chunk).min(chunk);
+        let steps = if is_static { 1 } else { inside(it, l.chunk_t, self.shape[0]) };
+        steps * inside(iy, l.chunk_y, self.shape[1]) * inside(ix, l.chunk_x, self.shape[2])
+    }
+
+    /// Cells of a level chunk, padding included.
+    #[must_use]
+    pub fn chunk_cells(&self, is_static: bool) -> usize {
+        let l = &self.layout;
+        let steps = if is_static { 1 } else { l.chunk_t };
+        steps * l.chunk_y * l.chunk_x
+    }
+
     /// Level chunks along `(time, lat, lon)`.
     #[must_use]
     pub fn chunk_counts(&self) -> [usize; 3] {
@@ -251,6 +291,31 @@ mod tests {
         assert_eq!(group_name([10, 10], 1), "coarse_10");
         assert_eq!(group_name([1, 1], 24), "coarse_t24");
         assert_eq!(group_name([4, 5], 3), "coarse_4x5_t3");
+    }
+
+    #[test]
+    fn a_target_chunk_reads_the_level_chunks_under_it_and_beside_its_edges() {
+        let g = grid(240, 160);
+        let config = pixel(256);
+        let target = Layout::resolve(&config, 48, g.height, g.width, 4);
+        let level = Level::new([10, 10], 1, &g, &target, &config, 48, 4);
+        // Target chunk (1, 2): cells 16..32 × 32..48, level cells 1..4 × 3..5, in level chunk (0, 0).
+        assert_eq!(level.chunks_read([1, 2], [16, 16], false), (0..1, 0..1));
+        assert_eq!(level.chunks_read([1, 2], [16, 16], true), (0..1, 0..1));
+        // Target chunk (4, 9): cells 64..80 × 144..160, level cells 6..8 × 14..16; one more cell reaches the
+        // next level chunk along y (level row 8), none along x (16 is in chunk 2 already).
+        assert_eq!(level.chunks_read([4, 9], [16, 16], false), (0..1, 1..2));
+        assert_eq!(level.chunks_read([4, 9], [16, 16], true), (0..2, 1..3));
+        // The level is 16 × 24 cells: no padding; a static chunk counts one step.
+        assert_eq!(level.cells_inside([0, 1, 2], false), 48 * 64);
+        assert_eq!(level.cells_inside([0, 1, 2], true), 64);
+        assert_eq!(level.chunk_cells(true), 64);
+        // A 6 × 4 level in 8 × 8 chunks (factor 50 on 300 × 200 cells): 24 of 64 cells.
+        let g = grid(200, 300);
+        let target = Layout::resolve(&config, 48, g.height, g.width, 4);
+        let level = Level::new([50, 50], 1, &g, &target, &config, 48, 4);
+        assert_eq!(level.cells_inside([0, 0, 0], true), 24);
+        assert_eq!(level.chunk_cells(true), 64);
     }
 
     proptest! {

@@ -376,3 +376,61 @@ fn the_shipped_configs_plan_and_the_multiresolution_one_generates() {
     let valid: Vec<f64> = opened.meta().variables.iter().map(|v| v.valid_fraction).collect();
     assert!(valid.iter().all(|&f| f > 0.3), "every variable mostly covers the bbox: {valid:?}");
 }
+
+/// The validity index of a variable on a level holds a fraction per level chunk. A batch takes the largest of
+/// the level chunks it reads, padding left out: a batch at the edge of a gap, whose cells bilinear upsampling
+/// fills from the next level chunk, is not skipped as empty, and `min_valid` compares a batch's own share of
+/// valid cells, not one diluted by the level's padding.
+#[test]
+fn batches_of_a_level_variable_are_kept_or_skipped_by_the_cells_they_get() {
+    use gdal::raster::Buffer;
+    let dir = tempfile::tempdir().unwrap();
+    // 0.05° cells over [9, 11] × [45, 46], values only in the columns of 10.0°–10.5°E.
+    let (width, height, res) = (40usize, 20usize, 0.05);
+    let tif = dir.path().join("band.tif");
+    {
+        let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
+        let mut ds = driver.create_with_band_type::<f32, _>(&tif, width, height, 1).unwrap();
+        ds.set_geo_transform(&[9.0, res, 0.0, 46.0, 0.0, -res]).unwrap();
+        let wkt = gdal::spatial_ref::SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap();
+        ds.set_projection(&wkt).unwrap();
+        let mut band = ds.rasterband(1).unwrap();
+        band.set_no_data_value(Some(-1.0)).unwrap();
+        let values: Vec<f32> =
+            (0..width * height).map(|i| if (20..30).contains(&(i % width)) { 280.0 } else { -1.0 }).collect();
+        band.write((0, 0), (width, height), &mut Buffer::new((width, height), values)).unwrap();
+    }
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\ngrid: {{ bbox: [9.0, 45.0, 11.0, 46.0], resolution: 0.01 }}\n\
+             layout: {{ kind: pixel_series, batch: 256, multires: true }}\n\
+             variables:\n  v: {{ path: {}, static: true, resolution: 0.05 }}\n",
+            tif.display()
+        ),
+    );
+    let shares = |min_valid: Option<f64>| -> Vec<([usize; 3], f64)> {
+        let mut builder = Loader::builder(&cube);
+        if let Some(m) = min_valid {
+            builder = builder.min_valid(m);
+        }
+        builder
+            .build()
+            .unwrap()
+            .map(|b| {
+                let b = b.unwrap();
+                let valid = b.mask.iter().map(|&m| u64::from(m)).sum::<u64>() as f64 / b.mask.len() as f64;
+                (b.origin.chunk, valid)
+            })
+            .collect()
+    };
+    let every = shares(Some(0.0));
+    let kept: Vec<[usize; 3]> = shares(None).into_iter().map(|(chunk, _)| chunk).collect();
+    let with_values: Vec<[usize; 3]> = every.iter().filter(|(_, v)| *v > 0.0).map(|&(c, _)| c).collect();
+    let missing: Vec<_> = with_values.iter().filter(|c| !kept.contains(c)).collect();
+    assert!(missing.is_empty(), "batches with values skipped as empty: {missing:?}");
+    assert!(kept.len() < every.len(), "batches far from the values are skipped");
+    let half: Vec<[usize; 3]> = shares(Some(0.5)).into_iter().map(|(chunk, _)| chunk).collect();
+    let full: Vec<_> = every.iter().filter(|(_, v)| *v == 1.0).map(|&(c, _)| c).collect();
+    assert!(!full.is_empty() && full.iter().all(|c| half.contains(c)), "{full:?} not all in {half:?}");
+}

@@ -329,7 +329,10 @@ impl Assembler {
         self.transform.regrid == Regrid::Native && v.coarse.is_some()
     }
 
-    /// Stored valid fraction of a batch chunk: the mean over the selected variables.
+    /// Stored valid fraction of a batch chunk: the mean over the selected variables. A variable on a level
+    /// has an index of its level chunks: a batch takes the largest fraction, padding left out, of the level
+    /// chunks it reads (bilinear upsampling reaches one level cell past those under it), so that no batch
+    /// with values of it counts as empty (one without may count as not empty).
     ///
     /// # Errors
     /// When the validity index cannot be read.
@@ -364,17 +367,33 @@ impl Assembler {
         } else {
             self.vars.iter().map(read).collect()
         };
+        let batch = [self.meta.layout.chunk_y, self.meta.layout.chunk_x];
         for (v, values) in self.vars.iter().zip(indexes) {
             let values = values?;
             let counts = self.meta.geometry(&v.meta).chunk_counts();
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let [it, iy, ix] = match &v.coarse {
-                    Some(c) => c.level.chunk_of([i / (cy * cx), (i / cx) % cy, i % cx]),
-                    None => [i / (cy * cx), (i / cx) % cy, i % cx],
-                };
+            let is_static = v.meta.is_static;
+            let stored = |[it, iy, ix]: [usize; 3]| {
                 let spatial = iy * counts[2] + ix;
-                let at = if v.meta.is_static { spatial } else { it * counts[1] * counts[2] + spatial };
-                *sum += f64::from(values[at]);
+                f64::from(values[if is_static { spatial } else { it * counts[1] * counts[2] + spatial }])
+            };
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let [it, iy, ix] = [i / (cy * cx), (i / cx) % cy, i % cx];
+                *sum += match &v.coarse {
+                    None => stored([it, iy, ix]),
+                    Some(c) => {
+                        let level = &c.level;
+                        let halo = c.upsampling == Upsampling::Bilinear && !self.is_native(v);
+                        let (rows, cols) = level.chunks_read([iy, ix], batch, halo);
+                        let it = level.chunk_of([it, iy, ix])[0];
+                        rows.flat_map(|ly| cols.clone().map(move |lx| [it, ly, lx]))
+                            .map(|id| {
+                                let inside = level.cells_inside(id, is_static);
+                                let all = level.chunk_cells(is_static) as f64;
+                                if inside == 0 { 0.0 } else { (stored(id) * all / inside as f64).min(1.0) }
+                            })
+                            .fold(0.0, f64::max)
+                    }
+                };
             }
         }
         let n = self.vars.len().max(1) as f64;
