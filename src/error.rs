@@ -59,6 +59,7 @@ impl Error {
         match self {
             Error::Config(_) => true,
             Error::Source(e) => e.is_usage(),
+            Error::Plot(e) => e.is_usage(),
             Error::Gen(e) => e.is_usage(),
             _ => false,
         }

@@ -40,6 +40,17 @@ pub enum PlotError {
     /// The cube cannot be read as asked.
     #[error("{0}")]
     Cube(String),
+    /// The cube has no such variable or time step as asked: the invocation is at fault (exit code 2).
+    #[error("{0}")]
+    NotInCube(String),
+}
+
+impl PlotError {
+    /// Whether the invocation is at fault (exit code 2) rather than the cube or the machine (1).
+    #[must_use]
+    pub fn is_usage(&self) -> bool {
+        matches!(self, PlotError::NotInCube(_))
+    }
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -177,13 +188,14 @@ fn viridis(t: f64) -> RGBColor {
 pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result<(), PlotError> {
     register_font()?;
     let meta = cube.meta();
-    let v =
-        meta.variables.iter().find(|v| v.name == variable).ok_or_else(|| {
-            PlotError::Cube(format!("no variable `{variable}` in {}", cube.path().display()))
-        })?;
+    let v = meta.variables.iter().find(|v| v.name == variable).ok_or_else(|| {
+        PlotError::NotInCube(format!("no variable `{variable}` in {}", cube.path().display()))
+    })?;
     let [n_time, height, width] = meta.geometry(v).shape;
     if !v.is_static && time >= n_time {
-        return Err(PlotError::Cube(format!("time index {time} is past the {n_time} steps of the cube")));
+        return Err(PlotError::NotInCube(format!(
+            "time index {time} is past the {n_time} steps of the cube"
+        )));
     }
     let values = slice(cube, v, time, height, width)
         .map_err(|e| PlotError::Cube(format!("{}: variable `{variable}`: {e}", cube.path().display())))?;

@@ -152,8 +152,11 @@ fn quicklook_and_bench_plot_write_pngs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out =
         cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--time", "999", "--out", "x.png"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("time index 999"));
+    let out = cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvii", "--out", "x.png"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no variable `ndvii`"));
     let out =
         cubeload(dir.path(), &["bench", "work/demo.zarr", "--image-batches", "1", "--plot", "bench.png"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
