@@ -107,6 +107,9 @@ fn cf_coordinates_rebuild_georeferencing_that_gdal_misses() {
     assert!(valid > 10_000, "{valid} valid cells");
     let m = meta(&cube);
     assert!(m["variables"][0]["notes"][0].as_str().unwrap().contains("CF x/y"), "{}", m["variables"][0]);
+    let info = crate::util::cubeload(dir.path(), &["info", "cube.zarr"]);
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("\nnotes\n  tmean: ") && info.contains("CF x/y coordinate variables"), "{info}");
 }
 
 #[test]

@@ -176,5 +176,14 @@ pub(crate) fn table(cube: &Cube) -> String {
             max
         );
     }
+    // What generation said about each variable (a snapped resolution, an assumed CRS, ...).
+    let notes: Vec<(&str, &String)> =
+        meta.variables.iter().flat_map(|v| v.notes.iter().map(|n| (v.name.as_str(), n))).collect();
+    if !notes.is_empty() {
+        let _ = writeln!(out, "notes");
+        for (name, note) in notes {
+            let _ = writeln!(out, "  {name}: {note}");
+        }
+    }
     out
 }
