@@ -21,8 +21,9 @@ class Loader:
     Each batch is a dict: one float32 array per variable (``[B, T]`` for pixel_series, ``[B, S, h, w]`` for
     image_sequence), ``"mask"`` (bool, ``[V, B, ...]`` in ``variables`` order: True where a value is real),
     per-sample ``"lat"``, ``"lon"`` (float64) and ``"time_index"`` (int64, first step on the cube's time
-    axis), and ``"epoch"``, ``"position"``, ``"chunk"``. All arrays are views of one Rust-owned buffer; the
-    values and mask go back to the loaders when numpy frees the last array over them.
+    axis), and ``"epoch"``, ``"position"``, ``"chunk"``. The variables' arrays and the mask are views of the
+    batch's Rust-owned buffers (no copy), which go back to the loaders when numpy frees the last array over
+    them; ``"lat"``, ``"lon"``, ``"time_index"`` and statics delivered apart are small arrays of their own.
     Missing values hold ``fill_value``. The GIL is released while a batch is awaited.
 
     With ``separate_statics=True`` each static variable comes once per sample (``[B]``, or ``[B, h, w]`` for
