@@ -70,6 +70,14 @@ pub enum GenError {
         /// Where the half-made cube is.
         staging: PathBuf,
     },
+    /// Flags that do not go with this output.
+    #[error("{path}: {message}")]
+    Flags {
+        /// The cube.
+        path: PathBuf,
+        /// Which, and why.
+        message: String,
+    },
     /// `--append` cannot extend this cube with this configuration.
     #[error("{path}: cannot append: {message}")]
     Append {
@@ -106,7 +114,7 @@ impl GenError {
     #[must_use]
     pub fn is_usage(&self) -> bool {
         match self {
-            GenError::Plan(PlanError::Config(_)) | GenError::Append { .. } => true,
+            GenError::Plan(PlanError::Config(_)) | GenError::Append { .. } | GenError::Flags { .. } => true,
             GenError::Plan(PlanError::Source(e)) | GenError::Source(e) => e.is_usage(),
             _ => false,
         }
@@ -308,7 +316,7 @@ fn generate_remote(
 ) -> Result<GenReport, GenError> {
     let url = location.display_path();
     if options.append || options.part.is_some() || options.finalize {
-        return Err(GenError::Append {
+        return Err(GenError::Flags {
             path: url,
             message:
                 "--append, --part and --finalize need the cube on a filesystem: make it there, then copy \
