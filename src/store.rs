@@ -119,12 +119,11 @@ pub fn exists(location: &Location) -> Result<bool, CubeError> {
 
 #[cfg(feature = "s3")]
 mod object_store {
+    use std::collections::{BTreeSet, HashSet};
     use std::path::Path;
     use std::sync::{Arc, OnceLock};
 
-    use std::collections::{BTreeSet, HashSet};
     use zarrs::storage::storage_adapter::async_to_sync::{AsyncToSyncBlockOn, AsyncToSyncStorageAdapter};
-
     use zarrs::storage::{
         ListableStorageTraits, ReadableStorage, ReadableStorageTraits, StorePrefix, WritableStorageTraits,
     };
