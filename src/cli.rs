@@ -591,6 +591,14 @@ fn print_summary(report: &GenReport) {
     if report.reused > 0 {
         println!("{} of the blocks were kept from an interrupted run or the previous cube", report.reused);
     }
+    // A bbox or time axis may meet a variable's sources within the margins the plan allows, yet give it no
+    // value at all.
+    for v in meta.variables.iter().filter(|v| v.valid_fraction == 0.0) {
+        eprintln!(
+            "warning: variable `{}` has no valid value in the cube: its sources cover none of its cells and steps",
+            v.name
+        );
+    }
 }
 
 /// Turns transparent huge pages off for this process (and the `gen` children it starts), except where it

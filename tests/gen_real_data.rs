@@ -404,4 +404,16 @@ fn cells_beyond_the_data_are_missing_in_blocks_that_no_source_pixel_reaches() {
     }
     let stats = &meta(&cube)["variables"][0]["stats"];
     assert!(stats["min"].as_f64().unwrap() > 10.0, "{stats}");
+
+    // A bbox beside the data, within the margin the overlap check allows for interpolation: a cube, and a
+    // warning that the variable has no value in it.
+    let config = std::fs::read_to_string(dir.path().join("cube.yaml")).unwrap();
+    let beside = dir.path().join("beside.yaml");
+    let bbox = "bbox: [-80.0, 37.2, -79.0, 37.3], resolution: 0.05";
+    std::fs::write(&beside, config.replace("bbox: [-80, 36, -79, 39], resolution: 0.125", bbox)).unwrap();
+    assert!(std::fs::read_to_string(&beside).unwrap().contains(bbox));
+    let out = crate::util::cubeload(dir.path(), &["gen", "-c", "beside.yaml", "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: variable `pr` has no valid value in the cube"), "{stderr}");
 }
