@@ -160,6 +160,32 @@ def test_a_variable_named_like_a_batch_key_is_refused(demo_dir, tmp_path):
     assert cubeload.Loader(tmp_path / "mask.zarr", ["t2m"]).variables == ["t2m"]
 
 
+@pytest.mark.parametrize("layout", ["{ kind: pixel_series, batch: 256, window: 50 }",
+                                    "{ kind: image_sequence, seq_len: 25, patch: [16, 16], batch: 4 }"])
+@pytest.mark.parametrize("mix", [1, 3])
+def test_steps_past_the_time_axis_are_missing_for_every_variable(demo_dir, tmp_path, layout, mix):
+    # 168 steps in windows of 50 (or sequences of 25): the last one reaches past the axis. The static
+    # landcover, repeated along time, is missing there as the time-varying variables are.
+    text = (demo_dir / "demo.yaml").read_text().replace(str(demo_dir / "demo.zarr"), str(tmp_path / "w.zarr"))
+    text = re.sub(r"layout: \{[^}]*\}", f"layout: {layout}", text)
+    config = tmp_path / "w.yaml"
+    config.write_text(text)
+    run(cubeload_bin(), "gen", "-c", config)
+    loader = cubeload.Loader(tmp_path / "w.zarr", seed=1, mix=mix)
+    padded = 0
+    for b in loader:
+        steps = b["t2m"].shape[1]
+        for s, t0 in enumerate(b["time_index"]):
+            past = max(0, t0 + steps - 168)
+            inside = steps - past
+            mask = b["mask"][:, s]
+            assert mask[:, inside:].sum() == 0, (b["chunk"], s, t0)
+            assert (b["landcover"][s, inside:] == 0.0).all()
+            assert mask[loader.variables.index("landcover"), :inside].any() or not b["mask"][:, s].any()
+            padded += past > 0
+    assert padded > 0
+
+
 def test_a_dataset_state_resumes_its_epoch_with_the_workers_it_was_saved_with(pixel_cube):
     per_epoch = cubeload.Loader(pixel_cube).batches_per_epoch
     ds = CubeDataset(pixel_cube, seed=2, epoch=1)

@@ -885,6 +885,52 @@ impl Assembler {
         chunks: &[ChunkId],
         skip_corrupt: bool,
     ) -> Result<(Vec<Batch>, usize), LoaderError> {
+        let (mut batches, corrupt) =
+            self.job_batches(seed, job, (epoch, first_position), chunks, skip_corrupt)?;
+        for batch in &mut batches {
+            self.mask_static_padding(batch);
+        }
+        Ok((batches, corrupt))
+    }
+
+    /// Static variables repeated along time hold their value on every step of a sample, the steps past the
+    /// time axis too (a last window or sequence longer than what is left of the axis): there they are made
+    /// missing, as the time-varying variables are. Only batches with samples past the axis are touched.
+    fn mask_static_padding(&self, batch: &mut Batch) {
+        let (n_time, t_len) = (self.meta.shape[0], self.meta.layout.chunk_t);
+        if batch.time_index.iter().all(|&t0| t0 + t_len <= n_time) {
+            return;
+        }
+        let is_static = |name: &String| self.vars.iter().any(|v| v.meta.is_static && v.meta.name == *name);
+        let slots: Vec<usize> =
+            batch.variables.iter().enumerate().filter(|(_, name)| is_static(name)).map(|(i, _)| i).collect();
+        let l = &self.meta.layout;
+        let cells = if l.kind == LayoutKind::ImageSequence { l.patch[0] * l.patch[1] } else { 1 };
+        let (samples, nv) = (batch.time_index.len(), batch.variables.len());
+        for (p, &t0) in batch.time_index.iter().enumerate() {
+            for t in n_time.saturating_sub(t0).min(t_len)..t_len {
+                for &vi in &slots {
+                    let at = if batch.variable_major {
+                        ((vi * samples + p) * t_len + t) * cells
+                    } else {
+                        ((p * t_len + t) * nv + vi) * cells
+                    };
+                    batch.data[at..at + cells].fill(self.transform.fill);
+                    batch.mask[at..at + cells].fill(0);
+                }
+            }
+        }
+    }
+
+    /// [`Assembler::job`]'s batches as assembled.
+    fn job_batches(
+        &self,
+        seed: u64,
+        job: usize,
+        (epoch, first_position): (usize, usize),
+        chunks: &[ChunkId],
+        skip_corrupt: bool,
+    ) -> Result<(Vec<Batch>, usize), LoaderError> {
         let mixing = |total| mixing_order(total, &mut rng_for(seed, 1, job as u64));
         if chunks.len() > 1 && self.mixes_in_place() {
             match self.assemble_mixed(
