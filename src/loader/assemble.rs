@@ -898,7 +898,8 @@ impl Assembler {
     /// missing, as the time-varying variables are. Only batches with samples past the axis are touched.
     fn mask_static_padding(&self, batch: &mut Batch) {
         let (n_time, t_len) = (self.meta.shape[0], self.meta.layout.chunk_t);
-        if batch.time_index.iter().all(|&t0| t0 + t_len <= n_time) {
+        // A cube of static variables alone has no time axis: its batches' one step is no padding.
+        if n_time == 0 || batch.time_index.iter().all(|&t0| t0 + t_len <= n_time) {
             return;
         }
         let is_static = |name: &String| self.vars.iter().any(|v| v.meta.is_static && v.meta.name == *name);
