@@ -446,22 +446,14 @@ fn bench_refuses_a_max_pass_time_that_is_not_positive() {
 
 #[test]
 fn files_of_one_variable_with_another_nodata_are_refused_unless_the_config_sets_one() {
-    use gdal::raster::Buffer;
     let dir = tempfile::tempdir().unwrap();
     let dates = dir.path().join("dates");
     std::fs::create_dir(&dates).unwrap();
     // Two dates of one tile; the second marks its gaps 255 where the first marks them 0.
     for (day, nodata) in [(1, 0.0), (2, 255.0)] {
-        let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
-        let path = dates.join(format!("ndvi_2024-06-{day:02}.tif"));
-        let mut ds = driver.create_with_band_type::<u8, _>(&path, 8, 8, 1).unwrap();
-        ds.set_geo_transform(&[10.0, 0.1, 0.0, 46.0, 0.0, -0.1]).unwrap();
-        let wkt = gdal::spatial_ref::SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap();
-        ds.set_projection(&wkt).unwrap();
-        let mut band = ds.rasterband(1).unwrap();
-        band.set_no_data_value(Some(nodata)).unwrap();
         let values: Vec<u8> = (0..64).map(|i| if i % 4 == 0 { nodata as u8 } else { 100 }).collect();
-        band.write((0, 0), (8, 8), &mut Buffer::new((8, 8), values)).unwrap();
+        let path = dates.join(format!("ndvi_2024-06-{day:02}.tif"));
+        crate::util::write_lonlat_tif(&path, (10.0, 46.0, 0.1), 8, values, Some(nodata));
     }
     let config = |nodata: &str| {
         format!(

@@ -383,23 +383,13 @@ fn the_shipped_configs_plan_and_the_multiresolution_one_generates() {
 /// valid cells, not one diluted by the level's padding.
 #[test]
 fn batches_of_a_level_variable_are_kept_or_skipped_by_the_cells_they_get() {
-    use gdal::raster::Buffer;
     let dir = tempfile::tempdir().unwrap();
     // 0.05° cells over [9, 11] × [45, 46], values only in the columns of 10.0°–10.5°E.
     let (width, height, res) = (40usize, 20usize, 0.05);
     let tif = dir.path().join("band.tif");
-    {
-        let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
-        let mut ds = driver.create_with_band_type::<f32, _>(&tif, width, height, 1).unwrap();
-        ds.set_geo_transform(&[9.0, res, 0.0, 46.0, 0.0, -res]).unwrap();
-        let wkt = gdal::spatial_ref::SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap();
-        ds.set_projection(&wkt).unwrap();
-        let mut band = ds.rasterband(1).unwrap();
-        band.set_no_data_value(Some(-1.0)).unwrap();
-        let values: Vec<f32> =
-            (0..width * height).map(|i| if (20..30).contains(&(i % width)) { 280.0 } else { -1.0 }).collect();
-        band.write((0, 0), (width, height), &mut Buffer::new((width, height), values)).unwrap();
-    }
+    let values: Vec<f32> =
+        (0..width * height).map(|i| if (20..30).contains(&(i % width)) { 280.0 } else { -1.0 }).collect();
+    crate::util::write_lonlat_tif(&tif, (9.0, 46.0, res), width, values, Some(-1.0));
     let cube = gen_ok(
         dir.path(),
         &format!(

@@ -1,11 +1,7 @@
 //! The warp computes in the narrowest type that holds the source's values: Float32 for bytes, 16-bit integers
 //! and Float32 (GDAL's fast kernels), Float64 for 32-bit integers, whose codes Float32 would round.
 
-use gdal::DriverManager;
-use gdal::raster::Buffer;
-use gdal::spatial_ref::SpatialRef;
-
-use crate::util::{TestGrid, array, cubeload, gen_ok};
+use crate::util::{TestGrid, array, cubeload, gen_ok, write_lonlat_tif};
 
 /// Basin codes of ten digits (HydroBASINS-like) in a 32-bit integer map come through `nearest` unchanged: a
 /// Float32 working type would round them to multiples of 64 (1_060_000_011 → 1_060_000_000). GDAL 3.6's `mode`
@@ -18,14 +14,7 @@ fn ten_digit_class_codes_survive_the_warp() {
     let (west, north) = (10.0, 46.0);
     let codes: Vec<i32> = (0..width * height).map(|i| 1_060_000_011 + ((i / 7) % 13) as i32).collect();
     let tif = dir.path().join("basins.tif");
-    {
-        let driver = DriverManager::get_driver_by_name("GTiff").unwrap();
-        let mut ds = driver.create_with_band_type::<i32, _>(&tif, width, height, 1).unwrap();
-        ds.set_geo_transform(&[west, res, 0.0, north, 0.0, -res]).unwrap();
-        ds.set_projection(&SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap()).unwrap();
-        let mut band = ds.rasterband(1).unwrap();
-        band.write((0, 0), (width, height), &mut Buffer::new((width, height), codes.clone())).unwrap();
-    }
+    write_lonlat_tif(&tif, (west, north, res), width, codes.clone(), None);
     // The target grid is the map's own: every cell takes exactly one source cell.
     let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
     let cube = gen_ok(

@@ -1851,14 +1851,19 @@ mod tests {
         check(DType::Int32, i32s, Some(f64::from(i32::MIN)), &[f32::NAN, 11.0, -7.0]);
     }
 
+    /// The demo's cube of 24 steps at 0.04°, made with one thread in `dir`: a few sharded chunks.
+    fn small_cube(dir: &std::path::Path) -> std::path::PathBuf {
+        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
+        crate::demo::build_cube(dir, &spec, Some(1)).unwrap().path
+    }
+
     /// A bug in a reader thread (here: coordinates shorter than the grid, which the checks of
     /// [`Assembler::new`] would refuse, so they are cut after it) panics while assembling; the panic must
     /// reach the consumer as an error, end the stream, and leave the loader droppable.
     #[test]
     fn a_panic_in_a_reader_arrives_as_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
-        let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
+        let cube = small_cube(dir.path());
         for threads in [0, 2] {
             let cube = Cube::open(&cube).unwrap();
             let builder = Loader::builder(cube.path()).threads(threads);
@@ -1881,8 +1886,7 @@ mod tests {
     #[test]
     fn a_failed_index_read_is_tried_again_and_a_missing_index_is_remembered() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
-        let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
+        let cube = small_cube(dir.path());
         let cube = Cube::open(&cube).unwrap();
         let storage = cube.array("t2m").unwrap().storage();
         let plan = |assembler: &Assembler, read: StoreRead<'_>| assembler.planned_reads(&[[0, 0, 0]], read);
@@ -1915,8 +1919,7 @@ mod tests {
     #[test]
     fn an_index_cut_to_whole_entries_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = crate::demo::DemoSpec { hours: 24, resolution: 0.04, ..Default::default() };
-        let cube = crate::demo::build_cube(dir.path(), &spec, Some(1)).unwrap().path;
+        let cube = small_cube(dir.path());
         let cube = Cube::open(&cube).unwrap();
         let storage = cube.array("t2m").unwrap().storage();
         let plan = |read: StoreRead<'_>| {

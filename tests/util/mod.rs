@@ -15,6 +15,27 @@ pub(crate) fn shared_data(name: &str) -> PathBuf {
     dir.join(name).canonicalize().unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// Writes a one-band `EPSG:4326` GeoTIFF of `values` (row-major, `width` columns), its north-west corner at
+/// `(west, north)`, cells of `res` degrees, with `nodata` when given.
+pub(crate) fn write_lonlat_tif<T: gdal::raster::GdalType + Copy>(
+    path: &Path,
+    (west, north, res): (f64, f64, f64),
+    width: usize,
+    values: Vec<T>,
+    nodata: Option<f64>,
+) {
+    let height = values.len() / width;
+    let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
+    let mut ds = driver.create_with_band_type::<T, _>(path, width, height, 1).unwrap();
+    ds.set_geo_transform(&[west, res, 0.0, north, 0.0, -res]).unwrap();
+    ds.set_projection(&gdal::spatial_ref::SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap()).unwrap();
+    let mut band = ds.rasterband(1).unwrap();
+    if nodata.is_some() {
+        band.set_no_data_value(nodata).unwrap();
+    }
+    band.write((0, 0), (width, height), &mut gdal::raster::Buffer::new((width, height), values)).unwrap();
+}
+
 /// Runs the `cubeload` binary with `args` in `cwd`.
 pub(crate) fn cubeload(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cubeload")).args(args).current_dir(cwd).output().expect("cubeload runs")
