@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// A configuration error: what is wrong and where (file, key).
@@ -161,13 +162,40 @@ fn default_crs() -> String {
 }
 
 /// One resolution for both axes or `[x, y]`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 #[serde(untagged)]
 pub enum Resolution {
     /// Square cells.
     Square(f64),
     /// `[x, y]` cell size.
     Xy([f64; 2]),
+}
+
+/// By hand rather than `untagged`, so that a wrong value is named with its key and line (`grid.resolution: invalid
+/// type: string "abc", expected ... at line 4`), not as "data did not match any variant" of the whole grid.
+impl<'de> Deserialize<'de> for Resolution {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ResolutionVisitor;
+        impl<'de> Visitor<'de> for ResolutionVisitor {
+            type Value = Resolution;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a cell size in degrees: one number or [x, y]")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Resolution, E> {
+                Ok(Resolution::Square(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Resolution, E> {
+                Ok(Resolution::Square(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Resolution, E> {
+                Ok(Resolution::Square(v as f64))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Resolution, A::Error> {
+                <[f64; 2]>::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Resolution::Xy)
+            }
+        }
+        deserializer.deserialize_any(ResolutionVisitor)
+    }
 }
 
 /// The target time axis: `start`/`end`/`step`, or `from: VARIABLE` to take that input's own instants.
@@ -189,8 +217,8 @@ pub struct TimeConfig {
 }
 
 /// Chunk = batch layouts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", try_from = "RawLayout")]
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LayoutConfig {
     /// LSTM batches: `batch` pixels × T steps, stored as `(T, h, w)` chunks with `h·w = batch`.
     PixelSeries {
@@ -235,6 +263,25 @@ pub enum LayoutConfig {
         #[serde(default)]
         multires: bool,
     },
+}
+
+/// Read as the flat [`RawLayout`], then checked inside the layout's own mapping, so that `serde_yaml` names the
+/// section and its line in the error (a `try_from` conversion runs after the mapping and loses both).
+impl<'de> Deserialize<'de> for LayoutConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LayoutVisitor;
+        impl<'de> Visitor<'de> for LayoutVisitor {
+            type Value = LayoutConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a layout mapping with `kind: pixel_series` or `kind: image_sequence`")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LayoutConfig, A::Error> {
+                let raw = RawLayout::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                LayoutConfig::try_from(raw).map_err(de::Error::custom)
+            }
+        }
+        deserializer.deserialize_map(LayoutVisitor)
+    }
 }
 
 /// How the pixels of a `pixel_series` cube are grouped into batches.
@@ -294,20 +341,19 @@ impl TryFrom<RawLayout> for LayoutConfig {
                     [("seq_len", seq_len.is_some()), ("patch", patch.is_some()), ("grid", grid.is_some())]
                 {
                     if given {
-                        return Err(format!("layout.{key} is not a key of the pixel_series layout"));
+                        return Err(format!("`{key}` is not a key of the pixel_series layout"));
                     }
                 }
                 let order = order.unwrap_or_default();
                 if order == Order::Shuffled && tile.is_some() {
-                    return Err("layout.tile has no meaning with order: shuffled".to_string());
+                    return Err("`tile` has no meaning with order: shuffled".to_string());
                 }
                 if seed.is_some() && order != Order::Shuffled {
-                    return Err("layout.seed is only used with order: shuffled".to_string());
+                    return Err("`seed` is only used with order: shuffled".to_string());
                 }
                 if multires && order == Order::Shuffled {
                     return Err(
-                        "layout.multires needs spatial tiles: it cannot be used with order: shuffled"
-                            .to_string(),
+                        "`multires` needs spatial tiles: it cannot be used with order: shuffled".to_string()
                     );
                 }
                 let seed = seed.unwrap_or(0);
@@ -321,11 +367,11 @@ impl TryFrom<RawLayout> for LayoutConfig {
                     ("seed", seed.is_some()),
                 ] {
                     if given {
-                        return Err(format!("layout.{key} is not a key of the image_sequence layout"));
+                        return Err(format!("`{key}` is not a key of the image_sequence layout"));
                     }
                 }
-                let seq_len = seq_len.ok_or("layout.seq_len is required for image_sequence")?;
-                let patch = patch.ok_or("layout.patch is required for image_sequence")?;
+                let seq_len = seq_len.ok_or("`seq_len` is required for image_sequence")?;
+                let patch = patch.ok_or("`patch` is required for image_sequence")?;
                 Ok(LayoutConfig::ImageSequence { seq_len, patch, batch, grid, shard, multires })
             }
         }
@@ -333,7 +379,7 @@ impl TryFrom<RawLayout> for LayoutConfig {
 }
 
 /// Zarr sharding: shard = several batches along x, inner chunk = one batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum ShardConfig {
     /// `auto` or `none`.
@@ -344,6 +390,33 @@ pub enum ShardConfig {
     #[default]
     #[serde(skip)]
     Default,
+}
+
+/// By hand rather than `untagged`, so that a wrong value is named with its key and line.
+impl<'de> Deserialize<'de> for ShardConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ShardVisitor;
+        impl Visitor<'_> for ShardVisitor {
+            type Value = ShardConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`auto`, `none` or a number of batches per shard")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ShardConfig, E> {
+                usize::try_from(v)
+                    .map(ShardConfig::Batches)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ShardConfig, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ShardConfig, E> {
+                ShardMode::deserialize(de::value::StrDeserializer::new(v)).map(ShardConfig::Named)
+            }
+        }
+        deserializer.deserialize_any(ShardVisitor)
+    }
 }
 
 /// Named sharding modes.
@@ -913,6 +986,54 @@ variables:
     fn wrong_type_names_line() {
         let msg = parse(&BASE.replace("batch: 256", "batch: many")).unwrap_err().to_string();
         assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    /// Values of a key that takes several forms, and keys of the other layout, are named with their key and
+    /// line: not as "data did not match any variant of untagged enum" of the enclosing section.
+    #[test]
+    fn values_of_several_forms_and_layout_keys_name_key_and_line() {
+        let block = "output: out.zarr
+grid:
+  bbox: [-10.0, 50.0, 2.0, 58.0]
+  resolution: 0.05
+layout:
+  kind: pixel_series
+  batch: 256
+variables:
+  t2m: { path: era5.grib }
+";
+        let cases = [
+            (
+                "resolution: 0.05",
+                "resolution: abc",
+                "grid.resolution: invalid type: string \"abc\"",
+                "line 4",
+            ),
+            ("resolution: 0.05", "resolution: [0.1, x]", "grid.resolution[1]", "line 4"),
+            ("batch: 256", "batch: 256\n  shard: maybe", "layout.shard: unknown variant `maybe`", "line 8"),
+            ("batch: 256", "batch: 256\n  shard: -3", "layout.shard: invalid value: integer `-3`", "line 8"),
+            (
+                "batch: 256",
+                "batch: 256\n  seq_len: 4",
+                "layout: `seq_len` is not a key of the pixel_series",
+                "line 6",
+            ),
+            (
+                "batch: 256",
+                "batch: 256\n  order: shuffled\n  tile: [16, 16]",
+                "layout: `tile` has no meaning",
+                "line 6",
+            ),
+            ("pixel_series", "image_sequence\n  patch: [8, 8]", "layout: `seq_len` is required", "line 6"),
+        ];
+        for (from, to, what, line) in cases {
+            let msg = parse(&block.replace(from, to)).unwrap_err().to_string();
+            assert!(msg.contains(what) && msg.contains(line), "{to}: {msg}");
+            assert!(!msg.contains("did not match"), "{to}: {msg}");
+        }
+        let c = parse(&block.replace("resolution: 0.05", "resolution: [1, 0.5]")).unwrap();
+        assert_eq!(c.grid().resolution.unwrap().xy(), (1.0, 0.5));
+        assert_eq!(parse(&block.replace("0.05", "2")).unwrap().grid().resolution.unwrap().xy(), (2.0, 2.0));
     }
 
     #[test]
