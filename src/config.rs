@@ -265,7 +265,7 @@ pub enum LayoutConfig {
     },
 }
 
-/// Read as the flat [`RawLayout`], then checked inside the layout's own mapping, so that `serde_yaml` names the
+/// Read as the flat `RawLayout`, then checked inside the layout's own mapping, so that `serde_yaml` names the
 /// section and its line in the error (a `try_from` conversion runs after the mapping and loses both).
 impl<'de> Deserialize<'de> for LayoutConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
