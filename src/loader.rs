@@ -106,6 +106,11 @@ pub struct LoaderState {
     pub workers: usize,
     /// Chunks mixed per group.
     pub mix: usize,
+    /// Digest of the variables and of the chunks the epochs permute (those the variables and `min_valid`
+    /// leave eligible): a state resumed on another cube, or with other variables or threshold, would deliver
+    /// other batches, and is refused. Absent in states of earlier versions, which are not checked.
+    #[serde(default)]
+    pub digest: Option<u64>,
 }
 
 fn one() -> usize {
@@ -152,6 +157,8 @@ pub struct LoaderBuilder {
     transform: Transform,
     min_valid: Option<f64>,
     start: (usize, usize),
+    /// The resumed state's digest, checked against this loader's.
+    digest: Option<u64>,
     on_corrupt: OnCorrupt,
     store: Option<CustomStore>,
     fetchers: usize,
@@ -298,6 +305,7 @@ impl LoaderBuilder {
         };
         self.mix = state.mix;
         self.start = (state.epoch, state.cursor);
+        self.digest = state.digest;
         self
     }
 
@@ -366,7 +374,22 @@ impl LoaderBuilder {
             .map(|(id, _)| id)
             .collect();
         let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.share, self.mix);
-        let (epoch, cursor) = self.start;
+        let digest = {
+            let (names, statics) = assembler.variable_names();
+            sampler.digest(&names.iter().chain(&statics).map(String::as_str).collect::<Vec<_>>())
+        };
+        if let Some(saved) = self.digest.filter(|&saved| saved != digest) {
+            return Err(LoaderError::Invalid(format!(
+                "the resume state was saved on another cube, or with other variables or another min_valid: \
+                 the batches it continues are not this loader's (digest {saved:016x}, this loader's \
+                 {digest:016x})"
+            )));
+        }
+        let (mut epoch, mut cursor) = self.start;
+        // A cursor at the end of an epoch is the next epoch's start.
+        if cursor == sampler.per_epoch() && cursor > 0 {
+            (epoch, cursor) = (epoch + 1, 0);
+        }
         if cursor > sampler.per_epoch() {
             return Err(LoaderError::Invalid(format!(
                 "resume cursor {cursor} is past the {} batches of an epoch",
@@ -394,6 +417,7 @@ impl LoaderBuilder {
             worker,
             workers,
             mix: self.mix,
+            digest: Some(digest),
         };
         let shared = Arc::new(Shared {
             assembler,
@@ -516,9 +540,9 @@ struct Shared {
 
 impl Shared {
     fn run_job(&self, job: usize) -> Result<JobOutput, LoaderError> {
-        let (epoch, position, chunks) = self.sampler.job(job);
+        let job = self.sampler.job(job);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.assembler.job(self.seed, job, epoch, position, &chunks, self.skip_corrupt)
+            self.assembler.job(self.seed, &job, self.skip_corrupt)
         }));
         result.unwrap_or_else(|panic| {
             let message = panic
@@ -567,7 +591,7 @@ fn reader_loop(shared: &Shared, tx: &crossbeam_channel::Sender<JobResult>) {
         // After the job, not before: the hint may read a shard's index, which the first batch must not wait
         // for.
         if job + shared.hint_ahead < shared.total_jobs {
-            shared.assembler.hint(&shared.sampler.job(job + shared.hint_ahead).2);
+            shared.assembler.hint(&shared.sampler.job(job + shared.hint_ahead).chunks);
         }
     }
 }
@@ -598,7 +622,7 @@ fn fetch_loop(shared: &Shared) {
         // per read costs more CPU than the waiting it saves). Whatever happens here, the job is marked
         // fetched: its reader must never wait forever.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let (_, _, chunks) = shared.sampler.job(job);
+            let chunks = shared.sampler.job(job).chunks;
             for step in shared.assembler.planned_reads(&chunks, &read) {
                 if shared.stop.load(Ordering::Acquire) {
                     return;
@@ -630,7 +654,7 @@ pub struct Loader {
     pending: BTreeMap<usize, Result<JobOutput, LoaderError>>,
     current: std::vec::IntoIter<Batch>,
     next_job: usize,
-    /// Position of the first batch to deliver in the first job (a resumed epoch's cursor), then 0.
+    /// Cursor of the first batch to deliver in the first job (a resumed epoch's cursor), then 0.
     resume_at: usize,
     state: LoaderState,
     finished: bool,
@@ -662,6 +686,7 @@ impl Loader {
             transform: Transform::default(),
             min_valid: None,
             start: (0, 0),
+            digest: None,
             on_corrupt: OnCorrupt::Error,
             store: None,
             fetchers: 32,
@@ -778,7 +803,7 @@ impl Iterator for Loader {
             if let Some(batch) = self.current.next() {
                 let per_epoch = self.shared.sampler.per_epoch();
                 self.state.epoch = batch.origin.epoch;
-                self.state.cursor = batch.origin.position + 1;
+                self.state.cursor = self.shared.sampler.cursor_of(batch.origin.position) + 1;
                 if self.state.cursor == per_epoch {
                     self.state.epoch += 1;
                     self.state.cursor = 0;
@@ -790,7 +815,8 @@ impl Iterator for Loader {
                     self.corrupt += corrupt;
                     // By position, not by count: a skipped corrupt chunk leaves a gap in the job.
                     let resume_at = std::mem::take(&mut self.resume_at);
-                    batches.retain(|b| b.origin.position >= resume_at);
+                    let sampler = &self.shared.sampler;
+                    batches.retain(|b| sampler.cursor_of(b.origin.position) >= resume_at);
                     self.current = batches.into_iter();
                 }
                 Err(e) => {

@@ -414,6 +414,62 @@ fn resume_delivers_exactly_the_remaining_batches() {
 }
 
 #[test]
+fn a_state_resumes_only_the_batches_it_was_saved_for() {
+    let cubes = cubes();
+    let mut first = Loader::builder(&cubes.pixel).shuffle(5).epochs(2).build().unwrap();
+    first.by_ref().take(3).for_each(|b| drop(b.unwrap()));
+    let state = first.state();
+    let per_epoch = first.batches_per_epoch();
+    drop(first);
+    let refused = |builder: LoaderBuilder| {
+        let error = builder.epochs(2).resume(state).build().unwrap_err().to_string();
+        assert!(error.contains("another cube, or with other variables or another min_valid"), "{error}");
+    };
+    // Another cube (the same inputs, other batches), other variables, another threshold.
+    refused(Loader::builder(&cubes.wide));
+    refused(Loader::builder(&cubes.pixel).variables(["t2m"]));
+    refused(Loader::builder(&cubes.pixel).min_valid(0.99));
+    // A state of an earlier version, without a digest, is taken as it is.
+    let old = cubeload::loader::LoaderState { digest: None, ..state };
+    let resumed = collect(Loader::builder(&cubes.pixel).epochs(2).resume(old).build().unwrap());
+    assert_eq!(resumed.len(), 2 * per_epoch - 3);
+
+    // A cursor at the end of an epoch is the next one's start: no batch of it is lost.
+    let end = cubeload::loader::LoaderState { epoch: 0, cursor: per_epoch, ..state };
+    let next = cubeload::loader::LoaderState { epoch: 1, cursor: 0, ..state };
+    let from_end =
+        fingerprint(&collect(Loader::builder(&cubes.pixel).epochs(2).resume(end).build().unwrap()));
+    let from_next =
+        fingerprint(&collect(Loader::builder(&cubes.pixel).epochs(2).resume(next).build().unwrap()));
+    assert_eq!(from_end.len(), per_epoch);
+    assert_eq!(from_end, from_next);
+}
+
+/// The workers of a rank (DataLoader's `num_workers`) take whole groups of mixed chunks: a batch's samples
+/// and position are the same whatever their number, and a worker resumes its own share.
+#[test]
+fn mixed_batches_are_the_same_whatever_the_workers() {
+    let cube = &cubes().pixel;
+    let build = |worker, workers| Loader::builder(cube).shuffle(3).epochs(2).mix(3).worker(worker, workers);
+    let mut alone = fingerprint(&collect(build(0, 1).build().unwrap()));
+    for workers in [2, 3, 4] {
+        let mut joined = Vec::new();
+        for worker in 0..workers {
+            let batches = collect(build(worker, workers).build().unwrap());
+            // Resumed after its third batch, a worker delivers the rest of its own share.
+            let mut first = build(worker, workers).build().unwrap();
+            first.by_ref().take(3).for_each(|b| drop(b.unwrap()));
+            let rest = collect(build(worker, workers).resume(first.state()).build().unwrap());
+            assert_eq!(fingerprint(&rest), fingerprint(&batches[3..]), "worker {worker} of {workers}");
+            joined.extend(fingerprint(&batches));
+        }
+        joined.sort_unstable();
+        alone.sort_unstable();
+        assert_eq!(joined, alone, "{workers} workers");
+    }
+}
+
+#[test]
 fn ranks_get_disjoint_equal_shares() {
     let cube = &cubes().pixel;
     let world = 3;

@@ -13,7 +13,7 @@ use zarrs::storage::byte_range::ByteRange;
 use zarrs::storage::{ReadableStorageTraits, StoreKey};
 
 use super::buffers;
-use super::sampler::{ChunkId, rng_for};
+use super::sampler::{ChunkId, Job, rng_for};
 use super::{LoaderError, Regrid};
 use crate::batch::{Batch, BatchOrigin, NativeField};
 use crate::config::{Upsampling, VariableKind};
@@ -876,17 +876,8 @@ impl Assembler {
     ///
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
-    pub fn job(
-        &self,
-        seed: u64,
-        job: usize,
-        epoch: usize,
-        first_position: usize,
-        chunks: &[ChunkId],
-        skip_corrupt: bool,
-    ) -> Result<(Vec<Batch>, usize), LoaderError> {
-        let (mut batches, corrupt) =
-            self.job_batches(seed, job, (epoch, first_position), chunks, skip_corrupt)?;
+    pub fn job(&self, seed: u64, job: &Job, skip_corrupt: bool) -> Result<(Vec<Batch>, usize), LoaderError> {
+        let (mut batches, corrupt) = self.job_batches(seed, job, skip_corrupt)?;
         for batch in &mut batches {
             self.mask_static_padding(batch);
         }
@@ -927,12 +918,11 @@ impl Assembler {
     fn job_batches(
         &self,
         seed: u64,
-        job: usize,
-        (epoch, first_position): (usize, usize),
-        chunks: &[ChunkId],
+        job: &Job,
         skip_corrupt: bool,
     ) -> Result<(Vec<Batch>, usize), LoaderError> {
-        let mixing = |total| mixing_order(total, &mut rng_for(seed, 1, job as u64));
+        let Job { epoch, position: first_position, ref chunks, .. } = *job;
+        let mixing = |total| mixing_order(total, &mut rng_for(seed, 1, job.mixing));
         if chunks.len() > 1 && self.mixes_in_place() {
             match self.assemble_mixed(
                 chunks,
