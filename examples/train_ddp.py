@@ -5,8 +5,11 @@
 - Every rank reads its own share of each epoch: ``CubeDataset`` takes the rank and world size from
   ``torch.distributed``, and the shares are disjoint and of equal length, so every rank runs the same number of
   steps (DDP's all-reduce needs that).
-- A checkpoint holds the model, the optimizer and each rank's loader state. Restarted (after a crash, a
-  preemption, ``--stop-after``), the job continues with exactly the batches it had not trained on yet.
+- A checkpoint is one file, written by rank 0: the model, the optimizer and every rank's loader state,
+  gathered at the same step. Restarted (after a crash, a preemption, ``--stop-after``), every rank continues
+  from that one step with exactly the batches it had not trained on yet. (A file per rank could hold different
+  steps after a crash between two ranks' writes: the ranks would then run different numbers of steps and hang
+  in DDP's all-reduce.)
 - The model is deliberately small: it predicts the next time step of the first variable from all variables at
   the current step, masked where data is missing.
 """
@@ -49,18 +52,22 @@ def main() -> None:
     dataset = CubeDataset(args.cube, seed=args.seed, normalize=True)
     variables = dataset.loader().variables
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = DistributedDataParallel(torch.nn.Linear(len(variables), 1).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    module = torch.nn.Linear(len(variables), 1).to(device)
 
-    step, first_epoch = 0, 0
-    checkpoint = args.checkpoint / f"rank{rank}.pt" if args.checkpoint else None
+    step, first_epoch, saved = 0, 0, None
+    checkpoint = args.checkpoint / "checkpoint.pt" if args.checkpoint else None
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
-        model.module.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        saved = torch.load(checkpoint, weights_only=False, map_location=device)
+        if len(saved["data"]) != world:
+            raise SystemExit(f"{checkpoint} was saved by {len(saved['data'])} ranks, not {world}")
+        module.load_state_dict(saved["model"])
         step = saved["step"]
-        dataset.load_state_dict(saved["data"])
-        first_epoch = saved["data"]["epoch"]
+        dataset.load_state_dict(saved["data"][rank])
+        first_epoch = saved["data"][rank]["epoch"]
+    model = DistributedDataParallel(module)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     log = open(args.steps_log / f"rank{rank}.jsonl", "a") if args.steps_log else None
 
     for epoch in range(first_epoch, args.epochs):
@@ -83,11 +90,16 @@ def main() -> None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if checkpoint is not None and step % args.every == 0:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                saved = {"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "data": dataset.state_dict()}
-                torch.save(saved, checkpoint.with_suffix(".tmp"))
-                os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # a crash never leaves half a file
+                # Every rank's loader state at this step, in one file: the weights and the optimizer are the
+                # same on every rank (DDP averages the gradients), so rank 0's stand for all.
+                states = [None] * world
+                dist.all_gather_object(states, dataset.state_dict())
+                if rank == 0:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    saved = {"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": step, "data": states}
+                    torch.save(saved, checkpoint.with_suffix(".tmp"))
+                    os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # a crash never leaves half a file
             if args.stop_after is not None and step == args.stop_after:
                 os._exit(3)  # no cleanup, no barrier: a crash
     if log is not None:

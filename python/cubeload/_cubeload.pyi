@@ -38,6 +38,12 @@ class Loader:
     (``[T, h, w]``, ``T`` in the level's own time steps), the first one's ``(row, col)`` on the level grid, and
     target cells per level cell.
 
+    ``shuffle`` (default True), ``seed`` (0), ``rank`` and ``world_size`` (0 of 1), ``worker`` and ``workers``
+    (0 of 1) and ``mix`` (1) default to those of ``state`` when one is given, and must then agree with it.
+    ``mix=K`` mixes the samples of K consecutive batches of the rank's order; the workers of a rank take whole
+    groups of K, so a batch's samples do not depend on the number of workers. ``"position"`` is the batch's
+    place in the rank's epoch order, whatever the worker.
+
     A chunk that cannot be read or decoded (every chunk carries a checksum) raises ``CorruptChunkError``
     naming the variable and chunk; with ``on_corrupt="skip"`` its batch is left out and counted in
     ``corrupt_chunks`` instead.
@@ -48,16 +54,16 @@ class Loader:
         path: str | PathLike[str],
         variables: Sequence[str] | None = None,
         *,
-        shuffle: bool = True,
-        seed: int = 0,
+        shuffle: bool | None = None,
+        seed: int | None = None,
         epochs: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        worker: int = 0,
-        workers: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        worker: int | None = None,
+        workers: int | None = None,
         prefetch: int | None = None,
         threads: int | None = None,
-        mix: int = 1,
+        mix: int | None = None,
         normalize: bool = False,
         fill_value: float = 0.0,
         min_valid: float | None = None,
@@ -70,8 +76,10 @@ class Loader:
     def __next__(self) -> dict[str, Any]: ...
     def state(self) -> dict[str, Any]:
         """Where the loader stands (JSON-able), with the epochs and variables of its run;
-        ``Loader(path, state=...)`` continues exactly after it (given variables must be the same; ``epochs``,
-        when given, must reach the state's epoch)."""
+        ``Loader(path, state=...)`` continues exactly after it. The state decides the batches: ``shuffle``,
+        ``seed``, ``rank``, ``world_size``, ``worker``, ``workers``, ``mix`` and ``variables`` given with it
+        must agree with it (they default to it), ``epochs`` must reach its epoch, and a state of another cube,
+        or whose variables or ``min_valid`` left other batches eligible, is refused (its ``digest``)."""
     @property
     def variables(self) -> list[str]: ...
     @property

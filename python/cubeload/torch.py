@@ -115,6 +115,13 @@ class CubeDataset(IterableDataset):
                 "dataset it was started with: load the state before the DataLoader's first iteration"
             )
         if resume is not None:
+            if (resume["rank"], resume["world_size"]) != (rank, world):
+                # Another rank's state would train this rank on that rank's batches, and a changed world size
+                # on shares that overlap: resume each rank from its own state, in a job of the same size.
+                raise ValueError(
+                    f"the state was saved by rank {resume['rank']} of {resume['world_size']}, not {rank} of "
+                    f"{world}: resume each rank from its own state, with the world size it was saved with"
+                )
             saved = (resume.get("worker", 0), resume.get("workers", 1))
             if saved != (worker, workers):
                 # Each worker would deliver the whole share the state was saved for: every batch again.

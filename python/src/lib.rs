@@ -86,15 +86,27 @@ fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
         worker: get_or("worker", 0)?,
         workers: get_or("workers", 1)?,
         mix: get_or("mix", 1)?,
+        digest: state.get_item("digest")?.map(|v| v.extract()).transpose()?,
     })
+}
+
+/// A keyword argument given with a state must agree with it: the state decides the batches it continues.
+fn agrees<T: PartialEq + std::fmt::Debug>(name: &str, given: Option<T>, saved: T) -> PyResult<T> {
+    match given {
+        Some(given) if given != saved => Err(PyValueError::new_err(format!(
+            "{name}={given:?} differs from the state's {name}, {saved:?}: a state continues the run it was saved \
+             by (leave {name} out, or start afresh without the state)"
+        ))),
+        _ => Ok(saved),
+    }
 }
 
 #[pymethods]
 impl Loader {
     #[new]
     #[pyo3(signature = (
-        path, variables=None, *, shuffle=true, seed=0, epochs=None, rank=0, world_size=1, worker=0, workers=1,
-        prefetch=None, threads=None, mix=1, normalize=false, fill_value=0.0, min_valid=None, state=None,
+        path, variables=None, *, shuffle=None, seed=None, epochs=None, rank=None, world_size=None, worker=None,
+        workers=None, prefetch=None, threads=None, mix=None, normalize=false, fill_value=0.0, min_valid=None, state=None,
         on_corrupt="error", regrid="target", separate_statics=false,
     ))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
@@ -102,16 +114,16 @@ impl Loader {
         py: Python<'_>,
         path: PathBuf,
         variables: Option<Vec<String>>,
-        shuffle: bool,
-        seed: u64,
+        shuffle: Option<bool>,
+        seed: Option<u64>,
         epochs: Option<usize>,
-        rank: usize,
-        world_size: usize,
-        worker: usize,
-        workers: usize,
+        rank: Option<usize>,
+        world_size: Option<usize>,
+        worker: Option<usize>,
+        workers: Option<usize>,
         prefetch: Option<usize>,
         threads: Option<usize>,
-        mix: usize,
+        mix: Option<usize>,
         normalize: bool,
         fill_value: f32,
         min_valid: Option<f64>,
@@ -162,6 +174,27 @@ impl Loader {
             (Some(given), _) => Some(given),
             (None, kept) => kept.map(|k| k.extract()).transpose()?,
         };
+        let saved = state.map(state_from_dict).transpose()?;
+        let (shuffle, seed, rank, world_size, worker, workers, mix) = match &saved {
+            Some(s) => (
+                agrees("shuffle", shuffle, s.shuffle)?,
+                agrees("seed", seed, s.seed)?,
+                agrees("rank", rank, s.rank)?,
+                agrees("world_size", world_size, s.world_size)?,
+                agrees("worker", worker, s.worker)?,
+                agrees("workers", workers, s.workers)?,
+                agrees("mix", mix, s.mix)?,
+            ),
+            None => (
+                shuffle.unwrap_or(true),
+                seed.unwrap_or(0),
+                rank.unwrap_or(0),
+                world_size.unwrap_or(1),
+                worker.unwrap_or(0),
+                workers.unwrap_or(1),
+                mix.unwrap_or(1),
+            ),
+        };
         let mut builder = cubeload::Loader::builder(&path)
             .epochs(epochs)
             .threads(threads.unwrap_or(2))
@@ -186,8 +219,8 @@ impl Loader {
         if let Some(fraction) = min_valid {
             builder = builder.min_valid(fraction);
         }
-        if let Some(state) = state {
-            builder = builder.resume(state_from_dict(state)?);
+        if let Some(saved) = saved {
+            builder = builder.resume(saved);
         }
         let inner = py.detach(move || builder.build()).map_err(to_py_err)?;
         let (variables, static_variables) = inner.variable_names();
@@ -237,6 +270,7 @@ impl Loader {
         dict.set_item("worker", s.worker)?;
         dict.set_item("workers", s.workers)?;
         dict.set_item("mix", s.mix)?;
+        dict.set_item("digest", s.digest)?;
         dict.set_item("epochs", self.epochs)?;
         dict.set_item("variables", self.variables.iter().chain(&self.static_variables).collect::<Vec<_>>())?;
         Ok(dict)

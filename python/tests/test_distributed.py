@@ -45,19 +45,27 @@ def test_ranks_get_disjoint_equal_shares_and_a_restart_resumes_exactly(pixel_cub
         assert not set(shares[0]) & set(shares[1]), "a batch went to both ranks"
         assert len(set(shares[0])) == len(shares[0])
 
-    # Killed right after the checkpoint of step 7 (mid-epoch), then started again from it.
-    run = tmp_path / "restarted"
-    killed = torchrun(pixel_cube, run, "--checkpoint", str(run / "ckpt"), "--every", "7", "--stop-after", "7")
-    assert killed.returncode != 0
-    for rank in range(2):
-        steps, final = records(run, rank)
-        assert [s[3] for s in steps] == list(range(1, 8)) and final is None
-    assert succeeded(torchrun(pixel_cube, run, "--checkpoint", str(run / "ckpt"), "--every", "7"))
-    for rank in range(2):
-        steps, final = records(run, rank)
-        full_steps, full_final = full[rank]
-        assert steps == full_steps, f"rank {rank}: the restarted job's batches differ"
-        # Same batches, same order, same optimizer state: the same weights at the end.
-        assert final["steps"] == full_final["steps"]
-        for a, b in zip(final["final"], full_final["final"]):
-            assert abs(a - b) < 1e-6, (final, full_final)
+    # Killed right after the checkpoint of step 7 (mid-epoch), and three steps after it, then started again
+    # from it: the steps after the checkpoint are trained again, on the same batches.
+    for stop in (7, 10):
+        run = tmp_path / f"restarted-{stop}"
+        ckpt = ["--checkpoint", str(run / "ckpt"), "--every", "7"]
+        killed = torchrun(pixel_cube, run, *ckpt, "--stop-after", str(stop))
+        assert killed.returncode != 0
+        for rank in range(2):
+            steps, final = records(run, rank)
+            assert [s[3] for s in steps] == list(range(1, stop + 1)) and final is None
+        assert succeeded(torchrun(pixel_cube, run, *ckpt))
+        for rank in range(2):
+            steps, final = records(run, rank)
+            full_steps, full_final = full[rank]
+            assert [s[3] for s in steps[stop:]] == list(range(8, len(full_steps) + 1))
+            # The last record of each step: the steps redone after the restart replace the killed run's.
+            assert sorted({s[3]: s for s in steps}.values(), key=lambda s: s[3]) == full_steps, (
+                f"rank {rank}: the restarted job's batches differ"
+            )
+            assert steps[:stop] == full_steps[:stop]
+            # Same batches, same order, same optimizer state: the same weights at the end.
+            assert final["steps"] == full_final["steps"]
+            for a, b in zip(final["final"], full_final["final"]):
+                assert abs(a - b) < 1e-6, (final, full_final)

@@ -130,6 +130,37 @@ def test_a_state_resumes_its_runs_epochs_and_variables(pixel_cube):
         cubeload.Loader(pixel_cube, epochs=1, state=state)
 
 
+def test_a_state_is_refused_where_it_would_resume_other_batches(pixel_cube, image_cube):
+    first = cubeload.Loader(pixel_cube, seed=4, epochs=2)
+    [next(first) for _ in range(3)]
+    state = json.loads(json.dumps(first.state()))
+    # Arguments that contradict it: the state decides; the same values are accepted.
+    for given in (dict(seed=5), dict(shuffle=False), dict(mix=2), dict(rank=1, world_size=2), dict(workers=2)):
+        name = next(iter(given))
+        with pytest.raises(ValueError, match=f"{name}=.* differs from the state's {name}"):
+            cubeload.Loader(pixel_cube, state=state, **given)
+    assert len(list(cubeload.Loader(pixel_cube, state=state, seed=4, mix=1))) == 2 * first.batches_per_epoch - 3
+    # Another cube, or another threshold leaving other batches eligible: its digest differs.
+    for path, options in ((image_cube, {}), (pixel_cube, dict(min_valid=0.99))):
+        with pytest.raises(ValueError, match="another cube, or with other variables or another min_valid"):
+            cubeload.Loader(path, state=state, **options)
+    # A dataset refuses another rank's state.
+    rank0 = dict(state, epoch=0)
+    with pytest.raises(ValueError, match="saved by rank 0 of 1, not 1 of 2"):
+        next(iter(CubeDataset(pixel_cube, seed=4, rank=1, world_size=2, state=rank0)))
+
+
+def test_mixed_batches_are_the_same_whatever_the_dataloader_workers(pixel_cube):
+    def batches(workers):
+        loader = DataLoader(CubeDataset(pixel_cube, seed=6, mix=3, threads=1), batch_size=None, num_workers=workers)
+        return sorted((b["position"], tuple(b["chunk"]), hash(b["lat"].numpy().tobytes()),
+                       hash(b["t2m"].numpy().tobytes())) for b in loader)
+
+    alone = batches(0)
+    assert [b[0] for b in alone] == list(range(cubeload.Loader(pixel_cube).batches_per_epoch))
+    assert batches(2) == alone
+
+
 def test_a_loader_built_before_a_fork_raises_in_the_child(pixel_cube):
     loader = cubeload.Loader(pixel_cube, seed=1)
     next(loader)
