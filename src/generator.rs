@@ -1082,7 +1082,8 @@ fn warp_steps(
     let bands: Vec<(&FileView, usize)> =
         steps.iter().map(|&s| (&source.files[source.steps[s].file], source.steps[s].band)).collect();
     let warp = |bands: &[(&FileView, usize)]| {
-        warp_window(bands, source.data_type, source.nodata, v.resampling, grid, window.clone())
+        let nodata = (source.nodata, source.missing_value);
+        warp_window(bands, source.data_type, nodata, v.resampling, grid, window.clone())
     };
     let same_file = |a: &(&FileView, usize), b: &(&FileView, usize)| std::ptr::eq(a.0, b.0);
     match warp(&bands) {

@@ -175,6 +175,9 @@ pub struct Source {
     pub data_type: GdalDataType,
     /// Stored value meaning "missing", after the config's override.
     pub nodata: Option<f64>,
+    /// A second stored value meaning "missing" that GDAL does not mask: a `NetCDF` `missing_value` beside a
+    /// different `_FillValue` (xarray masks both). None when the config sets `nodata:`.
+    pub missing_value: Option<f64>,
     /// Unpacking: physical = stored × scale + offset.
     pub scale: f64,
     /// Unpacking offset.
@@ -214,7 +217,11 @@ impl Source {
             }
             match &first {
                 None => first = Some(band_info.clone()),
-                Some(f) if f.0 != band_info.0 || f.2 != band_info.2 || f.3 != band_info.3 => {
+                Some(f)
+                    if f.data_type != band_info.data_type
+                        || f.scale != band_info.scale
+                        || f.offset != band_info.offset =>
+                {
                     return Err(SourceError::unusable(
                         path,
                         format!(
@@ -224,16 +231,25 @@ impl Source {
                     ));
                 }
                 // The warp masks one nodata value for all the files: another one's would pass as data.
-                Some(f) if !same_nodata(f.1, band_info.1) => {
-                    let show = |n: Option<f64>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
+                Some(f)
+                    if !same_nodata(f.nodata, band_info.nodata)
+                        || !same_nodata(f.missing_value, band_info.missing_value) =>
+                {
+                    let show = |b: &BandInfo| {
+                        let one = |n: Option<f64>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
+                        match b.missing_value {
+                            Some(m) => format!("{}, missing_value {m}", one(b.nodata)),
+                            None => one(b.nodata),
+                        }
+                    };
                     return Err(SourceError::unusable(
                         path,
                         format!(
                             "its nodata ({}) differs from that of {} ({}): all files of variable `{name}` must \
                              agree, or `nodata:` in its config sets one for all",
-                            show(band_info.1),
+                            show(&band_info),
                             paths[0].display(),
-                            show(f.1)
+                            show(f)
                         ),
                     ));
                 }
@@ -243,7 +259,8 @@ impl Source {
             files.push(view);
             provenance.push(file_provenance(path)?);
         }
-        let (data_type, nodata, scale, offset, units) = first.expect("at least one file");
+        let BandInfo { data_type, nodata, missing_value, scale, offset, units } =
+            first.expect("at least one file");
         let has_time = steps.iter().any(|s| s.time.is_some());
         if has_time && steps.iter().any(|s| s.time.is_none()) {
             return Err(SourceError::unusable(
@@ -251,7 +268,7 @@ impl Source {
                 format!("some files of variable `{name}` have a time axis and others do not"),
             ));
         }
-        Ok(Source { files, provenance, steps, data_type, nodata, scale, offset, units, notes })
+        Ok(Source { files, provenance, steps, data_type, nodata, missing_value, scale, offset, units, notes })
     }
 
     /// Instants of all steps (empty when static).
@@ -350,7 +367,16 @@ fn file_provenance(path: &Path) -> Result<SourceFile, SourceError> {
     Ok(SourceFile { path: path.to_path_buf(), size, sha256 })
 }
 
-type BandInfo = (GdalDataType, Option<f64>, f64, f64, Option<String>);
+/// How the values of a file's band are stored: what [`Source`] holds for all the files of a variable.
+#[derive(Debug, Clone)]
+struct BandInfo {
+    data_type: GdalDataType,
+    nodata: Option<f64>,
+    missing_value: Option<f64>,
+    scale: f64,
+    offset: f64,
+    units: Option<String>,
+}
 
 /// Nodata values that mark the same cells (NaN marks NaN).
 fn same_nodata(a: Option<f64>, b: Option<f64>) -> bool {
@@ -383,17 +409,26 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
             format!("band {band} requested, the file has {count}"),
         ));
     }
-    let (data_type, nodata, scale, offset, units) = {
-        let band1 = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
-        let data_type = band1.band_type();
+    // The band chosen, or band 1 for all the bands of a time series.
+    let info = {
+        let band = dataset.rasterband(config.band.unwrap_or(1)).map_err(|e| SourceError::gdal(path, &e))?;
+        let data_type = band.band_type();
         if matches!(data_type, GdalDataType::Unknown) {
             return Err(SourceError::unusable(path, "has a complex or unknown data type"));
         }
-        let nodata = config.nodata.or_else(|| band1.no_data_value());
-        let scale = band1.scale().unwrap_or(1.0);
-        let offset = band1.offset().unwrap_or(0.0);
-        let units = Some(band1.unit()).filter(|u| !u.is_empty()).or_else(|| grib_units(&band1));
-        (data_type, nodata, scale, offset, units)
+        let nodata = config.nodata.or_else(|| band.no_data_value());
+        let missing_value = band
+            .metadata_item("missing_value", "")
+            .and_then(|m| m.trim().parse::<f64>().ok())
+            .filter(|&m| config.nodata.is_none() && !same_nodata(nodata, Some(m)));
+        BandInfo {
+            data_type,
+            nodata: nodata.or(missing_value),
+            missing_value: missing_value.filter(|_| nodata.is_some()),
+            scale: band.scale().unwrap_or(1.0),
+            offset: band.offset().unwrap_or(0.0),
+            units: Some(band.unit()).filter(|u| !u.is_empty()).or_else(|| grib_units(&band)),
+        }
     };
 
     let steps = if config.is_static {
@@ -431,8 +466,8 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
         georef,
         native_res: (0.0, 0.0),
     };
-    view.native_res = warp::native_resolution(&view, data_type, nodata)?;
-    Ok((view, steps, (data_type, nodata, scale, offset, units), note))
+    view.native_res = warp::native_resolution(&view, info.data_type, info.nodata)?;
+    Ok((view, steps, info, note))
 }
 
 fn open(path: &Path, name: &str) -> Result<Dataset, SourceError> {

@@ -13,7 +13,8 @@ use zarrs::metadata_ext::group::consolidated_metadata::{ConsolidatedMetadata, Co
 use zarrs::node::Node;
 
 use super::{
-    CubeError, CubeMeta, FORMAT_VERSION, INDEX_GROUP, META_KEY, RunningStats, TimeMeta, VariableMeta,
+    CubeError, CubeMeta, FORMAT_VERSION, INDEX_GROUP, META_KEY, RunningStats, TimeMeta, VariableKind,
+    VariableMeta,
 };
 use crate::config::{Codec, CompressionConfig};
 use crate::grid::Grid;
@@ -408,6 +409,11 @@ impl CubeWriter {
             json!(if self.samples.is_some() { "lat lon spatial_ref" } else { "spatial_ref" }),
         );
         attrs.insert("cubeload_kind".into(), serde_json::to_value(v.kind).expect("serializable"));
+        // An integer variable's fill value marks real cells (no data, padding): declared as CF's `_FillValue`,
+        // which xarray masks (Zarr v3's own `fill_value` it does not), as it does a NetCDF land-cover map's.
+        if let Some(fill) = v.fill_value.filter(|f| v.dtype != DType::Float32 && f.is_finite()) {
+            attrs.insert("_FillValue".into(), json!(fill as i64));
+        }
         builder.dimension_names(Some(dims)).attributes(attrs);
         let array = builder
             .build(self.store.clone(), &format!("/{}", geometry.array_path(&v.name)))
@@ -559,6 +565,16 @@ impl CubeWriter {
         for (i, v) in self.meta.variables.iter_mut().enumerate() {
             let [ct, cy, cx] = counts[i];
             v.stats = stats[i].finish();
+            // Batches are float32, whose integers are exact up to 2^24 only.
+            let exact = f64::from(1u32 << 24);
+            if v.kind == VariableKind::Categorical
+                && v.stats.as_ref().is_some_and(|s| s.min < -exact || s.max > exact)
+            {
+                v.notes.push(format!(
+                    "codes beyond ±{exact} are not exact in the loader's float32 batches (xarray reads them \
+                     exactly): renumber the classes to keep them apart"
+                ));
+            }
             let (cells, valid) = valid_cells[i];
             v.valid_fraction = if cells == 0 { 0.0 } else { valid as f64 / cells as f64 };
             let (shape, dims): (Vec<u64>, Vec<&str>) = if v.is_static {

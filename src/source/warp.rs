@@ -46,7 +46,16 @@ fn gdal_type_name(data_type: GdalDataType) -> &'static str {
 /// The VRT XML exposing `bands` (each a file and its 1-based band, in order) with a georeferencing the warper
 /// can use. All files share one grid (the first's): [`FileView::same_grid`].
 #[must_use]
-pub fn vrt_xml(bands: &[(&FileView, usize)], data_type: GdalDataType, nodata: Option<f64>) -> String {
+///
+/// `missing_value` is a second stored value meaning "missing" (a `NetCDF` `missing_value` beside a different
+/// `_FillValue`), which GDAL does not mask: each source then leaves those pixels out (a `ComplexSource`'s
+/// `NODATA`), so that they read as the band's `nodata`, which the warp masks.
+pub fn vrt_xml(
+    bands: &[(&FileView, usize)],
+    data_type: GdalDataType,
+    nodata: Option<f64>,
+    missing_value: Option<f64>,
+) -> String {
     let file = bands.first().expect("at least one band").0;
     debug_assert!(bands.iter().all(|(f, _)| f.same_grid(file)), "bands of one VRT share a grid");
     let (w, h) = file.size;
@@ -86,12 +95,16 @@ pub fn vrt_xml(bands: &[(&FileView, usize)], data_type: GdalDataType, nodata: Op
         if let Some(nodata) = nodata {
             let _ = write!(xml, "<NoDataValue>{}</NoDataValue>", format_nodata(nodata));
         }
+        let (kind, left_out) = match missing_value.filter(|_| nodata.is_some()) {
+            Some(missing) => ("ComplexSource", format!("<NODATA>{}</NODATA>", format_nodata(missing))),
+            None => ("SimpleSource", String::new()),
+        };
         for offset in &copies {
             let _ = write!(
                 xml,
-                "<SimpleSource><SourceFilename relativeToVRT=\"0\">{source_name}</SourceFilename>\
+                "<{kind}><SourceFilename relativeToVRT=\"0\">{source_name}</SourceFilename>\
                  <SourceBand>{band}</SourceBand><SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/>\
-                 <DstRect xOff=\"{offset}\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/></SimpleSource>"
+                 <DstRect xOff=\"{offset}\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/>{left_out}</{kind}>"
             );
         }
         xml.push_str("</VRTRasterBand>");
@@ -124,7 +137,7 @@ fn format_nodata(v: f64) -> String {
 pub fn warp_window(
     bands: &[(&FileView, usize)],
     data_type: GdalDataType,
-    nodata: Option<f64>,
+    (nodata, missing_value): (Option<f64>, Option<f64>),
     resampling: Resampling,
     grid: &Grid,
     (window_rows, window_cols): (Range<usize>, Range<usize>),
@@ -133,7 +146,7 @@ pub fn warp_window(
     let (col0, cols) = (window_cols.start, window_cols.len());
     let file = bands.first().expect("at least one band").0;
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
-    let xml = vrt_xml(bands, data_type, nodata);
+    let xml = vrt_xml(bands, data_type, nodata, missing_value);
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
     // The warp writes straight into `out`: a MEM dataset whose bands are views of it. NaN before the warp
     // too: GDAL skips a window that no source pixel reaches, without applying `INIT_DEST`.
@@ -345,7 +358,7 @@ fn suggested_output(
     nodata: Option<f64>,
 ) -> Result<([f64; 6], (i32, i32)), SourceError> {
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
-    let source = Dataset::open(vrt_xml(&[(file, 1)], data_type, nodata))
+    let source = Dataset::open(vrt_xml(&[(file, 1)], data_type, nodata, None))
         .map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
     let option = CString::new(format!("DST_SRS={}", target_wkt())).expect("no NUL");
     let mut options = [option.as_ptr().cast_mut(), ptr::null_mut()];

@@ -190,7 +190,14 @@ def test_demo_cube_static_layer_stats_and_padding(run_cubeload, tmp_path):
     ds = xr.open_zarr(demo / "demo.zarr")
 
     assert ds["landcover"].dims == ("lat", "lon"), "a static layer has no time axis"
-    assert np.issubdtype(ds["landcover"].dtype, np.integer), ds["landcover"].dtype
+    # Stored as integers; the declared fill value (`_FillValue`, CF) is missing for xarray as for the loader,
+    # and the codes as stored without decoding.
+    assert np.issubdtype(ds["landcover"].encoding["dtype"], np.integer), ds["landcover"].encoding
+    raw = xr.open_zarr(demo / "demo.zarr", mask_and_scale=False)["landcover"]
+    assert np.issubdtype(raw.dtype, np.integer), raw.dtype
+    fill = variable_meta(ds.attrs["cubeload"], "landcover")["fill_value"]
+    assert raw.attrs["_FillValue"] == fill and (raw.values == fill).any()
+    np.testing.assert_array_equal(np.isnan(ds["landcover"].values), raw.values == fill)
     assert ds["t2m"].dims == ("time", "lat", "lon")
     assert ds["ndvi"].dims == ("time", "lat", "lon")
 
@@ -328,3 +335,80 @@ def test_multiresolution_levels_open_as_groups_and_match_xarrays_own_regridding(
         for t in (0, 100, 743):
             expected = planes[t].transpose("lat", "lon").values
             np.testing.assert_allclose(coarse.t2m_coarse.isel(time=t, lat=slice(0, 12)).values, expected, rtol=1e-6)
+
+
+# ---- Band selection and missing values ---------------------------------------------------------------------
+
+
+def test_a_chosen_band_is_read_with_its_own_type_packing_and_nodata(gen_cube, tmp_path):
+    """`band: 2` of a file whose bands differ: band 2's data type, scale, offset and nodata, not band 1's."""
+    raw1 = np.arange(16, dtype="u1").reshape(4, 4)
+    raw2 = (np.arange(16, dtype="<f4") * 66.7 + 0.25).reshape(4, 4)
+    raw2[0, 0] = -5.0  # band 2's nodata
+    raw1.tofile(tmp_path / "b1.raw")
+    raw2.tofile(tmp_path / "b2.raw")
+
+    def band(i, dtype, name, size, extra):
+        return (
+            f'<VRTRasterBand dataType="{dtype}" band="{i}" subClass="VRTRawRasterBand">{extra}'
+            f'<SourceFilename relativetoVRT="1">{name}</SourceFilename><ImageOffset>0</ImageOffset>'
+            f"<PixelOffset>{size}</PixelOffset><LineOffset>{4 * size}</LineOffset><ByteOrder>LSB</ByteOrder>"
+            "</VRTRasterBand>"
+        )
+
+    (tmp_path / "bands.vrt").write_text(
+        '<VRTDataset rasterXSize="4" rasterYSize="4"><SRS>EPSG:4326</SRS>'
+        "<GeoTransform>10,1,0,14,0,-1</GeoTransform>"
+        + band(1, "Byte", "b1.raw", 1, "")
+        + band(2, "Float32", "b2.raw", 4, "<NoDataValue>-5</NoDataValue><Offset>100</Offset><Scale>0.5</Scale>")
+        + "</VRTDataset>"
+    )
+    source = q(tmp_path / "bands.vrt")
+    cube = gen_cube(
+        "grid: { bbox: [10.0, 10.0, 14.0, 14.0], resolution: 1.0 }\n"
+        "layout: { kind: pixel_series, batch: 16, tile: [4, 4] }\n"
+        "variables:\n"
+        f"  b1: {{ path: {source}, band: 1, static: true, resampling: nearest }}\n"
+        f"  b2: {{ path: {source}, band: 2, static: true, resampling: nearest }}\n"
+    )
+    ds = xr.open_zarr(cube)
+    expected = raw2.astype(np.float64) * 0.5 + 100.0
+    expected[0, 0] = np.nan
+    np.testing.assert_allclose(ds.b2.values, expected, rtol=1e-6)
+    np.testing.assert_array_equal(ds.b1.values, raw1.astype(np.float32))
+
+
+@pytest.mark.filterwarnings("ignore:variable 'x' has multiple fill values")
+def test_a_netcdf_missing_value_beside_a_different_fill_value_is_missing_as_xarray_reads_it(gen_cube, tmp_path):
+    """GDAL masks `_FillValue` only; xarray (CF) masks `missing_value` too, and so does the cube."""
+    import netCDF4
+
+    path = tmp_path / "both.nc"
+    with netCDF4.Dataset(path, "w") as nc:
+        nc.createDimension("lat", 4)
+        nc.createDimension("lon", 4)
+        lat = nc.createVariable("lat", "f8", ("lat",))
+        lat.units, lat.standard_name = "degrees_north", "latitude"
+        lat[:] = [13.5, 12.5, 11.5, 10.5]
+        lon = nc.createVariable("lon", "f8", ("lon",))
+        lon.units, lon.standard_name = "degrees_east", "longitude"
+        lon[:] = [10.5, 11.5, 12.5, 13.5]
+        x = nc.createVariable("x", "f4", ("lat", "lon"), fill_value=np.float32(-999))
+        x.set_auto_maskandscale(False)
+        x.missing_value = np.float32(-9999)
+        values = np.arange(16, dtype="f4").reshape(4, 4)
+        values[0, 0], values[2, 3] = -999, -9999
+        x[:] = values
+    cube = gen_cube(
+        "grid: { bbox: [10.0, 10.0, 14.0, 14.0], resolution: 1.0 }\n"
+        "layout: { kind: pixel_series, batch: 16, tile: [4, 4] }\n"
+        "variables:\n"
+        f"  x: {{ path: {q(path)}, variable: x, static: true, resampling: nearest }}\n"
+    )
+    reference = xr.open_dataset(path).x.values
+    assert np.isnan(reference[0, 0]) and np.isnan(reference[2, 3])
+    cube_values = xr.open_zarr(cube).x.values
+    np.testing.assert_array_equal(cube_values, reference)
+    # The statistics (and so `normalize`) leave it out too.
+    meta = json.loads((cube / "zarr.json").read_text())["attributes"]["cubeload"]
+    assert variable_meta(meta, "x")["stats"]["min"] == 1.0
