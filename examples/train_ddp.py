@@ -6,7 +6,7 @@
   ``torch.distributed``, and the shares are disjoint and of equal length, so every rank runs the same number of
   steps (DDP's all-reduce needs that).
 - A checkpoint is one file, written by rank 0: the model, the optimizer and every rank's loader state,
-  gathered at the same step. Restarted (after a crash, a preemption, ``--stop-after``), every rank continues
+  gathered at the same step (on several nodes, the checkpoint directory must be one they all see). Restarted (after a crash, a preemption, ``--stop-after``), every rank continues
   from that one step with exactly the batches it had not trained on yet. (A file per rank could hold different
   steps after a crash between two ranks' writes: the ranks would then run different numbers of steps and hang
   in DDP's all-reduce.)
@@ -47,6 +47,9 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        # Collectives (the checkpoint's all_gather_object) use the current device: this rank's, not cuda:0.
+        torch.cuda.set_device(device)
     torch.set_num_threads(1)
 
     dataset = CubeDataset(args.cube, seed=args.seed, normalize=True)

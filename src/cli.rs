@@ -500,24 +500,41 @@ fn bench_table(r: &BenchReport) -> String {
     })
 }
 
-/// Sends what is printed on stdout to stderr while alive. GDAL's GRIB reader prints diagnostics with
-/// `printf` ("ERROR: Ran out of file reading SECT0" at the end of an ERA5 file); stdout is for results.
-struct StdoutToStderr(Option<i32>);
+/// Keeps what is printed on stdout away from it while alive: GDAL's GRIB reader prints diagnostics with
+/// `printf` (`Warning: Inside GRIB2Inventory ... ERROR: Ran out of file reading SECT0`, some 40 lines at the end
+/// of an ERA5 file), past GDAL's error handler; stdout is for results. They are dropped, as GDAL's other
+/// warnings are ([`crate::source::init_gdal`]), or sent to stderr with `CUBELOAD_GDAL_LOG=1`.
+struct StdoutAside(Option<i32>);
 
-impl StdoutToStderr {
+impl StdoutAside {
     fn new() -> Self {
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        // SAFETY: dup/dup2 on the process's standard descriptors; the saved descriptor is restored on drop.
-        let saved = unsafe { libc::dup(1) };
-        if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
-            return StdoutToStderr(None);
+        let verbose = std::env::var_os("CUBELOAD_GDAL_LOG").is_some();
+        // SAFETY: open/dup/dup2/close on the process's standard descriptors and one of our own; the saved
+        // descriptor is restored on drop.
+        unsafe {
+            let target = if verbose { 2 } else { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY) };
+            if target < 0 {
+                return StdoutAside(None);
+            }
+            let saved = libc::dup(1);
+            let swapped = saved >= 0 && libc::dup2(target, 1) >= 0;
+            if target != 2 {
+                libc::close(target);
+            }
+            if !swapped {
+                if saved >= 0 {
+                    libc::close(saved);
+                }
+                return StdoutAside(None);
+            }
+            StdoutAside(Some(saved))
         }
-        StdoutToStderr(Some(saved))
     }
 }
 
-impl Drop for StdoutToStderr {
+impl Drop for StdoutAside {
     fn drop(&mut self) {
         if let Some(saved) = self.0 {
             // SAFETY: C's stdio buffers are flushed before the descriptor is swapped back; `saved` is ours.
@@ -531,7 +548,7 @@ impl Drop for StdoutToStderr {
 }
 
 fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> crate::Result<GenReport> {
-    let _stdout = StdoutToStderr::new();
+    let _stdout = StdoutAside::new();
     let config = Config::from_yaml(text, origin)?;
     let plan = Plan::new(config, text.to_string())?;
     for v in &plan.variables {
@@ -579,10 +596,11 @@ fn print_summary(report: &GenReport) {
         format!("{} × {} × {}", l.chunk_t, l.chunk_y, l.chunk_x)
     };
     println!(
-        "wrote {} in {:.1} s: {} variables, {} × {} × {} (time × lat × lon), chunk = batch ({chunk}), {} blocks",
+        "wrote {} in {:.1} s: {} variable{}, {} × {} × {} (time × lat × lon), chunk = batch ({chunk}), {} blocks",
         report.path.display(),
         report.seconds,
         meta.variables.len(),
+        if meta.variables.len() == 1 { "" } else { "s" },
         meta.shape[0],
         meta.shape[1],
         meta.shape[2],

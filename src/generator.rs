@@ -633,6 +633,10 @@ fn block_inputs(plan: &Plan, b: &Block) -> String {
         v.source.nodata,
         settings,
     );
+    // Only where there is one, so that the blocks of other cubes keep their hashes (and are reused).
+    if let Some(missing) = v.source.missing_value {
+        let _ = writeln!(text, "missing_value {missing:?}");
+    }
     let _ = writeln!(text, "{b:?}");
     let (ops, feeds) = block_feeds(plan, b);
     let q = v.level.map_or(1, |l| plan.levels[l].time_factor);

@@ -159,6 +159,8 @@ pub struct LoaderBuilder {
     start: (usize, usize),
     /// The resumed state's digest, checked against this loader's.
     digest: Option<u64>,
+    /// Whether [`LoaderBuilder::resume`] was called.
+    resumed: bool,
     on_corrupt: OnCorrupt,
     store: Option<CustomStore>,
     fetchers: usize,
@@ -306,6 +308,7 @@ impl LoaderBuilder {
         self.mix = state.mix;
         self.start = (state.epoch, state.cursor);
         self.digest = state.digest;
+        self.resumed = true;
         self
     }
 
@@ -378,6 +381,21 @@ impl LoaderBuilder {
             let (names, statics) = assembler.variable_names();
             sampler.digest(&names.iter().chain(&statics).map(String::as_str).collect::<Vec<_>>())
         };
+        // Before the digest (earlier versions), groups were mixed by a job index counted per worker: a mixed
+        // state of several ranks or workers would resume an epoch of other batches in its middle (an epoch's
+        // start is whole either way).
+        if self.digest.is_none()
+            && self.resumed
+            && self.start.1 > 0
+            && self.mix > 1
+            && (world_size > 1 || workers > 1)
+        {
+            return Err(LoaderError::Invalid(
+                "the resume state was saved by an earlier version with mixing across several ranks or workers, \
+                 whose batches this version makes differently: start the epoch again"
+                    .into(),
+            ));
+        }
         if let Some(saved) = self.digest.filter(|&saved| saved != digest) {
             return Err(LoaderError::Invalid(format!(
                 "the resume state was saved on another cube, or with other variables or another min_valid: \
@@ -687,6 +705,7 @@ impl Loader {
             min_valid: None,
             start: (0, 0),
             digest: None,
+            resumed: false,
             on_corrupt: OnCorrupt::Error,
             store: None,
             fetchers: 32,

@@ -59,6 +59,15 @@ fn era5_grib_hourly_equals_gdalwarp_bilinear() {
     // Kelvin, whatever GDAL's unit label says.
     let stats = &m["variables"][0]["stats"];
     assert!(stats["min"].as_f64().unwrap() > 260.0 && stats["max"].as_f64().unwrap() < 300.0, "{stats}");
+
+    // The file's trailing bytes make GDAL's GRIB reader print some 40 lines with `printf`: neither on stdout,
+    // which holds the summary alone, nor on stderr.
+    let out = crate::util::cubeload(dir.path(), &["gen", "-c", "cube.yaml", "--overwrite"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("wrote ") && stdout.contains(": 1 variable, 744 × 60 × 80"), "{stdout}");
+    assert!(!stderr.contains("GRIB2Inventory"), "{stderr}");
 }
 
 #[test]

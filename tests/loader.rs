@@ -433,6 +433,12 @@ fn a_state_resumes_only_the_batches_it_was_saved_for() {
     let old = cubeload::loader::LoaderState { digest: None, ..state };
     let resumed = collect(Loader::builder(&cubes.pixel).epochs(2).resume(old).build().unwrap());
     assert_eq!(resumed.len(), 2 * per_epoch - 3);
+    // Unless it mixed across several workers or ranks, whose groups this version makes differently.
+    for (workers, world_size) in [(2, 1), (1, 2)] {
+        let old = cubeload::loader::LoaderState { digest: None, mix: 3, workers, world_size, ..state };
+        let error = Loader::builder(&cubes.pixel).epochs(2).resume(old).build().unwrap_err().to_string();
+        assert!(error.contains("saved by an earlier version with mixing"), "{error}");
+    }
 
     // A cursor at the end of an epoch is the next one's start: no batch of it is lost.
     let end = cubeload::loader::LoaderState { epoch: 0, cursor: per_epoch, ..state };

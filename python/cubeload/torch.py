@@ -30,12 +30,12 @@ class CubeDataset(IterableDataset):
     Args:
         path: the cube.
         variables: variables to load (default: all, in the cube's order).
-        seed: shuffle seed; the same seed gives the same batches in every run.
-        shuffle: shuffle the batches of each epoch.
+        seed: shuffle seed (default 0, or the state's); the same seed gives the same batches in every run.
+        shuffle: shuffle the batches of each epoch (default True, or as the state did).
         epoch: the epoch to iterate (see ``set_epoch``).
         rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
         prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt, regrid, separate_statics: as for
-            :class:`cubeload.Loader`.
+            :class:`cubeload.Loader` (``mix`` default 1, or the state's).
         state: a ``state()`` of an interrupted epoch (single-worker use) to resume it exactly.
     """
 
@@ -44,14 +44,14 @@ class CubeDataset(IterableDataset):
         path: str,
         variables: Sequence[str] | None = None,
         *,
-        seed: int = 0,
-        shuffle: bool = True,
+        seed: int | None = None,
+        shuffle: bool | None = None,
         epoch: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
         prefetch: int | None = None,
         threads: int | None = None,
-        mix: int = 1,
+        mix: int | None = None,
         normalize: bool = False,
         fill_value: float = 0.0,
         min_valid: float | None = None,
@@ -70,8 +70,9 @@ class CubeDataset(IterableDataset):
         self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
         self._resume = torch.tensor(state is not None).share_memory_()
         self.rank, self.world_size = rank, world_size
+        self.mix = mix
         self.options = dict(
-            prefetch=prefetch, threads=threads, mix=mix, normalize=normalize, fill_value=fill_value,
+            prefetch=prefetch, threads=threads, normalize=normalize, fill_value=fill_value,
             min_valid=min_valid, on_corrupt=on_corrupt, regrid=regrid, separate_statics=separate_statics,
         )
         self.state = state
@@ -129,14 +130,13 @@ class CubeDataset(IterableDataset):
                     f"the state was saved by DataLoader worker {saved[0]} of {saved[1]}, not {worker} of "
                     f"{workers}: resume with the num_workers it was saved with"
                 )
-        state = resume or dict(
-            seed=self.seed, shuffle=self.shuffle, epoch=self.epoch, cursor=0, rank=rank, world_size=world,
-            worker=worker, workers=workers, mix=self.options["mix"],
-        )
-        return Loader(
-            self.path, self.variables, shuffle=self.shuffle, seed=self.seed, epochs=self.epoch + 1,
-            state=state, **self.options,
-        )
+        # Given ones must agree with a state being resumed (the Loader checks); left out, the state's are taken.
+        given = {k: v for k, v in dict(seed=self.seed, shuffle=self.shuffle, mix=self.mix).items() if v is not None}
+        state = resume or {
+            "seed": 0, "shuffle": True, "mix": 1, **given, "epoch": self.epoch, "cursor": 0, "rank": rank,
+            "world_size": world, "worker": worker, "workers": workers,
+        }
+        return Loader(self.path, self.variables, epochs=self.epoch + 1, state=state, **given, **self.options)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = self.loader()

@@ -86,7 +86,7 @@ fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
         worker: get_or("worker", 0)?,
         workers: get_or("workers", 1)?,
         mix: get_or("mix", 1)?,
-        digest: state.get_item("digest")?.map(|v| v.extract()).transpose()?,
+        digest: state.get_item("digest")?.map(|v| v.extract::<Option<u64>>()).transpose()?.flatten(),
     })
 }
 

@@ -144,6 +144,14 @@ def test_a_state_is_refused_where_it_would_resume_other_batches(pixel_cube, imag
     for path, options in ((image_cube, {}), (pixel_cube, dict(min_valid=0.99))):
         with pytest.raises(ValueError, match="another cube, or with other variables or another min_valid"):
             cubeload.Loader(path, state=state, **options)
+    # A dataset takes the state's seed, shuffle and mixing when not given, and refuses others.
+    mixed = cubeload.Loader(pixel_cube, seed=4, mix=3, shuffle=False)
+    head = [next(mixed)["chunk"] for _ in range(4)]
+    saved = mixed.state()
+    rest = [b["chunk"] for b in CubeDataset(pixel_cube, state=saved)]
+    assert head + rest == [b["chunk"] for b in cubeload.Loader(pixel_cube, seed=4, mix=3, shuffle=False)]
+    with pytest.raises(ValueError, match="seed=5 differs from the state's seed"):
+        next(iter(CubeDataset(pixel_cube, seed=5, state=saved)))
     # A dataset refuses another rank's state.
     rank0 = dict(state, epoch=0)
     with pytest.raises(ValueError, match="saved by rank 0 of 1, not 1 of 2"):
