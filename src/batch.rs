@@ -48,6 +48,8 @@ pub struct Batch {
     pub static_variables: Vec<String>,
     /// `[B, Vs]` or `[B, Vs, h, w]` static values (empty unless returned separately).
     pub statics: Vec<f32>,
+    /// 1 where `statics` holds a real value, 0 where it was missing (the map's gaps, padding).
+    pub statics_mask: Vec<u8>,
     /// Latitude of each sample (pixel centre, or patch centre).
     pub lat: Vec<f64>,
     /// Longitude of each sample.

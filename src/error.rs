@@ -28,6 +28,10 @@ pub enum Error {
     /// Loading batches.
     #[error(transparent)]
     Loader(#[from] crate::loader::LoaderError),
+    /// libtorch's error in the commands `cubeload-torch` runs (`demo`'s training): a CUDA device it does not
+    /// have, memory.
+    #[error("libtorch: {0}")]
+    Torch(String),
     /// `demo` and `bench` need the binary that links libtorch, which could not be started.
     #[error(
         "{}: cannot run it ({source}); `cubeload demo` and `cubeload bench` deliver batches into libtorch \

@@ -28,7 +28,8 @@ class Loader:
 
     With ``separate_statics=True`` each static variable comes once per sample (``[B]``, or ``[B, h, w]`` for
     image_sequence) instead of repeated along time: ``variables`` and ``"mask"`` then hold the time-varying
-    variables only, and ``static_variables`` names the others. A batch then carries fewer bytes (a third fewer
+    variables only, ``static_variables`` names the others, and ``"static_mask"`` (bool, ``[S, B]`` or
+    ``[S, B, h, w]`` in ``static_variables`` order) says where they hold a real value. A batch then carries fewer bytes (a third fewer
     on the demo cube); broadcast them on the device (``x_s[:, None].expand(-1, T)``) where a model wants them
     at every step.
 

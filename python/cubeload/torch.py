@@ -144,6 +144,8 @@ class CubeDataset(IterableDataset):
         for batch in loader:
             out: dict[str, Any] = {name: torch.from_numpy(batch[name]) for name in names}
             out["mask"] = torch.from_numpy(batch["mask"])
+            if "static_mask" in batch:
+                out["static_mask"] = torch.from_numpy(batch["static_mask"])
             out["lat"] = torch.from_numpy(batch["lat"])
             out["lon"] = torch.from_numpy(batch["lon"])
             out["time_index"] = torch.from_numpy(batch["time_index"])

@@ -53,7 +53,8 @@ fn to_py_err(error: LoaderError) -> PyErr {
 }
 
 /// The keys of a batch dict besides its variables.
-const BATCH_KEYS: [&str; 8] = ["mask", "lat", "lon", "time_index", "epoch", "position", "chunk", "native"];
+const BATCH_KEYS: [&str; 9] =
+    ["mask", "static_mask", "lat", "lon", "time_index", "epoch", "position", "chunk", "native"];
 
 /// An iterable of batches (dicts of numpy arrays) from a cubeload cube.
 #[pyclass(module = "cubeload._cubeload")]
@@ -359,11 +360,17 @@ fn batch_to_dict(
     }
     // Statics apart: `[B, S]` (or `[B, S, h, w]`), each variable a strided view along axis 1.
     if !static_variables.is_empty() {
-        let statics = PyArray1::from_vec(py, batch.statics).reshape(statics_shape)?;
+        let statics = PyArray1::from_vec(py, batch.statics).reshape(statics_shape.clone())?;
         for (j, name) in static_variables.iter().enumerate() {
             let column = (pyo3::types::PySlice::full(py), j);
             dict.set_item(name, statics.get_item(column)?)?;
         }
+        // Their mask `[S, B]` (or `[S, B, h, w]`), as `mask` is `[V, B, ...]`: a view with the axes swapped.
+        let mask = PyArray1::from_vec(py, batch.statics_mask).reshape(statics_shape)?;
+        dict.set_item(
+            "static_mask",
+            mask.call_method1("view", ("bool",))?.call_method1("swapaxes", (0, 1))?,
+        )?;
     }
     let mask = borrowed(&owner.get().mask, &owner).reshape(batch.shape)?;
     dict.set_item("mask", mask.call_method1("view", ("bool",))?)?;

@@ -63,6 +63,7 @@ def test_statics_apart_once_per_sample_with_the_same_values(pixel_cube):
     loader = cubeload.Loader(pixel_cube, seed=3, separate_statics=True)
     assert loader.variables == ["t2m", "ndvi"] and loader.static_variables == ["landcover"]
     repeated = cubeload.Loader(pixel_cube, seed=3)
+    missing = 0
     for apart, whole in zip(loader, repeated):
         assert apart["landcover"].shape == (256,) and apart["mask"].shape == (2, 256, 168)
         # The same batches as with statics repeated along time, whose first step gives the static value.
@@ -73,9 +74,16 @@ def test_statics_apart_once_per_sample_with_the_same_values(pixel_cube):
         # And xarray's map where it has data (0 is its declared fill value), the fill value elsewhere.
         ref = lc[[lat_index[a] for a in apart["lat"]], [lon_index[o] for o in apart["lon"]]]
         np.testing.assert_array_equal(apart["landcover"], np.where(np.isnan(ref), 0.0, ref))
+        # Their mask: xarray's missing cells (the fill value, padding), as the repeated mask says at step 0.
+        assert apart["static_mask"].shape == (1, 256) and apart["static_mask"].dtype == np.bool_
+        np.testing.assert_array_equal(apart["static_mask"][0], ~np.isnan(ref))
+        np.testing.assert_array_equal(apart["static_mask"][0], whole["mask"][2, :, 0])
+        missing += int((~apart["static_mask"]).sum())
+    assert missing > 0, "the demo map's gaps and padding are among the statics"
     dataset = CubeDataset(pixel_cube, seed=3, separate_statics=True)
     batch = next(iter(dataset))
     assert batch["landcover"].shape == (256,) and batch["t2m"].shape == (256, 168)
+    assert batch["static_mask"].shape == (1, 256) and batch["static_mask"].dtype == torch.bool
 
 
 def test_image_sequences(image_cube):

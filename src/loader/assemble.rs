@@ -1009,6 +1009,7 @@ impl Assembler {
         let mut masks: Vec<Vec<u8>> = (0..k).map(|_| buffers::take(cells)).collect();
         let mut bits = vec![0u64; if images { 0 } else { k * batch_bits / 64 }];
         let mut statics = vec![vec![0.0f32; if separate { b * statics_cells } else { 0 }]; k];
+        let mut statics_mask = vec![vec![0u8; if separate { b * statics_cells } else { 0 }]; k];
         let (mut lat, mut lon) = (vec![vec![0.0; b]; k], vec![vec![0.0; b]; k]);
         let mut time_index = vec![vec![0; b]; k];
         let mut outs: Vec<&mut [MaybeUninit<f32>]> =
@@ -1028,12 +1029,14 @@ impl Assembler {
                     // Patch by patch, each to its place (mask bytes written with the values).
                     let slot = if into_statics { si } else { vi };
                     for (g, &(j, s)) in places.iter().enumerate() {
-                        let parts = (&mut *outs[j], &mut *mask_outs[j], &mut statics[j][..]);
+                        let apart = (&mut statics[j][..], &mut statics_mask[j][..]);
+                        let parts = (&mut *outs[j], &mut *mask_outs[j], apart);
                         self.image_sample((v, slot, into_statics), chunk, (g, s), (b, nv, ns), parts);
                     }
                 } else if into_statics {
                     for (g, &(j, s)) in places.iter().enumerate() {
-                        statics[j][s * ns + si] = prepare(chunk[g], v.affine.0, v.affine.1, fill).0;
+                        (statics[j][s * ns + si], statics_mask[j][s * ns + si]) =
+                            prepare(chunk[g], v.affine.0, v.affine.1, fill);
                     }
                 } else {
                     series.push(self.series_copy((v, vi), chunk, decoder, (b, nv)));
@@ -1064,10 +1067,11 @@ impl Assembler {
         }
         // Streamed values and mask bytes: visible to the threads the batches go to only after this fence.
         fence();
+        let statics = statics.into_iter().zip(statics_mask);
         let parts = data.into_iter().zip(masks).zip(statics).zip(lat.into_iter().zip(lon)).zip(time_index);
         Ok(parts
             .enumerate()
-            .map(|(j, ((((mut data, mut mask), statics), (lat, lon)), time_index))| {
+            .map(|(j, ((((mut data, mut mask), (statics, statics_mask)), (lat, lon)), time_index))| {
                 // SAFETY: every element of both was written: each sample of each batch received one source
                 // sample (`order` is a permutation), whose variables cover every column of its values, or
                 // every row of its patches, with their mask bytes (as in `assemble`); the mask bytes of
@@ -1086,6 +1090,7 @@ impl Assembler {
                     mask,
                     static_variables: static_names.clone(),
                     statics,
+                    statics_mask,
                     lat,
                     lon,
                     time_index,
@@ -1143,15 +1148,15 @@ impl Assembler {
 
     /// Sample `sample` of variable `v`'s chunk `chunk` in an image-sequence batch of `b` samples, written as
     /// sample `place` of a batch's values `out` and `mask` (`v` the `slot`-th of its `nv` values), or of its
-    /// `statics` (`v` the `slot`-th of its `ns`), row by row: a patch row is `pw` values side by side in the
-    /// chunk and in the batch.
+    /// `statics` and their mask (`v` the `slot`-th of its `ns`), row by row: a patch row is `pw` values side by
+    /// side in the chunk and in the batch.
     fn image_sample(
         &self,
         (v, slot, into_statics): (&Var, usize, bool),
         chunk: &[f32],
         (sample, place): (usize, usize),
         (b, nv, ns): (usize, usize, usize),
-        (out, mask, statics): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<u8>], &mut [f32]),
+        (out, mask, (statics, statics_mask)): SampleOut<'_>,
     ) {
         let l = &self.meta.layout;
         let (t_len, cy, cx) = (l.chunk_t, l.chunk_y, l.chunk_x);
@@ -1162,8 +1167,9 @@ impl Assembler {
         if into_statics {
             for py in 0..ph {
                 let (from, to) = ((sy + py) * cx + sx, ((place * ns + slot) * ph + py) * pw);
-                for (o, x) in statics[to..to + pw].iter_mut().zip(&chunk[from..from + pw]) {
-                    *o = prepare(*x, v.affine.0, v.affine.1, fill).0;
+                let outs = statics[to..to + pw].iter_mut().zip(&mut statics_mask[to..to + pw]);
+                for ((o, m), x) in outs.zip(&chunk[from..from + pw]) {
+                    (*o, *m) = prepare(*x, v.affine.0, v.affine.1, fill);
                 }
             }
             return;
@@ -1255,6 +1261,7 @@ impl Assembler {
             LayoutKind::ImageSequence => ns * l.patch[0] * l.patch[1],
         };
         let mut statics = vec![0.0f32; if separate { b * statics_cells } else { 0 }];
+        let mut statics_mask = vec![0u8; statics.len()];
         let fill = self.transform.fill;
         let prepare = |v: &Var, x: f32| prepare(x, v.affine.0, v.affine.1, fill);
         let (mut vi, mut si) = (0, 0);
@@ -1277,14 +1284,14 @@ impl Assembler {
             match l.kind {
                 LayoutKind::PixelSeries if into_statics => {
                     for p in 0..b {
-                        statics[p * ns + si] = prepare(v, chunk[p]).0;
+                        (statics[p * ns + si], statics_mask[p * ns + si]) = prepare(v, chunk[p]);
                     }
                 }
                 LayoutKind::PixelSeries => series.push(self.series_copy((v, vi), chunk, decoder, (b, nv))),
                 LayoutKind::ImageSequence => {
                     let slot = if into_statics { si } else { vi };
                     for s in 0..b {
-                        let parts = (&mut *out, &mut *mask_out, &mut statics[..]);
+                        let parts = (&mut *out, &mut *mask_out, (&mut statics[..], &mut statics_mask[..]));
                         self.image_sample((v, slot, into_statics), chunk, (s, s), (b, nv, ns), parts);
                     }
                 }
@@ -1319,6 +1326,7 @@ impl Assembler {
             mask,
             static_variables: static_names,
             statics,
+            statics_mask,
             lat,
             lon,
             time_index: vec![it * t_len; b],
@@ -1754,17 +1762,22 @@ fn mix(batches: &mut [Batch], order: &[usize]) {
         buffers::give_back(std::mem::replace(&mut batch.data, m.data));
         buffers::give_back(std::mem::replace(&mut batch.mask, m.mask));
         batch.statics = m.statics;
+        batch.statics_mask = m.statics_mask;
         batch.lat = m.lat;
         batch.lon = m.lon;
         batch.time_index = m.time_index;
     }
 }
 
+/// Where [`Assembler::image_sample`] writes: a batch's values and mask, and its statics apart with their mask.
+type SampleOut<'a> = (&'a mut [MaybeUninit<f32>], &'a mut [MaybeUninit<u8>], (&'a mut [f32], &'a mut [u8]));
+
 /// What [`mix`] makes of one batch: its samples taken from the batches of the group.
 struct Mixed {
     data: Vec<f32>,
     mask: Vec<u8>,
     statics: Vec<f32>,
+    statics_mask: Vec<u8>,
     lat: Vec<f64>,
     lon: Vec<f64>,
     time_index: Vec<usize>,
@@ -1806,6 +1819,11 @@ impl Mixed {
             statics: picks
                 .iter()
                 .flat_map(|&(from, g)| &from.statics[g * scell..(g + 1) * scell])
+                .copied()
+                .collect(),
+            statics_mask: picks
+                .iter()
+                .flat_map(|&(from, g)| &from.statics_mask[g * scell..(g + 1) * scell])
                 .copied()
                 .collect(),
             lat: picks.iter().map(|&(from, g)| from.lat[g]).collect(),

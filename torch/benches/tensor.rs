@@ -27,11 +27,11 @@ fn main() {
     let batch = Loader::builder(&cube).build().expect("loader").next().expect("a batch").expect("batch");
     let mut group = c.benchmark_group("tensor");
     group.throughput(Throughput::Bytes((batch.data.len() * size_of::<f32>()) as u64));
-    group.bench_function("to_tensor_cpu", |b| b.iter(|| batch.to_tensor(tch::Device::Cpu)));
+    group.bench_function("to_tensor_cpu", |b| b.iter(|| batch.to_tensor(tch::Device::Cpu).unwrap()));
     group.bench_function("into_tensor_cpu", |b| {
-        b.iter_batched(|| batch.clone(), |x| x.into_tensor(tch::Device::Cpu), BatchSize::LargeInput);
+        b.iter_batched(|| batch.clone(), |x| x.into_tensor(tch::Device::Cpu).unwrap(), BatchSize::LargeInput);
     });
-    group.bench_function("mask_tensor_cpu", |b| b.iter(|| batch.mask_tensor(tch::Device::Cpu)));
+    group.bench_function("mask_tensor_cpu", |b| b.iter(|| batch.mask_tensor(tch::Device::Cpu).unwrap()));
     group.finish();
     c.final_summary();
 }

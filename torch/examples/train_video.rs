@@ -7,24 +7,54 @@
 //! Prints `epoch N loss X`.
 
 use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, build_cube};
+use std::process::ExitCode;
+
+use cubeload::layout::LayoutKind;
 use cubeload::loader::Loader;
 use cubeload_torch::BatchTensors as _;
 use cubeload_torch::train::NextFrame;
 use tch::nn::{self, OptimizerConfig};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+const USAGE: &str = "usage: cargo run --release -p cubeload-torch --example train_video -- [CUBE] [EPOCHS]";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref().is_some_and(|a| a.starts_with('-')) {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let scratch = tempfile::tempdir()?; // removed on exit
-    let cube = match args.next() {
+    let cube = match first {
         Some(path) => path.into(),
         None => {
             build_cube(scratch.path(), &DemoSpec { layout: IMAGE_LAYOUT, ..Default::default() }, None)?.path
         }
     };
-    let epochs: usize = args.next().map_or(Ok(5), |e| e.parse())?;
+    let epochs: usize = match args.next() {
+        None => 5,
+        Some(e) => e.parse().map_err(|_| format!("EPOCHS must be a whole number, not `{e}`; {USAGE}"))?,
+    };
 
     // Batches of 4 sequences of 8 frames [B, S, V, h, w], normalized, gaps masked.
     let loader = Loader::builder(&cube).shuffle(7).epochs(epochs).normalize(true).prefetch(8).build()?;
+    if loader.meta().layout.kind != LayoutKind::ImageSequence {
+        return Err(format!(
+            "{} is a pixel_series cube: train_video needs image_sequence (train_lstm trains on pixel series)",
+            cube.display()
+        )
+        .into());
+    }
     let (variables, _) = loader.variable_names();
     println!("{}: {} batches per epoch, variables {variables:?}", cube.display(), loader.batches_per_epoch());
 
@@ -34,20 +64,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = NextFrame::new(&vs.root(), variables.len(), 16, 0);
     let mut optimizer = nn::Adam::default().build(&vs, 3e-3)?;
 
+    let report = |epoch: usize, sum: f64, count: u32| {
+        if count > 0 {
+            println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
+        }
+    };
     let (mut epoch, mut sum, mut count) = (0, 0.0, 0);
     for batch in loader {
         let batch = batch?;
         if batch.origin.epoch != epoch {
-            println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
+            report(epoch, sum, count);
             (epoch, sum, count) = (batch.origin.epoch, 0.0, 0);
         }
-        let mask = batch.mask_tensor(device);
-        let x = batch.into_tensor(device); // [B, S, V, h, w]; on the CPU the batch's own buffer
+        let mask = batch.mask_tensor(device)?;
+        let x = batch.into_tensor(device)?; // [B, S, V, h, w]; on the CPU the batch's own buffer
         let loss = model.loss(&x, &mask);
         optimizer.backward_step(&loss);
         sum += loss.double_value(&[]);
         count += 1;
     }
-    println!("epoch {epoch} loss {:.4}", sum / f64::from(count));
+    report(epoch, sum, count);
     Ok(())
 }

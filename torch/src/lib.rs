@@ -14,8 +14,8 @@
 //! use cubeload_torch::BatchTensors as _;
 //! for batch in Loader::builder("cubes/uk.zarr").shuffle(42).build()? {
 //!     let batch = batch?;
-//!     let mask = batch.mask_tensor(tch::Device::Cpu);
-//!     let x = batch.into_tensor(tch::Device::Cpu); // [B, T, V], the batch's own buffer
+//!     let mask = batch.mask_tensor(tch::Device::Cpu)?;
+//!     let x = batch.into_tensor(tch::Device::Cpu)?; // [B, T, V], the batch's own buffer
 //! #   let _ = (x, mask);
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -42,13 +42,16 @@ fn deliver(batch: Batch) {
     static ONE_THREAD: std::sync::Once = std::sync::Once::new();
     ONE_THREAD.call_once(|| tch::set_num_threads(1));
     // Statics delivered apart (`--separate-statics`) become a tensor too, as a training step takes them.
-    let statics = (!batch.statics.is_empty()).then(|| batch.statics_tensor(tch::Device::Cpu));
-    drop(std::hint::black_box((batch.into_tensor(tch::Device::Cpu), statics)));
+    // On the CPU, libtorch fails only where memory does.
+    let statics = (!batch.statics.is_empty())
+        .then(|| batch.statics_tensor(tch::Device::Cpu).expect("a CPU tensor of the statics"));
+    let values = batch.into_tensor(tch::Device::Cpu).expect("a CPU tensor over the batch");
+    drop(std::hint::black_box((values, statics)));
 }
 
 /// The demo's short training run: an LSTM predicting the next hour of t2m from all variables.
 fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
-    use train::{LstmForecaster, device, fit};
+    use train::{FitError, LstmForecaster, device, fit};
     let loader = cubeload::Loader::builder(cube)
         .shuffle(42)
         .epochs(epochs)
@@ -75,6 +78,10 @@ fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
         |epoch, loss| {
             println!("epoch {epoch} loss {loss:.4} ({:.1} s)", started.elapsed().as_secs_f64());
         },
-    )?;
+    )
+    .map_err(|e| match e {
+        FitError::Loader(e) => cubeload::Error::from(e),
+        FitError::Torch(e) => cubeload::Error::Torch(e.to_string()),
+    })?;
     Ok(())
 }

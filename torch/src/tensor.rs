@@ -5,14 +5,14 @@
 use std::ffi::{c_char, c_void};
 
 use tch::kind::Element;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use cubeload::Batch;
 use cubeload::loader::buffers;
 
 /// Runs `f` on a tensor viewing `values` as `shape` (no copy); `f` must return a tensor of its own
 /// memory (a copy or a conversion), which is all that outlives the view.
-fn with_view<T: Element>(values: &[T], shape: &[usize], f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+fn with_view<T: Element, R>(values: &[T], shape: &[usize], f: impl FnOnce(&Tensor) -> R) -> R {
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let mut strides = vec![1i64; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
@@ -28,19 +28,64 @@ fn with_view<T: Element>(values: &[T], shape: &[usize], f: impl FnOnce(&Tensor) 
 
 /// A copy of `values` on `device`, made by one copy out of them: `Tensor::from_slice` would zero the new
 /// memory first. For a GPU the copy goes into page-locked memory, from which the copy to the device runs
-/// without blocking, alongside the next batch's assembly.
-fn copied<T: Element>(values: &[T], shape: &[usize], device: Device) -> Tensor {
+/// without blocking, alongside the next batch's assembly; `kind` converts on the device (a mask goes as
+/// bytes).
+fn copied<T: Element>(values: &[T], shape: &[usize], device: Device, kind: Kind) -> Result<Tensor, TchError> {
     with_view(values, shape, |view| match device {
         Device::Cpu => {
-            let mut host = Tensor::empty(view.size(), (T::KIND, Device::Cpu));
-            host.copy_(view);
-            host
+            let mut host = Tensor::f_empty(view.size(), (T::KIND, Device::Cpu))?;
+            host.f_copy_(view)?;
+            if kind == T::KIND { Ok(host) } else { host.f_to_kind(kind) }
         }
-        device => view.pin_memory(device).to_device_(device, T::KIND, true, false),
+        device => {
+            usable(device)?;
+            pinned(view)?.f_to_device_(device, T::KIND, true, false)?.f_to_kind(kind)
+        }
     })
 }
 
+/// An error rather than libtorch's panic ("Cannot initialize CUDA without `ATen_cuda` library") for a device
+/// this libtorch cannot use.
+fn usable(device: Device) -> Result<(), TchError> {
+    if let Device::Cuda(index) = device
+        && (!tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize)
+    {
+        return Err(TchError::Torch(format!(
+            "CUDA device {index} asked for, but this libtorch sees {} (a CPU build, or no GPU): use \
+             Device::cuda_if_available()",
+            if tch::Cuda::is_available() {
+                format!("{} GPUs", tch::Cuda::device_count())
+            } else {
+                "none".into()
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// A copy of `view` in page-locked memory, through `src/owned_tensor.cpp`: tch's `pin_memory` passes a device,
+/// which libtorch deprecates with a warning printed on every call.
+fn pinned(view: &Tensor) -> Result<Tensor, TchError> {
+    let mut error = [0 as c_char; 512];
+    // SAFETY: `view` is a live tensor; the C++ side returns a new tensor or null with a message in `error`.
+    let tensor = unsafe { cubeload_pinned_copy(view.as_ptr(), error.as_mut_ptr(), error.len()) };
+    if tensor.is_null() {
+        // SAFETY: the C++ side wrote a NUL-terminated message into `error` (snprintf).
+        let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+        return Err(TchError::Torch(message.to_string_lossy().into_owned()));
+    }
+    // SAFETY: a tensor newly allocated by the C++ side, owned from here on by the returned `Tensor`.
+    Ok(unsafe { Tensor::from_ptr(tensor) })
+}
+
 unsafe extern "C" {
+    /// `src/owned_tensor.cpp`: a copy of `src` in page-locked memory (null on failure, with the reason in
+    /// `error`).
+    fn cubeload_pinned_copy(
+        src: *const torch_sys::C_tensor,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> *mut torch_sys::C_tensor;
     /// `src/owned_tensor.cpp`: a float32 CPU tensor over `data` that calls `release(ctx)` when libtorch frees
     /// its storage (also when it fails, after writing the reason into `error`, and returning null).
     fn cubeload_owned_cpu_tensor(
@@ -94,49 +139,70 @@ fn owned(values: Vec<f32>, shape: &[usize]) -> Tensor {
     unsafe { Tensor::from_ptr(tensor) }
 }
 
-/// A batch's data, mask and statics as tensors.
+/// A batch's data, mask and statics as tensors. Errors are libtorch's, or a CUDA device this libtorch cannot
+/// use.
 pub trait BatchTensors {
-    /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32): one copy into tensor memory,
-    /// or, for a CUDA device, into pinned memory and from there without blocking to the device.
-    fn to_tensor(&self, device: Device) -> Tensor;
+    /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (`[V, B, T]` or `[V, B, S, h, w]` with
+    /// `variable_major`; float32): one copy into tensor memory, or, for a CUDA device, into pinned memory and
+    /// from there without blocking to the device.
+    ///
+    /// # Errors
+    /// [`TchError`] from libtorch, or for a CUDA device it does not have.
+    fn to_tensor(&self, device: Device) -> Result<Tensor, TchError>;
 
-    /// The data as one tensor `[B, T, V]` or `[B, S, V, h, w]` (float32), without a copy on the CPU: the
-    /// tensor takes the batch's buffer and gives it back to the loaders ([`buffers`]) when libtorch frees
-    /// the tensor. For a CUDA device, as [`BatchTensors::to_tensor`]. Take the mask (and the statics)
-    /// first when the training step needs them: the batch's other buffers are given back at once.
-    fn into_tensor(self, device: Device) -> Tensor;
+    /// The data as one tensor of the batch's shape (float32), without a copy on the CPU: the tensor takes
+    /// the batch's buffer and gives it back to the loaders ([`buffers`]) when libtorch frees the tensor. For
+    /// a CUDA device, as [`BatchTensors::to_tensor`]. Take the mask (and the statics) first when the training
+    /// step needs them: the batch's other buffers are given back at once.
+    ///
+    /// # Errors
+    /// As [`BatchTensors::to_tensor`].
+    fn into_tensor(self, device: Device) -> Result<Tensor, TchError>;
 
-    /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss.
-    fn mask_tensor(&self, device: Device) -> Tensor;
+    /// The mask as a float32 tensor of the data's shape (1 valid, 0 missing), ready to weight a loss. For a
+    /// CUDA device the bytes go, and are converted there.
+    ///
+    /// # Errors
+    /// As [`BatchTensors::to_tensor`].
+    fn mask_tensor(&self, device: Device) -> Result<Tensor, TchError>;
 
     /// Static variables returned separately, `[B, Vs]` or `[B, Vs, h, w]`.
-    fn statics_tensor(&self, device: Device) -> Tensor;
+    ///
+    /// # Errors
+    /// As [`BatchTensors::to_tensor`].
+    fn statics_tensor(&self, device: Device) -> Result<Tensor, TchError>;
+
+    /// The mask of the statics returned separately, float32 of their shape (1 valid, 0 missing).
+    ///
+    /// # Errors
+    /// As [`BatchTensors::to_tensor`].
+    fn statics_mask_tensor(&self, device: Device) -> Result<Tensor, TchError>;
 }
 
 impl BatchTensors for Batch {
-    fn to_tensor(&self, device: Device) -> Tensor {
-        copied(&self.data, &self.shape, device)
+    fn to_tensor(&self, device: Device) -> Result<Tensor, TchError> {
+        copied(&self.data, &self.shape, device, Kind::Float)
     }
 
-    fn into_tensor(mut self, device: Device) -> Tensor {
+    fn into_tensor(mut self, device: Device) -> Result<Tensor, TchError> {
         let tensor = match device {
             Device::Cpu => owned(std::mem::take(&mut self.data), &self.shape),
-            device => self.to_tensor(device),
+            device => self.to_tensor(device)?,
         };
         self.recycle();
-        tensor
+        Ok(tensor)
     }
 
-    fn mask_tensor(&self, device: Device) -> Tensor {
-        let mask = with_view(&self.mask, &self.shape, |view| view.to_kind(Kind::Float));
-        match device {
-            Device::Cpu => mask,
-            device => mask.pin_memory(device).to_device_(device, Kind::Float, true, false),
-        }
+    fn mask_tensor(&self, device: Device) -> Result<Tensor, TchError> {
+        copied(&self.mask, &self.shape, device, Kind::Float)
     }
 
-    fn statics_tensor(&self, device: Device) -> Tensor {
-        copied(&self.statics, &self.statics_shape(), device)
+    fn statics_tensor(&self, device: Device) -> Result<Tensor, TchError> {
+        copied(&self.statics, &self.statics_shape(), device, Kind::Float)
+    }
+
+    fn statics_mask_tensor(&self, device: Device) -> Result<Tensor, TchError> {
+        copied(&self.statics_mask, &self.statics_shape(), device, Kind::Float)
     }
 }
 
@@ -158,6 +224,7 @@ mod tests {
             shape,
             static_variables: Vec::new(),
             statics: Vec::new(),
+            statics_mask: Vec::new(),
             lat: Vec::new(),
             lon: Vec::new(),
             time_index: Vec::new(),
@@ -176,7 +243,7 @@ mod tests {
         let b = batch(vec![4, 5, 3]);
         let expected = b.data.clone();
         let at = b.data.as_ptr();
-        let x = b.into_tensor(Device::Cpu);
+        let x = b.into_tensor(Device::Cpu).unwrap();
         assert_eq!(x.size(), vec![4, 5, 3]);
         assert_eq!(x.data_ptr().cast_const().cast::<f32>(), at);
         // A view shares the storage: the buffer lives until the last tensor over it is gone.
@@ -187,7 +254,7 @@ mod tests {
         // 40 tensors over 64 MB buffers, each written (resident) and dropped: without the release, 2.5 GB.
         let before = resident_mb();
         for _ in 0..40 {
-            drop(std::hint::black_box(batch(vec![1 << 24]).into_tensor(Device::Cpu)));
+            drop(std::hint::black_box(batch(vec![1 << 24]).into_tensor(Device::Cpu).unwrap()));
         }
         let grown = resident_mb() - before;
         assert!(

@@ -8,7 +8,7 @@
 //! teach the model anything.
 
 use tch::nn::{self, Module, RNN};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use cubeload::loader::{Loader, LoaderError};
 
@@ -87,21 +87,32 @@ fn masked_mse(prediction: &Tensor, target: &Tensor, valid: &Tensor) -> Tensor {
     squared.sum(Kind::Float) / valid.sum(Kind::Float).clamp_min(1.0)
 }
 
+/// Why [`fit`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    /// The loader's error (an unreadable chunk, ...).
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// libtorch's (a CUDA device it does not have, memory).
+    #[error("libtorch: {0}")]
+    Torch(#[from] TchError),
+}
+
 /// Trains `model` with Adam over every batch of `loader`; calls `on_epoch(epoch, mean loss)` after each epoch
 /// and returns the mean losses. `loss` is the model's loss function.
 ///
 /// # Errors
-/// The first loader error.
+/// The first loader or libtorch error.
 pub fn fit(
     loader: Loader,
     vs: &nn::VarStore,
     learning_rate: f64,
     loss: impl Fn(&Tensor, &Tensor) -> Tensor,
     mut on_epoch: impl FnMut(usize, f64),
-) -> Result<Vec<f64>, LoaderError> {
+) -> Result<Vec<f64>, FitError> {
     use tch::nn::OptimizerConfig;
     let device = vs.device();
-    let mut optimizer = nn::Adam::default().build(vs, learning_rate).expect("Adam on a fresh VarStore");
+    let mut optimizer = nn::Adam::default().build(vs, learning_rate)?;
     let mut losses = Vec::new();
     let (mut epoch, mut sum, mut count) = (0, 0.0, 0usize);
     for batch in loader {
@@ -112,8 +123,8 @@ pub fn fit(
             (sum, count) = (0.0, 0);
         }
         epoch = batch.origin.epoch;
-        let mask = batch.mask_tensor(device);
-        let x = batch.into_tensor(device);
+        let mask = batch.mask_tensor(device)?;
+        let x = batch.into_tensor(device)?;
         let value = loss(&x, &mask);
         optimizer.backward_step(&value);
         sum += value.double_value(&[]);

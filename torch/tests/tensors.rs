@@ -40,9 +40,9 @@ fn bits(values: &[f32]) -> Vec<u32> {
 #[test]
 fn batches_become_tensors() {
     let b = Loader::builder(&cubes().image).build().unwrap().next().unwrap().unwrap();
-    let x = b.to_tensor(tch::Device::Cpu);
+    let x = b.to_tensor(tch::Device::Cpu).unwrap();
     assert_eq!(x.size(), vec![4, 8, 3, 8, 8]);
-    let m = b.mask_tensor(tch::Device::Cpu);
+    let m = b.mask_tensor(tch::Device::Cpu).unwrap();
     assert_eq!(m.size(), x.size());
     let (data, mask) = (bits(&b.data), b.mask.iter().map(|&v| f32::from(v)).collect::<Vec<_>>());
     assert!(mask.contains(&0.0) && mask.contains(&1.0), "the demo's cloud gaps and padding are in the mask");
@@ -52,6 +52,44 @@ fn batches_become_tensors() {
     assert_eq!(Vec::<f32>::try_from(m.flatten(0, -1)).unwrap(), mask);
 }
 
+/// Statics delivered apart come with their mask: the padding of the image cube's last patches, and the land
+/// cover's own gaps, are 0 there, as in the mask of the batches that repeat them along time.
+#[test]
+fn statics_apart_come_with_their_mask() {
+    let cube = &cubes().image;
+    let apart = Loader::builder(cube).separate_statics(true).build().unwrap();
+    let whole = Loader::builder(cube).build().unwrap();
+    let mut missing = 0.0;
+    for (a, w) in apart.zip(whole) {
+        let (a, w) = (a.unwrap(), w.unwrap());
+        let (values, mask) =
+            (a.statics_tensor(tch::Device::Cpu).unwrap(), a.statics_mask_tensor(tch::Device::Cpu).unwrap());
+        assert_eq!(mask.size(), values.size());
+        // [B, S, V, h, w] with the statics last: their first step, against [B, Vs, h, w].
+        let v = w.variables.len() - 1;
+        let repeated = w.mask_tensor(tch::Device::Cpu).unwrap().select(1, 0).narrow(1, v as i64, 1);
+        assert_eq!(
+            Vec::<f32>::try_from(mask.flatten(0, -1)).unwrap(),
+            Vec::<f32>::try_from(repeated.flatten(0, -1)).unwrap()
+        );
+        missing += f64::try_from(mask.eq(0.0).sum(tch::Kind::Float)).unwrap();
+    }
+    assert!(missing > 0.0, "the image cube's padding is among the statics");
+}
+
+/// A CUDA device this libtorch cannot use is an error naming it, not libtorch's panic.
+#[test]
+fn a_cuda_device_without_cuda_is_an_error() {
+    if tch::Cuda::is_available() {
+        return; // a GPU machine: the path works there
+    }
+    let b = Loader::builder(&cubes().image).build().unwrap().next().unwrap().unwrap();
+    let error = b.to_tensor(tch::Device::Cuda(0)).unwrap_err().to_string();
+    assert!(error.contains("CUDA device 0 asked for"), "{error}");
+    assert!(b.mask_tensor(tch::Device::Cuda(0)).is_err());
+    assert!(b.into_tensor(tch::Device::Cuda(0)).is_err());
+}
+
 #[test]
 fn tensors_take_the_batch_buffer_without_a_copy() {
     let loader = Loader::builder(&cubes().pixel).shuffle(5).epochs(2).threads(2).build().unwrap();
@@ -59,7 +97,7 @@ fn tensors_take_the_batch_buffer_without_a_copy() {
     for b in loader {
         let b = b.unwrap();
         let (copy, at) = (b.data.clone(), b.data.as_ptr());
-        let x = b.into_tensor(tch::Device::Cpu);
+        let x = b.into_tensor(tch::Device::Cpu).unwrap();
         assert_eq!(
             x.data_ptr().cast_const().cast::<f32>(),
             at,
@@ -79,7 +117,7 @@ fn a_freed_tensor_gives_its_buffer_to_the_next_batch() {
     let mut loader = Loader::builder(&cubes().wide).shuffle(1).threads(0).build().unwrap();
     let first = loader.next().unwrap().unwrap();
     let (data_at, mask_at, cells) = (first.data.as_ptr(), first.mask.as_ptr(), first.data.len());
-    let tensor = first.into_tensor(tch::Device::Cpu);
+    let tensor = first.into_tensor(tch::Device::Cpu).unwrap();
     let view = tensor.select(0, 0);
     drop(tensor);
     // Memory freed instead of given back would be taken by these.
