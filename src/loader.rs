@@ -198,6 +198,12 @@ impl LoaderBuilder {
         self.shuffle = true;
         self
     }
+    /// The seed of mixing (`mix`) without shuffling; [`LoaderBuilder::shuffle`] sets it too. > default: 0
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
     /// Number of epochs. > default: 1
     #[must_use]
     pub fn epochs(mut self, epochs: usize) -> Self {
@@ -381,21 +387,6 @@ impl LoaderBuilder {
             let (names, statics) = assembler.variable_names();
             sampler.digest(&names.iter().chain(&statics).map(String::as_str).collect::<Vec<_>>())
         };
-        // Before the digest (earlier versions), groups were mixed by a job index counted per worker: a mixed
-        // state of several ranks or workers would resume an epoch of other batches in its middle (an epoch's
-        // start is whole either way).
-        if self.digest.is_none()
-            && self.resumed
-            && self.start.1 > 0
-            && self.mix > 1
-            && (world_size > 1 || workers > 1)
-        {
-            return Err(LoaderError::Invalid(
-                "the resume state was saved by an earlier version with mixing across several ranks or workers, \
-                 whose batches this version makes differently: start the epoch again"
-                    .into(),
-            ));
-        }
         if let Some(saved) = self.digest.filter(|&saved| saved != digest) {
             return Err(LoaderError::Invalid(format!(
                 "the resume state was saved on another cube, or with other variables or another min_valid: \
@@ -407,6 +398,21 @@ impl LoaderBuilder {
         // A cursor at the end of an epoch is the next epoch's start.
         if cursor == sampler.per_epoch() && cursor > 0 {
             (epoch, cursor) = (epoch + 1, 0);
+        }
+        // Before the digest (earlier versions), groups were mixed by a job index counted per worker: a mixed
+        // state of several ranks or workers would resume an epoch of other batches in its middle (an epoch's
+        // start is whole either way).
+        if self.digest.is_none()
+            && self.resumed
+            && cursor > 0
+            && self.mix > 1
+            && (world_size > 1 || workers > 1)
+        {
+            return Err(LoaderError::Invalid(
+                "the resume state was saved by an earlier version with mixing across several ranks or workers, \
+                 whose batches this version makes differently: start the epoch again"
+                    .into(),
+            ));
         }
         if cursor > sampler.per_epoch() {
             return Err(LoaderError::Invalid(format!(

@@ -77,7 +77,7 @@ class CubeDataset(IterableDataset):
         )
         self.state = state
         if state is not None:
-            self.epoch = state["epoch"]
+            self._take(state)
 
     @property
     def epoch(self) -> int:
@@ -169,5 +169,12 @@ class CubeDataset(IterableDataset):
         """Continue from a :meth:`state_dict` (same cube, seed and share). Call it before a DataLoader with
         persistent workers first iterates: they keep the dataset they were started with."""
         self.state = dict(state)
-        self.epoch = state["epoch"]
+        self._take(state)
         self._resume.fill_(True)
+
+    def _take(self, state: dict[str, Any]) -> None:
+        """The state's epoch, and its seed, shuffle and mixing where not given: the epochs after it keep them."""
+        self.epoch = state["epoch"]
+        self.seed = state["seed"] if self.seed is None else self.seed
+        self.shuffle = state["shuffle"] if self.shuffle is None else self.shuffle
+        self.mix = state.get("mix", 1) if self.mix is None else self.mix

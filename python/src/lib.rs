@@ -214,6 +214,8 @@ impl Loader {
         if let Some(variables) = variables {
             builder = builder.variables(variables);
         }
+        // The seed mixes (`mix`) with or without shuffling.
+        builder = builder.seed(seed);
         if shuffle {
             builder = builder.shuffle(seed);
         }

@@ -160,6 +160,19 @@ def test_a_state_is_refused_where_it_would_resume_other_batches(pixel_cube, imag
     assert head + rest == [b["chunk"] for b in cubeload.Loader(pixel_cube, seed=4, mix=3, shuffle=False)]
     with pytest.raises(ValueError, match="seed=5 differs from the state's seed"):
         next(iter(CubeDataset(pixel_cube, seed=5, state=saved)))
+    # Without shuffling the seed still mixes, the same in both; a dataset keeps the seed, shuffle and mixing
+    # it took from a state in the epochs after it.
+    def lats(batches):
+        return [np.asarray(b["lat"]).tobytes() for b in batches]
+
+    plain = lats(cubeload.Loader(pixel_cube, seed=4, mix=3, shuffle=False, epochs=2))
+    assert plain[: len(plain) // 2] == lats(CubeDataset(pixel_cube, seed=4, mix=3, shuffle=False))
+    assert plain != lats(cubeload.Loader(pixel_cube, seed=0, mix=3, shuffle=False, epochs=2))
+    resumed = CubeDataset(pixel_cube, state=saved)
+    list(resumed)
+    resumed.set_epoch(1)
+    assert (resumed.seed, resumed.shuffle, resumed.mix) == (4, False, 3)
+    assert lats(resumed) == plain[len(plain) // 2 :]
     # A dataset refuses another rank's state.
     rank0 = dict(state, epoch=0)
     with pytest.raises(ValueError, match="saved by rank 0 of 1, not 1 of 2"):

@@ -109,7 +109,7 @@ unsafe extern "C" fn release(ctx: *mut c_void) {
 
 /// A CPU tensor of `shape` that owns `values`: no copy; the vector is given back to the loaders
 /// ([`buffers`]) when libtorch frees the tensor.
-fn owned(values: Vec<f32>, shape: &[usize]) -> Tensor {
+fn owned(values: Vec<f32>, shape: &[usize]) -> Result<Tensor, TchError> {
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     assert_eq!(values.len() as i64, dims.iter().product::<i64>(), "batch values and shape disagree");
     let mut values = Box::new(values);
@@ -133,10 +133,10 @@ fn owned(values: Vec<f32>, shape: &[usize]) -> Tensor {
     if tensor.is_null() {
         // SAFETY: the C++ side wrote a NUL-terminated message into `error` (snprintf).
         let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-        panic!("libtorch refused a tensor over a batch: {}", message.to_string_lossy());
+        return Err(TchError::Torch(format!("a tensor over a batch: {}", message.to_string_lossy())));
     }
     // SAFETY: a tensor newly allocated by the C++ side, owned from here on by the returned `Tensor`.
-    unsafe { Tensor::from_ptr(tensor) }
+    Ok(unsafe { Tensor::from_ptr(tensor) })
 }
 
 /// A batch's data, mask and statics as tensors. Errors are libtorch's, or a CUDA device this libtorch cannot
@@ -186,7 +186,7 @@ impl BatchTensors for Batch {
 
     fn into_tensor(mut self, device: Device) -> Result<Tensor, TchError> {
         let tensor = match device {
-            Device::Cpu => owned(std::mem::take(&mut self.data), &self.shape),
+            Device::Cpu => owned(std::mem::take(&mut self.data), &self.shape)?,
             device => self.to_tensor(device)?,
         };
         self.recycle();
