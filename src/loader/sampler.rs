@@ -174,7 +174,7 @@ impl Sampler {
         let end = (start + self.mix).min(order.len());
         let Share { rank, world_size, .. } = self.share;
         let mixing = ((epoch * world_size + rank) * self.rank_groups() + group) as u64;
-        Job { epoch, position: start, cursor: j * self.mix, mixing, chunks: order[start..end].to_vec() }
+        Job { epoch, position: start, mixing, chunks: order[start..end].to_vec() }
     }
 
     /// The cursor (batches of this worker's epoch before it) of the batch at rank position `position`.
@@ -193,8 +193,6 @@ pub struct Job {
     pub epoch: usize,
     /// Rank position of its first chunk.
     pub position: usize,
-    /// This worker's batches of the epoch before it.
-    pub cursor: usize,
     /// What its samples' mixing is drawn from: the group's index among all ranks' groups of all epochs, so
     /// that it is the same whatever the number of workers, and differs between ranks.
     pub mixing: u64,
@@ -239,7 +237,7 @@ mod tests {
             let groups = |s: &Sampler| -> Vec<Job> {
                 (0..s.jobs_per_epoch()).map(|j| s.job(epoch * s.jobs_per_epoch() + j)).collect()
             };
-            let mut whole = groups(&alone);
+            let whole = groups(&alone);
             let mut joined = Vec::new();
             for worker in 0..workers {
                 let s = Sampler::new(ids(n), 11, true, Share { worker, workers, ..rank }, mix);
@@ -247,17 +245,13 @@ mod tests {
                 prop_assert_eq!(mine.iter().map(|j| j.chunks.len()).sum::<usize>(), s.per_epoch());
                 let mut cursor = 0;
                 for job in &mine {
-                    prop_assert_eq!(job.cursor, cursor);
                     for k in 0..job.chunks.len() {
                         prop_assert_eq!(s.cursor_of(job.position + k), cursor + k);
                     }
                     cursor += job.chunks.len();
                 }
                 prop_assert_eq!(s.batches_before(s.jobs_per_epoch()), s.per_epoch());
-                joined.extend(mine.into_iter().map(|j| Job { cursor: 0, ..j }));
-            }
-            for job in &mut whole {
-                job.cursor = 0;
+                joined.extend(mine);
             }
             joined.sort_by_key(|j| j.position);
             prop_assert_eq!(joined, whole);
