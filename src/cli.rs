@@ -274,7 +274,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
             } else {
-                print!("{}", bench_table(&report));
+                print!("{}", bench_table(&report, true));
             }
             Ok(())
         }
@@ -297,7 +297,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             let options =
                 BenchOptions { image_batches: 4, deliver: torch.deliver, ..BenchOptions::default() };
             let report = crate::bench::run(&report.path, &options, &dir)?;
-            print!("{}", bench_table(&report));
+            print!("{}", bench_table(&report, false));
             Ok(())
         }
     }
@@ -385,7 +385,8 @@ fn gen_child(config: &Path) -> crate::Result<(f64, f64)> {
     Ok((seconds, max_kb as f64 / 1024.0))
 }
 
-fn bench_table(r: &BenchReport) -> String {
+/// The bench report as a table; with `judge`, each goal met or missed by how much.
+fn bench_table(r: &BenchReport, judge: bool) -> String {
     let opt = |v: Option<f64>, unit: &str| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}{unit}"));
     let mut rows = vec![
         ("cube", r.cube.display().to_string()),
@@ -487,7 +488,16 @@ fn bench_table(r: &BenchReport) -> String {
     if let Some(note) = &r.cold_note {
         rows.push(("note", note.clone()));
     }
-    for goal in &r.goals {
+    if !judge {
+        // The goals are set for the default benchmark cube's 247 batches of 2 MB; an epoch of the demo's 70
+        // small batches lasts a few milliseconds, mostly the loader's start and the scheduler's ticks.
+        rows.push((
+            "goals",
+            "set for the default benchmark cube, not for this demo's small batches: `cubeload bench` judges them"
+                .to_string(),
+        ));
+    }
+    for goal in r.goals.iter().filter(|_| judge) {
         let verdict = match goal.missed_by {
             None => "met".to_string(),
             Some(by) => format!("MISSED by {:.0} % ({:.3}, goal {})", by * 100.0, goal.value, goal.goal),
