@@ -86,7 +86,7 @@ pub enum LoaderError {
 /// Where a loader stands: enough to resume exactly, small and serializable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
-    /// Shuffle seed.
+    /// Seed of the shuffle and of the mixing.
     pub seed: u64,
     /// Whether epochs are shuffled.
     pub shuffle: bool,
@@ -106,9 +106,10 @@ pub struct LoaderState {
     pub workers: usize,
     /// Chunks mixed per group.
     pub mix: usize,
-    /// Digest of the variables and of the chunks the epochs permute (those the variables and `min_valid`
-    /// leave eligible): a state resumed on another cube, or with other variables or threshold, would deliver
-    /// other batches, and is refused. Absent in states of earlier versions, which are not checked.
+    /// Digest of the variables and of the chunks the epochs permute (those the cube, the variables and
+    /// `min_valid` leave eligible): a state resumed where they differ would deliver other batches, and is
+    /// refused. Absent in states of earlier versions, which are not checked (but for a mid-epoch state that
+    /// mixed across several ranks or workers, whose groups this version makes differently: refused).
     #[serde(default)]
     pub digest: Option<u64>,
 }
@@ -300,7 +301,9 @@ impl LoaderBuilder {
         self.on_corrupt = policy;
         self
     }
-    /// Continue from a saved [`LoaderState`]: same seed, shuffle, shard and mixing, next batch onwards.
+    /// Continue from a saved [`LoaderState`]: same seed, shuffle, shard and mixing, next batch onwards. `build`
+    /// refuses a state whose digest is not the loader's (a cube, variables or `min_valid` that leave other
+    /// batches eligible).
     #[must_use]
     pub fn resume(mut self, state: LoaderState) -> Self {
         self.seed = state.seed;

@@ -79,8 +79,8 @@ class Loader:
         """Where the loader stands (JSON-able), with the epochs and variables of its run;
         ``Loader(path, state=...)`` continues exactly after it. The state decides the batches: ``shuffle``,
         ``seed``, ``rank``, ``world_size``, ``worker``, ``workers``, ``mix`` and ``variables`` given with it
-        must agree with it (they default to it), ``epochs`` must reach its epoch, and a state of another cube,
-        or whose variables or ``min_valid`` left other batches eligible, is refused (its ``digest``)."""
+        must agree with it (they default to it), ``epochs`` must reach its epoch, and a state whose cube,
+        variables or ``min_valid`` left other batches eligible is refused (its ``digest``)."""
     @property
     def variables(self) -> list[str]: ...
     @property

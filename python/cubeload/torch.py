@@ -30,7 +30,8 @@ class CubeDataset(IterableDataset):
     Args:
         path: the cube.
         variables: variables to load (default: all, in the cube's order).
-        seed: shuffle seed (default 0, or the state's); the same seed gives the same batches in every run.
+        seed: seed of the shuffle and of the mixing (default 0, or the state's); the same seed gives the same
+            batches in every run.
         shuffle: shuffle the batches of each epoch (default True, or as the state did).
         epoch: the epoch to iterate (see ``set_epoch``).
         rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
