@@ -102,7 +102,8 @@ pub enum FitError {
 /// and returns the mean losses. `loss` is the model's loss function.
 ///
 /// # Errors
-/// The first loader or libtorch error.
+/// The first loader error, or libtorch's in making the tensors or the optimizer (the model's own operations
+/// panic on libtorch's errors, as tch's do).
 pub fn fit(
     loader: Loader,
     vs: &nn::VarStore,
