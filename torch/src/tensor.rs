@@ -32,10 +32,12 @@ fn with_view<T: Element, R>(values: &[T], shape: &[usize], f: impl FnOnce(&Tenso
 /// bytes).
 fn copied<T: Element>(values: &[T], shape: &[usize], device: Device, kind: Kind) -> Result<Tensor, TchError> {
     with_view(values, shape, |view| match device {
+        // A conversion makes memory of its own in the one pass; a copy only where there is none to make.
+        Device::Cpu if kind != T::KIND => view.f_to_kind(kind),
         Device::Cpu => {
             let mut host = Tensor::f_empty(view.size(), (T::KIND, Device::Cpu))?;
             host.f_copy_(view)?;
-            if kind == T::KIND { Ok(host) } else { host.f_to_kind(kind) }
+            Ok(host)
         }
         device => {
             usable(device)?;
