@@ -8,7 +8,8 @@
 //! The cube is built in a hidden staging directory beside the output and renamed into place only once its
 //! completion marker is written: a failed or interrupted run never leaves something that looks like a
 //! complete cube, and never touches an existing one (`--overwrite` and `--append` swap the previous cube out
-//! only at the end).
+//! only at the end). Before the rename every file of the cube is flushed to storage ([`durable`]), so that a
+//! power cut cannot leave the rename on disk without the chunks it points to.
 //!
 //! Every finished block is recorded in the cube's [manifest](crate::cube::manifest) with the checksums of
 //! its files, so that the same run started again after a crash continues where it stopped, `--append`
@@ -16,6 +17,7 @@
 //! blocks of one cube between independent jobs that `--finalize` completes. Statistics are merged in block
 //! order, not in the order threads finish: however a cube was made, its bytes are the same.
 
+mod durable;
 mod lock;
 mod shuffled;
 
@@ -300,7 +302,9 @@ fn generate_locked(
             Ok(GenReport { path: staging, meta, seconds, blocks, reused, part: options.part })
         }
         Built::Complete { meta, blocks, reused } => {
+            durable::sync_tree(&staging)?;
             swap_into_place(&staging, &output)?;
+            durable::sync_parent(&output)?;
             Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
         }
     }
