@@ -4,6 +4,7 @@
 //! while waiting for a batch. No libtorch is linked: `torch.from_numpy` shares the arrays
 //! with whatever torch the user has.
 
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 
 use cubeload::loader::{LoaderError, LoaderState, OnCorrupt, Regrid};
@@ -59,7 +60,9 @@ const BATCH_KEYS: [&str; 9] =
 /// An iterable of batches (dicts of numpy arrays) from a cubeload cube.
 #[pyclass(module = "cubeload._cubeload")]
 struct Loader {
-    inner: cubeload::Loader,
+    /// Dropped by hand (see `Drop`): its reader threads are joined without the GIL, and not at all in a
+    /// forked child, which has none of them.
+    inner: ManuallyDrop<cubeload::Loader>,
     /// Epochs asked, kept in `state()` so that a resume runs as many.
     epochs: usize,
     /// The process that built it: after a `fork`, the child has none of its threads.
@@ -236,7 +239,13 @@ impl Loader {
                 BATCH_KEYS.join(", ")
             )));
         }
-        Ok(Loader { inner, epochs, pid: std::process::id(), variables, static_variables })
+        Ok(Loader {
+            inner: ManuallyDrop::new(inner),
+            epochs,
+            pid: std::process::id(),
+            variables,
+            static_variables,
+        })
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -317,6 +326,22 @@ impl Loader {
             cubeload::layout::LayoutKind::PixelSeries => "pixel_series",
             cubeload::layout::LayoutKind::ImageSequence => "image_sequence",
         }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken once, here, and `self` is not used after.
+        let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
+        if std::process::id() != self.pid {
+            // A forked child (a DataLoader worker holding the parent's loader) has none of the reader
+            // threads: joining them would fail. Their memory is the parent's copy, freed with the process.
+            std::mem::forget(inner);
+            return;
+        }
+        // The readers finish the chunk in hand (a request to an object store may take a while): other
+        // Python threads run meanwhile.
+        Python::attach(|py| py.detach(move || drop(inner)));
     }
 }
 

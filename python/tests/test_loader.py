@@ -208,6 +208,25 @@ def test_a_loader_built_before_a_fork_raises_in_the_child(pixel_cube):
     assert next(loader)["t2m"].shape == (256, 168), "the parent's loader goes on"
 
 
+def test_a_child_can_let_go_of_a_loader_built_before_the_fork(pixel_cube):
+    # A DataLoader worker that replaces or deletes a dataset's loader made in the parent: the child has none
+    # of its reader threads, so dropping it must not try to join them.
+    loader = cubeload.Loader(pixel_cube, seed=1)
+    next(loader)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            del loader
+            code = 0
+        except BaseException:
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert next(loader)["t2m"].shape == (256, 168), "the parent's loader goes on"
+    del loader  # and the parent's own drop joins its threads
+
+
 def test_a_variable_named_like_a_batch_key_is_refused(demo_dir, tmp_path):
     text = (demo_dir / "demo.yaml").read_text()
     text = text.replace(str(demo_dir / "demo.zarr"), str(tmp_path / "mask.zarr"))
