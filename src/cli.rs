@@ -214,6 +214,12 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                     report.chunks,
                     report.bytes as f64 / 1e6
                 );
+                if !report.sealed {
+                    println!(
+                        "note: this cube's manifest, from an earlier build of cubeload, has no checksums of \
+                         its metadata and coordinates: those were only checked to decode"
+                    );
+                }
                 Ok(())
             } else {
                 Err(crate::cube::CubeError::Damaged {

@@ -899,7 +899,9 @@ fn finish(
     }
     drop(ManifestWriter::create(dir, MANIFEST_FILE, header, records)?);
     remove_part_manifests(dir)?;
-    Ok(writer.finish(&stats, &cells, &validity)?)
+    let meta = writer.finish(&stats, &cells, &validity)?;
+    Manifest::seal(dir)?;
+    Ok(meta)
 }
 
 fn remove_part_manifests(dir: &Path) -> Result<(), CubeError> {

@@ -1,11 +1,14 @@
 //! `cubeload verify`: is the cube on disk the cube that was written?
 //!
 //! Three independent checks, so that each kind of damage is caught by at least one:
-//! - every stored file (chunk or shard) against its length and CRC32C in the manifest: truncation, bit rot,
-//!   a file from another cube, a missing file;
+//! - every file against its length and CRC32C in the manifest: the chunks (or shards) of each block, and
+//!   the files the manifest's seal lists (metadata, statistics, coordinates, validity index): truncation,
+//!   bit rot, an edit, a file from another cube, a missing file;
 //! - every chunk decoded through its codecs (each chunk carries its own crc32c codec): damage inside a file
 //!   the manifest does not know about;
-//! - the arrays' shapes and the coordinates against the cube's metadata.
+//! - the arrays' shapes and the coordinates' lengths against the cube's metadata, and every coordinate and
+//!   index array decoded (which is all that is checked of them in a cube of an earlier build, whose
+//!   manifest has no seal).
 //!
 //! Problems are reported by variable and chunk index, as the loader reports a chunk it cannot read.
 
@@ -51,6 +54,8 @@ pub struct VerifyReport {
     pub chunks: usize,
     /// Bytes of the files compared with the manifest.
     pub bytes: u64,
+    /// Whether the manifest seals the files no block stored (cubes of earlier builds do not).
+    pub sealed: bool,
     /// Everything wrong, in the order found.
     pub problems: Vec<Problem>,
 }
@@ -76,7 +81,8 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         });
     }
     let meta = read_meta(path)?;
-    let mut report = VerifyReport { path: path.to_path_buf(), chunks: 0, bytes: 0, problems: Vec::new() };
+    let mut report =
+        VerifyReport { path: path.to_path_buf(), chunks: 0, bytes: 0, sealed: false, problems: Vec::new() };
     let mut problem = |variable: &str, chunk: Option<Vec<u64>>, message: String| {
         report.problems.push(Problem { variable: variable.to_string(), chunk, message });
     };
@@ -84,7 +90,17 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         problem("-", None, "incomplete cube: its completion marker is missing".to_string());
     }
     let manifest = Manifest::load(path)?;
-    if manifest.header.is_none() {
+    for line in &manifest.unreadable {
+        problem(
+            "-",
+            None,
+            format!(
+                "the manifest is damaged: {line} cannot be read (the files of the block it recorded are \
+                 reported below as not in the manifest)"
+            ),
+        );
+    }
+    if manifest.header.is_none() && manifest.unreadable.is_empty() {
         problem(
             "-",
             None,
@@ -132,6 +148,13 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
             if let Err(e) = read_f64(&array, v.dtype, &grid.subset(&index), &options) {
                 problem(&v.name, Some(index), format!("file {key}: cannot be decoded: {e}"));
             }
+        }
+    }
+    let mut sealed_bytes = 0;
+    for file in manifest.sealed.iter().flatten() {
+        match file.check(path) {
+            Some(why) => problem(node_of(&file.key), None, format!("file {}: {why}", file.key)),
+            None => sealed_bytes += file.len.unwrap_or(0),
         }
     }
     let [pt, py, px] = meta.padded_shape;
@@ -182,8 +205,19 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         }
     }
     report.chunks = chunks;
-    report.bytes = bytes;
+    report.bytes = bytes + sealed_bytes;
+    report.sealed = manifest.sealed.is_some();
     Ok(report)
+}
+
+/// The array or group a stored file belongs to (`lat/c/0` → `lat`, `cubeload_index/t2m/zarr.json` →
+/// `cubeload_index/t2m`), `-` for the cube's root.
+fn node_of(key: &str) -> &str {
+    let node = match key.find("/c/") {
+        Some(at) => &key[..at],
+        None => key.rsplit_once('/').map_or("", |(dir, _)| dir),
+    };
+    if node.is_empty() { "-" } else { node }
 }
 
 /// The grid of stored chunks (shards when sharded) of one variable, from the cube's metadata alone.

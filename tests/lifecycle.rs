@@ -246,6 +246,43 @@ fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
 }
 
 #[test]
+fn verify_finds_changed_metadata_coordinates_and_index_and_a_damaged_manifest_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 3);
+    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    let cube = dir.join("cube.zarr");
+
+    // None of these is a block's chunk: a missing index chunk would leave the loader no batch, a missing
+    // coordinate reads as NaN, and edited statistics would normalize with the wrong values.
+    let index = "cubeload_index/t2m/c/0/0/0";
+    std::fs::remove_file(cube.join(index)).unwrap();
+    flip_byte(&cube.join("lat/c/0"), 20);
+    let root = std::fs::read_to_string(cube.join("zarr.json")).unwrap();
+    let edited = root.replacen("\"valid_fraction\"", "\"valid_fraction\": 0.0, \"was\"", 1);
+    assert_ne!(root, edited);
+    std::fs::write(cube.join("zarr.json"), edited).unwrap();
+    // A manifest line garbled in the middle of the file (not the torn end of an interrupted run).
+    let manifest = cube.join("cubeload_manifest.jsonl");
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(&manifest).unwrap().lines().map(str::to_string).collect();
+    lines[2] = lines[2].replacen("\"key\"", "\"kex\"", 1);
+    std::fs::write(&manifest, lines.join("\n") + "\n").unwrap();
+
+    let out = cubeload(dir, &["verify", "cube.zarr"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line =
+        |text: &str| stdout.lines().find(|l| l.contains(text)).unwrap_or_else(|| panic!("{text}: {stdout}"));
+    assert!(line(index).starts_with("variable `cubeload_index/t2m`") && line(index).contains("missing"));
+    assert!(line("lat/c/0").starts_with("variable `lat`") && line("lat/c/0").contains("checksum mismatch"));
+    assert!(line("file zarr.json").contains("bytes instead of"), "{stdout}");
+    assert!(line("the manifest is damaged").contains("cubeload_manifest.jsonl line 3"), "{stdout}");
+    assert!(line(": not in the manifest").starts_with("variable `t2m`"), "{stdout}");
+}
+
+#[test]
 fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

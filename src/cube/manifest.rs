@@ -8,6 +8,9 @@
 //! - partitioned runs (`--part K/N`) each write their own manifest file, merged by `--finalize`;
 //! - `verify` compares every stored file with its line.
 //!
+//! Once the cube is complete, a last line seals the rest of it: every other file (metadata, coordinates,
+//! validity index) with its length and checksum, so that `verify` finds those changed too.
+//!
 //! A block's line also carries what the block contributes to the cube's statistics and validity index, so
 //! a resumed run ends with the same cube, bit for bit, as an uninterrupted one. Numbers are stored as bit
 //! patterns where a decimal round trip could change the last digit.
@@ -185,6 +188,12 @@ impl From<StatsBits> for RunningStats {
     }
 }
 
+/// The last line of a complete cube's manifest: its files that no block stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Seal {
+    sealed: Vec<FileRecord>,
+}
+
 /// Everything the manifest files of a cube directory say.
 #[derive(Debug, Clone, Default)]
 pub struct Manifest {
@@ -192,12 +201,19 @@ pub struct Manifest {
     pub header: Option<ManifestHeader>,
     /// Finished blocks, the last record of a block winning.
     pub records: Vec<BlockRecord>,
+    /// The files of the complete cube that no block stored (metadata, coordinates, validity index); `None`
+    /// before completion, and in cubes made before version 0.1 sealed them.
+    pub sealed: Option<Vec<FileRecord>>,
+    /// Lines that could not be read, other than a torn last line (`cubeload_manifest.jsonl line 5`):
+    /// damage to the manifest itself. The blocks they recorded count as not finished.
+    pub unreadable: Vec<String>,
 }
 
 impl Manifest {
     /// Reads `cubeload_manifest.jsonl` and the per-part files `cubeload_manifest.part-*.jsonl` of `dir`.
     /// A line cut short by a crash (the last of a file) is ignored; so is a file whose header differs from
-    /// the first one read (it belongs to another configuration).
+    /// the first one read (it belongs to another configuration). Any other line that cannot be read is
+    /// listed in [`Manifest::unreadable`].
     ///
     /// # Errors
     /// [`CubeError::Io`] when a manifest file cannot be read.
@@ -222,11 +238,16 @@ impl Manifest {
         let mut index: HashMap<BlockId, usize> = HashMap::new();
         for path in files {
             // Lossy: a line torn in the middle of a character is skipped as any torn line is.
-            let bytes = std::fs::read(&path).map_err(|source| CubeError::Io { path, source })?;
+            let bytes =
+                std::fs::read(&path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
             let text = String::from_utf8_lossy(&bytes);
-            let mut lines = text.lines();
-            let Some(header) = lines.next().and_then(|l| serde_json::from_str::<ManifestHeader>(l).ok())
+            let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let lines: Vec<&str> = text.lines().collect();
+            let Some(header) = lines.first().and_then(|l| serde_json::from_str::<ManifestHeader>(l).ok())
             else {
+                if !lines.is_empty() {
+                    manifest.unreadable.push(format!("{name} line 1 (its header)"));
+                }
                 continue;
             };
             match &manifest.header {
@@ -234,16 +255,61 @@ impl Manifest {
                 Some(_) => {}
                 None => manifest.header = Some(header),
             }
-            for record in lines.map_while(|l| serde_json::from_str::<BlockRecord>(l).ok()) {
-                if let Some(&i) = index.get(&record.block) {
-                    manifest.records[i] = record;
-                } else {
-                    index.insert(record.block.clone(), manifest.records.len());
-                    manifest.records.push(record);
+            for (n, line) in lines.iter().enumerate().skip(1) {
+                if let Ok(record) = serde_json::from_str::<BlockRecord>(line) {
+                    if let Some(&i) = index.get(&record.block) {
+                        manifest.records[i] = record;
+                    } else {
+                        index.insert(record.block.clone(), manifest.records.len());
+                        manifest.records.push(record);
+                    }
+                } else if let Ok(seal) = serde_json::from_str::<Seal>(line) {
+                    manifest.sealed = Some(seal.sealed);
+                } else if n + 1 < lines.len() || text.ends_with('\n') {
+                    // Not the torn end of an interrupted append: damaged.
+                    manifest.unreadable.push(format!("{name} line {}", n + 1));
                 }
             }
         }
         Ok(manifest)
+    }
+
+    /// Appends the seal to the manifest of the complete cube in `dir`: every file under it that neither a
+    /// block record nor the manifest holds, with its length and checksum.
+    ///
+    /// # Errors
+    /// [`CubeError::Io`] on filesystem failures.
+    pub fn seal(dir: &Path) -> Result<(), CubeError> {
+        let manifest = Manifest::load(dir)?;
+        let stored: std::collections::HashSet<&str> =
+            manifest.records.iter().flat_map(|r| &r.files).map(|f| f.key.as_str()).collect();
+        let mut keys = Vec::new();
+        let mut dirs = vec![PathBuf::new()];
+        while let Some(rel) = dirs.pop() {
+            let at = dir.join(&rel);
+            let entries =
+                std::fs::read_dir(&at).map_err(|source| CubeError::Io { path: at.clone(), source })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| CubeError::Io { path: at.clone(), source })?;
+                let key = rel.join(entry.file_name());
+                if entry.path().is_dir() {
+                    dirs.push(key);
+                } else {
+                    keys.push(key.to_string_lossy().replace('\\', "/"));
+                }
+            }
+        }
+        keys.retain(|k| k != MANIFEST_FILE && !stored.contains(k.as_str()));
+        keys.sort();
+        let sealed = keys.iter().map(|k| FileRecord::of(dir, k)).collect::<Result<Vec<_>, _>>()?;
+        let mut line = serde_json::to_string(&Seal { sealed }).expect("serializable");
+        line.push('\n');
+        let path = dir.join(MANIFEST_FILE);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(line.as_bytes()))
+            .map_err(|source| CubeError::Io { path, source })
     }
 
     /// The fingerprint of the manifest in `dir`, if it has one.

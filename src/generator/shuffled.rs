@@ -173,7 +173,9 @@ fn rewrite(
         validity.push(var_validity);
     }
     drop(ManifestWriter::create(staging, MANIFEST_FILE, header, &records.iter().collect::<Vec<_>>())?);
-    Ok(writer.finish(&stats, &cells_valid, &validity)?)
+    let meta = writer.finish(&stats, &cells_valid, &validity)?;
+    Manifest::seal(staging)?;
+    Ok(meta)
 }
 
 /// One chunk of the tiled cube as f64 (`[T, h, w]`, or `[h, w]` when static); fill values stay as stored.
