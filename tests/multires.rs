@@ -424,3 +424,26 @@ fn batches_of_a_level_variable_are_kept_or_skipped_by_the_cells_they_get() {
     let full: Vec<_> = every.iter().filter(|(_, v)| *v == 1.0).map(|&(c, _)| c).collect();
     assert!(!full.is_empty() && full.iter().all(|c| half.contains(c)), "{full:?} not all in {half:?}");
 }
+
+#[test]
+fn a_damaged_level_chunk_is_refused_by_its_checksum_not_delivered() {
+    let inputs = Inputs::new();
+    let multi = inputs.cube(
+        "multi",
+        "{ kind: pixel_series, batch: 64, multires: true }",
+        "resampling: bilinear, resolution: 0.25, upsampling: bilinear",
+    );
+    let shard = multi.join("coarse_25/t2m/c/0/0/0");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    // Inside the first stored chunk (the shard's index is at its end): zstd may still decode it, to other
+    // values, which only the chunk's CRC32C tells apart.
+    bytes[40] ^= 0x10;
+    std::fs::write(&shard, bytes).unwrap();
+    for regrid in [Regrid::Target, Regrid::Native] {
+        let mut loader = Loader::builder(&multi).regrid(regrid).build().unwrap();
+        let error = loader.find_map(Result::err).expect("the damaged chunk is reported");
+        let message = error.to_string();
+        assert!(message.contains("variable `t2m`") && message.contains("coarse_25/t2m/c/0/0/0"), "{message}");
+        assert!(message.contains("CRC32C checksum mismatch"), "{message}");
+    }
+}

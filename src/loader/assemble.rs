@@ -515,7 +515,9 @@ impl Assembler {
         let series = l.kind == LayoutKind::PixelSeries && l.shuffled.is_none();
         let read = |(i, v): (usize, &Var)| {
             let progressive = series && !v.meta.is_static && v.meta.dtype == DType::Float32;
-            match self.read_direct(i, v, id, progressive)? {
+            // A variable on a level is regridded from its level's chunks (each read as `read_stored` reads).
+            let direct = if v.coarse.is_none() { self.read_direct(i, v, id, progressive)? } else { None };
+            match direct {
                 Some(chunk) => Ok(chunk),
                 None => self.read_variable(v, id).map(Chunk::Decoded),
             }
@@ -615,7 +617,7 @@ impl Assembler {
     /// stored (inner) chunk, or the shard's index cannot be read or is damaged (zarrs then reads the chunk,
     /// and reports why).
     fn locate(&self, i: usize, v: &Var, id: ChunkId, read: StoreRead<'_>) -> Option<Located> {
-        let subset = self.meta.layout.chunk_subset(v.meta.is_static, id);
+        let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, id);
         let (outer, inner) = v.stored_shapes.as_ref()?;
         // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
         let stored_at = || subset.iter().zip(outer).map(|(r, n)| r.start / n).collect::<Vec<u64>>();
@@ -673,10 +675,11 @@ impl Assembler {
         Some(Located::InShard { key, index_range, index, chunk })
     }
 
-    /// Chunk `id` of variable `i` decoded straight from its stored bytes ([`decode`]), the shard index
-    /// coming from the cache the fetch threads fill too; `Ok(None)` where that does not apply (a variable on
-    /// a level, another codec chain, an index that cannot be read), for zarrs to read it. With
-    /// `progressive`, a float32 chunk is checked and left to be decoded by its user.
+    /// Chunk `id` of variable `i` (in its own chunk grid: its level's for a variable on a level) decoded
+    /// straight from its stored bytes ([`decode`]), its checksum checked, the shard index coming from the
+    /// cache the fetch threads fill too; `Ok(None)` where that does not apply (another codec chain, an index
+    /// that cannot be read), for zarrs to read it. With `progressive`, a float32 chunk is checked and left to
+    /// be decoded by its user.
     fn read_direct(
         &self,
         i: usize,
@@ -684,7 +687,7 @@ impl Assembler {
         id: ChunkId,
         progressive: bool,
     ) -> Result<Option<Chunk>, LoaderError> {
-        if !v.direct || v.coarse.is_some() {
+        if !v.direct {
             return Ok(None);
         }
         let fail = |message: String| LoaderError::Read {
@@ -719,10 +722,15 @@ impl Assembler {
         })))
     }
 
-    /// Values in a chunk of `v` on the target grid.
+    /// Values in a stored chunk of `v` (on the target grid, or on its level).
     fn chunk_len(&self, v: &Var) -> usize {
-        let subset = self.meta.layout.chunk_subset(v.meta.is_static, [0, 0, 0]);
+        let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, [0, 0, 0]);
         subset.iter().map(|r| (r.end - r.start) as usize).product()
+    }
+
+    /// How `v` is chunked as stored: the cube's layout, or its level's.
+    fn stored_layout<'a>(&'a self, v: &'a Var) -> &'a Layout {
+        v.coarse.as_ref().map_or(&self.meta.layout, |c| &c.level.layout)
     }
 
     /// Reads and decodes chunk `id` of variable `var` in its own chunking (its level's, for a variable on a
@@ -747,12 +755,7 @@ impl Assembler {
         then: impl FnOnce(&[f32]),
     ) -> Result<usize, LoaderError> {
         let v = &self.vars[var];
-        let floats = if let Some(Chunk::Decoded(floats)) = self.read_direct(var, v, id, false)? {
-            floats
-        } else {
-            let layout = v.coarse.as_ref().map_or(&self.meta.layout, |c| &c.level.layout);
-            self.read_stored(v, layout, id)?
-        };
+        let floats = self.read_stored(v, self.stored_layout(v), id)?;
         then(&floats);
         Ok(floats.len() * size_of::<f32>())
     }
@@ -838,8 +841,13 @@ impl Assembler {
         Ok(Window { rows, cols, steps, values })
     }
 
-    /// Chunk `id` of `v` as stored, chunked by `layout`.
+    /// Chunk `id` of `v` as stored, chunked by `layout`: decoded by the loader where it can
+    /// ([`Assembler::read_direct`]), else by zarrs.
     fn read_stored(&self, v: &Var, layout: &Layout, id: ChunkId) -> Result<Floats, LoaderError> {
+        let i = self.vars.iter().position(|w| std::ptr::eq(w, v)).expect("a variable of this assembler");
+        if let Some(Chunk::Decoded(floats)) = self.read_direct(i, v, id, false)? {
+            return Ok(floats);
+        }
         let subset = layout.chunk_subset(v.meta.is_static, id);
         let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
             variable: v.meta.name.clone(),
