@@ -269,6 +269,10 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 max_pass_seconds,
                 deliver: torch().deliver,
             };
+            // A plot that could not be written is found out before the minute of measuring.
+            if let Some(path) = &plot {
+                crate::plot::check_png(path)?;
+            }
             let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
             let result = bench(cube.as_deref(), &options, &scratch);
             let _ = std::fs::remove_dir_all(&scratch);

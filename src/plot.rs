@@ -43,14 +43,39 @@ pub enum PlotError {
     /// The cube has no such variable or time step as asked: the invocation is at fault (exit code 2).
     #[error("{0}")]
     NotInCube(String),
+    /// The output is not a `.png` path: the invocation is at fault (exit code 2).
+    #[error("{path}: the picture is written as PNG: give a path ending in .png")]
+    NotPng {
+        /// The path given.
+        path: PathBuf,
+    },
 }
 
 impl PlotError {
     /// Whether the invocation is at fault (exit code 2) rather than the cube or the machine (1).
     #[must_use]
     pub fn is_usage(&self) -> bool {
-        matches!(self, PlotError::NotInCube(_))
+        matches!(self, PlotError::NotInCube(_) | PlotError::NotPng { .. })
     }
+}
+
+/// Checks, before anything is computed, that a picture can be written at `out`: a `.png` path (the drawing
+/// backend picks the format from the extension) in a directory that exists.
+///
+/// # Errors
+/// [`PlotError::NotPng`], or [`PlotError::Draw`] naming the missing directory.
+pub fn check_png(out: &Path) -> Result<(), PlotError> {
+    if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        return Err(PlotError::NotPng { path: out.to_path_buf() });
+    }
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(PlotError::Draw {
+            path: out.to_path_buf(),
+            message: format!("cannot write: the directory {} does not exist", dir.display()),
+        });
+    }
+    Ok(())
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -82,6 +107,7 @@ fn draw_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> PlotError + '_ {
 /// # Errors
 /// [`PlotError`] when the font is missing or the PNG cannot be written.
 pub fn bench(report: &BenchReport, out: &Path) -> Result<(), PlotError> {
+    check_png(out)?;
     register_font()?;
     let err = draw_err(out);
     let root = BitMapBackend::new(out, (1200, 500)).into_drawing_area();
@@ -181,23 +207,31 @@ fn viridis(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// One time slice of `variable` (values and valid mask) as a PNG.
+/// One time slice of `variable` (values and valid mask) as a PNG. `time` is a step of the cube's time
+/// axis; a variable on a coarser time level is drawn at the level step that holds it.
 ///
 /// # Errors
-/// [`PlotError`] when the variable or time index does not exist, or the PNG cannot be written.
+/// [`PlotError`] when the variable or time index does not exist, a chunk cannot be read or fails its
+/// checksum, or the PNG cannot be written.
 pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result<(), PlotError> {
+    check_png(out)?;
     register_font()?;
     let meta = cube.meta();
     let v = meta.variables.iter().find(|v| v.name == variable).ok_or_else(|| {
         PlotError::NotInCube(format!("no variable `{variable}` in {}", cube.path().display()))
     })?;
-    let [n_time, height, width] = meta.geometry(v).shape;
+    let geometry = meta.geometry(v);
+    let [_, height, width] = geometry.shape;
+    let n_time = meta.shape[0];
     if !v.is_static && time >= n_time {
         return Err(PlotError::NotInCube(format!(
             "time index {time} is past the {n_time} steps of the cube"
         )));
     }
-    let values = slice(cube, v, time, height, width)
+    // The level step holding the cube's step `time` (the same step on the target's time axis).
+    let q = geometry.level.map_or(1, |l| l.time_factor.max(1));
+    let step = time / q;
+    let values = slice(cube, v, step, height, width)
         .map_err(|e| PlotError::Cube(format!("{}: variable `{variable}`: {e}", cube.path().display())))?;
     let fill = v.fill_value;
     let valid = |x: f64| !x.is_nan() && Some(x) != fill;
@@ -211,14 +245,19 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     let err = draw_err(out);
     let root = BitMapBackend::new(out, (2 * w + 60, h + 90)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let when = match (&meta.time, v.is_static) {
-        (Some(_), false) => format!("time index {time}"),
+    let when = match (&meta.time, v.is_static, geometry.level) {
+        (Some(_), false, Some(level)) if q > 1 => {
+            format!("time index {time} (step {step} of {}, {q} steps each)", level.group)
+        }
+        (Some(_), false, _) => format!("time index {time}"),
         _ => "static".to_string(),
     };
     let valid_count = values.iter().filter(|&&x| valid(x)).count();
+    let range =
+        if valid_count == 0 { "no valid value".to_string() } else { format!("min {lo:.4}, max {hi:.4}") };
     root.draw(&Text::new(
         format!(
-            "{variable} ({}), {when}: min {lo:.4}, max {hi:.4}; valid {:.1} %",
+            "{variable} ({}), {when}: {range}; valid {:.1} %",
             v.units.as_deref().unwrap_or("-"),
             100.0 * valid_count as f64 / values.len().max(1) as f64
         ),
@@ -248,7 +287,9 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     root.present().map_err(|e| err(&e))
 }
 
-/// `height × width` values of one time slice (north-up), NaN where nothing is stored.
+/// `height × width` values of step `time` of `v` (on its own grid and time axis, north-up), NaN where
+/// nothing is stored. Whole stored chunks are read as the loader reads them, checksums checked: zarrs'
+/// reading of a part of a chunk does not check the chunk's CRC32C, and a damaged chunk could be drawn.
 fn slice(
     cube: &Cube,
     v: &crate::cube::VariableMeta,
@@ -256,47 +297,61 @@ fn slice(
     height: usize,
     width: usize,
 ) -> Result<Vec<f64>, String> {
-    use zarrs::array::ArraySubset;
+    use crate::loader::assemble::{Assembler, Transform};
     let meta = cube.meta();
-    let array = cube.array(&meta.geometry(v).array_path(&v.name)).map_err(|e| e.to_string())?;
-    let read = |subset: &ArraySubset| -> Result<Vec<f64>, String> {
-        crate::cube::reader::read_f64(
-            &array,
-            v.dtype,
-            &subset.to_ranges(),
-            &zarrs::array::CodecOptions::default(),
-        )
-        .map_err(|e| e.to_string())
+    let geometry = meta.geometry(v);
+    let layout = geometry.layout;
+    let assembler = Assembler::new(cube, std::slice::from_ref(&v.name), Transform::default())
+        .map_err(|e| e.to_string())?;
+    let [_, rows_n, cols_n] = geometry.chunk_counts();
+    let it = if v.is_static { 0 } else { time / layout.chunk_t };
+    let chunk = |id| -> Result<(Vec<std::ops::Range<u64>>, Vec<f32>), String> {
+        let mut values = Vec::new();
+        assembler
+            .decode_stored_then(0, id, |decoded| values = decoded.to_vec())
+            .map_err(|e| e.to_string())?;
+        Ok((layout.chunk_subset(v.is_static, id), values))
     };
-    let (h, w, t) = (height as u64, width as u64, time as u64);
-    if meta.layout.shuffled.is_none() {
-        let subset = if v.is_static {
-            ArraySubset::new_with_ranges(&[0..h, 0..w])
-        } else {
-            ArraySubset::new_with_ranges(&[t..t + 1, 0..h, 0..w])
-        };
-        return read(&subset);
+    let mut out = vec![f64::NAN; height * width];
+    if layout.shuffled.is_none() {
+        for iy in 0..rows_n {
+            for ix in 0..cols_n {
+                let (subset, values) = chunk([it, iy, ix])?;
+                let (rows, cols) = (&subset[subset.len() - 2], &subset[subset.len() - 1]);
+                let (cy, cx) = ((rows.end - rows.start) as usize, (cols.end - cols.start) as usize);
+                let plane = if v.is_static { 0 } else { (time - subset[0].start as usize) * cy * cx };
+                for y in 0..cy.min(height.saturating_sub(rows.start as usize)) {
+                    let row = rows.start as usize + y;
+                    for x in 0..cx.min(width.saturating_sub(cols.start as usize)) {
+                        out[row * width + cols.start as usize + x] = f64::from(values[plane + y * cx + x]);
+                    }
+                }
+            }
+        }
+        return Ok(out);
     }
-    // Sample-major: put each sample back on the grid from its coordinates.
+    // Sample-major: each sample put back on the grid from its coordinates.
     let samples = (height * width) as u64;
-    let values = if v.is_static {
-        read(&ArraySubset::new_with_ranges(&[0..samples]))?
-    } else {
-        read(&ArraySubset::new_with_ranges(&[0..samples, t..t + 1]))?
-    };
     let coordinate = |name: &str| -> Result<Vec<f64>, String> {
+        use zarrs::array::ArraySubset;
         let a = cube.array(name).map_err(|e| format!("coordinate `{name}`: {e}"))?;
         a.retrieve_array_subset::<Vec<f64>>(&ArraySubset::new_with_ranges(&[0..samples]))
             .map_err(|e| format!("coordinate `{name}`: {e}"))
     };
     let (lat, lon) = (coordinate("lat")?, coordinate("lon")?);
     let grid = meta.grid;
-    let mut out = vec![f64::NAN; height * width];
-    for ((value, la), lo) in values.iter().zip(&lat).zip(&lon) {
-        let y = ((grid.north - la) / grid.res_y - 0.5).round() as usize;
-        let x = ((lo - grid.west) / grid.res_x - 0.5).round() as usize;
-        if y < height && x < width {
-            out[y * width + x] = *value;
+    for ib in 0..rows_n {
+        let (subset, values) = chunk([it, ib, 0])?;
+        let (first, per_sample) = (subset[0].start as usize, if v.is_static { 1 } else { layout.chunk_t });
+        let offset = if v.is_static { 0 } else { time - subset[1].start as usize };
+        for (k, value) in values.iter().skip(offset).step_by(per_sample).enumerate() {
+            let sample = first + k;
+            let (Some(la), Some(lo)) = (lat.get(sample), lon.get(sample)) else { continue };
+            let y = ((grid.north - la) / grid.res_y - 0.5).round() as usize;
+            let x = ((lo - grid.west) / grid.res_x - 0.5).round() as usize;
+            if y < height && x < width {
+                out[y * width + x] = f64::from(*value);
+            }
         }
     }
     Ok(out)

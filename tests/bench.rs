@@ -1,6 +1,6 @@
 //! `cubeload bench` as a user runs it: every reported figure present and plausible (no timing asserted).
 
-use crate::util::cubeload;
+use crate::util::{cubeload, read_f32};
 
 #[test]
 fn bench_reports_every_figure_as_json() {
@@ -161,4 +161,66 @@ fn quicklook_and_bench_plot_write_pngs() {
         cubeload(dir.path(), &["bench", "work/demo.zarr", "--image-batches", "1", "--plot", "bench.png"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(png_size(&dir.path().join("bench.png")), (1200, 500));
+}
+
+/// The RGB pixels of a PNG, with its width.
+fn png_pixels(path: &std::path::Path) -> (Vec<u8>, usize) {
+    let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    pixels.truncate(info.buffer_size());
+    (pixels, info.width as usize)
+}
+
+#[test]
+fn quicklook_draws_the_slice_asked_for_and_refuses_a_damaged_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cube = dir.path().join("work/demo.zarr");
+    let out =
+        cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--time", "30", "--out", "n.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The mask panel (4 px per cell, to the right of the 600 px wide values) against the slice read by
+    // zarrs: dark where the value is valid, north up.
+    let (pixels, width) = png_pixels(&dir.path().join("n.png"));
+    let values = read_f32(&cube, "ndvi", Some(30..31), 100, 150);
+    let (mut valid, mut missing) = (0, 0);
+    for y in 0..100 {
+        for x in 0..150 {
+            let (px, py) = (40 + 600 + 4 * x + 2, 50 + 4 * y + 2);
+            let rgb = &pixels[3 * (py * width + px)..3 * (py * width + px) + 3];
+            let expected: &[u8] = if values[y * 150 + x].is_nan() { &[235; 3] } else { &[20; 3] };
+            assert_eq!(rgb, expected, "cell ({y}, {x})");
+            if values[y * 150 + x].is_nan() { missing += 1 } else { valid += 1 }
+        }
+    }
+    assert!(valid > 1000 && missing > 100, "a slice with gaps: {valid} valid, {missing} missing");
+
+    // Not a PNG, or nowhere to write it: usage errors before any drawing.
+    for (path, code, says) in
+        [("n.jpg", 2, "give a path ending in .png"), ("no/dir/n.png", 1, "does not exist")]
+    {
+        let out = cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--out", path]);
+        assert_eq!(out.status.code(), Some(code), "{path}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A bit flipped inside a stored chunk of the slice: zstd may decode it to other values; the chunk's
+    // CRC32C does not match, and the picture is refused instead of drawn.
+    let shard = cube.join("ndvi/c/0/3/0");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[300] ^= 0x10;
+    std::fs::write(&shard, bytes).unwrap();
+    let out =
+        cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--time", "30", "--out", "d.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ndvi/c/0/3/0") && stderr.contains("CRC32C checksum mismatch"), "{stderr}");
 }

@@ -232,6 +232,27 @@ fn a_native_time_step_stores_one_window_per_step_and_the_loader_holds_it_over_th
             }
         }
     }
+    // quicklook's `--time` is a step of the cube: hour 60 of the level variable is its window of hours
+    // 48–95, drawn as the hourly cube's hour 48 (the pictures differ only in their title line).
+    let picture = |cube: &Path, time: usize| {
+        let out = dir.path().join(format!("{}-{time}.png", cube.file_stem().unwrap().to_string_lossy()));
+        cubeload::plot::quicklook(&cubeload::Cube::open(cube).unwrap(), "ndvi", time, &out).unwrap();
+        let mut reader = png::Decoder::new(std::fs::File::open(&out).unwrap()).read_info().unwrap();
+        let mut pixels = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut pixels).unwrap();
+        pixels[30 * info.line_size..info.buffer_size()].to_vec()
+    };
+    assert!(picture(&multi, 60) == picture(&single, 48));
+    assert!(picture(&multi, 47) == picture(&single, 0));
+    assert!(picture(&multi, 47) != picture(&multi, 48), "two windows, two pictures");
+    let past = cubeload::plot::quicklook(
+        &cubeload::Cube::open(&multi).unwrap(),
+        "ndvi",
+        96,
+        &dir.path().join("x.png"),
+    );
+    assert!(past.unwrap_err().to_string().contains("past the 96 steps of the cube"));
+
     let native = batches(&multi, Regrid::Native);
     assert_eq!(native[0].native[0].shape, [2, 16, 16]);
     assert_eq!(native[0].variables, ["t2m", "landcover"]);
