@@ -145,7 +145,8 @@ fn copy_with_first_ndvi_shard(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>, usize) 
 
 /// A chunk its shard does not store (an all-fill chunk, which zarrs leaves out when writing) is all missing
 /// in the batches, as zarrs reads it: the loader's own decoding of float32 chunks reads the shard index the
-/// same way.
+/// same way. Unless the cube's validity index says the chunk has valid values: then it was lost, and that
+/// is a read error.
 #[test]
 fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,10 +161,41 @@ fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
     let ndvi = read_f32(&copy, "ndvi", Some(0..48), 100, 150);
     assert!(ndvi[..8].iter().all(|x| x.is_nan()), "{:?}", &ndvi[..8]);
     assert!(read_f32(cubes().pixel.as_path(), "ndvi", Some(0..48), 100, 150).iter().any(|x| !x.is_nan()));
-    // ...and the loader delivers exactly those values.
+    // ...which the validity index contradicts: the loader says the chunk was lost...
+    let lost = Loader::builder(&copy).shuffle(3).build().unwrap().find_map(Result::err).expect("an error");
+    match &lost {
+        LoaderError::Read { variable, chunk, message } => {
+            assert_eq!((variable.as_str(), chunk), ("ndvi", &[0, 0, 0]));
+            assert!(message.contains("not stored, yet the cube's validity index says"), "{message}");
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    // ...and once the index agrees (as for a chunk written all missing), delivers exactly those values.
+    let index = array(&copy, "cubeload_index/ndvi");
+    index.store_array_subset(&[0..1, 0..1, 0..1], &[0.0f32]).unwrap();
     let batches = collect(Loader::builder(&copy).shuffle(3).build().unwrap());
     assert!(!batches.is_empty());
     assert_cube_values(&copy, &batches);
+}
+
+/// A shard file lost from a cube: its chunks are not stored, while the validity index says they hold
+/// values. A read error naming the variable and chunk, or, with `on_corrupt="skip"`, one batch left out.
+#[test]
+fn a_lost_shard_file_is_a_read_error_not_missing_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, shard, _, _) = copy_with_first_ndvi_shard(dir.path());
+    std::fs::remove_file(&shard).unwrap();
+    let error = Loader::builder(&copy).build().unwrap().find_map(Result::err).expect("an error");
+    let LoaderError::Read { variable, message, .. } = &error else { panic!("{error:?}") };
+    assert_eq!(variable, "ndvi");
+    assert!(message.contains("not stored, yet the cube's validity index says"), "{message}");
+    let mut skipping = Loader::builder(&copy).on_corrupt(OnCorrupt::Skip).build().unwrap();
+    let delivered = skipping.by_ref().map(Result::unwrap).count();
+    assert!(skipping.corrupt_chunks() >= 1);
+    assert_eq!(
+        delivered + skipping.corrupt_chunks(),
+        Loader::builder(&cubes().pixel).build().unwrap().count()
+    );
 }
 
 /// A chunk whose checksum is right but whose zstd frame does not make it (the size its header declares
@@ -831,7 +863,8 @@ fn unsharded_cube(dir: &Path) -> PathBuf {
 }
 
 /// In an unsharded cube (a file per chunk, read with `pread` from the files the loader keeps open): a chunk
-/// file that is missing is a missing chunk, as zarrs reads it; one cut short is an error naming the variable.
+/// file that is missing is a missing chunk, as zarrs reads it, where the validity index says it holds no
+/// valid value, and a lost file where it says it does; one cut short is an error naming the variable.
 #[test]
 fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -839,6 +872,9 @@ fn an_unsharded_chunk_file_missing_is_missing_and_one_cut_short_is_an_error() {
     let mut files = walk(&cube.join("t2m/c"));
     files.sort();
     std::fs::remove_file(&files[0]).unwrap();
+    let lost = Loader::builder(&cube).build().unwrap().find_map(Result::err).expect("an error");
+    assert!(lost.to_string().contains("not stored, yet the cube's validity index says"), "{lost}");
+    array(&cube, "cubeload_index/t2m").store_array_subset(&[0..1, 0..1, 0..1], &[0.0f32]).unwrap();
     let batches = collect(Loader::builder(&cube).build().unwrap());
     assert_cube_values(&cube, &batches);
     let t2m_missing = |b: &Batch| (0..b.len() * 48).all(|k| b.mask[k * 3] == 0);

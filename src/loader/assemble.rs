@@ -74,6 +74,9 @@ struct Var {
     /// The stored chunk's shape, and the inner chunk's in a shard, as [`Assembler::locate`] needs them for
     /// every chunk (zarrs rebuilds the inner shape from the codec's metadata at each call).
     stored_shapes: Option<(Vec<u64>, Option<Vec<u64>>)>,
+    /// The variable's validity index (valid fraction per stored chunk), once [`Assembler::validity`] has
+    /// read it: a chunk that is not stored although it has valid values was lost.
+    index: std::sync::OnceLock<Vec<f32>>,
 }
 
 /// Reads and assembles batches of one cube; shared by the reader threads.
@@ -161,7 +164,8 @@ pub enum Planned {
 enum Located {
     /// A whole stored object (the array is not sharded).
     Whole(StoreKey),
-    /// In a shard: its key, the store read of its index and the index, and the chunk there.
+    /// In a shard: its key, the store read of its index and the index (empty when the shard is not stored),
+    /// and the chunk there.
     InShard { key: StoreKey, index_range: ByteRange, index: zarrs::storage::Bytes, chunk: InShard },
 }
 
@@ -265,6 +269,7 @@ impl Assembler {
                 affine,
                 direct,
                 stored_shapes,
+                index: std::sync::OnceLock::new(),
             });
         }
         let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
@@ -370,6 +375,7 @@ impl Assembler {
         let batch = [self.meta.layout.chunk_y, self.meta.layout.chunk_x];
         for (v, values) in self.vars.iter().zip(indexes) {
             let values = values?;
+            let _ = v.index.set(values.clone());
             let counts = self.meta.geometry(&v.meta).chunk_counts();
             let is_static = v.meta.is_static;
             let stored = |[it, iy, ix]: [usize; 3]| {
@@ -550,7 +556,7 @@ impl Assembler {
                     Some(Located::InShard { key, index_range, index, chunk }) => {
                         // Readers decoding directly take the index from the same cache
                         // ([`Self::read_direct`]).
-                        if !v.direct {
+                        if !v.direct && !index.is_empty() {
                             planned.push(Planned::Give(key.clone(), index_range, index.clone()));
                         }
                         if let InShard::Stored(range) = chunk {
@@ -647,11 +653,14 @@ impl Assembler {
             ByteRange::FromStart(_, None) => false,
         };
         let failed = std::cell::Cell::new(false);
+        // A shard the store does not have is kept as an empty index: every chunk of it is absent.
         let index = once
-            .get_or_init(|| {
-                let index = read(&key, index_range);
-                failed.set(index.is_err());
-                index.ok().flatten().filter(|index| whole(index) && decode::index_is_intact(index))
+            .get_or_init(|| match read(&key, index_range) {
+                Ok(None) => Some(zarrs::storage::Bytes::new()),
+                index => {
+                    failed.set(index.is_err());
+                    index.ok().flatten().filter(|index| whole(index) && decode::index_is_intact(index))
+                }
             })
             .clone();
         if failed.get() {
@@ -665,6 +674,9 @@ impl Assembler {
             }
         }
         let index = index?;
+        if index.is_empty() {
+            return Some(Located::InShard { key, index_range, index, chunk: InShard::Empty });
+        }
         // Row-major position of the chunk in its shard.
         let mut position = 0u64;
         for ((r, n), o) in subset.iter().zip(inner).zip(outer) {
@@ -701,11 +713,13 @@ impl Assembler {
             None => return Ok(None),
             Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
             Some(Located::InShard { chunk: InShard::Empty, .. }) => {
+                self.check_absent(v, id)?;
                 return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
             }
             Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
         };
         let Some(encoded) = self.read_stored_bytes(&*storage, &key, range).map_err(fail)? else {
+            self.check_absent(v, id)?;
             return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
         };
         let dtype = v.meta.dtype;
@@ -720,6 +734,28 @@ impl Assembler {
         } else {
             Floats::Values(le_ints_as_floats(&bytes, dtype, v.meta.fill_value))
         })))
+    }
+
+    /// A chunk that is not stored holds only missing values, which its entry in the validity index says
+    /// too; where the index says some of its values are valid, its file (or its place in its shard) was
+    /// lost, and delivering it as missing would hide that.
+    fn check_absent(&self, v: &Var, [it, iy, ix]: ChunkId) -> Result<(), LoaderError> {
+        let Some(index) = v.index.get() else { return Ok(()) };
+        let [_, cy, cx] = self.meta.geometry(&v.meta).chunk_counts();
+        let at = if v.meta.is_static { iy * cx + ix } else { (it * cy + iy) * cx + ix };
+        match index.get(at) {
+            Some(&fraction) if fraction > 0.0 => Err(LoaderError::Read {
+                variable: v.meta.name.clone(),
+                chunk: [it, iy, ix],
+                message: format!(
+                    "{}: the chunk is not stored, yet the cube's validity index says {:.1} % of its values \
+                     are valid: its file was lost or damaged (`cubeload verify` lists what else is)",
+                    self.path.display(),
+                    100.0 * fraction
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Values in a stored chunk of `v` (on the target grid, or on its level).
