@@ -328,17 +328,25 @@ fn generate_remote(
                     .to_string(),
         });
     }
-    crate::store::check_replaceable(location, options.overwrite)?;
+    if let Location::S3 { bucket, .. } = location
+        && bucket.is_empty()
+    {
+        let message = format!("{}: no bucket name (s3://BUCKET/PREFIX)", url.display());
+        return Err(PlanError::Config(crate::config::ConfigError::invalid("output", message)).into());
+    }
     let key = hex(&Sha256::digest(url.to_string_lossy().as_bytes()));
     let mut local_plan = plan.clone();
     local_plan.config.output =
         std::env::temp_dir().join(format!("cubeload-upload-{}", &key[..16])).join("cube.zarr");
     let local = local_plan.config.output.clone();
+    let fingerprint = fingerprint(&local_plan);
+    // Before the cube is made: what is at the URL, the bucket, the permission to write there.
+    crate::store::check_replaceable(location, options.overwrite, &fingerprint)?;
     // Held until the upload ends: another run to the same URL would share (and delete) the local cube.
     let _lock = RunLock::acquire(&local, false)?;
     // A cube made by an earlier run whose upload failed: upload it again rather than make it again.
     let made = Manifest::fingerprint(&local)
-        .is_some_and(|f| f == fingerprint(&local_plan))
+        .is_some_and(|f| f == fingerprint)
         .then(|| Cube::open(&local).ok())
         .flatten();
     let mut report = if let Some(cube) = made {
@@ -352,7 +360,17 @@ fn generate_remote(
         generate_locked(&local_plan, options, progress)?
     };
     let started = Clock::now();
-    crate::store::upload(&local, location, options.overwrite)?;
+    crate::store::upload(&local, location, options.overwrite, &fingerprint).map_err(|e| match e {
+        CubeError::Zarr { path, message } => CubeError::Zarr {
+            path,
+            message: format!(
+                "{message}; the cube is made and kept in {}: run the same command again to upload it (it is \
+                 not made again)",
+                local.display()
+            ),
+        },
+        other => other,
+    })?;
     report.seconds += started.elapsed().as_secs_f64();
     if let Some(dir) = local.parent() {
         let _ = std::fs::remove_dir_all(dir);

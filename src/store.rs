@@ -1,8 +1,8 @@
 //! Where cubes live: a local directory, or `s3://bucket/prefix` on an S3-compatible object store.
 //!
 //! Readers see one [`ReadableStorage`] whatever the location, so the loader, `info` and `quicklook` work on
-//! both. Object stores are reached through zarrs' `object_store` support (async), driven from the loader's
-//! plain threads by one shared tokio runtime; credentials, region and endpoint come from the standard AWS
+//! both. Object stores are reached through the `object_store` crate (async), driven from the loader's plain
+//! threads by one shared tokio runtime; credentials, region and endpoint come from the standard AWS
 //! environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
 //! `AWS_ALLOW_HTTP` for a plain-HTTP endpoint).
 //!
@@ -76,27 +76,36 @@ impl Location {
 }
 
 /// Uploads the complete cube in directory `dir` to `location` (an object store), the root metadata last.
-/// An earlier cubeload cube there is replaced when `replace` (its root metadata removed first, its objects
-/// that the new cube does not have removed before the new root is written), refused otherwise; so are
-/// objects left under the cube's nodes by an upload that did not finish. Objects under the URL but outside
-/// the cube's nodes are left alone. An object store cannot rename: while a cube is replaced, and after a
-/// replacement that failed, there is no cube at `location` (readers refuse it), not the earlier one.
+///
+/// Only what cubeload owns is replaced: a cubeload cube (its root metadata, the objects under the nodes that
+/// root lists, its manifest), or what an upload that did not finish left (the objects its journal names).
+/// Anything else under the URL refuses the upload, `replace` or not: its objects would be erased, or mixed
+/// into the new cube. A cube is replaced only when `replace`; so are the leftovers of another cube's upload
+/// (those of an upload with this `fingerprint` are this upload's, resumed). The upload first writes its
+/// journal, naming every object it may leave (those it found and the new cube's), so that a run stopped
+/// anywhere can be finished by the next; then it removes the earlier root (readers see no cube from then
+/// on: an object store cannot rename), then every object found that the new cube does not have (before the
+/// new cube's, so that a retry still knows them), then uploads the cube, its root last, and removes the
+/// journal.
 ///
 /// # Errors
-/// [`CubeError::OutputTaken`] when a cube or an unfinished upload's objects are there and `replace` is
-/// false, or a Zarr store that cubeload did not make is there; [`CubeError::Zarr`] when a request fails
-/// (the remote cube then has no root metadata: readers see no cube).
-pub fn upload(dir: &Path, location: &Location, replace: bool) -> Result<(), CubeError> {
-    object_store::upload(dir, location, replace)
+/// [`CubeError::OutputTaken`] when something cubeload does not own is there, or a cube or another cube's
+/// unfinished upload is there and `replace` is false; [`CubeError::Zarr`] when a request fails (the remote
+/// cube then has no root metadata: readers see no cube; the next upload to the URL finishes the job).
+pub fn upload(dir: &Path, location: &Location, replace: bool, fingerprint: &str) -> Result<(), CubeError> {
+    object_store::upload(dir, location, replace, fingerprint)
 }
 
-/// Whether [`upload`] to `location` (an object store) could replace what is there: nothing, or a cubeload
-/// cube when `replace`. Checked before a cube is made for it, so that a refusal comes first.
+/// Whether [`upload`] to `location` (an object store) of the cube of `fingerprint` would be refused, and
+/// whether the bucket exists and these credentials may write and delete there (a small object,
+/// `cubeload_probe`, is written and removed). Checked before a cube is made for it, so that a refusal
+/// comes before hours of generation, not after.
 ///
 /// # Errors
-/// [`CubeError::OutputTaken`] as [`upload`] refuses; [`CubeError::Zarr`] when the store cannot be reached.
-pub fn check_replaceable(location: &Location, replace: bool) -> Result<(), CubeError> {
-    object_store::check_replaceable(location, replace)
+/// [`CubeError::OutputTaken`] as [`upload`] refuses; [`CubeError::Zarr`] when the store cannot be reached,
+/// the bucket does not exist or the credentials may not write there.
+pub fn check_replaceable(location: &Location, replace: bool, fingerprint: &str) -> Result<(), CubeError> {
+    object_store::check_replaceable(location, replace, fingerprint)
 }
 
 /// Whether a cube (a root `zarr.json`) exists at `location`.
@@ -119,19 +128,33 @@ pub fn exists(location: &Location) -> Result<bool, CubeError> {
 
 #[cfg(feature = "s3")]
 mod object_store {
-    use std::collections::{BTreeSet, HashSet};
-    use std::path::Path;
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
     use std::sync::{Arc, OnceLock};
 
+    use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
     use zarrs::storage::storage_adapter::async_to_sync::{AsyncToSyncBlockOn, AsyncToSyncStorageAdapter};
     use zarrs::storage::{
-        ListableStorageTraits, ReadableStorage, ReadableStorageTraits, StorePrefix, WritableStorageTraits,
+        Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableStorage, ReadableStorageTraits,
+        StorageError,
     };
     use zarrs_object_store::AsyncObjectStore;
-    use zarrs_object_store::object_store::aws::AmazonS3Builder;
+    use zarrs_object_store::object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+    use zarrs_object_store::object_store::path::Path as ObjectPath;
     use zarrs_object_store::object_store::prefix::PrefixStore;
+    use zarrs_object_store::object_store::{
+        ClientConfigKey, Error as ObjectError, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
+    };
 
     use super::{CubeError, Location, StoreKey};
+    use crate::cube::manifest::MANIFEST_FILE;
+
+    /// The root metadata: written last, it makes the cube.
+    const ROOT: &str = "zarr.json";
+    /// An upload's journal, written first and removed last: the objects the upload may leave under the URL.
+    const JOURNAL: &str = "cubeload_upload.json";
+    /// Written and removed before a cube is made for the URL, to learn then whether the upload could write.
+    const PROBE: &str = "cubeload_probe";
 
     /// One runtime for every object-store request of the process (its threads only wait on sockets).
     fn runtime() -> &'static tokio::runtime::Runtime {
@@ -146,111 +169,332 @@ mod object_store {
         })
     }
 
-    struct BlockOn(tokio::runtime::Handle);
+    fn block_on<F: core::future::Future>(future: F) -> F::Output {
+        runtime().handle().block_on(future)
+    }
+
+    struct BlockOn;
 
     impl AsyncToSyncBlockOn for BlockOn {
         fn block_on<F: core::future::Future>(&self, future: F) -> F::Output {
-            self.0.block_on(future)
+            block_on(future)
         }
     }
 
-    type Store = AsyncToSyncStorageAdapter<
-        AsyncObjectStore<PrefixStore<zarrs_object_store::object_store::aws::AmazonS3>>,
-        BlockOn,
-    >;
+    /// Adds to an object store's error what the user can do about it: the store's own messages name
+    /// neither the bucket nor the environment variables.
+    #[derive(Debug, Clone, Default)]
+    struct Explain {
+        bucket: String,
+        /// Whether credentials were configured (`AWS_ACCESS_KEY_ID`, a web identity or container token):
+        /// without them the client asks the instance metadata service, silently, and its failure names
+        /// neither.
+        credentials: bool,
+    }
 
-    fn store(location: &Location) -> Result<Arc<Store>, CubeError> {
-        let Location::S3 { bucket, prefix } = location else { unreachable!("only called for object stores") };
-        let fail = |message: String| CubeError::Zarr { path: location.display_path(), message };
-        let s3 = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .build()
-            .map_err(|e| fail(format!("cannot set up the S3 client (AWS_* environment variables): {e}")))?;
-        let store = AsyncObjectStore::new(PrefixStore::new(s3, prefix.as_str()));
-        Ok(Arc::new(AsyncToSyncStorageAdapter::new(Arc::new(store), BlockOn(runtime().handle().clone()))))
+    impl Explain {
+        fn message(&self, e: &dyn std::fmt::Display) -> String {
+            let message = e.to_string();
+            if message.contains("NoSuchBucket") {
+                format!(
+                    "{message}; the bucket `{}` does not exist at this endpoint (AWS_ENDPOINT_URL, AWS_REGION)",
+                    self.bucket
+                )
+            } else if !self.credentials {
+                // Whatever failed, the credentials from the metadata service are the likely cause, and the
+                // fix the user may not know.
+                format!(
+                    "{message}; no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set, so credentials were asked \
+                     of the cloud instance's metadata service: set them, or run where that service has some"
+                )
+            } else if ["403 Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"]
+                .iter()
+                .any(|code| message.contains(code))
+            {
+                format!(
+                    "{message}; the store refused the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or \
+                     their permission to do this in bucket `{}`",
+                    self.bucket
+                )
+            } else {
+                message
+            }
+        }
+    }
+
+    /// Whether an `AWS_*` boolean setting says yes, as `object_store` parses it.
+    fn yes(value: Option<String>) -> bool {
+        value.is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y"))
+    }
+
+    /// The cube's prefix in its bucket, with what explains failed requests.
+    struct S3 {
+        store: Arc<PrefixStore<AmazonS3>>,
+        explain: Explain,
+        url: PathBuf,
+    }
+
+    impl S3 {
+        fn new(location: &Location) -> Result<S3, CubeError> {
+            let Location::S3 { bucket, prefix } = location else {
+                unreachable!("only called for object stores")
+            };
+            let url = location.display_path();
+            let fail = |message: String| CubeError::Zarr { path: url.clone(), message };
+            if bucket.is_empty() {
+                return Err(fail("no bucket in the URL (s3://BUCKET/PREFIX)".to_string()));
+            }
+            let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let endpoint = builder
+                .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+                .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+            // Otherwise every request fails with "HTTP error: builder error".
+            if let Some(endpoint) = endpoint
+                && endpoint.to_ascii_lowercase().starts_with("http://")
+                && !yes(builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)))
+            {
+                return Err(fail(format!(
+                    "the endpoint {endpoint} (AWS_ENDPOINT_URL) is plain HTTP: set AWS_ALLOW_HTTP=true to use it"
+                )));
+            }
+            let credentials = [
+                AmazonS3ConfigKey::AccessKeyId,
+                AmazonS3ConfigKey::WebIdentityTokenFile,
+                AmazonS3ConfigKey::ContainerCredentialsRelativeUri,
+                AmazonS3ConfigKey::ContainerCredentialsFullUri,
+            ]
+            .iter()
+            .any(|key| builder.get_config_value(key).is_some())
+                || yes(builder.get_config_value(&AmazonS3ConfigKey::SkipSignature));
+            let s3 = builder.build().map_err(|e| {
+                fail(format!("cannot set up the S3 client (AWS_* environment variables): {e}"))
+            })?;
+            Ok(S3 {
+                store: Arc::new(PrefixStore::new(s3, prefix.as_str())),
+                explain: Explain { bucket: bucket.clone(), credentials },
+                url,
+            })
+        }
+
+        fn fail(&self, what: &str, key: &str, e: &dyn std::fmt::Display) -> CubeError {
+            CubeError::Zarr {
+                path: self.url.clone(),
+                message: format!("{what} {key}: {}", self.explain.message(e)),
+            }
+        }
+
+        /// Every key under the prefix (one listing, paged by the client).
+        fn list(&self) -> Result<Vec<String>, CubeError> {
+            let lister =
+                AsyncToSyncStorageAdapter::new(Arc::new(AsyncObjectStore::new(self.store.clone())), BlockOn);
+            let keys = lister.list().map_err(|e| self.fail("cannot list", "the objects", &e))?;
+            Ok(keys.into_iter().map(|key| key.as_str().to_string()).collect())
+        }
+
+        fn get(&self, key: &str) -> Result<Option<Bytes>, CubeError> {
+            block_on(async {
+                match self.store.get(&ObjectPath::from(key)).await {
+                    Ok(result) => result.bytes().await.map(Some),
+                    Err(ObjectError::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .map_err(|e| self.fail("cannot read", key, &e))
+        }
+
+        fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), CubeError> {
+            block_on(self.store.put(&ObjectPath::from(key), bytes.into()))
+                .map(drop)
+                .map_err(|e| self.fail("cannot write", key, &e))
+        }
+
+        fn delete(&self, key: &str) -> Result<(), CubeError> {
+            match block_on(self.store.delete(&ObjectPath::from(key))) {
+                Ok(()) | Err(ObjectError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.fail("cannot delete", key, &e)),
+            }
+        }
     }
 
     pub(super) fn readable(location: &Location) -> Result<ReadableStorage, CubeError> {
-        Ok(store(location)?)
+        let s3 = S3::new(location)?;
+        Ok(Arc::new(ObjectReader { store: s3.store, explain: s3.explain }))
     }
 
-    pub(super) fn upload(dir: &Path, location: &Location, replace: bool) -> Result<(), CubeError> {
-        let store = store(location)?;
-        let url = location.display_path();
-        let fail = |e: &dyn std::fmt::Display| CubeError::Zarr { path: url.clone(), message: e.to_string() };
-        let taken = |message: String| CubeError::OutputTaken { path: url.clone(), message };
-        let root = StoreKey::new("zarr.json").expect("valid key");
-        let mut files = Vec::new();
-        collect(dir, dir, &mut files)?;
-        let uploaded: HashSet<&str> = files.iter().map(|(key, _)| key.as_str()).collect();
-        // The cube's objects lie under its nodes (`t2m/`, `time/`, ...): the new cube's, and the earlier
-        // cube's when one is replaced. Nothing else under the URL is touched.
-        let mut nodes = top_level(uploaded.iter().copied());
-        let earlier = earlier_cube(&store, location, replace)?;
-        nodes.extend(earlier.iter().flatten().cloned());
-        // Objects under those nodes that the new cube does not have: the earlier cube's, or those of an
-        // upload that stopped before its root metadata. Left there, they would be read as the new cube's
-        // chunks that are not stored (all fill value).
-        let mut stale = Vec::new();
-        for node in &nodes {
-            let prefix = StorePrefix::new(format!("{node}/")).map_err(|e| fail(&e))?;
-            let keys = store.list_prefix(&prefix).map_err(|e| fail(&e))?;
-            stale.extend(keys.into_iter().filter(|key| !uploaded.contains(key.as_str())));
-        }
-        if !replace && let Some(first) = stale.first() {
-            return Err(taken(format!(
-                "{} objects of an upload that did not finish are here (such as {first}); pass --overwrite to \
-                 replace them",
-                stale.len()
-            )));
-        }
-        if earlier.is_some() {
-            // The root first: from here on readers see no cube rather than a mix of two.
-            store.erase(&root).map_err(|e| fail(&e))?;
-        }
-        for (key, path) in files.iter().filter(|(key, _)| *key != root) {
-            let bytes = std::fs::read(path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
-            store.set(key, bytes.into()).map_err(|e| fail(&e))?;
-        }
-        store.erase_many(&stale).map_err(|e| fail(&e))?;
-        let bytes = std::fs::read(dir.join("zarr.json"))
-            .map_err(|source| CubeError::Io { path: dir.join("zarr.json"), source })?;
-        store.set(&root, bytes.into()).map_err(|e| fail(&e))
+    /// Reads of an object store that ask for just the bytes wanted: a ranged GET per read (a suffix range
+    /// for a shard's index), never a size query first. zarrs' `AsyncObjectStore` sends a HEAD before every
+    /// partial read: two round trips per chunk instead of one.
+    struct ObjectReader<T> {
+        store: Arc<T>,
+        explain: Explain,
     }
 
-    pub(super) fn check_replaceable(location: &Location, replace: bool) -> Result<(), CubeError> {
-        earlier_cube(store(location)?.as_ref(), location, replace).map(drop)
+    impl<T: ObjectStore> ObjectReader<T> {
+        fn error(&self, key: &StoreKey, e: &dyn std::fmt::Display) -> StorageError {
+            StorageError::Other(format!("{key}: {}", self.explain.message(e)))
+        }
+
+        /// The bytes of `ranges` of `key`, `None` when there is no such object. The bounded ranges go in one
+        /// call (the client merges near ones and sends the rest concurrently), the others one GET each.
+        async fn read(
+            &self,
+            key: &StoreKey,
+            ranges: &[ByteRange],
+        ) -> Result<Option<Vec<Bytes>>, StorageError> {
+            let path = ObjectPath::from(key.as_str());
+            let mut out = vec![Bytes::new(); ranges.len()];
+            let (mut bounded, mut bounded_at) = (Vec::new(), Vec::new());
+            let mut asked = false;
+            for (i, range) in ranges.iter().enumerate() {
+                let range = match *range {
+                    ByteRange::FromStart(_, Some(0)) | ByteRange::Suffix(0) => continue,
+                    ByteRange::FromStart(offset, Some(length)) => {
+                        bounded.push(offset..offset + length);
+                        bounded_at.push(i);
+                        continue;
+                    }
+                    ByteRange::FromStart(0, None) => None,
+                    ByteRange::FromStart(offset, None) => Some(GetRange::Offset(offset)),
+                    ByteRange::Suffix(length) => Some(GetRange::Suffix(length)),
+                };
+                let got =
+                    match self.store.get_opts(&path, GetOptions { range, ..GetOptions::default() }).await {
+                        Ok(got) => got.bytes().await,
+                        Err(e) => Err(e),
+                    };
+                match got {
+                    Ok(bytes) => out[i] = bytes,
+                    Err(ObjectError::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(self.error(key, &e)),
+                }
+                asked = true;
+            }
+            if !bounded.is_empty() {
+                let got = match self.store.get_ranges(&path, &bounded).await {
+                    Ok(got) => got,
+                    Err(ObjectError::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(self.error(key, &e)),
+                };
+                for ((&i, range), bytes) in bounded_at.iter().zip(&bounded).zip(got) {
+                    // The store answers a range past the end with what there is.
+                    if bytes.len() as u64 != range.end - range.start {
+                        return Err(
+                            self.error(key, &format!("bytes {range:?} asked, {} bytes there", bytes.len()))
+                        );
+                    }
+                    out[i] = bytes;
+                }
+                asked = true;
+            }
+            // Only empty ranges: whether the object exists.
+            if !asked && self.size(key).await?.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(out))
+        }
+
+        async fn size(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+            match self.store.head(&ObjectPath::from(key.as_str())).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(ObjectError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error(key, &e)),
+            }
+        }
     }
 
-    /// The top-level nodes of the cube at `location` that an upload would replace (`None`: no cube there).
-    fn earlier_cube(
-        store: &Store,
-        location: &Location,
+    impl<T: ObjectStore> ReadableStorageTraits for ObjectReader<T> {
+        fn get_partial_many<'a>(
+            &'a self,
+            key: &StoreKey,
+            byte_ranges: ByteRangeIterator<'a>,
+        ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+            let ranges: Vec<ByteRange> = byte_ranges.collect();
+            let bytes = block_on(self.read(key, &ranges))?;
+            Ok(bytes.map(|bytes| Box::new(bytes.into_iter().map(Ok)) as _))
+        }
+
+        fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+            block_on(self.size(key))
+        }
+
+        fn supports_get_partial(&self) -> bool {
+            true
+        }
+    }
+
+    /// An upload's journal (`cubeload_upload.json`).
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Journal {
+        /// Format version, and the mark of a cubeload upload.
+        cubeload_upload: u32,
+        /// The generation fingerprint of the cube being uploaded.
+        fingerprint: String,
+        /// Every object the upload may leave under the URL: those there before it, and the new cube's.
+        keys: BTreeSet<String>,
+    }
+
+    /// What is under the URL, once found to be cubeload's.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Found {
+        /// Every key (relative to the URL).
+        keys: Vec<String>,
+        /// Whether a cube's root metadata is among them.
+        root: bool,
+    }
+
+    /// Judges the `keys` under the URL (sorted), with the contents of its root metadata and journal when
+    /// listed: `Err` with the reason when an upload of the cube of `fingerprint` must not replace them.
+    fn judge(
+        keys: &[String],
+        root: Option<&[u8]>,
+        journal: Option<&[u8]>,
         replace: bool,
-    ) -> Result<Option<BTreeSet<String>>, CubeError> {
-        let url = location.display_path();
-        let root = StoreKey::new("zarr.json").expect("valid key");
-        let Some(earlier) =
-            store.get(&root).map_err(|e| CubeError::Zarr { path: url.clone(), message: e.to_string() })?
-        else {
-            return Ok(None);
-        };
-        let taken =
-            |message: &str| CubeError::OutputTaken { path: url.clone(), message: message.to_string() };
-        if !replace {
-            return Err(taken("a cube already exists here; pass --overwrite to replace it"));
-        }
-        cube_nodes(&earlier).map(Some).ok_or_else(|| {
-            taken(
+        fingerprint: &str,
+    ) -> Result<Found, String> {
+        let journal: Option<Journal> = journal
+            .and_then(|bytes| serde_json::from_slice(bytes).ok())
+            .filter(|j: &Journal| j.cubeload_upload == 1);
+        let nodes = match root {
+            Some(root) => Some(cube_nodes(root).ok_or_else(|| {
                 "a Zarr store that cubeload did not make is here; cubeload replaces only its own cubes: choose \
-                 another URL or remove it",
-            )
-        })
-    }
-
-    /// The first parts of `keys` that have more than one (`t2m` of `t2m/c/0/0/0`).
-    fn top_level<'a>(keys: impl Iterator<Item = &'a str>) -> BTreeSet<String> {
-        keys.filter_map(|key| key.split_once('/')).map(|(node, _)| node.to_string()).collect()
+                 another URL or remove it"
+                    .to_string()
+            })?),
+            None => None,
+        };
+        let ours = |key: &str| {
+            key == PROBE
+                || journal.as_ref().is_some_and(|j| key == JOURNAL || j.keys.contains(key))
+                || nodes.as_ref().is_some_and(|nodes| {
+                    key == ROOT
+                        || key == MANIFEST_FILE
+                        || key.split_once('/').is_some_and(|(node, _)| nodes.contains(node))
+                })
+        };
+        let foreign: Vec<&String> = keys.iter().filter(|key| !ours(key)).collect();
+        if let Some(first) = foreign.first() {
+            return Err(format!(
+                "{} objects here are neither a cubeload cube's nor an unfinished cubeload upload's (such as \
+                 {first}); cubeload replaces only its own cubes: choose another URL or remove them",
+                foreign.len()
+            ));
+        }
+        if !replace {
+            if nodes.is_some() {
+                return Err("a cube already exists here; pass --overwrite to replace it".to_string());
+            }
+            // An upload of this cube that did not finish is resumed; another cube's is replaced only if asked.
+            let resumed = journal.as_ref().is_some_and(|j| j.fingerprint == fingerprint);
+            let left: Vec<&String> = keys.iter().filter(|key| *key != JOURNAL && *key != PROBE).collect();
+            if !resumed && let Some(first) = left.first() {
+                return Err(format!(
+                    "{} objects of an upload of another cube that did not finish are here (such as {first}); \
+                     pass --overwrite to replace them",
+                    left.len()
+                ));
+            }
+        }
+        Ok(Found { keys: keys.to_vec(), root: nodes.is_some() })
     }
 
     /// The top-level nodes of the cubeload cube whose root metadata is `root` (from its consolidated
@@ -262,12 +506,67 @@ mod object_store {
         Some(nodes.keys().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
     }
 
-    /// Every file under `dir` with its store key.
-    fn collect(
-        root: &Path,
-        dir: &Path,
-        out: &mut Vec<(StoreKey, std::path::PathBuf)>,
+    /// Lists and judges what is under the URL of `s3`.
+    fn survey(s3: &S3, replace: bool, fingerprint: &str) -> Result<Found, CubeError> {
+        let mut keys = s3.list()?;
+        keys.sort();
+        let read = |name: &str| if keys.iter().any(|key| key == name) { s3.get(name) } else { Ok(None) };
+        let (root, journal) = (read(ROOT)?, read(JOURNAL)?);
+        judge(&keys, root.as_deref(), journal.as_deref(), replace, fingerprint)
+            .map_err(|message| CubeError::OutputTaken { path: s3.url.clone(), message })
+    }
+
+    pub(super) fn check_replaceable(
+        location: &Location,
+        replace: bool,
+        fingerprint: &str,
     ) -> Result<(), CubeError> {
+        let s3 = S3::new(location)?;
+        survey(&s3, replace, fingerprint)?;
+        s3.put(PROBE, b"written and removed by cubeload gen, to learn whether it may write here".to_vec())?;
+        s3.delete(PROBE)
+    }
+
+    pub(super) fn upload(
+        dir: &Path,
+        location: &Location,
+        replace: bool,
+        fingerprint: &str,
+    ) -> Result<(), CubeError> {
+        let s3 = S3::new(location)?;
+        let mut files = Vec::new();
+        collect(dir, dir, &mut files)?;
+        let new: BTreeSet<String> = files.iter().map(|(key, _)| key.clone()).collect();
+        // Again: something may have come since the check before the cube was made.
+        let found = survey(&s3, replace, fingerprint)?;
+        let mut keys: BTreeSet<String> = found.keys.iter().filter(|key| *key != JOURNAL).cloned().collect();
+        keys.extend(new.iter().cloned());
+        let journal = Journal { cubeload_upload: 1, fingerprint: fingerprint.to_string(), keys };
+        s3.put(JOURNAL, serde_json::to_vec(&journal).expect("serializable"))?;
+        if found.root {
+            // From here on readers see no cube rather than a mix of two.
+            s3.delete(ROOT)?;
+        }
+        // What the new cube does not have: the earlier cube's dropped variables and chunks now all fill
+        // value (left there, they would be read as the new cube's), an earlier upload's leftovers. Before the
+        // new cube's objects: the journal still names them if this run stops.
+        for key in found.keys.iter().filter(|key| *key != JOURNAL && *key != ROOT && !new.contains(*key)) {
+            s3.delete(key)?;
+        }
+        for (key, path) in files.iter().filter(|(key, _)| key != ROOT) {
+            let bytes = std::fs::read(path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
+            s3.put(key, bytes)?;
+        }
+        let root = dir.join(ROOT);
+        let bytes = std::fs::read(&root).map_err(|source| CubeError::Io { path: root.clone(), source })?;
+        s3.put(ROOT, bytes)?;
+        // The cube is complete; a journal left (this delete failing) is known as cubeload's by the next run.
+        let _ = s3.delete(JOURNAL);
+        Ok(())
+    }
+
+    /// Every file under `dir` with its store key.
+    fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), CubeError> {
         let io = |source| CubeError::Io { path: dir.to_path_buf(), source };
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
@@ -275,12 +574,116 @@ mod object_store {
                 collect(root, &path, out)?;
             } else {
                 let rel = path.strip_prefix(root).expect("under root").to_string_lossy().replace('\\', "/");
-                let key = StoreKey::new(rel.clone())
+                StoreKey::new(rel.clone())
                     .map_err(|e| CubeError::Zarr { path: path.clone(), message: e.to_string() })?;
-                out.push((key, path));
+                out.push((rel, path));
             }
         }
         Ok(())
+    }
+    #[cfg(test)]
+    mod tests {
+        use zarrs_object_store::object_store::memory::InMemory;
+
+        use super::*;
+
+        fn keys(keys: &[&str]) -> Vec<String> {
+            let mut keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            keys.sort();
+            keys
+        }
+
+        const CUBE_ROOT: &[u8] = br#"{"zarr_format":3,"node_type":"group","attributes":{"cubeload":{}},
+            "consolidated_metadata":{"kind":"inline","must_understand":false,
+            "metadata":{"t2m":{},"cubeload_index":{},"cubeload_index/t2m":{}}}}"#;
+
+        fn journal(fingerprint: &str, keys: &[&str]) -> Vec<u8> {
+            serde_json::to_vec(
+                &serde_json::json!({"cubeload_upload": 1, "fingerprint": fingerprint, "keys": keys}),
+            )
+            .unwrap()
+        }
+
+        #[test]
+        fn reads_ask_for_their_ranges_only() {
+            let memory = InMemory::new();
+            block_on(memory.put(&ObjectPath::from("a/c/0"), Bytes::from_static(b"0123456789").into()))
+                .unwrap();
+            let reader = ObjectReader { store: Arc::new(memory), explain: Explain::default() };
+            let key = StoreKey::new("a/c/0").unwrap();
+            let read = |ranges: Vec<ByteRange>| -> Option<Vec<Vec<u8>>> {
+                reader
+                    .get_partial_many(&key, Box::new(ranges.into_iter()))
+                    .unwrap()
+                    .map(|bytes| bytes.map(|b| b.unwrap().to_vec()).collect())
+            };
+            let got = read(vec![
+                ByteRange::FromStart(2, Some(3)),
+                ByteRange::Suffix(4),
+                ByteRange::FromStart(7, None),
+                ByteRange::FromStart(0, None),
+                ByteRange::FromStart(5, Some(0)),
+                ByteRange::FromStart(0, Some(1)),
+            ]);
+            let expected: Vec<&[u8]> = vec![b"234", b"6789", b"789", b"0123456789", b"", b"0"];
+            assert_eq!(got.unwrap(), expected);
+            assert_eq!(reader.size_key(&key).unwrap(), Some(10));
+            // A range past the end is an error, not fewer bytes; a missing object is `None`.
+            assert!(reader.get_partial(&key, ByteRange::FromStart(8, Some(4))).is_err());
+            let missing = StoreKey::new("a/c/1").unwrap();
+            assert!(reader.get_partial(&missing, ByteRange::Suffix(4)).unwrap().is_none());
+            assert!(reader.get_partial(&missing, ByteRange::FromStart(0, Some(0))).unwrap().is_none());
+            assert!(reader.get(&missing).unwrap().is_none());
+            assert_eq!(reader.size_key(&missing).unwrap(), None);
+        }
+
+        #[test]
+        fn only_cubeload_cubes_and_unfinished_uploads_are_replaced() {
+            let fp = "f1";
+            // A Zarr v2 store: every object is someone else's, --overwrite or not.
+            let v2 = keys(&[".zgroup", ".zmetadata", "t2m/.zarray", "t2m/0.0.0", "precip/.zarray"]);
+            for replace in [false, true] {
+                let refused = judge(&v2, None, None, replace, fp).unwrap_err();
+                assert!(refused.contains("5 objects") && refused.contains(".zgroup"), "{refused}");
+                assert!(!refused.contains("--overwrite"), "{refused}");
+            }
+            // A cube: its nodes' objects and its manifest are its own; an object outside them is not.
+            let cube = keys(&[
+                "zarr.json",
+                "cubeload_manifest.jsonl",
+                "t2m/zarr.json",
+                "t2m/c/0/0/0",
+                "cubeload_index/t2m/c/0",
+            ]);
+            assert!(judge(&cube, Some(CUBE_ROOT), None, false, fp).unwrap_err().contains("--overwrite"));
+            assert_eq!(
+                judge(&cube, Some(CUBE_ROOT), None, true, fp).unwrap(),
+                Found { keys: cube.clone(), root: true }
+            );
+            let mut more = cube.clone();
+            more.push("notes/readme.txt".to_string());
+            assert!(judge(&more, Some(CUBE_ROOT), None, true, fp).unwrap_err().contains("notes/readme.txt"));
+            let plain = br#"{"zarr_format":3,"node_type":"group","attributes":{}}"#;
+            assert!(judge(&cube, Some(plain), None, true, fp).unwrap_err().contains("cubeload did not make"));
+            // Without a root: only what a journal names (a chunk key alone could be anyone's).
+            let left = keys(&["cubeload_upload.json", "t2m/zarr.json", "t2m/c/0/0/0"]);
+            let named = journal(fp, &["t2m/zarr.json", "t2m/c/0/0/0", "t2m/c/0/0/1", "zarr.json"]);
+            assert!(judge(&left[1..], None, None, true, fp).unwrap_err().contains("t2m/c/0/0/0"));
+            assert!(judge(&left, None, Some(b"{}"), true, fp).unwrap_err().contains("cubeload_upload.json"));
+            let mut stray = left.clone();
+            stray.push("t2m/c/9/0/0".to_string());
+            assert!(judge(&stray, None, Some(&named), true, fp).unwrap_err().contains("t2m/c/9/0/0"));
+            // This cube's upload is resumed; another cube's is replaced only with --overwrite.
+            assert_eq!(
+                judge(&left, None, Some(&named), false, fp).unwrap(),
+                Found { keys: left.clone(), root: false }
+            );
+            let other = judge(&left, None, Some(&named), false, "f2").unwrap_err();
+            assert!(other.contains("did not finish") && other.contains("--overwrite"), "{other}");
+            assert!(judge(&left, None, Some(&named), true, "f2").is_ok());
+            // A probe left by a check that could not delete it is cubeload's.
+            assert!(judge(&keys(&["cubeload_probe"]), None, None, false, fp).is_ok());
+        }
     }
 }
 
@@ -303,11 +706,11 @@ mod object_store {
         Err(unsupported(location))
     }
 
-    pub(super) fn upload(_: &Path, location: &Location, _: bool) -> Result<(), CubeError> {
+    pub(super) fn upload(_: &Path, location: &Location, _: bool, _: &str) -> Result<(), CubeError> {
         Err(unsupported(location))
     }
 
-    pub(super) fn check_replaceable(location: &Location, _: bool) -> Result<(), CubeError> {
+    pub(super) fn check_replaceable(location: &Location, _: bool, _: &str) -> Result<(), CubeError> {
         Err(unsupported(location))
     }
 }
