@@ -8,7 +8,7 @@
 //! The cube is built in a hidden staging directory beside the output and renamed into place only once its
 //! completion marker is written: a failed or interrupted run never leaves something that looks like a
 //! complete cube, and never touches an existing one (`--overwrite` and `--append` swap the previous cube out
-//! only at the end). Before the rename every file of the cube is flushed to storage ([`durable`]), so that a
+//! only at the end). Before the rename every file of the cube is flushed to storage (`durable`), so that a
 //! power cut cannot leave the rename on disk without the chunks it points to.
 //!
 //! Every finished block is recorded in the cube's [manifest](crate::cube::manifest) with the checksums of
