@@ -298,6 +298,11 @@ pub struct CubeMeta {
     pub created: String,
     /// Written `true` last, once every chunk and all metadata are stored.
     pub complete: bool,
+    /// Whether the cube's manifest ends with a seal: the checksums of the files no block stored (metadata,
+    /// coordinates, validity index). `false` in cubes of earlier builds; in a cube that says `true`, a
+    /// manifest without its seal was cut short or edited.
+    #[serde(default)]
+    pub sealed: bool,
     /// Chunk = batch layout.
     pub layout: Layout,
     /// The grid (valid extent).

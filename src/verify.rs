@@ -150,6 +150,17 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
             }
         }
     }
+    if meta.sealed && manifest.header.is_some() && manifest.sealed.is_none() {
+        problem(
+            "-",
+            None,
+            format!(
+                "the manifest's last line, its seal of the metadata, coordinates and validity index, is missing \
+                 or cut short: {} was truncated or edited, and those files cannot be checked",
+                crate::cube::manifest::MANIFEST_FILE
+            ),
+        );
+    }
     let mut sealed_bytes = 0;
     for file in manifest.sealed.iter().flatten() {
         match file.check(path) {

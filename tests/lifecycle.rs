@@ -283,6 +283,23 @@ fn verify_finds_changed_metadata_coordinates_and_index_and_a_damaged_manifest_li
 }
 
 #[test]
+fn verify_finds_a_manifest_whose_seal_was_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 3);
+    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    let manifest = dir.join("cube.zarr/cubeload_manifest.jsonl");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    // Its last line cut short, as a crash cuts the line being appended (which a resumed run ignores).
+    std::fs::write(&manifest, &text[..text.len() - 200]).unwrap();
+    let out = cubeload(dir, &["verify", "cube.zarr"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("seal of the metadata, coordinates and validity index, is missing"), "{stdout}");
+}
+
+#[test]
 fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();

@@ -340,8 +340,16 @@ impl Drop for Loader {
             return;
         }
         // The readers finish the chunk in hand (a request to an object store may take a while): other
-        // Python threads run meanwhile.
-        Python::attach(|py| py.detach(move || drop(inner)));
+        // Python threads run meanwhile. Not while the interpreter shuts down: a thread that took the GIL
+        // then is ended by Python, in the middle of whatever C++ it runs (torch's), which aborts the process.
+        Python::attach(|py| {
+            let finalizing = py
+                .import("sys")
+                .and_then(|sys| sys.call_method0("is_finalizing"))
+                .and_then(|yes| yes.extract::<bool>())
+                .unwrap_or(true);
+            if finalizing { drop(inner) } else { py.detach(move || drop(inner)) }
+        });
     }
 }
 

@@ -292,8 +292,16 @@ impl Manifest {
             for entry in entries {
                 let entry = entry.map_err(|source| CubeError::Io { path: at.clone(), source })?;
                 let key = rel.join(entry.file_name());
+                let name = entry.file_name().to_string_lossy().into_owned();
                 if entry.path().is_dir() {
                     dirs.push(key);
+                } else if name.starts_with('.')
+                    && (name.ends_with(".tmp") || name.contains(".cubeload-copy-"))
+                {
+                    // What a run killed between writing a file and renaming it into place left: not part of
+                    // the cube (nor to be uploaded with it).
+                    std::fs::remove_file(entry.path())
+                        .map_err(|source| CubeError::Io { path: entry.path(), source })?;
                 } else {
                     keys.push(key.to_string_lossy().replace('\\', "/"));
                 }
@@ -386,6 +394,33 @@ mod tests {
             valid: 3,
             validity: vec![(0, 0.1)],
         }
+    }
+
+    #[test]
+    fn the_seal_lists_the_files_no_block_stored_and_removes_what_killed_runs_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("t2m/c")).unwrap();
+        for (file, bytes) in [
+            ("zarr.json", "root"),
+            ("t2m/zarr.json", "array"),
+            ("t2m/c/0", "chunk"),
+            (".cubeload_manifest.jsonl.42.tmp", "a manifest never renamed"),
+            ("t2m/c/.1.cubeload-copy-7", "a copy never renamed"),
+        ] {
+            std::fs::write(root.join(file), bytes).unwrap();
+        }
+        let chunk = FileRecord::of(root, "t2m/c/0").unwrap();
+        let header = ManifestHeader::new("fp".into(), "2026-01-01T00:00:00Z".into());
+        drop(ManifestWriter::create(root, MANIFEST_FILE, &header, &[&record("t2m", 0, "t2m/c/0", &chunk)]));
+        Manifest::seal(root).unwrap();
+        let manifest = Manifest::load(root).unwrap();
+        let sealed: Vec<&str> = manifest.sealed.iter().flatten().map(|f| f.key.as_str()).collect();
+        assert_eq!(sealed, ["t2m/zarr.json", "zarr.json"]);
+        assert!(manifest.sealed.iter().flatten().all(|f| f.check(root).is_none()));
+        assert!(!root.join(".cubeload_manifest.jsonl.42.tmp").exists());
+        assert!(!root.join("t2m/c/.1.cubeload-copy-7").exists());
+        assert_eq!((manifest.records.len(), manifest.unreadable.len()), (1, 0));
     }
 
     #[test]

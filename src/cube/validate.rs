@@ -533,6 +533,7 @@ mod tests {
             generator: "cubeload test".into(),
             created: "2024-06-01T00:00:00Z".into(),
             complete: true,
+            sealed: true,
             layout,
             grid: Grid { west: 9.5, north: 46.0, res_x: 0.01, res_y: 0.01, width: 150, height: 100 },
             shape: [48, 100, 150],

@@ -113,6 +113,7 @@ impl CubeWriter {
             generator: format!("cubeload {}", env!("CARGO_PKG_VERSION")),
             created: created.to_string(),
             complete: false,
+            sealed: false,
             layout,
             grid,
             shape: [n_time, grid.height, grid.width],
@@ -595,6 +596,8 @@ impl CubeWriter {
         let node = Node::open(&self.store, "/").map_err(|e| zarr_err(&self.path, e))?;
         let consolidated = node.consolidate_metadata().expect("the root is a group");
         self.meta.complete = true;
+        // The generator seals the manifest right after (`Manifest::seal`).
+        self.meta.sealed = true;
         let mut attributes = self.root_attributes.clone();
         attributes.insert(META_KEY.into(), serde_json::to_value(&self.meta).expect("serializable"));
         let mut group = GroupBuilder::new()
