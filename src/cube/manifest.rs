@@ -296,7 +296,8 @@ impl Manifest {
                 if entry.path().is_dir() {
                     dirs.push(key);
                 } else if name.starts_with('.')
-                    && (name.ends_with(".tmp") || name.contains(".cubeload-copy-"))
+                    && (Path::new(&name).extension().is_some_and(|e| e == "tmp")
+                        || name.contains(".cubeload-copy-"))
                 {
                     // What a run killed between writing a file and renaming it into place left: not part of
                     // the cube (nor to be uploaded with it).
