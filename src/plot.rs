@@ -303,6 +303,8 @@ fn slice(
     let layout = geometry.layout;
     let assembler = Assembler::new(cube, std::slice::from_ref(&v.name), Transform::default())
         .map_err(|e| e.to_string())?;
+    // With the validity index read, a chunk not stored although it has values is an error, not a gap.
+    assembler.validity(cube).map_err(|e| e.to_string())?;
     let [_, rows_n, cols_n] = geometry.chunk_counts();
     let it = if v.is_static { 0 } else { time / layout.chunk_t };
     let chunk = |id| -> Result<(Vec<std::ops::Range<u64>>, Vec<f32>), String> {

@@ -223,4 +223,10 @@ fn quicklook_draws_the_slice_asked_for_and_refuses_a_damaged_chunk() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ndvi/c/0/3/0") && stderr.contains("CRC32C checksum mismatch"), "{stderr}");
+    // A lost shard is not drawn as a gap.
+    std::fs::remove_file(cube.join("t2m/c/0/2/0")).unwrap();
+    let out = cubeload(dir.path(), &["quicklook", "work/demo.zarr", "t2m", "--out", "t.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not stored, yet the cube's validity index says"), "{stderr}");
 }

@@ -1213,3 +1213,43 @@ fn an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open() {
     drop(assembler);
     assert_eq!(open_in_cube(), 0, "closed with the assembler");
 }
+
+/// Cubes written with another codec chain (`gzip`, no compression) are decoded by zarrs, which does not
+/// check a chunk's CRC32C when it reads part of a shard, nor tell a lost chunk from an all-missing one: the
+/// loader checks both before it asks.
+#[test]
+fn chunks_zarrs_decodes_are_checked_too() {
+    for codec in ["gzip", "none"] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = cubeload::demo::write_inputs(
+            dir.path(),
+            &cubeload::demo::DemoSpec {
+                hours: 48,
+                layout: "{ kind: pixel_series, batch: 64 }",
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let text = text.replace("codec: zstd, level: 3", &format!("codec: {codec}"));
+        assert!(text.contains(&format!("codec: {codec}")), "{text}");
+        let plan = Plan::new(Config::from_yaml(&text, Path::new("c.yaml")).unwrap(), text.clone()).unwrap();
+        let cube = generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path;
+        let healthy = collect(Loader::builder(&cube).build().unwrap());
+        assert_cube_values(&cube, &healthy);
+
+        let mut files = walk(&cube.join("t2m/c"));
+        files.sort();
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        bytes[40] ^= 0x10;
+        std::fs::write(&files[0], bytes).unwrap();
+        let error = Loader::builder(&cube).build().unwrap().find_map(Result::err).expect("an error");
+        assert!(error.to_string().contains("CRC32C checksum mismatch"), "{codec}: {error}");
+
+        std::fs::remove_file(&files[0]).unwrap();
+        let error = Loader::builder(&cube).build().unwrap().find_map(Result::err).expect("an error");
+        assert!(
+            error.to_string().contains("not stored, yet the cube's validity index says"),
+            "{codec}: {error}"
+        );
+    }
+}

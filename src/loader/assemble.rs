@@ -71,6 +71,9 @@ struct Var {
     affine: (f32, f32),
     /// Chunks are decoded from their encoded bytes here rather than by zarrs' pipeline ([`decode`]).
     direct: bool,
+    /// The stored chunks end with a CRC32C (checked here for chunks zarrs decodes: it does not check it
+    /// when reading part of a shard).
+    checksummed: bool,
     /// The stored chunk's shape, and the inner chunk's in a shard, as [`Assembler::locate`] needs them for
     /// every chunk (zarrs rebuilds the inner shape from the codec's metadata at each call).
     stored_shapes: Option<(Vec<u64>, Option<Vec<u64>>)>,
@@ -255,6 +258,7 @@ impl Assembler {
             });
             let index_read = shard_index_read(&array);
             let direct = decode::is_direct(&array, v.fill_value);
+            let checksummed = decode::ends_with_crc32c(&array);
             let dims = array.dimensionality();
             let stored_shapes = array.chunk_shape(&vec![0; dims]).ok().map(|outer| {
                 let shape = |s: &[std::num::NonZeroU64]| s.iter().map(|n| n.get()).collect::<Vec<u64>>();
@@ -268,6 +272,7 @@ impl Assembler {
                 index_read,
                 affine,
                 direct,
+                checksummed,
                 stored_shapes,
                 index: std::sync::OnceLock::new(),
             });
@@ -758,6 +763,38 @@ impl Assembler {
         }
     }
 
+    /// What [`Assembler::read_direct`] checks of a chunk that zarrs is left to decode (another codec chain:
+    /// gzip, no compression): its CRC32C, which zarrs does not check when it reads part of a shard, and,
+    /// when it is not stored, the validity index. Its bytes are read twice, once here.
+    fn check_stored(&self, i: usize, v: &Var, id: ChunkId) -> Result<(), LoaderError> {
+        let storage = v.array.storage();
+        let read = |key: &StoreKey, range| storage.get_partial(key, range);
+        let (key, range) = match self.locate(i, v, id, &read) {
+            // zarrs reads it, and reports what is wrong.
+            None => return Ok(()),
+            Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
+            Some(Located::InShard { chunk: InShard::Empty, .. }) => return self.check_absent(v, id),
+            Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
+        };
+        let fail = |message: String| LoaderError::Read {
+            variable: v.meta.name.clone(),
+            chunk: id,
+            message: format!("{}: {}: {message}", self.path.display(), origin(&key, range)),
+        };
+        let Some(bytes) = self.read_stored_bytes(&*storage, &key, range).map_err(&fail)? else {
+            return self.check_absent(v, id);
+        };
+        if v.checksummed {
+            let intact = bytes
+                .split_last_chunk::<4>()
+                .is_some_and(|(body, sum)| crc32c::crc32c(body) == u32::from_le_bytes(*sum));
+            if !intact {
+                return Err(fail("cannot be decoded: CRC32C checksum mismatch".to_string()));
+            }
+        }
+        Ok(())
+    }
+
     /// Values in a stored chunk of `v` (on the target grid, or on its level).
     fn chunk_len(&self, v: &Var) -> usize {
         let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, [0, 0, 0]);
@@ -883,6 +920,9 @@ impl Assembler {
         let i = self.vars.iter().position(|w| std::ptr::eq(w, v)).expect("a variable of this assembler");
         if let Some(Chunk::Decoded(floats)) = self.read_direct(i, v, id, false)? {
             return Ok(floats);
+        }
+        if !v.direct {
+            self.check_stored(i, v, id)?;
         }
         let subset = layout.chunk_subset(v.meta.is_static, id);
         let fail = |e: &dyn std::fmt::Display| LoaderError::Read {

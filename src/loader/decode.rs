@@ -51,6 +51,18 @@ pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>, fill: Option<f
     (float_nan || integer) && little && cfg!(target_endian = "little") && names == ["bytes", "zstd", "crc32c"]
 }
 
+/// Whether the stored chunks of `array` end with a CRC32C of their bytes: its (inner) codec chain ends with
+/// `crc32c`.
+pub(crate) fn ends_with_crc32c(array: &Array<dyn ReadableStorageTraits>) -> bool {
+    let Ok(meta) = serde_json::to_value(array.metadata()) else { return false };
+    let codecs = &meta["codecs"];
+    let chain = match codecs.as_array().map(Vec::as_slice) {
+        Some([sharding]) if sharding["name"] == "sharding_indexed" => &sharding["configuration"]["codecs"],
+        _ => codecs,
+    };
+    chain.as_array().and_then(|c| c.last()).and_then(codec_name) == Some("crc32c")
+}
+
 /// The name of a codec in array metadata: `{"name": …, "configuration": …}`, or the name alone for a codec
 /// without configuration (zarrs writes `"crc32c"` so).
 pub(crate) fn codec_name(codec: &serde_json::Value) -> Option<&str> {
