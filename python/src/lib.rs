@@ -60,8 +60,8 @@ const BATCH_KEYS: [&str; 9] =
 /// An iterable of batches (dicts of numpy arrays) from a cubeload cube.
 #[pyclass(module = "cubeload._cubeload")]
 struct Loader {
-    /// Dropped by hand (see `Drop`): its reader threads are joined without the GIL, and not at all in a
-    /// forked child, which has none of them.
+    /// Dropped by hand (see `Drop`): its reader threads are not joined in a forked child, which has none
+    /// of them.
     inner: ManuallyDrop<cubeload::Loader>,
     /// Epochs asked, kept in `state()` so that a resume runs as many.
     epochs: usize,
@@ -339,17 +339,10 @@ impl Drop for Loader {
             std::mem::forget(inner);
             return;
         }
-        // The readers finish the chunk in hand (a request to an object store may take a while): other
-        // Python threads run meanwhile. Not while the interpreter shuts down: a thread that took the GIL
-        // then is ended by Python, in the middle of whatever C++ it runs (torch's), which aborts the process.
-        Python::attach(|py| {
-            let finalizing = py
-                .import("sys")
-                .and_then(|sys| sys.call_method0("is_finalizing"))
-                .and_then(|yes| yes.extract::<bool>())
-                .unwrap_or(true);
-            if finalizing { drop(inner) } else { py.detach(move || drop(inner)) }
-        });
+        // With the GIL held, as Python drops it. (Released here, other threads may take the GIL in the middle
+        // of the destruction that dropped the loader: `examples/train_ddp.py` then aborted in torch's C++,
+        // "terminate called without an active exception", in some runs of its test.)
+        drop(inner);
     }
 }
 
