@@ -203,6 +203,13 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             Ok(())
         }
         Command::Verify { cube } => {
+            if let crate::store::Location::S3 { .. } = crate::store::Location::parse(&cube) {
+                return Err(crate::Error::Usage(format!(
+                    "{}: verify reads the stored files directly: run it on a local copy of the cube",
+                    cube.display()
+                ))
+                .into());
+            }
             let report = crate::verify::verify(&cube)?;
             for problem in &report.problems {
                 println!("{problem}");

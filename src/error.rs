@@ -28,6 +28,9 @@ pub enum Error {
     /// Loading batches.
     #[error(transparent)]
     Loader(#[from] crate::loader::LoaderError),
+    /// The invocation asks a command for what it cannot do (exit code 2).
+    #[error("{0}")]
+    Usage(String),
     /// libtorch's error in the commands `cubeload-torch` runs (`demo`'s training): a CUDA device it does not
     /// have, memory.
     #[error("libtorch: {0}")]
@@ -61,7 +64,7 @@ impl Error {
     #[must_use]
     pub fn is_usage(&self) -> bool {
         match self {
-            Error::Config(_) => true,
+            Error::Config(_) | Error::Usage(_) => true,
             Error::Source(e) => e.is_usage(),
             Error::Plot(e) => e.is_usage(),
             Error::Gen(e) => e.is_usage(),

@@ -476,3 +476,12 @@ fn files_of_one_variable_with_another_nodata_are_refused_unless_the_config_sets_
     let gaps = values[64..].iter().filter(|v| v.is_nan()).count();
     assert_eq!(gaps, 16, "{:?}", &values[64..]);
 }
+
+#[test]
+fn verify_of_an_object_store_url_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused before any request: no store needs to answer.
+    let out = cubeload(dir.path(), &["verify", "s3://cubes/era5.zarr"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_mentions(&String::from_utf8_lossy(&out.stderr), &["s3://cubes/era5.zarr", "a local copy"]);
+}
