@@ -207,8 +207,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 return Err(crate::Error::Usage(format!(
                     "{}: verify reads the stored files directly: run it on a local copy of the cube",
                     cube.display()
-                ))
-                .into());
+                )));
             }
             let report = crate::verify::verify(&cube)?;
             for problem in &report.problems {
