@@ -254,6 +254,10 @@ fn gen_writes_to_s3_and_readers_read_it_back() {
     let (r, l) = (info("s3://cubes/eo/demo.zarr"), info("local.zarr"));
     assert_eq!(r["variables"], l["variables"]);
     assert_eq!(r["shape"], l["shape"]);
+    // The size of all its files, from the manifest's records and seal: as the local cube's, but for the
+    // output path written in the metadata.
+    let size = |info: &serde_json::Value| info["bytes_on_disk"].as_f64().unwrap();
+    assert!((size(&r) - size(&l)).abs() < 500.0, "{} against {}", size(&r), size(&l));
     for (cube, png) in [("s3://cubes/eo/demo.zarr", "remote.png"), ("local.zarr", "local.png")] {
         ok(&server.cubeload(dir, &["quicklook", cube, "ndvi", "--time", "48", "--out", png]));
     }

@@ -321,6 +321,21 @@ impl Manifest {
             .map_err(|source| CubeError::Io { path, source })
     }
 
+    /// The bytes of a cube's files as its manifest `text` lists them: the blocks' files, those of the seal
+    /// and the manifest itself (every file of a sealed cube; of a cube of an earlier build, its chunks and
+    /// manifest). What `info` reports of a cube on an object store, which it does not list.
+    #[must_use]
+    pub fn stored_bytes(text: &str) -> u64 {
+        let files = |line: &str| -> Vec<FileRecord> {
+            serde_json::from_str::<BlockRecord>(line)
+                .map(|r| r.files)
+                .or_else(|_| serde_json::from_str::<Seal>(line).map(|s| s.sealed))
+                .unwrap_or_default()
+        };
+        let listed: u64 = text.lines().flat_map(files).filter_map(|f| f.len).sum();
+        listed + text.len() as u64
+    }
+
     /// The fingerprint of the manifest in `dir`, if it has one.
     #[must_use]
     pub fn fingerprint(dir: &Path) -> Option<String> {

@@ -8,7 +8,7 @@ use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
 use zarrs::metadata::ArrayMetadata;
 use zarrs::storage::{ReadableStorage, ReadableStorageTraits, StoreKey};
 
-use super::manifest::{BlockRecord, MANIFEST_FILE};
+use super::manifest::{MANIFEST_FILE, Manifest};
 use super::{CubeError, CubeMeta};
 use crate::plan::DType;
 use crate::store::Location;
@@ -234,7 +234,8 @@ impl Cube {
         }
     }
 
-    /// Bytes of all files of the cube (of its stored chunks, as the manifest lists them, on object stores).
+    /// Bytes of all files of the cube (on object stores, as the manifest lists them: all of them in a sealed
+    /// cube).
     #[must_use]
     pub fn bytes_on_disk(&self) -> u64 {
         fn walk(dir: &Path) -> u64 {
@@ -255,13 +256,7 @@ impl Cube {
                 let key = StoreKey::new(MANIFEST_FILE).expect("valid key");
                 let text =
                     self.store.get(&key).ok().flatten().map(|b| String::from_utf8_lossy(&b).to_string());
-                text.map_or(0, |t| {
-                    t.lines()
-                        .filter_map(|l| serde_json::from_str::<BlockRecord>(l).ok())
-                        .flat_map(|r| r.files)
-                        .filter_map(|f| f.len)
-                        .sum()
-                })
+                text.map_or(0, |t| Manifest::stored_bytes(&t))
             }
         }
     }
