@@ -198,13 +198,18 @@ fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
     assert_eq!(meta(&dir.join("cube.zarr"))["compression"], "zstd(5)");
 }
 
+/// `dir/cube.zarr` generated from three days of the inputs, for `verify` to check.
+fn three_day_cube(dir: &Path) {
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 3);
+    run_gen(dir, &["-c", config.to_str().unwrap()]);
+}
+
 #[test]
 fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let text = inputs(dir);
-    let config = config(dir, &text, "cube.zarr", 3);
-    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    three_day_cube(dir);
     let cube = dir.join("cube.zarr");
     let ok = cubeload(dir, &["verify", "cube.zarr"]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
@@ -249,9 +254,7 @@ fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
 fn verify_finds_changed_metadata_coordinates_and_index_and_a_damaged_manifest_line() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let text = inputs(dir);
-    let config = config(dir, &text, "cube.zarr", 3);
-    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    three_day_cube(dir);
     let cube = dir.join("cube.zarr");
 
     // None of these is a block's chunk: a missing index chunk would leave the loader no batch, a missing
@@ -286,9 +289,7 @@ fn verify_finds_changed_metadata_coordinates_and_index_and_a_damaged_manifest_li
 fn verify_finds_a_manifest_whose_seal_was_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let text = inputs(dir);
-    let config = config(dir, &text, "cube.zarr", 3);
-    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    three_day_cube(dir);
     let manifest = dir.join("cube.zarr/cubeload_manifest.jsonl");
     let text = std::fs::read_to_string(&manifest).unwrap();
     // Its last line cut short, as a crash cuts the line being appended (which a resumed run ignores).
