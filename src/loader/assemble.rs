@@ -828,7 +828,7 @@ impl Assembler {
         then: impl FnOnce(&[f32]),
     ) -> Result<usize, LoaderError> {
         let v = &self.vars[var];
-        let floats = self.read_stored(v, self.stored_layout(v), id)?;
+        let floats = self.read_stored(v, id)?;
         then(&floats);
         Ok(floats.len() * size_of::<f32>())
     }
@@ -836,7 +836,7 @@ impl Assembler {
     /// One chunk of `v` on the target cells of chunk `id`: read as stored, or regridded from its level
     /// (or, delivered natively, the level cells under the chunk).
     fn read_variable(&self, v: &Var, id: ChunkId) -> Result<Floats, LoaderError> {
-        let Some(coarse) = &v.coarse else { return self.read_stored(v, &self.meta.layout, id) };
+        let Some(coarse) = &v.coarse else { return self.read_stored(v, id) };
         let (rows, cols) = self.footprint(id);
         let [ky, kx] = coarse.level.factor;
         let (n_rows, n_cols) = (coarse.level.grid.height, coarse.level.grid.width);
@@ -897,8 +897,7 @@ impl Assembler {
             for ix in cols.start / chunk_x..=(cols.end - 1) / chunk_x {
                 // A static variable has one chunk whatever the time chunk.
                 let id = [if v.meta.is_static { 0 } else { it }, iy, ix];
-                let chunk =
-                    coarse.cache.get_or_read(id, || self.read_stored(v, layout, id).map(Floats::into_vec))?;
+                let chunk = coarse.cache.get_or_read(id, || self.read_stored(v, id).map(Floats::into_vec))?;
                 let (row0, col0) = (iy * chunk_y, ix * chunk_x);
                 let (first, last) = (cols.start.max(col0), cols.end.min(col0 + chunk_x));
                 for step in 0..steps {
@@ -914,9 +913,9 @@ impl Assembler {
         Ok(Window { rows, cols, steps, values })
     }
 
-    /// Chunk `id` of `v` as stored, chunked by `layout`: decoded by the loader where it can
-    /// ([`Assembler::read_direct`]), else by zarrs.
-    fn read_stored(&self, v: &Var, layout: &Layout, id: ChunkId) -> Result<Floats, LoaderError> {
+    /// Chunk `id` of `v` as stored (in its level's chunk grid for a variable on a level): decoded by the
+    /// loader where it can ([`Assembler::read_direct`]), else by zarrs.
+    fn read_stored(&self, v: &Var, id: ChunkId) -> Result<Floats, LoaderError> {
         let i = self.vars.iter().position(|w| std::ptr::eq(w, v)).expect("a variable of this assembler");
         if let Some(Chunk::Decoded(floats)) = self.read_direct(i, v, id, false)? {
             return Ok(floats);
@@ -924,7 +923,7 @@ impl Assembler {
         if !v.direct {
             self.check_stored(i, v, id)?;
         }
-        let subset = layout.chunk_subset(v.meta.is_static, id);
+        let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, id);
         let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
             variable: v.meta.name.clone(),
             chunk: id,
