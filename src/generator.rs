@@ -258,14 +258,17 @@ pub fn generate(
         return generate_remote(plan, &location, options, progress);
     }
     let _lock = RunLock::acquire(&plan.config.output, options.part.is_some())?;
-    generate_locked(plan, options, progress)
+    generate_locked(plan, options, progress, true)
 }
 
-/// [`generate`] to a filesystem, once the output's [`RunLock`] is held.
+/// [`generate`] to a filesystem, once the output's [`RunLock`] is held. With `durable`, the cube is flushed
+/// to storage before it is renamed into place (not for the local copy of a cube bound for an object store,
+/// which is uploaded and removed: after a power cut the next run checks its blocks against the manifest).
 fn generate_locked(
     plan: &Plan,
     options: &GenOptions,
     progress: &dyn Fn(u64, u64),
+    durable: bool,
 ) -> Result<GenReport, GenError> {
     let started = Clock::now();
     let output = plan.config.output.clone();
@@ -302,9 +305,13 @@ fn generate_locked(
             Ok(GenReport { path: staging, meta, seconds, blocks, reused, part: options.part })
         }
         Built::Complete { meta, blocks, reused } => {
-            durable::sync_tree(&staging)?;
+            if durable {
+                durable::sync_tree(&staging)?;
+            }
             swap_into_place(&staging, &output)?;
-            durable::sync_parent(&output)?;
+            if durable {
+                durable::sync_parent(&output)?;
+            }
             Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
         }
     }
@@ -357,7 +364,7 @@ fn generate_remote(
         if local.exists() {
             remove_dir(&local)?; // an earlier configuration's, never uploaded
         }
-        generate_locked(&local_plan, options, progress)?
+        generate_locked(&local_plan, options, progress, false)?
     };
     let started = Clock::now();
     crate::store::upload(&local, location, options.overwrite, &fingerprint).map_err(|e| match e {
