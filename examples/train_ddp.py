@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -117,3 +118,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The work is done and written. Python's own shutdown is skipped: on a busy machine it still aborted in
+    # torch's threads now and then ("terminate called without an active exception" after a clean
+    # destroy_process_group, in 3 of 8 runs beside two busy cores), failing a job that had finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
