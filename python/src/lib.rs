@@ -339,9 +339,8 @@ impl Drop for Loader {
             std::mem::forget(inner);
             return;
         }
-        // With the GIL held, as Python drops it. (Released here, other threads may take the GIL in the middle
-        // of the destruction that dropped the loader: `examples/train_ddp.py` then aborted in torch's C++,
-        // "terminate called without an active exception", in some runs of its test.)
+        // With the GIL held, as Python drops it: releasing it here would let other threads run in the middle
+        // of whatever destruction dropped the loader.
         drop(inner);
     }
 }
