@@ -287,6 +287,9 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     root.present().map_err(|e| err(&e))
 }
 
+/// What [`slice()`] does with a stored chunk: its region in the array and its decoded values.
+type Place<'a> = dyn FnMut(&[std::ops::Range<u64>], &[f32]) + 'a;
+
 /// `height × width` values of step `time` of `v` (on its own grid and time axis, north-up), NaN where
 /// nothing is stored. Whole stored chunks are read as the loader reads them, checksums checked: zarrs'
 /// reading of a part of a chunk does not check the chunk's CRC32C, and a damaged chunk could be drawn.
@@ -307,27 +310,30 @@ fn slice(
     assembler.validity(cube).map_err(|e| e.to_string())?;
     let [_, rows_n, cols_n] = geometry.chunk_counts();
     let it = if v.is_static { 0 } else { time / layout.chunk_t };
-    let chunk = |id| -> Result<(Vec<std::ops::Range<u64>>, Vec<f32>), String> {
-        let mut values = Vec::new();
+    // Each stored chunk's region and values, placed straight from the decoded buffer.
+    let chunk = |id, place: &mut Place<'_>| -> Result<(), String> {
+        let subset = layout.chunk_subset(v.is_static, id);
         assembler
-            .decode_stored_then(0, id, |decoded| values = decoded.to_vec())
-            .map_err(|e| e.to_string())?;
-        Ok((layout.chunk_subset(v.is_static, id), values))
+            .decode_stored_then(0, id, |values| place(&subset, values))
+            .map(drop)
+            .map_err(|e| e.to_string())
     };
     let mut out = vec![f64::NAN; height * width];
     if layout.shuffled.is_none() {
         for iy in 0..rows_n {
             for ix in 0..cols_n {
-                let (subset, values) = chunk([it, iy, ix])?;
-                let (rows, cols) = (&subset[subset.len() - 2], &subset[subset.len() - 1]);
-                let (cy, cx) = ((rows.end - rows.start) as usize, (cols.end - cols.start) as usize);
-                let plane = if v.is_static { 0 } else { (time - subset[0].start as usize) * cy * cx };
-                for y in 0..cy.min(height.saturating_sub(rows.start as usize)) {
-                    let row = rows.start as usize + y;
-                    for x in 0..cx.min(width.saturating_sub(cols.start as usize)) {
-                        out[row * width + cols.start as usize + x] = f64::from(values[plane + y * cx + x]);
+                chunk([it, iy, ix], &mut |subset, values| {
+                    let (rows, cols) = (&subset[subset.len() - 2], &subset[subset.len() - 1]);
+                    let (cy, cx) = ((rows.end - rows.start) as usize, (cols.end - cols.start) as usize);
+                    let plane = if v.is_static { 0 } else { (time - subset[0].start as usize) * cy * cx };
+                    for y in 0..cy.min(height.saturating_sub(rows.start as usize)) {
+                        let row = rows.start as usize + y;
+                        for x in 0..cx.min(width.saturating_sub(cols.start as usize)) {
+                            out[row * width + cols.start as usize + x] =
+                                f64::from(values[plane + y * cx + x]);
+                        }
                     }
-                }
+                })?;
             }
         }
         return Ok(out);
@@ -343,18 +349,20 @@ fn slice(
     let (lat, lon) = (coordinate("lat")?, coordinate("lon")?);
     let grid = meta.grid;
     for ib in 0..rows_n {
-        let (subset, values) = chunk([it, ib, 0])?;
-        let (first, per_sample) = (subset[0].start as usize, if v.is_static { 1 } else { layout.chunk_t });
-        let offset = if v.is_static { 0 } else { time - subset[1].start as usize };
-        for (k, value) in values.iter().skip(offset).step_by(per_sample).enumerate() {
-            let sample = first + k;
-            let (Some(la), Some(lo)) = (lat.get(sample), lon.get(sample)) else { continue };
-            let y = ((grid.north - la) / grid.res_y - 0.5).round() as usize;
-            let x = ((lo - grid.west) / grid.res_x - 0.5).round() as usize;
-            if y < height && x < width {
-                out[y * width + x] = f64::from(*value);
+        chunk([it, ib, 0], &mut |subset, values| {
+            let (first, per_sample) =
+                (subset[0].start as usize, if v.is_static { 1 } else { layout.chunk_t });
+            let offset = if v.is_static { 0 } else { time - subset[1].start as usize };
+            for (k, value) in values.iter().skip(offset).step_by(per_sample).enumerate() {
+                let sample = first + k;
+                let (Some(la), Some(lo)) = (lat.get(sample), lon.get(sample)) else { continue };
+                let y = ((grid.north - la) / grid.res_y - 0.5).round() as usize;
+                let x = ((lo - grid.west) / grid.res_x - 0.5).round() as usize;
+                if y < height && x < width {
+                    out[y * width + x] = f64::from(*value);
+                }
             }
-        }
+        })?;
     }
     Ok(out)
 }

@@ -41,11 +41,7 @@ pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>, fill: Option<f
         && fill.is_some()
         && meta["fill_value"].as_f64() == fill;
     let float_nan = meta["data_type"] == "float32" && meta["fill_value"] == "NaN";
-    let codecs = &meta["codecs"];
-    let chain = match codecs.as_array().map(Vec::as_slice) {
-        Some([sharding]) if sharding["name"] == "sharding_indexed" => &sharding["configuration"]["codecs"],
-        _ => codecs,
-    };
+    let chain = chunk_codecs(&meta);
     let names: Vec<&str> = chain.as_array().map_or(Vec::new(), |c| c.iter().filter_map(codec_name).collect());
     let little = chain[0]["configuration"]["endian"] == "little";
     (float_nan || integer) && little && cfg!(target_endian = "little") && names == ["bytes", "zstd", "crc32c"]
@@ -55,12 +51,17 @@ pub(crate) fn is_direct(array: &Array<dyn ReadableStorageTraits>, fill: Option<f
 /// `crc32c`.
 pub(crate) fn ends_with_crc32c(array: &Array<dyn ReadableStorageTraits>) -> bool {
     let Ok(meta) = serde_json::to_value(array.metadata()) else { return false };
+    chunk_codecs(&meta).as_array().and_then(|c| c.last()).and_then(codec_name) == Some("crc32c")
+}
+
+/// The codecs of a stored chunk in array metadata `meta`: the inner chain of a sharded array, else the
+/// array's own.
+fn chunk_codecs(meta: &serde_json::Value) -> &serde_json::Value {
     let codecs = &meta["codecs"];
-    let chain = match codecs.as_array().map(Vec::as_slice) {
+    match codecs.as_array().map(Vec::as_slice) {
         Some([sharding]) if sharding["name"] == "sharding_indexed" => &sharding["configuration"]["codecs"],
         _ => codecs,
-    };
-    chain.as_array().and_then(|c| c.last()).and_then(codec_name) == Some("crc32c")
+    }
 }
 
 /// The name of a codec in array metadata: `{"name": …, "configuration": …}`, or the name alone for a codec
