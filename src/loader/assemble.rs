@@ -163,6 +163,17 @@ pub enum Planned {
     Give(StoreKey, ByteRange, zarrs::storage::Bytes),
 }
 
+/// A chunk as its stored bytes give it ([`Assembler::stored_bytes`]).
+enum Stored {
+    /// Its bytes cannot be located (no shard index of the layout the loader knows, or one that cannot be
+    /// read): zarrs reads the chunk, and reports why.
+    Unlocated,
+    /// Not stored, and the validity index agrees that it holds nothing.
+    Absent,
+    /// Its bytes, with the key and range they were read from.
+    Bytes(StoreKey, ByteRange, zarrs::storage::Bytes),
+}
+
 /// Where a chunk's stored bytes lie ([`Assembler::locate`]).
 enum Located {
     /// A whole stored object (the array is not sharded).
@@ -707,28 +718,17 @@ impl Assembler {
         if !v.direct {
             return Ok(None);
         }
-        let fail = |message: String| LoaderError::Read {
-            variable: v.meta.name.clone(),
-            chunk: id,
-            message: format!("{}: {message}", self.path.display()),
-        };
-        let storage = v.array.storage();
-        let read = |key: &StoreKey, range| storage.get_partial(key, range);
-        let (key, range) = match self.locate(i, v, id, &read) {
-            None => return Ok(None),
-            Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
-            Some(Located::InShard { chunk: InShard::Empty, .. }) => {
-                self.check_absent(v, id)?;
-                return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
-            }
-            Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
-        };
-        let Some(encoded) = self.read_stored_bytes(&*storage, &key, range).map_err(fail)? else {
-            self.check_absent(v, id)?;
-            return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v)))));
+        let (key, range, encoded) = match self.stored_bytes(i, v, id)? {
+            Stored::Unlocated => return Ok(None),
+            Stored::Absent => return Ok(Some(Chunk::Decoded(Floats::nan(self.chunk_len(v))))),
+            Stored::Bytes(key, range, bytes) => (key, range, bytes),
         };
         let dtype = v.meta.dtype;
-        let failed = |e: String| fail(format!("{}: {e}", origin(&key, range)));
+        let failed = |e: String| LoaderError::Read {
+            variable: v.meta.name.clone(),
+            chunk: id,
+            message: format!("{}: {}: {e}", self.path.display(), origin(&key, range)),
+        };
         let decoding = Progressive::new(encoded, self.chunk_len(v) * dtype.size()).map_err(failed)?;
         if progressive && decoding.aligned_for::<f32>() {
             return Ok(Some(Chunk::Decoding(decoding)));
@@ -763,34 +763,50 @@ impl Assembler {
         }
     }
 
+    /// The stored bytes of chunk `id` of variable `i`; a chunk not stored is checked against the validity
+    /// index ([`Assembler::check_absent`]).
+    fn stored_bytes(&self, i: usize, v: &Var, id: ChunkId) -> Result<Stored, LoaderError> {
+        let storage = v.array.storage();
+        let read = |key: &StoreKey, range| storage.get_partial(key, range);
+        let (key, range) = match self.locate(i, v, id, &read) {
+            None => return Ok(Stored::Unlocated),
+            Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
+            Some(Located::InShard { chunk: InShard::Empty, .. }) => {
+                return self.check_absent(v, id).map(|()| Stored::Absent);
+            }
+            Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
+        };
+        match self.read_stored_bytes(&*storage, &key, range) {
+            Ok(Some(bytes)) => Ok(Stored::Bytes(key, range, bytes)),
+            Ok(None) => self.check_absent(v, id).map(|()| Stored::Absent),
+            Err(message) => Err(LoaderError::Read {
+                variable: v.meta.name.clone(),
+                chunk: id,
+                message: format!("{}: {message}", self.path.display()),
+            }),
+        }
+    }
+
     /// What [`Assembler::read_direct`] checks of a chunk that zarrs is left to decode (another codec chain:
     /// gzip, no compression): its CRC32C, which zarrs does not check when it reads part of a shard, and,
     /// when it is not stored, the validity index. Its bytes are read twice, once here.
     fn check_stored(&self, i: usize, v: &Var, id: ChunkId) -> Result<(), LoaderError> {
-        let storage = v.array.storage();
-        let read = |key: &StoreKey, range| storage.get_partial(key, range);
-        let (key, range) = match self.locate(i, v, id, &read) {
-            // zarrs reads it, and reports what is wrong.
-            None => return Ok(()),
-            Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
-            Some(Located::InShard { chunk: InShard::Empty, .. }) => return self.check_absent(v, id),
-            Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => (key, range),
-        };
-        let fail = |message: String| LoaderError::Read {
-            variable: v.meta.name.clone(),
-            chunk: id,
-            message: format!("{}: {}: {message}", self.path.display(), origin(&key, range)),
-        };
-        let Some(bytes) = self.read_stored_bytes(&*storage, &key, range).map_err(&fail)? else {
-            return self.check_absent(v, id);
-        };
-        if v.checksummed {
-            let intact = bytes
+        let Stored::Bytes(key, range, bytes) = self.stored_bytes(i, v, id)? else { return Ok(()) };
+        let intact = || {
+            bytes
                 .split_last_chunk::<4>()
-                .is_some_and(|(body, sum)| crc32c::crc32c(body) == u32::from_le_bytes(*sum));
-            if !intact {
-                return Err(fail("cannot be decoded: CRC32C checksum mismatch".to_string()));
-            }
+                .is_some_and(|(body, sum)| crc32c::crc32c(body) == u32::from_le_bytes(*sum))
+        };
+        if v.checksummed && !intact() {
+            return Err(LoaderError::Read {
+                variable: v.meta.name.clone(),
+                chunk: id,
+                message: format!(
+                    "{}: {}: cannot be decoded: CRC32C checksum mismatch",
+                    self.path.display(),
+                    origin(&key, range)
+                ),
+            });
         }
         Ok(())
     }
