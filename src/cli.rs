@@ -215,9 +215,10 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             }
             if report.is_ok() {
                 println!(
-                    "{}: OK ({} stored chunks decoded, {:.1} MB checked against the manifest)",
+                    "{}: OK ({} chunks in {} files decoded, {:.1} MB checked against the manifest)",
                     report.path.display(),
                     report.chunks,
+                    report.files,
                     report.bytes as f64 / 1e6
                 );
                 if !report.sealed {

@@ -70,7 +70,7 @@ pub enum CubeError {
     },
     /// `verify` found damage (listed before this error).
     #[error(
-        "{path}: {problems} problems found: the cube is damaged; regenerate it, or the chunks named above"
+        "{path}: {problems} {} found: the cube is damaged; regenerate it, or the chunks named above", if *problems == 1 { "problem" } else { "problems" }
     )]
     Damaged {
         /// The cube.
@@ -78,7 +78,8 @@ pub enum CubeError {
         /// How many.
         problems: usize,
     },
-    /// The output path is taken by something cubeload did not make.
+    /// The output path is taken by something cubeload did not make, or by a cube the flags do not let it
+    /// replace or extend: the config's `output` or the flags are at fault (exit code 2).
     #[error("{path}: {message}")]
     OutputTaken {
         /// The path.

@@ -64,7 +64,8 @@ impl Error {
     #[must_use]
     pub fn is_usage(&self) -> bool {
         match self {
-            Error::Config(_) | Error::Usage(_) => true,
+            // The config's `output` (or the flags) must change: it names what cubeload will not replace.
+            Error::Config(_) | Error::Usage(_) | Error::Cube(CubeError::OutputTaken { .. }) => true,
             Error::Source(e) => e.is_usage(),
             Error::Plot(e) => e.is_usage(),
             Error::Gen(e) => e.is_usage(),

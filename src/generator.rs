@@ -19,6 +19,7 @@
 
 mod durable;
 mod lock;
+pub(crate) use lock::held as run_in_progress;
 mod shuffled;
 
 use std::collections::HashMap;
@@ -116,7 +117,10 @@ impl GenError {
     #[must_use]
     pub fn is_usage(&self) -> bool {
         match self {
-            GenError::Plan(PlanError::Config(_)) | GenError::Append { .. } | GenError::Flags { .. } => true,
+            GenError::Plan(PlanError::Config(_))
+            | GenError::Append { .. }
+            | GenError::Flags { .. }
+            | GenError::Cube(CubeError::OutputTaken { .. }) => true,
             GenError::Plan(PlanError::Source(e)) | GenError::Source(e) => e.is_usage(),
             _ => false,
         }
@@ -480,6 +484,25 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     let (Some(old_time), Some(axis)) = (&old.time, &plan.time) else {
         return Err(refuse("a cube without a time axis cannot grow along time".to_string()));
     };
+    // The configured axis must hold the cube's instants as its first steps: the same start and step first,
+    // so that an axis that changed is not reported as one that adds nothing.
+    let start = time::format_instant(axis.times[0]);
+    if start != old_time.start {
+        return Err(refuse(format!(
+            "the configured time axis does not continue the cube's: it starts at {start}, the cube at {}",
+            old_time.start
+        )));
+    }
+    let step = axis.step.map(|s| s.to_string());
+    if step != old_time.step {
+        let describe =
+            |s: &Option<String>| s.as_deref().map_or("irregular".to_string(), |s| format!("step {s}"));
+        return Err(refuse(format!(
+            "the configured time axis does not continue the cube's: it has {}, the cube {}",
+            describe(&step),
+            describe(&old_time.step)
+        )));
+    }
     if axis.len() <= old_time.steps {
         return Err(refuse(format!(
             "nothing to append: the inputs add no time step after {} ({} steps configured, {} in the cube)",
@@ -488,9 +511,8 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
             old_time.steps
         )));
     }
-    let (start, end) =
-        (time::format_instant(axis.times[0]), time::format_instant(axis.times[old_time.steps - 1]));
-    if start != old_time.start || end != old_time.end {
+    let end = time::format_instant(axis.times[old_time.steps - 1]);
+    if end != old_time.end {
         return Err(refuse(format!(
             "the configured time axis does not continue the cube's: it has {start} … {end} where the cube has \
              {} … {}",

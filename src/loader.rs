@@ -78,6 +78,21 @@ pub enum LoaderError {
         /// What failed.
         message: String,
     },
+    /// The system started fewer threads than asked (a limit on threads or memory).
+    #[error(
+        "cannot start the loader's threads ({} readers, {} fetchers asked; the system refused after {started}): \
+         {source}; ask fewer",
+        asked.0,
+        asked.1
+    )]
+    Threads {
+        /// Reader and fetch threads asked.
+        asked: (usize, usize),
+        /// Threads started before the refusal (stopped again).
+        started: usize,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// A reader thread panicked (a bug); the message is the panic's.
     #[error("a reader thread panicked: {0}")]
     Panic(String),
@@ -336,6 +351,13 @@ impl LoaderBuilder {
         if self.mix == 0 || self.prefetch == Some(0) {
             return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
         }
+        if let Some(min) = self.min_valid.filter(|m| !(0.0..=1.0).contains(m)) {
+            return Err(LoaderError::Invalid(format!("min_valid {min}: a fraction of valid values, 0 to 1")));
+        }
+        if let Some(twice) = self.variables.iter().enumerate().find(|(i, v)| self.variables[..*i].contains(v))
+        {
+            return Err(LoaderError::Invalid(format!("variable `{}` asked twice", twice.1)));
+        }
         if self.transform.regrid == Regrid::Native && self.mix > 1 {
             return Err(LoaderError::Invalid(
                 "regrid native keeps each batch one footprint: it cannot mix samples across chunks".into(),
@@ -377,6 +399,7 @@ impl LoaderBuilder {
         prefetch: usize,
     ) -> Result<Loader, LoaderError> {
         let Share { rank, world_size, worker, workers } = self.share;
+        let with_data = validity.iter().filter(|(_, f)| *f > 0.0).count();
         let eligible: Vec<ChunkId> = validity
             .into_iter()
             .filter(|(_, f)| match self.min_valid {
@@ -385,6 +408,7 @@ impl LoaderBuilder {
             })
             .map(|(id, _)| id)
             .collect();
+        let n_eligible = eligible.len();
         let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.share, self.mix);
         let digest = {
             let (names, statics) = assembler.variable_names();
@@ -395,6 +419,19 @@ impl LoaderBuilder {
                 "the resume state was saved on another cube, or with other variables or another min_valid: \
                  the batches it continues are not this loader's (digest {saved:016x}, this loader's \
                  {digest:016x})"
+            )));
+        }
+        // Options that leave a run no batch at all, where the cube has some: an error, not empty epochs.
+        if n_eligible == 0 && with_data > 0 {
+            return Err(LoaderError::Invalid(format!(
+                "min_valid {}: none of the {with_data} batches holding data has that share of valid values",
+                self.min_valid.unwrap_or(0.0)
+            )));
+        }
+        if n_eligible > 0 && n_eligible < world_size {
+            return Err(LoaderError::Invalid(format!(
+                "world size {world_size}: an epoch has {n_eligible} batches, fewer than the ranks, so every rank \
+                 would get none"
             )));
         }
         let (mut epoch, mut cursor) = self.start;
@@ -463,36 +500,16 @@ impl LoaderBuilder {
             fetch_wake: Condvar::new(),
             stop: AtomicBool::new(false),
             total_jobs,
-            ahead: prefetch.div_ceil(per_job).max(1),
+            // No further ahead than the run has jobs: the channel holds a place for each job ahead.
+            ahead: prefetch.div_ceil(per_job).clamp(1, total_jobs.max(1)),
             hint_ahead: HINT_AHEAD * self.threads,
             skip_corrupt: self.on_corrupt == OnCorrupt::Skip,
         });
         let (tx, rx) = crossbeam_channel::bounded(shared.ahead + self.threads.max(1));
-        let mut workers: Vec<JoinHandle<()>> = (0..self.threads)
-            .map(|i| {
-                let shared = shared.clone();
-                let tx = tx.clone();
-                // Named, so that a profiler or a stuck process shows whose threads these are.
-                std::thread::Builder::new()
-                    .name(format!("cubeload-reader-{i}"))
-                    .spawn(move || reader_loop(&shared, &tx))
-                    .expect("the OS starts a reader thread")
-            })
-            .collect();
-        if shared.readahead.is_some() {
-            workers.extend((0..self.fetchers).map(|i| {
-                let shared = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("cubeload-fetch-{i}"))
-                    .spawn(move || fetch_loop(&shared))
-                    .expect("the OS starts a fetch thread")
-            }));
-        }
-        drop(tx);
-        Ok(Loader {
+        let mut loader = Loader {
             shared,
             rx,
-            workers,
+            workers: Vec::with_capacity(self.threads + self.fetchers),
             pending: BTreeMap::new(),
             current: Vec::new().into_iter(),
             next_job: first_job,
@@ -501,7 +518,33 @@ impl LoaderBuilder {
             finished: false,
             corrupt: 0,
             prefetch,
-        })
+        };
+        // Named, so that a profiler or a stuck process shows whose threads these are. Where the system
+        // starts no more, the loader is dropped, which stops and joins those already started.
+        let fetchers = if loader.shared.readahead.is_some() { self.fetchers } else { 0 };
+        for i in 0..self.threads + fetchers {
+            let (shared, tx) = (loader.shared.clone(), tx.clone());
+            let started = if i < self.threads {
+                std::thread::Builder::new()
+                    .name(format!("cubeload-reader-{i}"))
+                    .spawn(move || reader_loop(&shared, &tx))
+            } else {
+                std::thread::Builder::new()
+                    .name(format!("cubeload-fetch-{}", i - self.threads))
+                    .spawn(move || fetch_loop(&shared))
+            };
+            match started {
+                Ok(handle) => loader.workers.push(handle),
+                Err(source) => {
+                    return Err(LoaderError::Threads {
+                        asked: (self.threads, fetchers),
+                        started: loader.workers.len(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(loader)
     }
 }
 

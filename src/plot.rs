@@ -231,8 +231,8 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     // The level step holding the cube's step `time` (the same step on the target's time axis).
     let q = geometry.level.map_or(1, |l| l.time_factor.max(1));
     let step = time / q;
-    let values = slice(cube, v, step, height, width)
-        .map_err(|e| PlotError::Cube(format!("{}: variable `{variable}`: {e}", cube.path().display())))?;
+    // The loader's errors name the cube, the variable and the chunk.
+    let values = slice(cube, v, step, height, width).map_err(PlotError::Cube)?;
     let fill = v.fill_value;
     let valid = |x: f64| !x.is_nan() && Some(x) != fill;
     let (lo, hi) = values
@@ -342,9 +342,11 @@ fn slice(
     let samples = (height * width) as u64;
     let coordinate = |name: &str| -> Result<Vec<f64>, String> {
         use zarrs::array::ArraySubset;
-        let a = cube.array(name).map_err(|e| format!("coordinate `{name}`: {e}"))?;
+        let error =
+            |e: &dyn std::fmt::Display| format!("{}: coordinate `{name}`: {e}", cube.path().display());
+        let a = cube.array(name).map_err(|e| error(&e))?;
         a.retrieve_array_subset::<Vec<f64>>(&ArraySubset::new_with_ranges(&[0..samples]))
-            .map_err(|e| format!("coordinate `{name}`: {e}"))
+            .map_err(|e| error(&e))
     };
     let (lat, lon) = (coordinate("lat")?, coordinate("lon")?);
     let grid = meta.grid;

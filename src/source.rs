@@ -434,7 +434,7 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
     let steps = if config.is_static {
         vec![(config.band.unwrap_or(1), None)]
     } else {
-        let times = band_times(path, &dataset)?;
+        let times = band_times(name, path, &dataset)?;
         match (times, config.band) {
             (Some(times), None) => times.into_iter().enumerate().map(|(i, t)| (i + 1, Some(t))).collect(),
             (Some(times), Some(band)) => vec![(band, Some(times[band - 1]))],
@@ -553,7 +553,7 @@ fn grib_units(band: &gdal::raster::RasterBand) -> Option<String> {
 }
 
 /// Times of all bands, when the file has a time axis: CF time in `NetCDF`, valid time in GRIB.
-fn band_times(path: &Path, dataset: &Dataset) -> Result<Option<Vec<Instant>>, SourceError> {
+fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<Instant>>, SourceError> {
     let count = dataset.raster_count();
     let band_item = |i: usize, key: &str| -> Result<Option<String>, SourceError> {
         let band = dataset.rasterband(i).map_err(|e| SourceError::gdal(path, &e))?;
@@ -576,7 +576,9 @@ fn band_times(path: &Path, dataset: &Dataset) -> Result<Option<Vec<Instant>>, So
     let dims: Vec<&str> =
         extra.trim_matches(['{', '}']).split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
     let [dim] = dims.as_slice() else {
-        return Err(SourceError::unusable(
+        return Err(SourceError::misconfigured(
+            name,
+            "band",
             path,
             format!(
                 "has {} non-spatial dimensions ({}); cubeload reads one time dimension: pick one band with \

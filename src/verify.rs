@@ -17,20 +17,26 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use zarrs::array::{Array, CodecOptions};
+use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
 
 use crate::cube::manifest::{FileRecord, Manifest};
-use crate::cube::reader::{read_f64, read_meta};
+use crate::cube::reader::Cube;
+use crate::cube::reader::read_meta;
 use crate::cube::{CubeError, CubeMeta, INDEX_GROUP, VariableMeta};
+use crate::loader::LoaderError;
+use crate::loader::assemble::{Assembler, Transform};
+use crate::loader::sampler::ChunkId;
 
 /// One thing wrong with a cube.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// The variable or array (`-` for the cube as a whole).
     pub variable: String,
-    /// Index of the stored chunk (or shard) in the array's chunk grid, when the problem is one chunk's.
-    pub chunk: Option<Vec<u64>>,
+    /// The chunk, when the problem is one chunk's: `[time, lat, lon]` chunk indices (of its level's grid
+    /// for a variable on a coarser level), as the loader names a chunk it cannot read. Problems of a whole
+    /// file (a shard, in a sharded cube) name the file and its chunks in the message.
+    pub chunk: Option<ChunkId>,
     /// What is wrong.
     pub message: String,
 }
@@ -50,8 +56,10 @@ impl std::fmt::Display for Problem {
 pub struct VerifyReport {
     /// The cube.
     pub path: PathBuf,
-    /// Stored chunks (or shards) decoded.
+    /// Chunks decoded (each checked against its checksum).
     pub chunks: usize,
+    /// Files of chunks (shards, in a sharded cube) compared with the manifest.
+    pub files: usize,
     /// Bytes of the files compared with the manifest.
     pub bytes: u64,
     /// Whether the manifest seals the files no block stored (cubes of earlier builds do not).
@@ -81,9 +89,15 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         });
     }
     let meta = read_meta(path)?;
-    let mut report =
-        VerifyReport { path: path.to_path_buf(), chunks: 0, bytes: 0, sealed: false, problems: Vec::new() };
-    let mut problem = |variable: &str, chunk: Option<Vec<u64>>, message: String| {
+    let mut report = VerifyReport {
+        path: path.to_path_buf(),
+        chunks: 0,
+        files: 0,
+        bytes: 0,
+        sealed: false,
+        problems: Vec::new(),
+    };
+    let mut problem = |variable: &str, chunk: Option<ChunkId>, message: String| {
         report.problems.push(Problem { variable: variable.to_string(), chunk, message });
     };
     if !meta.complete {
@@ -113,9 +127,12 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         FilesystemStore::new(path)
             .map_err(|e| CubeError::Zarr { path: path.to_path_buf(), message: e.to_string() })?,
     );
-    let options = CodecOptions::default();
-    let mut chunks = 0;
-    let mut bytes = 0;
+    // Chunks are decoded by the loader's own reader, so that each is checked against its checksum (zarrs
+    // does not check it when it reads part of a shard) and named as a training run would name it.
+    let cube = Cube::open_unfinished(path)
+        .map_err(|e| problem("-", None, format!("cannot be opened as the loader opens it: {e}")))
+        .ok();
+    let (mut chunks, mut stored_files, mut bytes) = (0, 0, 0);
     for v in &meta.variables {
         let array = match Array::open(store.clone(), &format!("/{}", meta.geometry(v).array_path(&v.name))) {
             Ok(array) => array,
@@ -129,24 +146,57 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
             problem(&v.name, None, format!("shape {:?}, the metadata says {:?}", array.shape(), grid.shape));
             continue;
         }
+        let reader = cube.as_ref().and_then(|cube| {
+            match Assembler::new(cube, std::slice::from_ref(&v.name), Transform::default()) {
+                Ok(reader) => {
+                    // With the validity index read, a chunk not stored although it holds values is reported
+                    // as lost. A damaged index is reported below, and the chunks are decoded without it.
+                    if meta.complete {
+                        let _ = reader.validity(cube);
+                    }
+                    Some(reader)
+                }
+                Err(e) => {
+                    problem(&v.name, None, format!("cannot be read: {e}"));
+                    None
+                }
+            }
+        });
+        let counts = meta.geometry(v).chunk_counts();
         for index in grid.indices() {
             let key = array.chunk_key(&index).as_str().to_string();
-            match files.get(key.as_str()) {
-                Some(record) => {
-                    if let Some(why) = record.check(path) {
-                        problem(&v.name, Some(index.clone()), format!("file {key}: {why}"));
+            let held = grid.chunks_in(&index, counts);
+            stored_files += 1;
+            // A file of one chunk is named by its chunk; a shard by its chunks, and its chunks are then read
+            // one by one, to name those damaged.
+            let (chunk, holding) = match &held[..] {
+                [one] => (Some(*one), String::new()),
+                [first, .., last] => (None, format!(" (holding chunks {first:?} to {last:?})")),
+                [] => (None, String::new()),
+            };
+            match files.get(key.as_str()).map(|record| (record, record.check(path))) {
+                Some((_, Some(why))) => {
+                    problem(&v.name, chunk, format!("file {key}{holding}: {why}"));
+                    if chunk.is_some() || !path.join(&key).exists() {
                         continue;
                     }
-                    bytes += record.len.unwrap_or(0);
                 }
+                Some((record, None)) => bytes += record.len.unwrap_or(0),
                 None if manifest.header.is_some() => {
-                    problem(&v.name, Some(index.clone()), format!("file {key}: not in the manifest"));
+                    problem(&v.name, chunk, format!("file {key}{holding}: not in the manifest"));
                 }
                 None => {}
             }
-            chunks += 1;
-            if let Err(e) = read_f64(&array, v.dtype, &grid.subset(&index), &options) {
-                problem(&v.name, Some(index), format!("file {key}: cannot be decoded: {e}"));
+            let Some(reader) = &reader else { continue };
+            for id in held {
+                chunks += 1;
+                if let Err(e) = reader.decode_stored(0, id) {
+                    let message = match e {
+                        LoaderError::Read { message, .. } => message,
+                        other => other.to_string(),
+                    };
+                    problem(&v.name, Some(id), message);
+                }
             }
         }
     }
@@ -216,6 +266,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         }
     }
     report.chunks = chunks;
+    report.files = stored_files;
     report.bytes = bytes + sealed_bytes;
     report.sealed = manifest.sealed.is_some();
     Ok(report)
@@ -235,6 +286,10 @@ fn node_of(key: &str) -> &str {
 struct StoredGrid {
     shape: Vec<u64>,
     outer: Vec<u64>,
+    /// Chunks per stored chunk along the sharded axis (x, or samples in a shuffled cube).
+    shard: usize,
+    shuffled: bool,
+    is_static: bool,
 }
 
 impl StoredGrid {
@@ -250,7 +305,21 @@ impl StoredGrid {
             (false, true) => (vec![py, px], vec![cy, cx * shard]),
             (false, false) => (vec![pt, py, px], vec![ct, cy, cx * shard]),
         };
-        StoredGrid { shape, outer }
+        StoredGrid { shape, outer, shard: shard as usize, shuffled: l.shuffled.is_some(), is_static }
+    }
+
+    /// The chunks, as the loader names them, of the stored chunk (shard) at `index`, given the variable's
+    /// chunk counts `[time, lat, lon]` (batches along lat in a shuffled cube).
+    fn chunks_in(&self, index: &[u64], [_, rows, cols]: [usize; 3]) -> Vec<ChunkId> {
+        let index: Vec<usize> = index.iter().map(|&i| i as usize).collect();
+        let along = |s: usize, n: usize| s * self.shard..((s + 1) * self.shard).min(n);
+        match (self.shuffled, self.is_static, &index[..]) {
+            (true, true, &[sb]) => along(sb, rows).map(|b| [0, b, 0]).collect(),
+            (true, false, &[sb, t]) => along(sb, rows).map(|b| [t, b, 0]).collect(),
+            (false, true, &[y, sx]) => along(sx, cols).map(|x| [0, y, x]).collect(),
+            (false, false, &[t, y, sx]) => along(sx, cols).map(|x| [t, y, x]).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Indices of every stored chunk, in row-major order.
@@ -264,14 +333,5 @@ impl StoredGrid {
                 .collect();
         }
         all
-    }
-
-    /// The array region of the stored chunk at `index`.
-    fn subset(&self, index: &[u64]) -> Vec<Range<u64>> {
-        index
-            .iter()
-            .zip(self.outer.iter().zip(&self.shape))
-            .map(|(&i, (&c, &n))| i * c..((i + 1) * c).min(n))
-            .collect()
     }
 }

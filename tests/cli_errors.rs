@@ -252,10 +252,6 @@ fn unusable_sources_exit_1_and_name_the_file() {
         ),
         (config(&format!("  a: {{ path: {} }}\n", garbage.display())), vec!["garbage.nc".into()]),
         (
-            config(&format!("  z: {{ path: {}, variable: z }}\n", eraint.display())),
-            vec!["eraint_uvz.nc".into(), "non-spatial dimensions".into()],
-        ),
-        (
             config(&format!("  b: {{ path: {}, variable: blue }}\n", l3b.display())),
             vec!["L3B_S2B".into(), "crs".into()],
         ),
@@ -285,6 +281,10 @@ fn unusable_sources_exit_1_and_name_the_file() {
         (
             config(&format!("  rgb: {{ path: {}, band: 4, static: true }}\n", rgb.display())),
             vec!["variables.rgb.band", "RGB.byte.tif", "band 4"],
+        ),
+        (
+            config(&format!("  z: {{ path: {}, variable: z }}\n", eraint.display())),
+            vec!["variables.z.band", "eraint_uvz.nc", "non-spatial dimensions"],
         ),
     ];
     for (text, parts) in cases {
@@ -316,7 +316,7 @@ fn existing_outputs_are_never_modified() {
     // A file, a directory that is not a cube, and a cube without --overwrite.
     std::fs::write(dir.path().join("cube.zarr"), b"precious").unwrap();
     let (code, stderr) = gen_err(dir.path(), &text);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "the config's output is at fault");
     assert_mentions(&stderr, &["cube.zarr", "not a directory"]);
     assert_eq!(std::fs::read(dir.path().join("cube.zarr")).unwrap(), b"precious");
     std::fs::remove_file(dir.path().join("cube.zarr")).unwrap();
@@ -326,7 +326,7 @@ fn existing_outputs_are_never_modified() {
     let path = dir.path().join("cube.yaml");
     std::fs::write(&path, &text).unwrap();
     let out = cubeload(dir.path(), &["gen", "-c", path.to_str().unwrap(), "--overwrite"]);
-    assert_eq!(out.status.code(), Some(1), "--overwrite never replaces what is not a cube");
+    assert_eq!(out.status.code(), Some(2), "--overwrite never replaces what is not a cube");
     assert_mentions(&String::from_utf8_lossy(&out.stderr), &["not a cubeload cube"]);
     assert_eq!(std::fs::read(dir.path().join("cube.zarr/notes.txt")).unwrap(), b"mine");
     std::fs::remove_dir_all(dir.path().join("cube.zarr")).unwrap();
@@ -334,7 +334,7 @@ fn existing_outputs_are_never_modified() {
     let cube = gen_ok(dir.path(), &text);
     let before = snapshot(&cube);
     let (code, stderr) = gen_err(dir.path(), &text);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "the flags are at fault");
     assert_mentions(&stderr, &["--overwrite"]);
     assert_eq!(snapshot(&cube), before, "the existing cube is untouched");
 }

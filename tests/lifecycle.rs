@@ -205,6 +205,39 @@ fn three_day_cube(dir: &Path) {
     run_gen(dir, &["-c", config.to_str().unwrap()]);
 }
 
+/// The inner chunk of the shard file at `key` (its index at the end: offset and length of each chunk, then
+/// the index's CRC32C) whose bytes hold byte `at`, as the loader names it (`[time, lat, lon]`): the index
+/// read by hand, as a reference for what `verify` names.
+fn chunk_holding(cube: &Path, key: &str, at: u64) -> String {
+    let bytes = std::fs::read(cube.join(key)).unwrap();
+    let array = key.split("/c/").next().unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cube.join(array).join("zarr.json")).unwrap()).unwrap();
+    let sharding = &meta["codecs"][0]["configuration"];
+    assert_eq!(meta["codecs"][0]["name"], "sharding_indexed", "{meta}");
+    assert_eq!(sharding["index_location"].as_str().unwrap_or("end"), "end");
+    let inner: Vec<u64> =
+        sharding["chunk_shape"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    let outer: Vec<u64> = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    let per_shard = outer.last().unwrap() / inner.last().unwrap();
+    let index = &bytes[bytes.len() - 16 * per_shard as usize - 4..bytes.len() - 4];
+    let word = |i: usize| u64::from_le_bytes(index[8 * i..8 * i + 8].try_into().unwrap());
+    let k = (0..per_shard as usize)
+        .find(|&k| (word(2 * k)..word(2 * k) + word(2 * k + 1)).contains(&at))
+        .expect("a chunk holds the byte");
+    let mut id: Vec<u64> = key.rsplit("/c/").next().unwrap().split('/').map(|i| i.parse().unwrap()).collect();
+    *id.last_mut().unwrap() = id.last().unwrap() * per_shard + k as u64;
+    if id.len() == 2 {
+        id.insert(0, 0); // a static variable's chunks are named at time chunk 0
+    }
+    format!("{id:?}")
+}
+
 #[test]
 fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -215,8 +248,10 @@ fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
     assert!(String::from_utf8_lossy(&ok.stdout).contains(": OK ("));
 
+    // The cube is sharded: each file holds several chunks, and the damaged one is named, not the shard.
     let flipped = a_stored_file(&cube, "t2m");
     flip_byte(&cube.join(&flipped), 100);
+    let damaged = chunk_holding(&cube, &flipped, 100);
     let truncated = a_stored_file(&cube, "ndvi");
     let bytes = std::fs::read(cube.join(&truncated)).unwrap();
     std::fs::write(cube.join(&truncated), &bytes[..bytes.len() / 2]).unwrap();
@@ -226,28 +261,42 @@ fn verify_names_the_variable_and_chunk_of_each_damaged_file() {
     let out = cubeload(dir, &["verify", "cube.zarr"]);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line =
-        |key: &str| stdout.lines().find(|l| l.contains(key)).unwrap_or_else(|| panic!("{key}: {stdout}"));
-    let chunk = |key: &str| key.rsplit("/c/").next().unwrap().replace('/', ", ");
+    let lines = |var: &str| -> Vec<&str> {
+        stdout.lines().filter(|l| l.starts_with(&format!("variable `{var}`"))).collect()
+    };
+    // Each damaged file once, naming it, the chunks it holds and what is wrong with it.
     for (var, key, why) in [
         ("t2m", &flipped, "checksum mismatch"),
         ("ndvi", &truncated, "truncated"),
         ("landcover", &removed, "missing"),
     ] {
-        let l = line(key);
-        assert!(l.starts_with(&format!("variable `{var}`, chunk [{}]", chunk(key))), "{l}");
-        assert!(l.contains(why), "{l}");
+        let file: Vec<&str> =
+            lines(var).into_iter().filter(|l| l.contains(&format!("file {key} (holding chunks"))).collect();
+        assert!(file.len() == 1 && file[0].contains(why), "{var}: {stdout}");
     }
-    assert_eq!(stdout.lines().count(), 3, "exactly the three damaged files: {stdout}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("3 problems found"));
+    // The flipped byte's chunk, by its index, and no other chunk of that shard.
+    let chunks: Vec<&str> = lines("t2m").into_iter().filter(|l| l.contains(", chunk [")).collect();
+    assert_eq!(chunks.len(), 1, "{stdout}");
+    assert!(chunks[0].starts_with(&format!("variable `t2m`, chunk {damaged}: ")), "{stdout}");
+    assert!(chunks[0].contains("checksum mismatch") && chunks[0].contains(&flipped), "{stdout}");
+    // The cut file's chunks cannot be read; the lost file is one problem, not one per chunk.
+    assert!(lines("ndvi").len() >= 2, "{stdout}");
+    assert_eq!(lines("landcover").len(), 1, "{stdout}");
+    let problems = stdout.lines().count();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("{problems} problems found")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    // The same flipped bit is caught by the chunk's own crc32c codec, with no manifest at all.
+    // The same flipped bit is caught by the chunk's own checksum, with no manifest at all.
     std::fs::remove_file(cube.join("cubeload_manifest.jsonl")).unwrap();
     let out = cubeload(dir, &["verify", "cube.zarr"]);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let decoded = stdout.lines().find(|l| l.contains(&flipped)).unwrap_or_else(|| panic!("{stdout}"));
-    assert!(decoded.contains("cannot be decoded") && decoded.contains("checksum"), "{stdout}");
+    assert!(decoded.starts_with(&format!("variable `t2m`, chunk {damaged}: ")), "{stdout}");
+    assert!(decoded.contains("checksum mismatch"), "{stdout}");
 }
 
 #[test]
@@ -339,6 +388,19 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to append"));
+    // A changed step or start: refused as such, not as an axis that adds nothing.
+    let original = std::fs::read_to_string(&seven_days).unwrap();
+    for (from, to, says) in [
+        ("step: 1h", "step: 2h", "it has step 2h, the cube step 1h"),
+        ("start: 2024-06-01T00", "start: 2024-06-02T00", "it starts at 2024-06-02T00:00:00Z"),
+    ] {
+        std::fs::write(&seven_days, original.replace(from, to).replace("06-07T23", "06-09T23")).unwrap();
+        let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("does not continue the cube's") && stderr.contains(says), "{stderr}");
+    }
+    std::fs::write(&seven_days, original).unwrap();
     // A changed encoding: refused.
     let text = std::fs::read_to_string(&seven_days).unwrap().replace("level: 3", "level: 9");
     std::fs::write(&seven_days, text.replace("06-07T23", "06-08T23")).unwrap();

@@ -755,6 +755,44 @@ fn dropping_mid_epoch_stops_the_readers() {
 }
 
 #[test]
+fn options_that_leave_no_batch_or_make_no_sense_are_refused() {
+    let cube = &cubes().pixel;
+    let refused = |builder: LoaderBuilder, says: &str| {
+        let err = builder.build().map(|_| ()).unwrap_err();
+        assert!(matches!(err, LoaderError::Invalid(_)) && err.to_string().contains(says), "{err}");
+    };
+    for fraction in [f64::NAN, 2.0, -0.1] {
+        refused(Loader::builder(cube).min_valid(fraction), "a fraction of valid values, 0 to 1");
+    }
+    refused(Loader::builder(cube).variables(["t2m", "ndvi", "t2m"]), "variable `t2m` asked twice");
+    // The demo's NDVI has cloud gaps in every batch: no batch is wholly valid.
+    let batches = Loader::builder(cube).build().unwrap().batches_per_epoch();
+    refused(Loader::builder(cube).min_valid(1.0), &format!("none of the {batches} batches holding data"));
+    // More ranks than batches would give each none; as many ranks as batches give each one.
+    refused(Loader::builder(cube).shard(0, batches + 1), &format!("an epoch has {batches} batches"));
+    for rank in [0, batches - 1] {
+        assert_eq!(collect(Loader::builder(cube).shard(rank, batches).build().unwrap()).len(), 1);
+    }
+    // A prefetch depth past the whole run reads ahead as far as the run goes, without room for the rest.
+    assert_eq!(collect(Loader::builder(cube).prefetch(1 << 40).build().unwrap()).len(), batches);
+}
+
+#[test]
+fn a_damaged_validity_index_is_an_error_not_fewer_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    // Zeros over the first fractions of t2m's index: read as they are, those batches would leave every epoch.
+    let index = copy.join("cubeload_index/t2m/c/0/0/0");
+    let mut bytes = std::fs::read(&index).unwrap();
+    bytes[..16].fill(0);
+    std::fs::write(&index, bytes).unwrap();
+    let err = Loader::builder(&copy).build().map(|_| ()).unwrap_err();
+    assert!(matches!(err, LoaderError::Read { .. }), "{err}");
+    assert!(err.to_string().contains("cubeload_index/t2m") && err.to_string().contains("checksum"), "{err}");
+}
+
+#[test]
 fn errors_name_the_variable_and_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("copy.zarr");

@@ -265,7 +265,7 @@ fn gen_writes_to_s3_and_readers_read_it_back() {
 
     // An existing cube is replaced only with --overwrite.
     let again = server.cubeload(dir, &["gen", "-c", remote.to_str().unwrap()]);
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
     ok(&server.cubeload(dir, &["gen", "--overwrite", "-c", remote.to_str().unwrap()]));
     assert_eq!(info("s3://cubes/eo/demo.zarr")["variables"], l["variables"]);
@@ -333,7 +333,7 @@ fn an_overwrite_replaces_only_a_cubeload_cube_and_removes_the_objects_it_leaves(
     server.request("PUT", "/cubes/eo/demo.zarr/notes/readme.txt", b"the team's notes");
     let refused = gen_(&server, dir, &["--overwrite"], &all);
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(url) && stderr.contains("notes/readme.txt"), "{stderr}");
     assert_eq!(upload_copies(dir), Vec::<String>::new());
     assert_eq!(variables(&server, dir, url), serde_json::json!(["t2m", "ndvi"]));
@@ -346,7 +346,7 @@ fn an_overwrite_replaces_only_a_cubeload_cube_and_removes_the_objects_it_leaves(
     for args in [&[][..], &["--overwrite"]] {
         let refused = gen_(&server, dir, args, &left);
         let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert_eq!(refused.status.code(), Some(1), "{stderr}");
+        assert_eq!(refused.status.code(), Some(2), "{stderr}");
         assert!(
             stderr.contains("t2m/c/99/0/0") && stderr.contains("cubeload replaces only its own"),
             "{stderr}"
@@ -366,7 +366,7 @@ fn an_overwrite_replaces_only_a_cubeload_cube_and_removes_the_objects_it_leaves(
         .unwrap();
     let refused = gen_(&server, dir, &["--overwrite"], &plain);
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("s3://cubes/plain.zarr") && stderr.contains("cubeload did not make"), "{stderr}");
     assert_eq!(server.keys("plain.zarr/"), ["plain.zarr/data/c/0", "plain.zarr/zarr.json"]);
     assert_eq!(upload_copies(dir), Vec::<String>::new());
@@ -389,7 +389,7 @@ fn a_zarr_v2_store_is_refused_before_a_cube_is_made_and_left_whole() {
     for args in [&[][..], &["--overwrite"]] {
         let refused = gen_(&server, dir, args, &all);
         let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert_eq!(refused.status.code(), Some(1), "{stderr}");
+        assert_eq!(refused.status.code(), Some(2), "{stderr}");
         assert!(
             stderr.contains("s3://cubes/v2.zarr")
                 && stderr.contains("7 objects")
@@ -447,7 +447,7 @@ fn a_replacement_that_failed_is_finished_by_the_next_run() {
     server.accept_all();
     let refused = gen_(&server, dir, &[], &fewer);
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("did not finish") && stderr.contains("--overwrite"), "{stderr}");
     let stdout = ok(&gen_(&server, dir, &[], &all));
     assert!(stdout.contains("wrote s3://cubes/k.zarr"), "{stdout}");

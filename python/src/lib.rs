@@ -65,6 +65,8 @@ struct Loader {
     inner: ManuallyDrop<cubeload::Loader>,
     /// Epochs asked, kept in `state()` so that a resume runs as many.
     epochs: usize,
+    /// `min_valid` asked, kept in `state()` so that a resume chooses the same batches.
+    min_valid: Option<f64>,
     /// The process that built it: after a `fork`, the child has none of its threads.
     pid: u32,
     variables: Vec<String>,
@@ -178,6 +180,16 @@ impl Loader {
             (Some(given), _) => Some(given),
             (None, kept) => kept.map(|k| k.extract()).transpose()?,
         };
+        // `min_valid` too chooses the batches: a state carries it (states of earlier versions do not).
+        let min_valid = match (min_valid, resumed("min_valid")?) {
+            (Some(given), _) => Some(given),
+            (None, kept) => kept.map(|k| k.extract::<Option<f64>>()).transpose()?.flatten(),
+        };
+        if variables.as_ref().is_some_and(Vec::is_empty) {
+            return Err(PyValueError::new_err(
+                "variables=[] asks for no variable: pass None for all of them",
+            ));
+        }
         let saved = state.map(state_from_dict).transpose()?;
         let (shuffle, seed, rank, world_size, worker, workers, mix) = match &saved {
             Some(s) => (
@@ -242,6 +254,7 @@ impl Loader {
         Ok(Loader {
             inner: ManuallyDrop::new(inner),
             epochs,
+            min_valid,
             pid: std::process::id(),
             variables,
             static_variables,
@@ -284,6 +297,7 @@ impl Loader {
         dict.set_item("mix", s.mix)?;
         dict.set_item("digest", s.digest)?;
         dict.set_item("epochs", self.epochs)?;
+        dict.set_item("min_valid", self.min_valid)?;
         dict.set_item("variables", self.variables.iter().chain(&self.static_variables).collect::<Vec<_>>())?;
         Ok(dict)
     }

@@ -138,6 +138,16 @@ def test_a_state_resumes_its_runs_epochs_and_variables(pixel_cube):
         cubeload.Loader(pixel_cube, epochs=1, state=state)
 
 
+def test_a_state_resumes_with_its_runs_min_valid(pixel_cube):
+    full = fingerprint(cubeload.Loader(pixel_cube, seed=4, min_valid=0.5))
+    first = cubeload.Loader(pixel_cube, seed=4, min_valid=0.5)
+    assert first.batches_per_epoch < cubeload.Loader(pixel_cube).batches_per_epoch, "0.5 leaves some out"
+    head = [next(first) for _ in range(2)]
+    state = json.loads(json.dumps(first.state()))
+    assert state["min_valid"] == 0.5
+    assert fingerprint(head) + fingerprint(cubeload.Loader(pixel_cube, state=state)) == full
+
+
 def test_a_state_is_refused_where_it_would_resume_other_batches(pixel_cube, image_cube):
     first = cubeload.Loader(pixel_cube, seed=4, epochs=2)
     [next(first) for _ in range(3)]
@@ -367,6 +377,16 @@ def test_errors_are_python_exceptions(pixel_cube, tmp_path):
         cubeload.Loader(pixel_cube, ["t2m", "precip"])
     with pytest.raises(ValueError, match="rank"):
         cubeload.Loader(pixel_cube, rank=2, world_size=2)
+    # Options that would deliver nothing, or the same variable twice, silently.
+    for options, says in (
+        (dict(variables=[]), "asks for no variable"),
+        (dict(variables=["t2m", "t2m"]), "asked twice"),
+        (dict(min_valid=float("nan")), "0 to 1"),
+        (dict(min_valid=2.0), "0 to 1"),
+        (dict(world_size=1000), "fewer than the ranks"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            cubeload.Loader(pixel_cube, **options)
     copy = tmp_path / "copy.zarr"
     shutil.copytree(pixel_cube, copy)
     for chunk in (copy / "ndvi" / "c").rglob("*"):
@@ -375,6 +395,32 @@ def test_errors_are_python_exceptions(pixel_cube, tmp_path):
     with pytest.raises(cubeload.CorruptChunkError, match="ndvi"):
         next(cubeload.Loader(copy))
     assert issubclass(cubeload.CorruptChunkError, cubeload.CubeloadError)
+
+
+THREADS_REFUSED_SCRIPT = """
+import os, resource, sys, cubeload
+threads = lambda: len(os.listdir("/proc/self/task"))
+# A loader built and dropped first: the threads of the process's pools that outlive loaders are counted.
+next(cubeload.Loader(sys.argv[1], threads=2))
+before = threads()
+# Address space for a few hundred more thread stacks, not ten thousand.
+with open("/proc/self/status") as status:
+    size = next(int(l.split()[1]) for l in status if l.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))
+try:
+    cubeload.Loader(sys.argv[1], threads=10_000)
+except cubeload.CubeloadError as e:
+    assert "cannot start the loader's threads" in str(e), e
+    assert threads() == before, (before, threads())
+    print("ok")
+"""
+
+
+def test_threads_the_system_will_not_start_are_an_error_and_leave_none_running(pixel_cube):
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS_REFUSED_SCRIPT, str(pixel_cube)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_a_flipped_byte_raises_or_is_skipped_and_counted(pixel_cube, tmp_path):

@@ -107,7 +107,11 @@ fn read_root(
             Location::Local(path) => {
                 let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
                 let staging = path.with_file_name(format!(".{name}.cubeload-partial"));
-                if staging.exists() {
+                if crate::generator::run_in_progress(path) {
+                    "no cube here yet: a run of `cubeload gen` is generating it now; it appears here when \
+                     that run completes"
+                        .to_string()
+                } else if staging.exists() {
                     format!(
                         "no cube here yet: its generation was interrupted (the finished part is kept in {}); \
                          run the same `cubeload gen -c CONFIG` again to resume it",
@@ -163,7 +167,15 @@ impl Cube {
         let location = Location::parse(path.as_ref());
         let store = location.readable()?;
         let slow = matches!(location, Location::S3 { .. });
-        Cube::open_with(&location, store, slow)
+        Cube::open_with(&location, store, slow, true)
+    }
+
+    /// Opens the cube at `path` (a directory) whether or not its generation finished: `verify` reads the
+    /// chunks of an interrupted generation as the loader would read them.
+    pub(crate) fn open_unfinished(path: &Path) -> Result<Cube, CubeError> {
+        let location = Location::Local(path.to_path_buf());
+        let store = location.readable()?;
+        Cube::open_with(&location, store, false, false)
     }
 
     /// Opens the cube at `location` through `store` (e.g. a store wrapped to measure or to add latency),
@@ -172,16 +184,21 @@ impl Cube {
     /// # Errors
     /// As [`Cube::open`].
     pub fn open_store(location: &Location, store: ReadableStorage) -> Result<Cube, CubeError> {
-        Cube::open_with(location, store, true)
+        Cube::open_with(location, store, true, true)
     }
 
-    fn open_with(location: &Location, store: ReadableStorage, slow: bool) -> Result<Cube, CubeError> {
+    fn open_with(
+        location: &Location,
+        store: ReadableStorage,
+        slow: bool,
+        complete: bool,
+    ) -> Result<Cube, CubeError> {
         let (meta, mut arrays) = read_root(&store, location)?;
         if !slow {
             arrays.clear();
         }
         let path = location.display_path();
-        if !meta.complete {
+        if complete && !meta.complete {
             return Err(CubeError::Incomplete { path });
         }
         Ok(Cube { path, location: location.clone(), store, meta, slow, arrays })

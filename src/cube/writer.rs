@@ -585,6 +585,8 @@ impl CubeWriter {
             };
             let mut builder = ArrayBuilder::new(shape.clone(), shape, data_type::float32(), f32::NAN);
             builder.dimension_names(Some(dims));
+            // Checksummed as the chunks are: a damaged index would leave batches out of every epoch unseen.
+            builder.bytes_to_bytes_codecs(vec![Arc::new(Crc32cCodec::new())]);
             let array = builder
                 .build(self.store.clone(), &format!("/{INDEX_GROUP}/{}", v.name))
                 .map_err(|e| zarr_err(&self.path, e))?;

@@ -61,6 +61,22 @@ impl RunLock {
     }
 }
 
+/// Whether a run of `gen` holds the lock on `output`'s runs now, read from the kernel's table of locks
+/// (`/proc/locks`) rather than by trying the lock, which would turn away a run starting at that moment.
+/// False where that table cannot be read.
+#[must_use]
+pub(crate) fn held(output: &Path) -> bool {
+    let Ok(lock) = std::fs::metadata(sibling(output, "cubeload-lock")) else { return false };
+    let Ok(table) = std::fs::read_to_string("/proc/locks") else { return false };
+    let (major, minor) = (libc::major(lock.dev()), libc::minor(lock.dev()));
+    let file = format!("{major:02x}:{minor:02x}:{}", lock.ino());
+    // `1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF`: the file is the sixth field.
+    table.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&file.as_str())
+    })
+}
+
 /// Tries at locking the file at the lock's path before giving up.
 const ATTEMPTS: usize = 16;
 
@@ -102,6 +118,25 @@ mod tests {
         drop(b);
         assert!(!lock_file.exists());
         drop(RunLock::acquire(&output, false).unwrap());
+    }
+
+    #[test]
+    fn a_held_lock_is_seen_in_the_kernels_table_without_taking_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("cube.zarr");
+        assert!(!held(&output), "no lock file");
+        for shared in [false, true] {
+            let lock = RunLock::acquire(&output, shared).unwrap();
+            assert!(held(&output), "held (shared: {shared})");
+            // Seeing it did not take it: a run may still start beside a part.
+            if shared {
+                drop(RunLock::acquire(&output, true).unwrap());
+            }
+            drop(lock);
+        }
+        // A lock file left behind, held by no one.
+        std::fs::write(dir.path().join(".cube.zarr.cubeload-lock"), b"").unwrap();
+        assert!(!held(&output));
     }
 
     #[test]
