@@ -462,8 +462,11 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     latencies.sort_by(f64::total_cmp);
     // Stored bytes of the batches read: the arrays' files, times the share of chunks read (those delivered,
     // and those read ahead of a measurement that stops before the end of the epoch).
-    let stored: u64 =
-        meta.variables.iter().map(|v| dir_bytes(&cube_path.join(meta.geometry(v).array_path(&v.name)))).sum();
+    let stored: u64 = meta
+        .variables
+        .iter()
+        .map(|v| crate::store::dir_bytes(&cube_path.join(meta.geometry(v).array_path(&v.name))))
+        .sum();
     let read_amplification =
         read_during.map(|r| r as f64 / (stored as f64 * epoch_batches_read as f64 / batches_in_cube as f64));
 
@@ -690,19 +693,6 @@ fn written_bytes(batch: &crate::Batch) -> usize {
 fn read_every_value(batch: crate::Batch) {
     std::hint::black_box(batch.data.iter().sum::<f32>());
     batch.recycle();
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .filter_map(Result::ok)
-            .map(
-                |e| {
-                    if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }
-                },
-            )
-            .sum()
-    })
 }
 
 /// One pass of the ceiling: every `(variable, chunk)` of `work` read and decoded as the loader reads them,

@@ -653,6 +653,8 @@ impl Config {
     /// # Errors
     /// As [`Config::from_path`], without the read error.
     pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        // A byte-order mark (editors on Windows write one) is not YAML: the first key would read as another.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut config: Config = serde_yaml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })?;
         let xcube = config.apply_xcube_aliases()?;
@@ -694,6 +696,10 @@ impl Config {
 
     /// Checks what the file alone can tell; each error names its key.
     fn validate(&self) -> Result<(), ConfigError> {
+        // `output: ~` is YAML's null, read as a path named `~`; `output: ""` names nothing.
+        if self.output.as_os_str().is_empty() || self.output == Path::new("~") {
+            return Err(ConfigError::invalid("output", "the cube's path (or s3:// URL) is missing"));
+        }
         let grid = self.grid.as_ref().ok_or_else(|| ConfigError::invalid("grid", "missing"))?;
         if !grid.crs.eq_ignore_ascii_case("EPSG:4326") {
             return Err(ConfigError::invalid(

@@ -285,7 +285,7 @@ fn generate_locked(
     if options.append {
         check_append(plan, &output)?;
     }
-    let staging = sibling(&output, "cubeload-partial");
+    let staging = staging_dir(&output);
     let fingerprint = fingerprint(plan);
     prepare_staging(&output, &staging, &fingerprint, options)?;
     let run = Run { options, fingerprint, reuse_from: options.append.then_some(output.as_path()), progress };
@@ -427,6 +427,28 @@ fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
     }
     if !is_cubeload_cube(output) {
         return Err(taken("exists and is not a cubeload cube: cubeload will not replace it"));
+    }
+    // Replacing or extending the cube replaces its directory: files of the user's put in it would go too.
+    let nodes = std::fs::read(output.join("zarr.json")).ok().and_then(|root| crate::store::cube_nodes(&root));
+    let io = |source| CubeError::Io { path: output.to_path_buf(), source };
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(output).map_err(io)? {
+        let name = entry.map_err(io)?.file_name().to_string_lossy().to_string();
+        let ours = name == "zarr.json"
+            || name == crate::cube::manifest::MANIFEST_FILE
+            || crate::cube::manifest::is_leftover(&name)
+            || nodes.as_ref().is_some_and(|nodes| nodes.contains(&name));
+        if !ours {
+            foreign.push(name);
+        }
+    }
+    foreign.sort();
+    if let Some(first) = foreign.first() {
+        return Err(taken(&format!(
+            "is a cube with {} entries that are not the cube's (such as {first}): a new cube would replace \
+             them with the rest; move them out of it first",
+            foreign.len()
+        )));
     }
     if !options.overwrite && !options.append {
         return Err(taken(
@@ -573,6 +595,16 @@ fn prepare_staging(
     }
 }
 
+/// Where the runs of `output` build it (kept between runs, so that an interrupted run is resumed).
+pub(crate) fn staging_dir(output: &Path) -> PathBuf {
+    sibling(output, "cubeload-partial")
+}
+
+/// Where a replaced cube is kept while the new one takes its place.
+pub(crate) fn previous_dir(output: &Path) -> PathBuf {
+    sibling(output, "cubeload-old")
+}
+
 /// `dir/.name.suffix` beside `path`.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let name = path.file_name().map_or_else(|| "cube".into(), |n| n.to_string_lossy().to_string());
@@ -586,7 +618,7 @@ fn remove_dir(path: &Path) -> Result<(), CubeError> {
 /// A run stopped between the two renames of [`swap_into_place`] leaves the previous cube hidden beside an
 /// empty output path: it is put back first, and the run goes on as if that one had not started its swap.
 fn restore_previous(output: &Path) -> Result<(), CubeError> {
-    let old = sibling(output, "cubeload-old");
+    let old = previous_dir(output);
     if !output.exists() && crate::Cube::open(&old).is_ok() {
         std::fs::rename(&old, output)
             .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
@@ -601,7 +633,7 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
     };
     if output.exists() {
         // Only reached with --overwrite or --append on a cubeload cube (checked before any work).
-        let old = sibling(output, "cubeload-old");
+        let old = previous_dir(output);
         if old.exists() {
             remove_dir(&old)?;
         }

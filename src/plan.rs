@@ -180,7 +180,10 @@ impl Plan {
                 integer_dtype(source.data_type).ok_or_else(|| {
                     ConfigError::invalid(
                         format!("variables.{name}.kind"),
-                        format!("categorical needs integer data, the source holds {:?}", source.data_type),
+                        format!(
+                            "categorical needs integer data, the source holds {}",
+                            source.data_type.name()
+                        ),
                     )
                 })?
             } else {
@@ -662,7 +665,9 @@ fn check_machine(
             ),
         ));
     }
-    let Some((dir, free)) = free_space(&config.output) else { return Ok(()) };
+    let Some((dir, mut free)) = free_space(&config.output) else { return Ok(()) };
+    // What an interrupted run left is either reused or discarded (`--overwrite`): space the cube may use.
+    free += crate::store::dir_bytes(&crate::generator::staging_dir(&config.output));
     if estimate.min_disk_bytes > free {
         let gkey = grid_key(config);
         let shuffled = if estimate.scratch_bytes > 0 {

@@ -261,11 +261,16 @@ impl Source {
         }
         let BandInfo { data_type, nodata, missing_value, scale, offset, units } =
             first.expect("at least one file");
-        let has_time = steps.iter().any(|s| s.time.is_some());
-        if has_time && steps.iter().any(|s| s.time.is_none()) {
+        // Named by a file without a time (one not dated by its name, in a series of dated files).
+        if steps.iter().any(|s| s.time.is_some())
+            && let Some(untimed) = steps.iter().find(|s| s.time.is_none())
+        {
             return Err(SourceError::unusable(
-                &paths[0],
-                format!("some files of variable `{name}` have a time axis and others do not"),
+                &files[untimed.file].path,
+                format!(
+                    "has no time (no time axis, no date in its name) while other files of variable `{name}` \
+                     have one: remove it from the series, or date it"
+                ),
             ));
         }
         Ok(Source { files, provenance, steps, data_type, nodata, missing_value, scale, offset, units, notes })
@@ -432,7 +437,22 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
     };
 
     let steps = if config.is_static {
-        vec![(config.band.unwrap_or(1), None)]
+        // A static variable is one band: the first of several would be taken for the whole map silently.
+        match (config.band, count) {
+            (Some(band), _) => vec![(band, None)],
+            (None, 1) => vec![(1, None)],
+            (None, n) => {
+                return Err(SourceError::misconfigured(
+                    name,
+                    "band",
+                    path,
+                    format!(
+                        "has {n} bands (time steps, levels or channels) and a static variable is one map: \
+                         choose its band with `band:`"
+                    ),
+                ));
+            }
+        }
     } else {
         let times = band_times(name, path, &dataset)?;
         match (times, config.band) {
@@ -449,7 +469,8 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
                             path,
                             format!(
                                 "has {n} bands and no time axis (no CF time, no GRIB valid time); \
-                                 choose one with `band:` or mark the variable `static: true`"
+                                 choose one with `band:` (and mark the variable `static: true` if it is a map \
+                                 without time)"
                             ),
                         ));
                     }
@@ -458,7 +479,7 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
             }
         }
     };
-    let (georef, note) = georeference(path, &dataset, config.crs.as_deref())?;
+    let (georef, note) = georeference(name, path, &dataset, config.crs.as_deref())?;
     let mut view = FileView {
         path: path.to_path_buf(),
         gdal_name,
@@ -582,7 +603,7 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
             path,
             format!(
                 "has {} non-spatial dimensions ({}); cubeload reads one time dimension: pick one band with \
-                 `band:` and `static: true`",
+                 `band:` (and `static: true` for a map without time)",
                 dims.len(),
                 dims.join(", ")
             ),
@@ -595,7 +616,7 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
             path,
             format!(
                 "dimension `{dim}` is not a CF time axis (units `{units}`: {e}); \
-                 mark the variable `static: true` and pick a band with `band:`"
+                 for one map of it, mark the variable `static: true` and pick its band with `band:`"
             ),
         )
     })?;
@@ -674,6 +695,7 @@ fn is_identity(gt: &[f64; 6]) -> bool {
 
 /// Finds a georeferencing the warper can use, or explains why there is none.
 fn georeference(
+    name: &str,
     path: &Path,
     dataset: &Dataset,
     crs_override: Option<&str>,
@@ -721,9 +743,11 @@ fn georeference(
         }
     };
     let mut wkt = match crs_override {
-        Some(def) => gdal::spatial_ref::SpatialRef::from_definition(def)
-            .and_then(|s| s.to_wkt())
-            .map_err(|e| SourceError::unusable(path, format!("cannot use crs `{def}`: {e}")))?,
+        Some(def) => {
+            gdal::spatial_ref::SpatialRef::from_definition(def).and_then(|s| s.to_wkt()).map_err(|e| {
+                SourceError::misconfigured(name, "crs", path, format!("cannot use crs `{def}`: {e}"))
+            })?
+        }
         None => dataset.projection(),
     };
     let (w, h) = dataset.raster_size();

@@ -126,6 +126,30 @@ pub fn exists(location: &Location) -> Result<bool, CubeError> {
     }
 }
 
+/// Bytes of the files under `dir` (0 for what cannot be read).
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(
+                |e| {
+                    if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }
+                },
+            )
+            .sum()
+    })
+}
+
+/// The top-level nodes of the cubeload cube whose root metadata is `root` (from its consolidated
+/// metadata); `None` when it is not a cubeload cube. What a replacement of the cube may remove.
+#[must_use]
+pub fn cube_nodes(root: &[u8]) -> Option<std::collections::BTreeSet<String>> {
+    let root: serde_json::Value = serde_json::from_slice(root).ok()?;
+    root.get("attributes")?.get("cubeload")?;
+    let nodes = root.get("consolidated_metadata")?.get("metadata")?.as_object()?;
+    Some(nodes.keys().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
+}
+
 #[cfg(feature = "s3")]
 mod object_store {
     use std::collections::BTreeSet;
@@ -146,7 +170,7 @@ mod object_store {
         ClientConfigKey, Error as ObjectError, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
     };
 
-    use super::{CubeError, Location, StoreKey};
+    use super::{CubeError, Location, StoreKey, cube_nodes};
     use crate::cube::manifest::MANIFEST_FILE;
 
     /// The root metadata: written last, it makes the cube.
@@ -495,15 +519,6 @@ mod object_store {
             }
         }
         Ok(Found { keys: keys.to_vec(), root: nodes.is_some() })
-    }
-
-    /// The top-level nodes of the cubeload cube whose root metadata is `root` (from its consolidated
-    /// metadata); `None` when it is not a cubeload cube.
-    fn cube_nodes(root: &[u8]) -> Option<BTreeSet<String>> {
-        let root: serde_json::Value = serde_json::from_slice(root).ok()?;
-        root.get("attributes")?.get("cubeload")?;
-        let nodes = root.get("consolidated_metadata")?.get("metadata")?.as_object()?;
-        Some(nodes.keys().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
     }
 
     /// Lists and judges what is under the URL of `s3`.

@@ -221,7 +221,20 @@ fn unusable_sources_exit_1_and_name_the_file() {
             path.display()
         )
     };
+    // A series of dated maps with one file its name does not date.
+    let series = dir.path().join("series");
+    std::fs::create_dir(&series).unwrap();
+    for name in ["lc_2020-01-01.tif", "lc_latest.tif", "lc_2020-01-02.tif"] {
+        std::fs::copy(shared_data("lc.tif"), series.join(name)).unwrap();
+    }
     let cases: Vec<(String, Vec<String>)> = vec![
+        (
+            with_time(
+                &series.join("lc_*.tif"),
+                "grid: { bbox: [-67.0, 17.5, -65.5, 19.0], resolution: 0.1 }",
+            ),
+            vec!["lc_latest.tif".into(), "no date in its name".into()],
+        ),
         (with_time(&cut_grib, GRID), vec!["cut.grib".into(), "band 373".into()]),
         (
             config(&format!("  a: {{ path: {} }}\n", empty_grib.display())),
@@ -283,6 +296,14 @@ fn unusable_sources_exit_1_and_name_the_file() {
             vec!["variables.rgb.band", "RGB.byte.tif", "band 4"],
         ),
         (
+            config(&format!("  lc: {{ path: {}, crs: EPSG:999999 }}\n", shared_data("lc.tif").display())),
+            vec!["variables.lc.crs", "lc.tif", "EPSG:999999"],
+        ),
+        (
+            config(&format!("  rgb: {{ path: {}, static: true }}\n", rgb.display())),
+            vec!["variables.rgb.band", "RGB.byte.tif", "has 3 bands", "a static variable is one map"],
+        ),
+        (
             config(&format!("  z: {{ path: {}, variable: z }}\n", eraint.display())),
             vec!["variables.z.band", "eraint_uvz.nc", "non-spatial dimensions"],
         ),
@@ -337,6 +358,25 @@ fn existing_outputs_are_never_modified() {
     assert_eq!(code, 2, "the flags are at fault");
     assert_mentions(&stderr, &["--overwrite"]);
     assert_eq!(snapshot(&cube), before, "the existing cube is untouched");
+
+    // Files of the user's put into a cube are not replaced with it, --overwrite or --append.
+    std::fs::create_dir(cube.join("analysis")).unwrap();
+    std::fs::write(cube.join("analysis/result.csv"), b"mine").unwrap();
+    std::fs::write(cube.join("notes.txt"), b"mine").unwrap();
+    let before = snapshot(&cube);
+    for flag in ["--overwrite", "--append"] {
+        let out = cubeload(dir.path(), &["gen", "-c", path.to_str().unwrap(), flag]);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert_mentions(
+            &String::from_utf8_lossy(&out.stderr),
+            &["2 entries that are not the cube's", "analysis"],
+        );
+        assert_eq!(snapshot(&cube), before, "{flag}: the cube and the files are untouched");
+    }
+    // Once they are moved out, the cube is replaced as asked.
+    std::fs::remove_dir_all(cube.join("analysis")).unwrap();
+    std::fs::remove_file(cube.join("notes.txt")).unwrap();
+    assert!(cubeload(dir.path(), &["gen", "-c", path.to_str().unwrap(), "--overwrite"]).status.success());
 }
 
 #[test]

@@ -427,6 +427,11 @@ fn a_swap_stopped_halfway_is_finished_by_the_next_run() {
     let five_days = config(dir, &text, "cube.zarr", 5);
     let old = dir.join(".cube.zarr.cubeload-old");
     std::fs::rename(dir.join("cube.zarr"), &old).unwrap();
+    // Readers meanwhile are told where the previous cube is, and that the next run puts it back.
+    let out = cubeload(dir, &["info", "cube.zarr"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(".cube.zarr.cubeload-old") && stderr.contains("puts it back"), "{stderr}");
     run_gen(dir, &["--append", "-c", five_days.to_str().unwrap()]);
     assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
     assert!(!old.exists(), "the previous cube, superseded, is removed");

@@ -26,6 +26,14 @@ use super::{CubeError, RunningStats};
 /// File name of the (merged) manifest inside a cube.
 pub const MANIFEST_FILE: &str = "cubeload_manifest.jsonl";
 
+/// Whether a file named `name` is what a run killed between writing a file and renaming it into place
+/// left (`.NAME.PID.tmp`, `.NAME.cubeload-copy-N`): not part of the cube.
+#[must_use]
+pub fn is_leftover(name: &str) -> bool {
+    name.starts_with('.')
+        && (Path::new(name).extension().is_some_and(|e| e == "tmp") || name.contains(".cubeload-copy-"))
+}
+
 /// Version of the manifest format.
 const MANIFEST_VERSION: u32 = 1;
 
@@ -295,10 +303,7 @@ impl Manifest {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if entry.path().is_dir() {
                     dirs.push(key);
-                } else if name.starts_with('.')
-                    && (Path::new(&name).extension().is_some_and(|e| e == "tmp")
-                        || name.contains(".cubeload-copy-"))
-                {
+                } else if is_leftover(&name) {
                     // What a run killed between writing a file and renaming it into place left: not part of
                     // the cube (nor to be uploaded with it).
                     std::fs::remove_file(entry.path())

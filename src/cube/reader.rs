@@ -105,12 +105,18 @@ fn read_root(
         return Err(not_a_cube(match location {
             Location::Local(path) if path.exists() => "not a Zarr v3 cube (no zarr.json)".to_string(),
             Location::Local(path) => {
-                let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                let staging = path.with_file_name(format!(".{name}.cubeload-partial"));
+                let staging = crate::generator::staging_dir(path);
+                let previous = crate::generator::previous_dir(path);
                 if crate::generator::run_in_progress(path) {
                     "no cube here yet: a run of `cubeload gen` is generating it now; it appears here when \
                      that run completes"
                         .to_string()
+                } else if previous.exists() {
+                    format!(
+                        "no cube here now: a run of `cubeload gen` replacing it stopped as it swapped the new cube \
+                         in; the previous cube is kept in {}, and the next run of `cubeload gen` puts it back",
+                        previous.display()
+                    )
                 } else if staging.exists() {
                     format!(
                         "no cube here yet: its generation was interrupted (the finished part is kept in {}); \
