@@ -120,7 +120,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Synthesize demo inputs, generate a cube from them and describe it.
+    /// Synthesize demo inputs, generate a cube from them, describe it, train a small LSTM on it for three
+    /// epochs and benchmark the loader on it.
     Demo {
         /// Working directory for inputs, config and cube.
         #[arg(long, default_value_os_t = demo::default_dir())]
@@ -410,12 +411,12 @@ fn bench_table(r: &BenchReport, judge: bool) -> String {
         (
             "loader",
             format!(
-                "{:.3} GB/s, {:.0} samples/s, {:.1} batches/s ({} batches of {:.1} MB{})",
+                "{:.3} GB/s, {:.0} samples/s, {:.1} batches/s ({} batches of {}{})",
                 r.loader_gb_per_s,
                 r.samples_per_s,
                 r.batches_per_s,
                 r.batches,
-                r.batch_bytes as f64 / 1e6,
+                info::human_bytes(r.batch_bytes as u64),
                 match (r.epochs_per_round, r.epoch_batches_measured) {
                     (_, Some(_)) => format!(
                         ", the first of the shuffled epoch: a whole one lasts over {} s",
@@ -504,6 +505,18 @@ fn bench_table(r: &BenchReport, judge: bool) -> String {
     ));
     if let Some(note) = &r.cold_note {
         rows.push(("note", note.clone()));
+    }
+    if !r.levels.is_empty() {
+        rows.push((
+            "note",
+            format!(
+                "a multi-resolution cube (levels {}): the loader regrids its coarser variables, work the ceiling \
+                 does not do, and reads each level chunk once for the batches sharing it, so ratio_to_ceiling, \
+                 thread_scaling and read_amplification are not judged; `cubeload bench` without a cube compares \
+                 one with its single-resolution cube (multires_throughput_ratio)",
+                r.levels.join(", ")
+            ),
+        ));
     }
     if !judge {
         // The goals are set for the default benchmark cube's 247 batches of 2 MB; an epoch of the demo's 70
@@ -622,15 +635,17 @@ fn print_summary(report: &GenReport) {
     } else {
         format!("{} × {} × {}", l.chunk_t, l.chunk_y, l.chunk_x)
     };
+    let extent = if meta.time.is_some() {
+        format!("{} × {} × {} (time × lat × lon)", meta.shape[0], meta.shape[1], meta.shape[2])
+    } else {
+        format!("{} × {} (lat × lon, static variables only)", meta.shape[1], meta.shape[2])
+    };
     println!(
-        "wrote {} in {:.1} s: {} variable{}, {} × {} × {} (time × lat × lon), chunk = batch ({chunk}), {} blocks",
+        "wrote {} in {:.1} s: {} variable{}, {extent}, chunk = batch ({chunk}), {} blocks",
         report.path.display(),
         report.seconds,
         meta.variables.len(),
         if meta.variables.len() == 1 { "" } else { "s" },
-        meta.shape[0],
-        meta.shape[1],
-        meta.shape[2],
         report.blocks
     );
     if report.reused > 0 {

@@ -771,7 +771,8 @@ impl Loader {
         self.state
     }
 
-    /// Corrupt chunks left out so far under [`OnCorrupt::Skip`] (counted as their jobs are delivered).
+    /// Batches left out so far under [`OnCorrupt::Skip`], each for a chunk it could not read (counted as their
+    /// jobs are delivered).
     #[must_use]
     pub fn corrupt_chunks(&self) -> usize {
         self.corrupt

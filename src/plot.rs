@@ -255,9 +255,15 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     let valid_count = values.iter().filter(|&&x| valid(x)).count();
     let range =
         if valid_count == 0 { "no valid value".to_string() } else { format!("min {lo:.4}, max {hi:.4}") };
+    // A variable kept coarser is drawn on its level's cells: the title says so.
+    let on_level = geometry
+        .level
+        .filter(|l| l.factor != [1, 1])
+        .map(|l| format!(" on {} ({} × {} target cells each)", l.group, l.factor[0], l.factor[1]))
+        .unwrap_or_default();
     root.draw(&Text::new(
         format!(
-            "{variable} ({}), {when}: {range}; valid {:.1} %",
+            "{variable} ({}){on_level}, {when}: {range}; valid {:.1} %",
             v.units.as_deref().unwrap_or("-"),
             100.0 * valid_count as f64 / values.len().max(1) as f64
         ),

@@ -1,6 +1,6 @@
 //! `cubeload bench` as a user runs it: every reported figure present and plausible (no timing asserted).
 
-use crate::util::{cubeload, read_f32};
+use crate::util::{cubeload, read_f32, shared_data};
 
 #[test]
 fn bench_reports_every_figure_as_json() {
@@ -75,6 +75,32 @@ fn bench_with_statics_apart_delivers_the_time_varying_variables_only() {
     // loader, hence possibly a hair under 1.
     let amplification = report["read_amplification"].as_f64().unwrap();
     assert!((0.99..1.1).contains(&amplification), "{amplification}");
+}
+
+/// A multi-resolution cube's loader regrids its coarser variables (work the ceiling does not do) and reads
+/// each level chunk once for the batches sharing it: the ratios to the ceiling are reported, not judged.
+#[test]
+fn bench_of_a_multiresolution_cube_does_not_judge_it_against_the_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/uk-multires.yaml"))
+        .unwrap()
+        .replace("cubes/uk-multires.zarr", "mr.zarr")
+        .replace("../shared/data/", &format!("{}/", shared_data("").display()));
+    std::fs::write(dir.path().join("mr.yaml"), config).unwrap();
+    assert!(cubeload(dir.path(), &["gen", "-c", "mr.yaml"]).status.success());
+    let args = ["bench", "mr.zarr", "--image-batches", "0", "--remote-threads", "0"];
+    let out = cubeload(dir.path(), &[&args[..], &["--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["levels"], serde_json::json!(["coarse_5", "coarse_t24"]));
+    assert!(report["ratio_to_ceiling"].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()));
+    let goals: Vec<&str> =
+        report["goals"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(goals, ["time_to_first_batch_ms"], "{report}");
+    let out = cubeload(dir.path(), &args);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("a multi-resolution cube (levels coarse_5, coarse_t24)"), "{table}");
+    assert!(!table.contains("goal                ratio_to_ceiling"), "{table}");
 }
 
 /// A cube whose epoch lasts longer than `--max-pass-seconds` is measured over the first batches of its

@@ -314,7 +314,7 @@ impl Loader {
         self.static_variables.clone()
     }
 
-    /// Corrupt chunks left out so far with ``on_corrupt="skip"``.
+    /// Batches left out so far with ``on_corrupt="skip"``, each for a chunk it could not read.
     #[getter]
     fn corrupt_chunks(&self) -> usize {
         self.inner.corrupt_chunks()

@@ -6,7 +6,7 @@ use crate::Cube;
 use crate::layout::LayoutKind;
 use serde_json::{Value, json};
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     let n = n as f64;
     match n {
         n if n >= 1e9 => format!("{:.2} GB", n / 1e9),
@@ -64,11 +64,10 @@ pub(crate) fn table(cube: &Cube) -> String {
     } else {
         format!("({}, {}, {})", layout.chunk_t, layout.chunk_y, layout.chunk_x)
     };
-    let _ = writeln!(
-        out,
-        "chunks     {chunk} = one batch; {ct} × {cy} × {cx} = {} batches{shards}",
-        ct * cy * cx
-    );
+    // Chunk counts along the stored axes: (sample, time) for a shuffled cube, (time, lat, lon) otherwise.
+    let counts =
+        if layout.shuffled.is_some() { format!("{cy} × {ct}") } else { format!("{ct} × {cy} × {cx}") };
+    let _ = writeln!(out, "chunks     {chunk} = one batch; {counts} = {} batches{shards}", ct * cy * cx);
     let grid = &meta.grid;
     let bounds = grid.bounds();
     let stored = if layout.shuffled.is_some() {
@@ -79,7 +78,14 @@ pub(crate) fn table(cube: &Cube) -> String {
     let _ = writeln!(
         out,
         "grid       {} × {} cells of {}° × {}°, bbox [{}, {}, {}, {}] (EPSG:4326), stored as {stored} (padded to whole batches)",
-        grid.width, grid.height, grid.res_x, grid.res_y, bounds[0], bounds[1], bounds[2], bounds[3],
+        grid.width,
+        grid.height,
+        degrees(grid.res_x),
+        degrees(grid.res_y),
+        degrees(bounds[0]),
+        degrees(bounds[1]),
+        degrees(bounds[2]),
+        degrees(bounds[3]),
     );
     match &meta.time {
         Some(t) => {
@@ -186,4 +192,26 @@ pub(crate) fn table(cube: &Cube) -> String {
         }
     }
     out
+}
+
+/// Degrees without the noise of their binary sums (`2.0500000000000007` is `2.05`): 12 significant digits
+/// are finer than any grid.
+fn degrees(x: f64) -> String {
+    let digits = 11 - x.abs().max(1e-300).log10().floor().clamp(-300.0, 300.0) as i32;
+    let scale = 10f64.powi(digits.clamp(0, 15));
+    format!("{}", (x * scale).round() / scale)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn degrees_drop_the_noise_of_binary_sums_not_digits() {
+        assert_eq!(super::degrees(-10.0 + 241.0 * 0.05), "2.05");
+        assert_eq!(format!("{}", -10.0 + 241.0 * 0.05), "2.0500000000000007", "the sum is noisy");
+        for (x, shown) in
+            [(0.0, "0"), (-179.875, "-179.875"), (0.000_277_777_777_8, "0.0002777777778"), (58.0, "58")]
+        {
+            assert_eq!(super::degrees(x), shown);
+        }
+    }
 }
