@@ -73,6 +73,17 @@ pub enum GenError {
         /// Where the half-made cube is.
         staging: PathBuf,
     },
+    /// Parts of one cube run with different configurations or inputs.
+    #[error(
+        "{output}: parts of this cube run with different configurations or inputs ({files} against the \
+         first part's manifest): run every part with one config, those of the other one again"
+    )]
+    OtherParts {
+        /// The cube being generated.
+        output: PathBuf,
+        /// The part manifests that differ from the first.
+        files: String,
+    },
     /// Flags that do not go with this output.
     #[error("{path}: {message}")]
     Flags {
@@ -654,12 +665,9 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
 fn plan_blocks(plan: &Plan, budget: usize) -> Vec<Block> {
     let mut blocks = Vec::new();
     for (var, v) in plan.variables.iter().enumerate() {
-        let (_, layout) = plan.geometry(var);
         let [ct_n, cy_n, cx_n] = plan.chunk_counts(var);
-        let (ct, shard_x) =
-            if v.is_static { (1, layout.static_shard_x) } else { (layout.chunk_t, layout.shard_x) };
-        // Accumulator bytes per shard: f64 value + u32 count/rank per cell.
-        let per_shard = ct * layout.chunk_y * layout.chunk_x * shard_x * 12;
+        let shard_x = shard_of(plan, var);
+        let per_shard = shard_accumulator_bytes(plan, var);
         let n_shards = cx_n.div_ceil(shard_x);
         let step = (budget / per_shard.max(1)).clamp(1, n_shards.max(1));
         for iy in 0..cy_n {
@@ -677,6 +685,50 @@ fn plan_blocks(plan: &Plan, budget: usize) -> Vec<Block> {
         }
     }
     blocks
+}
+
+/// Generation threads for `todo` blocks: `asked` (or the `cores`), no more than there are blocks. Each
+/// thread holds a block's accumulators and about as much again in warp buffers (`per_thread` bytes in
+/// all): no more than half the `memory` holds. More asked is refused; the default is cut down.
+fn thread_count(
+    asked: Option<usize>,
+    cores: usize,
+    todo: usize,
+    per_thread: usize,
+    memory: u64,
+) -> Result<usize, String> {
+    let fit = usize::try_from(memory / 2).unwrap_or(usize::MAX).checked_div(per_thread).unwrap_or(usize::MAX);
+    let fit = if memory == 0 { usize::MAX } else { fit.max(1) };
+    let threads = match asked.filter(|&n| n > 0) {
+        Some(asked) if asked.min(todo) > fit => {
+            return Err(format!(
+                "--threads {asked}: each generation thread holds up to {} MB, and half this machine's memory \
+                 holds {fit} of them",
+                per_thread >> 20
+            ));
+        }
+        Some(asked) => asked,
+        None => cores.min(fit),
+    };
+    Ok(threads.min(todo.max(1)))
+}
+
+/// Chunks per shard of variable `var`.
+fn shard_of(plan: &Plan, var: usize) -> usize {
+    let (_, layout) = plan.geometry(var);
+    if plan.variables[var].is_static { layout.static_shard_x } else { layout.shard_x }
+}
+
+/// Accumulator bytes of one shard of variable `var`: an f64 value and a u32 count (or rank) per cell.
+fn shard_accumulator_bytes(plan: &Plan, var: usize) -> usize {
+    let (_, layout) = plan.geometry(var);
+    let ct = if plan.variables[var].is_static { 1 } else { layout.chunk_t };
+    ct * layout.chunk_y * layout.chunk_x * shard_of(plan, var) * 12
+}
+
+/// Accumulator bytes of block `b`.
+fn accumulator_bytes(plan: &Plan, b: &Block) -> usize {
+    shard_accumulator_bytes(plan, b.var) * b.n_shards
 }
 
 fn block_id(plan: &Plan, b: &Block) -> BlockId {
@@ -776,6 +828,7 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let existing = Manifest::load(dir)?;
+    let existing_other_runs = existing.other_runs.clone();
     let created = existing
         .header
         .as_ref()
@@ -823,12 +876,25 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         done.iter().enumerate().filter(|&(i, _)| mine(i)).filter_map(|(_, d)| d.as_ref()).collect();
     let mut manifest = ManifestWriter::create(dir, &manifest_name, &header, &kept)?;
     let kept = kept.len();
+    // Parts start together, each finding no header but its own: once each has written its header, one of
+    // another configuration is seen by both (checked at the start, it could be missed by both).
+    if part.is_some() {
+        let now = Manifest::load(dir)?;
+        if now.header.is_some_and(|h| h.fingerprint != run.fingerprint) || !now.other_runs.is_empty() {
+            return Err(GenError::OtherParts {
+                output: plan.config.output.clone(),
+                files: now.other_runs.join(", "),
+            });
+        }
+    }
 
-    let threads = options
-        .threads
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-        .min(todo.len().max(1));
+    let per_thread = 2 * todo.iter().map(|&i| accumulator_bytes(plan, &blocks[i])).max().unwrap_or(0);
+    // SAFETY: sysconf only reads system constants.
+    let memory =
+        unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let threads = thread_count(options.threads, cores, todo.len(), per_thread, memory)
+        .map_err(|message| GenError::Flags { path: plan.config.output.clone(), message })?;
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<usize>();
     for &i in &todo {
         job_tx.send(i).expect("receiver alive");
@@ -911,11 +977,20 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
     }
     if let Some(first) = done.iter().position(Option::is_none) {
         let b = &ids[first];
+        let others = if existing_other_runs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} record parts run with another configuration or other inputs: run those parts again \
+                 with this config",
+                existing_other_runs.join(", ")
+            )
+        };
         return Err(GenError::Unfinished {
             path: plan.config.output.clone(),
             message: format!(
-                "{} of {total} blocks are not written (the first: {b}); run the parts that failed again, then \
-                 --finalize",
+                "{} of {total} blocks are not written (the first: {b}){others}; run the parts that failed \
+                 again, then --finalize",
                 done.iter().filter(|d| d.is_none()).count(),
             ),
         });
@@ -1217,6 +1292,24 @@ fn accumulate(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn threads_are_as_many_as_asked_blocks_and_memory_allow() {
+        const MB: usize = 1 << 20;
+        let gb = 1u64 << 30;
+        // As asked, or the cores, but no more than the blocks.
+        assert_eq!(super::thread_count(Some(8), 2, 100, 64 * MB, 16 * gb), Ok(8));
+        assert_eq!(super::thread_count(None, 32, 100, 64 * MB, 16 * gb), Ok(32));
+        assert_eq!(super::thread_count(Some(1_000_000), 2, 40, 64 * MB, 16 * gb), Ok(40));
+        // Half of 16 GB holds 128 threads of 64 MB: the cores cut down to it, more asked refused.
+        assert_eq!(super::thread_count(None, 256, 1000, 64 * MB, 16 * gb), Ok(128));
+        let refused = super::thread_count(Some(200), 2, 1000, 64 * MB, 16 * gb).unwrap_err();
+        assert!(refused.contains("--threads 200") && refused.contains("holds 128 of them"), "{refused}");
+        // A block larger than half the memory still gets one thread (the plan refuses what cannot fit at all);
+        // unknown memory limits nothing.
+        assert_eq!(super::thread_count(None, 4, 10, 64 * MB, 64 * MB as u64), Ok(1));
+        assert_eq!(super::thread_count(None, 4, 10, 64 * MB, 0), Ok(4));
+    }
+
     use super::*;
 
     #[test]

@@ -479,6 +479,45 @@ fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("counts from 0"));
 }
 
+/// Parts started together with two configs each find no other part's manifest at their start: the part
+/// manifest of the other config is then found once each has written its own, and `--finalize` names it.
+#[test]
+fn parts_of_another_config_are_named_not_taken_for_unwritten_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let config = config(dir, &text, "cube.zarr", 2);
+    let config = config.to_str().unwrap();
+    run_gen(dir, &["--part", "0/2", "-c", config]);
+    // Part 1 of another config, written beside part 0 as a concurrent run would have (its header's
+    // fingerprint differs).
+    let staging = dir.join(".cube.zarr.cubeload-partial");
+    let mine = std::fs::read_to_string(staging.join("cubeload_manifest.part-00000-of-00002.jsonl")).unwrap();
+    let header: serde_json::Value = serde_json::from_str(mine.lines().next().unwrap()).unwrap();
+    let fingerprint = header["fingerprint"].as_str().unwrap();
+    let other =
+        format!("{}\n", mine.lines().next().unwrap().replace(fingerprint, &"0".repeat(fingerprint.len())));
+    std::fs::write(staging.join("cubeload_manifest.part-00001-of-00002.jsonl"), other).unwrap();
+
+    let finalize = cubeload(dir, &["gen", "--finalize", "-c", config]);
+    assert_eq!(finalize.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&finalize.stderr);
+    assert!(
+        stderr.contains(
+            "cubeload_manifest.part-00001-of-00002.jsonl record parts run with another configuration"
+        ),
+        "{stderr}"
+    );
+    let again = cubeload(dir, &["gen", "--part", "0/2", "-c", config]);
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("parts of this cube run with different configurations"), "{stderr}");
+    // Run with this config, the other part replaces that manifest, and the cube completes.
+    run_gen(dir, &["--part", "1/2", "-c", config]);
+    run_gen(dir, &["--finalize", "-c", config]);
+    assert!(cubeload(dir, &["verify", "cube.zarr"]).status.success());
+}
+
 #[test]
 fn a_run_beside_another_run_of_the_same_cube_is_refused_and_touches_nothing() {
     let dir = tempfile::tempdir().unwrap();

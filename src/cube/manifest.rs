@@ -215,6 +215,9 @@ pub struct Manifest {
     /// Lines that could not be read, other than a torn last line (`cubeload_manifest.jsonl line 5`):
     /// damage to the manifest itself. The blocks they recorded count as not finished.
     pub unreadable: Vec<String>,
+    /// Files left out for a header that differs from the first one's: runs of another configuration or
+    /// other inputs (a part run with another config).
+    pub other_runs: Vec<String>,
 }
 
 impl Manifest {
@@ -259,7 +262,10 @@ impl Manifest {
                 continue;
             };
             match &manifest.header {
-                Some(first) if first.fingerprint != header.fingerprint => continue,
+                Some(first) if first.fingerprint != header.fingerprint => {
+                    manifest.other_runs.push(name);
+                    continue;
+                }
                 Some(_) => {}
                 None => manifest.header = Some(header),
             }
