@@ -989,6 +989,12 @@ variables:
     }
 
     #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_key() {
+        let c = parse(&format!("\u{feff}{BASE}")).unwrap();
+        assert_eq!(c.output, Path::new("out.zarr"));
+    }
+
+    #[test]
     fn wrong_type_names_line() {
         let msg = parse(&BASE.replace("batch: 256", "batch: many")).unwrap_err().to_string();
         assert!(msg.contains("line 4"), "{msg}");
@@ -1055,6 +1061,8 @@ variables:
             ),
             (BASE.replace("EPSG", "x").replace("grid: {", "grid: { crs: EPSG:3857,"), "grid.crs"),
             (BASE.replace("step: 1h }", "step: 1h, from: t2m }"), "time"),
+            (BASE.replace("output: out.zarr", "output: ~"), "output"),
+            (BASE.replace("output: out.zarr", "output: ''"), "output"),
         ];
         for (text, key) in cases {
             let msg = parse(&text).unwrap_err().to_string();

@@ -272,7 +272,16 @@ pub fn generate(
     if let Location::S3 { .. } = location {
         return generate_remote(plan, &location, options, progress);
     }
-    let _lock = RunLock::acquire(&plan.config.output, options.part.is_some())?;
+    // The cube, its lock and its staging directory are made under the output's nearest existing ancestor,
+    // which must be a directory.
+    let output = &plan.config.output;
+    if let Some(file) = output.ancestors().skip(1).find(|a| !a.as_os_str().is_empty() && a.exists())
+        && !file.is_dir()
+    {
+        let message = format!("{} is a file: a cube cannot be made under it", file.display());
+        return Err(CubeError::OutputTaken { path: output.clone(), message }.into());
+    }
+    let _lock = RunLock::acquire(output, options.part.is_some())?;
     generate_locked(plan, options, progress, true)
 }
 
@@ -428,11 +437,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
+    let taken =
+        |message: &str| CubeError::OutputTaken { path: output.to_path_buf(), message: message.to_string() };
     if !output.exists() {
         return Ok(());
     }
-    let taken =
-        |message: &str| CubeError::OutputTaken { path: output.to_path_buf(), message: message.to_string() };
     if !output.is_dir() {
         return Err(taken("exists and is not a directory: cubeload will not replace it"));
     }

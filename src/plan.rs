@@ -756,6 +756,18 @@ fn check_overlap(grid: &Grid, name: &str, source: &Source) -> Result<(), ConfigE
         else {
             return Ok(());
         };
+        // Beyond any longitude or latitude: the CRS the file is read in (its own, or `crs:`) is not its
+        // coordinates' (metres read as degrees).
+        if fs < -91.0 || fn_ > 91.0 || fw < -541.0 || fe > 541.0 {
+            return Err(ConfigError::invalid(
+                format!("variables.{name}.crs"),
+                format!(
+                    "{}: its coordinates in the CRS it is read in are not degrees (x {fw:.0}…{fe:.0}, y \
+                     {fs:.0}…{fn_:.0}): give the CRS they are in",
+                    file.path.display()
+                ),
+            ));
+        }
         // A margin of two source cells: interpolation reaches half a cell past the centres.
         let (mx, my) = (2.0 * file.native_res.0, 2.0 * file.native_res.1);
         let lon = [-360.0, 0.0, 360.0].iter().any(|shift| fw - mx + shift < e && w < fe + mx + shift);

@@ -300,6 +300,13 @@ fn unusable_sources_exit_1_and_name_the_file() {
             vec!["variables.lc.crs", "lc.tif", "EPSG:999999"],
         ),
         (
+            config(&format!(
+                "  b: {{ path: {}, band: 1, crs: EPSG:4326 }}\n",
+                shared_data("L7_ETMs.tif").display()
+            )),
+            vec!["variables.b.crs", "L7_ETMs.tif", "not degrees"],
+        ),
+        (
             config(&format!("  rgb: {{ path: {}, static: true }}\n", rgb.display())),
             vec!["variables.rgb.band", "RGB.byte.tif", "has 3 bands", "a static variable is one map"],
         ),
@@ -339,6 +346,11 @@ fn existing_outputs_are_never_modified() {
     let (code, stderr) = gen_err(dir.path(), &text);
     assert_eq!(code, 2, "the config's output is at fault");
     assert_mentions(&stderr, &["cube.zarr", "not a directory"]);
+    // Nor is a cube made under it.
+    let (code, stderr) =
+        gen_err(dir.path(), &text.replace("output: cube.zarr", "output: cube.zarr/inner.zarr"));
+    assert_eq!(code, 2, "{stderr}");
+    assert_mentions(&stderr, &["cube.zarr/inner.zarr", "cube.zarr is a file"]);
     assert_eq!(std::fs::read(dir.path().join("cube.zarr")).unwrap(), b"precious");
     std::fs::remove_file(dir.path().join("cube.zarr")).unwrap();
 
