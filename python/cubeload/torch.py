@@ -96,6 +96,16 @@ class CubeDataset(IterableDataset):
         self._resume.fill_(False)
         self.state = None
 
+    def __len__(self) -> int:
+        """Batches of an epoch for this rank, all DataLoader workers together: what ``len(DataLoader)``
+        reports (to size a learning-rate schedule, say). An epoch resumed from a state delivers fewer."""
+        rank, world, _, _ = self._share()
+        # Read on the calling thread: no thread is started before DataLoader forks its workers.
+        loader = Loader(
+            self.path, self.variables, threads=0, rank=rank, world_size=world, min_valid=self.options["min_valid"]
+        )
+        return loader.batches_per_epoch
+
     def _share(self) -> tuple[int, int, int, int]:
         rank, world = self.rank, self.world_size
         if rank is None or world is None:

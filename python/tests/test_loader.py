@@ -324,7 +324,9 @@ def test_distributed_ranks_times_workers(pixel_cube):
     for rank in range(2):
         loader = DataLoader(CubeDataset(str(pixel_cube), seed=2, rank=rank, world_size=2), batch_size=None, num_workers=2)
         mine = [tuple(b["chunk"]) for b in loader]
-        assert len(mine) == total // 2
+        assert len(mine) == total // 2 == len(loader), "len() of the DataLoader says what an epoch delivers"
+        sparse = CubeDataset(str(pixel_cube), rank=rank, world_size=2, min_valid=0.5)
+        assert len(sparse) == len(list(DataLoader(sparse, batch_size=None, num_workers=2))) < total // 2
         seen += mine
     assert len(set(seen)) == len(seen) == total - total % 2
 
