@@ -291,7 +291,7 @@ impl Assembler {
         let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
             let a = checked_array(cube, role, name)?;
             let whole = zarrs::array::ArraySubset::new_with_shape(a.shape().to_vec());
-            a.retrieve_array_subset::<Vec<f64>>(&whole).map_err(|e| LoaderError::Read {
+            a.retrieve_array_subset_opt::<Vec<f64>>(&whole, &one_thread()).map_err(|e| LoaderError::Read {
                 variable: name.to_string(),
                 chunk: [0, 0, 0],
                 message: e.to_string(),
@@ -364,7 +364,7 @@ impl Assembler {
             let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
             let a = checked_array(cube, ArrayRole::Index(&v.meta), &name)?;
             let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
-            a.retrieve_array_subset::<Vec<f32>>(&subset).map_err(|e| LoaderError::Read {
+            a.retrieve_array_subset_opt::<Vec<f32>>(&subset, &one_thread()).map_err(|e| LoaderError::Read {
                 variable: name.clone(),
                 chunk: [0, 0, 0],
                 message: e.to_string(),
@@ -1811,7 +1811,9 @@ fn series_rows<'c>(
 const LINE_FLOATS: usize = 64 / size_of::<f32>();
 
 /// Decoding options for a reader thread: the loader parallelizes across chunks with its own threads, so a
-/// read must not also fan out over rayon's pool (which would make `threads(1)` use every core).
+/// read must not also fan out over rayon's pool (which would make `threads(1)` use every core). Building a
+/// loader reads with them too: rayon's pool, once started, has no threads in a process forked after it
+/// (a `DataLoader` worker), and a read there would wait for them forever.
 #[must_use]
 pub fn one_thread() -> zarrs::array::CodecOptions {
     zarrs::array::CodecOptions::default().with_concurrent_target(1)
