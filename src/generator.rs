@@ -448,6 +448,11 @@ fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
     if !is_cubeload_cube(output) {
         return Err(taken("exists and is not a cubeload cube: cubeload will not replace it"));
     }
+    if !options.overwrite && !options.append {
+        return Err(taken(
+            "a cube already exists here; pass --overwrite to replace it or --append to extend it",
+        ));
+    }
     // Replacing or extending the cube replaces its directory: files of the user's put in it would go too.
     let nodes = std::fs::read(output.join("zarr.json")).ok().and_then(|root| crate::store::cube_nodes(&root));
     let io = |source| CubeError::Io { path: output.to_path_buf(), source };
@@ -457,23 +462,25 @@ fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
         let ours = name == "zarr.json"
             || name == crate::cube::manifest::MANIFEST_FILE
             || crate::cube::manifest::is_leftover(&name)
-            || nodes.as_ref().is_some_and(|nodes| nodes.contains(&name));
+            || nodes.as_ref().is_some_and(|nodes| nodes.contains(&name))
+            // What file browsers and NFS leave in any directory.
+            || matches!(name.as_str(), ".DS_Store" | "Thumbs.db" | "desktop.ini")
+            || name.starts_with("._")
+            || name.starts_with(".nfs");
         if !ours {
             foreign.push(name);
         }
     }
     foreign.sort();
     if let Some(first) = foreign.first() {
+        let what = match foreign.len() {
+            1 => "an entry that is not the cube's".to_string(),
+            n => format!("{n} entries that are not the cube's"),
+        };
         return Err(taken(&format!(
-            "is a cube with {} entries that are not the cube's (such as {first}): a new cube would replace \
-             them with the rest; move them out of it first",
-            foreign.len()
+            "is a cube holding {what} (such as {first}): a new cube would replace them with the rest; move \
+             them out of it first"
         )));
-    }
-    if !options.overwrite && !options.append {
-        return Err(taken(
-            "a cube already exists here; pass --overwrite to replace it or --append to extend it",
-        ));
     }
     Ok(())
 }
@@ -526,8 +533,9 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     let (Some(old_time), Some(axis)) = (&old.time, &plan.time) else {
         return Err(refuse("a cube without a time axis cannot grow along time".to_string()));
     };
-    // The configured axis must hold the cube's instants as its first steps: the same start and step first,
-    // so that an axis that changed is not reported as one that adds nothing.
+    // The configured axis must hold the cube's instants as its first steps. Checked in an order that names
+    // what changed (the start, a regular step, the instant of the cube's last step), not as an axis that
+    // adds nothing. An irregular axis (or one of a single step) may continue a regular one and the reverse.
     let start = time::format_instant(axis.times[0]);
     if start != old_time.start {
         return Err(refuse(format!(
@@ -535,15 +543,22 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
             old_time.start
         )));
     }
-    let step = axis.step.map(|s| s.to_string());
-    if step != old_time.step {
-        let describe =
-            |s: &Option<String>| s.as_deref().map_or("irregular".to_string(), |s| format!("step {s}"));
+    if let (Some(new), Some(old)) = (axis.step.map(|s| s.to_string()), &old_time.step)
+        && new != *old
+    {
         return Err(refuse(format!(
-            "the configured time axis does not continue the cube's: it has {}, the cube {}",
-            describe(&step),
-            describe(&old_time.step)
+            "the configured time axis does not continue the cube's: its step is {new}, the cube's {old}"
         )));
+    }
+    if let Some(&at) = axis.times.get(old_time.steps - 1) {
+        let end = time::format_instant(at);
+        if end != old_time.end {
+            return Err(refuse(format!(
+                "the configured time axis does not continue the cube's: its step {} is {end}, the cube's last \
+                 {}",
+                old_time.steps, old_time.end
+            )));
+        }
     }
     if axis.len() <= old_time.steps {
         return Err(refuse(format!(
@@ -551,14 +566,6 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
             old_time.end,
             axis.len(),
             old_time.steps
-        )));
-    }
-    let end = time::format_instant(axis.times[old_time.steps - 1]);
-    if end != old_time.end {
-        return Err(refuse(format!(
-            "the configured time axis does not continue the cube's: it has {start} … {end} where the cube has \
-             {} … {}",
-            old_time.start, old_time.end
         )));
     }
     Ok(())

@@ -756,14 +756,15 @@ fn check_overlap(grid: &Grid, name: &str, source: &Source) -> Result<(), ConfigE
         else {
             return Ok(());
         };
-        // Beyond any longitude or latitude: the CRS the file is read in (its own, or `crs:`) is not its
-        // coordinates' (metres read as degrees).
-        if fs < -91.0 || fn_ > 91.0 || fw < -541.0 || fe > 541.0 {
+        // Far beyond any longitude or latitude: the CRS the file is read in (its own, or `crs:`) is not its
+        // coordinates' (metres read as degrees). Coarse global grids with cells centred on the poles or on
+        // ±180° reach past ±90° and ±180° by half a cell; metres are thousands.
+        if fs < -180.0 || fn_ > 180.0 || fw < -720.0 || fe > 720.0 {
             return Err(ConfigError::invalid(
                 format!("variables.{name}.crs"),
                 format!(
-                    "{}: its coordinates in the CRS it is read in are not degrees (x {fw:.0}…{fe:.0}, y \
-                     {fs:.0}…{fn_:.0}): give the CRS they are in",
+                    "{}: its coordinates in the CRS it is read in are not degrees (x {fw}…{fe}, y {fs}…{fn_}): \
+                     give the CRS they are in",
                     file.path.display()
                 ),
             ));

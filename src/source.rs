@@ -603,7 +603,7 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
             path,
             format!(
                 "has {} non-spatial dimensions ({}); cubeload reads one time dimension: pick one band with \
-                 `band:` (and `static: true` for a map without time)",
+                 `band:` and mark the variable `static: true`",
                 dims.len(),
                 dims.join(", ")
             ),

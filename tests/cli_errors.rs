@@ -337,6 +337,22 @@ fn snapshot(path: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Coarse global grids (NCEP/NCAR, GPCP, many CMIP models) centre their first and last rows on the poles:
+/// their cells reach half a cell past ±90°, and they are degrees all the same.
+#[test]
+fn a_global_grid_with_cells_centred_on_the_poles_is_read_as_degrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("global_2.5.tif");
+    let values: Vec<f32> = (0..144 * 73).map(|i| (i % 97) as f32).collect();
+    crate::util::write_lonlat_tif(&path, (-1.25, 91.25, 2.5), 144, values, None);
+    let text = format!(
+        "output: cube.zarr\ngrid: {{ bbox: [-180.0, -90.0, 180.0, 90.0], resolution: 2.5 }}\n\
+         layout: {{ kind: pixel_series, batch: 16 }}\nvariables:\n  z: {{ path: {} }}\n",
+        path.display()
+    );
+    gen_ok(dir.path(), &text);
+}
+
 #[test]
 fn existing_outputs_are_never_modified() {
     let dir = tempfile::tempdir().unwrap();

@@ -146,6 +146,12 @@ fn a_killed_gen_resumes_and_ends_with_the_cube_of_an_uninterrupted_run() {
     let damaged = a_stored_file(&staging, "t2m");
     flip_byte(&staging.join(&damaged), 20);
     let blocks_before = recorded_blocks(&manifest);
+    // verify of the half-made cube: incomplete, and that chunk damaged; the files not written yet are no
+    // problem.
+    let out = cubeload(dir, &["verify", staging.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("incomplete cube") && stdout.contains(&damaged), "{stdout}");
+    assert!(!stdout.contains("not in the manifest"), "{stdout}");
 
     let stdout = run_gen(dir, &["-c", config.to_str().unwrap()]);
     let kept: usize = stdout
@@ -391,7 +397,7 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     // A changed step or start: refused as such, not as an axis that adds nothing.
     let original = std::fs::read_to_string(&seven_days).unwrap();
     for (from, to, says) in [
-        ("step: 1h", "step: 2h", "it has step 2h, the cube step 1h"),
+        ("step: 1h", "step: 2h", "its step is 2h, the cube's 1h"),
         ("start: 2024-06-01T00", "start: 2024-06-02T00", "it starts at 2024-06-02T00:00:00Z"),
     ] {
         std::fs::write(&seven_days, original.replace(from, to).replace("06-07T23", "06-09T23")).unwrap();
@@ -411,6 +417,39 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An axis of the dates of a file series is irregular, or of one step: a cube on one grows by later dates
+/// whatever their spacing, as a cube on a regular axis grows by an irregular one that continues it.
+#[test]
+fn append_continues_a_series_axis_whatever_the_spacing_of_its_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    inputs(dir);
+    let series = dir.join("series");
+    std::fs::create_dir(&series).unwrap();
+    let text = format!(
+        "output: {}/cube.zarr\ngrid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: 0.01 }}\ntime: {{ from: ndvi }}\n\
+         layout: {{ kind: pixel_series, batch: 256 }}\nvariables:\n  ndvi: {{ path: \"{}/ndvi_*.tif\" }}\n",
+        dir.display(),
+        series.display()
+    );
+    let config = dir.join("series.yaml");
+    std::fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap();
+    let date = |day: &str| {
+        let name = format!("ndvi_2024-06-{day}.tif");
+        std::fs::copy(dir.join("inputs/ndvi").join(&name), series.join(&name)).unwrap();
+    };
+    // One date (an irregular axis), then a second (the axis regular, step 2d), then one 4 days later.
+    date("01");
+    run_gen(dir, &["-c", config]);
+    for (day, steps) in [("03", 2), ("07", 3)] {
+        date(day);
+        run_gen(dir, &["--append", "-c", config]);
+        assert_eq!(meta(&dir.join("cube.zarr"))["time"]["steps"], steps);
+    }
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-07T00:00:00Z");
 }
 
 /// A run stopped between the two renames of its swap (the previous cube moved aside, the new one not yet in

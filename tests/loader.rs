@@ -790,6 +790,10 @@ fn a_damaged_validity_index_is_an_error_not_fewer_batches() {
     let err = Loader::builder(&copy).build().map(|_| ()).unwrap_err();
     assert!(matches!(err, LoaderError::Read { .. }), "{err}");
     assert!(err.to_string().contains("cubeload_index/t2m") && err.to_string().contains("checksum"), "{err}");
+    // Lost, it would read as its fill value: every batch out of every epoch.
+    std::fs::remove_file(&index).unwrap();
+    let err = Loader::builder(&copy).build().map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("cubeload_index/t2m") && err.contains("is not stored"), "{err}");
 }
 
 #[test]

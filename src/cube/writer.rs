@@ -583,6 +583,10 @@ impl CubeWriter {
             } else {
                 (vec![ct as u64, cy as u64, cx as u64], vec!["time_batch", "lat_batch", "lon_batch"])
             };
+            // A level's chunks are counted on its own grid: dimensions of their own, so that xarray opens
+            // the group (one name with two lengths is a conflict to it).
+            let level = v.level.map(|l| format!("_{}", self.meta.levels[l].group)).unwrap_or_default();
+            let dims: Vec<String> = dims.iter().map(|d| format!("{d}{level}")).collect();
             let mut builder = ArrayBuilder::new(shape.clone(), shape, data_type::float32(), f32::NAN);
             builder.dimension_names(Some(dims));
             // Checksummed as the chunks are: a damaged index would leave batches out of every epoch unseen.

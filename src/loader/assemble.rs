@@ -288,15 +288,14 @@ impl Assembler {
                 index: std::sync::OnceLock::new(),
             });
         }
-        let read_coord = |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
-            let a = checked_array(cube, role, name)?;
-            let whole = zarrs::array::ArraySubset::new_with_shape(a.shape().to_vec());
-            a.retrieve_array_subset_opt::<Vec<f64>>(&whole, &one_thread()).map_err(|e| LoaderError::Read {
-                variable: name.to_string(),
-                chunk: [0, 0, 0],
-                message: e.to_string(),
-            })
-        };
+        let read_coord =
+            |role: ArrayRole<'_>, name: &str| -> Result<Vec<f64>, LoaderError> {
+                let a = checked_array(cube, role, name)?;
+                let whole = zarrs::array::ArraySubset::new_with_shape(a.shape().to_vec());
+                a.retrieve_array_subset_opt::<Vec<f64>>(&whole, &one_thread()).map_err(|e| {
+                    LoaderError::Read { variable: name.to_string(), chunk: [0, 0, 0], message: e.to_string() }
+                })
+            };
         // Both at once: on an object store each is a round trip before the first batch.
         let (lat, lon) = std::thread::scope(|scope| {
             let lat = scope.spawn(|| read_coord(ArrayRole::Lat, "lat"));
@@ -364,11 +363,23 @@ impl Assembler {
             let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
             let a = checked_array(cube, ArrayRole::Index(&v.meta), &name)?;
             let subset: Vec<std::ops::Range<u64>> = a.shape().iter().map(|&n| 0..n).collect();
-            a.retrieve_array_subset_opt::<Vec<f32>>(&subset, &one_thread()).map_err(|e| LoaderError::Read {
-                variable: name.clone(),
-                chunk: [0, 0, 0],
-                message: e.to_string(),
-            })
+            let values = a.retrieve_array_subset_opt::<Vec<f32>>(&subset, &one_thread()).map_err(|e| {
+                LoaderError::Read { variable: name.clone(), chunk: [0, 0, 0], message: e.to_string() }
+            })?;
+            // Every fraction is stored (0 for a chunk without values): NaN, the index's fill value, is a
+            // lost index chunk, which would otherwise leave every batch out of every epoch.
+            if values.iter().any(|f| f.is_nan()) {
+                return Err(LoaderError::Read {
+                    variable: name.clone(),
+                    chunk: [0, 0, 0],
+                    message: format!(
+                        "the validity index of `{}` is not stored (its chunk is lost): the batches with values \
+                             cannot be told from those without; regenerate the cube",
+                        v.meta.name
+                    ),
+                });
+            }
+            Ok(values)
         };
         // On an object store each index is a round trip before the first batch: 16 at a time.
         let indexes: Vec<Result<Vec<f32>, LoaderError>> = if self.slow {

@@ -336,6 +336,12 @@ def test_multiresolution_levels_open_as_groups_and_match_xarrays_own_regridding(
             expected = planes[t].transpose("lat", "lon").values
             np.testing.assert_allclose(coarse.t2m_coarse.isel(time=t, lat=slice(0, 12)).values, expected, rtol=1e-6)
 
+    # The validity index opens too: each level's chunks are counted along dimensions of its own.
+    index = xr.open_zarr(cube, group="cubeload_index")
+    assert index.t2m.dims == ("time_batch", "lat_batch", "lon_batch")
+    assert index.t2m_coarse.dims == ("time_batch_coarse_5", "lat_batch_coarse_5", "lon_batch_coarse_5")
+    assert index.sizes["time_batch_coarse_t24"] == 1 and float(index.t2m.min()) > 0
+
 
 # ---- Band selection and missing values ---------------------------------------------------------------------
 
