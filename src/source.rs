@@ -438,43 +438,25 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
 
     let steps = if config.is_static {
         // A static variable is one band: the first of several would be taken for the whole map silently.
-        match (config.band, count) {
-            (Some(band), _) => vec![(band, None)],
-            (None, 1) => vec![(1, None)],
-            (None, n) => {
-                return Err(SourceError::misconfigured(
-                    name,
-                    "band",
-                    path,
-                    format!(
-                        "has {n} bands (time steps, levels or channels) and a static variable is one map: \
-                         choose its band with `band:`"
-                    ),
-                ));
-            }
-        }
+        let band = one_band(name, path, config.band, count, |n| {
+            format!(
+                "has {n} bands (time steps, levels or channels) and a static variable is one map: choose its \
+                 band with `band:`"
+            )
+        })?;
+        vec![(band, None)]
     } else {
         let times = band_times(name, path, &dataset)?;
         match (times, config.band) {
             (Some(times), None) => times.into_iter().enumerate().map(|(i, t)| (i + 1, Some(t))).collect(),
             (Some(times), Some(band)) => vec![(band, Some(times[band - 1]))],
             (None, band) => {
-                let band = match (band, count) {
-                    (Some(b), _) => b,
-                    (None, 1) => 1,
-                    (None, n) => {
-                        return Err(SourceError::misconfigured(
-                            name,
-                            "band",
-                            path,
-                            format!(
-                                "has {n} bands and no time axis (no CF time, no GRIB valid time); \
-                                 choose one with `band:` (and mark the variable `static: true` if it is a map \
-                                 without time)"
-                            ),
-                        ));
-                    }
-                };
+                let band = one_band(name, path, band, count, |n| {
+                    format!(
+                        "has {n} bands and no time axis (no CF time, no GRIB valid time); choose one with \
+                         `band:` (and mark the variable `static: true` if it is a map without time)"
+                    )
+                })?;
                 vec![(band, time_from_file_name(path))]
             }
         }
@@ -571,6 +553,22 @@ fn grib_units(band: &gdal::raster::RasterBand) -> Option<String> {
     band.metadata_item("GRIB_UNIT", "")
         .map(|u| u.trim_matches(['[', ']']).to_string())
         .filter(|u| !u.is_empty())
+}
+
+/// The band of a variable read as one map: the configured one, or the file's only band; with several and
+/// none configured, an error on `variables.NAME.band` saying why (`why` of the band count).
+fn one_band(
+    name: &str,
+    path: &Path,
+    band: Option<usize>,
+    count: usize,
+    why: impl Fn(usize) -> String,
+) -> Result<usize, SourceError> {
+    match (band, count) {
+        (Some(band), _) => Ok(band),
+        (None, 1) => Ok(1),
+        (None, n) => Err(SourceError::misconfigured(name, "band", path, why(n))),
+    }
 }
 
 /// Times of all bands, when the file has a time axis: CF time in `NetCDF`, valid time in GRIB.
