@@ -233,6 +233,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 Err(crate::cube::CubeError::Damaged {
                     path: report.path.clone(),
                     problems: report.problems.len(),
+                    damaged: !report.only_incomplete(),
                 }
                 .into())
             }

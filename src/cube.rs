@@ -68,15 +68,23 @@ pub enum CubeError {
         /// The cube.
         path: PathBuf,
     },
-    /// `verify` found damage (listed before this error).
+    /// `verify` found damage (listed before this error), or an incomplete cube.
     #[error(
-        "{path}: {problems} {} found: the cube is damaged; regenerate it, or the chunks named above", if *problems == 1 { "problem" } else { "problems" }
+        "{path}: {problems} {} found: {}",
+        if *problems == 1 { "problem" } else { "problems" },
+        if *damaged {
+            "the cube is damaged; regenerate it, or the chunks named above"
+        } else {
+            "its generation did not finish; run the same `cubeload gen -c CONFIG` again to resume it"
+        }
     )]
     Damaged {
         /// The cube.
         path: PathBuf,
         /// How many.
         problems: usize,
+        /// Whether anything is wrong besides the cube being incomplete.
+        damaged: bool,
     },
     /// The output path is taken by something cubeload did not make, or by a cube the flags do not let it
     /// replace or extend: the config's `output` or the flags are at fault (exit code 2).

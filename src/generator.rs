@@ -454,33 +454,57 @@ fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
         ));
     }
     // Replacing or extending the cube replaces its directory: files of the user's put in it would go too.
-    let nodes = std::fs::read(output.join("zarr.json")).ok().and_then(|root| crate::store::cube_nodes(&root));
-    let io = |source| CubeError::Io { path: output.to_path_buf(), source };
+    let nodes =
+        std::fs::read(output.join("zarr.json")).ok().and_then(|root| crate::store::cube_node_paths(&root));
     let mut foreign = Vec::new();
-    for entry in std::fs::read_dir(output).map_err(io)? {
-        let name = entry.map_err(io)?.file_name().to_string_lossy().to_string();
-        let ours = name == "zarr.json"
-            || name == crate::cube::manifest::MANIFEST_FILE
-            || crate::cube::manifest::is_leftover(&name)
-            || nodes.as_ref().is_some_and(|nodes| nodes.contains(&name))
-            // What file browsers and NFS leave in any directory.
-            || matches!(name.as_str(), ".DS_Store" | "Thumbs.db" | "desktop.ini")
-            || name.starts_with("._")
-            || name.starts_with(".nfs");
-        if !ours {
-            foreign.push(name);
-        }
+    if let Some(nodes) = &nodes {
+        foreign_entries(output, "", nodes, &mut foreign)
+            .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
     }
     foreign.sort();
     if let Some(first) = foreign.first() {
-        let what = match foreign.len() {
-            1 => "an entry that is not the cube's".to_string(),
-            n => format!("{n} entries that are not the cube's"),
-        };
-        return Err(taken(&format!(
-            "is a cube holding {what} (such as {first}): a new cube would replace them with the rest; move \
-             them out of it first"
-        )));
+        return Err(taken(&match foreign.len() {
+            1 => format!(
+                "is a cube holding {first}, which is not the cube's: a new cube would replace it with the rest; \
+                 move it out of the cube first"
+            ),
+            n => format!(
+                "is a cube holding {n} entries that are not the cube's (such as {first}): a new cube would \
+                 replace them with the rest; move them out of the cube first"
+            ),
+        }));
+    }
+    Ok(())
+}
+
+/// Entries under `output/rel` (the cube's root, or one of its `nodes`) that are not the cube's: anything but
+/// metadata, an array's chunks, child nodes, the manifest, what a killed run leaves beside files it renames
+/// and what file browsers and NFS leave in any directory.
+fn foreign_entries(
+    output: &Path,
+    rel: &str,
+    nodes: &std::collections::BTreeSet<String>,
+    out: &mut Vec<String>,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(output.join(rel))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let ours = name == "zarr.json"
+            || crate::cube::manifest::is_leftover(&name)
+            || matches!(name.as_str(), ".DS_Store" | "Thumbs.db" | "desktop.ini")
+            || name.starts_with("._")
+            || name.starts_with(".nfs")
+            || (rel.is_empty() && name == crate::cube::manifest::MANIFEST_FILE)
+            || (!rel.is_empty() && name == "c");
+        if ours {
+            continue;
+        }
+        if nodes.contains(&key) && entry.file_type()?.is_dir() {
+            foreign_entries(output, &key, nodes, out)?;
+        } else {
+            out.push(key);
+        }
     }
     Ok(())
 }
@@ -533,32 +557,26 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     let (Some(old_time), Some(axis)) = (&old.time, &plan.time) else {
         return Err(refuse("a cube without a time axis cannot grow along time".to_string()));
     };
-    // The configured axis must hold the cube's instants as its first steps. Checked in an order that names
-    // what changed (the start, a regular step, the instant of the cube's last step), not as an axis that
-    // adds nothing. An irregular axis (or one of a single step) may continue a regular one and the reverse.
-    let start = time::format_instant(axis.times[0]);
-    if start != old_time.start {
-        return Err(refuse(format!(
-            "the configured time axis does not continue the cube's: it starts at {start}, the cube at {}",
-            old_time.start
-        )));
-    }
-    if let (Some(new), Some(old)) = (axis.step.map(|s| s.to_string()), &old_time.step)
-        && new != *old
-    {
-        return Err(refuse(format!(
-            "the configured time axis does not continue the cube's: its step is {new}, the cube's {old}"
-        )));
-    }
-    if let Some(&at) = axis.times.get(old_time.steps - 1) {
-        let end = time::format_instant(at);
-        if end != old_time.end {
-            return Err(refuse(format!(
-                "the configured time axis does not continue the cube's: its step {} is {end}, the cube's last \
-                 {}",
-                old_time.steps, old_time.end
-            )));
-        }
+    // The configured axis must hold the cube's instants as its first steps, every one of them: compared
+    // with the cube's time coordinate (a step written as text differs between equal axes: two month starts
+    // are `31d`, three `1mo`).
+    let cube_times = stored_times(&cube, old_time.steps)?;
+    let regular = match (axis.step.map(|s| s.to_string()), &old_time.step) {
+        (Some(new), Some(old)) if new != *old => format!(" (its step is {new}, the cube's {old})"),
+        _ => String::new(),
+    };
+    if let Some(i) = (0..cube_times.len().min(axis.len())).find(|&i| axis.times[i] != cube_times[i]) {
+        let (new, old) = (time::format_instant(axis.times[i]), time::format_instant(cube_times[i]));
+        return Err(refuse(if i == 0 {
+            format!(
+                "the configured time axis does not continue the cube's: it starts at {new}, the cube at {old}"
+            )
+        } else {
+            format!(
+                "the configured time axis does not continue the cube's: its step {i} is {new}, the cube's \
+                 {old}{regular}"
+            )
+        }));
     }
     if axis.len() <= old_time.steps {
         return Err(refuse(format!(
@@ -569,6 +587,30 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
         )));
     }
     Ok(())
+}
+
+/// The first `steps` instants of the cube's time coordinate (CF units, `UNIT since 1970-01-01 00:00:00`, as
+/// the writer makes them).
+fn stored_times(cube: &Cube, steps: usize) -> Result<Vec<time::Instant>, GenError> {
+    let fail = |message: String| CubeError::NotACube { path: cube.path().to_path_buf(), message };
+    let array = cube.array("time")?;
+    let units = array.attributes().get("units").and_then(|u| u.as_str()).unwrap_or_default();
+    let unit = match units.strip_suffix(" since 1970-01-01 00:00:00") {
+        Some("days") => 86_400,
+        Some("hours") => 3600,
+        Some("minutes") => 60,
+        Some("seconds") => 1,
+        _ => {
+            return Err(
+                fail(format!("the time coordinate's units `{units}` are not a cubeload cube's")).into()
+            );
+        }
+    };
+    let subset = zarrs::array::ArraySubset::new_with_shape(vec![steps as u64]);
+    let values = array
+        .retrieve_array_subset_opt::<Vec<i64>>(&subset, &crate::loader::assemble::one_thread())
+        .map_err(|e| fail(format!("its time coordinate cannot be read: {e}")))?;
+    Ok(values.into_iter().map(|v| v * unit).collect())
 }
 
 /// Decides what to do with a staging directory left by an earlier run: continue it (same fingerprint),

@@ -763,8 +763,8 @@ fn check_overlap(grid: &Grid, name: &str, source: &Source) -> Result<(), ConfigE
             return Err(ConfigError::invalid(
                 format!("variables.{name}.crs"),
                 format!(
-                    "{}: its coordinates in the CRS it is read in are not degrees (x {fw}…{fe}, y {fs}…{fn_}): \
-                     give the CRS they are in",
+                    "{}: its coordinates in the CRS it is read in are not degrees (x {fw:.1}…{fe:.1}, y \
+                     {fs:.1}…{fn_:.1}): give the CRS they are in",
                     file.path.display()
                 ),
             ));

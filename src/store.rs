@@ -144,10 +144,18 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
 /// metadata); `None` when it is not a cubeload cube. What a replacement of the cube may remove.
 #[must_use]
 pub fn cube_nodes(root: &[u8]) -> Option<std::collections::BTreeSet<String>> {
+    let nodes = cube_node_paths(root)?;
+    Some(nodes.iter().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
+}
+
+/// Every node (array or group) of the cubeload cube whose root metadata is `root`, by path (`t2m`,
+/// `coarse_5/t2m`); `None` when it is not a cubeload cube.
+#[must_use]
+pub fn cube_node_paths(root: &[u8]) -> Option<std::collections::BTreeSet<String>> {
     let root: serde_json::Value = serde_json::from_slice(root).ok()?;
     root.get("attributes")?.get("cubeload")?;
     let nodes = root.get("consolidated_metadata")?.get("metadata")?.as_object()?;
-    Some(nodes.keys().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
+    Some(nodes.keys().cloned().collect())
 }
 
 #[cfg(feature = "s3")]

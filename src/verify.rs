@@ -28,6 +28,9 @@ use crate::loader::LoaderError;
 use crate::loader::assemble::{Assembler, Transform};
 use crate::loader::sampler::ChunkId;
 
+/// How [`verify`] begins the problem of a cube whose generation did not finish.
+const INCOMPLETE: &str = "incomplete cube";
+
 /// One thing wrong with a cube.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -74,6 +77,12 @@ impl VerifyReport {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
     }
+
+    /// Whether the one thing wrong is that the cube's generation did not finish.
+    #[must_use]
+    pub fn only_incomplete(&self) -> bool {
+        matches!(&self.problems[..], [only] if only.message.starts_with(INCOMPLETE))
+    }
 }
 
 /// Checks the cube at `path`; see the module docs. Damage is reported in the [`VerifyReport`], not as an
@@ -101,7 +110,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         report.problems.push(Problem { variable: variable.to_string(), chunk, message });
     };
     if !meta.complete {
-        problem("-", None, "incomplete cube: its completion marker is missing".to_string());
+        problem("-", None, format!("{INCOMPLETE}: its completion marker is missing"));
     }
     let manifest = Manifest::load(path)?;
     for line in &manifest.unreadable {
@@ -182,8 +191,9 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
                     }
                 }
                 Some((record, None)) => bytes += record.len.unwrap_or(0),
-                // An interrupted generation has not written it yet.
-                None if !meta.complete && !path.join(&key).exists() => {}
+                // An interrupted generation had not finished it: not written yet, or cut short as the run
+                // stopped (its block is redone when the run resumes).
+                None if !meta.complete => continue,
                 None if manifest.header.is_some() => {
                     problem(&v.name, chunk, format!("file {key}{holding}: not in the manifest"));
                 }

@@ -391,19 +391,26 @@ fn existing_outputs_are_never_modified() {
     std::fs::create_dir(cube.join("analysis")).unwrap();
     std::fs::write(cube.join("analysis/result.csv"), b"mine").unwrap();
     std::fs::write(cube.join("notes.txt"), b"mine").unwrap();
+    std::fs::write(cube.join("t2m/notes.txt"), b"mine").unwrap();
+    // What file browsers leave is not the user's.
+    std::fs::write(cube.join(".DS_Store"), b"").unwrap();
     let before = snapshot(&cube);
     for flag in ["--overwrite", "--append"] {
         let out = cubeload(dir.path(), &["gen", "-c", path.to_str().unwrap(), flag]);
         assert_eq!(out.status.code(), Some(2), "{flag}");
-        assert_mentions(
-            &String::from_utf8_lossy(&out.stderr),
-            &["2 entries that are not the cube's", "analysis"],
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_mentions(&stderr, &["3 entries that are not the cube's", "analysis"]);
         assert_eq!(snapshot(&cube), before, "{flag}: the cube and the files are untouched");
     }
-    // Once they are moved out, the cube is replaced as asked.
     std::fs::remove_dir_all(cube.join("analysis")).unwrap();
     std::fs::remove_file(cube.join("notes.txt")).unwrap();
+    let out = cubeload(dir.path(), &["gen", "-c", path.to_str().unwrap(), "--overwrite"]);
+    assert_mentions(
+        &String::from_utf8_lossy(&out.stderr),
+        &["holding t2m/notes.txt, which is not the cube's"],
+    );
+    // Once they are moved out, the cube is replaced as asked.
+    std::fs::remove_file(cube.join("t2m/notes.txt")).unwrap();
     assert!(cubeload(dir.path(), &["gen", "-c", path.to_str().unwrap(), "--overwrite"]).status.success());
 }
 

@@ -142,6 +142,14 @@ fn a_killed_gen_resumes_and_ends_with_the_cube_of_an_uninterrupted_run() {
     let loader = cubeload::Loader::builder(&staging).build().unwrap_err().to_string();
     assert!(loader.contains("incomplete cube") && loader.contains("resume"), "{loader}");
 
+    // verify of the half-made cube, before any damage: incomplete, nothing else (files of the blocks the
+    // kills cut short are not damage), and the way out.
+    let out = cubeload(dir, &["verify", staging.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["incomplete cube: its completion marker is missing"]);
+    assert!(stderr.contains("1 problem found: its generation did not finish"), "{stderr}");
+
     // Damage a finished chunk, as a power loss could: the resumed run must notice and redo its block.
     let damaged = a_stored_file(&staging, "t2m");
     flip_byte(&staging.join(&damaged), 20);
@@ -450,6 +458,32 @@ fn append_continues_a_series_axis_whatever_the_spacing_of_its_dates() {
         assert_eq!(meta(&dir.join("cube.zarr"))["time"]["steps"], steps);
     }
     assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-07T00:00:00Z");
+    // A date arriving between the cube's changes its steps: not an extension.
+    date("05");
+    let out = cubeload(dir, &["gen", "--append", "-c", config]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("its step 2 is 2024-06-05T00:00:00Z, the cube's 2024-06-07T00:00:00Z"),
+        "{stderr}"
+    );
+    std::fs::remove_file(series.join("ndvi_2024-06-05.tif")).unwrap();
+
+    // Month starts: two are 31 days apart, three are monthly; the third continues the first two.
+    for name in ["ndvi_2024-06-01.tif", "ndvi_2024-06-03.tif", "ndvi_2024-06-07.tif"] {
+        std::fs::remove_file(series.join(name)).unwrap();
+    }
+    let month = |m: u32| {
+        let from = dir.join("inputs/ndvi/ndvi_2024-06-01.tif");
+        std::fs::copy(from, series.join(format!("ndvi_2024-{m:02}-01.tif"))).unwrap();
+    };
+    month(1);
+    month(2);
+    run_gen(dir, &["--overwrite", "-c", config]);
+    month(3);
+    run_gen(dir, &["--append", "-c", config]);
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["steps"], 3);
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["step"], "1mo");
 }
 
 /// A run stopped between the two renames of its swap (the previous cube moved aside, the new one not yet in
