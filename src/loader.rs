@@ -381,7 +381,7 @@ impl LoaderBuilder {
         let prefetch = self.prefetch.unwrap_or_else(|| default_prefetch(assembler.batch_bytes()));
         if let Some(readahead) = &readahead {
             // Room for the reads of every batch within the prefetch depth and in the readers' hands, twice.
-            let jobs = prefetch + self.threads + self.fetchers;
+            let jobs = prefetch.saturating_add(self.threads).saturating_add(self.fetchers);
             readahead
                 .set_capacity(jobs.saturating_mul(self.mix).saturating_mul(2 * assembler.variable_count()));
         }
@@ -502,14 +502,16 @@ impl LoaderBuilder {
             total_jobs,
             // No further ahead than the run has jobs: the channel holds a place for each job ahead.
             ahead: prefetch.div_ceil(per_job).clamp(1, total_jobs.max(1)),
-            hint_ahead: HINT_AHEAD * self.threads,
+            hint_ahead: HINT_AHEAD.saturating_mul(self.threads),
             skip_corrupt: self.on_corrupt == OnCorrupt::Skip,
         });
-        let (tx, rx) = crossbeam_channel::bounded(shared.ahead + self.threads.max(1));
+        // Readers past one per job of the run would find nothing to read (and each has a place in the channel).
+        let readers = self.threads.min(total_jobs.max(1));
+        let (tx, rx) = crossbeam_channel::bounded(shared.ahead + readers.max(1));
         let mut loader = Loader {
             shared,
             rx,
-            workers: Vec::with_capacity(self.threads + self.fetchers),
+            workers: Vec::new(),
             pending: BTreeMap::new(),
             current: Vec::new().into_iter(),
             next_job: first_job,
@@ -522,22 +524,22 @@ impl LoaderBuilder {
         // Named, so that a profiler or a stuck process shows whose threads these are. Where the system
         // starts no more, the loader is dropped, which stops and joins those already started.
         let fetchers = if loader.shared.readahead.is_some() { self.fetchers } else { 0 };
-        for i in 0..self.threads + fetchers {
+        for i in 0..readers.saturating_add(fetchers) {
             let (shared, tx) = (loader.shared.clone(), tx.clone());
-            let started = if i < self.threads {
+            let started = if i < readers {
                 std::thread::Builder::new()
                     .name(format!("cubeload-reader-{i}"))
                     .spawn(move || reader_loop(&shared, &tx))
             } else {
                 std::thread::Builder::new()
-                    .name(format!("cubeload-fetch-{}", i - self.threads))
+                    .name(format!("cubeload-fetch-{}", i - readers))
                     .spawn(move || fetch_loop(&shared))
             };
             match started {
                 Ok(handle) => loader.workers.push(handle),
                 Err(source) => {
                     return Err(LoaderError::Threads {
-                        asked: (self.threads, fetchers),
+                        asked: (readers, fetchers),
                         started: loader.workers.len(),
                         source,
                     });

@@ -773,8 +773,10 @@ fn options_that_leave_no_batch_or_make_no_sense_are_refused() {
     for rank in [0, batches - 1] {
         assert_eq!(collect(Loader::builder(cube).shard(rank, batches).build().unwrap()).len(), 1);
     }
-    // A prefetch depth past the whole run reads ahead as far as the run goes, without room for the rest.
+    // A prefetch depth past the whole run reads ahead as far as the run goes, without room for the rest, and
+    // readers past one per batch of the run are not started.
     assert_eq!(collect(Loader::builder(cube).prefetch(1 << 40).build().unwrap()).len(), batches);
+    assert_eq!(collect(Loader::builder(cube).threads(1 << 40).build().unwrap()).len(), batches);
 }
 
 #[test]

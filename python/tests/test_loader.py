@@ -410,7 +410,7 @@ with open("/proc/self/status") as status:
     size = next(int(l.split()[1]) for l in status if l.startswith("VmSize")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))
 try:
-    cubeload.Loader(sys.argv[1], threads=10_000)
+    cubeload.Loader(sys.argv[1], threads=10_000, epochs=1000)  # jobs for every thread
 except cubeload.CubeloadError as e:
     assert "cannot start the loader's threads" in str(e), e
     assert threads() == before, (before, threads())
