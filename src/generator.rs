@@ -589,28 +589,22 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     Ok(())
 }
 
-/// The first `steps` instants of the cube's time coordinate (CF units, `UNIT since 1970-01-01 00:00:00`, as
-/// the writer makes them).
+/// The first `steps` instants of the cube's time coordinate, decoded from its CF units and calendar as any
+/// CF time coordinate is.
 fn stored_times(cube: &Cube, steps: usize) -> Result<Vec<time::Instant>, GenError> {
     let fail = |message: String| CubeError::NotACube { path: cube.path().to_path_buf(), message };
     let array = cube.array("time")?;
-    let units = array.attributes().get("units").and_then(|u| u.as_str()).unwrap_or_default();
-    let unit = match units.strip_suffix(" since 1970-01-01 00:00:00") {
-        Some("days") => 86_400,
-        Some("hours") => 3600,
-        Some("minutes") => 60,
-        Some("seconds") => 1,
-        _ => {
-            return Err(
-                fail(format!("the time coordinate's units `{units}` are not a cubeload cube's")).into()
-            );
-        }
-    };
+    let attribute = |key: &str| array.attributes().get(key).and_then(|a| a.as_str());
+    let cf = time::CfTime::parse(attribute("units").unwrap_or_default(), attribute("calendar"))
+        .map_err(|e| fail(format!("its time coordinate: {e}")))?;
     let subset = zarrs::array::ArraySubset::new_with_shape(vec![steps as u64]);
     let values = array
         .retrieve_array_subset_opt::<Vec<i64>>(&subset, &crate::loader::assemble::one_thread())
         .map_err(|e| fail(format!("its time coordinate cannot be read: {e}")))?;
-    Ok(values.into_iter().map(|v| v * unit).collect())
+    values
+        .into_iter()
+        .map(|v| cf.to_instant(v as f64).map_err(|e| fail(format!("its time coordinate: {e}")).into()))
+        .collect()
 }
 
 /// Decides what to do with a staging directory left by an earlier run: continue it (same fingerprint),
