@@ -941,9 +941,7 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
     }
 
     let per_thread = 2 * todo.iter().map(|&i| accumulator_bytes(plan, &blocks[i])).max().unwrap_or(0);
-    // SAFETY: sysconf only reads system constants.
-    let memory =
-        unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
+    let memory = crate::plan::physical_memory();
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let threads = thread_count(options.threads, cores, todo.len(), per_thread, memory)
         .map_err(|message| GenError::Flags { path: plan.config.output.clone(), message })?;

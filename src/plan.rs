@@ -651,9 +651,7 @@ fn check_machine(
     layout: &Layout,
     estimate: &Estimate,
 ) -> Result<(), ConfigError> {
-    // SAFETY: sysconf only reads system constants.
-    let memory =
-        unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
+    let memory = physical_memory();
     if memory > 0 && estimate.min_block_bytes > memory {
         let key = if layout.shard_x > 1 { "layout.shard" } else { "layout.batch" };
         return Err(ConfigError::invalid(
@@ -691,6 +689,14 @@ fn check_machine(
         ));
     }
     Ok(())
+}
+
+/// The machine's physical memory in bytes (0 where the system does not say).
+#[must_use]
+pub(crate) fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    u64::try_from(pages).unwrap_or(0).saturating_mul(u64::try_from(size).unwrap_or(0))
 }
 
 /// Bytes available to this user on the filesystem of `path`'s nearest existing ancestor, and that ancestor.
