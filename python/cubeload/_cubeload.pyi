@@ -16,7 +16,8 @@ def kept_buffer_bytes() -> int:
     batches whose arrays numpy has freed (at most 64 MiB of each)."""
 
 class Loader:
-    """An iterable of batches from a cubeload cube.
+    """An iterator over the batches of a cubeload cube: one pass over its ``epochs`` (a second ``for`` loop
+    over the same loader yields nothing; build another, or resume one from ``state()``).
 
     Each batch is a dict: one float32 array per variable (``[B, T]`` for pixel_series, ``[B, S, h, w]`` for
     image_sequence), ``"mask"`` (bool, ``[V, B, ...]`` in ``variables`` order: True where a value is real),

@@ -57,7 +57,7 @@ fn to_py_err(error: LoaderError) -> PyErr {
 const BATCH_KEYS: [&str; 9] =
     ["mask", "static_mask", "lat", "lon", "time_index", "epoch", "position", "chunk", "native"];
 
-/// An iterable of batches (dicts of numpy arrays) from a cubeload cube.
+/// An iterator over the batches (dicts of numpy arrays) of a cubeload cube: one pass over its epochs.
 #[pyclass(module = "cubeload._cubeload")]
 struct Loader {
     /// Dropped by hand (see `Drop`): its reader threads are not joined in a forked child, which has none
