@@ -596,6 +596,31 @@ impl Resampling {
         )
     }
 
+    /// Whether warping stored values, then unpacking the result (`stored × scale + offset`), gives what
+    /// warping the unpacked values gives. Weighted means (weights summing to one) and the mode commute with
+    /// any unpacking; selections by rank only where the scale keeps the order (a negative one swaps min and
+    /// max); a sum counts the offset once per source pixel, and a root mean square squares it.
+    #[must_use]
+    pub fn commutes_with_unpacking(self, scale: f64, offset: f64) -> bool {
+        match self {
+            Resampling::Nearest
+            | Resampling::Bilinear
+            | Resampling::Cubic
+            | Resampling::Cubicspline
+            | Resampling::Lanczos
+            | Resampling::Average => true,
+            // The mode's ties and the median of an even count are decided by the order of the values.
+            Resampling::Mode
+            | Resampling::Min
+            | Resampling::Max
+            | Resampling::Med
+            | Resampling::Q1
+            | Resampling::Q3 => scale > 0.0,
+            Resampling::Sum => offset == 0.0,
+            Resampling::Rms => offset == 0.0 && scale > 0.0,
+        }
+    }
+
     /// Whether the algorithm only ever returns one of the source values (safe for class labels).
     #[must_use]
     pub fn keeps_values(self) -> bool {

@@ -1297,7 +1297,8 @@ fn warp_steps(
         steps.iter().map(|&s| (&source.files[source.steps[s].file], source.steps[s].band)).collect();
     let warp = |bands: &[(&FileView, usize)]| {
         let nodata = (source.nodata, source.missing_value);
-        warp_window(bands, source.data_type, nodata, v.resampling, grid, window.clone())
+        let unpack = unpacks_before_warp(v).then_some((source.scale, source.offset));
+        warp_window(bands, source.data_type, nodata, unpack, v.resampling, grid, window.clone())
     };
     let same_file = |a: &(&FileView, usize), b: &(&FileView, usize)| std::ptr::eq(a.0, b.0);
     match warp(&bands) {
@@ -1312,7 +1313,15 @@ fn warp_steps(
     }
 }
 
-/// Unpacks one warped band and adds it to every target step it feeds.
+/// Whether `v`'s values are unpacked before the warp, its resampling giving another result on stored values
+/// ([`Resampling::commutes_with_unpacking`](crate::config::Resampling::commutes_with_unpacking)); otherwise
+/// [`accumulate`] unpacks what the warp gives, which then works in the source's own type (Float32 for 16-bit
+/// integers) rather than Float64.
+fn unpacks_before_warp(v: &VariablePlan) -> bool {
+    !v.resampling.commutes_with_unpacking(v.source.scale, v.source.offset)
+}
+
+/// Unpacks one warped band (unless the warp did) and adds it to every target step it feeds.
 fn accumulate(
     acc: &mut Accumulator,
     v: &VariablePlan,
@@ -1323,7 +1332,7 @@ fn accumulate(
     px: usize,
 ) {
     let (scale, offset) = (v.source.scale, v.source.offset);
-    let unpack = scale != 1.0 || offset != 0.0;
+    let unpack = (scale != 1.0 || offset != 0.0) && !unpacks_before_warp(v);
     let mut unpacked = vec![0.0; if unpack { width } else { 0 }];
     for (y, raw) in raster.chunks_exact(width.max(1)).take(rows).enumerate() {
         let row = if unpack {

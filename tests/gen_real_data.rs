@@ -170,6 +170,68 @@ fn packed_int16_on_0_360_longitudes_is_wrapped_and_unpacked() {
 }
 
 #[test]
+fn packed_values_are_unpacked_before_kernels_that_do_not_commute_with_unpacking() {
+    // tmmx is uint16 × 0.1 + 220: a sum of unpacked values counts the offset once per pixel, a root mean
+    // square squares it. The same values under a negative scale (× −0.1 + 1000) swap min and max. The
+    // reference unpacks with gdal_translate before gdalwarp.
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("tmmx_20190121.nc");
+    let negative = dir.path().join("negative.tif");
+    gdal_tool(
+        "gdal_translate",
+        &["-q", "-a_scale", "-0.1", "-a_offset", "1000", nc.to_str().unwrap(), negative.to_str().unwrap()],
+    );
+    let grid = TestGrid { bbox: [-91.0, 27.0, -84.6, 32.0], res: 0.2 };
+    let variable = |name: &str, path: &std::path::Path, resampling: &str| {
+        format!("  {name}: {{ path: {}, static: true, resampling: {resampling} }}\n", path.display())
+    };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n{}{}{}{}",
+            grid.yaml(),
+            variable("total", &nc, "sum"),
+            variable("rms", &nc, "rms"),
+            variable("warmest", &negative, "max"),
+            variable("coldest", &negative, "min"),
+        ),
+    );
+    for (name, source, resampling) in [
+        ("total", &nc, "sum"),
+        ("rms", &nc, "rms"),
+        ("warmest", &negative, "max"),
+        ("coldest", &negative, "min"),
+    ] {
+        let unpacked = dir.path().join(format!("{name}.vrt"));
+        gdal_tool(
+            "gdal_translate",
+            &[
+                "-q",
+                "-of",
+                "VRT",
+                "-unscale",
+                "-ot",
+                "Float64",
+                source.to_str().unwrap(),
+                unpacked.to_str().unwrap(),
+            ],
+        );
+        let (w, h, reference) = gdalwarp(unpacked.to_str().unwrap(), grid, resampling, dir.path());
+        let values = read_f32(&cube, name, None, h as u64, w as u64);
+        let valid = assert_close_area(name, &values, &reference[0], w, 1e-5, 0.01);
+        assert!(valid > w * h / 3, "{name}: {valid} cells compared (the rest is sea)");
+    }
+    // Physical values, not stored ones: a sum of some 23 kelvin temperatures per cell, a maximum of the
+    // negatively scaled ones (1000 − 0.1 × stored) above their minimum.
+    let total = read_f32(&cube, "total", None, 25, 32).into_iter().fold(f32::NAN, f32::max);
+    assert!(total > 20.0 * 250.0, "largest sum of kelvins: {total}");
+    let (warmest, coldest) =
+        (read_f32(&cube, "warmest", None, 25, 32), read_f32(&cube, "coldest", None, 25, 32));
+    assert!(warmest.iter().zip(&coldest).all(|(w, c)| w >= c || w.is_nan() || c.is_nan()), "max below min");
+    assert!(warmest.iter().zip(&coldest).any(|(w, c)| w > c), "max and min never differ");
+}
+
+#[test]
 fn calendar_360_day_times_and_values() {
     let dir = tempfile::tempdir().unwrap();
     let nc = shared_data("tos_O1_2001-2002.nc");

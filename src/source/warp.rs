@@ -4,8 +4,10 @@
 //! The bands to read are first gathered in an in-memory VRT: it selects the time steps, attaches a CRS or
 //! geotransform that the file lacks, and mosaics a 0…360° grid with its −360° copy. The warp then writes into
 //! an in-memory Float64 raster that covers the window rows of the target grid, with NaN where nothing is known.
-//! Values come back raw (packed); the caller unpacks them, which is exact for every resampling because all
-//! of GDAL's kernels are weighted means or selections of source values.
+//! Values come back raw (packed), and the caller unpacks them, where the resampling commutes with unpacking
+//! (weighted means, and selections under a positive scale: [`Resampling::commutes_with_unpacking`]). For the
+//! others (a sum or root mean square of values with an offset, min or max under a negative scale) a second
+//! VRT over the first unpacks before the warp, in Float64.
 
 use std::ffi::{CString, c_char};
 use std::fmt::Write;
@@ -60,33 +62,7 @@ pub fn vrt_xml(
     debug_assert!(bands.iter().all(|(f, _)| f.same_grid(file)), "bands of one VRT share a grid");
     let (w, h) = file.size;
     let mut xml = String::new();
-    let (width, copies, header) = match &file.georef {
-        Georef::Transform { geotransform: gt, wkt, wrap_cols } => {
-            let (width, copies, x0) = match wrap_cols {
-                // Copy at −360° first (offset 0), then the original (offset = 360° in cells).
-                Some(cols) => (cols + w, vec![0, *cols], gt[0] - *cols as f64 * gt[1]),
-                None => (w, vec![0], gt[0]),
-            };
-            let header = format!(
-                "<SRS dataAxisToSRSAxisMapping=\"{}\">{}</SRS><GeoTransform>{x0:.17e},{:.17e},{:.17e},{:.17e},{:.17e},{:.17e}</GeoTransform>",
-                axis_mapping(wkt),
-                xml_escape(wkt),
-                gt[1],
-                gt[2],
-                gt[3],
-                gt[4],
-                gt[5]
-            );
-            (width, copies, header)
-        }
-        Georef::Geolocation { metadata } => {
-            let items = metadata.iter().fold(String::new(), |mut items, (k, v)| {
-                let _ = write!(items, "<MDI key=\"{}\">{}</MDI>", xml_escape(k), xml_escape(v));
-                items
-            });
-            (w, vec![0], format!("<Metadata domain=\"GEOLOCATION\">{items}</Metadata>"))
-        }
-    };
+    let (width, copies, header) = georeferencing(file);
     let _ = write!(xml, "<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{h}\">{header}");
     let type_name = gdal_type_name(data_type);
     for (i, (file, band)) in bands.iter().enumerate() {
@@ -113,6 +89,71 @@ pub fn vrt_xml(
     xml
 }
 
+/// A Float64 VRT of `bands` unpacked (`stored × scale + offset`): each band reads its own [`vrt_xml`] (given
+/// inline), leaving out its nodata pixels, which read as NaN.
+fn unpacked_vrt_xml(
+    bands: &[(&FileView, usize)],
+    data_type: GdalDataType,
+    (nodata, missing_value): (Option<f64>, Option<f64>),
+    (scale, offset): (f64, f64),
+) -> String {
+    let file = bands.first().expect("at least one band").0;
+    let (width, _, header) = georeferencing(file);
+    let h = file.size.1;
+    let mut xml = format!("<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{h}\">{header}");
+    for (i, band) in bands.iter().enumerate() {
+        let raw = xml_escape(&vrt_xml(std::slice::from_ref(band), data_type, nodata, missing_value));
+        let _ = write!(xml, "<VRTRasterBand dataType=\"Float64\" band=\"{}\">", i + 1);
+        let left_out = nodata.map_or(String::new(), |nodata| {
+            xml.push_str("<NoDataValue>nan</NoDataValue>");
+            format!("<NODATA>{}</NODATA>", format_nodata(nodata))
+        });
+        let _ = write!(
+            xml,
+            "<ComplexSource><SourceFilename relativeToVRT=\"0\">{raw}</SourceFilename><SourceBand>1</SourceBand>\
+             <SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{width}\" ySize=\"{h}\"/>\
+             <DstRect xOff=\"0\" yOff=\"0\" xSize=\"{width}\" ySize=\"{h}\"/>{left_out}\
+             <ScaleOffset>{offset:.17e}</ScaleOffset><ScaleRatio>{scale:.17e}</ScaleRatio></ComplexSource>\
+             </VRTRasterBand>"
+        );
+    }
+    xml.push_str("</VRTDataset>");
+    xml
+}
+
+/// A VRT's georeferencing of `file`: its width (a 0…360° grid gets a copy at −360° before it), the offsets of
+/// its copies, and the XML of its CRS and geotransform or geolocation arrays.
+fn georeferencing(file: &FileView) -> (usize, Vec<usize>, String) {
+    let w = file.size.0;
+    match &file.georef {
+        Georef::Transform { geotransform: gt, wkt, wrap_cols } => {
+            let (width, copies, x0) = match wrap_cols {
+                // Copy at −360° first (offset 0), then the original (offset = 360° in cells).
+                Some(cols) => (cols + w, vec![0, *cols], gt[0] - *cols as f64 * gt[1]),
+                None => (w, vec![0], gt[0]),
+            };
+            let header = format!(
+                "<SRS dataAxisToSRSAxisMapping=\"{}\">{}</SRS><GeoTransform>{x0:.17e},{:.17e},{:.17e},{:.17e},{:.17e},{:.17e}</GeoTransform>",
+                axis_mapping(wkt),
+                xml_escape(wkt),
+                gt[1],
+                gt[2],
+                gt[3],
+                gt[4],
+                gt[5]
+            );
+            (width, copies, header)
+        }
+        Georef::Geolocation { metadata } => {
+            let items = metadata.iter().fold(String::new(), |mut items, (k, v)| {
+                let _ = write!(items, "<MDI key=\"{}\">{}</MDI>", xml_escape(k), xml_escape(v));
+                items
+            });
+            (w, vec![0], format!("<Metadata domain=\"GEOLOCATION\">{items}</Metadata>"))
+        }
+    }
+}
+
 /// Geographic CRSs declare lat/lon axis order; raster data is always x (lon) first.
 fn axis_mapping(wkt: &str) -> &'static str {
     let swapped = gdal::spatial_ref::SpatialRef::from_wkt(wkt).is_ok_and(|s| {
@@ -130,7 +171,7 @@ fn format_nodata(v: f64) -> String {
 /// of `grid`. One warp serves every band: GDAL transforms the window's coordinates once for all of them, so
 /// an archive of images on one tile pays for its projection once, not once per date.
 /// Returns the `rows × columns` rasters of the bands one after the other, row-major, NaN where no source
-/// pixel contributes.
+/// pixel contributes: stored values, or with `unpack` = `(scale, offset)` unpacked values.
 ///
 /// # Errors
 /// [`SourceError::Gdal`] naming the first file when GDAL fails (warp the files one by one to know which).
@@ -138,6 +179,7 @@ pub fn warp_window(
     bands: &[(&FileView, usize)],
     data_type: GdalDataType,
     (nodata, missing_value): (Option<f64>, Option<f64>),
+    unpack: Option<(f64, f64)>,
     resampling: Resampling,
     grid: &Grid,
     (window_rows, window_cols): (Range<usize>, Range<usize>),
@@ -146,7 +188,12 @@ pub fn warp_window(
     let (col0, cols) = (window_cols.start, window_cols.len());
     let file = bands.first().expect("at least one band").0;
     let fail = |message: String| SourceError::Gdal { path: file.path.clone(), message };
-    let xml = vrt_xml(bands, data_type, nodata, missing_value);
+    let (xml, data_type) = match unpack {
+        Some(unpack) => {
+            (unpacked_vrt_xml(bands, data_type, (nodata, missing_value), unpack), GdalDataType::Float64)
+        }
+        None => (vrt_xml(bands, data_type, nodata, missing_value), data_type),
+    };
     let source = Dataset::open(&xml).map_err(|e| fail(format!("cannot open it through a VRT: {e}")))?;
     // The warp writes straight into `out`: a MEM dataset whose bands are views of it. NaN before the warp
     // too: GDAL skips a window that no source pixel reaches, without applying `INIT_DEST`.
