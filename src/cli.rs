@@ -172,6 +172,26 @@ pub fn run(torch: Option<&Torch>) -> i32 {
     }
 }
 
+/// Writes to standard output. A reader that has gone (`cubeload info | head`) ends the command quietly, as
+/// it ends other command-line tools, where `println!` would panic; another failure (a full disk under a
+/// redirection) is an error and exit code 1. Commands print when their work is done, so nothing is lost.
+pub fn print(text: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        exit(1);
+    }
+}
+
+/// [`print()`] with `format!`'s arguments and a newline, as `println!`.
+macro_rules! say {
+    () => { print(format_args!("\n")) };
+    ($($arg:tt)*) => { print(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// Ends the process with `code` once a command is done: flushes standard output and error, then leaves
 /// with `_exit`, skipping the static destructors of the linked libraries (libtorch's unregister thousands of
 /// operators: a tenth of a second after every command).
@@ -212,10 +232,10 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             }
             let report = crate::verify::verify(&cube)?;
             for problem in &report.problems {
-                println!("{problem}");
+                say!("{problem}");
             }
             if report.is_ok() {
-                println!(
+                say!(
                     "{}: OK ({} chunks in {} files decoded, {:.1} MB checked against the manifest)",
                     report.path.display(),
                     report.chunks,
@@ -223,7 +243,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                     report.bytes as f64 / 1e6
                 );
                 if !report.sealed {
-                    println!(
+                    say!(
                         "note: this cube's manifest, from an earlier build of cubeload, has no checksums of \
                          its metadata and coordinates: those were only checked to decode"
                     );
@@ -241,15 +261,15 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
         Command::Info { cube, json } => {
             let cube = Cube::open(&cube)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&info::json(&cube)).expect("serializable"));
+                say!("{}", serde_json::to_string_pretty(&info::json(&cube)).expect("serializable"));
             } else {
-                print!("{}", info::table(&cube));
+                print(format_args!("{}", info::table(&cube)));
             }
             Ok(())
         }
         Command::Quicklook { cube, variable, time, out } => {
             crate::plot::quicklook(&Cube::open(&cube)?, &variable, time, &out)?;
-            println!("wrote {}", out.display());
+            say!("wrote {}", out.display());
             Ok(())
         }
         Command::Bench {
@@ -291,9 +311,9 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 eprintln!("wrote {}", path.display());
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+                say!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
             } else {
-                print!("{}", bench_table(&report, true));
+                print(format_args!("{}", bench_table(&report, true)));
             }
             Ok(())
         }
@@ -305,18 +325,18 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             );
             let report = demo::build_cube(&dir, &demo::DemoSpec::default(), threads)?;
             print_summary(&report);
-            println!();
-            print!("{}", info::table(&Cube::open(&report.path)?));
+            say!();
+            print(format_args!("{}", info::table(&Cube::open(&report.path)?)));
             let torch = torch();
             if epochs > 0 {
-                println!();
+                say!();
                 (torch.train_demo)(&report.path, epochs)?;
             }
-            println!();
+            say!();
             let options =
                 BenchOptions { image_batches: 4, deliver: torch.deliver, ..BenchOptions::default() };
             let report = crate::bench::run(&report.path, &options, &dir)?;
-            print!("{}", bench_table(&report, false));
+            print(format_args!("{}", bench_table(&report, false)));
             Ok(())
         }
     }
@@ -620,7 +640,7 @@ fn print_summary(report: &GenReport) {
         String::new()
     };
     if let Some(part) = report.part {
-        println!(
+        say!(
             "part {part}: wrote its {} blocks{reused} in {:.1} s into {}; when every part is done, run \
              `cubeload gen -c CONFIG --finalize`",
             report.blocks,
@@ -641,7 +661,7 @@ fn print_summary(report: &GenReport) {
     } else {
         format!("{} × {} (lat × lon, static variables only)", meta.shape[1], meta.shape[2])
     };
-    println!(
+    say!(
         "wrote {} in {:.1} s: {} variable{}, {extent}, chunk = batch ({chunk}), {} blocks",
         report.path.display(),
         report.seconds,
@@ -650,7 +670,7 @@ fn print_summary(report: &GenReport) {
         report.blocks
     );
     if report.reused > 0 {
-        println!("{} of the blocks were kept from an interrupted run or the previous cube", report.reused);
+        say!("{} of the blocks were kept from an interrupted run or the previous cube", report.reused);
     }
     // A bbox or time axis may meet a variable's sources within the margins the plan allows, yet give it no
     // value at all.

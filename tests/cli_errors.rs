@@ -485,6 +485,35 @@ fn info_refuses_incomplete_cubes_and_non_cubes() {
     assert_mentions(&String::from_utf8_lossy(&out.stderr), &["not a Zarr"]);
 }
 
+/// `cubeload info CUBE | head` is everyday use: a reader that stops reading ends the command quietly (it
+/// panicked, exit code 101); standard output that cannot be written (a full disk) is an error, exit code 1.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly_and_to_a_full_disk_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cube = gen_ok(dir.path(), &era5_config());
+    for args in [&["info", cube.to_str().unwrap()][..], &["info", "--json", cube.to_str().unwrap()][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubeload"))
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubeload"))
+            .args(["info", cube.to_str().unwrap()])
+            .stdout(full)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_mentions(&String::from_utf8_lossy(&out.stderr), &["cannot write to standard output"]);
+    }
+}
+
 /// `demo` and `bench` run in `cubeload-torch` (the binary linked with libtorch); a `cubeload` without it beside
 /// it says where it looked and how to build it, exit code 1, and writes nothing.
 #[test]

@@ -60,12 +60,12 @@ fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
         .prefetch(8)
         .build()?;
     let (variables, _) = loader.variable_names();
-    println!(
-        "training an LSTM (next-hour t2m from {}) for {epochs} epochs of {} batches on {:?}",
+    cubeload::cli::print(format_args!(
+        "training an LSTM (next-hour t2m from {}) for {epochs} epochs of {} batches on {:?}\n",
         variables.join(", "),
         loader.batches_per_epoch(),
         device()
-    );
+    ));
     tch::manual_seed(0);
     let vs = tch::nn::VarStore::new(device());
     let model = LstmForecaster::new(&vs.root(), variables.len(), 32, 0);
@@ -76,7 +76,8 @@ fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
         1e-2,
         |x, mask| model.loss(x, mask),
         |epoch, loss| {
-            println!("epoch {epoch} loss {loss:.4} ({:.1} s)", started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
+            cubeload::cli::print(format_args!("epoch {epoch} loss {loss:.4} ({seconds:.1} s)\n"));
         },
     )
     .map_err(|e| match e {
