@@ -72,6 +72,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
+    if args.steps_log:
+        args.steps_log.mkdir(parents=True, exist_ok=True)
     log = open(args.steps_log / f"rank{rank}.jsonl", "a") if args.steps_log else None
 
     for epoch in range(first_epoch, args.epochs):

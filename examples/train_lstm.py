@@ -1,4 +1,4 @@
-"""Trains a PyTorch LSTM on a cubeload cube: predict the next step of the first variable from all variables.
+"""Trains a PyTorch LSTM on a pixel_series cube: predict the next step of the first variable from all variables.
 
     python examples/train_lstm.py CUBE [--epochs 5] [--workers 2]
 
@@ -33,13 +33,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     dataset = CubeDataset(args.cube, seed=42, mix=4, normalize=True)
+    probe = dataset.loader()  # the cube's layout and variables; dropped before the workers start
+    layout, names = probe.layout, probe.variables
+    del probe
+    if layout != "pixel_series":
+        raise SystemExit(f"{args.cube}: an LSTM reads pixel time series; this cube's layout is {layout}")
     loader = DataLoader(dataset, batch_size=None, num_workers=args.workers)
     model, optimizer = None, None
     for epoch in range(args.epochs):
         dataset.set_epoch(epoch)
         total, count = 0.0, 0
         for batch in loader:
-            names = [k for k in batch if k not in ("mask", "lat", "lon", "time_index", "epoch", "position", "chunk")]
             x = torch.stack([batch[name] for name in names], dim=-1)  # [B, T, V]
             valid = batch["mask"][0].float()  # mask of the target (first variable), [B, T]
             if model is None:

@@ -34,7 +34,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
         /// Worker threads (default: all cores).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: Option<usize>,
         /// Replace an existing cube at the output path (never anything that is not a cube), and discard a
         /// half-made one left by an interrupted run of another configuration. With --append, only the latter.
@@ -127,7 +127,7 @@ enum Command {
         #[arg(long, default_value_os_t = demo::default_dir())]
         dir: PathBuf,
         /// Worker threads (default: all cores).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: Option<usize>,
         /// Epochs of the short training run (0 to skip it).
         #[arg(long, default_value_t = 3)]

@@ -94,7 +94,7 @@ pub struct Config {
     /// Variables by name, in the order the loader delivers them.
     pub variables: VariableMap,
     /// Free-form attributes copied to the cube's root group (title, license, ...).
-    #[serde(default, alias = "output_metadata")]
+    #[serde(default, alias = "output_metadata", deserialize_with = "metadata_map")]
     pub metadata: BTreeMap<String, serde_json::Value>,
 
     /// xcube alias: `[width, height]` of the target grid.
@@ -136,6 +136,30 @@ impl<'de> Deserialize<'de> for VariableMap {
         }
         deserializer.deserialize_map(Visitor)
     }
+}
+
+/// `metadata:`, whose keys must differ (YAML lets the last of two equal keys win without a word).
+fn metadata_map<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, serde_json::Value>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = BTreeMap<String, serde_json::Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a mapping of attribute names to values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!("metadata `{key}` is given twice")));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_map(Visitor)
 }
 
 /// The target grid: geographic lon/lat (EPSG:4326), north-up.
@@ -770,6 +794,13 @@ impl Config {
         if self.variables.0.is_empty() {
             return Err(ConfigError::invalid("variables", "at least one variable is required"));
         }
+        // `{ title: NDVI, 2015-2017 }` is a title and a key `2015-2017` without a value.
+        if let Some((key, _)) = self.metadata.iter().find(|(_, value)| value.is_null()) {
+            return Err(ConfigError::invalid(
+                format!("metadata.{key}"),
+                "has no value (a comma inside `{ ... }` starts a new key: quote a text that holds one)",
+            ));
+        }
         if self.metadata.contains_key("cubeload") {
             return Err(ConfigError::invalid(
                 "metadata.cubeload",
@@ -1120,6 +1151,16 @@ variables:
         assert!(region.starts_with("config key `output_region`"), "{region}");
         let size = error("[240, 160]", "[0, 160]");
         assert!(size.starts_with("config key `output_size`"), "{size}");
+    }
+
+    #[test]
+    fn metadata_keys_without_a_value_or_given_twice_are_errors() {
+        let with = |metadata: &str| parse(&format!("{BASE}metadata: {metadata}\n"));
+        assert_eq!(with("{ title: \"NDVI, 2015-2017\" }").unwrap().metadata["title"], "NDVI, 2015-2017");
+        let comma = with("{ title: NDVI, 2015-2017 }").unwrap_err().to_string();
+        assert!(comma.contains("`metadata.2015-2017`") && comma.contains("quote"), "{comma}");
+        let twice = with("{ title: a, title: b }").unwrap_err().to_string();
+        assert!(twice.contains("`title` is given twice"), "{twice}");
     }
 
     #[test]

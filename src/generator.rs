@@ -449,9 +449,12 @@ fn check_output(output: &Path, options: &GenOptions) -> Result<(), CubeError> {
         return Err(taken("exists and is not a cubeload cube: cubeload will not replace it"));
     }
     if !options.overwrite && !options.append {
-        return Err(taken(
-            "a cube already exists here; pass --overwrite to replace it or --append to extend it",
-        ));
+        return Err(taken(if options.finalize {
+            "a finished cube is here already: --finalize completes the parts of a cube not made yet (with \
+             --overwrite, of one that replaces it)"
+        } else {
+            "a cube already exists here; pass --overwrite to replace it or --append to extend it"
+        }));
     }
     // Replacing or extending the cube replaces its directory: files of the user's put in it would go too.
     let nodes =
@@ -517,7 +520,7 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     let old = cube.meta();
     if old.grid != plan.grid {
         return Err(refuse(format!(
-            "the configured grid differs from the cube's ({:?} vs {:?})",
+            "the configured grid ({}) differs from the cube's ({})",
             plan.grid, old.grid
         )));
     }
@@ -551,8 +554,12 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
             )));
         }
     }
-    if old.compression != crate::cube::writer::compression_name(&plan.config.compression) {
-        return Err(refuse(format!("the compression differs from the cube's ({})", old.compression)));
+    let compression = crate::cube::writer::compression_name(&plan.config.compression);
+    if old.compression != compression {
+        return Err(refuse(format!(
+            "the configured compression ({compression}) differs from the cube's ({})",
+            old.compression
+        )));
     }
     let (Some(old_time), Some(axis)) = (&old.time, &plan.time) else {
         return Err(refuse("a cube without a time axis cannot grow along time".to_string()));
@@ -1111,10 +1118,8 @@ fn finish(
 fn remove_part_manifests(dir: &Path) -> Result<(), CubeError> {
     for entry in std::fs::read_dir(dir).map_err(|source| CubeError::Io { path: dir.to_path_buf(), source })? {
         let path = entry.map_err(|source| CubeError::Io { path: dir.to_path_buf(), source })?.path();
-        let is_part = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("cubeload_manifest.part-"));
+        let is_part =
+            path.file_name().and_then(|n| n.to_str()).is_some_and(crate::cube::manifest::is_part_manifest);
         if is_part {
             std::fs::remove_file(&path).map_err(|source| CubeError::Io { path: path.clone(), source })?;
         }

@@ -96,8 +96,42 @@ impl Grid {
     }
 }
 
+/// `240 × 160 cells of 0.05° × 0.05°, bbox [-10, 50, 2, 58]`, as `info` and messages show a grid.
+impl std::fmt::Display for Grid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [west, south, east, north] = self.bounds().map(degrees);
+        write!(
+            f,
+            "{} × {} cells of {}° × {}°, bbox [{west}, {south}, {east}, {north}]",
+            self.width,
+            self.height,
+            degrees(self.res_x),
+            degrees(self.res_y)
+        )
+    }
+}
+
+/// Degrees without the noise of their binary sums (`2.0500000000000007` is `2.05`): 12 significant digits
+/// are finer than any grid.
+pub(crate) fn degrees(x: f64) -> String {
+    let digits = 11 - x.abs().max(1e-300).log10().floor().clamp(-300.0, 300.0) as i32;
+    let scale = 10f64.powi(digits.clamp(0, 15));
+    format!("{}", (x * scale).round() / scale)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn degrees_drop_the_noise_of_binary_sums_not_digits() {
+        assert_eq!(super::degrees(-10.0 + 241.0 * 0.05), "2.05");
+        assert_eq!(format!("{}", -10.0 + 241.0 * 0.05), "2.0500000000000007", "the sum is noisy");
+        for (x, shown) in
+            [(0.0, "0"), (-179.875, "-179.875"), (0.000_277_777_777_8, "0.0002777777778"), (58.0, "58")]
+        {
+            assert_eq!(super::degrees(x), shown);
+        }
+    }
+
     use super::*;
     use crate::config::Resolution;
 

@@ -395,10 +395,19 @@ fn resolve_time(config: &Config, sources: &[Source]) -> Result<Option<TimeAxis>,
         .collect();
     let Some(time) = &config.time else {
         if let Some(name) = varying.first() {
+            // A file of one dated image (a daily map) is a series of one step: perhaps meant as a map.
+            let one_step =
+                sources[config.variables.0.iter().position(|(n, _)| n == name).expect("listed")].steps.len()
+                    == 1;
+            let or_static = if one_step {
+                format!(", or `variables.{name}.static: true` to use its one dated image as a map")
+            } else {
+                String::new()
+            };
             return Err(ConfigError::invalid(
                 "time",
                 format!(
-                    "missing, but variable `{name}` has a time axis (give start/end/step or `from: {name}`)"
+                    "missing, but variable `{name}` has a time axis (give start/end/step or `from: {name}`{or_static})"
                 ),
             ));
         }

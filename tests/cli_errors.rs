@@ -57,6 +57,12 @@ fn config_errors_exit_2_and_name_the_key() {
             vec!["resampling"],
         ),
         (era5_config().replace("time: { from: t2m }\n", ""), vec!["time", "t2m"]),
+        // A file of one dated map (a daily maximum): a series of one step, or a map with `static: true`.
+        (
+            config(&format!("  tmax: {{ path: {} }}\n", shared_data("tmmx_20190121.nc").display()))
+                .replace(GRID, "grid: { bbox: [-91.0, 27.0, -84.6, 32.0], resolution: 0.2 }"),
+            vec!["config key `time`", "`variables.tmax.static: true`"],
+        ),
         (era5_config().replace("variables:", "variables: {}\nx:"), vec!["line"]),
     ];
     for (text, parts) in cases {
@@ -545,6 +551,18 @@ fn bench_refuses_a_max_pass_time_that_is_not_positive() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_mentions(&stderr, &["--max-pass-seconds", &format!("`{bad}` is not a number of seconds")]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{bad}: nothing is written");
+    }
+}
+
+/// No threads is a usage error for every command that takes `--threads` (gen took it as "all cores").
+#[test]
+fn zero_threads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["gen", "-c", "cube.yaml"][..], &["demo", "--dir", "work"][..], &["bench"][..]] {
+        let out = cubeload(dir.path(), &[args, &["--threads", "0"]].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_mentions(&String::from_utf8_lossy(&out.stderr), &["'0' for '--threads"]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{args:?}: nothing is written");
     }
 }
 

@@ -2,7 +2,7 @@
 //! sources onto the same grid, and time axes compared with the sources' own decoded times.
 
 use crate::util::{
-    TestGrid, array, assert_close, assert_close_area, gdal_tool, gdalwarp, gen_ok, meta, read_f32,
+    TestGrid, array, assert_close, assert_close_area, cubeload, gdal_tool, gdalwarp, gen_ok, meta, read_f32,
     shared_data,
 };
 
@@ -360,6 +360,11 @@ fn sentinel2_irregular_dates_equal_gdalwarp_per_date() {
     let chunk: Vec<u64> = chunk.iter().map(|c| c.get()).collect();
     assert!(chunk == [8, 64, 64] || chunk[1] == 64, "chunk (or shard) of 2 × 2 patches of 32: {chunk:?}");
     assert_eq!(ndvi.shape(), &[72, 128, 192], "padded to whole batches");
+    // `info` gives the real and the stored lengths, as the README says xarray shows the stored ones.
+    let info = cubeload(dir.path(), &["info", cube.to_str().unwrap()]);
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("68 steps") && info.contains("stored as 72 (padded"), "{info}");
+    assert!(info.contains("130 × 91 cells") && info.contains("stored as 192 × 128 (padded"), "{info}");
 
     let source = format!("NETCDF:\"{}\":NDVI", nc.display());
     let (w, h, reference) = gdalwarp(&source, grid, "bilinear", dir.path());

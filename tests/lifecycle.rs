@@ -420,10 +420,19 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     std::fs::write(&seven_days, text.replace("06-07T23", "06-08T23")).unwrap();
     let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("compression (zstd(9)) differs from the cube's (zstd(3))"), "{stderr}");
+    // A changed grid: refused, both grids said as `info` says them.
+    let text = std::fs::read_to_string(&seven_days).unwrap().replace("level: 9", "level: 3");
+    std::fs::write(&seven_days, text.replace("resolution: 0.01", "resolution: 0.02")).unwrap();
+    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("compression"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains(
+            "grid (75 × 50 cells of 0.02° × 0.02°, bbox [9.5, 45, 11, 46]) differs from the cube's (150 × 100"
+        ),
+        "{stderr}"
     );
 }
 
@@ -535,6 +544,12 @@ fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("--finalize"));
     }
     assert!(!dir.join("cube.zarr").exists());
+    // `info` says what comes next: the parts, then --finalize (not a whole run, which must not run beside
+    // parts).
+    let info = cubeload(dir, &["info", "cube.zarr"]);
+    assert_eq!(info.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&info.stderr);
+    assert!(stderr.contains("parts of its generation") && stderr.contains("--finalize"), "{stderr}");
     let early = cubeload(dir, &["gen", "--finalize", "-c", config]);
     assert_eq!(early.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&early.stderr);
@@ -546,6 +561,11 @@ fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
     assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
     let verify = cubeload(dir, &["verify", "cube.zarr"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    // Finalized twice: there is nothing left to finalize, not a cube to --overwrite or --append.
+    let again = cubeload(dir, &["gen", "--finalize", "-c", config]);
+    assert_eq!(again.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("a finished cube is here already"), "{stderr}");
 
     let bad = cubeload(dir, &["gen", "--part", "3/3", "-c", config]);
     assert_eq!(bad.status.code(), Some(2));

@@ -466,6 +466,16 @@ def test_example_training_loss_falls(pixel_cube):
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], out.stdout
 
 
+def test_example_refuses_an_image_sequence_cube(image_cube):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_lstm.py"
+    out = subprocess.run([sys.executable, example, str(image_cube), "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "layout is image_sequence" in out.stderr, out.stderr
+
+
 def test_multiresolution_regrid_target_and_native(multires_cube):
     """The demo inputs with t2m kept at its native 0.25° (a 25 × 25 level, bilinear): the loader's target
     batches equal xarray's linear interpolation of the level between cell centres, and native batches carry

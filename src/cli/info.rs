@@ -69,28 +69,25 @@ pub(crate) fn table(cube: &Cube) -> String {
         if layout.shuffled.is_some() { format!("{cy} × {ct}") } else { format!("{ct} × {cy} × {cx}") };
     let _ = writeln!(out, "chunks     {chunk} = one batch; {counts} = {} batches{shards}", ct * cy * cx);
     let grid = &meta.grid;
-    let bounds = grid.bounds();
-    let stored = if layout.shuffled.is_some() {
-        format!("{} samples", meta.padded_shape[1])
+    let [_, height, width] = meta.shape;
+    let [padded_steps, padded_height, padded_width] = meta.padded_shape;
+    let stored = if layout.shuffled.is_some() && padded_height > height * width {
+        format!(", stored as {padded_height} samples (padded to whole batches)")
+    } else if layout.shuffled.is_none() && (padded_height, padded_width) != (height, width) {
+        format!(", stored as {padded_width} × {padded_height} (padded to whole batches)")
     } else {
-        format!("{} × {}", meta.padded_shape[2], meta.padded_shape[1])
+        String::new()
     };
-    let _ = writeln!(
-        out,
-        "grid       {} × {} cells of {}° × {}°, bbox [{}, {}, {}, {}] (EPSG:4326), stored as {stored} (padded to whole batches)",
-        grid.width,
-        grid.height,
-        degrees(grid.res_x),
-        degrees(grid.res_y),
-        degrees(bounds[0]),
-        degrees(bounds[1]),
-        degrees(bounds[2]),
-        degrees(bounds[3]),
-    );
+    let _ = writeln!(out, "grid       {grid} (EPSG:4326){stored}");
     match &meta.time {
         Some(t) => {
             let step = t.step.as_deref().map_or_else(|| "irregular".to_string(), |s| format!("step {s}"));
-            let _ = writeln!(out, "time       {} steps, {} … {}, {step}", t.steps, t.start, t.end);
+            let padded = if padded_steps > t.steps {
+                format!(", stored as {padded_steps} (padded to whole batches)")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "time       {} steps, {} … {}, {step}{padded}", t.steps, t.start, t.end);
         }
         None => {
             let _ = writeln!(out, "time       none (static variables only)");
@@ -194,24 +191,5 @@ pub(crate) fn table(cube: &Cube) -> String {
     out
 }
 
-/// Degrees without the noise of their binary sums (`2.0500000000000007` is `2.05`): 12 significant digits
-/// are finer than any grid.
-fn degrees(x: f64) -> String {
-    let digits = 11 - x.abs().max(1e-300).log10().floor().clamp(-300.0, 300.0) as i32;
-    let scale = 10f64.powi(digits.clamp(0, 15));
-    format!("{}", (x * scale).round() / scale)
-}
-
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn degrees_drop_the_noise_of_binary_sums_not_digits() {
-        assert_eq!(super::degrees(-10.0 + 241.0 * 0.05), "2.05");
-        assert_eq!(format!("{}", -10.0 + 241.0 * 0.05), "2.0500000000000007", "the sum is noisy");
-        for (x, shown) in
-            [(0.0, "0"), (-179.875, "-179.875"), (0.000_277_777_777_8, "0.0002777777778"), (58.0, "58")]
-        {
-            assert_eq!(super::degrees(x), shown);
-        }
-    }
-}
+mod tests {}

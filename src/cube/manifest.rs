@@ -202,6 +202,18 @@ struct Seal {
     sealed: Vec<FileRecord>,
 }
 
+/// Whether `name` is the manifest of one part of a generation split by `--part K/N`.
+pub(crate) fn is_part_manifest(name: &str) -> bool {
+    name.starts_with("cubeload_manifest.part-") && Path::new(name).extension().is_some_and(|e| e == "jsonl")
+}
+
+/// Whether a part of a split generation has recorded blocks in `dir` (a cube's staging directory).
+pub(crate) fn holds_parts(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| e.file_name().to_str().is_some_and(is_part_manifest))
+    })
+}
+
 /// Everything the manifest files of a cube directory say.
 #[derive(Debug, Clone, Default)]
 pub struct Manifest {
@@ -235,11 +247,9 @@ impl Manifest {
                     .filter_map(Result::ok)
                     .map(|e| e.path())
                     .filter(|p| {
-                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                            n == MANIFEST_FILE
-                                || (n.starts_with("cubeload_manifest.part-")
-                                    && Path::new(n).extension().is_some_and(|e| e == "jsonl"))
-                        })
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n == MANIFEST_FILE || is_part_manifest(n))
                     })
                     .collect()
             })

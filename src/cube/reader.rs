@@ -117,6 +117,12 @@ fn read_root(
                          in; the previous cube is kept in {}, and the next run of `cubeload gen` puts it back",
                         previous.display()
                     )
+                } else if crate::cube::manifest::holds_parts(&staging) {
+                    format!(
+                        "no cube here yet: parts of its generation (`--part K/N`) have run (their blocks are kept \
+                         in {}); once every part has, `cubeload gen -c CONFIG --finalize` makes the cube",
+                        staging.display()
+                    )
                 } else if staging.exists() {
                     format!(
                         "no cube here yet: its generation was interrupted (the finished part is kept in {}); \
