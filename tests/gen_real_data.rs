@@ -3,7 +3,7 @@
 
 use crate::util::{
     TestGrid, array, assert_close, assert_close_area, cubeload, gdal_tool, gdalwarp, gen_ok, meta, read_f32,
-    shared_data,
+    shared_data, unpacked_vrt,
 };
 
 /// Time coordinate of a cube as ISO strings (decoded from its CF units).
@@ -140,25 +140,10 @@ fn packed_int16_on_0_360_longitudes_is_wrapped_and_unpacked() {
     assert_eq!(times.len(), 31);
     assert_eq!(times[30], "2006-01-08T18:00:00Z");
     let vrt = dir.path().join("shifted.vrt");
-    gdal_tool(
-        "gdal_translate",
-        &[
-            "-q",
-            "-of",
-            "VRT",
-            "-unscale",
-            "-ot",
-            "Float64",
-            "-a_srs",
-            "EPSG:4326",
-            "-a_ullr",
-            "-360.5625",
-            "90.5625",
-            "-0.5625",
-            "-90.5625",
-            nc.to_str().unwrap(),
-            vrt.to_str().unwrap(),
-        ],
+    unpacked_vrt(
+        &nc,
+        &vrt,
+        &["-a_srs", "EPSG:4326", "-a_ullr", "-360.5625", "90.5625", "-0.5625", "-90.5625"],
     );
     let (w, h, reference) = gdalwarp(vrt.to_str().unwrap(), grid, "bilinear", dir.path());
     let values = read_f32(&cube, "tcco2", Some(0..31), h as u64, w as u64);
@@ -203,19 +188,7 @@ fn packed_values_are_unpacked_before_kernels_that_do_not_commute_with_unpacking(
         ("coldest", &negative, "min"),
     ] {
         let unpacked = dir.path().join(format!("{name}.vrt"));
-        gdal_tool(
-            "gdal_translate",
-            &[
-                "-q",
-                "-of",
-                "VRT",
-                "-unscale",
-                "-ot",
-                "Float64",
-                source.to_str().unwrap(),
-                unpacked.to_str().unwrap(),
-            ],
-        );
+        unpacked_vrt(source, &unpacked, &[]);
         let (w, h, reference) = gdalwarp(unpacked.to_str().unwrap(), grid, resampling, dir.path());
         let values = read_f32(&cube, name, None, h as u64, w as u64);
         let valid = assert_close_area(name, &values, &reference[0], w, 1e-5, 0.01);

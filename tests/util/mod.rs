@@ -179,6 +179,15 @@ pub(crate) fn gdal_tool(tool: &str, args: &[&str]) {
     assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `gdal_translate` of `source` to a Float64 VRT at `out` with its packed values unpacked (scale and offset
+/// applied, nodata left out), with `extra` options (e.g. georeferencing to attach).
+pub(crate) fn unpacked_vrt(source: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["-q", "-of", "VRT", "-unscale", "-ot", "Float64"];
+    args.extend_from_slice(extra);
+    args.extend([source.to_str().unwrap(), out.to_str().unwrap()]);
+    gdal_tool("gdal_translate", &args);
+}
+
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
