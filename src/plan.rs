@@ -225,6 +225,14 @@ impl Plan {
                         .to_string(),
                 );
             }
+            if resampling == Resampling::Sum {
+                notes.push(
+                    "GDAL's `sum` kernel may leave out source pixels whose edges fall on a cell's edges \
+                     (OSGeo/gdal#13539, seen with GDAL 3.6: a cell 7.6 % low, the cells hit depending on the \
+                     window warped, so on the layout); `average` has no such fault"
+                        .to_string(),
+                );
+            }
             variables.push(VariablePlan {
                 name: name.clone(),
                 kind: var.kind,
