@@ -527,6 +527,9 @@ fn bench_table(r: &BenchReport, judge: bool) -> String {
     if let Some(note) = &r.cold_note {
         rows.push(("note", note.clone()));
     }
+    if let Some(note) = r.thread_scaling_unjudged().filter(|_| r.levels.is_empty()) {
+        rows.push(("note", note));
+    }
     if !r.levels.is_empty() {
         rows.push((
             "note",

@@ -218,7 +218,12 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     register_font()?;
     let meta = cube.meta();
     let v = meta.variables.iter().find(|v| v.name == variable).ok_or_else(|| {
-        PlotError::NotInCube(format!("no variable `{variable}` in {}", cube.path().display()))
+        let names: Vec<&str> = meta.variables.iter().map(|v| v.name.as_str()).collect();
+        PlotError::NotInCube(format!(
+            "no variable `{variable}` in {} (its variables: {})",
+            cube.path().display(),
+            names.join(", ")
+        ))
     })?;
     let geometry = meta.geometry(v);
     let [_, height, width] = geometry.shape;
