@@ -108,6 +108,10 @@ pub struct BenchReport {
     /// static variables along time): the median of five rounds of a loader epoch between two ceiling passes
     /// (their mean); the loader's other figures come from that round.
     pub ratio_to_ceiling: f64,
+    /// The batches per second the ceiling reads the chunks of (`batches_per_s` ÷ `ratio_to_ceiling`): the
+    /// loader's figure and the ceiling's in one unit, since `loader_gb_per_s` counts bytes delivered, which
+    /// repeat static variables along time, and `ceiling_gb_per_s` bytes decoded.
+    pub ceiling_batches_per_s: f64,
     /// The ceiling's chunks decoded again, each read then streaming its share of the bytes the loader wrote
     /// (values, statics and masks) to memory by the loader's stores, nothing rearranged: a limit for a
     /// loader that must write its batches. GB/s of decoded data, from the round of `ratio_to_ceiling`.
@@ -531,6 +535,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         peak_rss_mb: loader_peak_rss_mb,
         ceiling_gb_per_s,
         ratio_to_ceiling,
+        ceiling_batches_per_s: batches as f64 / seconds / ratio_to_ceiling,
         ceiling_with_writes_gb_per_s,
         ratio_to_ceiling_with_writes,
         epochs_per_round: passes,

@@ -120,7 +120,7 @@ pub fn bench(report: &BenchReport, out: &Path) -> Result<(), PlotError> {
     let bars: Vec<(&str, f64, RGBColor)> = [
         Some(("loader", rate, RGBColor(31, 119, 180))),
         Some(("ceiling with writes", rate / report.ratio_to_ceiling_with_writes, RGBColor(188, 189, 34))),
-        Some(("ceiling", rate / report.ratio_to_ceiling, RGBColor(127, 127, 127))),
+        Some(("ceiling", report.ceiling_batches_per_s, RGBColor(127, 127, 127))),
         image.map(|v| ("image-chunked", v, RGBColor(214, 39, 40))),
     ]
     .into_iter()

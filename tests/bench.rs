@@ -21,12 +21,16 @@ fn bench_reports_every_figure_as_json() {
         "peak_rss_mb",
         "ceiling_gb_per_s",
         "ratio_to_ceiling",
+        "ceiling_batches_per_s",
         "ceiling_with_writes_gb_per_s",
         "ratio_to_ceiling_with_writes",
         "speedup_vs_image_chunked",
     ] {
         assert!(report[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key}: {}", report[key]);
     }
+    // The loader's and the ceiling's batches per second make the ratio.
+    let ratio = report["batches_per_s"].as_f64().unwrap() / report["ceiling_batches_per_s"].as_f64().unwrap();
+    assert!((ratio / report["ratio_to_ceiling"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{ratio}");
     // Building the loader is part of the time to the first batch.
     let build = report["loader_build_ms"].as_f64().unwrap();
     assert!(build < report["time_to_first_batch_ms"].as_f64().unwrap(), "{build}");
