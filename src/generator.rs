@@ -685,15 +685,50 @@ fn remove_dir(path: &Path) -> Result<(), CubeError> {
     std::fs::remove_dir_all(path).map_err(|source| CubeError::Io { path: path.to_path_buf(), source })
 }
 
-/// A run stopped between the two renames of [`swap_into_place`] leaves the previous cube hidden beside an
-/// empty output path: it is put back first, and the run goes on as if that one had not started its swap.
+/// Where a replaced cube goes once the new one is in place, to be deleted: a run stopped while deleting it
+/// leaves part of it there, which is never put back.
+fn superseded_dir(output: &Path) -> PathBuf {
+    sibling(output, "cubeload-superseded")
+}
+
+/// What a run stopped within [`swap_into_place`] left: the previous cube hidden beside an empty output path
+/// (stopped between its first two renames) is put back, and the run goes on as if that one had not started
+/// its swap; beside a new cube in place (complete: a directory of the user's there is not one) or deleted
+/// since, the previous one (stopped before its last rename) and what is left of a superseded one (stopped
+/// while deleting it) are deleted.
 fn restore_previous(output: &Path) -> Result<(), CubeError> {
     let old = previous_dir(output);
-    if !output.exists() && crate::Cube::open(&old).is_ok() {
-        std::fs::rename(&old, output)
-            .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
+    if old.exists() {
+        if swap_interrupted(output) {
+            std::fs::rename(&old, output)
+                .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
+        } else if crate::Cube::open(output).is_ok() || !output.exists() {
+            // The new cube took its place (and may have been deleted since): the previous one is superseded.
+            supersede(&old, output)?;
+        }
+    }
+    let superseded = superseded_dir(output);
+    if superseded.exists() {
+        remove_dir(&superseded)?;
     }
     Ok(())
+}
+
+/// Whether a run stopped between the first two renames of [`swap_into_place`]: the previous cube moved
+/// aside (whole: it is only ever renamed there), the new one still in the staging directory, nothing at the
+/// output path.
+pub(crate) fn swap_interrupted(output: &Path) -> bool {
+    !output.exists() && staging_dir(output).exists() && crate::Cube::open(previous_dir(output)).is_ok()
+}
+
+/// Moves the replaced cube at `old` aside and deletes it: whole until the rename, which a stop cannot split.
+fn supersede(old: &Path, output: &Path) -> Result<(), CubeError> {
+    let superseded = superseded_dir(output);
+    if superseded.exists() {
+        remove_dir(&superseded)?;
+    }
+    std::fs::rename(old, &superseded).map_err(|source| CubeError::Io { path: old.to_path_buf(), source })?;
+    remove_dir(&superseded)
 }
 
 fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
@@ -705,11 +740,11 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
         // Only reached with --overwrite or --append on a cubeload cube (checked before any work).
         let old = previous_dir(output);
         if old.exists() {
-            remove_dir(&old)?;
+            supersede(&old, output)?;
         }
         std::fs::rename(output, &old).map_err(io(output))?;
         std::fs::rename(staging, output).map_err(io(output))?;
-        remove_dir(&old)?;
+        supersede(&old, output)?;
     } else {
         if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io(parent))?;

@@ -111,7 +111,7 @@ fn read_root(
                     "no cube here yet: a run of `cubeload gen` is generating it now; it appears here when \
                      that run completes"
                         .to_string()
-                } else if previous.exists() && Cube::open(&previous).is_ok() {
+                } else if crate::generator::swap_interrupted(path) {
                     format!(
                         "no cube here now: a run of `cubeload gen` replacing it stopped as it swapped the new cube \
                          in; the previous cube is kept in {}, and the next run of `cubeload gen` puts it back",
