@@ -62,6 +62,22 @@ pub enum GenError {
     /// A worker thread panicked (a bug).
     #[error("a generation thread panicked: {0}")]
     Panic(String),
+    /// An input file changed while the run read it.
+    #[error(
+        "{path} (variable `{variable}`) changed while this run read it: the blocks made from it may mix its two \
+         versions, {}",
+        if *.discarded { "so the run's work was discarded; run it again" } else {
+            "so this part stops; run every part again with --overwrite"
+        }
+    )]
+    InputChanged {
+        /// The input file.
+        path: PathBuf,
+        /// Its variable.
+        variable: String,
+        /// Whether the staging directory was removed (a whole run; parts share theirs).
+        discarded: bool,
+    },
     /// A half-made cube from another configuration or other inputs is in the way.
     #[error(
         "{output}: an interrupted generation of this cube from a different configuration or different input \
@@ -323,6 +339,19 @@ fn generate_locked(
             let _ = std::fs::remove_dir_all(&scratch);
         }
     })?;
+    // An input replaced or rewritten while the blocks were made has been read in two versions, which the
+    // manifest, recording the first, would not tell apart.
+    if let Some((variable, path)) = changed_input(plan)? {
+        let discarded = options.part.is_none();
+        if discarded {
+            remove_dir(&staging)?;
+            let scratch = shuffled::scratch(&staging);
+            if scratch.exists() {
+                remove_dir(&scratch)?;
+            }
+        }
+        return Err(GenError::InputChanged { path, variable, discarded });
+    }
     let seconds = started.elapsed().as_secs_f64();
     match built {
         Built::Part { meta, blocks, reused } => {
@@ -339,6 +368,19 @@ fn generate_locked(
             Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
         }
     }
+}
+
+/// The first input of `plan` whose content differs from what was hashed when the run began, and its
+/// variable.
+fn changed_input(plan: &Plan) -> Result<Option<(String, PathBuf)>, GenError> {
+    for v in &plan.variables {
+        for (file, stamp) in v.source.provenance.iter().zip(&v.source.stamps) {
+            if file.changed_since(stamp)? {
+                return Ok(Some((v.name.clone(), file.path.clone())));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// An object-store output: the cube is made (and resumed) in a local directory keyed by the URL under the

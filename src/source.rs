@@ -169,6 +169,8 @@ pub struct Source {
     pub files: Vec<FileView>,
     /// Provenance of the files (same order).
     pub provenance: Vec<SourceFile>,
+    /// What the file system said of each file (same order) as it was hashed.
+    pub stamps: Vec<FileStamp>,
     /// Steps (bands) in file order; all have a time, or the source is static.
     pub steps: Vec<SourceStep>,
     /// Sample type of the stored values.
@@ -205,6 +207,7 @@ impl Source {
         let paths = expand_paths(name, &config.path)?;
         let mut files = Vec::new();
         let mut provenance = Vec::new();
+        let mut stamps = Vec::new();
         let mut steps = Vec::new();
         let mut first: Option<BandInfo> = None;
         let mut notes = Vec::new();
@@ -257,7 +260,9 @@ impl Source {
             }
             steps.extend(file_steps.into_iter().map(|(band, time)| SourceStep { file: index, band, time }));
             files.push(view);
-            provenance.push(file_provenance(path)?);
+            let (file, stamp) = file_provenance(path)?;
+            provenance.push(file);
+            stamps.push(stamp);
         }
         let BandInfo { data_type, nodata, missing_value, scale, offset, units } =
             first.expect("at least one file");
@@ -273,7 +278,19 @@ impl Source {
                 ),
             ));
         }
-        Ok(Source { files, provenance, steps, data_type, nodata, missing_value, scale, offset, units, notes })
+        Ok(Source {
+            files,
+            provenance,
+            stamps,
+            steps,
+            data_type,
+            nodata,
+            missing_value,
+            scale,
+            offset,
+            units,
+            notes,
+        })
     }
 
     /// Instants of all steps (empty when static).
@@ -350,10 +367,49 @@ fn expand_paths(name: &str, pattern: &str) -> Result<Vec<PathBuf>, SourceError> 
     Ok(paths)
 }
 
-fn file_provenance(path: &Path) -> Result<SourceFile, SourceError> {
+/// A file as the file system describes it (device, inode, size, modification time): a file replaced or
+/// written to has another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(metadata: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        }
+    }
+}
+
+impl SourceFile {
+    /// Whether the file at this path now holds other content than when it was hashed (stamped `stamp`): its
+    /// stamp differs and so does its hash (a file only touched holds the same).
+    ///
+    /// # Errors
+    /// [`SourceError::Io`] when the file cannot be read.
+    pub fn changed_since(&self, stamp: &FileStamp) -> Result<bool, SourceError> {
+        let now = std::fs::metadata(&self.path)
+            .map_err(|source| SourceError::Io { path: self.path.clone(), source })?;
+        if FileStamp::of(&now) == *stamp {
+            return Ok(false);
+        }
+        Ok(file_provenance(&self.path)?.0 != *self)
+    }
+}
+
+fn file_provenance(path: &Path) -> Result<(SourceFile, FileStamp), SourceError> {
     use std::io::Read;
     let io = |source| SourceError::Io { path: path.to_path_buf(), source };
     let mut file = std::fs::File::open(path).map_err(io)?;
+    let stamp = FileStamp::of(&file.metadata().map_err(io)?);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -369,7 +425,7 @@ fn file_provenance(path: &Path) -> Result<SourceFile, SourceError> {
         let _ = write!(hex, "{b:02x}");
         hex
     });
-    Ok(SourceFile { path: path.to_path_buf(), size, sha256 })
+    Ok((SourceFile { path: path.to_path_buf(), size, sha256 }, stamp))
 }
 
 /// How the values of a file's band are stored: what [`Source`] holds for all the files of a variable.
@@ -1005,6 +1061,31 @@ fn classic_netcdf_extent(bytes: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An input replaced or rewritten after it was hashed has changed; one only touched, or rewritten with
+    /// the same bytes, has not.
+    #[test]
+    fn inputs_changed_since_they_were_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t2m.tif");
+        std::fs::write(&path, b"first version").unwrap();
+        let (file, stamp) = file_provenance(&path).unwrap();
+        assert!(!file.changed_since(&stamp).unwrap());
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
+        assert!(!file.changed_since(&stamp).unwrap(), "touched only");
+        std::fs::write(&path, b"first version").unwrap();
+        assert!(!file.changed_since(&stamp).unwrap(), "the same bytes written again");
+        std::fs::write(&path, b"other version").unwrap();
+        assert!(file.changed_since(&stamp).unwrap(), "rewritten in place, same size");
+        let (file, stamp) = file_provenance(&path).unwrap();
+        let replacement = dir.path().join("new.tif");
+        std::fs::write(&replacement, b"replacement").unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert!(file.changed_since(&stamp).unwrap(), "replaced by another file");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(file.changed_since(&stamp), Err(SourceError::Io { .. })), "gone");
+    }
 
     #[test]
     fn dates_in_file_names() {
