@@ -75,6 +75,75 @@ impl Location {
     }
 }
 
+/// A local cube's directory held open, and a path that reaches it through that handle
+/// (`/proc/self/fd/N`): reads by that path stay in the directory opened wherever it is renamed, and fail once
+/// it is deleted, instead of reading the files of a cube put in its place (`gen --overwrite` renames the old
+/// cube aside, then deletes it). Where `/proc` is not mounted, the path is the directory's own.
+#[derive(Debug)]
+pub struct PinnedDir {
+    _handle: std::fs::File,
+    path: PathBuf,
+}
+
+impl PinnedDir {
+    /// The directory `dir` held open; `None` when it cannot be opened (missing: the caller says why).
+    pub(crate) fn open(dir: &Path) -> Option<Arc<PinnedDir>> {
+        use std::os::fd::AsRawFd as _;
+        let handle = std::fs::File::open(dir).ok()?;
+        if !handle.metadata().is_ok_and(|m| m.is_dir()) {
+            return None;
+        }
+        let through = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+        let path = if through.is_dir() { through } else { dir.to_path_buf() };
+        Some(Arc::new(PinnedDir { _handle: handle, path }))
+    }
+
+    /// The path that reads the directory opened.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A store reading the directory opened, which keeps it open as long as it lives.
+    pub(crate) fn store(self: &Arc<Self>) -> Result<ReadableStorage, CubeError> {
+        let inner = FilesystemStore::new(&self.path)
+            .map_err(|e| CubeError::Zarr { path: self.path.clone(), message: e.to_string() })?;
+        Ok(Arc::new(PinnedStore { _dir: self.clone(), inner }))
+    }
+}
+
+/// A [`FilesystemStore`] over a [`PinnedDir`]'s path, holding the directory open.
+struct PinnedStore {
+    _dir: Arc<PinnedDir>,
+    inner: FilesystemStore,
+}
+
+impl ReadableStorageTraits for PinnedStore {
+    fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
+        self.inner.get(key)
+    }
+
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        self.inner.get_partial_many(key, byte_ranges)
+    }
+
+    fn get_partial(&self, key: &StoreKey, byte_range: ByteRange) -> Result<MaybeBytes, StorageError> {
+        self.inner.get_partial(key, byte_range)
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        self.inner.size_key(key)
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        self.inner.supports_get_partial()
+    }
+}
+
 /// Uploads the complete cube in directory `dir` to `location` (an object store), the root metadata last.
 ///
 /// Only what cubeload owns is replaced: a cubeload cube (its root metadata, the objects under the nodes that

@@ -355,6 +355,59 @@ fn same_seed_same_batches_whatever_the_threads() {
     assert_ne!(epoch0, epoch1, "each epoch has its own order");
 }
 
+/// A loader reads the cube it opened while `gen --overwrite` replaces it: the old cube renamed aside and
+/// another put at its path, the loader's batches are still the old cube's (they had been the new cube's
+/// chunks under the old metadata); the old cube then deleted, the loader fails rather than read the new one.
+#[test]
+fn a_loader_reads_the_cube_it_opened_while_gen_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cube = dir.path().join("cube.zarr");
+    copy_dir(&cubes().pixel, &cube);
+    let open = |path: &Path| Loader::builder(path).shuffle(3).threads(2).prefetch(2).build().unwrap();
+    let expected = fingerprint(&collect(open(&cube)));
+    // A cube of the same layout with other values: its t2m chunk files are the ndvi ones.
+    let make_other = |other: &Path| {
+        copy_dir(&cube, other);
+        std::fs::rename(other.join("t2m/c"), other.join("t2m/swap")).unwrap();
+        std::fs::rename(other.join("ndvi/c"), other.join("t2m/c")).unwrap();
+        std::fs::rename(other.join("t2m/swap"), other.join("ndvi/c")).unwrap();
+    };
+    let aside = dir.path().join(".cube.zarr.cubeload-old");
+    let swap = |new: &Path| {
+        std::fs::rename(&cube, &aside).unwrap();
+        std::fs::rename(new, &cube).unwrap();
+    };
+    let other = dir.path().join("other.zarr");
+    make_other(&other);
+    let mut loader = open(&cube);
+    let mut batches = vec![loader.next().unwrap().unwrap()];
+    swap(&other);
+    batches.extend(loader.map(Result::unwrap));
+    assert_eq!(fingerprint(&batches), expected);
+
+    // The cube now at the path (the other one), replaced and deleted while read.
+    let expected_other = fingerprint(&collect(open(&cube)));
+    assert_ne!(expected_other, expected);
+    let third = dir.path().join("third.zarr");
+    copy_dir(&cubes().pixel, &third);
+    let mut loader = open(&cube);
+    let first = loader.next().unwrap().unwrap();
+    std::fs::remove_dir_all(&aside).unwrap();
+    swap(&third);
+    std::fs::remove_dir_all(&aside).unwrap();
+    let mut delivered = vec![first];
+    let mut failed = false;
+    for batch in loader {
+        let Ok(batch) = batch else {
+            failed = true;
+            break;
+        };
+        delivered.push(batch);
+    }
+    assert!(failed, "the deleted cube's unread files cannot be read");
+    assert_eq!(fingerprint(&delivered), expected_other[..delivered.len()]);
+}
+
 /// Batches given back are made again in their memory, and what it held never shows through: buffers of
 /// the batch's size filled with other values, given back first, are taken by the loader, and every batch of
 /// loaders whose batches are all given back is the batch of a loader whose batches are dropped, bit for bit.
@@ -1235,7 +1288,8 @@ fn an_unsharded_cube_is_read_right_and_read_ahead_holds_few_files_open() {
         std::fs::read_dir("/proc/self/fd")
             .unwrap()
             .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-            .filter(|target| target.starts_with(&cube_dir))
+            // The cube's files; not its directory, which the cube holds open (its reads stay in it).
+            .filter(|target| target.starts_with(&cube_dir) && *target != cube_dir)
             .count()
     };
     let files = walk(&cube_path.join("t2m")).len();

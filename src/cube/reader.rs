@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zarrs::array::{Array, ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecOptions};
 use zarrs::metadata::ArrayMetadata;
@@ -11,7 +12,7 @@ use zarrs::storage::{ReadableStorage, ReadableStorageTraits, StoreKey};
 use super::manifest::{MANIFEST_FILE, Manifest};
 use super::{CubeError, CubeMeta};
 use crate::plan::DType;
-use crate::store::Location;
+use crate::store::{Location, PinnedDir};
 
 /// An opened, complete cube.
 pub struct Cube {
@@ -24,6 +25,8 @@ pub struct Cube {
     /// request (each would be a round trip before the first batch). Locally each array's own `zarr.json` is
     /// read, as the authoritative copy.
     arrays: HashMap<String, ArrayMetadata>,
+    /// A local cube's directory, held open for the cube's reads.
+    pinned: Option<Arc<PinnedDir>>,
 }
 
 impl std::fmt::Debug for Cube {
@@ -177,17 +180,30 @@ impl Cube {
     /// [`CubeError::NotACube`] for anything else, [`CubeError::Incomplete`] when generation did not finish.
     pub fn open(path: impl AsRef<Path>) -> Result<Cube, CubeError> {
         let location = Location::parse(path.as_ref());
-        let store = location.readable()?;
         let slow = matches!(location, Location::S3 { .. });
-        Cube::open_with(&location, store, slow, true)
+        Cube::open_pinned(&location, slow, true)
     }
 
     /// Opens the cube at `path` (a directory) whether or not its generation finished: `verify` reads the
     /// chunks of an interrupted generation as the loader would read them.
     pub(crate) fn open_unfinished(path: &Path) -> Result<Cube, CubeError> {
-        let location = Location::Local(path.to_path_buf());
-        let store = location.readable()?;
-        Cube::open_with(&location, store, false, false)
+        Cube::open_pinned(&Location::Local(path.to_path_buf()), false, false)
+    }
+
+    /// Opens the cube at `location`, a local one through its directory held open ([`PinnedDir`]): a loader
+    /// reads the cube it opened, not one that `gen` puts in its place.
+    fn open_pinned(location: &Location, slow: bool, complete: bool) -> Result<Cube, CubeError> {
+        let pinned = match location {
+            Location::Local(dir) => PinnedDir::open(dir),
+            Location::S3 { .. } => None,
+        };
+        let store = match &pinned {
+            Some(pinned) => pinned.store()?,
+            None => location.readable()?,
+        };
+        let mut cube = Cube::open_with(location, store, slow, complete)?;
+        cube.pinned = pinned;
+        Ok(cube)
     }
 
     /// Opens the cube at `location` through `store` (e.g. a store wrapped to measure or to add latency),
@@ -213,7 +229,7 @@ impl Cube {
         if complete && !meta.complete {
             return Err(CubeError::Incomplete { path });
         }
-        Ok(Cube { path, location: location.clone(), store, meta, slow, arrays })
+        Ok(Cube { path, location: location.clone(), store, meta, slow, arrays, pinned: None })
     }
 
     /// Whether requests to the cube's store are slow (an object store, or a store given to
@@ -235,14 +251,11 @@ impl Cube {
         &self.path
     }
 
-    /// The cube's directory when it is read from a local file system (not through an object store or a
-    /// store given to [`Cube::open_store`]).
+    /// The cube's directory, held open, when it is read from a local file system (not through an object
+    /// store or a store given to [`Cube::open_store`]): its files are read by [`PinnedDir::path`].
     #[must_use]
-    pub fn local_dir(&self) -> Option<&Path> {
-        match &self.location {
-            Location::Local(dir) if !self.slow => Some(dir),
-            _ => None,
-        }
+    pub fn local_dir(&self) -> Option<Arc<PinnedDir>> {
+        self.pinned.clone().filter(|_| !self.slow)
     }
 
     /// Opens the array `name` (a variable, a coordinate, or `cubeload_index/<var>`).

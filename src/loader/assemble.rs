@@ -102,7 +102,7 @@ pub struct Assembler {
     /// Bytes held there.
     static_shard_bytes: std::sync::atomic::AtomicU64,
     /// A local cube's directory, and the files kept open for its reads and read-ahead hints.
-    local: Option<(std::path::PathBuf, OpenFiles)>,
+    local: Option<(Arc<crate::store::PinnedDir>, OpenFiles)>,
     /// Files kept open there at most ([`open_files_kept`]).
     open_files_kept: usize,
 }
@@ -316,7 +316,7 @@ impl Assembler {
             shard_indexes: std::sync::Mutex::new(ShardIndexes::new()),
             static_shards: std::sync::Mutex::new(StaticShards::new()),
             static_shard_bytes: std::sync::atomic::AtomicU64::new(0),
-            local: cube.local_dir().map(|dir| (dir.to_path_buf(), std::sync::Mutex::default())),
+            local: cube.local_dir().map(|dir| (dir, std::sync::Mutex::default())),
             open_files_kept: open_files_kept(),
         })
     }
@@ -482,7 +482,7 @@ impl Assembler {
         if let Some(file) = open {
             return Some(Ok(file));
         }
-        let file = match std::fs::File::open(dir.join(key.as_str())) {
+        let file = match std::fs::File::open(dir.path().join(key.as_str())) {
             Ok(file) => file,
             Err(e) => return Some(Err(e)),
         };
