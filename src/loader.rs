@@ -96,6 +96,16 @@ pub enum LoaderError {
     /// A reader thread panicked (a bug); the message is the panic's.
     #[error("a reader thread panicked: {0}")]
     Panic(String),
+    /// The cube was deleted while the loader read it: `cubeload gen` replaced it.
+    #[error(
+        "{}: the cube was deleted while this loader read it (replaced by `cubeload gen --overwrite` or \
+         `--append`?); its files not read yet are gone: build a loader over the cube now there",
+        path.display()
+    )]
+    CubeDeleted {
+        /// The cube's path.
+        path: std::path::PathBuf,
+    },
 }
 
 /// Where a loader stands: enough to resume exactly, small and serializable.

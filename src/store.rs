@@ -81,7 +81,7 @@ impl Location {
 /// cube aside, then deletes it). Where `/proc` is not mounted, the path is the directory's own.
 #[derive(Debug)]
 pub struct PinnedDir {
-    _handle: std::fs::File,
+    handle: std::fs::File,
     path: PathBuf,
 }
 
@@ -95,7 +95,14 @@ impl PinnedDir {
         }
         let through = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
         let path = if through.is_dir() { through } else { dir.to_path_buf() };
-        Some(Arc::new(PinnedDir { _handle: handle, path }))
+        Some(Arc::new(PinnedDir { handle, path }))
+    }
+
+    /// Whether the directory opened has been deleted (a directory removed has no links left).
+    #[must_use]
+    pub fn deleted(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        self.handle.metadata().is_ok_and(|m| m.nlink() == 0)
     }
 
     /// The path that reads the directory opened.

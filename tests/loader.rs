@@ -396,16 +396,29 @@ fn a_loader_reads_the_cube_it_opened_while_gen_replaces_it() {
     swap(&third);
     std::fs::remove_dir_all(&aside).unwrap();
     let mut delivered = vec![first];
-    let mut failed = false;
+    let mut failed = None;
     for batch in loader {
-        let Ok(batch) = batch else {
-            failed = true;
-            break;
-        };
-        delivered.push(batch);
+        match batch {
+            Ok(batch) => delivered.push(batch),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
     }
-    assert!(failed, "the deleted cube's unread files cannot be read");
+    let Some(LoaderError::CubeDeleted { path }) = failed else { panic!("{failed:?}") };
+    assert_eq!(path, cube, "the error names the cube, not the handle it was read through");
     assert_eq!(fingerprint(&delivered), expected_other[..delivered.len()]);
+    // Skipping corrupt chunks does not skip what the deletion took: the loader fails the same way.
+    let fourth = dir.path().join("fourth.zarr");
+    copy_dir(&cubes().pixel, &fourth);
+    let mut loader =
+        Loader::builder(&cube).shuffle(3).threads(2).prefetch(2).on_corrupt(OnCorrupt::Skip).build().unwrap();
+    loader.next().unwrap().unwrap();
+    swap(&fourth);
+    std::fs::remove_dir_all(&aside).unwrap();
+    let failed = loader.find_map(Result::err);
+    assert!(matches!(failed, Some(LoaderError::CubeDeleted { .. })), "{failed:?}");
 }
 
 /// Batches given back are made again in their memory, and what it held never shows through: buffers of

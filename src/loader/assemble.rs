@@ -987,7 +987,14 @@ impl Assembler {
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
     pub fn job(&self, seed: u64, job: &Job, skip_corrupt: bool) -> Result<(Vec<Batch>, usize), LoaderError> {
-        let (mut batches, corrupt) = self.job_batches(seed, job, skip_corrupt)?;
+        // A chunk that cannot be read because the cube was deleted meanwhile is no corrupt chunk to skip.
+        let deleted = || self.local.as_ref().is_some_and(|(dir, _)| dir.deleted());
+        let gone = || LoaderError::CubeDeleted { path: self.path.clone() };
+        let (mut batches, corrupt) = match self.job_batches(seed, job, skip_corrupt) {
+            Ok((_, corrupt)) if corrupt > 0 && deleted() => return Err(gone()),
+            Err(LoaderError::Read { .. }) if deleted() => return Err(gone()),
+            result => result?,
+        };
         for batch in &mut batches {
             self.mask_static_padding(batch);
         }
