@@ -172,14 +172,19 @@ pub fn run(torch: Option<&Torch>) -> i32 {
     }
 }
 
-/// Writes to standard output. A reader that has gone (`cubeload info | head`) ends the command quietly, as
-/// it ends other command-line tools, where `println!` would panic; another failure (a full disk under a
-/// redirection) is an error and exit code 1. Commands print when their work is done, so nothing is lost.
+/// Writes to standard output. Once a reader has gone (`cubeload info | head`), the command prints nothing
+/// more and ends with its own exit code (`verify` of a damaged cube still exits 1), where `println!` would
+/// panic; another failure (a full disk under a redirection) is an error and exit code 1.
 pub fn print(text: std::fmt::Arguments<'_>) {
+    static READER_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if READER_GONE.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            exit(0);
+            READER_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
         }
         eprintln!("error: cannot write to standard output: {e}");
         exit(1);

@@ -735,19 +735,17 @@ fn superseded_dir(output: &Path) -> PathBuf {
 
 /// What a run stopped within [`swap_into_place`] left: the previous cube hidden beside an empty output path
 /// (stopped between its first two renames) is put back, and the run goes on as if that one had not started
-/// its swap; beside a new cube in place (complete: a directory of the user's there is not one) or deleted
-/// since, the previous one (stopped before its last rename) and what is left of a superseded one (stopped
-/// while deleting it) are deleted.
+/// its swap; beside a new cube in place (complete: a directory of the user's there is not one), the previous
+/// one (stopped before its last rename) is deleted, and so is what is left of a superseded one (stopped
+/// while deleting it), which is never put back.
 fn restore_previous(output: &Path) -> Result<(), CubeError> {
     let old = previous_dir(output);
-    if old.exists() {
-        if swap_interrupted(output) {
-            std::fs::rename(&old, output)
-                .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
-        } else if crate::Cube::open(output).is_ok() || !output.exists() {
-            // The new cube took its place (and may have been deleted since): the previous one is superseded.
-            supersede(&old, output)?;
-        }
+    if swap_interrupted(output) {
+        std::fs::rename(&old, output)
+            .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
+    } else if old.exists() && crate::Cube::open(output).is_ok() {
+        // The new cube took its place: the previous one is superseded.
+        supersede(&old, output)?;
     }
     let superseded = superseded_dir(output);
     if superseded.exists() {
@@ -757,10 +755,12 @@ fn restore_previous(output: &Path) -> Result<(), CubeError> {
 }
 
 /// Whether a run stopped between the first two renames of [`swap_into_place`]: the previous cube moved
-/// aside (whole: it is only ever renamed there), the new one still in the staging directory, nothing at the
-/// output path.
+/// aside (whole: it is only ever renamed there, and deleted only once renamed again), nothing at the output
+/// path.
 pub(crate) fn swap_interrupted(output: &Path) -> bool {
-    !output.exists() && staging_dir(output).exists() && crate::Cube::open(previous_dir(output)).is_ok()
+    // Opened only where it is: opening a missing cube asks this of its own path (for its message).
+    let old = previous_dir(output);
+    !output.exists() && old.is_dir() && crate::Cube::open(old).is_ok()
 }
 
 /// Moves the replaced cube at `old` aside and deletes it: whole until the rename, which a stop cannot split.
@@ -907,6 +907,10 @@ fn block_inputs(plan: &Plan, b: &Block) -> String {
     // Only where there is one, so that the blocks of other cubes keep their hashes (and are reused).
     if let Some(missing) = v.source.missing_value {
         let _ = writeln!(text, "missing_value {missing:?}");
+    }
+    // Blocks of a build that unpacked these values after the warp hold other values: never reused.
+    if unpacks_before_warp(v) {
+        let _ = writeln!(text, "unpacked before the warp");
     }
     let _ = writeln!(text, "{b:?}");
     let (ops, feeds) = block_feeds(plan, b);

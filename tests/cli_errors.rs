@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::util::{cubeload, gen_err, gen_ok, shared_data};
+use crate::util::{cubeload, gen_err, gen_ok, shared_data, walk};
 
 const GRID: &str = "grid: { bbox: [-8.0, 51.0, 0.0, 57.0], resolution: 0.5 }";
 
@@ -491,24 +491,30 @@ fn info_refuses_incomplete_cubes_and_non_cubes() {
     assert_mentions(&String::from_utf8_lossy(&out.stderr), &["not a Zarr"]);
 }
 
-/// `cubeload info CUBE | head` is everyday use: a reader that stops reading ends the command quietly (it
-/// panicked, exit code 101); standard output that cannot be written (a full disk) is an error, exit code 1.
+/// `cubeload info CUBE | head` is everyday use: a reader that stops reading silences the command, which
+/// ends with its own exit code (it panicked, exit code 101; `verify` of a damaged cube still exits 1);
+/// standard output that cannot be written (a full disk) is an error, exit code 1.
 #[test]
 fn output_to_a_closed_pipe_ends_quietly_and_to_a_full_disk_fails() {
     let dir = tempfile::tempdir().unwrap();
     let cube = gen_ok(dir.path(), &era5_config());
-    for args in [&["info", cube.to_str().unwrap()][..], &["info", "--json", cube.to_str().unwrap()][..]] {
+    let to_closed_pipe = |args: &[&str]| {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubeload"))
-            .args(args)
-            .stdout(writer)
-            .output()
-            .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_cubeload")).args(args).stdout(writer).output().unwrap()
+    };
+    for args in [&["info", cube.to_str().unwrap()][..], &["info", "--json", cube.to_str().unwrap()][..]] {
+        let out = to_closed_pipe(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
+    let chunk = walk(&cube.join("t2m/c")).into_iter().next().unwrap();
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(&chunk, bytes).unwrap();
+    let out = to_closed_pipe(&["verify", cube.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "a damaged cube, whoever reads the list");
     if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubeload"))
             .args(["info", cube.to_str().unwrap()])

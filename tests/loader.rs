@@ -9,7 +9,7 @@ use cubeload::loader::assemble::{Assembler, Transform};
 use cubeload::loader::{Loader, LoaderBuilder, LoaderError, OnCorrupt};
 use cubeload::{Batch, Config, GenOptions, Plan, generate};
 
-use crate::util::{array, read_f32};
+use crate::util::{array, read_f32, walk};
 
 struct Cubes {
     _dir: tempfile::TempDir,
@@ -1129,15 +1129,6 @@ fn coordinate(cube: &Path, name: &str) -> Vec<f64> {
     let a = array(cube, name);
     let n = a.shape()[0];
     a.retrieve_array_subset::<Vec<f64>>(&[0..n]).unwrap()
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
-    }
-    out
 }
 
 fn copy_dir(from: &Path, to: &Path) {

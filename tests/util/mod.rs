@@ -188,6 +188,16 @@ pub(crate) fn unpacked_vrt(source: &Path, out: &Path, extra: &[&str]) {
     gdal_tool("gdal_translate", &args);
 }
 
+/// Every file under `dir`.
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}
+
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
