@@ -468,10 +468,10 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     let loader_peak_rss_mb = peak_rss_mb();
     // The same epoch from a store with an object store's latency, hidden (or not) by prefetching.
     let (remote_ratio, remote_requests_per_batch, remote_first_ms) = if options.remote_threads > 0 {
-        let store = Arc::new(LatencyStore::new(
+        let store = LatencyStore::new(
             Location::Local(cube_path.to_path_buf()).readable()?,
             Duration::from_millis(REMOTE_LATENCY_MS),
-        ));
+        );
         // The median of three ratios of two remote epochs and two local ones run side by side: a training
         // run's sustained rate, past the first epoch's cold shard indexes.
         let mut ratios = Vec::with_capacity(ROUNDS);
@@ -480,7 +480,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
             let before = store.requests();
             let remote = loader_epochs(
                 cube_path,
-                Some(store.clone()),
+                Some(store.store()),
                 threads,
                 Some(options.remote_prefetch),
                 options.remote_threads,

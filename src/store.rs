@@ -115,18 +115,24 @@ impl PinnedDir {
     pub(crate) fn store(self: &Arc<Self>) -> Result<ReadableStorage, CubeError> {
         let inner = FilesystemStore::new(&self.path)
             .map_err(|e| CubeError::Zarr { path: self.path.clone(), message: e.to_string() })?;
-        Ok(Arc::new(PinnedStore { _dir: self.clone(), inner }))
+        let dir = self.clone();
+        // Nothing to do before a read: the closure holds the directory open.
+        let before = move || {
+            let _ = &dir;
+        };
+        Ok(Arc::new(Hooked { inner: Arc::new(inner), before }))
     }
 }
 
-/// A [`FilesystemStore`] over a [`PinnedDir`]'s path, holding the directory open.
-struct PinnedStore {
-    _dir: Arc<PinnedDir>,
-    inner: FilesystemStore,
+/// The reads of `inner`, each after `before()`; what `before` captures lives as long as the store.
+struct Hooked<F> {
+    inner: ReadableStorage,
+    before: F,
 }
 
-impl ReadableStorageTraits for PinnedStore {
+impl<F: Fn() + Send + Sync> ReadableStorageTraits for Hooked<F> {
     fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
+        (self.before)();
         self.inner.get(key)
     }
 
@@ -135,14 +141,17 @@ impl ReadableStorageTraits for PinnedStore {
         key: &StoreKey,
         byte_ranges: ByteRangeIterator<'a>,
     ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        (self.before)();
         self.inner.get_partial_many(key, byte_ranges)
     }
 
     fn get_partial(&self, key: &StoreKey, byte_range: ByteRange) -> Result<MaybeBytes, StorageError> {
+        (self.before)();
         self.inner.get_partial(key, byte_range)
     }
 
     fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        (self.before)();
         self.inner.size_key(key)
     }
 
@@ -982,57 +991,33 @@ impl ReadableStorageTraits for ReadaheadStore {
 /// A store that answers every request after a fixed delay: an object store's latency, reproducibly, for
 /// measuring how well prefetching hides it.
 pub struct LatencyStore {
-    inner: ReadableStorage,
-    delay: Duration,
-    requests: AtomicU64,
+    store: ReadableStorage,
+    requests: Arc<AtomicU64>,
 }
 
 impl LatencyStore {
     /// Wraps `inner`, adding `delay` to each request.
     #[must_use]
     pub fn new(inner: ReadableStorage, delay: Duration) -> Self {
-        LatencyStore { inner, delay, requests: AtomicU64::new(0) }
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
+        let before = move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(delay);
+        };
+        LatencyStore { store: Arc::new(Hooked { inner, before }), requests }
+    }
+
+    /// The store, for a loader to read through.
+    #[must_use]
+    pub fn store(&self) -> ReadableStorage {
+        self.store.clone()
     }
 
     /// Requests answered so far.
     #[must_use]
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
-    }
-
-    fn wait(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(self.delay);
-    }
-}
-
-impl ReadableStorageTraits for LatencyStore {
-    fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
-        self.wait();
-        self.inner.get(key)
-    }
-
-    fn get_partial_many<'a>(
-        &'a self,
-        key: &StoreKey,
-        byte_ranges: ByteRangeIterator<'a>,
-    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
-        self.wait();
-        self.inner.get_partial_many(key, byte_ranges)
-    }
-
-    fn get_partial(&self, key: &StoreKey, byte_range: ByteRange) -> Result<MaybeBytes, StorageError> {
-        self.wait();
-        self.inner.get_partial(key, byte_range)
-    }
-
-    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
-        self.wait();
-        self.inner.size_key(key)
-    }
-
-    fn supports_get_partial(&self) -> bool {
-        self.inner.supports_get_partial()
     }
 }
 

@@ -1075,8 +1075,8 @@ fn metadata_that_would_allocate_absurdly_is_refused_before_reading() {
         v["consolidated_metadata"]["metadata"]["ndvi"]["shape"][2] = (1u64 << 50).into();
     });
     let store = cubeload::store::Location::Local(copy.clone()).readable().unwrap();
-    let slow = std::sync::Arc::new(cubeload::store::LatencyStore::new(store, std::time::Duration::ZERO));
-    let message = Loader::builder(&copy).store(slow).build().unwrap_err().to_string();
+    let slow = cubeload::store::LatencyStore::new(store, std::time::Duration::ZERO);
+    let message = Loader::builder(&copy).store(slow.store()).build().unwrap_err().to_string();
     assert!(message.contains("array `ndvi` has shape"), "{message}");
 }
 
@@ -1182,11 +1182,11 @@ fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahe
     let local = collect(Loader::builder(cube).shuffle(9).build().unwrap());
     let slow = || {
         let store = Location::Local(cube.clone()).readable().unwrap();
-        std::sync::Arc::new(LatencyStore::new(store, std::time::Duration::from_millis(2)))
+        LatencyStore::new(store, std::time::Duration::from_millis(2))
     };
     let store = slow();
     let mut loader =
-        Loader::builder(cube).store(store.clone()).shuffle(9).threads(2).fetchers(8).build().unwrap();
+        Loader::builder(cube).store(store.store()).shuffle(9).threads(2).fetchers(8).build().unwrap();
     let mut remote = Vec::new();
     for batch in loader.by_ref() {
         remote.push(batch.unwrap());
@@ -1210,7 +1210,7 @@ fn through_a_slow_store_the_batches_are_the_same_and_come_from_reads_fetched_ahe
         store.requests()
     );
     // Dropped mid-epoch, it stops its fetch threads too (a hang would time the test out).
-    let mut partial = Loader::builder(cube).store(slow()).shuffle(9).fetchers(16).build().unwrap();
+    let mut partial = Loader::builder(cube).store(slow().store()).shuffle(9).fetchers(16).build().unwrap();
     assert!(partial.next().unwrap().is_ok());
     drop(partial);
     assert!(Loader::builder(cube).shuffle(9).build().unwrap().prefetched_reads().is_none(), "not locally");
