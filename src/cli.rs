@@ -113,9 +113,10 @@ enum Command {
         cube: PathBuf,
         /// The variable.
         variable: String,
-        /// Time index (ignored for static variables).
-        #[arg(long, default_value_t = 0)]
-        time: usize,
+        /// The time step: its index, or its instant (`2019-03-05T12:00:00Z`, `2019-03-05`); ignored for
+        /// static variables.
+        #[arg(long, default_value = "0")]
+        time: String,
         /// The PNG to write.
         #[arg(long)]
         out: PathBuf,
@@ -273,7 +274,9 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             Ok(())
         }
         Command::Quicklook { cube, variable, time, out } => {
-            crate::plot::quicklook(&Cube::open(&cube)?, &variable, time, &out)?;
+            let cube = Cube::open(&cube)?;
+            let time = crate::plot::time_step(&cube, &time)?;
+            crate::plot::quicklook(&cube, &variable, time, &out)?;
             say!("wrote {}", out.display());
             Ok(())
         }

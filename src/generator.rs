@@ -609,7 +609,7 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     // The configured axis must hold the cube's instants as its first steps, every one of them: compared
     // with the cube's time coordinate (a step written as text differs between equal axes: two month starts
     // are `31d`, three `1mo`).
-    let cube_times = stored_times(&cube, old_time.steps)?;
+    let cube_times = cube.times()?;
     let regular = match (axis.step.map(|s| s.to_string()), &old_time.step) {
         (Some(new), Some(old)) if new != *old => format!(" (its step is {new}, the cube's {old})"),
         _ => String::new(),
@@ -636,24 +636,6 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
         )));
     }
     Ok(())
-}
-
-/// The first `steps` instants of the cube's time coordinate, decoded from its CF units and calendar as any
-/// CF time coordinate is.
-fn stored_times(cube: &Cube, steps: usize) -> Result<Vec<time::Instant>, GenError> {
-    let fail = |message: String| CubeError::NotACube { path: cube.path().to_path_buf(), message };
-    let array = cube.array("time")?;
-    let attribute = |key: &str| array.attributes().get(key).and_then(|a| a.as_str());
-    let cf = time::CfTime::parse(attribute("units").unwrap_or_default(), attribute("calendar"))
-        .map_err(|e| fail(format!("its time coordinate: {e}")))?;
-    let subset = zarrs::array::ArraySubset::new_with_shape(vec![steps as u64]);
-    let values = array
-        .retrieve_array_subset_opt::<Vec<i64>>(&subset, &crate::loader::assemble::one_thread())
-        .map_err(|e| fail(format!("its time coordinate cannot be read: {e}")))?;
-    values
-        .into_iter()
-        .map(|v| cf.to_instant(v as f64).map_err(|e| fail(format!("its time coordinate: {e}")).into()))
-        .collect()
 }
 
 /// Decides what to do with a staging directory left by an earlier run: continue it (same fingerprint),

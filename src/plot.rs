@@ -210,6 +210,32 @@ fn viridis(t: f64) -> RGBColor {
 /// One time slice of `variable` (values and valid mask) as a PNG. `time` is a step of the cube's time
 /// axis; a variable on a coarser time level is drawn at the level step that holds it.
 ///
+/// The step of `cube`'s time axis that `text` names: its index, or its instant (any form a config's times
+/// take), which must be one of the axis's.
+///
+/// # Errors
+/// [`PlotError::NotInCube`] for text that is neither, or an instant the axis does not have (the nearest it
+/// has is named); [`PlotError::Cube`] when the time coordinate cannot be read.
+pub fn time_step(cube: &Cube, text: &str) -> Result<usize, PlotError> {
+    if let Ok(index) = text.parse::<usize>() {
+        return Ok(index);
+    }
+    let instant = crate::time::parse_timestamp(text).map_err(|_| {
+        PlotError::NotInCube(format!("--time {text}: neither a step index nor a date and time"))
+    })?;
+    let times = cube.times().map_err(|e| PlotError::Cube(e.to_string()))?;
+    let nearest = times.iter().enumerate().min_by_key(|(_, t)| (**t - instant).unsigned_abs());
+    match nearest {
+        Some((i, &t)) if t == instant => Ok(i),
+        Some((i, &t)) => Err(PlotError::NotInCube(format!(
+            "--time {text}: no step of the cube at {}; the nearest is {} (step {i})",
+            crate::time::format_instant(instant),
+            crate::time::format_instant(t)
+        ))),
+        None => Err(PlotError::NotInCube(format!("--time {text}: the cube has no time axis"))),
+    }
+}
+
 /// # Errors
 /// [`PlotError`] when the variable or time index does not exist, a chunk cannot be read or fails its
 /// checksum, or the PNG cannot be written.

@@ -184,6 +184,19 @@ fn quicklook_and_bench_plot_write_pngs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // 150 × 100 cells drawn 4 px each, twice (values, mask), with margins.
     assert_eq!(png_size(&dir.path().join("ndvi.png")), (2 * 600 + 60, 400 + 90));
+    // A step named by its instant (the demo's axis is hourly from 2024-06-01): the same picture.
+    let at = ["quicklook", "work/demo.zarr", "ndvi", "--time", "2024-06-02T06:00:00Z", "--out", "at.png"];
+    let out = cubeload(dir.path(), &at);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read(dir.path().join("at.png")).unwrap(),
+        std::fs::read(dir.path().join("ndvi.png")).unwrap()
+    );
+    let between = ["quicklook", "work/demo.zarr", "ndvi", "--time", "2024-06-02T06:20", "--out", "x.png"];
+    let out = cubeload(dir.path(), &between);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the nearest is 2024-06-02T06:00:00Z (step 30)"), "{stderr}");
     let out = cubeload(dir.path(), &["quicklook", "work/demo.zarr", "landcover", "--out", "lc.png"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out =

@@ -258,6 +258,31 @@ impl Cube {
         self.pinned.clone().filter(|_| !self.slow)
     }
 
+    /// The instants of the cube's time axis, decoded from its time coordinate (the steps of its real
+    /// extent; none for a cube of static variables).
+    ///
+    /// # Errors
+    /// [`CubeError::NotACube`] when the coordinate cannot be read or decoded.
+    pub fn times(&self) -> Result<Vec<crate::time::Instant>, CubeError> {
+        let steps = self.meta.shape[0];
+        if self.meta.time.is_none() || steps == 0 {
+            return Ok(Vec::new());
+        }
+        let fail = |message: String| CubeError::NotACube { path: self.path.clone(), message };
+        let array = self.array("time")?;
+        let attribute = |key: &str| array.attributes().get(key).and_then(|a| a.as_str());
+        let cf = crate::time::CfTime::parse(attribute("units").unwrap_or_default(), attribute("calendar"))
+            .map_err(|e| fail(format!("its time coordinate: {e}")))?;
+        let subset = zarrs::array::ArraySubset::new_with_shape(vec![steps as u64]);
+        let values = array
+            .retrieve_array_subset_opt::<Vec<i64>>(&subset, &crate::loader::assemble::one_thread())
+            .map_err(|e| fail(format!("its time coordinate cannot be read: {e}")))?;
+        values
+            .into_iter()
+            .map(|v| cf.to_instant(v as f64).map_err(|e| fail(format!("its time coordinate: {e}"))))
+            .collect()
+    }
+
     /// Opens the array `name` (a variable, a coordinate, or `cubeload_index/<var>`).
     ///
     /// # Errors
