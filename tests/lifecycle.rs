@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, write_inputs};
 
-use crate::util::{cubeload, meta};
+use crate::util::{copy_dir, cubeload, meta};
 
 /// Writes the demo inputs into `dir` once; returns the config text over them.
 fn inputs(dir: &Path) -> String {
@@ -532,10 +532,7 @@ fn a_swap_stopped_after_the_new_cube_is_in_place_never_brings_the_previous_one_b
     run_gen(dir, &["-c", four_days.to_str().unwrap()]);
     let cube = dir.join("cube.zarr");
     let (old, superseded) = (dir.join(".cube.zarr.cubeload-old"), dir.join(".cube.zarr.cubeload-superseded"));
-    let copy = |to: &Path| {
-        let out = Command::new("cp").arg("-a").arg(&cube).arg(to).output().unwrap();
-        assert!(out.status.success());
-    };
+    let copy = |to: &Path| copy_dir(&cube, to);
     // Stopped before its last rename: the previous cube whole beside the new one; a later run deletes it.
     copy(&old);
     let five_days = config(dir, &text, "cube.zarr", 5);

@@ -9,7 +9,7 @@ use cubeload::loader::assemble::{Assembler, Transform};
 use cubeload::loader::{Loader, LoaderBuilder, LoaderError, OnCorrupt};
 use cubeload::{Batch, Config, GenOptions, Plan, generate};
 
-use crate::util::{array, read_f32, walk};
+use crate::util::{array, copy_dir, read_f32, walk};
 
 struct Cubes {
     _dir: tempfile::TempDir,
@@ -1129,19 +1129,6 @@ fn coordinate(cube: &Path, name: &str) -> Vec<f64> {
     let a = array(cube, name);
     let n = a.shape()[0];
     a.retrieve_array_subset::<Vec<f64>>(&[0..n]).unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target)
-        } else {
-            std::fs::copy(&path, &target).map(|_| ()).unwrap()
-        }
-    }
 }
 
 #[test]

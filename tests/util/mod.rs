@@ -188,6 +188,20 @@ pub(crate) fn unpacked_vrt(source: &Path, out: &Path, extra: &[&str]) {
     gdal_tool("gdal_translate", &args);
 }
 
+/// Copies the directory `from` (a cube) to `to`, file by file.
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target)
+        } else {
+            std::fs::copy(&path, &target).map(|_| ()).unwrap()
+        }
+    }
+}
+
 /// Every file under `dir`.
 pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
