@@ -201,7 +201,9 @@ impl Plan {
                 ));
             }
             let fill = if categorical { nodata.unwrap_or_else(|| dtype.max_value()) } else { f64::NAN };
-            let step_sources = match (&time, is_static) {
+            let default_aggregation = if categorical { Aggregation::Nearest } else { Aggregation::Mean };
+            let aggregation = var.aggregation.unwrap_or(default_aggregation);
+            let mut step_sources = match (&time, is_static) {
                 (Some(axis), false) => time::map_steps(axis, &source.instants()),
                 _ => Vec::new(),
             };
@@ -215,8 +217,12 @@ impl Plan {
                     ConfigError::invalid("time", no_time_overlap(name, axis, &source.instants())).into()
                 );
             }
+            if aggregation == Aggregation::Sum
+                && let Some(note) = sums_not_spread(name, &mut step_sources)?
+            {
+                notes.push(note);
+            }
             let default_resampling = if categorical { Resampling::Nearest } else { Resampling::Bilinear };
-            let default_aggregation = if categorical { Aggregation::Nearest } else { Aggregation::Mean };
             let resampling = var.resampling.unwrap_or(default_resampling);
             if resampling == Resampling::Mode && matches!(dtype, DType::Int32 | DType::Uint32) {
                 notes.push(
@@ -237,7 +243,7 @@ impl Plan {
                 name: name.clone(),
                 kind: var.kind,
                 resampling,
-                aggregation: var.aggregation.unwrap_or(default_aggregation),
+                aggregation,
                 is_static,
                 dtype,
                 fill,
@@ -752,6 +758,32 @@ fn shared_instants(steps: &[crate::source::SourceStep]) -> Option<String> {
 }
 
 /// Why a time axis that gives a variable no step is refused: its steps and the variable's.
+/// With `aggregation: sum`, a target step without a source step inside it is missing, not the nearest step's
+/// value: a total over a source step longer than the target's would be counted again in every target step
+/// near it (a monthly total in each day of the month). The note says how many steps that leaves missing;
+/// an error names `variables.NAME.aggregation` when it leaves all of them.
+fn sums_not_spread(name: &str, step_sources: &mut [StepSources]) -> Result<Option<String>, ConfigError> {
+    let mut emptied = 0;
+    for step in step_sources.iter_mut().filter(|s| matches!(s, StepSources::Nearest(_))) {
+        *step = StepSources::Empty;
+        emptied += 1;
+    }
+    if step_sources.iter().all(|s| matches!(s, StepSources::Empty)) {
+        return Err(ConfigError::invalid(
+            format!("variables.{name}.aggregation"),
+            "sum: no target step has a source step inside it (the source's steps are sparser than the \
+             axis's), and a sum is not spread over finer steps; use mean, or a coarser time step",
+        ));
+    }
+    Ok((emptied > 0).then(|| {
+        format!(
+            "aggregation sum: {emptied} of {} target steps hold no source step and are missing (a sum is \
+             not copied from the nearest step, as the other aggregations are)",
+            step_sources.len()
+        )
+    }))
+}
+
 fn no_time_overlap(name: &str, axis: &TimeAxis, source: &[Instant]) -> String {
     let span = |mut times: Vec<Instant>| {
         times.sort_unstable();

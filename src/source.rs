@@ -9,7 +9,10 @@
 //!
 //! [`warp`] then reads windows of those files onto the target grid with GDAL's warper.
 
+mod name_date;
 pub mod warp;
+
+pub use name_date::{NAME_DATE_FORMS, time_from_file_name};
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -274,10 +277,11 @@ impl Source {
                 &files[untimed.file].path,
                 format!(
                     "has no time (no time axis, no date in its name) while other files of variable `{name}` \
-                     have one: remove it from the series, or date it"
+                     have one: remove it from the series, or date it (names are read as {NAME_DATE_FORMS})"
                 ),
             ));
         }
+        check_files_apart(name, config.is_static, &files, &steps)?;
         Ok(Source {
             files,
             provenance,
@@ -513,7 +517,7 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
                          `band:` (and mark the variable `static: true` if it is a map without time)"
                     )
                 })?;
-                vec![(band, time_from_file_name(path))]
+                vec![(band, path.file_stem().and_then(|stem| time_from_file_name(&stem.to_string_lossy())))]
             }
         }
     };
@@ -666,13 +670,15 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
     let units = dataset.metadata_item(&format!("{dim}#units"), "").unwrap_or_default();
     let calendar = dataset.metadata_item(&format!("{dim}#calendar"), "");
     let cf = CfTime::parse(&units, calendar.as_deref()).map_err(|e| {
-        SourceError::unusable(
-            path,
-            format!(
+        let message = match e {
+            // A time axis all the same, in a calendar the cube cannot place its dates in.
+            time::TimeError::UnsupportedCalendar(_) => format!("time dimension `{dim}`: {e}"),
+            _ => format!(
                 "dimension `{dim}` is not a CF time axis (units `{units}`: {e}); \
                  for one map of it, mark the variable `static: true` and pick its band with `band:`"
             ),
-        )
+        };
+        SourceError::unusable(path, message)
     })?;
     let mut times = Vec::with_capacity(count);
     for i in 1..=count {
@@ -686,61 +692,46 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
     Ok(Some(times))
 }
 
-/// A date in the file name (`..._20240305.tif`, `2024-03-05T10:30:00`): how image-by-image archives are named.
-#[must_use]
-pub fn time_from_file_name(path: &Path) -> Option<Instant> {
-    let name = path.file_stem()?.to_string_lossy().to_string();
-    let bytes = name.as_bytes();
-    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
-    for start in 0..bytes.len() {
-        if start > 0 && bytes[start - 1].is_ascii_digit() {
-            continue;
-        }
-        let rest = &bytes[start..];
-        let (date, consumed) =
-            if rest.len() >= 10 && digits(&rest[0..4]) && rest[4] == b'-' && rest[7] == b'-' {
-                (
-                    format!(
-                        "{}-{}-{}",
-                        &name[start..start + 4],
-                        &name[start + 5..start + 7],
-                        &name[start + 8..start + 10]
-                    ),
-                    10,
-                )
-            } else if rest.len() >= 8 && digits(&rest[0..8]) && !(rest.len() > 8 && rest[8].is_ascii_digit())
-            {
-                (
-                    format!(
-                        "{}-{}-{}",
-                        &name[start..start + 4],
-                        &name[start + 4..start + 6],
-                        &name[start + 6..start + 8]
-                    ),
-                    8,
-                )
-            } else {
+/// Refuses files of variable `name` that the cube could not tell apart: two on one grid with one time
+/// (their values would be averaged into one step: most often times of day in their names written as
+/// cubeload does not read them), or, for a variable not declared static, two on one grid without any time
+/// (a static map would keep the first and hide the other). Files of one time on different grids are the
+/// tiles of one date, and undated files on different grids the tiles of one map.
+fn check_files_apart(
+    name: &str,
+    declared_static: bool,
+    files: &[FileView],
+    steps: &[SourceStep],
+) -> Result<(), SourceError> {
+    let mut dated: Vec<(Option<Instant>, usize)> = steps.iter().map(|s| (s.time, s.file)).collect();
+    dated.sort_unstable();
+    dated.dedup();
+    for group in dated.chunk_by(|a, b| a.0 == b.0) {
+        for (k, &(time, first)) in group.iter().enumerate() {
+            let Some(&(_, second)) = group[k + 1..].iter().find(|(_, f)| files[*f].same_grid(&files[first]))
+            else {
                 continue;
             };
-        let tail = &name[start + consumed..];
-        let clock = tail
-            .strip_prefix(['T', '_', ' '])
-            .and_then(|t| {
-                let b = t.as_bytes();
-                if b.len() >= 8 && b[2] == b':' && b[5] == b':' {
-                    Some(t[..8].to_string())
-                } else if b.len() >= 6 && digits(&b[..6]) {
-                    Some(format!("{}:{}:{}", &t[0..2], &t[2..4], &t[4..6]))
-                } else {
-                    None
-                }
-            })
-            .unwrap_or_else(|| "00:00:00".to_string());
-        if let Ok(t) = time::parse_timestamp(&format!("{date}T{clock}Z")) {
-            return Some(t);
+            let why = match time {
+                Some(t) => format!(
+                    "has the time of {} ({}) on the same grid: the two would be averaged into one step. If \
+                     their names hold times cubeload does not read (it reads {NAME_DATE_FORMS}), rename them; \
+                     if one repeats the other, leave it out of variable `{name}`",
+                    files[first].path.display(),
+                    time::format_instant(t)
+                ),
+                None if declared_static => continue,
+                None => format!(
+                    "has no time, nor has {} (no time axis, no date in their names as cubeload reads them: \
+                     {NAME_DATE_FORMS}), and the two share one grid: variable `{name}` would be one static map \
+                     showing the first. Date the files, or declare `static: true` to take the first",
+                    files[first].path.display()
+                ),
+            };
+            return Err(SourceError::unusable(&files[second].path, why));
         }
     }
-    None
+    Ok(())
 }
 
 fn is_identity(gt: &[f64; 6]) -> bool {
@@ -1085,16 +1076,6 @@ mod tests {
         assert!(file.changed_since(&stamp).unwrap(), "replaced by another file");
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(file.changed_since(&stamp), Err(SourceError::Io { .. })), "gone");
-    }
-
-    #[test]
-    fn dates_in_file_names() {
-        let t = |name: &str| time_from_file_name(Path::new(name)).map(time::format_instant);
-        assert_eq!(t("ndvi_20240305.tif").as_deref(), Some("2024-03-05T00:00:00Z"));
-        assert_eq!(t("S2A_2024-03-05T10:30:00.tif").as_deref(), Some("2024-03-05T10:30:00Z"));
-        assert_eq!(t("S2A_MSIL2A_20240305T103021_N0510.tif").as_deref(), Some("2024-03-05T10:30:21Z"));
-        assert_eq!(t("tile_123456789.tif"), None);
-        assert_eq!(t("dem.tif"), None);
     }
 
     #[test]

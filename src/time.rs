@@ -38,7 +38,7 @@ pub enum TimeError {
     /// A calendar this crate does not implement.
     #[error(
         "unsupported calendar {0:?}: expected standard, gregorian, proleptic_gregorian, noleap, 365_day, \
-         all_leap, 366_day or 360_day"
+         all_leap, 366_day, 360_day or julian"
     )]
     UnsupportedCalendar(String),
     /// A date or timestamp that cannot be parsed or does not exist.
@@ -86,13 +86,15 @@ pub enum Calendar {
     /// Twelve 30-day months ("`360_day`").
     #[serde(rename = "360_day")]
     Day360,
+    /// The Julian calendar throughout: every fourth year a leap year ("julian").
+    Julian,
 }
 
 impl Calendar {
     /// Parses a CF calendar attribute, case-insensitively; absent or empty means the standard calendar.
     ///
     /// # Errors
-    /// [`TimeError::UnsupportedCalendar`] for "julian" and unknown names.
+    /// [`TimeError::UnsupportedCalendar`] for unknown names.
     pub fn parse(name: Option<&str>) -> Result<Calendar, TimeError> {
         let Some(raw) = name else { return Ok(Calendar::Standard) };
         match raw.trim().to_ascii_lowercase().as_str() {
@@ -100,6 +102,7 @@ impl Calendar {
             "noleap" | "no_leap" | "365_day" => Ok(Calendar::NoLeap),
             "all_leap" | "366_day" => Ok(Calendar::AllLeap),
             "360_day" => Ok(Calendar::Day360),
+            "julian" => Ok(Calendar::Julian),
             _ => Err(TimeError::UnsupportedCalendar(raw.to_string())),
         }
     }
@@ -109,6 +112,7 @@ impl Calendar {
         let cumulative = match self {
             Calendar::Standard => return gregorian_month_days(year, month),
             Calendar::Day360 => return if (1..=12).contains(&month) { 30 } else { 0 },
+            Calendar::Julian => return julian_month_days(year, month),
             Calendar::NoLeap => &NOLEAP_CUMULATIVE,
             Calendar::AllLeap => &ALL_LEAP_CUMULATIVE,
         };
@@ -129,6 +133,7 @@ impl Calendar {
                 let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
                 return Some(i64::from(date.num_days_from_ce()));
             }
+            Calendar::Julian => return Some(julian_day_number(year, month, day) - JDN_MINUS_DAYS_FROM_CE),
             Calendar::NoLeap => (365, NOLEAP_CUMULATIVE[month as usize - 1]),
             Calendar::AllLeap => (366, ALL_LEAP_CUMULATIVE[month as usize - 1]),
             Calendar::Day360 => (360, 30 * (i64::from(month) - 1)),
@@ -147,6 +152,7 @@ impl Calendar {
                 let rest = n.rem_euclid(360);
                 return Some((n.div_euclid(360), (rest / 30 + 1) as u32, (rest % 30 + 1) as u32));
             }
+            Calendar::Julian => return Some(julian_date(n.checked_add(JDN_MINUS_DAYS_FROM_CE)?)),
             Calendar::NoLeap => &NOLEAP_CUMULATIVE,
             Calendar::AllLeap => &ALL_LEAP_CUMULATIVE,
         };
@@ -910,6 +916,17 @@ fn julian_day_number(year: i64, month: u32, day: u32) -> i64 {
     i64::from(day) + (153 * m + 2) / 5 + 365 * y + y.div_euclid(4) - 32_083
 }
 
+/// The Julian-calendar date of a Julian day number (inverse of [`julian_day_number`]).
+fn julian_date(jdn: i64) -> (i64, u32, u32) {
+    let c = jdn + 32_082;
+    let d = (4 * c + 3).div_euclid(1461);
+    let e = c - (1461 * d).div_euclid(4);
+    let m = (5 * e + 2) / 153;
+    let day = e - (153 * m + 2) / 5 + 1;
+    let month = m + 3 - 12 * (m / 10);
+    (d - 4800 + m / 10, month as u32, day as u32)
+}
+
 /// The instant at `seconds` after midnight UTC starting a Gregorian date (seconds may exceed a day).
 fn instant_from_civil(year: i64, month: u32, day: u32, seconds: i64) -> Option<Instant> {
     let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
@@ -972,7 +989,8 @@ mod tests {
         ] {
             assert_eq!(Calendar::parse(Some(name)).unwrap(), expected, "{name}");
         }
-        for name in ["julian", "Julian", "none", "lunar"] {
+        assert_eq!(Calendar::parse(Some("Julian")).unwrap(), Calendar::Julian);
+        for name in ["none", "lunar", "julian_day"] {
             assert!(
                 matches!(Calendar::parse(Some(name)), Err(TimeError::UnsupportedCalendar(n)) if n == name)
             );
@@ -986,6 +1004,7 @@ mod tests {
             (Calendar::NoLeap, "noleap"),
             (Calendar::AllLeap, "all_leap"),
             (Calendar::Day360, "360_day"),
+            (Calendar::Julian, "julian"),
         ] {
             assert_eq!(serde_json::to_string(&calendar).unwrap(), format!("\"{name}\""));
             assert_eq!(Calendar::parse(Some(name)).unwrap(), calendar);
@@ -1127,6 +1146,30 @@ mod tests {
     }
 
     #[test]
+    fn julian_calendar_as_cftime_reads_it() {
+        // cftime.num2date(v, "days since 1900-01-01", calendar="julian"); a Julian leap day the Gregorian
+        // calendar lacks goes on the month's last day, as other calendars' days past a month's end do.
+        for (value, expected) in [
+            (0.0, "1900-01-01T00:00:00Z"),
+            (59.0, "1900-02-28T00:00:00Z"),
+            (60.0, "1900-03-01T00:00:00Z"),
+            (365.0, "1900-12-31T00:00:00Z"),
+            (366.0, "1901-01-01T00:00:00Z"),
+            (730.0, "1901-12-31T00:00:00Z"),
+            (-1.0, "1899-12-31T00:00:00Z"),
+            (1_000_000.0, "4637-11-07T00:00:00Z"),
+        ] {
+            assert_eq!(cf("days since 1900-01-01", Some("julian"), value), expected, "{value}");
+        }
+        assert_eq!(cf("hours since 1900-02-28 12:00", Some("julian"), 36.5), "1900-03-01T00:30:00Z");
+        for n in (-800_000..800_000).step_by(997) {
+            let (y, m, d) = julian_date(n);
+            assert_eq!(julian_day_number(y, m, d), n, "{n}: {y}-{m}-{d}");
+            assert!(d >= 1 && d <= julian_month_days(y, m), "{n}: {y}-{m}-{d}");
+        }
+    }
+
+    #[test]
     fn cf_bad_units() {
         for units in [
             "months since 2000-01-01",
@@ -1169,10 +1212,7 @@ mod tests {
         assert!(CfTime::parse("days since 2000-02-29", Some("noleap")).is_err());
         assert!(CfTime::parse("days since 2000-02-30", Some("all_leap")).is_err());
         assert!(CfTime::parse("days since 2000-02-31", Some("360_day")).is_err());
-        assert!(matches!(
-            CfTime::parse("days since 2000-01-01", Some("julian")),
-            Err(TimeError::UnsupportedCalendar(name)) if name == "julian"
-        ));
+        assert!(CfTime::parse("days since 1900-02-30", Some("julian")).is_err());
     }
 
     #[test]

@@ -469,3 +469,93 @@ fn cells_beyond_the_data_are_missing_in_blocks_that_no_source_pixel_reaches() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("warning: variable `pr` has no valid value in the cube"), "{stderr}");
 }
+
+#[test]
+fn a_sum_onto_finer_steps_is_not_counted_again_in_each() {
+    // Monthly precipitation totals onto a daily axis: each total lands on the day it is dated, and the days
+    // without a source step are missing (copied from the nearest month, the year's cube summed to many
+    // times the source's total).
+    let dir = tempfile::tempdir().unwrap();
+    let nc = shared_data("bcsd_obs_1999.nc");
+    let grid = TestGrid { bbox: [-80.0, 35.0, -79.0, 36.0], res: 0.125 };
+    let config = format!(
+        "output: cube.zarr\n{}\ntime: {{ start: 1999-01-01, end: 1999-12-31, step: 1d }}\n\
+         layout: {{ kind: pixel_series, batch: 64 }}\n\
+         variables:\n  pr: {{ path: {}, variable: pr, resampling: nearest, aggregation: sum }}\n",
+        grid.yaml(),
+        nc.display()
+    );
+    std::fs::write(dir.path().join("cube.yaml"), &config).unwrap();
+    let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("of 365 target steps hold no source step and are missing"), "{stderr}");
+    let cube = dir.path().join("cube.zarr");
+    let (w, h, reference) = gdalwarp(&format!("NETCDF:\"{}\":pr", nc.display()), grid, "near", dir.path());
+    assert_eq!(reference.len(), 12);
+    let values = read_f32(&cube, "pr", Some(0..365), h as u64, w as u64);
+    let (mut days_with_values, mut checked) = (0, 0);
+    for cell in 0..w * h {
+        let series: Vec<f32> = (0..365).map(|t| values[t * w * h + cell]).filter(|v| !v.is_nan()).collect();
+        let total: f64 = reference.iter().map(|band| band[cell]).sum();
+        if total.is_nan() {
+            continue;
+        }
+        days_with_values = days_with_values.max(series.len());
+        let cube_total: f64 = series.iter().map(|&v| f64::from(v)).sum();
+        assert!(
+            (cube_total - total).abs() < 1e-3 * total.abs().max(1.0),
+            "cell {cell}: {cube_total} vs {total}"
+        );
+        checked += 1;
+    }
+    assert!(checked > w * h / 2, "{checked}");
+    assert_eq!(days_with_values, 12, "one day per month");
+
+    // A sum whose every step would be copied from a sparser source is refused, naming the key.
+    let sparse = config.replace("start: 1999-01-01, end: 1999-12-31", "start: 1999-01-02, end: 1999-01-20");
+    std::fs::write(dir.path().join("sparse.yaml"), sparse).unwrap();
+    let out = cubeload(dir.path(), &["gen", "-c", "sparse.yaml", "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("variables.pr.aggregation"), "{stderr}");
+}
+
+#[test]
+fn julian_calendar_dates_are_kept_as_written() {
+    // A NetCDF in CF's julian calendar: its 1900-02-29, a day the Gregorian calendar lacks, goes on
+    // February's last day (as a 360_day calendar's days past a month's end do); the others keep their dates
+    // (cftime.num2date(v, "days since 1900-01-01", calendar="julian")).
+    let dir = tempfile::tempdir().unwrap();
+    let cdl = dir.path().join("julian.cdl");
+    let mut text = String::from(
+        "netcdf julian {\ndimensions:\n lat = 2 ;\n lon = 3 ;\n time = 3 ;\nvariables:\n\
+         double lat(lat) ;\n  lat:units = \"degrees_north\" ;\n  lat:standard_name = \"latitude\" ;\n\
+         double lon(lon) ;\n  lon:units = \"degrees_east\" ;\n  lon:standard_name = \"longitude\" ;\n\
+         double time(time) ;\n  time:units = \"days since 1900-01-01\" ;\n  time:calendar = \"julian\" ;\n\
+         time:standard_name = \"time\" ;\n float x(time, lat, lon) ;\ndata:\n lat = 46.5, 45.5 ;\n\
+         lon = 10.5, 11.5, 12.5 ;\n time = 58, 60, 425 ;\n x = ",
+    );
+    text += &(0..18).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    text += " ;\n}\n";
+    std::fs::write(&cdl, text).unwrap();
+    let nc = dir.path().join("julian.nc");
+    let status = std::process::Command::new("ncgen")
+        .args(["-o", nc.to_str().unwrap(), cdl.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\ngrid: {{ bbox: [10.0, 45.0, 13.0, 47.0], resolution: 1.0 }}\n\
+             time: {{ from: x }}\nlayout: {{ kind: pixel_series, batch: 6 }}\n\
+             variables:\n  x: {{ path: {}, resampling: nearest }}\n",
+            nc.display()
+        ),
+    );
+    assert_eq!(cube_times(&cube), ["1900-02-28T00:00:00Z", "1900-03-01T00:00:00Z", "1901-03-01T00:00:00Z"]);
+    let values = read_f32(&cube, "x", Some(0..3), 2, 3);
+    let expected: Vec<f32> = (0..18).map(|i| i as f32).collect();
+    assert_eq!(values, expected);
+}

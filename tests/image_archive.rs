@@ -4,7 +4,9 @@
 
 use cubeload::demo::{DemoSpec, write_inputs};
 
-use crate::util::{TestGrid, assert_close_area, gdalwarp, gen_err, gen_ok, read_f32};
+use crate::util::{
+    TestGrid, array, assert_close_area, gdalwarp, gen_err, gen_ok, read_f32, write_lonlat_tif,
+};
 
 #[test]
 fn dates_on_one_tile_equal_gdalwarp_of_each_file() {
@@ -70,4 +72,85 @@ fn a_damaged_date_is_named_in_the_error() {
     let first_line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
     assert!(first_line.starts_with(&format!("error: {}: ", damaged.display())), "{stderr}");
     assert!(!dir.path().join("cube.zarr").exists());
+}
+
+/// Writes a 4 × 3 one-degree lon/lat tile at 10°E 46°N named `name` in `dir`, every cell `value` plus its
+/// index / 100.
+fn tile(dir: &std::path::Path, name: &str, value: f32) {
+    let values = (0..12).map(|i| value + i as f32 / 100.0).collect();
+    write_lonlat_tif(&dir.join(name), (10.0, 46.0, 1.0), 4, values, None);
+}
+
+/// A config of one variable `x` from `path` on the tiles' grid, with `extra` keys for it, on `time`.
+fn tile_config(path: &str, time: &str, extra: &str) -> String {
+    format!(
+        "output: cube.zarr\ngrid: {{ bbox: [10.0, 43.0, 14.0, 46.0], resolution: 1.0 }}\n{time}\n\
+         layout: {{ kind: pixel_series, batch: 4 }}\n\
+         variables:\n  x: {{ path: \"{path}\", resampling: nearest{extra} }}\n"
+    )
+}
+
+#[test]
+fn times_of_day_in_file_names_make_steps_of_their_own() {
+    // Four six-hourly files, their times written four ways: each is a step of its own (read as midnight,
+    // all four were averaged into the first step and the others were empty).
+    let dir = tempfile::tempdir().unwrap();
+    for (name, hour) in [
+        ("t2m_20190301T0000.tif", 0.0),
+        ("t2m_20190301_0600.tif", 6.0),
+        ("t2m_2019-03-01T12-00-00.tif", 12.0),
+        ("t2m_2019030118.tif", 18.0),
+    ] {
+        tile(dir.path(), name, hour);
+    }
+    let path = format!("{}/t2m_*.tif", dir.path().display());
+    let axis = "time: { start: 2019-03-01T00:00:00Z, end: 2019-03-01T18:00:00Z, step: 6h }";
+    let cube = gen_ok(dir.path(), &tile_config(&path, axis, ""));
+    let values = read_f32(&cube, "x", Some(0..4), 3, 4);
+    for (t, hour) in [0.0f32, 6.0, 12.0, 18.0].into_iter().enumerate() {
+        let expected: Vec<f32> = (0..12).map(|i| hour + i as f32 / 100.0).collect();
+        assert_eq!(values[t * 12..(t + 1) * 12], expected[..], "step {t}");
+    }
+    // The axis taken from the files has their four instants.
+    let cube = gen_ok(dir.path(), &tile_config(&path, "time: { from: x }", ""));
+    assert_eq!(array(&cube, "time").shape(), &[4]);
+}
+
+#[test]
+fn files_a_cube_cannot_tell_apart_are_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    // One date, one grid: a time of day written as cubeload does not read it (or a repeated file).
+    tile(dir.path(), "a_20190301.tif", 1.0);
+    tile(dir.path(), "a_20190301_06.tif", 2.0);
+    let axis = "time: { start: 2019-03-01, end: 2019-03-02, step: 1d }";
+    let (code, stderr) =
+        gen_err(dir.path(), &tile_config(&format!("{}/a_*.tif", dir.path().display()), axis, ""));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("a_20190301.tif") && stderr.contains("a_20190301_06.tif"), "{stderr}");
+    assert!(stderr.contains("averaged into one step") && stderr.contains("2019-03-01T00:00:00Z"), "{stderr}");
+    assert!(!dir.path().join("cube.zarr").exists());
+
+    // Undated files on one grid: refused unless declared static, which takes the first.
+    tile(dir.path(), "dem_v1.tif", 3.0);
+    tile(dir.path(), "dem_v2.tif", 4.0);
+    let path = format!("{}/dem_*.tif", dir.path().display());
+    let (code, stderr) = gen_err(dir.path(), &tile_config(&path, axis, ""));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("dem_v1.tif") && stderr.contains("dem_v2.tif"), "{stderr}");
+    assert!(stderr.contains("static: true"), "{stderr}");
+    let cube = gen_ok(dir.path(), &tile_config(&path, axis, ", static: true"));
+    assert_eq!(read_f32(&cube, "x", None, 3, 4)[0], 3.0);
+
+    // One date on tiles of different grids is a mosaic, as before.
+    let tiles = tempfile::tempdir().unwrap();
+    tile(tiles.path(), "s2_20190301_T32TNR.tif", 5.0);
+    write_lonlat_tif(
+        &tiles.path().join("s2_20190301_T32TPR.tif"),
+        (12.0, 46.0, 1.0),
+        2,
+        vec![6.0f32; 6],
+        None,
+    );
+    let cube = gen_ok(tiles.path(), &tile_config(&format!("{}/s2_*.tif", tiles.path().display()), axis, ""));
+    assert_eq!(read_f32(&cube, "x", Some(0..1), 3, 4)[0], 5.0);
 }
