@@ -5,7 +5,9 @@ DataLoader worker, in each ``torch.distributed`` rank, reads its own share of th
 
 - ranks get disjoint, equal shares (the last ``n mod world_size`` batches of an epoch's permutation are left
   out, so that every rank runs the same number of steps);
-- the workers of a rank split its share without losing any.
+- the workers of a rank split its share without losing any;
+- the rank is decided in the process that builds the DataLoader, so workers started by ``spawn`` or
+  ``forkserver``, outside the process group, read their rank's share too.
 
 The Rust reader threads are started inside ``__iter__``, i.e. in the worker process after DataLoader forked:
 threads do not survive a fork, so none is started before it.
@@ -70,6 +72,10 @@ class CubeDataset(IterableDataset):
         # first epoch (and resume the same state) every time.
         self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
         self._resume = torch.tensor(state is not None).share_memory_()
+        # How many states were loaded, shared, against the number of the one this copy holds: a persistent
+        # worker's copy keeps the state it was started with, and must not resume it in place of a later one.
+        self._loads = torch.tensor(int(state is not None), dtype=torch.int64).share_memory_()
+        self._state_load = int(self._loads)
         self.rank, self.world_size = rank, world_size
         self.mix = mix
         self.options = dict(
@@ -106,13 +112,23 @@ class CubeDataset(IterableDataset):
         )
         return loader.batches_per_epoch
 
+    def _ranks(self) -> tuple[int, int]:
+        """This rank and the world size: as given, else ``torch.distributed``'s when initialized, else 0, 1."""
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn or forkserver (macOS, Windows, Python 3.14's Linux default) get
+        # the dataset pickled, without the process group: the share is decided here, where it is known.
+        fields = self.__dict__.copy()
+        fields["rank"], fields["world_size"] = self._ranks()
+        return fields
+
     def _share(self) -> tuple[int, int, int, int]:
-        rank, world = self.rank, self.world_size
-        if rank is None or world is None:
-            if dist.is_available() and dist.is_initialized():
-                rank, world = dist.get_rank(), dist.get_world_size()
-            else:
-                rank, world = 0, 1
+        rank, world = self._ranks()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank, world, worker, workers
@@ -121,7 +137,7 @@ class CubeDataset(IterableDataset):
         """The Rust loader of this process's share (call it in the process that iterates)."""
         rank, world, worker, workers = self._share()
         resume = self.state if bool(self._resume) else None
-        if bool(self._resume) and resume is None:
+        if bool(self._resume) and (resume is None or self._state_load != int(self._loads)):
             raise RuntimeError(
                 "load_state_dict was called after this persistent DataLoader worker started, which keeps the "
                 "dataset it was started with: load the state before the DataLoader's first iteration"
@@ -181,11 +197,18 @@ class CubeDataset(IterableDataset):
         persistent workers first iterates: they keep the dataset they were started with."""
         self.state = dict(state)
         self._take(state)
+        self._loads += 1
+        self._state_load = int(self._loads)
         self._resume.fill_(True)
 
     def _take(self, state: dict[str, Any]) -> None:
-        """The state's epoch, and its seed, shuffle and mixing where not given: the epochs after it keep them."""
+        """The state's epoch, and its seed, shuffle, mixing, variables and ``min_valid`` where not given: the
+        epochs after it keep them (and ``len`` counts with them)."""
         self.epoch = state["epoch"]
         self.seed = state["seed"] if self.seed is None else self.seed
         self.shuffle = state["shuffle"] if self.shuffle is None else self.shuffle
         self.mix = state.get("mix", 1) if self.mix is None else self.mix
+        if self.variables is None and state.get("variables") is not None:
+            self.variables = list(state["variables"])
+        if self.options["min_valid"] is None:
+            self.options["min_valid"] = state.get("min_valid")

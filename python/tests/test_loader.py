@@ -318,6 +318,54 @@ def test_set_epoch_reaches_persistent_workers(pixel_cube):
         list(loader)
 
 
+def test_a_state_loaded_after_persistent_workers_started_on_another_is_refused(pixel_cube):
+    first = cubeload.Loader(pixel_cube, seed=1)
+    per_epoch = first.batches_per_epoch
+    for _ in range(10):
+        next(first)
+    early = first.state()
+    for _ in range(20):
+        next(first)
+    later = first.state()
+    dataset = CubeDataset(str(pixel_cube), state=early)
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
+    assert len(list(loader)) == per_epoch - 10
+    # The worker still holds the first state: resuming it again would deliver 20 batches twice.
+    dataset.load_state_dict(later)
+    with pytest.raises(RuntimeError, match="before the DataLoader's first iteration"):
+        list(loader)
+
+
+def test_a_resumed_dataset_keeps_its_runs_variables_and_min_valid_in_later_epochs(pixel_cube):
+    run = CubeDataset(str(pixel_cube), ["t2m"], seed=3, min_valid=0.5)
+    per_epoch = len(run)
+    assert per_epoch < len(CubeDataset(str(pixel_cube))), "0.5 leaves some batches out"
+    it = iter(run)
+    head = [next(it) for _ in range(3)]
+    resumed = CubeDataset(str(pixel_cube), state=run.state_dict())
+    assert len(resumed) == per_epoch
+    rest = list(resumed)
+    assert len(head) + len(rest) == per_epoch
+    resumed.set_epoch(1)
+    later = list(resumed)
+    assert len(later) == per_epoch
+    assert all("t2m" in b and "ndvi" not in b and "landcover" not in b for b in rest + later)
+
+
+def test_workers_started_by_spawn_read_the_share_of_the_rank_that_started_them(pixel_cube, monkeypatch):
+    # A spawned worker starts a new interpreter, outside the process group: the rank is the parent's.
+    import cubeload.torch as cubeload_torch
+
+    monkeypatch.setattr(cubeload_torch.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(cubeload_torch.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(cubeload_torch.dist, "get_world_size", lambda: 2)
+    dataset = CubeDataset(str(pixel_cube), seed=2, threads=1)
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    chunks = [tuple(b["chunk"]) for b in loader]
+    expected = [tuple(b["chunk"]) for b in cubeload.Loader(pixel_cube, seed=2, rank=1, world_size=2)]
+    assert chunks == expected and len(chunks) == len(dataset)
+
+
 def test_distributed_ranks_times_workers(pixel_cube):
     total = cubeload.Loader(pixel_cube).batches_per_epoch
     seen = []
