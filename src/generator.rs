@@ -1261,9 +1261,8 @@ impl Accumulator {
 type Feeds = Vec<Vec<(usize, u32)>>;
 
 /// Which source steps feed which local stored step of block `b`, with which rank, and how each stored step
-/// combines them. A stored step of a variable on a level with time factor `q` is the window of `q` target
-/// steps: the source steps inside it are aggregated (the nearest one, when none is inside, as for a target
-/// step).
+/// combines them (a stored step of a variable on a level with time factor `q` is a window of `q` target
+/// steps, whose sources the plan has found as for a target step).
 fn block_feeds(plan: &Plan, b: &Block) -> (Vec<Option<Op>>, Feeds) {
     let v = &plan.variables[b.var];
     let q = v.level.map_or(1, |l| plan.levels[l].time_factor);
@@ -1279,36 +1278,30 @@ fn block_feeds(plan: &Plan, b: &Block) -> (Vec<Option<Op>>, Feeds) {
         let axis = plan.time.as_ref().expect("time-varying variables have an axis");
         for (j, op) in ops.iter_mut().enumerate() {
             let first = b.it * plan.layout.chunk_t + j * q;
-            let window: Vec<&StepSources> =
-                (first..first + q).filter_map(|g| v.step_sources.get(g)).collect();
-            let inside: Vec<usize> = window
-                .iter()
-                .flat_map(|s| match s {
-                    StepSources::Aggregate(steps) => steps.as_slice(),
-                    _ => &[],
-                })
-                .copied()
-                .collect();
-            if !inside.is_empty() {
-                *op = Some(match v.aggregation {
-                    Aggregation::Mean => Op::Mean,
-                    Aggregation::Sum => Op::Sum,
-                    Aggregation::Min => Op::Min,
-                    Aggregation::Max => Op::Max,
-                    Aggregation::Nearest => Op::Ranked,
-                });
-                let target = axis.times[first];
-                let mut by_distance = inside;
-                by_distance.sort_by_key(|&s| (v.source.steps[s].time.unwrap_or(target) - target).abs());
-                by_distance.dedup();
-                for (rank, &s) in by_distance.iter().enumerate() {
-                    feeds[s].push((j, rank as u32));
+            match v.step_sources.get(first / q) {
+                Some(StepSources::Aggregate(inside)) => {
+                    *op = Some(match v.aggregation {
+                        Aggregation::Mean => Op::Mean,
+                        Aggregation::Sum => Op::Sum,
+                        Aggregation::Min => Op::Min,
+                        Aggregation::Max => Op::Max,
+                        Aggregation::Nearest => Op::Ranked,
+                    });
+                    let target = axis.times[first];
+                    let mut by_distance = inside.clone();
+                    by_distance.sort_by_key(|&s| (v.source.steps[s].time.unwrap_or(target) - target).abs());
+                    by_distance.dedup();
+                    for (rank, &s) in by_distance.iter().enumerate() {
+                        feeds[s].push((j, rank as u32));
+                    }
                 }
-            } else if let Some(StepSources::Nearest(steps)) = window.first() {
-                *op = Some(Op::Ranked);
-                for (rank, &s) in steps.iter().enumerate() {
-                    feeds[s].push((j, rank as u32));
+                Some(StepSources::Nearest(steps)) => {
+                    *op = Some(Op::Ranked);
+                    for (rank, &s) in steps.iter().enumerate() {
+                        feeds[s].push((j, rank as u32));
+                    }
                 }
+                Some(StepSources::Empty) | None => {}
             }
         }
     }

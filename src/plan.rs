@@ -101,7 +101,8 @@ pub struct VariablePlan {
     pub fill: f64,
     /// Units attribute.
     pub units: Option<String>,
-    /// For each target step, the source steps (indices into `source.steps`) feeding it.
+    /// For each stored step, the source steps (indices into `source.steps`) feeding it: each target step, or,
+    /// on a level with time factor `q`, each window of `q` target steps.
     pub step_sources: Vec<StepSources>,
     /// Decisions the user should know about.
     pub notes: Vec<String>,
@@ -264,6 +265,17 @@ impl Plan {
         })?;
         let (layout, mut estimate) = resolve_layout(&config, &grid, n_time, &stored, multiple)?;
         let levels = assign_levels(&config, &grid, &layout, n_time, &time_factors, &mut variables)?;
+        for v in variables.iter_mut().filter(|v| !v.is_static) {
+            if let (Some(axis), Some(q)) = (&time, v.level.map(|l| levels[l].time_factor).filter(|&q| q > 1))
+            {
+                v.step_sources = window_sources(axis, q, &v.source.instants());
+                if v.aggregation == Aggregation::Sum {
+                    for step in v.step_sources.iter_mut().filter(|s| matches!(s, StepSources::Nearest(_))) {
+                        *step = StepSources::Empty;
+                    }
+                }
+            }
+        }
         if !levels.is_empty() {
             estimate.uncompressed_bytes = variables
                 .iter()
@@ -762,6 +774,18 @@ fn shared_instants(steps: &[crate::source::SourceStep]) -> Option<String> {
 /// value: a total over a source step longer than the target's would be counted again in every target step
 /// near it (a monthly total in each day of the month). The note says how many steps that leaves missing;
 /// an error names `variables.NAME.aggregation` when it leaves all of them.
+/// The source steps of each window of `q` target steps (the last one cut at the axis' end), by the rule of a
+/// target step ([`time::map_steps`]): those inside the window, or else the one nearest its middle, within
+/// half the larger of the source's spacing and the window.
+fn window_sources(axis: &TimeAxis, q: usize, source: &[Instant]) -> Vec<StepSources> {
+    let mut bounds: Vec<Instant> = axis.times.iter().step_by(q).copied().collect();
+    bounds.push(axis.interval(axis.len() - 1).1);
+    let windows = bounds.len() - 1;
+    let mut sources = time::map_steps(&TimeAxis { times: bounds, step: None }, source);
+    sources.truncate(windows);
+    sources
+}
+
 fn sums_not_spread(name: &str, step_sources: &mut [StepSources]) -> Result<Option<String>, ConfigError> {
     let mut emptied = 0;
     for step in step_sources.iter_mut().filter(|s| matches!(s, StepSources::Nearest(_))) {

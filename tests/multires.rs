@@ -468,3 +468,70 @@ fn a_damaged_level_chunk_is_refused_by_its_checksum_not_delivered() {
         assert!(message.contains("CRC32C checksum mismatch"), "{message}");
     }
 }
+
+#[test]
+fn a_window_without_a_source_step_takes_the_one_nearest_its_middle() {
+    // Six-hourly CO2 (from 06:00 on 2006-01-01) on an hourly axis, kept at 4 h and 6 h steps: a window with
+    // no source step inside takes the one nearest its middle, within half the larger of the source's spacing
+    // and the window, as a target step does (the nearest to the window's first hour gave NaN for [00, 06)
+    // and 06:00 for [08, 12)).
+    let dir = tempfile::tempdir().unwrap();
+    let co2 = shared_data("SMALL_total_column_co2.nc");
+    let var =
+        |step: &str| format!("{{ path: {}, variable: tcco2, resampling: nearest{step} }}", co2.display());
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\ngrid: {{ bbox: [0.0, 40.5, 9.0, 49.5], resolution: 1.125 }}\n\
+             time: {{ start: 2006-01-01T00:00:00Z, end: 2006-01-03T03:00:00Z, step: 1h }}\n\
+             layout: {{ kind: pixel_series, batch: 64, multires: true }}\nvariables:\n  co2: {}\n  \
+             co2_4h: {}\n  co2_6h: {}\n",
+            var(""),
+            var(", time_step: 4h"),
+            var(", time_step: 6h")
+        ),
+    );
+    let plane = 64;
+    let hourly = read_f32(&cube, "co2", Some(0..52), 8, 8);
+    let hour = |h: usize| &hourly[h * plane..(h + 1) * plane];
+    assert!(hour(6).iter().all(|v| !v.is_nan()) && hour(6) != hour(12));
+    let m = meta(&cube);
+    let group = |q: u64| {
+        let levels = m["levels"].as_array().unwrap();
+        let level = levels.iter().find(|l| l["time_factor"] == q).unwrap();
+        level["group"].as_str().unwrap().to_string()
+    };
+    // The source hour each window holds (None: no source near enough, missing).
+    let expected: [(u64, &[Option<usize>]); 2] = [
+        (
+            4,
+            &[
+                None,
+                Some(6),
+                Some(12),
+                Some(12),
+                Some(18),
+                Some(24),
+                Some(24),
+                Some(30),
+                Some(36),
+                Some(36),
+                Some(42),
+                Some(48),
+                Some(48),
+            ],
+        ),
+        (6, &[Some(6), Some(6), Some(12), Some(18), Some(24), Some(30), Some(36), Some(42), Some(48)]),
+    ];
+    for (q, hours) in expected {
+        let name = format!("{}/co2_{q}h", group(q));
+        let level = read_f32(&cube, &name, Some(0..hours.len() as u64), 8, 8);
+        for (k, source) in hours.iter().enumerate() {
+            let window = &level[k * plane..(k + 1) * plane];
+            match source {
+                Some(h) => assert_eq!(window, hour(*h), "{name} window {k}"),
+                None => assert!(window.iter().all(|v| v.is_nan()), "{name} window {k}: {window:?}"),
+            }
+        }
+    }
+}
