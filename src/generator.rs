@@ -146,6 +146,8 @@ impl GenError {
         match self {
             GenError::Plan(PlanError::Config(_))
             | GenError::Append { .. }
+            | GenError::Changed { .. }
+            | GenError::OtherParts { .. }
             | GenError::Flags { .. }
             | GenError::Cube(CubeError::OutputTaken { .. }) => true,
             GenError::Plan(PlanError::Source(e)) | GenError::Source(e) => e.is_usage(),

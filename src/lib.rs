@@ -8,8 +8,9 @@
 //! ## Getting started
 //! ```no_run
 //! use cubeload::{Config, GenOptions, Plan, generate};
-//! let text = std::fs::read_to_string("configs/demo.yaml")?;
-//! let config = Config::from_yaml(&text, "configs/demo.yaml".as_ref())?;
+//! // The config `cubeload demo` writes beside its synthetic inputs.
+//! let text = std::fs::read_to_string("cubeload-demo/demo.yaml")?;
+//! let config = Config::from_yaml(&text, "cubeload-demo/demo.yaml".as_ref())?;
 //! let plan = Plan::new(config, text)?;
 //! let report = generate(&plan, &GenOptions::default(), &|_, _| {})?;
 //! println!("{} written in {:.1} s", report.path.display(), report.seconds);

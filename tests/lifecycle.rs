@@ -195,7 +195,8 @@ fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
     let original = std::fs::read(&ndvi).unwrap();
     std::fs::copy(dir.join("inputs/ndvi/ndvi_2024-06-05.tif"), &ndvi).unwrap();
     let out = cubeload(dir, &["gen", "-c", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    // The output is taken by something gen will not replace without --overwrite: a usage error.
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("different configuration or different input") && stderr.contains("--overwrite"));
     assert_eq!(std::fs::read(&manifest).unwrap(), before, "nothing of the half-made cube changed");
@@ -205,7 +206,7 @@ fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
     let text = std::fs::read_to_string(&config).unwrap().replace("level: 3", "level: 5");
     std::fs::write(&config, text).unwrap();
     let out = cubeload(dir, &["gen", "-c", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&manifest).unwrap(), before);
     let stdout = run_gen(dir, &["--overwrite", "-c", config.to_str().unwrap()]);
     assert!(!stdout.contains("kept"), "{stdout}");
@@ -388,7 +389,7 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     std::fs::write(&late, good).unwrap();
     // The failed run's half-made cube was made from the damaged file: continuing it is refused ...
     let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("different input files"));
     assert_eq!(stored_files(&dir.join("cube.zarr")), before);
 
@@ -641,7 +642,7 @@ fn parts_of_another_config_are_named_not_taken_for_unwritten_blocks() {
         "{stderr}"
     );
     let again = cubeload(dir, &["gen", "--part", "0/2", "-c", config]);
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(2), "parts of two configs: a usage error");
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("parts of this cube run with different configurations"), "{stderr}");
     // Run with this config, the other part replaces that manifest, and the cube completes.

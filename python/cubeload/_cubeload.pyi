@@ -40,6 +40,9 @@ class Loader:
     (``[T, h, w]``, ``T`` in the level's own time steps), the first one's ``(row, col)`` on the level grid, and
     target cells per level cell.
 
+    ``threads`` reader threads decode (default 2); on an object store (``s3://``, ...) ``fetchers`` threads
+    (default 32) wait on the requests of the batches ahead: raise it for cubes of many variables.
+
     ``shuffle`` (default True), ``seed`` (0), ``rank`` and ``world_size`` (0 of 1), ``worker`` and ``workers``
     (0 of 1) and ``mix`` (1) default to those of ``state`` when one is given, and must then agree with it.
     ``mix=K`` mixes the samples of K consecutive batches of the rank's order; the workers of a rank take whole
@@ -65,6 +68,7 @@ class Loader:
         workers: int | None = None,
         prefetch: int | None = None,
         threads: int | None = None,
+        fetchers: int | None = None,
         mix: int | None = None,
         normalize: bool = False,
         fill_value: float = 0.0,

@@ -37,7 +37,7 @@ class CubeDataset(IterableDataset):
         shuffle: shuffle the batches of each epoch (default True, or as the state did).
         epoch: the epoch to iterate (see ``set_epoch``).
         rank, world_size: the distributed share; default: ``torch.distributed``'s when initialized, else 0, 1.
-        prefetch, threads, mix, normalize, fill_value, min_valid, on_corrupt, regrid, separate_statics: as for
+        prefetch, threads, fetchers, mix, normalize, fill_value, min_valid, on_corrupt, regrid, separate_statics: as for
             :class:`cubeload.Loader` (``mix`` default 1, or the state's).
         state: a ``state()`` of an interrupted epoch (single-worker use) to resume it exactly.
     """
@@ -54,6 +54,7 @@ class CubeDataset(IterableDataset):
         world_size: int | None = None,
         prefetch: int | None = None,
         threads: int | None = None,
+        fetchers: int | None = None,
         mix: int | None = None,
         normalize: bool = False,
         fill_value: float = 0.0,
@@ -79,7 +80,7 @@ class CubeDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.mix = mix
         self.options = dict(
-            prefetch=prefetch, threads=threads, normalize=normalize, fill_value=fill_value,
+            prefetch=prefetch, threads=threads, fetchers=fetchers, normalize=normalize, fill_value=fill_value,
             min_valid=min_valid, on_corrupt=on_corrupt, regrid=regrid, separate_statics=separate_statics,
         )
         self.state = state

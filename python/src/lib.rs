@@ -112,7 +112,7 @@ impl Loader {
     #[new]
     #[pyo3(signature = (
         path, variables=None, *, shuffle=None, seed=None, epochs=None, rank=None, world_size=None, worker=None,
-        workers=None, prefetch=None, threads=None, mix=None, normalize=false, fill_value=0.0, min_valid=None, state=None,
+        workers=None, prefetch=None, threads=None, fetchers=None, mix=None, normalize=false, fill_value=0.0, min_valid=None, state=None,
         on_corrupt="error", regrid="target", separate_statics=false,
     ))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
@@ -129,6 +129,7 @@ impl Loader {
         workers: Option<usize>,
         prefetch: Option<usize>,
         threads: Option<usize>,
+        fetchers: Option<usize>,
         mix: Option<usize>,
         normalize: bool,
         fill_value: f32,
@@ -225,6 +226,9 @@ impl Loader {
             .variable_major(true);
         if let Some(prefetch) = prefetch {
             builder = builder.prefetch(prefetch);
+        }
+        if let Some(fetchers) = fetchers {
+            builder = builder.fetchers(fetchers);
         }
         if let Some(variables) = variables {
             builder = builder.variables(variables);

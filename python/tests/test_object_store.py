@@ -79,13 +79,15 @@ def test_loader_reads_the_same_batches_from_s3(demo_dir, pixel_cube, s3_env, mon
     for key, value in s3_env.items():
         monkeypatch.setenv(key, value)
 
-    remote = list(cubeload.Loader("s3://cubes/py/demo.zarr", seed=4, threads=8, prefetch=16))
     local = list(cubeload.Loader(pixel_cube, seed=4))
-    assert len(remote) == len(local) > 0
-    for r, l in zip(remote, local):
-        assert r["chunk"] == l["chunk"]
-        for name in ["t2m", "ndvi", "landcover", "mask"]:
-            np.testing.assert_array_equal(r[name], l[name])
+    # The fetch threads, 32 by default, or one that waits on every request in turn.
+    for fetchers in (None, 1):
+        remote = list(cubeload.Loader("s3://cubes/py/demo.zarr", seed=4, threads=8, fetchers=fetchers, prefetch=16))
+        assert len(remote) == len(local) > 0
+        for r, l in zip(remote, local):
+            assert r["chunk"] == l["chunk"]
+            for name in ["t2m", "ndvi", "landcover", "mask"]:
+                np.testing.assert_array_equal(r[name], l[name])
 
     with pytest.raises(cubeload.CubeError, match="no such cube"):
         cubeload.Loader("s3://cubes/py/missing.zarr")
