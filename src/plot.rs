@@ -207,9 +207,6 @@ fn viridis(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// One time slice of `variable` (values and valid mask) as a PNG. `time` is a step of the cube's time
-/// axis; a variable on a coarser time level is drawn at the level step that holds it.
-///
 /// The step of `cube`'s time axis that `text` names: its index, or its instant (any form a config's times
 /// take), which must be one of the axis's.
 ///
@@ -236,6 +233,9 @@ pub fn time_step(cube: &Cube, text: &str) -> Result<usize, PlotError> {
     }
 }
 
+/// One time slice of `variable` (values and valid mask) as a PNG. `time` is a step of the cube's time
+/// axis; a variable on a coarser time level is drawn at the level step that holds it.
+///
 /// # Errors
 /// [`PlotError`] when the variable or time index does not exist, a chunk cannot be read or fails its
 /// checksum, or the PNG cannot be written.
@@ -274,8 +274,6 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     let scale = (700 / width.max(height)).clamp(1, 12);
     let (w, h) = ((width * scale) as u32, (height * scale) as u32);
     let err = draw_err(out);
-    let root = BitMapBackend::new(out, (2 * w + 60, h + 90)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
     let when = match (&meta.time, v.is_static, geometry.level) {
         (Some(_), false, Some(level)) if q > 1 => {
             format!("time index {time} (step {step} of {}, {q} steps each)", level.group)
@@ -292,16 +290,21 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
         .filter(|l| l.factor != [1, 1])
         .map(|l| format!(" on {} ({} × {} target cells each)", l.group, l.factor[0], l.factor[1]))
         .unwrap_or_default();
-    root.draw(&Text::new(
-        format!(
-            "{variable} ({}){on_level}, {when}: {range}; valid {:.1} %",
-            v.units.as_deref().unwrap_or("-"),
-            100.0 * valid_count as f64 / values.len().max(1) as f64
-        ),
-        (20, 15),
-        ("sans-serif", 18).into_font(),
-    ))
-    .map_err(|e| err(&e))?;
+    let title = format!(
+        "{variable} ({}){on_level}, {when}: {range}; valid {:.1} %",
+        v.units.as_deref().unwrap_or("-"),
+        100.0 * valid_count as f64 / values.len().max(1) as f64
+    );
+    let caption = "valid mask (dark = valid)";
+    let (title_font, caption_font) = (("sans-serif", 18).into_font(), ("sans-serif", 14).into_font());
+    // Wide enough for the title and the mask's caption, however small the grid.
+    let text_width = |font: &FontDesc, text: &str| font.box_size(text).map_or(0, |(w, _)| w);
+    let canvas = (2 * w + 60)
+        .max(text_width(&title_font, &title) + 40)
+        .max(w + text_width(&caption_font, caption) + 60);
+    let root = BitMapBackend::new(out, (canvas, h + 90)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    root.draw(&Text::new(title, (20, 15), title_font)).map_err(|e| err(&e))?;
     let span = if hi > lo { hi - lo } else { 1.0 };
     for y in 0..height {
         for x in 0..width {
@@ -319,8 +322,7 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
             }
         }
     }
-    root.draw(&Text::new("valid mask (dark = valid)", (40 + w as i32, 32), ("sans-serif", 14).into_font()))
-        .map_err(|e| err(&e))?;
+    root.draw(&Text::new(caption, (40 + w as i32, 32), caption_font)).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
 }
 

@@ -228,6 +228,29 @@ fn png_pixels(path: &std::path::Path) -> (Vec<u8>, usize) {
 }
 
 #[test]
+fn quicklook_of_a_small_grid_has_room_for_its_title_and_caption() {
+    // 8 × 8 cells: the picture is small, its title (variable, units, time, range, valid share) is not.
+    let dir = tempfile::tempdir().unwrap();
+    let co2 = shared_data("SMALL_total_column_co2.nc");
+    crate::util::gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\ngrid: {{ bbox: [0.0, 40.5, 9.0, 49.5], resolution: 1.125 }}\ntime: {{ from: co2 }}\n\
+             layout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n  co2: {{ path: {}, variable: tcco2 }}\n",
+            co2.display()
+        ),
+    );
+    let out = cubeload(dir.path(), &["quicklook", "cube.zarr", "co2", "--time", "10", "--out", "q.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (pixels, width) = png_pixels(&dir.path().join("q.png"));
+    // The text rows above the panels: their last inked column keeps a margin from the right edge.
+    let inked =
+        (0..48 * width).filter(|&i| pixels[3 * i..3 * i + 3].iter().any(|&c| c < 128)).map(|i| i % width);
+    let last = inked.max().unwrap();
+    assert!(last + 10 < width, "text reaches column {last} of {width}");
+}
+
+#[test]
 fn quicklook_draws_the_slice_asked_for_and_refuses_a_damaged_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let out = cubeload(dir.path(), &["demo", "--dir", "work", "--epochs", "0"]);

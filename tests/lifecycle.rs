@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, write_inputs};
 
-use crate::util::{copy_dir, cubeload, meta};
+use crate::util::{copy_dir, cubeload, meta, walk};
 
 /// Writes the demo inputs into `dir` once; returns the config text over them.
 fn inputs(dir: &Path) -> String {
@@ -362,6 +362,46 @@ fn verify_finds_a_manifest_whose_seal_was_cut_off() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("seal of the metadata, coordinates and validity index, is missing"), "{stdout}");
+}
+
+#[test]
+fn verify_finds_lost_coordinates_and_index_of_a_cube_without_a_seal() {
+    // A cube of an earlier version has no seal: its coordinates and validity index are checked by reading
+    // them, and a chunk file zarrs does not find reads as fill values (all NaT and NaN to xarray).
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    three_day_cube(dir);
+    let cube = dir.join("cube.zarr");
+    let manifest = cube.join("cubeload_manifest.jsonl");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.last().unwrap().contains("seal"), "{}", lines.last().unwrap());
+    std::fs::write(&manifest, format!("{}\n", lines[..lines.len() - 1].join("\n"))).unwrap();
+    let root = cube.join("zarr.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&root).unwrap()).unwrap();
+    meta["attributes"]["cubeload"].as_object_mut().unwrap().remove("sealed");
+    std::fs::write(&root, serde_json::to_string(&meta).unwrap()).unwrap();
+    let out = cubeload(dir, &["verify", "cube.zarr"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let index = walk(&cube.join("cubeload_index/t2m"))
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("/c/"))
+        .unwrap();
+    for lost in [cube.join("time/c/0"), cube.join("lat/c/0"), index] {
+        std::fs::remove_file(lost).unwrap();
+    }
+    let out = cubeload(dir, &["verify", "cube.zarr"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line =
+        |text: &str| stdout.lines().find(|l| l.contains(text)).unwrap_or_else(|| panic!("{text}: {stdout}"));
+    assert!(
+        line("time/c/0").starts_with("variable `time`") && line("time/c/0").contains("missing"),
+        "{stdout}"
+    );
+    assert!(line("lat/c/0").starts_with("variable `lat`"), "{stdout}");
+    assert!(line("cubeload_index/t2m/c/").contains("missing"), "{stdout}");
 }
 
 #[test]
