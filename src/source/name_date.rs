@@ -2,8 +2,9 @@
 //! file) say when each file was taken, where the file itself does not.
 //!
 //! Read, the first one in the name winning:
-//! - a date: `20240305`, `2024-03-05`, `2024_03_05`; the hour (and minutes, seconds) may follow in the same
-//!   digits: `2019030106`, `201903010600`, `20190301060000`; or MODIS's year and day of the year, `A2024065`;
+//! - a date: `20240305`, `2024-03-05`, `2024_03_05`, `2024.03.05`; the hour (and minutes, seconds) may follow
+//!   in the same digits: `2019030106`, `201903010600`, `20190301060000`; MODIS's year and day of the year,
+//!   `A2024065`; or a month, `2019-03`, `2019_03`, `2019.03` (years 1800 to 2199), at its first day;
 //! - then, optionally, a time of day after `T`, `_`, `-` or a space: `T10:30:00`, `T10:30`, `T103021`,
 //!   `_0600`, `-06-00-00`, and an hour alone after `T` or before `z`/`h` (`T06`, `_06z`). Without one, the
 //!   date is at midnight UTC.
@@ -16,8 +17,9 @@ use chrono::NaiveDate;
 use crate::time::Instant;
 
 /// What the names of a series' files are read as, for messages about names that were not.
-pub const NAME_DATE_FORMS: &str = "20240305, 2024-03-05, 2024_03_05, 2019030106, 201903010600 or MODIS's \
-                                   A2024065, with a time as T103021, T10:30:00, T06, _0600 or -06-00-00";
+pub const NAME_DATE_FORMS: &str = "20240305, 2024-03-05, 2024_03_05, 2024.03.05, 2019030106, 201903010600, \
+                                   MODIS's A2024065 or a month as 2019-03, with a time as T103021, T10:30:00, \
+                                   T06, _0600 or -06-00-00";
 
 /// The instant a file's name gives (see the module's documentation), `None` when it gives none.
 #[must_use]
@@ -25,6 +27,9 @@ pub fn time_from_file_name(name: &str) -> Option<Instant> {
     let bytes = name.as_bytes();
     (0..bytes.len()).find_map(|start| date_at(bytes, start))
 }
+
+/// What may separate a date's year, month and day.
+const SEPARATORS: [u8; 3] = [b'-', b'_', b'.'];
 
 /// Digits from `at` on, as many as follow one another.
 fn digit_run(bytes: &[u8], at: usize) -> usize {
@@ -59,20 +64,30 @@ fn date_at(bytes: &[u8], start: usize) -> Option<Instant> {
             && bytes.get(start + 7) == Some(&sep)
             && digit_run(bytes, start + 8) == 2
     };
-    let (month_at, day_at, end) = if separated(b'-') || separated(b'_') {
-        (start + 5, start + 8, start + 10)
+    // A month without its day (`2019-03`, CHIRPS's monthly `2019.03`), its first day; in years a month's
+    // files are named by, so that other numbers (`tile_1234_05`) are not taken for one.
+    let month_only = |sep: u8| {
+        run == 4
+            && bytes.get(start + 4) == Some(&sep)
+            && digit_run(bytes, start + 5) == 2
+            && !(bytes.get(start + 7) == Some(&sep) && digit_run(bytes, start + 8) > 0)
+            && (1800..2200).contains(&number(bytes, start, start + 4))
+    };
+    let (month_at, day_at, end) = if SEPARATORS.iter().any(|&sep| separated(sep)) {
+        (start + 5, Some(start + 8), start + 10)
     } else if matches!(run, 8 | 10 | 12 | 14) {
-        (start + 4, start + 6, start + 8)
+        (start + 4, Some(start + 6), start + 8)
+    } else if SEPARATORS.iter().any(|&sep| month_only(sep)) {
+        (start + 5, None, start + 7)
     } else {
         return None;
     };
     let year = i32::try_from(number(bytes, start, start + 4)).ok()?;
-    let date = NaiveDate::from_ymd_opt(
-        year,
-        number(bytes, month_at, month_at + 2),
-        number(bytes, day_at, day_at + 2),
-    )?;
-    let seconds = if run > 8 {
+    let day = day_at.map_or(1, |at| number(bytes, at, at + 2));
+    let date = NaiveDate::from_ymd_opt(year, number(bytes, month_at, month_at + 2), day)?;
+    let seconds = if day_at.is_none() {
+        0
+    } else if run > 8 {
         // The time of day in the date's own digits: hour, minutes, seconds.
         let field = |k: usize| {
             (start + 8 + 2 * k + 2 <= start + run)
@@ -162,6 +177,10 @@ mod tests {
             ("ndvi_20240305_01", "2024-03-05T00:00:00Z"),
             ("ndvi_20240305_2501", "2024-03-05T00:00:00Z"),
             ("v2_20240305", "2024-03-05T00:00:00Z"),
+            ("chirps-v2.0.2019.03.01", "2019-03-01T00:00:00Z"),
+            ("chirps-v2.0.2019.03", "2019-03-01T00:00:00Z"),
+            ("ndvi_2019-11", "2019-11-01T00:00:00Z"),
+            ("ndvi_2019_11_v2", "2019-11-01T00:00:00Z"),
             ("ndvi20240305", "2024-03-05T00:00:00Z"),
         ] {
             assert_eq!(read(name).as_deref(), Some(expected), "{name}");
@@ -179,6 +198,9 @@ mod tests {
             "MOD13Q1.A2023366.h18v04",
             "BA2024065",
             "scene_20240230",
+            "tile_1234_05",
+            "ndvi_2019-13",
+            "ndvi_2019-11-5",
         ] {
             assert_eq!(read(name), None, "{name}");
         }
