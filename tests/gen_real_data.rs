@@ -152,6 +152,11 @@ fn packed_int16_on_0_360_longitudes_is_wrapped_and_unpacked() {
         assert_eq!(n, w * h);
     }
     assert!((380.0..395.0).contains(&f64::from(values[0])), "unpacked kg m-2: {}", values[0]);
+    // The extremes `info` gives are values of the cube, as stored (float32), not those before storing.
+    let stats = &meta(&cube)["variables"][0]["stats"];
+    let (min, max) =
+        values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    assert_eq!((stats["min"].as_f64(), stats["max"].as_f64()), (Some(f64::from(min)), Some(f64::from(max))));
 }
 
 #[test]

@@ -566,6 +566,10 @@ impl CubeWriter {
         for (i, v) in self.meta.variables.iter_mut().enumerate() {
             let [ct, cy, cx] = counts[i];
             v.stats = stats[i].finish();
+            // The extremes as stored, values a reader finds (the others are moments, not values).
+            if let Some(stats) = v.stats.as_mut().filter(|_| v.dtype == DType::Float32) {
+                (stats.min, stats.max) = (f64::from(stats.min as f32), f64::from(stats.max as f32));
+            }
             // Batches are float32, whose integers are exact up to 2^24 only.
             let exact = f64::from(1u32 << 24);
             if v.kind == VariableKind::Categorical

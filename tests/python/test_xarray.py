@@ -218,6 +218,8 @@ def test_demo_cube_static_layer_stats_and_padding(run_cubeload, tmp_path):
     stats = variable_meta(meta, "t2m")["stats"]
     assert stats["count"] == np.count_nonzero(~np.isnan(valid))
     assert np.nanmean(valid) == pytest.approx(stats["mean"], rel=1e-3)
+    # The extremes are values of the cube, as stored (float32), not those of the warp before storing.
+    assert (stats["min"], stats["max"]) == (np.nanmin(valid), np.nanmax(valid))
     assert np.isnan(t2m[:, ny:, :]).all(), "padding rows of t2m are NaN"
     assert np.isnan(t2m[:, :, nx:]).all(), "padding cols of t2m are NaN"
 
