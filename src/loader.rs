@@ -838,10 +838,14 @@ impl Loader {
         self.shared.assembler.variable_names()
     }
 
-    /// The next job's batches, in order, from a reader thread or read here when there are none.
-    fn next_job(&mut self) -> Option<Result<JobOutput, LoaderError>> {
+    /// The next job's batches, in order, from a reader thread or read here when there are none;
+    /// [`TimedOut`] when the readers have not delivered it by `deadline`.
+    fn next_job(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Option<Result<JobOutput, LoaderError>>, TimedOut> {
         if self.next_job >= self.shared.total_jobs {
-            return None;
+            return Ok(None);
         }
         let job = self.next_job;
         let result = if self.workers.is_empty() {
@@ -851,11 +855,18 @@ impl Loader {
                 if let Some(result) = self.pending.remove(&job) {
                     break result;
                 }
-                match self.rx.recv() {
+                let received = match deadline {
+                    Some(deadline) => match self.rx.recv_deadline(deadline) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Err(TimedOut),
+                        other => other.map_err(|_| ()),
+                    },
+                    None => self.rx.recv().map_err(|_| ()),
+                };
+                match received {
                     Ok((j, result)) => {
                         self.pending.insert(j, result);
                     }
-                    Err(_) => break Err(LoaderError::Panic("all reader threads stopped".into())),
+                    Err(()) => break Err(LoaderError::Panic("all reader threads stopped".into())),
                 }
             }
         };
@@ -872,16 +883,29 @@ impl Loader {
         if waiting.1 > 0 {
             self.shared.fetch_wake.notify_one();
         }
-        Some(result)
+        Ok(Some(result))
     }
-}
 
-impl Iterator for Loader {
-    type Item = Result<Batch, LoaderError>;
+    /// The next batch, as [`Iterator::next`] gives it, waiting for it at most `timeout`: [`TimedOut`] when
+    /// the readers have not made it by then, and nothing is lost (call again). A caller that must stay
+    /// responsive while a slow store answers (Python's Ctrl-C) waits in slices. A loader without reader
+    /// threads reads the batch itself, however long that takes.
+    ///
+    /// # Errors
+    /// [`TimedOut`] when no batch came within `timeout`.
+    pub fn next_within(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Result<Batch, LoaderError>>, TimedOut> {
+        self.next_until(std::time::Instant::now().checked_add(timeout))
+    }
 
-    fn next(&mut self) -> Option<Self::Item> {
+    fn next_until(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Option<Result<Batch, LoaderError>>, TimedOut> {
         if self.finished {
-            return None;
+            return Ok(None);
         }
         loop {
             if let Some(batch) = self.current.next() {
@@ -892,9 +916,10 @@ impl Iterator for Loader {
                     self.state.epoch += 1;
                     self.state.cursor = 0;
                 }
-                return Some(Ok(batch));
+                return Ok(Some(Ok(batch)));
             }
-            match self.next_job()? {
+            let Some(job) = self.next_job(deadline)? else { return Ok(None) };
+            match job {
                 Ok((mut batches, corrupt)) => {
                     self.corrupt += corrupt;
                     // By position, not by count: a skipped corrupt chunk leaves a gap in the job.
@@ -906,10 +931,23 @@ impl Iterator for Loader {
                 Err(e) => {
                     // An error ends the stream: later batches would no longer match the state.
                     self.finished = true;
-                    return Some(Err(e));
+                    return Ok(Some(Err(e)));
                 }
             }
         }
+    }
+}
+
+/// No batch came within the time a caller of [`Loader::next_within`] gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no batch within the time given")]
+pub struct TimedOut;
+
+impl Iterator for Loader {
+    type Item = Result<Batch, LoaderError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_until(None).unwrap_or_else(|TimedOut| unreachable!("no deadline"))
     }
 }
 

@@ -277,8 +277,14 @@ impl Loader {
                  iterates (cubeload.torch.CubeDataset does, in each DataLoader worker)",
             ));
         }
-        let inner = &mut slf.inner;
-        let next = py.detach(|| inner.next());
+        // Waited for in slices, so that a signal (Ctrl-C) is seen while a slow store keeps the batch back.
+        let next = loop {
+            let inner = &mut slf.inner;
+            match py.detach(|| inner.next_within(std::time::Duration::from_millis(100))) {
+                Ok(next) => break next,
+                Err(cubeload::loader::TimedOut) => py.check_signals()?,
+            }
+        };
         match next {
             None => Ok(None),
             Some(Err(e)) => Err(to_py_err(e)),

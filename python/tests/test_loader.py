@@ -6,8 +6,11 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -464,6 +467,43 @@ except cubeload.CubeloadError as e:
     assert threads() == before, (before, threads())
     print("ok")
 """
+
+
+def test_ctrl_c_interrupts_the_wait_for_a_batch_a_stalled_store_keeps_back(pixel_cube, tmp_path):
+    cube = tmp_path / "stalled.zarr"
+    shutil.copytree(pixel_cube, cube)
+    # t2m's chunk files become named pipes nobody writes to: a reader opening one waits, as on a stalled
+    # object store, and the Python thread waits for its batch.
+    pipes = [p for p in (cube / "t2m" / "c").rglob("*") if p.is_file()]
+    assert pipes
+    for p in pipes:
+        p.unlink()
+        os.mkfifo(p)
+    loader = cubeload.Loader(cube, threads=1, seed=0)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        next(loader)
+    assert time.monotonic() - started < 5, "the interrupt waited for the store"
+
+    # Let the reader go (each pipe opened for writing and closed: its chunk reads short, an error) so that
+    # the loader can be dropped; from another process, since dropping a loader holds the GIL.
+    release = (
+        "import os, sys, time\n"
+        "while True:\n"
+        "    for p in sys.argv[1:]:\n"
+        "        try: os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))\n"
+        "        except OSError: pass\n"
+        "    time.sleep(0.01)\n"
+    )
+    releaser = subprocess.Popen([sys.executable, "-c", release, *map(str, pipes)])
+    try:
+        with pytest.raises(cubeload.CorruptChunkError, match="t2m"):
+            next(loader)
+        del loader
+    finally:
+        releaser.kill()
+        releaser.wait()
 
 
 def test_threads_the_system_will_not_start_are_an_error_and_leave_none_running(pixel_cube):
