@@ -204,7 +204,7 @@ impl Plan {
             let fill = if categorical { nodata.unwrap_or_else(|| dtype.max_value()) } else { f64::NAN };
             let default_aggregation = if categorical { Aggregation::Nearest } else { Aggregation::Mean };
             let aggregation = var.aggregation.unwrap_or(default_aggregation);
-            let mut step_sources = match (&time, is_static) {
+            let step_sources = match (&time, is_static) {
                 (Some(axis), false) => time::map_steps(axis, &source.instants()),
                 _ => Vec::new(),
             };
@@ -217,11 +217,6 @@ impl Plan {
                 return Err(
                     ConfigError::invalid("time", no_time_overlap(name, axis, &source.instants())).into()
                 );
-            }
-            if aggregation == Aggregation::Sum
-                && let Some(note) = sums_not_spread(name, &mut step_sources)?
-            {
-                notes.push(note);
             }
             let default_resampling = if categorical { Resampling::Nearest } else { Resampling::Bilinear };
             let resampling = var.resampling.unwrap_or(default_resampling);
@@ -265,15 +260,16 @@ impl Plan {
         })?;
         let (layout, mut estimate) = resolve_layout(&config, &grid, n_time, &stored, multiple)?;
         let levels = assign_levels(&config, &grid, &layout, n_time, &time_factors, &mut variables)?;
+        // Stored steps: a level's windows are mapped as a whole; then sums keep to the steps inside them.
         for v in variables.iter_mut().filter(|v| !v.is_static) {
             if let (Some(axis), Some(q)) = (&time, v.level.map(|l| levels[l].time_factor).filter(|&q| q > 1))
             {
                 v.step_sources = window_sources(axis, q, &v.source.instants());
-                if v.aggregation == Aggregation::Sum {
-                    for step in v.step_sources.iter_mut().filter(|s| matches!(s, StepSources::Nearest(_))) {
-                        *step = StepSources::Empty;
-                    }
-                }
+            }
+            if v.aggregation == Aggregation::Sum
+                && let Some(note) = sums_not_spread(&v.name, &mut v.step_sources)?
+            {
+                v.notes.push(note);
             }
         }
         if !levels.is_empty() {
@@ -769,11 +765,6 @@ fn shared_instants(steps: &[crate::source::SourceStep]) -> Option<String> {
     })
 }
 
-/// Why a time axis that gives a variable no step is refused: its steps and the variable's.
-/// With `aggregation: sum`, a target step without a source step inside it is missing, not the nearest step's
-/// value: a total over a source step longer than the target's would be counted again in every target step
-/// near it (a monthly total in each day of the month). The note says how many steps that leaves missing;
-/// an error names `variables.NAME.aggregation` when it leaves all of them.
 /// The source steps of each window of `q` target steps (the last one cut at the axis' end), by the rule of a
 /// target step ([`time::map_steps`]): those inside the window, or else the one nearest its middle, within
 /// half the larger of the source's spacing and the window.
@@ -786,6 +777,11 @@ fn window_sources(axis: &TimeAxis, q: usize, source: &[Instant]) -> Vec<StepSour
     sources
 }
 
+/// With `aggregation: sum`, a stored step (a target step, or a level's window) without a source step inside
+/// it is missing, not the nearest step's value: a total over a source step longer than the stored step
+/// would be counted again in every stored step near it (a monthly total in each day of the month). The note
+/// says how many steps that leaves missing; an error names `variables.NAME.aggregation` when it leaves all
+/// of them.
 fn sums_not_spread(name: &str, step_sources: &mut [StepSources]) -> Result<Option<String>, ConfigError> {
     let mut emptied = 0;
     for step in step_sources.iter_mut().filter(|s| matches!(s, StepSources::Nearest(_))) {
@@ -795,19 +791,20 @@ fn sums_not_spread(name: &str, step_sources: &mut [StepSources]) -> Result<Optio
     if step_sources.iter().all(|s| matches!(s, StepSources::Empty)) {
         return Err(ConfigError::invalid(
             format!("variables.{name}.aggregation"),
-            "sum: no target step has a source step inside it (the source's steps are sparser than the \
+            "sum: no stored step has a source step inside it (the source's steps are sparser than the \
              axis's), and a sum is not spread over finer steps; use mean, or a coarser time step",
         ));
     }
     Ok((emptied > 0).then(|| {
         format!(
-            "aggregation sum: {emptied} of {} target steps hold no source step and are missing (a sum is \
+            "aggregation sum: {emptied} of {} stored steps hold no source step and are missing (a sum is \
              not copied from the nearest step, as the other aggregations are)",
             step_sources.len()
         )
     }))
 }
 
+/// Why a time axis that gives a variable no step is refused: its steps and the variable's.
 fn no_time_overlap(name: &str, axis: &TimeAxis, source: &[Instant]) -> String {
     let span = |mut times: Vec<Instant>| {
         times.sort_unstable();

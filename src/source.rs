@@ -281,7 +281,9 @@ impl Source {
                 ),
             ));
         }
-        check_files_apart(name, config.is_static, &files, &steps)?;
+        if let Some(note) = check_files_apart(name, config.is_static, &files, &steps)? {
+            notes.push(note);
+        }
         Ok(Source {
             files,
             provenance,
@@ -692,46 +694,60 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
     Ok(Some(times))
 }
 
-/// Refuses files of variable `name` that the cube could not tell apart: two on one grid with one time
-/// (their values would be averaged into one step: most often times of day in their names written as
-/// cubeload does not read them), or, for a variable not declared static, two on one grid without any time
-/// (a static map would keep the first and hide the other). Files of one time on different grids are the
-/// tiles of one date, and undated files on different grids the tiles of one map.
+/// Files of variable `name` that the cube cannot tell apart. Two on one grid without any time, for a
+/// variable not declared static, are refused: a static map would show the first and hide the other. Two on
+/// one grid with one time are averaged into one step (as Terra's and Aqua's product of a day may be
+/// meant to), which the returned note says, naming them, since it is also what times of day written as
+/// cubeload does not read them come to. Files of one time on different grids are the tiles of one date,
+/// and undated files on different grids the tiles of one map.
 fn check_files_apart(
     name: &str,
     declared_static: bool,
     files: &[FileView],
     steps: &[SourceStep],
-) -> Result<(), SourceError> {
+) -> Result<Option<String>, SourceError> {
     let mut dated: Vec<(Option<Instant>, usize)> = steps.iter().map(|s| (s.time, s.file)).collect();
     dated.sort_unstable();
     dated.dedup();
+    let mut shared: Vec<(Instant, usize, usize)> = Vec::new();
     for group in dated.chunk_by(|a, b| a.0 == b.0) {
         for (k, &(time, first)) in group.iter().enumerate() {
             let Some(&(_, second)) = group[k + 1..].iter().find(|(_, f)| files[*f].same_grid(&files[first]))
             else {
                 continue;
             };
-            let why = match time {
-                Some(t) => format!(
-                    "has the time of {} ({}) on the same grid: the two would be averaged into one step. If \
-                     their names hold times cubeload does not read (it reads {NAME_DATE_FORMS}), rename them; \
-                     if one repeats the other, leave it out of variable `{name}`",
-                    files[first].path.display(),
-                    time::format_instant(t)
-                ),
-                None if declared_static => continue,
-                None => format!(
-                    "has no time, nor has {} (no time axis, no date in their names as cubeload reads them: \
-                     {NAME_DATE_FORMS}), and the two share one grid: variable `{name}` would be one static map \
-                     showing the first. Date the files, or declare `static: true` to take the first",
-                    files[first].path.display()
-                ),
-            };
-            return Err(SourceError::unusable(&files[second].path, why));
+            match time {
+                Some(t) => shared.push((t, first, second)),
+                None if declared_static => {}
+                None => {
+                    return Err(SourceError::unusable(
+                        &files[second].path,
+                        format!(
+                            "has no time, nor has {} (no time axis, no date in their names as cubeload reads \
+                             them: {NAME_DATE_FORMS}), and the two share one grid: variable `{name}` would be \
+                             one static map showing the first. Date the files, or declare `static: true` to \
+                             take the first",
+                            files[first].path.display()
+                        ),
+                    ));
+                }
+            }
         }
     }
-    Ok(())
+    Ok(shared.first().map(|&(t, first, second)| {
+        let more = match shared.len() {
+            1 => String::new(),
+            n => format!(" (and {} more pairs)", n - 1),
+        };
+        format!(
+            "{} and {} have one time ({}) on one grid{more}: their values are averaged into one step. If \
+             their names hold times cubeload does not read (it reads {NAME_DATE_FORMS}), rename them; if \
+             one repeats the other, leave it out",
+            files[first].path.display(),
+            files[second].path.display(),
+            time::format_instant(t)
+        )
+    }))
 }
 
 fn is_identity(gt: &[f64; 6]) -> bool {

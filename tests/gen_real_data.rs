@@ -494,7 +494,7 @@ fn a_sum_onto_finer_steps_is_not_counted_again_in_each() {
     let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("of 365 target steps hold no source step and are missing"), "{stderr}");
+    assert!(stderr.contains("of 365 stored steps hold no source step and are missing"), "{stderr}");
     let cube = dir.path().join("cube.zarr");
     let (w, h, reference) = gdalwarp(&format!("NETCDF:\"{}\":pr", nc.display()), grid, "near", dir.path());
     assert_eq!(reference.len(), 12);

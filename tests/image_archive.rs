@@ -5,7 +5,7 @@
 use cubeload::demo::{DemoSpec, write_inputs};
 
 use crate::util::{
-    TestGrid, array, assert_close_area, gdalwarp, gen_err, gen_ok, read_f32, write_lonlat_tif,
+    TestGrid, array, assert_close_area, cubeload, gdalwarp, gen_err, gen_ok, read_f32, write_lonlat_tif,
 };
 
 #[test]
@@ -117,18 +117,26 @@ fn times_of_day_in_file_names_make_steps_of_their_own() {
 }
 
 #[test]
-fn files_a_cube_cannot_tell_apart_are_refused_naming_both() {
+fn files_a_cube_cannot_tell_apart_are_named_and_undated_ones_refused() {
     let dir = tempfile::tempdir().unwrap();
-    // One date, one grid: a time of day written as cubeload does not read it (or a repeated file).
+    // One date, one grid (a time of day written as cubeload does not read it, a repeated file, or Terra's
+    // and Aqua's product of a day): averaged into one step, and a note names both.
     tile(dir.path(), "a_20190301.tif", 1.0);
     tile(dir.path(), "a_20190301_06.tif", 2.0);
     let axis = "time: { start: 2019-03-01, end: 2019-03-02, step: 1d }";
-    let (code, stderr) =
-        gen_err(dir.path(), &tile_config(&format!("{}/a_*.tif", dir.path().display()), axis, ""));
-    assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("a_20190301.tif") && stderr.contains("a_20190301_06.tif"), "{stderr}");
-    assert!(stderr.contains("averaged into one step") && stderr.contains("2019-03-01T00:00:00Z"), "{stderr}");
-    assert!(!dir.path().join("cube.zarr").exists());
+    std::fs::write(
+        dir.path().join("cube.yaml"),
+        tile_config(&format!("{}/a_*.tif", dir.path().display()), axis, ""),
+    )
+    .unwrap();
+    let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let note =
+        stderr.lines().find(|l| l.contains("averaged into one step")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(note.contains("a_20190301.tif") && note.contains("a_20190301_06.tif"), "{note}");
+    assert!(note.contains("2019-03-01T00:00:00Z") && note.contains("T103021"), "{note}");
+    assert_eq!(read_f32(&dir.path().join("cube.zarr"), "x", Some(0..1), 3, 4)[0], 1.5);
 
     // Undated files on one grid: refused unless declared static, which takes the first.
     tile(dir.path(), "dem_v1.tif", 3.0);

@@ -523,6 +523,29 @@ fn a_window_without_a_source_step_takes_the_one_nearest_its_middle() {
         ),
         (6, &[Some(6), Some(6), Some(12), Some(18), Some(24), Some(30), Some(36), Some(42), Some(48)]),
     ];
+    // A sum keeps to the source steps inside each window: the windows that took the nearest step are
+    // missing, and a note counts them.
+    let config = std::fs::read_to_string(dir.path().join("cube.yaml")).unwrap();
+    let summed = config.replace(
+        &format!("  co2_6h: {}", var(", time_step: 6h")),
+        &format!(
+            "  co2_6h: {}\n  co2_sum: {}",
+            var(", time_step: 6h"),
+            var(", time_step: 4h, aggregation: sum")
+        ),
+    );
+    assert_ne!(summed, config);
+    std::fs::write(dir.path().join("summed.yaml"), summed.replace("cube.zarr", "summed.zarr")).unwrap();
+    let out = crate::util::cubeload(dir.path(), &["gen", "-c", "summed.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("variable `co2_sum`: aggregation sum: 4 of 13 stored steps"), "{stderr}");
+    let sums = read_f32(&dir.path().join("summed.zarr"), &format!("{}/co2_sum", group(4)), Some(0..13), 8, 8);
+    for k in 0..13 {
+        let window = &sums[k * plane..(k + 1) * plane];
+        let inside = [1, 3, 4, 6, 7, 9, 10, 12].contains(&k);
+        assert_eq!(window.iter().all(|v| !v.is_nan()), inside, "co2_sum window {k}");
+    }
     for (q, hours) in expected {
         let name = format!("{}/co2_{q}h", group(q));
         let level = read_f32(&cube, &name, Some(0..hours.len() as u64), 8, 8);

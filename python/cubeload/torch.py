@@ -123,9 +123,12 @@ class CubeDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers started by spawn or forkserver (macOS, Windows, Python 3.14's Linux default) get
-        # the dataset pickled, without the process group: the share is decided here, where it is known.
+        # the dataset pickled, without the process group: the share is decided here, where it is known. A
+        # dataset pickled before the process group exists (handed to torch.multiprocessing.spawn) keeps
+        # looking it up, in the process that unpickles it.
         fields = self.__dict__.copy()
-        fields["rank"], fields["world_size"] = self._ranks()
+        if (self.rank is None or self.world_size is None) and dist.is_available() and dist.is_initialized():
+            fields["rank"], fields["world_size"] = self._ranks()
         return fields
 
     def _share(self) -> tuple[int, int, int, int]:

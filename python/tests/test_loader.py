@@ -359,6 +359,10 @@ def test_workers_started_by_spawn_read_the_share_of_the_rank_that_started_them(p
     # A spawned worker starts a new interpreter, outside the process group: the rank is the parent's.
     import cubeload.torch as cubeload_torch
 
+    # Pickled before there is a process group (as torch.multiprocessing.spawn(main, args=(dataset,)) does),
+    # a dataset keeps looking the rank up where it is unpickled, rather than freezing rank 0 of 1.
+    early = pickle.loads(pickle.dumps(CubeDataset(str(pixel_cube), seed=2)))
+    assert (early.rank, early.world_size) == (None, None)
     monkeypatch.setattr(cubeload_torch.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(cubeload_torch.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(cubeload_torch.dist, "get_world_size", lambda: 2)
@@ -367,6 +371,7 @@ def test_workers_started_by_spawn_read_the_share_of_the_rank_that_started_them(p
     chunks = [tuple(b["chunk"]) for b in loader]
     expected = [tuple(b["chunk"]) for b in cubeload.Loader(pixel_cube, seed=2, rank=1, world_size=2)]
     assert chunks == expected and len(chunks) == len(dataset)
+    assert early._share()[:2] == (1, 2)
 
 
 def test_distributed_ranks_times_workers(pixel_cube):

@@ -3,14 +3,16 @@
 //!
 //! Read, the first one in the name winning:
 //! - a date: `20240305`, `2024-03-05`, `2024_03_05`, `2024.03.05`; the hour (and minutes, seconds) may follow
-//!   in the same digits: `2019030106`, `201903010600`, `20190301060000`; MODIS's year and day of the year,
-//!   `A2024065`; or a month, `2019-03`, `2019_03`, `2019.03` (years 1800 to 2199), at its first day;
+//!   in the same digits: `2019030106`, `201903010600`, `20190301060000`; or a month, `2019-03`, `2019_03`,
+//!   `2019.03`, at its first day;
+//! - the year and day of the year of MODIS (`A2024065`, a swath's `A2024065.1030`), HLS (`2024065T103021`)
+//!   and GOES-R (`_s20240311234567`, its tenths of a second dropped);
 //! - then, optionally, a time of day after `T`, `_`, `-` or a space: `T10:30:00`, `T10:30`, `T103021`,
-//!   `_0600`, `-06-00-00`, and an hour alone after `T` or before `z`/`h` (`T06`, `_06z`). Without one, the
-//!   date is at midnight UTC.
+//!   `_0600`, `-06-00-00`, IMERG's `-S033000`, and an hour alone after `T` or before `z`/`h` (`T06`,
+//!   `_06z`). Without one, the date is at midnight UTC.
 //!
-//! A digit run of any other length (a tile or orbit number) is no date, and a number after the date that
-//! is not a valid time of day (`_01`, `_2501`) leaves it at midnight.
+//! Years are 1800 to 2199. A digit run of any other length (a tile or orbit number) is no date, and a
+//! number after the date that is not a valid time of day (`_01`, `_2501`) leaves it at midnight.
 
 use chrono::NaiveDate;
 
@@ -18,8 +20,9 @@ use crate::time::Instant;
 
 /// What the names of a series' files are read as, for messages about names that were not.
 pub const NAME_DATE_FORMS: &str = "20240305, 2024-03-05, 2024_03_05, 2024.03.05, 2019030106, 201903010600, \
-                                   MODIS's A2024065 or a month as 2019-03, with a time as T103021, T10:30:00, \
-                                   T06, _0600 or -06-00-00";
+                                   a month as 2019-03, MODIS's A2024065, HLS's 2024065T103021 or GOES-R's \
+                                   _s20240311234567, with a time as T103021, T10:30:00, T06, _0600, -06-00-00 \
+                                   or IMERG's -S033000";
 
 /// The instant a file's name gives (see the module's documentation), `None` when it gives none.
 #[must_use]
@@ -41,22 +44,52 @@ fn number(bytes: &[u8], from: usize, to: usize) -> u32 {
     bytes[from..to].iter().fold(0, |n, &d| n * 10 + u32::from(d - b'0'))
 }
 
+/// Years a file name's date may have: others are taken for tile, orbit or scene numbers.
+const YEARS: std::ops::Range<u32> = 1800..2200;
+
 /// A date starting at `start` (and its time of day), if one does.
 fn date_at(bytes: &[u8], start: usize) -> Option<Instant> {
     if start > 0 && bytes[start - 1].is_ascii_digit() {
         return None;
     }
-    // MODIS: `A` and the year and day of the year, after a separator (`MOD13Q1.A2024065.h18v04`).
+    let after_mark = start == 0 || !bytes[start - 1].is_ascii_alphanumeric();
+    // MODIS: `A` and the year and day of the year, after a separator (`MOD13Q1.A2024065.h18v04`), and a
+    // swath's time (`MOD021KM.A2024065.1030`).
     if bytes[start] == b'A' {
-        let modis_start = start == 0 || !bytes[start - 1].is_ascii_alphanumeric();
-        if !modis_start || digit_run(bytes, start + 1) != 7 {
+        if !after_mark || digit_run(bytes, start + 1) != 7 {
             return None;
         }
-        let year = i32::try_from(number(bytes, start + 1, start + 5)).ok()?;
-        let date = NaiveDate::from_yo_opt(year, number(bytes, start + 5, start + 8))?;
-        return instant(date, clock_after(bytes, start + 8).unwrap_or(0));
+        let date = day_of_year(bytes, start + 1)?;
+        let swath = (bytes.get(start + 8) == Some(&b'.') && digit_run(bytes, start + 9) == 4)
+            .then(|| {
+                seconds_of_day(number(bytes, start + 9, start + 11), number(bytes, start + 11, start + 13), 0)
+            })
+            .flatten();
+        return instant(date, swath.or_else(|| clock_after(bytes, start + 8)).unwrap_or(0));
     }
     let run = digit_run(bytes, start);
+    if !YEARS.contains(&number(bytes, start, start + run.min(4))) || run < 4 {
+        return None;
+    }
+    // GOES-R ABI: `_s`, `_e` or `_c` and the year, day of the year, time and tenths of a second
+    // (`OR_ABI-L2-CMIPF-M6C13_G16_s20240310123456_e…`).
+    let goes =
+        run == 14 && start >= 2 && matches!(bytes[start - 1], b's' | b'e' | b'c') && bytes[start - 2] == b'_';
+    // HLS: the year and day of the year, then `T` and the time (`HLS.S30.T10SFG.2024065T103021.v2.0`).
+    let hls = run == 7 && bytes.get(start + 7) == Some(&b'T');
+    if goes || hls {
+        let date = day_of_year(bytes, start)?;
+        let seconds = if goes {
+            seconds_of_day(
+                number(bytes, start + 7, start + 9),
+                number(bytes, start + 9, start + 11),
+                number(bytes, start + 11, start + 13),
+            )?
+        } else {
+            clock_after(bytes, start + 7)?
+        };
+        return instant(date, seconds);
+    }
     let separated = |sep: u8| {
         run == 4
             && bytes.get(start + 4) == Some(&sep)
@@ -64,14 +97,14 @@ fn date_at(bytes: &[u8], start: usize) -> Option<Instant> {
             && bytes.get(start + 7) == Some(&sep)
             && digit_run(bytes, start + 8) == 2
     };
-    // A month without its day (`2019-03`, CHIRPS's monthly `2019.03`), its first day; in years a month's
-    // files are named by, so that other numbers (`tile_1234_05`) are not taken for one.
+    // A month without its day (`2019-03`, CHIRPS's monthly `2019.03`), its first day; not one followed
+    // by a letter (`landcover_2020_10m`) or by a day of its own.
     let month_only = |sep: u8| {
         run == 4
             && bytes.get(start + 4) == Some(&sep)
             && digit_run(bytes, start + 5) == 2
+            && !bytes.get(start + 7).is_some_and(u8::is_ascii_alphanumeric)
             && !(bytes.get(start + 7) == Some(&sep) && digit_run(bytes, start + 8) > 0)
-            && (1800..2200).contains(&number(bytes, start, start + 4))
     };
     let (month_at, day_at, end) = if SEPARATORS.iter().any(|&sep| separated(sep)) {
         (start + 5, Some(start + 8), start + 10)
@@ -100,13 +133,23 @@ fn date_at(bytes: &[u8], start: usize) -> Option<Instant> {
     instant(date, seconds)
 }
 
+/// The date of a year and day of the year written `YYYYDDD` at `at`.
+fn day_of_year(bytes: &[u8], at: usize) -> Option<NaiveDate> {
+    let year = number(bytes, at, at + 4);
+    if !YEARS.contains(&year) {
+        return None;
+    }
+    NaiveDate::from_yo_opt(i32::try_from(year).ok()?, number(bytes, at + 4, at + 7))
+}
+
 /// A time of day written after a date that ends at `at`: seconds after midnight.
 fn clock_after(bytes: &[u8], at: usize) -> Option<u32> {
     let sep = *bytes.get(at)?;
     if !matches!(sep, b'T' | b'_' | b'-' | b' ') {
         return None;
     }
-    let from = at + 1;
+    // GPM IMERG writes the start of its half hour as `-S033000`.
+    let from = if sep == b'-' && bytes.get(at + 1) == Some(&b'S') { at + 2 } else { at + 1 };
     let two = |i: usize| (digit_run(bytes, i) >= 2).then(|| number(bytes, i, i + 2));
     let run = digit_run(bytes, from);
     match run {
@@ -181,6 +224,13 @@ mod tests {
             ("chirps-v2.0.2019.03", "2019-03-01T00:00:00Z"),
             ("ndvi_2019-11", "2019-11-01T00:00:00Z"),
             ("ndvi_2019_11_v2", "2019-11-01T00:00:00Z"),
+            (
+                "OR_ABI-L2-CMIPF-M6C13_G16_s20240311234567_e20240311243567_c20240311244012",
+                "2024-01-31T12:34:56Z",
+            ),
+            ("3B-HHR.MS.MRG.3IMERG.20200101-S033000-E035959.0210.V06B", "2020-01-01T03:30:00Z"),
+            ("MOD021KM.A2024065.1030.061.2024066012345", "2024-03-05T10:30:00Z"),
+            ("HLS.S30.T10SFG.2024065T103021.v2.0.B04", "2024-03-05T10:30:21Z"),
             ("ndvi20240305", "2024-03-05T00:00:00Z"),
         ] {
             assert_eq!(read(name).as_deref(), Some(expected), "{name}");
@@ -199,6 +249,10 @@ mod tests {
             "BA2024065",
             "scene_20240230",
             "tile_1234_05",
+            "tile_1234_05_06",
+            "landcover_2020_10m",
+            "LC80440342020075LGN00",
+            "scene_31001231",
             "ndvi_2019-13",
             "ndvi_2019-11-5",
         ] {
