@@ -24,7 +24,7 @@ use gdal::{Dataset, DatasetOptions, GdalOpenFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::VariableConfig;
+use crate::config::{Aggregation, VariableConfig, VariableKind};
 use crate::time::{self, CfTime, Instant};
 
 /// A source error: always names the file (and variable) at fault.
@@ -281,7 +281,7 @@ impl Source {
                 ),
             ));
         }
-        if let Some(note) = check_files_apart(name, config.is_static, &files, &steps)? {
+        if let Some(note) = check_files_apart(name, config, &files, &steps)? {
             notes.push(note);
         }
         Ok(Source {
@@ -696,16 +696,17 @@ fn band_times(name: &str, path: &Path, dataset: &Dataset) -> Result<Option<Vec<I
 
 /// Files of variable `name` that the cube cannot tell apart. Two on one grid without any time, for a
 /// variable not declared static, are refused: a static map would show the first and hide the other. Two on
-/// one grid with one time are averaged into one step (as Terra's and Aqua's product of a day may be
-/// meant to), which the returned note says, naming them, since it is also what times of day written as
-/// cubeload does not read them come to. Files of one time on different grids are the tiles of one date,
-/// and undated files on different grids the tiles of one map.
+/// one grid with one time are combined into one step by the variable's aggregation (as Terra's and Aqua's
+/// product of a day may be meant to be), which the returned note says, naming them, since it is also what
+/// times of day written as cubeload does not read them come to. Files of one time on different grids are
+/// the tiles of one date, and undated files on different grids the tiles of one map.
 fn check_files_apart(
     name: &str,
-    declared_static: bool,
+    config: &VariableConfig,
     files: &[FileView],
     steps: &[SourceStep],
 ) -> Result<Option<String>, SourceError> {
+    let declared_static = config.is_static;
     let mut dated: Vec<(Option<Instant>, usize)> = steps.iter().map(|s| (s.time, s.file)).collect();
     dated.sort_unstable();
     dated.dedup();
@@ -734,15 +735,27 @@ fn check_files_apart(
             }
         }
     }
+    let categorical = config.kind == VariableKind::Categorical;
+    let combined = match config.aggregation.unwrap_or(if categorical {
+        Aggregation::Nearest
+    } else {
+        Aggregation::Mean
+    }) {
+        Aggregation::Mean => "their mean (aggregation: mean)",
+        Aggregation::Sum => "their sum (aggregation: sum)",
+        Aggregation::Min => "the smaller value (aggregation: min)",
+        Aggregation::Max => "the larger value (aggregation: max)",
+        Aggregation::Nearest => "the first one's value where it has one (aggregation: nearest)",
+    };
     Ok(shared.first().map(|&(t, first, second)| {
         let more = match shared.len() {
             1 => String::new(),
-            n => format!(" (and {} more pairs)", n - 1),
+            n => format!(" (and {} more like them)", n - 1),
         };
         format!(
-            "{} and {} have one time ({}) on one grid{more}: their values are averaged into one step. If \
-             their names hold times cubeload does not read (it reads {NAME_DATE_FORMS}), rename them; if \
-             one repeats the other, leave it out",
+            "{} and {} have one time ({}) on one grid{more}: their step holds {combined}. If their names \
+             hold times cubeload does not read (it reads {NAME_DATE_FORMS}), rename them; if one repeats \
+             the other, leave it out",
             files[first].path.display(),
             files[second].path.display(),
             time::format_instant(t)

@@ -120,7 +120,7 @@ fn times_of_day_in_file_names_make_steps_of_their_own() {
 fn files_a_cube_cannot_tell_apart_are_named_and_undated_ones_refused() {
     let dir = tempfile::tempdir().unwrap();
     // One date, one grid (a time of day written as cubeload does not read it, a repeated file, or Terra's
-    // and Aqua's product of a day): averaged into one step, and a note names both.
+    // and Aqua's product of a day): combined into one step by the aggregation, and a note names both.
     tile(dir.path(), "a_20190301.tif", 1.0);
     tile(dir.path(), "a_20190301_06.tif", 2.0);
     let axis = "time: { start: 2019-03-01, end: 2019-03-02, step: 1d }";
@@ -132,8 +132,8 @@ fn files_a_cube_cannot_tell_apart_are_named_and_undated_ones_refused() {
     let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let note =
-        stderr.lines().find(|l| l.contains("averaged into one step")).unwrap_or_else(|| panic!("{stderr}"));
+    let note = stderr.lines().find(|l| l.contains("one time (")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(note.contains("their step holds their mean (aggregation: mean)"), "{note}");
     assert!(note.contains("a_20190301.tif") && note.contains("a_20190301_06.tif"), "{note}");
     assert!(note.contains("2019-03-01T00:00:00Z") && note.contains("T103021"), "{note}");
     assert_eq!(read_f32(&dir.path().join("cube.zarr"), "x", Some(0..1), 3, 4)[0], 1.5);

@@ -6,7 +6,7 @@
 //!   in the same digits: `2019030106`, `201903010600`, `20190301060000`; or a month, `2019-03`, `2019_03`,
 //!   `2019.03`, at its first day;
 //! - the year and day of the year of MODIS (`A2024065`, a swath's `A2024065.1030`), HLS (`2024065T103021`)
-//!   and GOES-R (`_s20240311234567`, its tenths of a second dropped);
+//!   and GOES-R (`_s20240311234567_e…`, the scan's start, its tenths of a second dropped);
 //! - then, optionally, a time of day after `T`, `_`, `-` or a space: `T10:30:00`, `T10:30`, `T103021`,
 //!   `_0600`, `-06-00-00`, IMERG's `-S033000`, and an hour alone after `T` or before `z`/`h` (`T06`,
 //!   `_06z`). Without one, the date is at midnight UTC.
@@ -21,7 +21,7 @@ use crate::time::Instant;
 /// What the names of a series' files are read as, for messages about names that were not.
 pub const NAME_DATE_FORMS: &str = "20240305, 2024-03-05, 2024_03_05, 2024.03.05, 2019030106, 201903010600, \
                                    a month as 2019-03, MODIS's A2024065, HLS's 2024065T103021 or GOES-R's \
-                                   _s20240311234567, with a time as T103021, T10:30:00, T06, _0600, -06-00-00 \
+                                   _s20240311234567_e…, with a time as T103021, T10:30:00, T06, _0600, -06-00-00 \
                                    or IMERG's -S033000";
 
 /// The instant a file's name gives (see the module's documentation), `None` when it gives none.
@@ -71,24 +71,29 @@ fn date_at(bytes: &[u8], start: usize) -> Option<Instant> {
     if !YEARS.contains(&number(bytes, start, start + run.min(4))) || run < 4 {
         return None;
     }
-    // GOES-R ABI: `_s`, `_e` or `_c` and the year, day of the year, time and tenths of a second
-    // (`OR_ABI-L2-CMIPF-M6C13_G16_s20240310123456_e…`).
-    let goes =
-        run == 14 && start >= 2 && matches!(bytes[start - 1], b's' | b'e' | b'c') && bytes[start - 2] == b'_';
+    // GOES-R ABI: `_s` and the year, day of the year, time and tenths of a second of the scan's start,
+    // followed by its end, `_e…` (`OR_ABI-L2-CMIPF-M6C13_G16_s20240311234567_e20240311243567_c…`).
+    let goes = run == 14
+        && start >= 2
+        && bytes[start - 2..start] == *b"_s"
+        && bytes.get(start + 14..start + 16) == Some(b"_e".as_slice())
+        && digit_run(bytes, start + 16) == 14;
     // HLS: the year and day of the year, then `T` and the time (`HLS.S30.T10SFG.2024065T103021.v2.0`).
     let hls = run == 7 && bytes.get(start + 7) == Some(&b'T');
     if goes || hls {
-        let date = day_of_year(bytes, start)?;
         let seconds = if goes {
             seconds_of_day(
                 number(bytes, start + 7, start + 9),
                 number(bytes, start + 9, start + 11),
                 number(bytes, start + 11, start + 13),
-            )?
+            )
         } else {
-            clock_after(bytes, start + 7)?
+            clock_after(bytes, start + 7)
         };
-        return instant(date, seconds);
+        // Otherwise the digits are read as a calendar date below, if they are one.
+        if let Some(t) = day_of_year(bytes, start).zip(seconds).and_then(|(date, s)| instant(date, s)) {
+            return Some(t);
+        }
     }
     let separated = |sep: u8| {
         run == 4
@@ -231,6 +236,8 @@ mod tests {
             ("3B-HHR.MS.MRG.3IMERG.20200101-S033000-E035959.0210.V06B", "2020-01-01T03:30:00Z"),
             ("MOD021KM.A2024065.1030.061.2024066012345", "2024-03-05T10:30:00Z"),
             ("HLS.S30.T10SFG.2024065T103021.v2.0.B04", "2024-03-05T10:30:21Z"),
+            ("x_s20190101000000", "2019-01-01T00:00:00Z"),
+            ("x_s20190301060000_v2", "2019-03-01T06:00:00Z"),
             ("ndvi20240305", "2024-03-05T00:00:00Z"),
         ] {
             assert_eq!(read(name).as_deref(), Some(expected), "{name}");
@@ -253,6 +260,7 @@ mod tests {
             "landcover_2020_10m",
             "LC80440342020075LGN00",
             "scene_31001231",
+            "x_s2019030106000",
             "ndvi_2019-13",
             "ndvi_2019-11-5",
         ] {
