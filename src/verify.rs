@@ -296,15 +296,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
 /// fill values without a word (the seal of a cube of this version names it too; one of an earlier version
 /// has none).
 fn missing_chunk_file(dir: &Path, array: &Array<FilesystemStore>) -> Option<String> {
-    let counts = array.chunk_grid_shape().to_vec();
-    let total: u64 = counts.iter().product();
-    (0..total).find_map(|i| {
-        let mut rest = i;
-        let mut index = vec![0; counts.len()];
-        for (d, &n) in counts.iter().enumerate().rev() {
-            index[d] = rest % n;
-            rest /= n;
-        }
+    chunk_indices(array.chunk_grid_shape()).into_iter().find_map(|index| {
         let key = array.chunk_key(&index).as_str().to_string();
         (!dir.join(&key).is_file()).then_some(key)
     })
@@ -363,13 +355,18 @@ impl StoredGrid {
     /// Indices of every stored chunk, in row-major order.
     fn indices(&self) -> Vec<Vec<u64>> {
         let counts: Vec<u64> = self.shape.iter().zip(&self.outer).map(|(n, c)| n.div_ceil(*c)).collect();
-        let mut all = vec![Vec::new()];
-        for &count in &counts {
-            all = all
-                .into_iter()
-                .flat_map(|prefix| (0..count).map(move |i| [prefix.clone(), vec![i]].concat()))
-                .collect();
-        }
-        all
+        chunk_indices(&counts)
     }
+}
+
+/// Every index of a grid of `counts` chunks along each dimension, in row-major order.
+fn chunk_indices(counts: &[u64]) -> Vec<Vec<u64>> {
+    let mut all = vec![Vec::new()];
+    for &count in counts {
+        all = all
+            .into_iter()
+            .flat_map(|prefix| (0..count).map(move |i| [prefix.clone(), vec![i]].concat()))
+            .collect();
+    }
+    all
 }
