@@ -18,8 +18,9 @@
 //!   tensors, the Python arrays, [`Batch::recycle`]) for the next batches of any loader of the process.
 //! - Prefetch: reader threads take jobs in order but never more than `prefetch` ahead of the consumer (by
 //!   default as many batches as 32 MiB hold, 4 to 1024), and send results through a bounded channel; the
-//!   consumer puts them back in order. Dropping the loader stops and joins every thread; an error or a panic
-//!   in a reader arrives as an `Err` from the iterator.
+//!   consumer puts them back in order. Dropping the loader stops and joins every thread (one still waiting on
+//!   its store after [`DROP_GRACE`] is left to end alone); an error or a panic in a reader arrives as an
+//!   `Err` from the iterator.
 //! - Resume: [`Loader::state`] is a small serializable value; a loader built from it delivers exactly the
 //!   batches not yet delivered.
 //! - Corruption: a chunk that cannot be read or decoded (every stored chunk carries a CRC32C checksum) ends
@@ -961,8 +962,23 @@ impl Drop for Loader {
         while self.rx.try_recv().is_ok() {}
         let rx = std::mem::replace(&mut self.rx, crossbeam_channel::never());
         drop(rx);
+        // Readers stop after the chunk they are decoding; one still waiting on its store after
+        // `DROP_GRACE` (a stalled object store, a read that never returns) is left to end on its own, so
+        // that dropping a loader, and the process exiting after Ctrl-C, never hangs on the store. It holds
+        // what it reads from (`Shared`), not the loader.
+        let deadline = std::time::Instant::now() + DROP_GRACE;
+        let mut pause = std::time::Duration::from_micros(50);
+        while self.workers.iter().any(|w| !w.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+        }
         for worker in self.workers.drain(..) {
-            let _ = worker.join();
+            if worker.is_finished() {
+                let _ = worker.join();
+            }
         }
     }
 }
+
+/// How long dropping a [`Loader`] waits for its threads before leaving those still reading to end alone.
+pub const DROP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

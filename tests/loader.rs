@@ -820,6 +820,81 @@ fn dropping_mid_epoch_stops_the_readers() {
     }
 }
 
+/// Replaces `variable`'s chunk files of a copy of `cube` by named pipes nobody writes to: a reader opening
+/// one waits, as on a stalled store. Returns the copy's directory and the pipes.
+fn stalled_copy(cube: &Path, variable: &str) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("stalled.zarr");
+    copy_dir(cube, &copy);
+    let pipes: Vec<PathBuf> =
+        walk(&copy.join(variable).join("c")).into_iter().filter(|p| p.is_file()).collect();
+    assert!(!pipes.is_empty());
+    for pipe in &pipes {
+        std::fs::remove_file(pipe).unwrap();
+        let name = std::ffi::CString::new(pipe.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo reads it only.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo {}", pipe.display());
+    }
+    (dir, copy, pipes)
+}
+
+/// Opens and closes each pipe for writing until `stop`: a reader waiting on one then reads it empty.
+fn release(
+    pipes: Vec<PathBuf>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for pipe in &pipes {
+                // Fails (ENXIO) while no reader has the pipe open.
+                let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(pipe);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    })
+}
+
+#[test]
+fn a_wait_on_a_stalled_store_times_out_losing_nothing_and_dropping_does_not_hang() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (_dir, cube, pipes) = stalled_copy(&cubes().pixel, "t2m");
+
+    // The batch the reader cannot read times out, and is still the next one once the store answers: the
+    // pipes read empty, which is a chunk cut short, an error naming t2m.
+    let mut loader = Loader::builder(&cube).threads(1).build().unwrap();
+    assert!(loader.next_within(Duration::from_millis(300)).is_err(), "a batch came from a stalled store");
+    let stop = Arc::new(AtomicBool::new(false));
+    let releaser = release(pipes.clone(), stop.clone());
+    let first = loader.next_within(Duration::from_mins(1)).expect("the batch after the store answered");
+    let error = first.expect("the stream goes on").expect_err("a chunk read empty is an error");
+    assert!(error.to_string().contains("t2m"), "{error}");
+    stop.store(true, Ordering::Relaxed);
+    releaser.join().unwrap();
+    drop(loader);
+
+    // Dropped while its reader waits on the store, a loader returns after the grace period, leaving the
+    // reader to end on its own.
+    let mut loader = Loader::builder(&cube).threads(1).build().unwrap();
+    assert!(loader.next_within(Duration::from_millis(300)).is_err(), "a batch came from a stalled store");
+    let started = Instant::now();
+    drop(loader);
+    let waited = started.elapsed();
+    assert!(
+        waited >= cubeload::loader::DROP_GRACE
+            && waited < cubeload::loader::DROP_GRACE + Duration::from_secs(5),
+        "dropping took {waited:?}"
+    );
+    // Tidying: the reader left waiting is let go (it reads a pipe empty and ends).
+    let stop = Arc::new(AtomicBool::new(false));
+    let releaser = release(pipes, stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    releaser.join().unwrap();
+}
+
 #[test]
 fn options_that_leave_no_batch_or_make_no_sense_are_refused() {
     let cube = &cubes().pixel;

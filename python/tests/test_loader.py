@@ -511,6 +511,39 @@ def test_ctrl_c_interrupts_the_wait_for_a_batch_a_stalled_store_keeps_back(pixel
         releaser.wait()
 
 
+STALLED_EXIT_SCRIPT = """
+import os, signal, sys, threading, time
+import cubeload
+loader = cubeload.Loader(sys.argv[1], threads=1, seed=0)
+threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    next(loader)
+except KeyboardInterrupt:
+    pass
+started = time.monotonic()
+del loader
+print(f"dropped {time.monotonic() - started:.2f}", flush=True)
+"""
+
+
+def test_after_ctrl_c_a_loader_stalled_on_its_store_is_dropped_and_the_process_exits(pixel_cube, tmp_path):
+    # As above, a store that never answers; nobody releases it here. Dropping the loader (its reader still
+    # waiting) and the interpreter's exit must not wait for the store.
+    cube = tmp_path / "stalled.zarr"
+    shutil.copytree(pixel_cube, cube)
+    for p in [p for p in (cube / "t2m" / "c").rglob("*") if p.is_file()]:
+        p.unlink()
+        os.mkfifo(p)
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", STALLED_EXIT_SCRIPT, str(cube)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    dropped = float(out.stdout.split()[-1])
+    assert dropped < 10, f"dropping the loader took {dropped} s"
+    assert time.monotonic() - started < 60
+
+
 def test_threads_the_system_will_not_start_are_an_error_and_leave_none_running(pixel_cube):
     out = subprocess.run(
         [sys.executable, "-c", THREADS_REFUSED_SCRIPT, str(pixel_cube)], capture_output=True, text=True, timeout=300
