@@ -556,10 +556,48 @@ fn foreign_entries(
     Ok(())
 }
 
+/// Why the configured `window` (`pixel_series`) or `seq_len` (`image_sequence`), the steps a batch holds,
+/// is not the cube's, if it is not. A cube whose chunks hold its whole series was made without a window, or
+/// with one at least as long as the series; its chunks grow with it.
+fn series_length_change(
+    config: &crate::config::LayoutConfig,
+    old: &crate::layout::Layout,
+    time: &crate::cube::TimeMeta,
+) -> Option<String> {
+    use crate::config::LayoutConfig;
+    match *config {
+        LayoutConfig::PixelSeries { window, .. } => {
+            let old_window = (old.chunk_t < time.steps).then_some(old.chunk_t);
+            let same = match (old_window, window) {
+                (Some(old), new) => new == Some(old),
+                (None, Some(new)) => new >= time.steps,
+                (None, None) => true,
+            };
+            let show =
+                |w: Option<usize>| w.map_or_else(|| "none: whole series".to_string(), |w| w.to_string());
+            (!same).then(|| {
+                format!(
+                    "the configured layout.window ({}) differs from the cube's ({}): a batch would hold series \
+                     of another length",
+                    show(window),
+                    show(old_window)
+                )
+            })
+        }
+        LayoutConfig::ImageSequence { seq_len, .. } => (seq_len != old.chunk_t).then(|| {
+            format!("the configured layout.seq_len ({seq_len}) differs from the cube's ({})", old.chunk_t)
+        }),
+    }
+}
+
 /// `--append`: the cube at `output` is complete and the plan only adds time steps after its end, with the
 /// same grid, layout, variables and encoding.
 fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     let refuse = |message: String| GenError::Append { path: output.to_path_buf(), message };
+    if !output.exists() {
+        // Checked here: the cube's reader, seeing this run's own lock, would say a run is generating it.
+        return Err(refuse("there is no cube here to extend; run without --append to make it".to_string()));
+    }
     let cube = Cube::open(output)?;
     let old = cube.meta();
     if old.grid != plan.grid {
@@ -571,6 +609,11 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     let layout_of = |l: &crate::layout::Layout| (l.kind, l.batch, l.chunk_y, l.chunk_x, l.patch, l.shuffled);
     if layout_of(&old.layout) != layout_of(&plan.layout) {
         return Err(refuse("the configured layout differs from the cube's".to_string()));
+    }
+    if let Some(message) =
+        old.time.as_ref().and_then(|t| series_length_change(&plan.config.layout, &old.layout, t))
+    {
+        return Err(refuse(message));
     }
     let names: Vec<&str> = old.variables.iter().map(|v| v.name.as_str()).collect();
     let new_names: Vec<&str> = plan.variables.iter().map(|v| v.name.as_str()).collect();
@@ -651,9 +694,13 @@ fn prepare_staging(
     let scratch = shuffled::scratch(staging);
     if !staging.exists() {
         if options.finalize {
-            return Err(GenError::Unfinished {
+            return Err(GenError::Flags {
                 path: output.to_path_buf(),
-                message: format!("no part of this cube has run (nothing at {})", staging.display()),
+                message: format!(
+                    "cannot finalize: no part of this cube has run (nothing at {}); run the parts first \
+                     (`--part K/N`)",
+                    staging.display()
+                ),
             });
         }
         if scratch.exists() {

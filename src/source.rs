@@ -721,7 +721,10 @@ fn check_files_apart(
                 Some(t) => shared.push((t, first, second)),
                 None if declared_static => {}
                 None => {
-                    return Err(SourceError::unusable(
+                    // The config's to change (`static: true`, or a path that matches dated files): exit 2.
+                    return Err(SourceError::misconfigured(
+                        name,
+                        "path",
                         &files[second].path,
                         format!(
                             "has no time, nor has {} (no time axis, no date in their names as cubeload reads \

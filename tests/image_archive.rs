@@ -143,7 +143,9 @@ fn files_a_cube_cannot_tell_apart_are_named_and_undated_ones_refused() {
     tile(dir.path(), "dem_v2.tif", 4.0);
     let path = format!("{}/dem_*.tif", dir.path().display());
     let (code, stderr) = gen_err(dir.path(), &tile_config(&path, axis, ""));
-    assert_eq!(code, 1, "{stderr}");
+    // The config's to change: a usage error naming its key.
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("config key `variables.x.path`"), "{stderr}");
     assert!(stderr.contains("dem_v1.tif") && stderr.contains("dem_v2.tif"), "{stderr}");
     assert!(stderr.contains("static: true"), "{stderr}");
     let cube = gen_ok(dir.path(), &tile_config(&path, axis, ", static: true"));

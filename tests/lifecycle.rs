@@ -475,6 +475,76 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
         ),
         "{stderr}"
     );
+    // A changed sequence length: refused, a batch would hold sequences of another length.
+    let text = std::fs::read_to_string(&seven_days).unwrap().replace("resolution: 0.02", "resolution: 0.01");
+    std::fs::write(&seven_days, text.replace("seq_len: 8", "seq_len: 4")).unwrap();
+    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("layout.seq_len (4) differs from the cube's (8)"), "{stderr}");
+}
+
+/// `--append` onto no cube is a usage error that says so (it said a run was generating the cube: its own
+/// run), and an append whose batches would hold series of another length (`window`) is refused; a window
+/// as long as the series or longer is the same as none.
+#[test]
+fn append_needs_a_cube_and_keeps_the_length_of_its_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    inputs(dir);
+    let series = dir.join("series");
+    std::fs::create_dir(&series).unwrap();
+    let date = |day: &str| {
+        let name = format!("ndvi_2024-06-{day}.tif");
+        std::fs::copy(dir.join("inputs/ndvi/ndvi_2024-06-01.tif"), series.join(name)).unwrap();
+    };
+    let config = dir.join("series.yaml");
+    let with_window = |window: &str| {
+        let text = format!(
+            "output: {}/cube.zarr\ngrid: {{ bbox: [9.5, 45.0, 11.0, 46.0], resolution: 0.01 }}\n\
+             time: {{ from: ndvi }}\nlayout: {{ kind: pixel_series, batch: 256{window} }}\nvariables:\n  \
+             ndvi: {{ path: \"{}/ndvi_*.tif\" }}\n",
+            dir.display(),
+            series.display()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    let append = || cubeload(dir, &["gen", "--append", "-c", config.to_str().unwrap()]);
+    let refused = |says: &str| {
+        let out = append();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    };
+    for day in ["01", "02", "03"] {
+        date(day);
+    }
+    with_window(", window: 2");
+    refused("cannot append: there is no cube here to extend; run without --append to make it");
+    let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!left.iter().any(|name| name.to_string_lossy().contains("cube.zarr")), "left behind: {left:?}");
+
+    run_gen(dir, &["-c", config.to_str().unwrap()]);
+    date("04");
+    with_window(", window: 1");
+    refused("layout.window (1) differs from the cube's (2)");
+    with_window("");
+    refused("layout.window (none: whole series) differs from the cube's (2)");
+    with_window(", window: 2");
+    run_gen(dir, &["--append", "-c", config.to_str().unwrap()]);
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["steps"], 4);
+
+    // Made without a window, its chunks hold the whole series (4 steps): a shorter window is refused, one as
+    // long is the same.
+    with_window("");
+    run_gen(dir, &["--overwrite", "-c", config.to_str().unwrap()]);
+    date("05");
+    with_window(", window: 3");
+    refused("layout.window (3) differs from the cube's (none: whole series)");
+    with_window(", window: 4");
+    run_gen(dir, &["--append", "-c", config.to_str().unwrap()]);
+    assert_eq!(meta(&dir.join("cube.zarr"))["time"]["steps"], 5);
+    assert_eq!(meta(&dir.join("cube.zarr"))["layout"]["chunk_t"], 4);
 }
 
 /// An axis of the dates of a file series is irregular, or of one step: a cube on one grows by later dates
@@ -608,6 +678,11 @@ fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
     run_gen(dir, &["-c", reference.to_str().unwrap()]);
     let config = config(dir, &text, "cube.zarr", 5);
     let config = config.to_str().unwrap();
+    // Nothing to finalize before any part has run: a usage error that says to run the parts.
+    let none = cubeload(dir, &["gen", "--finalize", "-c", config]);
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert_eq!(none.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no part of this cube has run") && stderr.contains("--part K/N"), "{stderr}");
 
     // Parts 0 and 2 of 3 at the same time, as two tasks of a job array would.
     let children: Vec<_> = ["0/3", "2/3"]
@@ -721,11 +796,17 @@ fn a_run_beside_another_run_of_the_same_cube_is_refused_and_touches_nothing() {
     // A whole run holds the lock (here this test, as another process would): every other run is refused.
     let held = std::fs::File::create(&lock_path).unwrap();
     held.try_lock().unwrap();
+    // `info` shows the cube as it is, and that a run may replace it.
+    let info = |args: &[&str]| String::from_utf8_lossy(&cubeload(dir, args).stdout).to_string();
+    assert!(info(&["info", "cube.zarr"]).contains("running    a run of `cubeload gen` on this output"));
+    assert!(info(&["info", "--json", "cube.zarr"]).contains("\"gen_running\": true"));
     refused(&["--overwrite"]);
     refused(&["--part", "0/2"]);
     refused(&["--finalize"]);
     drop(held);
     assert_eq!(stored_files(&cube), before, "the cube was touched");
+    assert!(!info(&["info", "cube.zarr"]).contains("running"));
+    assert!(info(&["info", "--json", "cube.zarr"]).contains("\"gen_running\": false"));
 
     // A part holds it: other parts run beside it, whole runs do not.
     let part = std::fs::File::open(&lock_path).unwrap();

@@ -27,6 +27,7 @@ pub(crate) fn json(cube: &Cube) -> Value {
     object.insert("uncompressed_bytes".into(), json!(raw));
     object.insert("compression_ratio".into(), json!(raw as f64 / on_disk.max(1) as f64));
     object.insert("batches".into(), json!(cube.meta().chunk_counts().iter().product::<usize>()));
+    object.insert("gen_running".into(), json!(crate::generator::run_in_progress(cube.path())));
     value
 }
 
@@ -188,8 +189,12 @@ pub(crate) fn table(cube: &Cube) -> String {
             let _ = writeln!(out, "  {name}: {note}");
         }
     }
+    if crate::generator::run_in_progress(cube.path()) {
+        let _ = writeln!(out, "{RUNNING}");
+    }
     out
 }
 
-#[cfg(test)]
-mod tests {}
+/// Said of a cube whose output a `gen` run holds: `--overwrite`, `--append` or `--finalize` may replace it.
+const RUNNING: &str = "running    a run of `cubeload gen` on this output is in progress; this cube stays as \
+                       shown until that run completes and may then be replaced";
