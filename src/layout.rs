@@ -106,6 +106,27 @@ impl Layout {
         (time, pad(height, self.chunk_y), pad(width, self.chunk_x))
     }
 
+    /// Cells of chunk `[it, iy, ix]` inside `shape`, the valid `[time, lat, lon]` extent (the padding left
+    /// out): what a fraction of valid values is taken over. A static variable's chunk counts one step; a
+    /// sample-major cube's counts its samples along `lat`.
+    #[must_use]
+    pub fn cells_inside(&self, shape: [usize; 3], [it, iy, ix]: [usize; 3], is_static: bool) -> usize {
+        let inside = |i: usize, chunk: usize, n: usize| n.saturating_sub(i * chunk).min(chunk);
+        let steps = if is_static { 1 } else { inside(it, self.chunk_t, shape[0]) };
+        let plane = if self.shuffled.is_some() {
+            inside(iy, self.chunk_y, shape[1] * shape[2])
+        } else {
+            inside(iy, self.chunk_y, shape[1]) * inside(ix, self.chunk_x, shape[2])
+        };
+        steps * plane
+    }
+
+    /// Cells of a chunk, padding included (a static variable's: one step).
+    #[must_use]
+    pub fn chunk_cells(&self, is_static: bool) -> usize {
+        (if is_static { 1 } else { self.chunk_t }) * self.chunk_y * self.chunk_x
+    }
+
     /// Number of batch chunks along each axis `(time, rows, cols)` of the padded array.
     #[must_use]
     pub fn chunk_counts(&self, n_time: usize, height: usize, width: usize) -> (usize, usize, usize) {
@@ -206,6 +227,30 @@ mod tests {
         assert_eq!(squarest_factors(128), [8, 16]);
         assert_eq!(squarest_factors(7), [1, 7]);
         assert_eq!(squarest_factors(1), [1, 1]);
+    }
+
+    #[test]
+    fn cells_inside_leave_the_padding_out() {
+        let none = ShardConfig::Named(ShardMode::None);
+        // 16 × 16 tiles of 48-step windows over 50 steps of 20 × 40 cells.
+        let l = Layout::resolve(&pixel(256, Some(48), none), 50, 20, 40, 4);
+        assert_eq!(l.chunk_cells(false), 48 * 256);
+        assert_eq!(l.cells_inside([50, 20, 40], [0, 0, 0], false), 48 * 256);
+        assert_eq!(l.cells_inside([50, 20, 40], [1, 1, 2], false), 2 * 4 * 8);
+        assert_eq!(l.cells_inside([50, 20, 40], [1, 1, 2], true), 4 * 8);
+        // Shuffled: 150 samples in chunks of 64, the third holding 22.
+        let config = LayoutConfig::PixelSeries {
+            batch: 64,
+            tile: None,
+            window: None,
+            shard: none,
+            order: Order::Shuffled,
+            seed: 1,
+            multires: false,
+        };
+        let l = Layout::resolve(&config, 48, 10, 15, 4);
+        assert_eq!(l.cells_inside([48, 10, 15], [0, 2, 0], false), 48 * 22);
+        assert_eq!(l.cells_inside([48, 10, 15], [0, 1, 0], true), 64);
     }
 
     #[test]

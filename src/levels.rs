@@ -225,24 +225,6 @@ impl Level {
         )
     }
 
-    /// Cells of level chunk `[it, iy, ix]` inside the level's valid shape (its padding left out); a static
-    /// variable's chunk counts one step.
-    #[must_use]
-    pub fn cells_inside(&self, [it, iy, ix]: [usize; 3], is_static: bool) -> usize {
-        let l = &self.layout;
-        let inside = |i: usize, chunk: usize, n: usize| n.saturating_sub(i * chunk).min(chunk);
-        let steps = if is_static { 1 } else { inside(it, l.chunk_t, self.shape[0]) };
-        steps * inside(iy, l.chunk_y, self.shape[1]) * inside(ix, l.chunk_x, self.shape[2])
-    }
-
-    /// Cells of a level chunk, padding included.
-    #[must_use]
-    pub fn chunk_cells(&self, is_static: bool) -> usize {
-        let l = &self.layout;
-        let steps = if is_static { 1 } else { l.chunk_t };
-        steps * l.chunk_y * l.chunk_x
-    }
-
     /// Level chunks along `(time, lat, lon)`.
     #[must_use]
     pub fn chunk_counts(&self) -> [usize; 3] {
@@ -307,15 +289,15 @@ mod tests {
         assert_eq!(level.chunks_read([4, 9], [16, 16], false), (0..1, 1..2));
         assert_eq!(level.chunks_read([4, 9], [16, 16], true), (0..2, 1..3));
         // The level is 16 × 24 cells: no padding; a static chunk counts one step.
-        assert_eq!(level.cells_inside([0, 1, 2], false), 48 * 64);
-        assert_eq!(level.cells_inside([0, 1, 2], true), 64);
-        assert_eq!(level.chunk_cells(true), 64);
+        assert_eq!(level.layout.cells_inside(level.shape, [0, 1, 2], false), 48 * 64);
+        assert_eq!(level.layout.cells_inside(level.shape, [0, 1, 2], true), 64);
+        assert_eq!(level.layout.chunk_cells(true), 64);
         // A 6 × 4 level in 8 × 8 chunks (factor 50 on 300 × 200 cells): 24 of 64 cells.
         let g = grid(200, 300);
         let target = Layout::resolve(&config, 48, g.height, g.width, 4);
         let level = Level::new([50, 50], 1, &g, &target, &config, 48, 4);
-        assert_eq!(level.cells_inside([0, 0, 0], true), 24);
-        assert_eq!(level.chunk_cells(true), 64);
+        assert_eq!(level.layout.cells_inside(level.shape, [0, 0, 0], true), 24);
+        assert_eq!(level.layout.chunk_cells(true), 64);
     }
 
     proptest! {

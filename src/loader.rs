@@ -314,7 +314,9 @@ impl LoaderBuilder {
         self.transform.separate_statics = separate;
         self
     }
-    /// Skip batches whose stored valid fraction is below `fraction`, without reading them.
+    /// Skip batches whose valid fraction is below `fraction`, without reading them: from the cube's validity
+    /// index, over the batch's cells inside the cube (an edge batch's padding left out), averaged over the
+    /// variables.
     /// > default: skip only batches with no valid value at all
     #[must_use]
     pub fn min_valid(mut self, fraction: f64) -> Self {

@@ -895,6 +895,83 @@ fn a_wait_on_a_stalled_store_times_out_losing_nothing_and_dropping_does_not_hang
     releaser.join().unwrap();
 }
 
+/// `min_valid` against the cube's values: a batch's fraction of valid values is over its cells inside the
+/// cube, averaged over the variables (edge batches full of values were skipped as mostly padding).
+#[test]
+fn min_valid_is_the_valid_fraction_of_a_batchs_cells_inside_the_cube() {
+    let cube = &cubes().pixel;
+    let meta = crate::util::meta(cube);
+    let [t_n, h, w] = ["time", "lat", "lon"].map(|axis| {
+        meta["shape"][["time", "lat", "lon"].iter().position(|a| *a == axis).unwrap()].as_u64().unwrap()
+            as usize
+    });
+    let [ct, cy, cx] =
+        ["chunk_t", "chunk_y", "chunk_x"].map(|k| meta["layout"][k].as_u64().unwrap() as usize);
+    let padded = |n: usize, c: usize| n.div_ceil(c) * c;
+    assert!(padded(h, cy) > h || padded(w, cx) > w, "the test needs edge batches with padding");
+    // Each variable's fraction of valid values in every batch chunk, over the cells inside the cube.
+    let fractions = |name: &str| -> HashMap<[usize; 3], f64> {
+        let values =
+            read_f32(cube, name, Some(0..padded(t_n, ct) as u64), padded(h, cy) as u64, padded(w, cx) as u64);
+        let (ph, pw) = (padded(h, cy), padded(w, cx));
+        let mut out = HashMap::new();
+        for it in 0..padded(t_n, ct) / ct {
+            for iy in 0..ph / cy {
+                for ix in 0..pw / cx {
+                    let (mut valid, mut inside) = (0usize, 0usize);
+                    for t in it * ct..((it + 1) * ct).min(t_n) {
+                        for y in iy * cy..((iy + 1) * cy).min(h) {
+                            for x in ix * cx..((ix + 1) * cx).min(w) {
+                                inside += 1;
+                                valid += usize::from(!values[(t * ph + y) * pw + x].is_nan());
+                            }
+                        }
+                    }
+                    out.insert([it, iy, ix], valid as f64 / inside as f64);
+                }
+            }
+        }
+        out
+    };
+    let (t2m, ndvi) = (fractions("t2m"), fractions("ndvi"));
+    assert!(t2m.values().all(|f| *f == 1.0), "t2m is valid everywhere in the demo");
+    let mean = |variables: &[&str], id: &[usize; 3]| {
+        variables.iter().map(|v| if *v == "t2m" { t2m[id] } else { ndvi[id] }).sum::<f64>()
+            / variables.len() as f64
+    };
+    // Thresholds between the fractions the batches have (none on a batch's own fraction, where the
+    // index's float32 could fall either side), a quarter, half and nine tenths of the way up them.
+    let between = |variables: &[&str]| -> Vec<f64> {
+        let mut seen: Vec<f64> = t2m.keys().map(|id| mean(variables, id)).filter(|f| *f > 0.0).collect();
+        seen.sort_by(f64::total_cmp);
+        seen.dedup();
+        [0.25, 0.5, 0.9]
+            .iter()
+            .map(|q| ((seen.len() - 1) as f64 * q) as usize)
+            .map(|k| (seen[k] + seen[k + 1]) / 2.0)
+            .collect()
+    };
+    let cases: Vec<(Vec<&str>, f64)> = std::iter::once((vec!["t2m"], 0.5))
+        .chain(between(&["ndvi"]).into_iter().map(|f| (vec!["ndvi"], f)))
+        .chain(between(&["t2m", "ndvi"]).into_iter().map(|f| (vec!["t2m", "ndvi"], f)))
+        .collect();
+    for (variables, threshold) in cases {
+        let expected: HashSet<[usize; 3]> =
+            t2m.keys().filter(|id| mean(&variables, id) >= threshold).copied().collect();
+        let delivered: HashSet<[usize; 3]> =
+            collect(Loader::builder(cube).variables(variables.clone()).min_valid(threshold).build().unwrap())
+                .iter()
+                .map(|b| b.origin.chunk)
+                .collect();
+        let (extra, missing): (Vec<_>, Vec<_>) =
+            (delivered.difference(&expected).collect(), expected.difference(&delivered).collect());
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "{variables:?} at {threshold}: {extra:?} delivered, {missing:?} not"
+        );
+    }
+}
+
 #[test]
 fn options_that_leave_no_batch_or_make_no_sense_are_refused() {
     let cube = &cubes().pixel;

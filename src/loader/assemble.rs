@@ -349,7 +349,8 @@ impl Assembler {
         self.transform.regrid == Regrid::Native && v.coarse.is_some()
     }
 
-    /// Stored valid fraction of a batch chunk: the mean over the selected variables. A variable on a level
+    /// Valid fraction of a batch chunk, over its cells inside the cube's extent (its padding left out): the
+    /// mean over the selected variables of their stored fractions. A variable on a level
     /// has an index of its level chunks: a batch takes the largest fraction, padding left out, of the level
     /// chunks it reads (bilinear upsampling reaches one level cell past those under it), so that no batch
     /// with values of it counts as empty (one without may count as not empty).
@@ -400,6 +401,16 @@ impl Assembler {
             self.vars.iter().map(read).collect()
         };
         let batch = [self.meta.layout.chunk_y, self.meta.layout.chunk_x];
+        // The stored fraction is over a chunk's cells, padding included: taken over its cells inside the
+        // extent instead, so that an edge batch full of values is as full as any (`min_valid`).
+        let of_cells_inside = |fraction: f64, layout: &crate::layout::Layout, shape, id, is_static| {
+            let inside = layout.cells_inside(shape, id, is_static);
+            if inside == 0 {
+                0.0
+            } else {
+                (fraction * layout.chunk_cells(is_static) as f64 / inside as f64).min(1.0)
+            }
+        };
         for (v, values) in self.vars.iter().zip(indexes) {
             let values = values?;
             let _ = v.index.set(values.clone());
@@ -412,18 +423,17 @@ impl Assembler {
             for (i, sum) in sums.iter_mut().enumerate() {
                 let [it, iy, ix] = [i / (cy * cx), (i / cx) % cy, i % cx];
                 *sum += match &v.coarse {
-                    None => stored([it, iy, ix]),
+                    None => {
+                        let id = [it, iy, ix];
+                        of_cells_inside(stored(id), &self.meta.layout, self.meta.shape, id, is_static)
+                    }
                     Some(c) => {
                         let level = &c.level;
                         let halo = c.upsampling == Upsampling::Bilinear && !self.is_native(v);
                         let (rows, cols) = level.chunks_read([iy, ix], batch, halo);
                         let it = level.chunk_of([it, iy, ix])[0];
                         rows.flat_map(|ly| cols.clone().map(move |lx| [it, ly, lx]))
-                            .map(|id| {
-                                let inside = level.cells_inside(id, is_static);
-                                let all = level.chunk_cells(is_static) as f64;
-                                if inside == 0 { 0.0 } else { (stored(id) * all / inside as f64).min(1.0) }
-                            })
+                            .map(|id| of_cells_inside(stored(id), &level.layout, level.shape, id, is_static))
                             .fold(0.0, f64::max)
                     }
                 };
