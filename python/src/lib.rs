@@ -73,6 +73,9 @@ struct Loader {
     /// Static variables delivered once per sample (`separate_statics=True`), in the order of the batch's
     /// statics.
     static_variables: Vec<String>,
+    /// A batch made while a signal (Ctrl-C) came, kept for the next call instead of returned, and the state
+    /// before it: returned, it would be lost to the `KeyboardInterrupt` Python raises as the call returns.
+    held: Option<(Py<PyDict>, LoaderState)>,
 }
 
 fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
@@ -262,6 +265,7 @@ impl Loader {
             pid: std::process::id(),
             variables,
             static_variables,
+            held: None,
         })
     }
 
@@ -277,6 +281,10 @@ impl Loader {
                  iterates (cubeload.torch.CubeDataset does, in each DataLoader worker)",
             ));
         }
+        if let Some((batch, _)) = slf.held.take() {
+            return Ok(Some(batch));
+        }
+        let before = slf.inner.state();
         // Waited for in slices, so that a signal (Ctrl-C) is seen while a slow store keeps the batch back.
         let next = loop {
             let inner = &mut slf.inner;
@@ -285,16 +293,24 @@ impl Loader {
                 Err(cubeload::loader::TimedOut) => py.check_signals()?,
             }
         };
-        match next {
-            None => Ok(None),
-            Some(Err(e)) => Err(to_py_err(e)),
-            Some(Ok(batch)) => batch_to_dict(py, batch, &slf.variables, &slf.static_variables).map(Some),
+        let batch = match next {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(to_py_err(e)),
+            Some(Ok(batch)) => batch_to_dict(py, batch, &slf.variables, &slf.static_variables)?,
+        };
+        // A signal that came while the batch was made is raised now, the batch kept for the next call and
+        // `state()` left before it: Python would raise it as this call returns, and the batch, counted as
+        // delivered, would be lost to a caller that catches the `KeyboardInterrupt` and goes on.
+        if let Err(signal) = py.check_signals() {
+            slf.held = Some((batch, before));
+            return Err(signal);
         }
+        Ok(Some(batch))
     }
 
     /// Where the loader stands, as plain JSON-able data; pass it as `state=` to resume.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.state();
+        let s = self.held.as_ref().map_or_else(|| self.inner.state(), |(_, before)| *before);
         let dict = PyDict::new(py);
         dict.set_item("seed", s.seed)?;
         dict.set_item("shuffle", s.shuffle)?;
