@@ -557,21 +557,30 @@ fn foreign_entries(
 }
 
 /// Why the configured `window` (`pixel_series`) or `seq_len` (`image_sequence`), the steps a batch holds,
-/// is not the cube's, if it is not. A cube whose chunks hold its whole series was made without a window, or
-/// with one at least as long as the series; its chunks grow with it.
-fn series_length_change(
-    config: &crate::config::LayoutConfig,
-    old: &crate::layout::Layout,
-    time: &crate::cube::TimeMeta,
-) -> Option<String> {
+/// is not the cube's, if it is not. The cube's window is that of the config it was made from; where that
+/// no longer reads, it is told from the chunks: a cube whose chunks hold its whole series was made without
+/// a window, or with one at least as long as the series.
+fn series_length_change(config: &crate::config::LayoutConfig, old: &CubeMeta) -> Option<String> {
     use crate::config::LayoutConfig;
+    let steps = old.time.as_ref().map_or(0, |t| t.steps);
     match *config {
         LayoutConfig::PixelSeries { window, .. } => {
-            let old_window = (old.chunk_t < time.steps).then_some(old.chunk_t);
-            let same = match (old_window, window) {
-                (Some(old), new) => new == Some(old),
-                (None, Some(new)) => new >= time.steps,
-                (None, None) => true,
+            let made_with = crate::config::Config::from_yaml(&old.config, Path::new("the cube's config"))
+                .ok()
+                .and_then(|c| match c.layout {
+                    LayoutConfig::PixelSeries { window, .. } => Some(window),
+                    LayoutConfig::ImageSequence { .. } => None,
+                });
+            let (same, old_window) = if let Some(old_window) = made_with {
+                (window == old_window, old_window)
+            } else {
+                let old_window = (old.layout.chunk_t < steps).then_some(old.layout.chunk_t);
+                let same = match (old_window, window) {
+                    (Some(old), new) => new == Some(old),
+                    (None, Some(new)) => new >= steps,
+                    (None, None) => true,
+                };
+                (same, old_window)
             };
             let show =
                 |w: Option<usize>| w.map_or_else(|| "none: whole series".to_string(), |w| w.to_string());
@@ -584,8 +593,11 @@ fn series_length_change(
                 )
             })
         }
-        LayoutConfig::ImageSequence { seq_len, .. } => (seq_len != old.chunk_t).then(|| {
-            format!("the configured layout.seq_len ({seq_len}) differs from the cube's ({})", old.chunk_t)
+        LayoutConfig::ImageSequence { seq_len, .. } => (seq_len != old.layout.chunk_t).then(|| {
+            format!(
+                "the configured layout.seq_len ({seq_len}) differs from the cube's ({})",
+                old.layout.chunk_t
+            )
         }),
     }
 }
@@ -610,9 +622,7 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
     if layout_of(&old.layout) != layout_of(&plan.layout) {
         return Err(refuse("the configured layout differs from the cube's".to_string()));
     }
-    if let Some(message) =
-        old.time.as_ref().and_then(|t| series_length_change(&plan.config.layout, &old.layout, t))
-    {
+    if let Some(message) = old.time.as_ref().and(series_length_change(&plan.config.layout, old)) {
         return Err(refuse(message));
     }
     let names: Vec<&str> = old.variables.iter().map(|v| v.name.as_str()).collect();

@@ -42,7 +42,7 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use self::assemble::{Assembler, Planned, Transform};
+use self::assemble::{Assembler, Planned, Transform, Validity};
 use self::sampler::{ChunkId, Sampler, Share};
 use crate::batch::Batch;
 use crate::cube::reader::Cube;
@@ -399,41 +399,50 @@ impl LoaderBuilder {
                 .set_capacity(jobs.saturating_mul(self.mix).saturating_mul(2 * assembler.variable_count()));
         }
         let validity = assembler.validity(&cube)?;
-        self.start(assembler, validity, readahead, prefetch)
+        self.start(assembler, &validity, readahead, prefetch)
     }
 
-    /// Starts the reader (and fetch) threads over an opened cube; `validity` is the stored valid fraction of
-    /// each chunk.
+    /// Starts the reader (and fetch) threads over an opened cube; `validity` is the valid fraction of each
+    /// chunk.
     fn start(
         self,
         assembler: Assembler,
-        validity: Vec<(ChunkId, f64)>,
+        validity: &[Validity],
         readahead: Option<Arc<ReadaheadStore>>,
         prefetch: usize,
     ) -> Result<Loader, LoaderError> {
         let Share { rank, world_size, worker, workers } = self.share;
-        let with_data = validity.iter().filter(|(_, f)| *f > 0.0).count();
-        let eligible: Vec<ChunkId> = validity
-            .into_iter()
-            .filter(|(_, f)| match self.min_valid {
-                Some(min) => *f >= min,
-                None => *f > 0.0,
-            })
-            .map(|(id, _)| id)
-            .collect();
-        let n_eligible = eligible.len();
-        let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.share, self.mix);
-        let digest = {
+        let with_data = validity.iter().filter(|v| v.fraction > 0.0).count();
+        let sampler_by = |fraction: fn(&Validity) -> f64| {
+            let eligible: Vec<ChunkId> = validity
+                .iter()
+                .filter(|v| match self.min_valid {
+                    Some(min) => fraction(v) >= min,
+                    None => fraction(v) > 0.0,
+                })
+                .map(|v| v.id)
+                .collect();
+            let sampler = Sampler::new(eligible, self.seed, self.shuffle, self.share, self.mix);
             let (names, statics) = assembler.variable_names();
-            sampler.digest(&names.iter().chain(&statics).map(String::as_str).collect::<Vec<_>>())
+            let digest =
+                sampler.digest(&names.iter().chain(&statics).map(String::as_str).collect::<Vec<_>>());
+            (sampler, digest)
         };
+        let (mut sampler, digest) = sampler_by(|v| v.fraction);
         if let Some(saved) = self.digest.filter(|&saved| saved != digest) {
-            return Err(LoaderError::Invalid(format!(
-                "the resume state was saved on another cube, or with other variables or another min_valid: \
-                 the batches it continues are not this loader's (digest {saved:016x}, this loader's \
-                 {digest:016x})"
-            )));
+            // A state saved by a version whose `min_valid` counted an edge batch's padding as missing
+            // continues the batches it chose.
+            let (before, digest_before) = sampler_by(|v| v.fraction_before);
+            if self.min_valid.is_none() || saved != digest_before {
+                return Err(LoaderError::Invalid(format!(
+                    "the resume state was saved on another cube, or with other variables or another min_valid: \
+                     the batches it continues are not this loader's (digest {saved:016x}, this loader's \
+                     {digest:016x})"
+                )));
+            }
+            sampler = before;
         }
+        let n_eligible = sampler.eligible_count();
         // Options that leave a run no batch at all, where the cube has some: an error, not empty epochs.
         if n_eligible == 0 && with_data > 0 {
             return Err(LoaderError::Invalid(format!(

@@ -972,6 +972,63 @@ fn min_valid_is_the_valid_fraction_of_a_batchs_cells_inside_the_cube() {
     }
 }
 
+/// A batch full of values reaches `min_valid(1.0)` also where the cube pads it (the index's float32 share
+/// of a padded chunk, scaled up, fell just short of 1); and a resume state saved by a version that took the
+/// share over the whole chunk, padding included, continues the batches it chose then.
+#[test]
+fn full_edge_batches_reach_min_valid_1_and_states_of_the_earlier_rule_resume() {
+    use cubeload::loader::sampler::{Sampler, Share};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = cubeload::demo::DemoSpec { hours: 48, ..Default::default() };
+    // 48 steps in windows of 29: the last time chunk holds 19 of 29 (19/29 in float32, scaled by 29/19, is
+    // under 1).
+    let text = cubeload::demo::write_inputs(dir.path(), &spec).unwrap().replace(
+        "layout: { kind: pixel_series, batch: 256 }",
+        "layout: { kind: pixel_series, batch: 64, window: 29 }",
+    );
+    assert!(text.contains("window: 29"));
+    let plan = Plan::new(Config::from_yaml(&text, Path::new("test.yaml")).unwrap(), text.clone()).unwrap();
+    let cube = generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path;
+    let all = Loader::builder(&cube).variables(["t2m"]).build().unwrap().batches_per_epoch();
+    let full = Loader::builder(&cube).variables(["t2m"]).min_valid(1.0).build().unwrap().batches_per_epoch();
+    assert_eq!(full, all, "t2m has values everywhere: every batch is full");
+
+    // The earlier rule: the stored share of the whole chunk, as read from the index.
+    let index = array(&cube, "cubeload_index/t2m");
+    let shape = index.shape().to_vec();
+    let stored =
+        index.retrieve_array_subset::<Vec<f32>>(&shape.iter().map(|&n| 0..n).collect::<Vec<_>>()).unwrap();
+    let [ct, cy, cx] = [shape[0] as usize, shape[1] as usize, shape[2] as usize];
+    let before: Vec<[usize; 3]> = (0..ct * cy * cx)
+        .filter(|&i| stored[i] >= 0.5)
+        .map(|i| [i / (cy * cx), (i / cx) % cy, i % cx])
+        .collect();
+    assert!(before.len() < all, "the earlier rule left out padded batches");
+    let share = Share { rank: 0, world_size: 1, worker: 0, workers: 1 };
+    let sampler = Sampler::new(before.clone(), 7, true, share, 1);
+    let state = cubeload::loader::LoaderState {
+        seed: 7,
+        shuffle: true,
+        epoch: 0,
+        cursor: 3,
+        rank: 0,
+        world_size: 1,
+        worker: 0,
+        workers: 1,
+        mix: 1,
+        digest: Some(sampler.digest(&["t2m"])),
+    };
+    let resumed: Vec<[usize; 3]> =
+        collect(Loader::builder(&cube).variables(["t2m"]).min_valid(0.5).resume(state).build().unwrap())
+            .iter()
+            .map(|b| b.origin.chunk)
+            .collect();
+    assert_eq!(resumed, sampler.epoch_order(0)[3..].to_vec());
+    // Without min_valid both rules choose the same batches: such a digest is this loader's or refused.
+    let error = Loader::builder(&cube).variables(["t2m"]).resume(state).build().map(|_| ()).unwrap_err();
+    assert!(error.to_string().contains("the resume state was saved on another cube"), "{error}");
+}
+
 #[test]
 fn options_that_leave_no_batch_or_make_no_sense_are_refused() {
     let cube = &cubes().pixel;

@@ -82,6 +82,18 @@ struct Var {
     index: std::sync::OnceLock<Vec<f32>>,
 }
 
+/// A batch chunk's valid fraction, as `min_valid` compares it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Validity {
+    /// The batch chunk.
+    pub id: ChunkId,
+    /// Over its cells inside the cube (padding left out), averaged over the variables.
+    pub fraction: f64,
+    /// As versions before 2026-12-05 took it: over the whole chunk on the target grid, padding included.
+    /// A resume state saved by one of them chose its batches by this.
+    pub fraction_before: f64,
+}
+
 /// Reads and assembles batches of one cube; shared by the reader threads.
 pub struct Assembler {
     meta: CubeMeta,
@@ -357,9 +369,10 @@ impl Assembler {
     ///
     /// # Errors
     /// When the validity index cannot be read.
-    pub fn validity(&self, cube: &Cube) -> Result<Vec<(ChunkId, f64)>, LoaderError> {
+    pub fn validity(&self, cube: &Cube) -> Result<Vec<Validity>, LoaderError> {
         let [ct, cy, cx] = self.meta.chunk_counts();
         let mut sums = vec![0.0f64; ct * cy * cx];
+        let mut sums_before = vec![0.0f64; ct * cy * cx];
         let read = |v: &Var| -> Result<Vec<f32>, LoaderError> {
             let name = format!("{}/{}", crate::cube::INDEX_GROUP, v.meta.name);
             let a = checked_array(cube, ArrayRole::Index(&v.meta), &name)?;
@@ -402,14 +415,17 @@ impl Assembler {
         };
         let batch = [self.meta.layout.chunk_y, self.meta.layout.chunk_x];
         // The stored fraction is over a chunk's cells, padding included: taken over its cells inside the
-        // extent instead, so that an edge batch full of values is as full as any (`min_valid`).
+        // extent instead, so that an edge batch full of values is as full as any (`min_valid`). It is a
+        // count in float32: taken back whole, a full edge chunk makes 1 exactly (`min_valid(1.0)`). Returns
+        // that fraction and the one of the rule before (the whole chunk on the target grid, level chunks
+        // not rounded), by which states saved then chose their batches.
         let of_cells_inside = |fraction: f64, layout: &crate::layout::Layout, shape, id, is_static| {
             let inside = layout.cells_inside(shape, id, is_static);
             if inside == 0 {
-                0.0
-            } else {
-                (fraction * layout.chunk_cells(is_static) as f64 / inside as f64).min(1.0)
+                return (0.0, 0.0);
             }
+            let all = layout.chunk_cells(is_static) as f64;
+            (((fraction * all).round() / inside as f64).min(1.0), (fraction * all / inside as f64).min(1.0))
         };
         for (v, values) in self.vars.iter().zip(indexes) {
             let values = values?;
@@ -420,27 +436,36 @@ impl Assembler {
                 let spatial = iy * counts[2] + ix;
                 f64::from(values[if is_static { spatial } else { it * counts[1] * counts[2] + spatial }])
             };
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let [it, iy, ix] = [i / (cy * cx), (i / cx) % cy, i % cx];
-                *sum += match &v.coarse {
+            for (i, (sum, before)) in sums.iter_mut().zip(&mut sums_before).enumerate() {
+                let id = [i / (cy * cx), (i / cx) % cy, i % cx];
+                let (fraction, fraction_before) = match &v.coarse {
                     None => {
-                        let id = [it, iy, ix];
-                        of_cells_inside(stored(id), &self.meta.layout, self.meta.shape, id, is_static)
+                        let (inside, _) =
+                            of_cells_inside(stored(id), &self.meta.layout, self.meta.shape, id, is_static);
+                        (inside, stored(id))
                     }
                     Some(c) => {
                         let level = &c.level;
                         let halo = c.upsampling == Upsampling::Bilinear && !self.is_native(v);
-                        let (rows, cols) = level.chunks_read([iy, ix], batch, halo);
-                        let it = level.chunk_of([it, iy, ix])[0];
+                        let (rows, cols) = level.chunks_read([id[1], id[2]], batch, halo);
+                        let it = level.chunk_of(id)[0];
                         rows.flat_map(|ly| cols.clone().map(move |lx| [it, ly, lx]))
                             .map(|id| of_cells_inside(stored(id), &level.layout, level.shape, id, is_static))
-                            .fold(0.0, f64::max)
+                            .fold((0.0, 0.0), |(a, b), (x, y)| (f64::max(a, x), f64::max(b, y)))
                     }
                 };
+                *sum += fraction;
+                *before += fraction_before;
             }
         }
         let n = self.vars.len().max(1) as f64;
-        Ok(sums.iter().enumerate().map(|(i, s)| ([i / (cy * cx), (i / cx) % cy, i % cx], s / n)).collect())
+        Ok((0..sums.len())
+            .map(|i| Validity {
+                id: [i / (cy * cx), (i / cx) % cy, i % cx],
+                fraction: sums[i] / n,
+                fraction_before: sums_before[i] / n,
+            })
+            .collect())
     }
 
     /// Asks the kernel to read the stored bytes of `chunks` into the page cache now, without waiting for
@@ -2007,7 +2032,7 @@ mod tests {
             let mut assembler = Assembler::new(&cube, &[], builder.transform).unwrap();
             let validity = assembler.validity(&cube).unwrap();
             assembler.lat.clear();
-            let mut loader = builder.start(assembler, validity, None, 2).unwrap();
+            let mut loader = builder.start(assembler, &validity, None, 2).unwrap();
             match loader.next() {
                 Some(Err(LoaderError::Panic(message))) => {
                     assert!(message.contains("index out of bounds"), "{message}");

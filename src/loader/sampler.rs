@@ -2,8 +2,8 @@
 //! into equal shares per rank.
 //!
 //! Rules (the same in Rust and Python, whatever the thread count):
-//! - The eligible chunks are those whose stored valid fraction reaches the loader's threshold, in natural
-//!   order `(time, lat, lon)`.
+//! - The eligible chunks are those whose valid fraction (over their cells inside the cube) reaches the
+//!   loader's threshold, in natural order `(time, lat, lon)`.
 //! - Epoch `e` permutes them with a `ChaCha8` generator seeded from `(seed, e)` (no permutation without shuffle).
 //! - With W ranks, each rank gets `floor(n / W)` chunks: rank r takes positions `r·k .. (r+1)·k` of the
 //!   permutation, `k = floor(n / W)`. The last `n mod W` chunks of each epoch's permutation are left out, so
@@ -69,6 +69,12 @@ impl Sampler {
     #[must_use]
     pub fn new(eligible: Vec<ChunkId>, seed: u64, shuffle: bool, share: Share, mix: usize) -> Self {
         Sampler { eligible, seed, shuffle, share, mix: mix.max(1), cache: Mutex::new(Vec::new()) }
+    }
+
+    /// The chunks an epoch takes its batches from, all ranks together.
+    #[must_use]
+    pub fn eligible_count(&self) -> usize {
+        self.eligible.len()
     }
 
     /// Batches per epoch for this rank (all workers together).
