@@ -97,10 +97,10 @@ pub enum LoaderError {
     /// A reader thread panicked (a bug); the message is the panic's.
     #[error("a reader thread panicked: {0}")]
     Panic(String),
-    /// The cube was deleted while the loader read it: `cubeload gen` replaced it.
+    /// The cube was deleted or replaced while the loader read it: `cubeload gen` replaced it.
     #[error(
-        "{}: the cube was deleted while this loader read it (replaced by `cubeload gen --overwrite` or \
-         `--append`?); its files not read yet are gone: build a loader over the cube now there",
+        "{}: the cube was deleted or replaced while this loader read it (by `cubeload gen --overwrite` or \
+         `--append`?); what it had not read yet is gone: build a loader over the cube now there",
         path.display()
     )]
     CubeDeleted {
@@ -377,16 +377,18 @@ impl LoaderBuilder {
             ));
         }
         let location = Location::parse(&self.path);
-        let (store, slow) = match &self.store {
-            Some(CustomStore(store)) => (store.clone(), true),
-            None => (location.readable()?, matches!(location, Location::S3 { .. })),
+        let (store, gone, slow) = if let Some(CustomStore(store)) = &self.store {
+            (store.clone(), None, true)
+        } else {
+            let (store, gone) = location.readable_watched()?;
+            (store, gone, matches!(location, Location::S3 { .. }))
         };
         // A slow store gets fetch threads in front of the readers (not when reading on the calling thread).
         let readahead = (slow && self.threads > 0 && self.fetchers > 0)
             .then(|| Arc::new(ReadaheadStore::new(store.clone(), 1)));
         let cube = match &readahead {
-            Some(readahead) => Cube::open_store(&location, readahead.clone())?,
-            None if slow => Cube::open_store(&location, store)?,
+            Some(readahead) => Cube::open_store(&location, readahead.clone())?.watched(gone),
+            None if slow => Cube::open_store(&location, store)?.watched(gone),
             None => Cube::open(&self.path)?,
         };
         let mut assembler = Assembler::new(&cube, &self.variables, self.transform)?;

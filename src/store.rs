@@ -73,6 +73,35 @@ impl Location {
             Location::S3 { .. } => object_store::readable(self),
         }
     }
+
+    /// The store for reading and, on an object store, what tells whether the cube read is gone since
+    /// ([`Gone`]): its reads then take only objects written before the cube's root metadata, or check that
+    /// the cube is still the one opened.
+    ///
+    /// # Errors
+    /// As [`Location::readable`].
+    pub(crate) fn readable_watched(&self) -> Result<(ReadableStorage, Option<Arc<dyn Gone>>), CubeError> {
+        match self {
+            Location::Local(_) => Ok((self.readable()?, None)),
+            Location::S3 { .. } => {
+                object_store::readable_watched(self).map(|(store, gone)| (store, Some(gone)))
+            }
+        }
+    }
+}
+
+/// Whether the cube a reader opened is gone: its local directory deleted, or, on an object store, its root
+/// metadata removed or replaced (an upload replacing a cube removes the old root first and writes the new
+/// one last). A read that fails is blamed on the cube's replacement only where this says so.
+pub trait Gone: Send + Sync + std::fmt::Debug {
+    /// Whether the cube opened is no longer there.
+    fn gone(&self) -> bool;
+}
+
+impl Gone for PinnedDir {
+    fn gone(&self) -> bool {
+        self.deleted()
+    }
 }
 
 /// A local cube's directory held open, and a path that reaches it through that handle
@@ -225,14 +254,6 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     })
 }
 
-/// The top-level nodes of the cubeload cube whose root metadata is `root` (from its consolidated
-/// metadata); `None` when it is not a cubeload cube. What a replacement of the cube may remove.
-#[must_use]
-pub fn cube_nodes(root: &[u8]) -> Option<std::collections::BTreeSet<String>> {
-    let nodes = cube_node_paths(root)?;
-    Some(nodes.iter().map(|name| name.split('/').next().unwrap_or(name).to_string()).collect())
-}
-
 /// Every node (array or group) of the cubeload cube whose root metadata is `root`, by path (`t2m`,
 /// `coarse_5/t2m`); `None` when it is not a cubeload cube.
 #[must_use]
@@ -260,10 +281,13 @@ mod object_store {
     use zarrs_object_store::object_store::path::Path as ObjectPath;
     use zarrs_object_store::object_store::prefix::PrefixStore;
     use zarrs_object_store::object_store::{
-        ClientConfigKey, Error as ObjectError, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
+        ClientConfigKey, Error as ObjectError, GetOptions, GetRange, OBJECT_STORE_COALESCE_DEFAULT,
+        ObjectMeta, ObjectStore, ObjectStoreExt, coalesce_ranges,
     };
 
-    use super::{CubeError, Location, StoreKey, cube_nodes};
+    use chrono::{DateTime, Utc};
+
+    use super::{CubeError, Location, StoreKey, cube_node_paths};
     use crate::cube::manifest::MANIFEST_FILE;
 
     /// The root metadata: written last, it makes the cube.
@@ -434,21 +458,85 @@ mod object_store {
     }
 
     pub(super) fn readable(location: &Location) -> Result<ReadableStorage, CubeError> {
+        readable_watched(location).map(|(store, _)| store)
+    }
+
+    pub(super) fn readable_watched(
+        location: &Location,
+    ) -> Result<(ReadableStorage, Arc<dyn super::Gone>), CubeError> {
         let s3 = S3::new(location)?;
-        Ok(Arc::new(ObjectReader { store: s3.store, explain: s3.explain }))
+        let reader = Arc::new(ObjectReader { store: s3.store, explain: s3.explain, opened: OnceLock::new() });
+        Ok((reader.clone(), reader))
     }
 
     /// Reads of an object store that ask for just the bytes wanted: a ranged GET per read (a suffix range
     /// for a shard's index), never a size query first. zarrs' `AsyncObjectStore` sends a HEAD before every
     /// partial read: two round trips per chunk instead of one.
+    ///
+    /// An object store cannot hold a cube still while `gen --overwrite` replaces it under a loader: once the
+    /// root metadata has been read, every read asks for the object as it was then (`If-Unmodified-Since`
+    /// the root's `Last-Modified`: a cube's objects are written before its root). An object written since
+    /// is taken only while the root is still the one read (a cube copied by a tool that wrote its root
+    /// first); otherwise the read fails and [`super::Gone`] says why.
     struct ObjectReader<T> {
         store: Arc<T>,
         explain: Explain,
+        /// The root metadata's `Last-Modified` and `ETag` as first read: the cube opened.
+        opened: OnceLock<(DateTime<Utc>, Option<String>)>,
+    }
+
+    impl<T> std::fmt::Debug for ObjectReader<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ObjectReader").field("opened", &self.opened).finish_non_exhaustive()
+        }
+    }
+
+    impl<T: ObjectStore> super::Gone for ObjectReader<T> {
+        fn gone(&self) -> bool {
+            block_on(self.replaced())
+        }
     }
 
     impl<T: ObjectStore> ObjectReader<T> {
         fn error(&self, key: &StoreKey, e: &dyn std::fmt::Display) -> StorageError {
             StorageError::Other(format!("{key}: {}", self.explain.message(e)))
+        }
+
+        /// Keeps the root metadata's stamp the first time it is seen.
+        fn note(&self, path: &ObjectPath, meta: &ObjectMeta) {
+            if path.as_ref() == ROOT {
+                let _ = self.opened.set((meta.last_modified, meta.e_tag.clone()));
+            }
+        }
+
+        /// Whether the root metadata is no longer the one first read: removed, or another.
+        async fn replaced(&self) -> bool {
+            let Some((modified, tag)) = self.opened.get() else { return false };
+            match self.store.head(&ObjectPath::from(ROOT)).await {
+                Ok(meta) => meta.last_modified != *modified || meta.e_tag != *tag,
+                Err(ObjectError::NotFound { .. }) => true,
+                Err(_) => false,
+            }
+        }
+
+        /// `range` of the object at `path` (all of it for `None`), as it was when the root was read; one
+        /// written since only while the root is unchanged.
+        async fn read_object(
+            &self,
+            path: &ObjectPath,
+            range: Option<GetRange>,
+        ) -> Result<Bytes, ObjectError> {
+            let since = self.opened.get().filter(|_| path.as_ref() != ROOT).map(|(modified, _)| *modified);
+            let options =
+                GetOptions { range: range.clone(), if_unmodified_since: since, ..GetOptions::default() };
+            let got = match self.store.get_opts(path, options).await {
+                Err(ObjectError::Precondition { .. }) if !self.replaced().await => {
+                    self.store.get_opts(path, GetOptions { range, ..GetOptions::default() }).await?
+                }
+                got => got?,
+            };
+            self.note(path, &got.meta);
+            got.bytes().await
         }
 
         /// The bytes of `ranges` of `key`, `None` when there is no such object. The bounded ranges go in one
@@ -474,12 +562,7 @@ mod object_store {
                     ByteRange::FromStart(offset, None) => Some(GetRange::Offset(offset)),
                     ByteRange::Suffix(length) => Some(GetRange::Suffix(length)),
                 };
-                let got =
-                    match self.store.get_opts(&path, GetOptions { range, ..GetOptions::default() }).await {
-                        Ok(got) => got.bytes().await,
-                        Err(e) => Err(e),
-                    };
-                match got {
+                match self.read_object(&path, range).await {
                     Ok(bytes) => out[i] = bytes,
                     Err(ObjectError::NotFound { .. }) => return Ok(None),
                     Err(e) => return Err(self.error(key, &e)),
@@ -487,7 +570,11 @@ mod object_store {
                 asked = true;
             }
             if !bounded.is_empty() {
-                let got = match self.store.get_ranges(&path, &bounded).await {
+                // As `ObjectStore::get_ranges` does it (near ranges merged, the rest concurrently), each
+                // request asking for the object as it was when the cube was opened.
+                let fetch =
+                    |range: std::ops::Range<u64>| self.read_object(&path, Some(GetRange::Bounded(range)));
+                let got = match coalesce_ranges(&bounded, fetch, OBJECT_STORE_COALESCE_DEFAULT).await {
                     Ok(got) => got,
                     Err(ObjectError::NotFound { .. }) => return Ok(None),
                     Err(e) => return Err(self.error(key, &e)),
@@ -511,8 +598,12 @@ mod object_store {
         }
 
         async fn size(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
-            match self.store.head(&ObjectPath::from(key.as_str())).await {
-                Ok(meta) => Ok(Some(meta.size)),
+            let path = ObjectPath::from(key.as_str());
+            match self.store.head(&path).await {
+                Ok(meta) => {
+                    self.note(&path, &meta);
+                    Ok(Some(meta.size))
+                }
                 Err(ObjectError::NotFound { .. }) => Ok(None),
                 Err(e) => Err(self.error(key, &e)),
             }
@@ -572,7 +663,7 @@ mod object_store {
             .and_then(|bytes| serde_json::from_slice(bytes).ok())
             .filter(|j: &Journal| j.cubeload_upload == 1);
         let nodes = match root {
-            Some(root) => Some(cube_nodes(root).ok_or_else(|| {
+            Some(root) => Some(cube_node_paths(root).ok_or_else(|| {
                 "a Zarr store that cubeload did not make is here; cubeload replaces only its own cubes: choose \
                  another URL or remove it"
                     .to_string()
@@ -583,9 +674,14 @@ mod object_store {
             key == PROBE
                 || journal.as_ref().is_some_and(|j| key == JOURNAL || j.keys.contains(key))
                 || nodes.as_ref().is_some_and(|nodes| {
+                    // As for a local cube: metadata, the manifest, and what lies in an array's `c/`.
                     key == ROOT
                         || key == MANIFEST_FILE
-                        || key.split_once('/').is_some_and(|(node, _)| nodes.contains(node))
+                        || nodes.iter().any(|node| {
+                            key.strip_prefix(node.as_str())
+                                .and_then(|rest| rest.strip_prefix('/'))
+                                .is_some_and(|rest| rest == ROOT || rest.starts_with("c/"))
+                        })
                 })
         };
         let foreign: Vec<&String> = keys.iter().filter(|key| !ours(key)).collect();
@@ -717,7 +813,11 @@ mod object_store {
             let memory = InMemory::new();
             block_on(memory.put(&ObjectPath::from("a/c/0"), Bytes::from_static(b"0123456789").into()))
                 .unwrap();
-            let reader = ObjectReader { store: Arc::new(memory), explain: Explain::default() };
+            let reader = ObjectReader {
+                store: Arc::new(memory),
+                explain: Explain::default(),
+                opened: OnceLock::new(),
+            };
             let key = StoreKey::new("a/c/0").unwrap();
             let read = |ranges: Vec<ByteRange>| -> Option<Vec<Vec<u8>>> {
                 reader
@@ -743,6 +843,34 @@ mod object_store {
             assert!(reader.get_partial(&missing, ByteRange::FromStart(0, Some(0))).unwrap().is_none());
             assert!(reader.get(&missing).unwrap().is_none());
             assert_eq!(reader.size_key(&missing).unwrap(), None);
+        }
+
+        /// Reads after the root's take the objects as they were then: one written since only while the root
+        /// is the one read (a cube copied root first), none once the root is replaced or removed.
+        #[test]
+        fn reads_take_no_object_of_a_cube_put_in_place_of_the_one_opened() {
+            let memory = Arc::new(InMemory::new());
+            let put = |key: &str, bytes: &'static [u8]| {
+                block_on(memory.put(&ObjectPath::from(key), Bytes::from_static(bytes).into())).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            };
+            put("t2m/c/0", b"old chunk");
+            put(ROOT, b"old root");
+            let reader =
+                ObjectReader { store: memory.clone(), explain: Explain::default(), opened: OnceLock::new() };
+            let read = |key: &str| reader.get(&StoreKey::new(key).unwrap()).map(|b| b.map(|b| b.to_vec()));
+            assert_eq!(read(ROOT).unwrap().unwrap(), b"old root");
+            assert!(!super::super::Gone::gone(&reader));
+            // Written after the root, the root unchanged: read as it is.
+            put("t2m/c/1", b"late chunk");
+            assert_eq!(read("t2m/c/1").unwrap().unwrap(), b"late chunk");
+            // A replacement removes the root, rewrites the objects, writes its root last.
+            block_on(memory.delete(&ObjectPath::from(ROOT))).unwrap();
+            put("t2m/c/0", b"new chunk");
+            assert!(super::super::Gone::gone(&reader));
+            put(ROOT, b"new root");
+            assert!(read("t2m/c/0").is_err(), "a chunk of the new cube was read");
+            assert!(super::super::Gone::gone(&reader));
         }
 
         #[test]
@@ -771,6 +899,16 @@ mod object_store {
             let mut more = cube.clone();
             more.push("notes/readme.txt".to_string());
             assert!(judge(&more, Some(CUBE_ROOT), None, true, fp).unwrap_err().contains("notes/readme.txt"));
+            // Inside a node, only metadata and what lies in an array's `c/` are the cube's: a file of the user's
+            // or another cube put there is not (an --overwrite deleted them).
+            for stray in ["t2m/mine.bin", "t2m/inner/zarr.json", "cubeload_index/t2m/notes.txt"] {
+                let mut more = cube.clone();
+                more.push(stray.to_string());
+                assert!(
+                    judge(&more, Some(CUBE_ROOT), None, true, fp).unwrap_err().contains(stray),
+                    "{stray}"
+                );
+            }
             let plain = br#"{"zarr_format":3,"node_type":"group","attributes":{}}"#;
             assert!(judge(&cube, Some(plain), None, true, fp).unwrap_err().contains("cubeload did not make"));
             // Without a root: only what a journal names (a chunk key alone could be anyone's).
@@ -811,6 +949,12 @@ mod object_store {
     }
 
     pub(super) fn readable(location: &Location) -> Result<ReadableStorage, CubeError> {
+        Err(unsupported(location))
+    }
+
+    pub(super) fn readable_watched(
+        location: &Location,
+    ) -> Result<(ReadableStorage, std::sync::Arc<dyn super::Gone>), CubeError> {
         Err(unsupported(location))
     }
 

@@ -113,3 +113,40 @@ def test_each_remote_read_is_one_request(demo_dir, pixel_cube, s3_env, moto_log,
     # About 2.4 GETs a batch on the demo cube (its chunks, and each shard's index once); 4.8 with a HEAD each.
     gets = loaded.get("GET", 0) - built.get("GET", 0)
     assert gets / len(batches) < 3, (gets, len(batches))
+
+
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_a_loader_reading_a_cube_gen_replaces_delivers_none_of_the_new_cube(
+    demo_dir, pixel_cube, s3_env, monkeypatch, on_corrupt
+):
+    """An object store cannot hold a cube still under a loader as a directory held open does: a loader that
+    opened the cube reads none of the objects of the cube `gen --overwrite` puts in its place (it read them
+    under the old metadata), and says that the cube was replaced, skipping corrupt chunks or not."""
+    url = f"s3://cubes/py/replaced-{on_corrupt}.zarr"
+    text = (demo_dir / "demo.yaml").read_text().replace(str(pixel_cube), url)
+    first, second = demo_dir / f"replaced-{on_corrupt}-1.yaml", demo_dir / f"replaced-{on_corrupt}-2.yaml"
+    first.write_text(text)
+    # The cube that replaces it: t2m resampled otherwise, so that its values differ.
+    second.write_text(text.replace("t2m_hourly.nc, variable: t2m, resampling: bilinear", "t2m_hourly.nc, variable: t2m, resampling: nearest"))
+    assert second.read_text() != text
+    env = {**os.environ, **s3_env, "TMPDIR": str(demo_dir)}
+    for args in (["-c", str(first)], ["--overwrite", "-c", str(second)]):
+        if args[0] == "--overwrite":
+            loader = cubeload.Loader(url, seed=5, threads=1, fetchers=1, prefetch=2, on_corrupt=on_corrupt)
+            got = [next(loader) for _ in range(3)]
+        out = subprocess.run([str(cubeload_bin()), "gen", *args], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        if args[0] == "-c":
+            for key, value in s3_env.items():
+                monkeypatch.setenv(key, value)
+            old = list(cubeload.Loader(url, seed=5))
+    with pytest.raises(cubeload.CubeloadError, match="deleted or replaced while this loader read it"):
+        for batch in loader:
+            got.append(batch)
+    assert 3 <= len(got) < len(old)
+    new = list(cubeload.Loader(url, seed=5))
+    assert any(not np.array_equal(n["t2m"], o["t2m"], equal_nan=True) for n, o in zip(new, old)), "the cubes differ"
+    for g, o in zip(got, old):
+        assert g["chunk"] == o["chunk"]
+        for name in ["t2m", "ndvi", "landcover", "mask"]:
+            np.testing.assert_array_equal(g[name], o[name])

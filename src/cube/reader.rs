@@ -12,7 +12,7 @@ use zarrs::storage::{ReadableStorage, ReadableStorageTraits, StoreKey};
 use super::manifest::{MANIFEST_FILE, Manifest};
 use super::{CubeError, CubeMeta};
 use crate::plan::DType;
-use crate::store::{Location, PinnedDir};
+use crate::store::{Gone, Location, PinnedDir};
 
 /// An opened, complete cube.
 pub struct Cube {
@@ -27,6 +27,8 @@ pub struct Cube {
     arrays: HashMap<String, ArrayMetadata>,
     /// A local cube's directory, held open for the cube's reads.
     pinned: Option<Arc<PinnedDir>>,
+    /// Whether the cube opened is gone since: its directory deleted, its root metadata replaced.
+    gone: Option<Arc<dyn Gone>>,
 }
 
 impl std::fmt::Debug for Cube {
@@ -197,12 +199,13 @@ impl Cube {
             Location::Local(dir) => PinnedDir::open(dir),
             Location::S3 { .. } => None,
         };
-        let store = match &pinned {
-            Some(pinned) => pinned.store()?,
-            None => location.readable()?,
+        let (store, gone) = match &pinned {
+            Some(pinned) => (pinned.store()?, Some(pinned.clone() as Arc<dyn Gone>)),
+            None => location.readable_watched()?,
         };
         let mut cube = Cube::open_with(location, store, slow, complete)?;
         cube.pinned = pinned;
+        cube.gone = gone;
         Ok(cube)
     }
 
@@ -229,7 +232,7 @@ impl Cube {
         if complete && !meta.complete {
             return Err(CubeError::Incomplete { path });
         }
-        Ok(Cube { path, location: location.clone(), store, meta, slow, arrays, pinned: None })
+        Ok(Cube { path, location: location.clone(), store, meta, slow, arrays, pinned: None, gone: None })
     }
 
     /// Whether requests to the cube's store are slow (an object store, or a store given to
@@ -249,6 +252,23 @@ impl Cube {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The cube, with what tells whether it is gone since it was opened through `gone`'s store (see
+    /// [`crate::store::Location::readable_watched`]), where another store wraps that one.
+    #[must_use]
+    pub(crate) fn watched(mut self, gone: Option<Arc<dyn Gone>>) -> Cube {
+        if gone.is_some() {
+            self.gone = gone;
+        }
+        self
+    }
+
+    /// What tells whether the cube opened has been deleted or replaced since (`gen --overwrite`), to blame
+    /// a read that failed on; none where that cannot be told (a store given to [`Cube::open_store`]).
+    #[must_use]
+    pub(crate) fn gone_probe(&self) -> Option<Arc<dyn Gone>> {
+        self.gone.clone()
     }
 
     /// The cube's directory, held open, when it is read from a local file system (not through an object

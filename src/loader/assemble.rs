@@ -115,6 +115,9 @@ pub struct Assembler {
     static_shard_bytes: std::sync::atomic::AtomicU64,
     /// A local cube's directory, and the files kept open for its reads and read-ahead hints.
     local: Option<(Arc<crate::store::PinnedDir>, OpenFiles)>,
+    /// Whether the cube opened is deleted or replaced since: a chunk that cannot be read then is no corrupt
+    /// chunk but the end of the cube.
+    gone: Option<Arc<dyn crate::store::Gone>>,
     /// Files kept open there at most ([`open_files_kept`]).
     open_files_kept: usize,
 }
@@ -329,6 +332,7 @@ impl Assembler {
             static_shards: std::sync::Mutex::new(StaticShards::new()),
             static_shard_bytes: std::sync::atomic::AtomicU64::new(0),
             local: cube.local_dir().map(|dir| (dir, std::sync::Mutex::default())),
+            gone: cube.gone_probe(),
             open_files_kept: open_files_kept(),
         })
     }
@@ -1023,7 +1027,7 @@ impl Assembler {
     /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
     pub fn job(&self, seed: u64, job: &Job, skip_corrupt: bool) -> Result<(Vec<Batch>, usize), LoaderError> {
         // A chunk that cannot be read because the cube was deleted meanwhile is no corrupt chunk to skip.
-        let deleted = || self.local.as_ref().is_some_and(|(dir, _)| dir.deleted());
+        let deleted = || self.gone.as_ref().is_some_and(|gone| gone.gone());
         let gone = || LoaderError::CubeDeleted { path: self.path.clone() };
         let (mut batches, corrupt) = match self.job_batches(seed, job, skip_corrupt) {
             Ok((_, corrupt)) if corrupt > 0 && deleted() => return Err(gone()),
