@@ -664,8 +664,8 @@ mod object_store {
             .filter(|j: &Journal| j.cubeload_upload == 1);
         let nodes = match root {
             Some(root) => Some(cube_node_paths(root).ok_or_else(|| {
-                "a Zarr store that cubeload did not make is here; cubeload replaces only its own cubes: choose \
-                 another URL or remove it"
+                "a Zarr store that cubeload did not make is here (its root metadata, zarr.json, is not a \
+                 cubeload cube's); cubeload replaces only its own cubes: choose another URL or remove it"
                     .to_string()
             })?),
             None => None,
@@ -693,11 +693,12 @@ mod object_store {
             ));
         }
         if !replace {
-            if nodes.is_some() {
+            // An upload of this cube that did not finish is resumed (also one stopped after its root was
+            // written, before its journal was removed); another cube's is replaced only if asked.
+            let resumed = journal.as_ref().is_some_and(|j| j.fingerprint == fingerprint);
+            if nodes.is_some() && !resumed {
                 return Err("a cube already exists here; pass --overwrite to replace it".to_string());
             }
-            // An upload of this cube that did not finish is resumed; another cube's is replaced only if asked.
-            let resumed = journal.as_ref().is_some_and(|j| j.fingerprint == fingerprint);
             let left: Vec<&String> = keys.iter().filter(|key| *key != JOURNAL && *key != PROBE).collect();
             if !resumed && let Some(first) = left.first() {
                 return Err(format!(
@@ -728,7 +729,15 @@ mod object_store {
         let s3 = S3::new(location)?;
         survey(&s3, replace, fingerprint)?;
         s3.put(PROBE, b"written and removed by cubeload gen, to learn whether it may write here".to_vec())?;
-        s3.delete(PROBE)
+        s3.delete(PROBE).map_err(|e| match e {
+            CubeError::Zarr { path, message } => CubeError::Zarr {
+                path,
+                message: format!(
+                    "{message} (it stays there: cubeload takes it as its own, and removes it once it may)"
+                ),
+            },
+            e => e,
+        })
     }
 
     pub(super) fn upload(
@@ -927,6 +936,18 @@ mod object_store {
             let other = judge(&left, None, Some(&named), false, "f2").unwrap_err();
             assert!(other.contains("did not finish") && other.contains("--overwrite"), "{other}");
             assert!(judge(&left, None, Some(&named), true, "f2").is_ok());
+            // An upload of this cube stopped after its root was written, before its journal was removed: the
+            // next run finishes it; another cube's with a journal left is a cube to --overwrite.
+            let mut done = cube.clone();
+            done.push("cubeload_upload.json".to_string());
+            done.sort();
+            let named = journal(fp, &["zarr.json", "t2m/zarr.json", "t2m/c/0/0/0"]);
+            assert_eq!(
+                judge(&done, Some(CUBE_ROOT), Some(&named), false, fp).unwrap(),
+                Found { keys: done.clone(), root: true }
+            );
+            let other = judge(&done, Some(CUBE_ROOT), Some(&named), false, "f2").unwrap_err();
+            assert!(other.contains("--overwrite"), "{other}");
             // A probe left by a check that could not delete it is cubeload's.
             assert!(judge(&keys(&["cubeload_probe"]), None, None, false, fp).is_ok());
         }
