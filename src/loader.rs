@@ -430,7 +430,7 @@ impl LoaderBuilder {
                 sampler.digest(&names.iter().chain(&statics).map(String::as_str).collect::<Vec<_>>());
             (sampler, digest)
         };
-        let (mut sampler, digest) = sampler_by(|v| v.fraction);
+        let (mut sampler, mut digest) = sampler_by(|v| v.fraction);
         if let Some(saved) = self.digest.filter(|&saved| saved != digest) {
             // A state saved by a version whose `min_valid` counted an edge batch's padding as missing
             // continues the batches it chose.
@@ -442,7 +442,8 @@ impl LoaderBuilder {
                      {digest:016x})"
                 )));
             }
-            sampler = before;
+            // Its states carry that rule's digest, so that a resume of them continues the same batches.
+            (sampler, digest) = (before, digest_before);
         }
         let n_eligible = sampler.eligible_count();
         // Options that leave a run no batch at all, where the cube has some: an error, not empty epochs.

@@ -268,6 +268,7 @@ pub fn cube_node_paths(root: &[u8]) -> Option<std::collections::BTreeSet<String>
 mod object_store {
     use std::collections::BTreeSet;
     use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::{Arc, OnceLock};
 
     use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
@@ -465,7 +466,7 @@ mod object_store {
         location: &Location,
     ) -> Result<(ReadableStorage, Arc<dyn super::Gone>), CubeError> {
         let s3 = S3::new(location)?;
-        let reader = Arc::new(ObjectReader { store: s3.store, explain: s3.explain, opened: OnceLock::new() });
+        let reader = Arc::new(ObjectReader::new(s3.store, s3.explain));
         Ok((reader.clone(), reader))
     }
 
@@ -483,7 +484,13 @@ mod object_store {
         explain: Explain,
         /// The root metadata's `Last-Modified` and `ETag` as first read: the cube opened.
         opened: OnceLock<(DateTime<Utc>, Option<String>)>,
+        /// Objects are asked for unmodified since this (Unix seconds; [`UNSET`] before the root is read):
+        /// the root's `Last-Modified`, raised to that of each object of the cube opened found written later.
+        since: AtomicI64,
     }
+
+    /// [`ObjectReader::since`] before the root is read.
+    const UNSET: i64 = i64::MIN;
 
     impl<T> std::fmt::Debug for ObjectReader<T> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -493,50 +500,71 @@ mod object_store {
 
     impl<T: ObjectStore> super::Gone for ObjectReader<T> {
         fn gone(&self) -> bool {
-            block_on(self.replaced())
+            block_on(self.replaced()) == Some(true)
         }
     }
 
     impl<T: ObjectStore> ObjectReader<T> {
+        fn new(store: Arc<T>, explain: Explain) -> Self {
+            ObjectReader { store, explain, opened: OnceLock::new(), since: AtomicI64::new(UNSET) }
+        }
+
         fn error(&self, key: &StoreKey, e: &dyn std::fmt::Display) -> StorageError {
             StorageError::Other(format!("{key}: {}", self.explain.message(e)))
         }
 
         /// Keeps the root metadata's stamp the first time it is seen.
         fn note(&self, path: &ObjectPath, meta: &ObjectMeta) {
-            if path.as_ref() == ROOT {
-                let _ = self.opened.set((meta.last_modified, meta.e_tag.clone()));
+            if path.as_ref() == ROOT && self.opened.set((meta.last_modified, meta.e_tag.clone())).is_ok() {
+                self.since.store(meta.last_modified.timestamp(), Ordering::Relaxed);
             }
         }
 
-        /// Whether the root metadata is no longer the one first read: removed, or another.
-        async fn replaced(&self) -> bool {
-            let Some((modified, tag)) = self.opened.get() else { return false };
+        /// Whether the root metadata is no longer the one first read (removed, or another); `None` where
+        /// the store does not say.
+        async fn replaced(&self) -> Option<bool> {
+            let Some((modified, tag)) = self.opened.get() else { return Some(false) };
             match self.store.head(&ObjectPath::from(ROOT)).await {
-                Ok(meta) => meta.last_modified != *modified || meta.e_tag != *tag,
-                Err(ObjectError::NotFound { .. }) => true,
-                Err(_) => false,
+                Ok(meta) => Some(meta.last_modified != *modified || meta.e_tag != *tag),
+                Err(ObjectError::NotFound { .. }) => Some(true),
+                Err(_) => None,
             }
         }
 
-        /// `range` of the object at `path` (all of it for `None`), as it was when the root was read; one
-        /// written since only while the root is unchanged.
+        /// `range` of the object at `path` (all of it for `None`), as it was when the cube was opened. One
+        /// written since is read, then taken only if the root is still the one opened afterwards (a
+        /// replacement removes the root before it writes anything): an object of the cube opened, written
+        /// after its root (a cube copied root first), which later reads then take without asking again.
         async fn read_object(
             &self,
             path: &ObjectPath,
             range: Option<GetRange>,
         ) -> Result<Bytes, ObjectError> {
-            let since = self.opened.get().filter(|_| path.as_ref() != ROOT).map(|(modified, _)| *modified);
+            let since = match self.since.load(Ordering::Relaxed) {
+                UNSET => None,
+                _ if path.as_ref() == ROOT => None,
+                seconds => DateTime::from_timestamp(seconds, 0),
+            };
             let options =
                 GetOptions { range: range.clone(), if_unmodified_since: since, ..GetOptions::default() };
-            let got = match self.store.get_opts(path, options).await {
-                Err(ObjectError::Precondition { .. }) if !self.replaced().await => {
-                    self.store.get_opts(path, GetOptions { range, ..GetOptions::default() }).await?
+            match self.store.get_opts(path, options).await {
+                Err(changed @ ObjectError::Precondition { .. }) => {
+                    let got =
+                        self.store.get_opts(path, GetOptions { range, ..GetOptions::default() }).await?;
+                    let modified = got.meta.last_modified.timestamp();
+                    let bytes = got.bytes().await?;
+                    if self.replaced().await != Some(false) {
+                        return Err(changed);
+                    }
+                    self.since.fetch_max(modified, Ordering::Relaxed);
+                    Ok(bytes)
                 }
-                got => got?,
-            };
-            self.note(path, &got.meta);
-            got.bytes().await
+                got => {
+                    let got = got?;
+                    self.note(path, &got.meta);
+                    got.bytes().await
+                }
+            }
         }
 
         /// The bytes of `ranges` of `key`, `None` when there is no such object. The bounded ranges go in one
@@ -693,12 +721,11 @@ mod object_store {
             ));
         }
         if !replace {
-            // An upload of this cube that did not finish is resumed (also one stopped after its root was
-            // written, before its journal was removed); another cube's is replaced only if asked.
-            let resumed = journal.as_ref().is_some_and(|j| j.fingerprint == fingerprint);
-            if nodes.is_some() && !resumed {
+            if nodes.is_some() {
                 return Err("a cube already exists here; pass --overwrite to replace it".to_string());
             }
+            // An upload of this cube that did not finish is resumed; another cube's is replaced only if asked.
+            let resumed = journal.as_ref().is_some_and(|j| j.fingerprint == fingerprint);
             let left: Vec<&String> = keys.iter().filter(|key| *key != JOURNAL && *key != PROBE).collect();
             if !resumed && let Some(first) = left.first() {
                 return Err(format!(
@@ -721,12 +748,25 @@ mod object_store {
             .map_err(|message| CubeError::OutputTaken { path: s3.url.clone(), message })
     }
 
+    /// A journal beside a cubeload root: an upload stopped after it wrote its root, before it removed its
+    /// journal (the cube is complete), or before it removed the earlier cube's root (nothing else was
+    /// touched yet: that cube is whole). Either way the journal names nothing to finish: it is removed, and
+    /// the cube stays as any cube, replaced only with --overwrite.
+    fn finish_upload(s3: &S3) -> Result<(), CubeError> {
+        let (Some(root), Some(journal)) = (s3.get(ROOT)?, s3.get(JOURNAL)?) else { return Ok(()) };
+        if cube_node_paths(&root).is_some() && serde_json::from_slice::<Journal>(&journal).is_ok() {
+            s3.delete(JOURNAL)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn check_replaceable(
         location: &Location,
         replace: bool,
         fingerprint: &str,
     ) -> Result<(), CubeError> {
         let s3 = S3::new(location)?;
+        finish_upload(&s3)?;
         survey(&s3, replace, fingerprint)?;
         s3.put(PROBE, b"written and removed by cubeload gen, to learn whether it may write here".to_vec())?;
         s3.delete(PROBE).map_err(|e| match e {
@@ -759,6 +799,9 @@ mod object_store {
         if found.root {
             // From here on readers see no cube rather than a mix of two.
             s3.delete(ROOT)?;
+            // Loaders of the earlier cube take only objects unmodified since its root (to the second, as
+            // stores stamp them): the new ones are written in a later second than it, and than this journal.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
         }
         // What the new cube does not have: the earlier cube's dropped variables and chunks now all fill
         // value (left there, they would be read as the new cube's), an earlier upload's leftovers. Before the
@@ -822,11 +865,7 @@ mod object_store {
             let memory = InMemory::new();
             block_on(memory.put(&ObjectPath::from("a/c/0"), Bytes::from_static(b"0123456789").into()))
                 .unwrap();
-            let reader = ObjectReader {
-                store: Arc::new(memory),
-                explain: Explain::default(),
-                opened: OnceLock::new(),
-            };
+            let reader = ObjectReader::new(Arc::new(memory), Explain::default());
             let key = StoreKey::new("a/c/0").unwrap();
             let read = |ranges: Vec<ByteRange>| -> Option<Vec<Vec<u8>>> {
                 reader
@@ -859,24 +898,26 @@ mod object_store {
         #[test]
         fn reads_take_no_object_of_a_cube_put_in_place_of_the_one_opened() {
             let memory = Arc::new(InMemory::new());
+            // Stores stamp objects to the second: each write here in a later second than the one before.
             let put = |key: &str, bytes: &'static [u8]| {
+                std::thread::sleep(std::time::Duration::from_millis(1100));
                 block_on(memory.put(&ObjectPath::from(key), Bytes::from_static(bytes).into())).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(5));
             };
             put("t2m/c/0", b"old chunk");
             put(ROOT, b"old root");
-            let reader =
-                ObjectReader { store: memory.clone(), explain: Explain::default(), opened: OnceLock::new() };
+            let reader = ObjectReader::new(memory.clone(), Explain::default());
             let read = |key: &str| reader.get(&StoreKey::new(key).unwrap()).map(|b| b.map(|b| b.to_vec()));
             assert_eq!(read(ROOT).unwrap().unwrap(), b"old root");
             assert!(!super::super::Gone::gone(&reader));
-            // Written after the root, the root unchanged: read as it is.
+            assert_eq!(read("t2m/c/0").unwrap().unwrap(), b"old chunk");
+            // Written after the root, the root unchanged (a cube copied root first): read as it is.
             put("t2m/c/1", b"late chunk");
             assert_eq!(read("t2m/c/1").unwrap().unwrap(), b"late chunk");
             // A replacement removes the root, rewrites the objects, writes its root last.
             block_on(memory.delete(&ObjectPath::from(ROOT))).unwrap();
             put("t2m/c/0", b"new chunk");
             assert!(super::super::Gone::gone(&reader));
+            assert!(read("t2m/c/0").is_err(), "a chunk of the new cube was read while the root was gone");
             put(ROOT, b"new root");
             assert!(read("t2m/c/0").is_err(), "a chunk of the new cube was read");
             assert!(super::super::Gone::gone(&reader));
@@ -936,18 +977,6 @@ mod object_store {
             let other = judge(&left, None, Some(&named), false, "f2").unwrap_err();
             assert!(other.contains("did not finish") && other.contains("--overwrite"), "{other}");
             assert!(judge(&left, None, Some(&named), true, "f2").is_ok());
-            // An upload of this cube stopped after its root was written, before its journal was removed: the
-            // next run finishes it; another cube's with a journal left is a cube to --overwrite.
-            let mut done = cube.clone();
-            done.push("cubeload_upload.json".to_string());
-            done.sort();
-            let named = journal(fp, &["zarr.json", "t2m/zarr.json", "t2m/c/0/0/0"]);
-            assert_eq!(
-                judge(&done, Some(CUBE_ROOT), Some(&named), false, fp).unwrap(),
-                Found { keys: done.clone(), root: true }
-            );
-            let other = judge(&done, Some(CUBE_ROOT), Some(&named), false, "f2").unwrap_err();
-            assert!(other.contains("--overwrite"), "{other}");
             // A probe left by a check that could not delete it is cubeload's.
             assert!(judge(&keys(&["cubeload_probe"]), None, None, false, fp).is_ok());
         }

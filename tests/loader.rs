@@ -1024,6 +1024,17 @@ fn full_edge_batches_reach_min_valid_1_and_states_of_the_earlier_rule_resume() {
             .map(|b| b.origin.chunk)
             .collect();
     assert_eq!(resumed, sampler.epoch_order(0)[3..].to_vec());
+    // Its state, saved again, resumes the same batches again (it carries the earlier rule's digest).
+    let mut again = Loader::builder(&cube).variables(["t2m"]).min_valid(0.5).resume(state).build().unwrap();
+    again.by_ref().take(2).for_each(|b| drop(b.unwrap()));
+    let later = again.state();
+    assert_eq!(later.digest, state.digest);
+    let rest: Vec<[usize; 3]> =
+        collect(Loader::builder(&cube).variables(["t2m"]).min_valid(0.5).resume(later).build().unwrap())
+            .iter()
+            .map(|b| b.origin.chunk)
+            .collect();
+    assert_eq!(rest, sampler.epoch_order(0)[5..].to_vec());
     // Without min_valid both rules choose the same batches: such a digest is this loader's or refused.
     let error = Loader::builder(&cube).variables(["t2m"]).resume(state).build().map(|_| ()).unwrap_err();
     assert!(error.to_string().contains("the resume state was saved on another cube"), "{error}");

@@ -428,8 +428,12 @@ impl Assembler {
             if inside == 0 {
                 return (0.0, 0.0);
             }
-            let all = layout.chunk_cells(is_static) as f64;
-            (((fraction * all).round() / inside as f64).min(1.0), (fraction * all / inside as f64).min(1.0))
+            let (all, inside) = (layout.chunk_cells(is_static) as f64, inside as f64);
+            // A float32 share is off by up to `all / 2^24` cells: taken back whole, exact below 2^23 cells; in
+            // a larger chunk, one full of values may read that many cells short.
+            let count = (fraction * all).round();
+            let count = if count + (all / f64::from(1u32 << 24)).round() >= inside { inside } else { count };
+            ((count / inside).min(1.0), (fraction * all / inside).min(1.0))
         };
         for (v, values) in self.vars.iter().zip(indexes) {
             let values = values?;
