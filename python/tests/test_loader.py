@@ -475,7 +475,16 @@ except cubeload.CubeloadError as e:
 """
 
 
-def test_ctrl_c_interrupts_the_wait_for_a_batch_a_stalled_store_keeps_back(pixel_cube, tmp_path):
+@pytest.fixture
+def keyboard_interrupt():
+    """SIGINT raising KeyboardInterrupt, as in a terminal: a process started in the background inherits SIGINT
+    ignored, and Python then leaves it ignored (the test would wait forever)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_interrupts_the_wait_for_a_batch_a_stalled_store_keeps_back(pixel_cube, tmp_path, keyboard_interrupt):
     cube = tmp_path / "stalled.zarr"
     shutil.copytree(pixel_cube, cube)
     # t2m's chunk files become named pipes nobody writes to: a reader opening one waits, as on a stalled
@@ -513,7 +522,7 @@ def test_ctrl_c_interrupts_the_wait_for_a_batch_a_stalled_store_keeps_back(pixel
 
 
 @pytest.mark.parametrize("threads", [0, 1])
-def test_a_ctrl_c_caught_loses_no_batch(pixel_cube, threads):
+def test_a_ctrl_c_caught_loses_no_batch(pixel_cube, threads, keyboard_interrupt):
     # A training loop that catches KeyboardInterrupt (to save a checkpoint, say) and goes on. Each SIGINT
     # comes within 2 ms of the call to next(), often while the batch is read (threads=0) or awaited: the
     # batch is kept for the next call and state() stays before it; Python raised the interrupt as the call
@@ -567,6 +576,7 @@ def test_a_ctrl_c_caught_loses_no_batch(pixel_cube, threads):
 STALLED_EXIT_SCRIPT = """
 import os, signal, sys, threading, time
 import cubeload
+signal.signal(signal.SIGINT, signal.default_int_handler)
 loader = cubeload.Loader(sys.argv[1], threads=1, seed=0)
 threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 try:
