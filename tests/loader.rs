@@ -1018,22 +1018,16 @@ fn full_edge_batches_reach_min_valid_1_and_states_of_the_earlier_rule_resume() {
         mix: 1,
         digest: Some(sampler.digest(&["t2m"])),
     };
-    let resumed: Vec<[usize; 3]> =
-        collect(Loader::builder(&cube).variables(["t2m"]).min_valid(0.5).resume(state).build().unwrap())
-            .iter()
-            .map(|b| b.origin.chunk)
-            .collect();
-    assert_eq!(resumed, sampler.epoch_order(0)[3..].to_vec());
+    let at_half = || Loader::builder(&cube).variables(["t2m"]).min_valid(0.5);
+    let chunks =
+        |loader: Loader| -> Vec<[usize; 3]> { collect(loader).iter().map(|b| b.origin.chunk).collect() };
+    assert_eq!(chunks(at_half().resume(state).build().unwrap()), sampler.epoch_order(0)[3..].to_vec());
     // Its state, saved again, resumes the same batches again (it carries the earlier rule's digest).
-    let mut again = Loader::builder(&cube).variables(["t2m"]).min_valid(0.5).resume(state).build().unwrap();
+    let mut again = at_half().resume(state).build().unwrap();
     again.by_ref().take(2).for_each(|b| drop(b.unwrap()));
     let later = again.state();
     assert_eq!(later.digest, state.digest);
-    let rest: Vec<[usize; 3]> =
-        collect(Loader::builder(&cube).variables(["t2m"]).min_valid(0.5).resume(later).build().unwrap())
-            .iter()
-            .map(|b| b.origin.chunk)
-            .collect();
+    let rest = chunks(at_half().resume(later).build().unwrap());
     assert_eq!(rest, sampler.epoch_order(0)[5..].to_vec());
     // Without min_valid both rules choose the same batches: such a digest is this loader's or refused.
     let error = Loader::builder(&cube).variables(["t2m"]).resume(state).build().map(|_| ()).unwrap_err();
