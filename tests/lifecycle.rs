@@ -40,6 +40,14 @@ fn run_gen(dir: &Path, args: &[&str]) -> String {
 
 /// Every file of a cube but the root metadata and the manifest (which name the config and the time of
 /// creation), by relative path.
+/// `cubeload gen --append -c config`, refused as a usage error (exit 2) whose message says each of `says`.
+fn append_refused(dir: &Path, config: &Path, says: &[&str]) {
+    let out = cubeload(dir, &["gen", "--append", "-c", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(says.iter().all(|s| stderr.contains(s)), "{says:?}: {stderr}");
+}
+
 fn stored_files(cube: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -428,9 +436,7 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-04T23:00:00Z");
     std::fs::write(&late, good).unwrap();
     // The failed run's half-made cube was made from the damaged file: continuing it is refused ...
-    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("different input files"));
+    append_refused(dir, &seven_days, &["different input files"]);
     assert_eq!(stored_files(&dir.join("cube.zarr")), before);
 
     // ... and discarded with --overwrite, which with --append never touches the previous cube itself.
@@ -440,9 +446,7 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-07T23:00:00Z");
 
     // Nothing new: refused as a config error, the cube untouched.
-    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to append"));
+    append_refused(dir, &seven_days, &["nothing to append"]);
     // A changed step or start: refused as such, not as an axis that adds nothing.
     let original = std::fs::read_to_string(&seven_days).unwrap();
     for (from, to, says) in [
@@ -450,38 +454,25 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
         ("start: 2024-06-01T00", "start: 2024-06-02T00", "it starts at 2024-06-02T00:00:00Z"),
     ] {
         std::fs::write(&seven_days, original.replace(from, to).replace("06-07T23", "06-09T23")).unwrap();
-        let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(2));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("does not continue the cube's") && stderr.contains(says), "{stderr}");
+        append_refused(dir, &seven_days, &["does not continue the cube's", says]);
     }
     std::fs::write(&seven_days, original).unwrap();
     // A changed encoding: refused.
     let text = std::fs::read_to_string(&seven_days).unwrap().replace("level: 3", "level: 9");
     std::fs::write(&seven_days, text.replace("06-07T23", "06-08T23")).unwrap();
-    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("compression (zstd(9)) differs from the cube's (zstd(3))"), "{stderr}");
+    append_refused(dir, &seven_days, &["compression (zstd(9)) differs from the cube's (zstd(3))"]);
     // A changed grid: refused, both grids said as `info` says them.
     let text = std::fs::read_to_string(&seven_days).unwrap().replace("level: 9", "level: 3");
     std::fs::write(&seven_days, text.replace("resolution: 0.01", "resolution: 0.02")).unwrap();
-    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(
-            "grid (75 × 50 cells of 0.02° × 0.02°, bbox [9.5, 45, 11, 46]) differs from the cube's (150 × 100"
-        ),
-        "{stderr}"
+    append_refused(
+        dir,
+        &seven_days,
+        &["grid (75 × 50 cells of 0.02° × 0.02°, bbox [9.5, 45, 11, 46]) differs from the cube's (150 × 100"],
     );
     // A changed sequence length: refused, a batch would hold sequences of another length.
     let text = std::fs::read_to_string(&seven_days).unwrap().replace("resolution: 0.02", "resolution: 0.01");
     std::fs::write(&seven_days, text.replace("seq_len: 8", "seq_len: 4")).unwrap();
-    let out = cubeload(dir, &["gen", "--append", "-c", seven_days.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("layout.seq_len (4) differs from the cube's (8)"), "{stderr}");
+    append_refused(dir, &seven_days, &["layout.seq_len (4) differs from the cube's (8)"]);
 }
 
 /// `--append` onto no cube is a usage error that says so (it said a run was generating the cube: its own
@@ -508,13 +499,7 @@ fn append_needs_a_cube_and_keeps_the_length_of_its_series() {
         );
         std::fs::write(&config, text).unwrap();
     };
-    let append = || cubeload(dir, &["gen", "--append", "-c", config.to_str().unwrap()]);
-    let refused = |says: &str| {
-        let out = append();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains(says), "{stderr}");
-    };
+    let refused = |says: &str| append_refused(dir, &config, &[says]);
     for day in ["01", "02", "03"] {
         date(day);
     }
@@ -581,12 +566,10 @@ fn append_continues_a_series_axis_whatever_the_spacing_of_its_dates() {
     assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-07T00:00:00Z");
     // A date arriving between the cube's changes its steps: not an extension.
     date("05");
-    let out = cubeload(dir, &["gen", "--append", "-c", config]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("its step 2 is 2024-06-05T00:00:00Z, the cube's 2024-06-07T00:00:00Z"),
-        "{stderr}"
+    append_refused(
+        dir,
+        Path::new(config),
+        &["its step 2 is 2024-06-05T00:00:00Z, the cube's 2024-06-07T00:00:00Z"],
     );
     std::fs::remove_file(series.join("ndvi_2024-06-05.tif")).unwrap();
 
