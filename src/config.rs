@@ -678,6 +678,18 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
+    /// The name a config gives it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Aggregation::Mean => "mean",
+            Aggregation::Sum => "sum",
+            Aggregation::Min => "min",
+            Aggregation::Max => "max",
+            Aggregation::Nearest => "nearest",
+        }
+    }
+
     /// Whether the result is always one of the source values (safe for class labels).
     #[must_use]
     pub fn keeps_values(self) -> bool {
@@ -880,7 +892,10 @@ impl Config {
                 if let Some(a) = var.aggregation.filter(|a| !a.keeps_values()) {
                     return Err(ConfigError::invalid(
                         key("aggregation"),
-                        format!("{a:?} invents classes; use nearest, min or max for a categorical variable"),
+                        format!(
+                            "`{}` invents classes; use nearest, min or max for a categorical variable",
+                            a.name()
+                        ),
                     ));
                 }
             }
@@ -1114,6 +1129,10 @@ variables:
             (
                 BASE.replace("kind: categorical,", "kind: categorical, resampling: bilinear,"),
                 "variables.lc.resampling",
+            ),
+            (
+                BASE.replace("kind: categorical,", "kind: categorical, aggregation: mean,"),
+                "variables.lc.aggregation`: `mean` invents classes",
             ),
             (BASE.replace("EPSG", "x").replace("grid: {", "grid: { crs: EPSG:3857,"), "grid.crs"),
             (BASE.replace("step: 1h }", "step: 1h, from: t2m }"), "time"),

@@ -317,7 +317,7 @@ impl LoaderBuilder {
     /// Skip batches whose valid fraction is below `fraction`, without reading them: from the cube's validity
     /// index, over the batch's cells inside the cube (an edge batch's padding left out), averaged over the
     /// variables.
-    /// > default: skip only batches with no valid value at all
+    /// `0.0` skips none, empty batches included. > default: skip only batches with no valid value at all
     #[must_use]
     pub fn min_valid(mut self, fraction: f64) -> Self {
         self.min_valid = Some(fraction);
