@@ -11,7 +11,7 @@ use cubeload::loader::{LoaderError, LoaderState, OnCorrupt, Regrid};
 use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -78,24 +78,55 @@ struct Loader {
     held: Option<(Py<PyDict>, LoaderState)>,
 }
 
+/// `value` as a `T`, or an error that names `what` (a keyword argument, or a key of a state): pyo3 names the
+/// argument of a wrong type only, not of a negative count, and never a key of a dict.
+fn named<'py, T: FromPyObjectOwned<'py>>(what: &str, value: &Bound<'py, PyAny>) -> PyResult<T> {
+    value.extract::<T>().map_err(|error| {
+        let error: PyErr = error.into();
+        let py = value.py();
+        let repr = value.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string());
+        let message = format!("{what}={repr}: {}", error.value(py));
+        // A negative count (`OverflowError`) is a bad value; a wrong type stays a `TypeError`.
+        if error.is_instance_of::<PyTypeError>(py) {
+            PyTypeError::new_err(message)
+        } else {
+            PyValueError::new_err(message)
+        }
+    })
+}
+
+/// An optional keyword argument as a `T`, named in its error.
+fn named_opt<'py, T: FromPyObjectOwned<'py>>(
+    what: &str,
+    value: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<T>> {
+    value.map(|v| named(what, v)).transpose()
+}
+
 fn state_from_dict(state: &Bound<'_, PyDict>) -> PyResult<LoaderState> {
     let get = |key: &str| -> PyResult<Bound<'_, PyAny>> {
         state.get_item(key)?.ok_or_else(|| PyValueError::new_err(format!("state: missing key `{key}`")))
     };
-    let get_or = |key: &str, default: usize| -> PyResult<usize> {
-        state.get_item(key)?.map_or(Ok(default), |v| v.extract())
+    let key = |key: &str| format!("state[{key:?}]");
+    let required = |k: &str| -> PyResult<usize> { named(&key(k), &get(k)?) };
+    let optional = |k: &str, default: usize| -> PyResult<usize> {
+        state.get_item(k)?.map_or(Ok(default), |v| named(&key(k), &v))
     };
     Ok(LoaderState {
-        seed: get("seed")?.extract()?,
-        shuffle: get("shuffle")?.extract()?,
-        epoch: get("epoch")?.extract()?,
-        cursor: get("cursor")?.extract()?,
-        rank: get("rank")?.extract()?,
-        world_size: get("world_size")?.extract()?,
-        worker: get_or("worker", 0)?,
-        workers: get_or("workers", 1)?,
-        mix: get_or("mix", 1)?,
-        digest: state.get_item("digest")?.map(|v| v.extract::<Option<u64>>()).transpose()?.flatten(),
+        seed: named(&key("seed"), &get("seed")?)?,
+        shuffle: named(&key("shuffle"), &get("shuffle")?)?,
+        epoch: required("epoch")?,
+        cursor: required("cursor")?,
+        rank: required("rank")?,
+        world_size: required("world_size")?,
+        worker: optional("worker", 0)?,
+        workers: optional("workers", 1)?,
+        mix: optional("mix", 1)?,
+        digest: state
+            .get_item("digest")?
+            .map(|v| named::<Option<u64>>(&key("digest"), &v))
+            .transpose()?
+            .flatten(),
     })
 }
 
@@ -124,16 +155,16 @@ impl Loader {
         path: PathBuf,
         variables: Option<Vec<String>>,
         shuffle: Option<bool>,
-        seed: Option<u64>,
-        epochs: Option<usize>,
-        rank: Option<usize>,
-        world_size: Option<usize>,
-        worker: Option<usize>,
-        workers: Option<usize>,
-        prefetch: Option<usize>,
-        threads: Option<usize>,
-        fetchers: Option<usize>,
-        mix: Option<usize>,
+        seed: Option<Bound<'_, PyAny>>,
+        epochs: Option<Bound<'_, PyAny>>,
+        rank: Option<Bound<'_, PyAny>>,
+        world_size: Option<Bound<'_, PyAny>>,
+        worker: Option<Bound<'_, PyAny>>,
+        workers: Option<Bound<'_, PyAny>>,
+        prefetch: Option<Bound<'_, PyAny>>,
+        threads: Option<Bound<'_, PyAny>>,
+        fetchers: Option<Bound<'_, PyAny>>,
+        mix: Option<Bound<'_, PyAny>>,
         normalize: bool,
         fill_value: f32,
         min_valid: Option<f64>,
@@ -160,12 +191,28 @@ impl Loader {
                 )));
             }
         };
+        // Counts named in their errors (a negative one is a `ValueError` naming it, not a bare `OverflowError`).
+        let seed: Option<u64> = named_opt("seed", seed.as_ref())?;
+        let [epochs, rank, world_size, worker, workers, prefetch, threads, fetchers, mix] = [
+            ("epochs", epochs),
+            ("rank", rank),
+            ("world_size", world_size),
+            ("worker", worker),
+            ("workers", workers),
+            ("prefetch", prefetch),
+            ("threads", threads),
+            ("fetchers", fetchers),
+            ("mix", mix),
+        ]
+        .map(|(name, value)| named_opt::<usize>(name, value.as_ref()));
+        let (epochs, rank, world_size, worker, workers, prefetch, threads, fetchers, mix) =
+            (epochs?, rank?, world_size?, worker?, workers?, prefetch?, threads?, fetchers?, mix?);
         // A state carries the epochs and variables of the run it continues (the variables choose the batches:
         // those without a valid value in any of them are left out).
         let resumed = |key: &str| state.map(|s| s.get_item(key)).transpose().map(Option::flatten);
         let epochs = match (epochs, resumed("epochs")?) {
             (Some(epochs), _) => epochs,
-            (None, Some(kept)) => kept.extract()?,
+            (None, Some(kept)) => named(r#"state["epochs"]"#, &kept)?,
             (None, None) => 1,
         };
         let same = |a: &[String], mut b: Vec<String>| {
@@ -175,19 +222,21 @@ impl Loader {
             a == b
         };
         let variables = match (variables, resumed("variables")?) {
-            (Some(given), Some(kept)) if !same(&given, kept.extract()?) => {
+            (Some(given), Some(kept)) if !same(&given, named(r#"state["variables"]"#, &kept)?) => {
                 return Err(PyValueError::new_err(format!(
                     "variables {given:?} differ from those of the state, {kept}: the batches would not be the \
                      ones it continues"
                 )));
             }
             (Some(given), _) => Some(given),
-            (None, kept) => kept.map(|k| k.extract()).transpose()?,
+            (None, kept) => kept.map(|k| named(r#"state["variables"]"#, &k)).transpose()?,
         };
         // `min_valid` too chooses the batches: a state carries it (states of earlier versions do not).
         let min_valid = match (min_valid, resumed("min_valid")?) {
             (Some(given), _) => Some(given),
-            (None, kept) => kept.map(|k| k.extract::<Option<f64>>()).transpose()?.flatten(),
+            (None, kept) => {
+                kept.map(|k| named::<Option<f64>>(r#"state["min_valid"]"#, &k)).transpose()?.flatten()
+            }
         };
         if variables.as_ref().is_some_and(Vec::is_empty) {
             return Err(PyValueError::new_err(
@@ -425,19 +474,18 @@ fn batch_to_dict(
     for (i, name) in variables.iter().enumerate() {
         dict.set_item(name, data.get_item(i)?)?;
     }
-    // Statics apart: `[B, S]` (or `[B, S, h, w]`), each variable a strided view along axis 1.
+    // Statics apart, made `[B, S]` (or `[B, S, h, w]`): each variable copied out of its column, so that it is
+    // a contiguous array of its own (`.view()` in torch works), a few values per sample.
     if !static_variables.is_empty() {
         let statics = PyArray1::from_vec(py, batch.statics).reshape(statics_shape.clone())?;
         for (j, name) in static_variables.iter().enumerate() {
             let column = (pyo3::types::PySlice::full(py), j);
-            dict.set_item(name, statics.get_item(column)?)?;
+            dict.set_item(name, statics.get_item(column)?.call_method0("copy")?)?;
         }
-        // Their mask `[S, B]` (or `[S, B, h, w]`), as `mask` is `[V, B, ...]`: a view with the axes swapped.
+        // Their mask `[S, B]` (or `[S, B, h, w]`), as `mask` is `[V, B, ...]`: the axes swapped, copied.
         let mask = PyArray1::from_vec(py, batch.statics_mask).reshape(statics_shape)?;
-        dict.set_item(
-            "static_mask",
-            mask.call_method1("view", ("bool",))?.call_method1("swapaxes", (0, 1))?,
-        )?;
+        let mask = mask.call_method1("view", ("bool",))?.call_method1("swapaxes", (0, 1))?;
+        dict.set_item("static_mask", mask.call_method0("copy")?)?;
     }
     let mask = borrowed(&owner.get().mask, &owner).reshape(batch.shape)?;
     dict.set_item("mask", mask.call_method1("view", ("bool",))?)?;

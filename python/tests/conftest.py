@@ -59,3 +59,15 @@ def image_cube(demo_dir) -> Path:
     config.write_text(text)
     run(cubeload_bin(), "gen", "-c", config, "--overwrite")
     return demo_dir / "image.zarr"
+
+
+@pytest.fixture(scope="session")
+def two_statics_cube(demo_dir) -> Path:
+    """The demo cube with a second static variable: the land cover again, as `landcover2`."""
+    text = (demo_dir / "demo.yaml").read_text().replace("demo.zarr", "two_statics.zarr")
+    line = next(l for l in text.splitlines() if l.strip().startswith("landcover:"))
+    text = text.replace(line, line + "\n" + line.replace("landcover:", "landcover2:"))
+    config = demo_dir / "two_statics.yaml"
+    config.write_text(text)
+    run(cubeload_bin(), "gen", "-c", config, "--overwrite")
+    return demo_dir / "two_statics.zarr"

@@ -89,6 +89,26 @@ def test_statics_apart_once_per_sample_with_the_same_values(pixel_cube):
     assert batch["static_mask"].shape == (1, 256) and batch["static_mask"].dtype == torch.bool
 
 
+def test_statics_apart_are_arrays_of_their_own(two_statics_cube):
+    """Each static delivered apart, and their mask, are contiguous arrays (torch's `.view` works on them), with
+    the values of the statics repeated along time."""
+    apart = next(cubeload.Loader(two_statics_cube, seed=1, separate_statics=True))
+    whole = next(cubeload.Loader(two_statics_cube, seed=1))
+    assert apart["chunk"] == whole["chunk"]
+    names = ["landcover", "landcover2"]
+    for s, name in enumerate(names):
+        assert apart[name].flags.c_contiguous and apart[name].shape == (256,)
+        torch.from_numpy(apart[name]).view(16, 16)
+        np.testing.assert_array_equal(apart[name], whole[name][:, 0])
+        np.testing.assert_array_equal(apart["static_mask"][s], whole["mask"][2 + s, :, 0])
+    assert apart["static_mask"].flags.c_contiguous and apart["static_mask"].shape == (2, 256)
+    # Their own memory: writing one changes neither the other nor the mask.
+    before = apart["landcover2"].copy(), apart["static_mask"].copy()
+    apart["landcover"][:] = -1
+    np.testing.assert_array_equal(apart["landcover2"], before[0])
+    np.testing.assert_array_equal(apart["static_mask"], before[1])
+
+
 def test_image_sequences(image_cube):
     ds = xr.open_zarr(image_cube)
     loader = cubeload.Loader(image_cube, ["ndvi", "t2m"], shuffle=False)
@@ -454,6 +474,34 @@ def test_errors_are_python_exceptions(pixel_cube, tmp_path):
     with pytest.raises(cubeload.CorruptChunkError, match="ndvi"):
         next(cubeload.Loader(copy))
     assert issubclass(cubeload.CorruptChunkError, cubeload.CubeloadError)
+
+
+def test_bad_arguments_and_state_values_are_named(pixel_cube):
+    """A negative count or a value of the wrong type, as an argument or in a state, is named in the error
+    (Python's own conversion errors name neither a dict's key nor a negative count's argument)."""
+    for options, error, says in (
+        (dict(seed=-1), ValueError, "seed=-1"),
+        (dict(epochs=-1), ValueError, "epochs=-1"),
+        (dict(rank=-1, world_size=2), ValueError, "rank=-1"),
+        (dict(threads="2"), TypeError, "threads='2'"),
+        (dict(mix=1.5), TypeError, "mix=1.5"),
+    ):
+        with pytest.raises(error, match=re.escape(says)):
+            cubeload.Loader(pixel_cube, **options)
+    state = json.loads(json.dumps(cubeload.Loader(pixel_cube, seed=1, epochs=2).state()))
+    for key, value, error in (
+        ("cursor", "x", TypeError),
+        ("cursor", -1, ValueError),
+        ("epoch", None, TypeError),
+        ("digest", float(state["digest"]), TypeError),
+        ("variables", "t2m", TypeError),
+        ("epochs", -2, ValueError),
+        ("min_valid", "high", TypeError),
+    ):
+        with pytest.raises(error, match=re.escape(f'state["{key}"]=')):
+            cubeload.Loader(pixel_cube, state={**state, key: value})
+    # The state as saved still resumes.
+    assert len(list(cubeload.Loader(pixel_cube, state=state))) == 2 * cubeload.Loader(pixel_cube).batches_per_epoch
 
 
 THREADS_REFUSED_SCRIPT = """
