@@ -853,6 +853,13 @@ impl Loader {
         self.shared.assembler.variable_names()
     }
 
+    /// Names of every variable the loader reads, in the order asked, those delivered at their native
+    /// resolution ([`Batch::native`]) included: the variables a resume asks for again.
+    #[must_use]
+    pub fn selected_variables(&self) -> Vec<String> {
+        self.shared.assembler.selected_names()
+    }
+
     /// The next job's batches, in order, from a reader thread or read here when there are none;
     /// [`TimedOut`] when the readers have not delivered it by `deadline`.
     fn next_job(

@@ -373,7 +373,8 @@ impl Loader {
         dict.set_item("digest", s.digest)?;
         dict.set_item("epochs", self.epochs)?;
         dict.set_item("min_valid", self.min_valid)?;
-        dict.set_item("variables", self.variables.iter().chain(&self.static_variables).collect::<Vec<_>>())?;
+        // Every variable read, those delivered at their native resolution (`regrid="native"`) included.
+        dict.set_item("variables", self.inner.selected_variables())?;
         Ok(dict)
     }
 

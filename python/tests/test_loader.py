@@ -743,3 +743,33 @@ def test_multiresolution_regrid_target_and_native(multires_cube):
     t, h, w = field["data"].shape
     np.testing.assert_array_equal(field["data"], level.values[:t, r : r + h, c : c + w])
     assert field["mask"].all()
+
+
+def test_a_state_resumes_native_variables(multires_cube):
+    """A state of a loader delivering t2m at its native resolution names it among its variables, so that a
+    resume delivers it too, also when it is the only variable (which leaves the batch's `V` axis empty)."""
+    def fields(batches):
+        return [
+            (b["chunk"], sorted(b), {k: f["data"].tobytes() for k, f in b.get("native", {}).items()})
+            for b in batches
+        ]
+
+    for variables in (None, ["t2m"]):
+        full = fields(cubeload.Loader(multires_cube, variables, seed=7, epochs=2, regrid="native"))
+        assert all("t2m" in native for _, _, native in full)
+        first = cubeload.Loader(multires_cube, variables, seed=7, epochs=2, regrid="native")
+        head = fields(next(first) for _ in range(5))
+        state = json.loads(json.dumps(first.state()))
+        assert "t2m" in state["variables"] and "t2m" not in first.variables
+        resumed = cubeload.Loader(multires_cube, state=state, regrid="native")
+        assert head + fields(resumed) == full
+        dataset = CubeDataset(multires_cube, variables, seed=7, regrid="native")
+        batches = iter(dataset)
+        next(batches)
+        saved = dataset.state_dict()
+        expected = next(batches)
+        again = CubeDataset(multires_cube, variables, regrid="native")
+        again.load_state_dict(saved)
+        got = next(iter(again))
+        assert got["chunk"] == expected["chunk"]
+        assert torch.equal(got["native"]["t2m"]["data"], expected["native"]["t2m"]["data"])

@@ -360,6 +360,13 @@ impl Assembler {
         (dynamic.collect(), statics.collect())
     }
 
+    /// Names of every variable read, in the order asked: those of [`Self::variable_names`] and those
+    /// delivered at their native resolution (what a resume asks for again).
+    #[must_use]
+    pub fn selected_names(&self) -> Vec<String> {
+        self.vars.iter().map(|v| v.meta.name.clone()).collect()
+    }
+
     /// Whether `v` is delivered at its native resolution in [`Batch::native`].
     fn is_native(&self, v: &Var) -> bool {
         self.transform.regrid == Regrid::Native && v.coarse.is_some()
