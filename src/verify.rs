@@ -224,9 +224,14 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         );
     }
     let mut sealed_bytes = 0;
+    // Arrays with a file the seal found damaged or missing: named once, not again by the reads below.
+    let mut named_by_seal = std::collections::HashSet::new();
     for file in manifest.sealed.iter().flatten() {
         match file.check(path) {
-            Some(why) => problem(node_of(&file.key), None, format!("file {}: {why}", file.key)),
+            Some(why) => {
+                problem(node_of(&file.key), None, format!("file {}: {why}", file.key));
+                named_by_seal.insert(node_of(&file.key).to_string());
+            }
             None => sealed_bytes += file.len.unwrap_or(0),
         }
     }
@@ -243,7 +248,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
         coordinates.push(("time".to_string(), pt));
         coordinates.extend(meta.levels.iter().map(|l| (format!("{}/time", l.group), l.padded_shape[0])));
     }
-    for (name, len) in &coordinates {
+    for (name, len) in coordinates.iter().filter(|(name, _)| !named_by_seal.contains(name)) {
         let (name, len) = (name.as_str(), *len);
         match Array::open(store.clone(), &format!("/{name}")) {
             Ok(array) if array.shape() != [len as u64] => {
@@ -269,6 +274,9 @@ pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
     if meta.complete {
         for v in &meta.variables {
             let name = format!("{INDEX_GROUP}/{}", v.name);
+            if named_by_seal.contains(&name) {
+                continue;
+            }
             let decoded = Array::open(store.clone(), &format!("/{name}"))
                 .map_err(|e| e.to_string())
                 .and_then(|array| match missing_chunk_file(path, &array) {

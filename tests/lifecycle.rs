@@ -352,6 +352,10 @@ fn verify_finds_changed_metadata_coordinates_and_index_and_a_damaged_manifest_li
         |text: &str| stdout.lines().find(|l| l.contains(text)).unwrap_or_else(|| panic!("{text}: {stdout}"));
     assert!(line(index).starts_with("variable `cubeload_index/t2m`") && line(index).contains("missing"));
     assert!(line("lat/c/0").starts_with("variable `lat`") && line("lat/c/0").contains("checksum mismatch"));
+    // Each once: the seal names them, and the reads of coordinates and index do not again.
+    for file in [index, "lat/c/0"] {
+        assert_eq!(stdout.lines().filter(|l| l.contains(file)).count(), 1, "{stdout}");
+    }
     assert!(line("file zarr.json").contains("bytes instead of"), "{stdout}");
     assert!(line("the manifest is damaged").contains("cubeload_manifest.jsonl line 3"), "{stdout}");
     assert!(line(": not in the manifest").starts_with("variable `t2m`"), "{stdout}");
