@@ -79,6 +79,7 @@ def main() -> None:
     for epoch in range(first_epoch, args.epochs):
         if epoch != first_epoch or dataset.state is None:
             dataset.set_epoch(epoch)
+        total, count = 0.0, 0
         for batch in DataLoader(dataset, batch_size=None, num_workers=0):
             # [B, T] per variable → inputs [B, T-1, V], target: the first variable one step later.
             x = torch.stack([batch[v] for v in variables], dim=-1).to(device, non_blocking=True)
@@ -90,6 +91,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             step += 1
+            total, count = total + loss.item(), count + 1
             if log is not None:
                 record = {"step": step, "epoch": batch["epoch"], "position": batch["position"],
                           "chunk": list(batch["chunk"]), "loss": loss.item()}
@@ -108,6 +110,8 @@ def main() -> None:
                     os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # a crash never leaves half a file
             if args.stop_after is not None and step == args.stop_after:
                 os._exit(3)  # no cleanup, no barrier: a crash
+        if rank == 0 and count > 0:
+            print(f"epoch {epoch} loss {total / count:.4f} (rank 0's {count} batches, step {step})", flush=True)
     if log is not None:
         weights = torch.cat([p.detach().flatten() for p in model.module.parameters()]).tolist()
         log.write(json.dumps({"final": weights, "steps": step}) + "\n")

@@ -56,12 +56,12 @@ enum Command {
     /// Check a cube: every stored file against its checksum, every chunk decoded, the metadata against the
     /// arrays. Exit code 1 when anything is wrong.
     Verify {
-        /// The cube directory.
+        /// The cube directory (a local one: verify reads the stored files).
         cube: PathBuf,
     },
     /// Describe a cube: variables, layout, time range, statistics, size.
     Info {
-        /// The cube directory.
+        /// The cube: a directory, or `s3://bucket/prefix`.
         cube: PathBuf,
         /// One JSON object instead of a table.
         #[arg(long)]
@@ -109,7 +109,7 @@ enum Command {
     },
     /// Draw one time slice of a variable (and its valid mask) into a PNG.
     Quicklook {
-        /// The cube.
+        /// The cube: a directory, or `s3://bucket/prefix`.
         cube: PathBuf,
         /// The variable.
         variable: String,
@@ -226,7 +226,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 .map_err(|source| crate::config::ConfigError::Read { path: config.clone(), source })?;
             let options = GenOptions { threads, overwrite, append, part, finalize, ..Default::default() };
             let report = run_gen(&text, &config, &options)?;
-            print_summary(&report);
+            print_summary(&report, finalize);
             Ok(())
         }
         Command::Verify { cube } => {
@@ -332,7 +332,7 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
                 dir.display()
             );
             let report = demo::build_cube(&dir, &demo::DemoSpec::default(), threads)?;
-            print_summary(&report);
+            print_summary(&report, false);
             say!();
             print(format_args!("{}", info::table(&Cube::open(&report.path)?)));
             let torch = torch();
@@ -625,6 +625,7 @@ impl Drop for StdoutAside {
 fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> crate::Result<GenReport> {
     let _stdout = StdoutAside::new();
     let config = Config::from_yaml(text, origin)?;
+    crate::generator::refuse_if_busy(&config.output, options)?;
     let plan = Plan::new(config, text.to_string())?;
     for v in &plan.variables {
         for note in &v.notes {
@@ -647,7 +648,8 @@ fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> crate::Result<Gen
     Ok(report?)
 }
 
-fn print_summary(report: &GenReport) {
+/// What a run wrote; `finalized`: a `--finalize` run, whose blocks the parts wrote.
+fn print_summary(report: &GenReport, finalized: bool) {
     let reused = if report.reused > 0 {
         format!(" ({} of them kept from an interrupted run or the previous cube)", report.reused)
     } else {
@@ -683,7 +685,9 @@ fn print_summary(report: &GenReport) {
         if meta.variables.len() == 1 { "" } else { "s" },
         report.blocks
     );
-    if report.reused > 0 {
+    if finalized {
+        say!("the blocks were written by the --part runs");
+    } else if report.reused > 0 {
         say!("{} of the blocks were kept from an interrupted run or the previous cube", report.reused);
     }
     // A bbox or time axis may meet a variable's sources within the margins the plan allows, yet give it no

@@ -275,6 +275,20 @@ const BLOCK_BUDGET_BYTES: usize = 32 << 20;
 /// Bytes of warped source bands held at once per thread.
 const WARP_BUDGET_BYTES: usize = 64 << 20;
 
+/// [`GenError::Busy`] when another run holds the lock on `output`'s runs and this one would need it alone
+/// (a whole run, `--append`, `--finalize`): said before planning, which reads every input, rather than
+/// after it. [`generate`] takes the lock itself and decides; parts share it, and are left to it.
+///
+/// # Errors
+/// [`GenError::Busy`], naming the lock file.
+pub fn refuse_if_busy(output: &Path, options: &GenOptions) -> Result<(), GenError> {
+    if options.part.is_none() && !matches!(Location::parse(output), Location::S3 { .. }) && lock::held(output)
+    {
+        return Err(GenError::Busy { output: output.to_path_buf(), lock: sibling(output, "cubeload-lock") });
+    }
+    Ok(())
+}
+
 /// Generates the cube of `plan`; `progress(done, total)` is called on the calling thread after each block.
 ///
 /// # Errors

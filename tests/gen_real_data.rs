@@ -119,6 +119,14 @@ fn cf_coordinates_rebuild_georeferencing_that_gdal_misses() {
     let info = crate::util::cubeload(dir.path(), &["info", "cube.zarr"]);
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(info.contains("\nnotes\n  tmean: ") && info.contains("CF x/y coordinate variables"), "{info}");
+    // Its units, `degrees_celsius`, wider than the column's least width, leave the figures in line.
+    let line = |start: &str| info.lines().find(|l| l.trim_start().starts_with(start)).unwrap();
+    assert!(line("tmean").contains("degrees_celsius"), "{info}");
+    assert_eq!(
+        line("name").find("valid").unwrap() + "valid".len(),
+        line("tmean").find('%').unwrap() + 1,
+        "{info}"
+    );
 }
 
 #[test]

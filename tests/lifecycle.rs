@@ -700,7 +700,12 @@ fn parts_run_concurrently_and_finalize_into_the_cube_of_one_run() {
     assert!(!dir.join("cube.zarr").exists());
 
     run_gen(dir, &["--part", "1/3", "-c", config]);
-    run_gen(dir, &["--finalize", "-c", config]);
+    let finalized = run_gen(dir, &["--finalize", "-c", config]);
+    // Its blocks are the parts', not kept from an interrupted run.
+    assert!(
+        finalized.contains("written by the --part runs") && !finalized.contains("interrupted"),
+        "{finalized}"
+    );
     assert_same_cube(&dir.join("cube.zarr"), &dir.join("reference.zarr"));
     let verify = cubeload(dir, &["verify", "cube.zarr"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
@@ -791,10 +796,26 @@ fn a_run_beside_another_run_of_the_same_cube_is_refused_and_touches_nothing() {
     refused(&["--overwrite"]);
     refused(&["--part", "0/2"]);
     refused(&["--finalize"]);
+    // Refused before planning, which reads every input (here it would find none).
+    let elsewhere = dir.join("elsewhere.yaml");
+    let moved = std::fs::read_to_string(config).unwrap().replace("/inputs/", "/gone/");
+    std::fs::write(&elsewhere, moved).unwrap();
+    let out = cubeload(dir, &["gen", "--overwrite", "-c", elsewhere.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another `cubeload gen` is writing this cube") && !stderr.contains("gone"),
+        "{stderr}"
+    );
     drop(held);
     assert_eq!(stored_files(&cube), before, "the cube was touched");
     assert!(!info(&["info", "cube.zarr"]).contains("running"));
     assert!(info(&["info", "--json", "cube.zarr"]).contains("\"gen_running\": false"));
+    // The land cover's fill value as the byte it is, the float32 field's NaN as null.
+    let json: serde_json::Value = serde_json::from_str(&info(&["info", "--json", "cube.zarr"])).unwrap();
+    let variable =
+        |name: &str| json["variables"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap();
+    assert_eq!(variable("landcover")["fill_value"], serde_json::json!(0), "{json}");
+    assert!(variable("t2m")["fill_value"].is_null(), "{json}");
 
     // A part holds it: other parts run beside it, whole runs do not.
     let part = std::fs::File::open(&lock_path).unwrap();

@@ -3,6 +3,7 @@ restarted job that trains on exactly the batches an uninterrupted one does."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,10 @@ def records(log: Path, rank: int) -> tuple[list[tuple], dict | None]:
 
 def test_ranks_get_disjoint_equal_shares_and_a_restart_resumes_exactly(pixel_cube, tmp_path):
     per_epoch = cubeload.Loader(pixel_cube).batches_per_epoch
-    assert succeeded(torchrun(pixel_cube, tmp_path / "full"))
+    uninterrupted = torchrun(pixel_cube, tmp_path / "full")
+    assert succeeded(uninterrupted)
+    # Rank 0 says each epoch's loss, once.
+    assert re.findall(r"epoch (\d+) loss [0-9.]+", uninterrupted.stdout) == [str(e) for e in range(EPOCHS)]
     full = [records(tmp_path / "full", rank) for rank in range(2)]
     for epoch in range(EPOCHS):
         shares = [[chunk for e, _, chunk, _ in steps if e == epoch] for steps, _ in full]

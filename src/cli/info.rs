@@ -21,6 +21,13 @@ pub(crate) fn json(cube: &Cube) -> Value {
     let on_disk = cube.bytes_on_disk();
     let raw = cube.uncompressed_bytes();
     let mut value = serde_json::to_value(cube.meta()).expect("serializable");
+    // An integer variable's fill value as the integer it is (`255`, not `255.0`, as the metadata keeps it).
+    let variables = value["variables"].as_array_mut().into_iter().flatten();
+    for (v, meta) in variables.zip(&cube.meta().variables) {
+        if let Some(fill) = meta.fill_value.filter(|_| meta.dtype != crate::plan::DType::Float32) {
+            v["fill_value"] = json!(fill as i64);
+        }
+    }
     let object = value.as_object_mut().expect("a struct");
     object.insert("path".into(), json!(cube.path()));
     object.insert("bytes_on_disk".into(), json!(on_disk));
@@ -88,7 +95,8 @@ pub(crate) fn table(cube: &Cube) -> String {
             } else {
                 String::new()
             };
-            let _ = writeln!(out, "time       {} steps, {} … {}, {step}{padded}", t.steps, t.start, t.end);
+            let steps = if t.steps == 1 { "step" } else { "steps" };
+            let _ = writeln!(out, "time       {} {steps}, {} … {}, {step}{padded}", t.steps, t.start, t.end);
         }
         None => {
             let _ = writeln!(out, "time       none (static variables only)");
@@ -132,9 +140,15 @@ pub(crate) fn table(cube: &Cube) -> String {
         );
     }
     let _ = writeln!(out, "variables");
+    // Columns as wide as their longest name and units (`degrees_celsius`), so that the figures stay in line.
+    let width = |texts: &mut dyn Iterator<Item = &str>, least: usize| {
+        texts.map(|t| t.chars().count()).max().unwrap_or(0).max(least)
+    };
+    let name_width = width(&mut meta.variables.iter().map(|v| v.name.as_str()), 14);
+    let units_width = width(&mut meta.variables.iter().map(|v| v.units.as_deref().unwrap_or("-")), 11);
     let _ = writeln!(
         out,
-        "  {:<14} {:<16} {:<8} {:<11} {:>7} {:>11} {:>10} {:>11} {:>11}",
+        "  {:<name_width$} {:<16} {:<8} {:<units_width$} {:>7} {:>11} {:>10} {:>11} {:>11}",
         "name", "dims", "dtype", "units", "valid", "mean", "std", "min", "max"
     );
     for v in &meta.variables {
@@ -168,7 +182,7 @@ pub(crate) fn table(cube: &Cube) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<14} {:<16} {:<8} {:<11} {:>6.1}% {:>11} {:>10} {:>11} {:>11}{level}",
+            "  {:<name_width$} {:<16} {:<8} {:<units_width$} {:>6.1}% {:>11} {:>10} {:>11} {:>11}{level}",
             v.name,
             dims,
             dtype,

@@ -70,14 +70,19 @@ fn train_demo(cube: &Path, epochs: usize) -> cubeload::Result<()> {
     let vs = tch::nn::VarStore::new(device());
     let model = LstmForecaster::new(&vs.root(), variables.len(), 32, 0);
     let started = std::time::Instant::now();
+    let mut epoch_started = started;
     fit(
         loader,
         &vs,
         1e-2,
         |x, mask| model.loss(x, mask),
         |epoch, loss| {
-            let seconds = started.elapsed().as_secs_f64();
-            cubeload::cli::print(format_args!("epoch {epoch} loss {loss:.4} ({seconds:.1} s)\n"));
+            let (epoch_seconds, seconds) =
+                (epoch_started.elapsed().as_secs_f64(), started.elapsed().as_secs_f64());
+            epoch_started = std::time::Instant::now();
+            cubeload::cli::print(format_args!(
+                "epoch {epoch} loss {loss:.4} ({epoch_seconds:.1} s, {seconds:.1} s in all)\n"
+            ));
         },
     )
     .map_err(|e| match e {
