@@ -690,6 +690,9 @@ fn print_summary(report: &GenReport, finalized: bool) {
     } else if report.reused > 0 {
         say!("{} of the blocks were kept from an interrupted run or the previous cube", report.reused);
     }
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
     // A bbox or time axis may meet a variable's sources within the margins the plan allows, yet give it no
     // value at all.
     for v in meta.variables.iter().filter(|v| v.valid_fraction == 0.0) {

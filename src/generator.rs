@@ -80,14 +80,16 @@ pub enum GenError {
     },
     /// A half-made cube from another configuration or other inputs is in the way.
     #[error(
-        "{output}: an interrupted generation of this cube from a different configuration or different input \
-         files is kept in {staging}; run the original config again to resume it, or add --overwrite to discard it"
+        "{output}: an interrupted generation of this cube from {difference} is kept in {staging}; run the \
+         original config again to resume it, or add --overwrite to discard it"
     )]
     Changed {
         /// The cube being generated.
         output: PathBuf,
         /// Where the half-made cube is.
         staging: PathBuf,
+        /// What differs: the configuration, or the input files added, removed or changed since.
+        difference: String,
     },
     /// Parts of one cube run with different configurations or inputs.
     #[error(
@@ -236,6 +238,8 @@ pub struct GenReport {
     pub reused: usize,
     /// `Some` for a `--part` run: the cube is not complete yet.
     pub part: Option<Part>,
+    /// What the run could not tidy up after it succeeded (a replaced cube it may not delete), to be said.
+    pub warnings: Vec<String>,
 }
 
 /// What [`build`] produced.
@@ -339,7 +343,7 @@ fn generate_locked(
     }
     let staging = staging_dir(&output);
     let fingerprint = fingerprint(plan);
-    prepare_staging(&output, &staging, &fingerprint, options)?;
+    prepare_staging(&output, &staging, plan, &fingerprint, options)?;
     let run = Run { options, fingerprint, reuse_from: options.append.then_some(output.as_path()), progress };
     let built = if plan.layout.shuffled.is_some() {
         shuffled::build(plan, &staging, &run)
@@ -370,18 +374,25 @@ fn generate_locked(
     }
     let seconds = started.elapsed().as_secs_f64();
     match built {
-        Built::Part { meta, blocks, reused } => {
-            Ok(GenReport { path: staging, meta, seconds, blocks, reused, part: options.part })
-        }
+        Built::Part { meta, blocks, reused } => Ok(GenReport {
+            path: staging,
+            meta,
+            seconds,
+            blocks,
+            reused,
+            part: options.part,
+            warnings: Vec::new(),
+        }),
         Built::Complete { meta, blocks, reused } => {
             if durable {
                 durable::sync_tree(&staging)?;
             }
-            swap_into_place(&staging, &output)?;
+            let left = swap_into_place(&staging, &output)?;
+            let warnings = left.map(|w| format!("{}: {w}", output.display())).into_iter().collect();
             if durable {
                 durable::sync_parent(&output)?;
             }
-            Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None })
+            Ok(GenReport { path: output, meta, seconds, blocks, reused, part: None, warnings })
         }
     }
 }
@@ -441,7 +452,15 @@ fn generate_remote(
     let mut report = if let Some(cube) = made {
         let meta = cube.meta().clone();
         let blocks = Manifest::load(&local)?.records.len();
-        GenReport { path: local.clone(), meta, seconds: 0.0, blocks, reused: blocks, part: None }
+        GenReport {
+            path: local.clone(),
+            meta,
+            seconds: 0.0,
+            blocks,
+            reused: blocks,
+            part: None,
+            warnings: Vec::new(),
+        }
     } else {
         if local.exists() {
             remove_dir(&local)?; // an earlier configuration's, never uploaded
@@ -712,6 +731,7 @@ fn check_append(plan: &Plan, output: &Path) -> Result<(), GenError> {
 fn prepare_staging(
     output: &Path,
     staging: &Path,
+    plan: &Plan,
     fingerprint: &str,
     options: &GenOptions,
 ) -> Result<(), GenError> {
@@ -743,7 +763,11 @@ fn prepare_staging(
             }
             Ok(())
         }
-        Some(_) => Err(GenError::Changed { output: output.to_path_buf(), staging: staging.to_path_buf() }),
+        Some(_) => Err(GenError::Changed {
+            output: output.to_path_buf(),
+            staging: staging.to_path_buf(),
+            difference: difference(staging, plan),
+        }),
         // Parts start together: another one may be creating the directory right now.
         None if options.part.is_some() => Ok(()),
         None if is_cubeload_cube(staging) => {
@@ -765,6 +789,37 @@ fn prepare_staging(
 /// Where the runs of `output` build it (kept between runs, so that an interrupted run is resumed).
 pub(crate) fn staging_dir(output: &Path) -> PathBuf {
     sibling(output, "cubeload-partial")
+}
+
+/// What the half-made cube at `staging` was made from, against `plan`, as its metadata records it: "a
+/// different configuration", or the input files added, removed or changed since (the first few).
+fn difference(staging: &Path, plan: &Plan) -> String {
+    const UNKNOWN: &str = "a different configuration or different input files";
+    let Ok(before) = crate::cube::reader::read_meta(staging) else { return UNKNOWN.to_string() };
+    if before.config != plan.config_text {
+        return "a different configuration".to_string();
+    }
+    let mut changes = Vec::new();
+    for v in &plan.variables {
+        let sources = before.variables.iter().find(|b| b.name == v.name).map_or(&[][..], |b| &b.sources[..]);
+        let now = &v.source.provenance;
+        for file in now {
+            let what = match sources.iter().find(|f| f.path == file.path) {
+                None => "added",
+                Some(f) if f != file => "changed",
+                Some(_) => continue,
+            };
+            changes.push(format!("`{}`: {} {what}", v.name, file.path.display()));
+        }
+        for file in sources.iter().filter(|f| !now.iter().any(|n| n.path == f.path)) {
+            changes.push(format!("`{}`: {} removed", v.name, file.path.display()));
+        }
+    }
+    match changes.len() {
+        0 => UNKNOWN.to_string(),
+        1..=3 => format!("other input files ({})", changes.join("; ")),
+        n => format!("other input files ({}; and {} more)", changes[..3].join("; "), n - 3),
+    }
 }
 
 /// Where a replaced cube is kept while the new one takes its place.
@@ -800,13 +855,27 @@ fn restore_previous(output: &Path) -> Result<(), CubeError> {
             .map_err(|source| CubeError::Io { path: output.to_path_buf(), source })?;
     } else if old.exists() && crate::Cube::open(output).is_ok() {
         // The new cube took its place: the previous one is superseded.
-        supersede(&old, output)?;
+        taken_if_left(output, supersede(&old, output)?)?;
     }
+    remove_superseded(output)
+}
+
+/// Deletes what is left of a replaced cube before a run starts: one that cannot be deleted (a cube of
+/// another user's, replaced by this one) is an error that says so before any work, since a later replacement
+/// would have to move the cube it replaces there.
+fn remove_superseded(output: &Path) -> Result<(), CubeError> {
     let superseded = superseded_dir(output);
-    if superseded.exists() {
-        remove_dir(&superseded)?;
+    if !superseded.exists() {
+        return Ok(());
     }
-    Ok(())
+    std::fs::remove_dir_all(&superseded).map_err(|source| CubeError::OutputTaken {
+        path: output.to_path_buf(),
+        message: format!(
+            "a cube it replaced earlier is left at {} and cannot be deleted ({source}): delete it (as its \
+             owner), then run again",
+            superseded.display()
+        ),
+    })
 }
 
 /// Whether a run stopped between the first two renames of [`swap_into_place`]: the previous cube moved
@@ -819,16 +888,24 @@ pub(crate) fn swap_interrupted(output: &Path) -> bool {
 }
 
 /// Moves the replaced cube at `old` aside and deletes it: whole until the rename, which a stop cannot split.
-fn supersede(old: &Path, output: &Path) -> Result<(), CubeError> {
+/// The new cube is in place by then: a deletion the file system refuses is a warning to say, not a failed
+/// run (the next run asks for it to be deleted first).
+fn supersede(old: &Path, output: &Path) -> Result<Option<String>, CubeError> {
+    remove_superseded(output)?;
     let superseded = superseded_dir(output);
-    if superseded.exists() {
-        remove_dir(&superseded)?;
-    }
     std::fs::rename(old, &superseded).map_err(|source| CubeError::Io { path: old.to_path_buf(), source })?;
-    remove_dir(&superseded)
+    Ok(std::fs::remove_dir_all(&superseded).err().map(|e| {
+        format!(
+            "the cube it replaced, moved to {}, cannot be deleted ({e}): delete it (as its owner) before the \
+             next run",
+            superseded.display()
+        )
+    }))
 }
 
-fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
+/// Moves the complete cube at `staging` to `output`, replacing a cube there; a warning when the replaced one
+/// could not be deleted.
+fn swap_into_place(staging: &Path, output: &Path) -> Result<Option<String>, CubeError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CubeError::Io { path, source }
@@ -837,18 +914,26 @@ fn swap_into_place(staging: &Path, output: &Path) -> Result<(), CubeError> {
         // Only reached with --overwrite or --append on a cubeload cube (checked before any work).
         let old = previous_dir(output);
         if old.exists() {
-            supersede(&old, output)?;
+            taken_if_left(output, supersede(&old, output)?)?;
         }
         std::fs::rename(output, &old).map_err(io(output))?;
         std::fs::rename(staging, output).map_err(io(output))?;
-        supersede(&old, output)?;
+        supersede(&old, output)
     } else {
         if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
         std::fs::rename(staging, output).map_err(io(output))?;
+        Ok(None)
     }
-    Ok(())
+}
+
+/// Before a run's work or its swap, a replaced cube left undeleted ([`supersede`]'s warning) stops it.
+fn taken_if_left(output: &Path, left: Option<String>) -> Result<(), CubeError> {
+    match left {
+        Some(message) => Err(CubeError::OutputTaken { path: output.to_path_buf(), message }),
+        None => Ok(()),
+    }
 }
 
 /// The blocks of a cube, in their canonical order (variable, chunk row, shard range, time chunk). Each

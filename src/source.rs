@@ -351,14 +351,25 @@ pub fn quiet_hdf5_in_this_thread() {
 fn expand_paths(name: &str, pattern: &str) -> Result<Vec<PathBuf>, SourceError> {
     let is_glob = pattern.contains(['*', '?', '[']);
     let mut paths: Vec<PathBuf> = if is_glob {
-        glob::glob(pattern)
-            .map_err(|e| SourceError::Unusable {
-                path: PathBuf::from(pattern),
-                message: format!("variable `{name}`: bad glob pattern: {e}"),
-            })?
-            .filter_map(Result::ok)
-            .filter(|p| p.is_file())
-            .collect()
+        let matches = glob::glob(pattern).map_err(|e| SourceError::Unusable {
+            path: PathBuf::from(pattern),
+            message: format!("variable `{name}`: bad glob pattern: {e}"),
+        })?;
+        // A directory the pattern reaches but cannot read would leave its files out without a word.
+        let mut files = Vec::new();
+        for found in matches {
+            let path = found.map_err(|e| SourceError::Unusable {
+                path: e.path().to_path_buf(),
+                message: format!(
+                    "variable `{name}`: cannot read this directory of `{pattern}`: {}",
+                    e.error()
+                ),
+            })?;
+            if path.is_file() {
+                files.push(path);
+            }
+        }
+        files
     } else {
         let path = PathBuf::from(pattern);
         if !path.exists() {
@@ -373,14 +384,16 @@ fn expand_paths(name: &str, pattern: &str) -> Result<Vec<PathBuf>, SourceError> 
     Ok(paths)
 }
 
-/// A file as the file system describes it (device, inode, size, modification time): a file replaced or
-/// written to has another.
+/// A file as the file system describes it (device, inode, size, modification and status change times): a
+/// file replaced or written to has another. The status change time (`ctime`) catches a write whose
+/// modification time was put back (`touch -r`, `os.utime`), which no one can set back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
     dev: u64,
     ino: u64,
     len: u64,
     modified: Option<std::time::SystemTime>,
+    changed: (i64, i64),
 }
 
 impl FileStamp {
@@ -391,6 +404,7 @@ impl FileStamp {
             ino: metadata.ino(),
             len: metadata.len(),
             modified: metadata.modified().ok(),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
         }
     }
 }
@@ -1101,6 +1115,14 @@ mod tests {
         assert!(!file.changed_since(&stamp).unwrap(), "the same bytes written again");
         std::fs::write(&path, b"other version").unwrap();
         assert!(file.changed_since(&stamp).unwrap(), "rewritten in place, same size");
+        // Rewritten in place with its modification time put back, as a tool keeping times would.
+        let (file, stamp) = file_provenance(&path).unwrap();
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, b"third version").unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), modified);
+        assert!(file.changed_since(&stamp).unwrap(), "rewritten, its modification time put back");
         let (file, stamp) = file_provenance(&path).unwrap();
         let replacement = dir.path().join("new.tif");
         std::fs::write(&replacement, b"replacement").unwrap();

@@ -613,3 +613,46 @@ fn verify_of_an_object_store_url_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert_mentions(&String::from_utf8_lossy(&out.stderr), &["s3://cubes/era5.zarr", "a local copy"]);
 }
+
+/// A directory a glob reaches but may not read is named with the reason, not taken for one without
+/// matching files. Run as `nobody` (`setpriv`, which needs root: root reads any directory).
+#[test]
+fn an_unreadable_directory_of_a_glob_is_named_not_taken_for_no_match() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let text = cubeload::demo::write_inputs(dir.path(), &cubeload::demo::DemoSpec::default()).unwrap();
+    let config = dir.path().join("cube.yaml");
+    std::fs::write(&config, text).unwrap();
+    let mode = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    for path in walk(dir.path()).iter().chain([&dir.path().to_path_buf(), &dir.path().join("inputs")]) {
+        mode(path, if path.is_dir() { 0o777 } else { 0o644 }).unwrap();
+    }
+    let ndvi = dir.path().join("inputs/ndvi");
+    mode(&ndvi, 0o777).unwrap();
+    let as_nobody = || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_cubeload"), "gen"])
+            .arg("-c")
+            .arg(&config)
+            .current_dir(dir.path())
+            .output()
+    };
+    // Where nobody cannot run it (not root, no setpriv, a binary it may not reach), there is nothing to see.
+    match as_nobody() {
+        Ok(out) if out.status.success() => std::fs::remove_dir_all(dir.path().join("demo.zarr")).unwrap(),
+        other => {
+            eprintln!("skipped: cannot run cubeload as nobody: {other:?}");
+            return;
+        }
+    }
+    mode(&ndvi, 0o000).unwrap();
+    let out = as_nobody().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_mentions(
+        &stderr,
+        &[ndvi.to_str().unwrap(), "variable `ndvi`", "cannot read", "Permission denied"],
+    );
+    assert!(!stderr.contains("no file matches"), "{stderr}");
+    mode(&ndvi, 0o777).unwrap();
+}

@@ -206,7 +206,9 @@ fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
     // The output is taken by something gen will not replace without --overwrite: a usage error.
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("different configuration or different input") && stderr.contains("--overwrite"));
+    // Named: the file, its variable and what became of it.
+    let named = format!("other input files (`ndvi`: {} changed)", ndvi.display());
+    assert!(stderr.contains(&named) && stderr.contains("--overwrite"), "{stderr}");
     assert_eq!(std::fs::read(&manifest).unwrap(), before, "nothing of the half-made cube changed");
     std::fs::write(&ndvi, original).unwrap();
 
@@ -214,7 +216,9 @@ fn a_half_made_cube_is_not_continued_with_another_config_or_other_inputs() {
     let text = std::fs::read_to_string(&config).unwrap().replace("level: 3", "level: 5");
     std::fs::write(&config, text).unwrap();
     let out = cubeload(dir, &["gen", "-c", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("from a different configuration is kept"), "{stderr}");
     assert_eq!(std::fs::read(&manifest).unwrap(), before);
     let stdout = run_gen(dir, &["--overwrite", "-c", config.to_str().unwrap()]);
     assert!(!stdout.contains("kept"), "{stdout}");
@@ -440,7 +444,7 @@ fn append_extends_along_time_and_equals_a_cube_made_at_once() {
     assert_eq!(meta(&dir.join("cube.zarr"))["time"]["end"], "2024-06-04T23:00:00Z");
     std::fs::write(&late, good).unwrap();
     // The failed run's half-made cube was made from the damaged file: continuing it is refused ...
-    append_refused(dir, &seven_days, &["different input files"]);
+    append_refused(dir, &seven_days, &["other input files (`ndvi`: ", "ndvi_2024-06-07.tif changed)"]);
     assert_eq!(stored_files(&dir.join("cube.zarr")), before);
 
     // ... and discarded with --overwrite, which with --append never touches the previous cube itself.
@@ -827,6 +831,53 @@ fn a_run_beside_another_run_of_the_same_cube_is_refused_and_touches_nothing() {
     run_gen(dir, &["--finalize", "--overwrite", "-c", config]);
     assert_eq!(stored_files(&cube), before);
     assert!(!lock_path.exists());
+}
+
+/// Makes a file made immutable (`chattr +i`) deletable again when dropped, whatever a test's outcome, so that
+/// its temporary directory goes.
+struct Unpin<'a>(&'a Path);
+
+impl Drop for Unpin<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+    }
+}
+
+/// A replaced cube the file system will not let the run delete (a cube of another user's; here, as root, a
+/// file of it made immutable): the new cube is in place, and the run succeeds with a warning that says where
+/// the old one is; the next run asks for it to be deleted before doing any work.
+#[test]
+fn a_replaced_cube_that_cannot_be_deleted_is_a_warning_and_stops_the_next_run_before_its_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    run_gen(dir, &["-c", config(dir, &text, "cube.zarr", 2).to_str().unwrap()]);
+    let pinned = dir.join(".cube.zarr.cubeload-superseded/cubeload_manifest.jsonl");
+    let chattr = |flag: &str, path: &Path| Command::new("chattr").arg(flag).arg(path).status();
+    if !chattr("+i", &dir.join("cube.zarr/cubeload_manifest.jsonl")).is_ok_and(|s| s.success()) {
+        eprintln!("skipped: chattr +i needs root and a file system with attributes");
+        return;
+    }
+    let _unpin = Unpin(&pinned);
+    let config = config(dir, &text, "cube.zarr", 3);
+    let config = config.to_str().unwrap();
+    let out = cubeload(dir, &["gen", "--overwrite", "-c", config]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning:") && stderr.contains("cannot be deleted"), "{stderr}");
+    assert!(stderr.contains(".cube.zarr.cubeload-superseded"), "{stderr}");
+    assert!(cubeload(dir, &["verify", "cube.zarr"]).status.success(), "the new cube is in place");
+    let before = stored_files(&dir.join("cube.zarr"));
+
+    let again = cubeload(dir, &["gen", "--overwrite", "-c", config]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be deleted") && stderr.contains("delete it"), "{stderr}");
+    assert!(!dir.join(".cube.zarr.cubeload-partial").exists(), "it did no work");
+    assert_eq!(stored_files(&dir.join("cube.zarr")), before);
+    assert!(chattr("-i", &pinned).unwrap().success());
+    run_gen(dir, &["--overwrite", "-c", config]);
+    assert!(!dir.join(".cube.zarr.cubeload-superseded").exists());
 }
 
 /// `Command::spawn` with captured output, to run several at once.
