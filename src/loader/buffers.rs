@@ -98,8 +98,39 @@ fn bytes_of<T>(buffer: &Vec<T>) -> usize {
 }
 
 fn lock<T: Element>() -> std::sync::MutexGuard<'static, Kept<T>> {
+    static FORK_SAFE: std::sync::Once = std::sync::Once::new();
+    FORK_SAFE.call_once(fork_safe);
+    lock_now()
+}
+
+fn lock_now<T: Element>() -> std::sync::MutexGuard<'static, Kept<T>> {
     // The lock guards plain vectors: a panic elsewhere while it was held leaves them consistent.
     <T as private::Sealed>::kept().lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+std::thread_local! {
+    /// The store's locks, held by the thread that forks from just before the fork to just after it.
+    static HELD_ACROSS_FORK: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+type Held = (std::sync::MutexGuard<'static, Kept<f32>>, std::sync::MutexGuard<'static, Kept<u8>>);
+
+/// Makes a `fork` (Python's `os.fork`, a `DataLoader` starting its workers) wait until no thread holds the
+/// store's locks, and hold them across it: a child forked while a reader thread held one would find it held
+/// by a thread it does not have, and wait for it forever on its first batch or freed array.
+fn fork_safe() {
+    extern "C" fn prepare() {
+        HELD_ACROSS_FORK.with(|held| *held.borrow_mut() = Some((lock_now(), lock_now())));
+    }
+    extern "C" fn release() {
+        HELD_ACROSS_FORK.with(|held| drop(held.borrow_mut().take()));
+    }
+    // SAFETY: the handlers are plain functions of this module, valid for the process's life; `prepare`
+    // runs in the forking thread, which holds neither lock then (a fork is never made while taking or giving
+    // back a buffer), and `release` runs in that same thread in the parent and in the child.
+    unsafe {
+        libc::pthread_atfork(Some(prepare), Some(release), Some(release));
+    }
 }
 
 /// An empty buffer for `len` elements: one given back, or a new one.
@@ -192,6 +223,52 @@ mod tests {
         let again = take::<f32>(len);
         assert_eq!((again.as_ptr(), again.len()), (at, 0), "the same memory, emptied");
         assert!(again.capacity() >= len);
+    }
+
+    /// A process forked while another thread holds the store's lock (here one giving buffers back and taking
+    /// them again without pause) finds it unlocked in the child, as a `DataLoader` worker forked beside a
+    /// running loader does when it builds its own or frees the arrays it inherited.
+    #[test]
+    fn a_forked_child_finds_the_store_unlocked() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let busy = std::thread::spawn(|| {
+            while !STOP.load(Ordering::Relaxed) {
+                give_back(take::<u8>(MIN_BYTES));
+                std::hint::black_box(kept_bytes());
+            }
+        });
+        let mut hung = 0;
+        for _ in 0..200 {
+            if hung > 0 {
+                break;
+            }
+            // SAFETY: the child only takes the store's locks (no allocation) and exits without unwinding.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                std::hint::black_box(kept_bytes());
+                // SAFETY: ends the child at once, running nothing of the parent's.
+                unsafe { libc::_exit(0) };
+            }
+            assert!(pid > 0, "fork failed");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut status = 0;
+            // SAFETY: waits for (and if need be kills) the child just forked, by its pid.
+            unsafe {
+                while libc::waitpid(pid, &raw mut status, libc::WNOHANG) == 0 {
+                    if std::time::Instant::now() > deadline {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::waitpid(pid, &raw mut status, 0);
+                        hung += 1;
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        }
+        STOP.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        assert_eq!(hung, 0, "children waited forever on a lock their parent's thread held at the fork");
     }
 
     #[test]
