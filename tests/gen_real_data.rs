@@ -122,6 +122,9 @@ fn cf_coordinates_rebuild_georeferencing_that_gdal_misses() {
     // Its units, `degrees_celsius`, wider than the column's least width, leave the figures in line.
     let line = |start: &str| info.lines().find(|l| l.trim_start().starts_with(start)).unwrap();
     assert!(line("tmean").contains("degrees_celsius"), "{info}");
+    // A cube of static variables only: its layout and chunks without a time axis.
+    assert!(line("layout").ends_with("pixel_series: batch = 256 pixels (16 × 16)"), "{info}");
+    assert!(line("chunks").starts_with("chunks     (16, 16) = one batch; "), "{info}");
     assert_eq!(
         line("name").find("valid").unwrap() + "valid".len(),
         line("tmean").find('%').unwrap() + 1,

@@ -25,7 +25,8 @@ class Loader:
     axis), and ``"epoch"``, ``"position"``, ``"chunk"``. The variables' arrays and the mask are views of the
     batch's Rust-owned buffers (no copy), which go back to the loaders when numpy frees the last array over
     them; ``"lat"``, ``"lon"``, ``"time_index"`` and statics delivered apart are small arrays of their own.
-    Missing values hold ``fill_value``. The GIL is released while a batch is awaited, and a signal (Ctrl-C)
+    Missing values hold ``fill_value``; ``normalize=True`` gives continuous variables as ``(x - mean) / std``
+    with the cube's stored statistics (categorical ones keep their codes). The GIL is released while a batch is awaited, and a signal (Ctrl-C)
     interrupts that wait.
 
     With ``separate_statics=True`` each static variable comes once per sample (``[B]``, or ``[B, h, w]`` for

@@ -53,6 +53,10 @@ pub(crate) fn table(cube: &Cube) -> String {
             layout.batch,
             layout.chunk_t
         ),
+        // A cube of static variables only has no time axis to count steps along.
+        LayoutKind::PixelSeries if meta.time.is_none() => {
+            format!("pixel_series: batch = {} pixels ({} × {})", layout.batch, layout.chunk_y, layout.chunk_x)
+        }
         LayoutKind::PixelSeries => {
             format!(
                 "pixel_series: batch = {} pixels ({} × {}) × {} steps",
@@ -67,14 +71,18 @@ pub(crate) fn table(cube: &Cube) -> String {
     let _ = writeln!(out, "layout     {what}");
     let shards =
         if layout.shard_x > 1 { format!(", {} batches per shard", layout.shard_x) } else { String::new() };
-    let chunk = if layout.shuffled.is_some() {
-        format!("({}, {})", layout.chunk_y, layout.chunk_t)
+    // Chunks and their counts along the stored axes: (sample, time) for a shuffled cube, (lat, lon) for one
+    // of static variables only, (time, lat, lon) otherwise.
+    let (chunk, counts) = if layout.shuffled.is_some() {
+        (format!("({}, {})", layout.chunk_y, layout.chunk_t), format!("{cy} × {ct}"))
+    } else if meta.time.is_none() {
+        (format!("({}, {})", layout.chunk_y, layout.chunk_x), format!("{cy} × {cx}"))
     } else {
-        format!("({}, {}, {})", layout.chunk_t, layout.chunk_y, layout.chunk_x)
+        (
+            format!("({}, {}, {})", layout.chunk_t, layout.chunk_y, layout.chunk_x),
+            format!("{ct} × {cy} × {cx}"),
+        )
     };
-    // Chunk counts along the stored axes: (sample, time) for a shuffled cube, (time, lat, lon) otherwise.
-    let counts =
-        if layout.shuffled.is_some() { format!("{cy} × {ct}") } else { format!("{ct} × {cy} × {cx}") };
     let _ = writeln!(out, "chunks     {chunk} = one batch; {counts} = {} batches{shards}", ct * cy * cx);
     let grid = &meta.grid;
     let [_, height, width] = meta.shape;
