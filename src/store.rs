@@ -298,17 +298,39 @@ mod object_store {
     /// Written and removed before a cube is made for the URL, to learn then whether the upload could write.
     const PROBE: &str = "cubeload_probe";
 
-    /// One runtime for every object-store request of the process (its threads only wait on sockets).
+    /// One runtime for every object-store request of the process (its threads only wait on sockets), and the
+    /// process that built it. A forked child (a `DataLoader` worker) inherits the parent's runtime without its
+    /// threads, and would wait forever on its first request: it builds its own, leaving the inherited one
+    /// alone (dropping it would wait for threads the child does not have).
     fn runtime() -> &'static tokio::runtime::Runtime {
-        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-        RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("cubeload-io")
-                .enable_all()
-                .build()
-                .expect("a tokio runtime")
-        })
+        use std::sync::atomic::{AtomicPtr, Ordering};
+        static RUNTIME: AtomicPtr<(u32, tokio::runtime::Runtime)> = AtomicPtr::new(std::ptr::null_mut());
+        let pid = std::process::id();
+        let current = RUNTIME.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer is one of the boxes leaked below, never freed.
+        if let Some((built_by, runtime)) = unsafe { current.as_ref() }
+            && *built_by == pid
+        {
+            return runtime;
+        }
+        let fresh = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cubeload-io")
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let built = Box::into_raw(Box::new((pid, fresh)));
+        match RUNTIME.compare_exchange(current, built, Ordering::AcqRel, Ordering::Acquire) {
+            // SAFETY: `built` was leaked just above and is never freed.
+            Ok(_) => &unsafe { &*built }.1,
+            Err(_) => {
+                // Another thread of this process built one first: that one serves, this one ends.
+                // SAFETY: `built` was never shared: it is still this thread's box.
+                let (_, mine) = *unsafe { Box::from_raw(built) };
+                mine.shutdown_background();
+                runtime()
+            }
+        }
     }
 
     fn block_on<F: core::future::Future>(future: F) -> F::Output {

@@ -93,6 +93,39 @@ def test_loader_reads_the_same_batches_from_s3(demo_dir, pixel_cube, s3_env, mon
         cubeload.Loader("s3://cubes/py/missing.zarr")
 
 
+def test_a_forked_process_reads_a_cube_its_parent_was_reading(demo_dir, pixel_cube, s3_env, monkeypatch):
+    """A process forked while its parent reads an S3 cube (a DataLoader starting its workers after a first
+    look at the data) reads it too: it inherits the parent's runtime for requests without its threads, and
+    waited forever on its first request."""
+    config = demo_dir / "s3-fork.yaml"
+    config.write_text((demo_dir / "demo.yaml").read_text().replace(str(pixel_cube), "s3://cubes/py/fork.zarr"))
+    env = {**os.environ, **s3_env, "TMPDIR": str(demo_dir)}
+    out = subprocess.run([str(cubeload_bin()), "gen", "-c", str(config)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    url = "s3://cubes/py/fork.zarr"
+    expected = [b["chunk"] for b in cubeload.Loader(url, seed=2)]
+    reading = cubeload.Loader(url, seed=1)
+    next(reading)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            chunks = [b["chunk"] for b in cubeload.Loader(url, seed=2)]
+            os._exit(0 if chunks == expected else 3)
+        except BaseException:
+            os._exit(4)
+    deadline = time.time() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.time() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked process waited forever on its first request")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert len(list(reading)) == len(expected) - 1, "the parent reads on"
+
+
 def test_each_remote_read_is_one_request(demo_dir, pixel_cube, s3_env, moto_log, monkeypatch):
     """A chunk (or shard index) read is one ranged GET: no HEAD asks the object's size first (zarrs'
     object_store adapter sends one before every partial read, two round trips where one does)."""
