@@ -320,17 +320,15 @@ mod object_store {
             .build()
             .expect("a tokio runtime");
         let built = Box::into_raw(Box::new((pid, fresh)));
-        match RUNTIME.compare_exchange(current, built, Ordering::AcqRel, Ordering::Acquire) {
+        if RUNTIME.compare_exchange(current, built, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             // SAFETY: `built` was leaked just above and is never freed.
-            Ok(_) => &unsafe { &*built }.1,
-            Err(_) => {
-                // Another thread of this process built one first: that one serves, this one ends.
-                // SAFETY: `built` was never shared: it is still this thread's box.
-                let (_, mine) = *unsafe { Box::from_raw(built) };
-                mine.shutdown_background();
-                runtime()
-            }
+            return &unsafe { &*built }.1;
         }
+        // Another thread of this process built one first: that one serves, this one ends.
+        // SAFETY: `built` was never shared: it is still this thread's box.
+        let (_, mine) = *unsafe { Box::from_raw(built) };
+        mine.shutdown_background();
+        runtime()
     }
 
     fn block_on<F: core::future::Future>(future: F) -> F::Output {
