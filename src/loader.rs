@@ -107,6 +107,15 @@ pub enum LoaderError {
         /// The cube's path.
         path: std::path::PathBuf,
     },
+    /// The object store holding the cube does not answer (a network outage): an error whatever
+    /// [`OnCorrupt`] says, since no chunk of it is damaged.
+    #[error("{}: the store does not answer: {message}", path.display())]
+    StoreUnreachable {
+        /// The cube's path.
+        path: std::path::PathBuf,
+        /// The failed read.
+        message: String,
+    },
 }
 
 /// Where a loader stands: enough to resume exactly, small and serializable.

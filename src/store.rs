@@ -94,13 +94,25 @@ impl Location {
 /// metadata removed or replaced (an upload replacing a cube removes the old root first and writes the new
 /// one last). A read that fails is blamed on the cube's replacement only where this says so.
 pub trait Gone: Send + Sync + std::fmt::Debug {
-    /// Whether the cube opened is no longer there.
-    fn gone(&self) -> bool;
+    /// Whether the cube opened is still there, gone, or behind a store that does not answer (an object store
+    /// out of reach: a read that failed is then blamed on the store, not on a damaged chunk).
+    fn check(&self) -> Presence;
+}
+
+/// What [`Gone::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// The cube opened is there.
+    There,
+    /// It was deleted or replaced.
+    Gone,
+    /// Its store does not answer.
+    Unreachable,
 }
 
 impl Gone for PinnedDir {
-    fn gone(&self) -> bool {
-        self.deleted()
+    fn check(&self) -> Presence {
+        if self.deleted() { Presence::Gone } else { Presence::There }
     }
 }
 
@@ -519,8 +531,12 @@ mod object_store {
     }
 
     impl<T: ObjectStore> super::Gone for ObjectReader<T> {
-        fn gone(&self) -> bool {
-            block_on(self.replaced()) == Some(true)
+        fn check(&self) -> super::Presence {
+            match block_on(self.replaced()) {
+                Some(true) => super::Presence::Gone,
+                Some(false) => super::Presence::There,
+                None => super::Presence::Unreachable,
+            }
         }
     }
 
@@ -928,7 +944,7 @@ mod object_store {
             let reader = ObjectReader::new(memory.clone(), Explain::default());
             let read = |key: &str| reader.get(&StoreKey::new(key).unwrap()).map(|b| b.map(|b| b.to_vec()));
             assert_eq!(read(ROOT).unwrap().unwrap(), b"old root");
-            assert!(!super::super::Gone::gone(&reader));
+            assert_eq!(super::super::Gone::check(&reader), super::super::Presence::There);
             assert_eq!(read("t2m/c/0").unwrap().unwrap(), b"old chunk");
             // Written after the root, the root unchanged (a cube copied root first): read as it is.
             put("t2m/c/1", b"late chunk");
@@ -936,11 +952,11 @@ mod object_store {
             // A replacement removes the root, rewrites the objects, writes its root last.
             block_on(memory.delete(&ObjectPath::from(ROOT))).unwrap();
             put("t2m/c/0", b"new chunk");
-            assert!(super::super::Gone::gone(&reader));
+            assert_eq!(super::super::Gone::check(&reader), super::super::Presence::Gone);
             assert!(read("t2m/c/0").is_err(), "a chunk of the new cube was read while the root was gone");
             put(ROOT, b"new root");
             assert!(read("t2m/c/0").is_err(), "a chunk of the new cube was read");
-            assert!(super::super::Gone::gone(&reader));
+            assert_eq!(super::super::Gone::check(&reader), super::super::Presence::Gone);
         }
 
         #[test]

@@ -33,36 +33,44 @@ def requests(log) -> dict:
     return counts
 
 
-@pytest.fixture(scope="module")
-def s3_env(moto_log):
-    """A moto S3 server with a bucket `cubes`; yields the AWS environment that reaches it."""
+def start_moto(log) -> tuple[subprocess.Popen, dict]:
+    """A moto S3 server with a bucket `cubes`, its requests logged to the open file `log`, and the AWS
+    environment that reaches it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(moto_log, "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                pytest.fail("moto's S3 server did not start", pytrace=False)
+            time.sleep(0.1)
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/cubes", method="PUT")).close()
+    return server, {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="module")
+def s3_env(moto_log):
+    """A moto S3 server with a bucket `cubes`; yields the AWS environment that reaches it."""
+    log = open(moto_log, "w")
+    server, env = start_moto(log)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("moto's S3 server did not start", pytrace=False)
-                time.sleep(0.1)
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/cubes", method="PUT")).close()
-        yield {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ALLOW_HTTP": "true",
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_REGION": "us-east-1",
-        }
+        yield env
     finally:
         server.terminate()
         server.wait()
@@ -124,6 +132,37 @@ def test_a_forked_process_reads_a_cube_its_parent_was_reading(demo_dir, pixel_cu
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(done[1]) == 0
     assert len(list(reading)) == len(expected) - 1, "the parent reads on"
+
+
+def test_a_store_that_stops_answering_is_an_error_not_chunks_to_skip(demo_dir, pixel_cube, monkeypatch):
+    """An object store gone out of reach mid-epoch (here its server killed) fails the loader, with
+    on_corrupt="skip" too: before, each batch was retried, counted as corrupt and skipped, an epoch of
+    nothing without an error."""
+    server, env = start_moto(subprocess.DEVNULL)
+    try:
+        config = demo_dir / "s3-outage.yaml"
+        text = (demo_dir / "demo.yaml").read_text().replace(str(pixel_cube), "s3://cubes/py/outage.zarr")
+        config.write_text(text)
+        run_env = {**os.environ, **env, "TMPDIR": str(demo_dir)}
+        out = subprocess.run([str(cubeload_bin()), "gen", "-c", str(config)], capture_output=True, text=True,
+                             env=run_env)
+        assert out.returncode == 0, out.stderr
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        loader = cubeload.Loader("s3://cubes/py/outage.zarr", seed=1, threads=1, fetchers=1, prefetch=1,
+                                 on_corrupt="skip")
+        next(loader)
+        server.kill()
+        server.wait()
+        started = time.time()
+        with pytest.raises(cubeload.CubeloadError, match="the store does not answer") as raised:
+            for _ in loader:
+                pass
+        assert not isinstance(raised.value, cubeload.CorruptChunkError)
+        assert loader.corrupt_chunks == 0 and time.time() - started < 300
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_each_remote_read_is_one_request(demo_dir, pixel_cube, s3_env, moto_log, monkeypatch):

@@ -30,6 +30,7 @@ use crate::loader::transpose::{
     with_mask_staged,
 };
 use crate::plan::DType;
+use crate::store::Presence;
 
 /// How values are turned into model inputs. The default is the loader's: values as stored, missing values
 /// as 0, statics repeated along time, `[B, ...]`, every variable on the target cells.
@@ -1037,13 +1038,27 @@ impl Assembler {
     /// # Errors
     /// [`LoaderError::Read`] naming the variable and chunk when a chunk cannot be read or decoded.
     pub fn job(&self, seed: u64, job: &Job, skip_corrupt: bool) -> Result<(Vec<Batch>, usize), LoaderError> {
-        // A chunk that cannot be read because the cube was deleted meanwhile is no corrupt chunk to skip.
-        let deleted = || self.gone.as_ref().is_some_and(|gone| gone.gone());
-        let gone = || LoaderError::CubeDeleted { path: self.path.clone() };
+        // A chunk that cannot be read because the cube was deleted meanwhile, or because its store does not
+        // answer, is no corrupt chunk to skip.
+        let presence = || self.gone.as_ref().map_or(Presence::There, |gone| gone.check());
+        let blame = |failed: String| match presence() {
+            Presence::There => None,
+            Presence::Gone => Some(LoaderError::CubeDeleted { path: self.path.clone() }),
+            Presence::Unreachable => {
+                Some(LoaderError::StoreUnreachable { path: self.path.clone(), message: failed })
+            }
+        };
         let (mut batches, corrupt) = match self.job_batches(seed, job, skip_corrupt) {
-            Ok((_, corrupt)) if corrupt > 0 && deleted() => return Err(gone()),
-            Err(LoaderError::Read { .. }) if deleted() => return Err(gone()),
-            result => result?,
+            Ok((batches, corrupt)) => {
+                if corrupt > 0
+                    && let Some(error) = blame(format!("{corrupt} of its chunks could not be read"))
+                {
+                    return Err(error);
+                }
+                (batches, corrupt)
+            }
+            Err(error @ LoaderError::Read { .. }) => return Err(blame(error.to_string()).unwrap_or(error)),
+            Err(error) => return Err(error),
         };
         for batch in &mut batches {
             self.mask_static_padding(batch);
