@@ -444,11 +444,17 @@ fn generate_remote(
     crate::store::check_replaceable(location, options.overwrite, &fingerprint)?;
     // Held until the upload ends: another run to the same URL would share (and delete) the local cube.
     let _lock = RunLock::acquire(&local, false)?;
-    // A cube made by an earlier run whose upload failed: upload it again rather than make it again.
+    // What earlier runs' removals of their copies left (stopped while deleting): never uploaded again.
+    if let Some(dir) = local.parent() {
+        remove_removed_copies(dir);
+    }
+    // A cube made by an earlier run whose upload failed: upload it again rather than make it again, if every
+    // file of it is there as its manifest records it (an upload deletes the objects the copy lacks).
     let made = Manifest::fingerprint(&local)
         .is_some_and(|f| f == fingerprint)
         .then(|| Cube::open(&local).ok())
-        .flatten();
+        .flatten()
+        .filter(|_| crate::verify::verify(&local).is_ok_and(|report| report.problems.is_empty()));
     let mut report = if let Some(cube) = made {
         let meta = cube.meta().clone();
         let blocks = Manifest::load(&local)?.records.len();
@@ -481,10 +487,32 @@ fn generate_remote(
     })?;
     report.seconds += started.elapsed().as_secs_f64();
     if let Some(dir) = local.parent() {
-        let _ = std::fs::remove_dir_all(dir);
+        // Renamed first, in one step: a run stopped while deleting it leaves no copy that a later run would
+        // take for a cube made and not uploaded.
+        let removed = removed_copy(dir);
+        if std::fs::rename(dir, &removed).is_ok() {
+            let _ = std::fs::remove_dir_all(&removed);
+        }
     }
     report.path = url;
     Ok(report)
+}
+
+/// Where a local copy `dir` goes to be deleted once uploaded: `dir.removed-PID`.
+fn removed_copy(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().to_string());
+    dir.with_file_name(format!("{name}.removed-{}", std::process::id()))
+}
+
+/// Deletes the copies beside `dir` that runs stopped while deleting them left (best effort).
+fn remove_removed_copies(dir: &Path) {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return };
+    let prefix = format!("{}.removed-", name.to_string_lossy());
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Digest of everything a run's result depends on: the configuration, the cubeload version and every input

@@ -456,6 +456,39 @@ fn a_replacement_that_failed_is_finished_by_the_next_run() {
     assert_eq!(upload_copies(dir), Vec::<String>::new());
 }
 
+/// A local copy kept by a failed upload that has since lost files (as a run stopped while deleting its copy
+/// left it, root and manifest still there) is made again, not uploaded: an upload deletes the objects its
+/// copy lacks, which left a root over missing objects.
+#[test]
+fn a_kept_copy_that_lost_files_is_made_again_not_uploaded() {
+    let server = S3Server::start();
+    server.create_bucket("cubes");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (all, _) = demo_configs(dir, "s3://cubes/m.zarr");
+    ok(&gen_(&server, dir, &[], &all));
+    let complete = server.keys("m.zarr/");
+
+    server.refuse_after("PUT", 4);
+    let failed = gen_(&server, dir, &["--overwrite"], &all);
+    assert_eq!(failed.status.code(), Some(1), "{}", String::from_utf8_lossy(&failed.stderr));
+    server.accept_all();
+    let copies = upload_copies(dir);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let copy = dir.join(&copies[0]).join("cube.zarr");
+    let lost = ["ndvi/zarr.json", "lon/c/0"];
+    for file in lost {
+        std::fs::remove_file(copy.join(file)).unwrap();
+    }
+    ok(&gen_(&server, dir, &["--overwrite"], &all));
+    let keys = server.keys("m.zarr/");
+    for file in lost {
+        assert!(keys.contains(&format!("m.zarr/{file}")), "{file} is not uploaded");
+    }
+    assert_eq!(keys, complete, "the same objects as the first upload");
+    assert_eq!(upload_copies(dir), Vec::<String>::new());
+}
+
 /// A missing bucket, no permission to write, an empty bucket name: said before a cube is made.
 #[test]
 fn what_would_fail_the_upload_is_found_before_the_cube_is_made() {
