@@ -244,10 +244,15 @@ pub fn exists(location: &Location) -> Result<bool, CubeError> {
         Location::S3 { .. } => {
             let store = location.readable()?;
             let key = StoreKey::new("zarr.json").expect("valid key");
-            store
+            let found = store
                 .size_key(&key)
                 .map(|size| size.is_some())
-                .map_err(|e| CubeError::Zarr { path: location.display_path(), message: e.to_string() })
+                .map_err(|e| CubeError::Zarr { path: location.display_path(), message: e.to_string() })?;
+            // A missing bucket answers as a missing object does: said, rather than "no such cube".
+            if !found && let Some(message) = object_store::missing_bucket(location)? {
+                return Err(CubeError::Zarr { path: location.display_path(), message });
+            }
+            Ok(found)
         }
     }
 }
@@ -796,6 +801,16 @@ mod object_store {
         Ok(())
     }
 
+    /// The explained error when the bucket of `location` does not exist (one listing request), `None` when
+    /// it does (or the store does not say).
+    pub(super) fn missing_bucket(location: &Location) -> Result<Option<String>, CubeError> {
+        let s3 = S3::new(location)?;
+        Ok(block_on(s3.store.list_with_delimiter(None))
+            .err()
+            .map(|e| s3.explain.message(&e))
+            .filter(|message| message.contains("NoSuchBucket")))
+    }
+
     pub(super) fn check_replaceable(
         location: &Location,
         replace: bool,
@@ -1041,6 +1056,10 @@ mod object_store {
     pub(super) fn readable_watched(
         location: &Location,
     ) -> Result<(ReadableStorage, std::sync::Arc<dyn super::Gone>), CubeError> {
+        Err(unsupported(location))
+    }
+
+    pub(super) fn missing_bucket(location: &Location) -> Result<Option<String>, CubeError> {
         Err(unsupported(location))
     }
 

@@ -514,6 +514,16 @@ fn what_would_fail_the_upload_is_found_before_the_cube_is_made() {
     assert_eq!(missing.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("bucket `nothing` does not exist"), "{stderr}");
     assert_eq!(upload_copies(dir), Vec::<String>::new());
+    // Readers say so too, where a missing cube in a bucket that exists is "no such cube".
+    let info = server.cubeload(dir, &["info", "s3://nothing/demo.zarr"]);
+    let stderr = String::from_utf8_lossy(&info.stderr);
+    assert_eq!(info.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("bucket `nothing` does not exist") && !stderr.contains("no such cube"),
+        "{stderr}"
+    );
+    let info = server.cubeload(dir, &["info", "s3://cubes/nothing.zarr"]);
+    assert!(String::from_utf8_lossy(&info.stderr).contains("no such cube"));
 
     server.refuse_after("PUT", 0);
     let read_only = gen_(&server, dir, &[], &all);
