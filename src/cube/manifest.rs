@@ -90,49 +90,69 @@ pub struct FileRecord {
     pub key: String,
     /// Length in bytes; `None` when nothing was stored (every value was the fill value).
     pub len: Option<u64>,
-    /// CRC32C of the file's bytes.
+    /// XXH3 (64 bits) of the file's bytes. Not a CRC32C: a file that ends with the CRC32C of its own bytes
+    /// (a chunk stored with Zarr's `crc32c` codec, unsharded) has the same CRC32C whatever it holds, so that
+    /// record checked its length only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<u64>,
+    /// CRC32C of the file's bytes, as cubes made before `xxh3` recorded it (checked where no `xxh3` is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crc32c: Option<u32>,
 }
 
 impl FileRecord {
-    /// Reads the file at `root/key` and records its length and checksum (or its absence).
+    /// Reads the file at `root/key` and records its length and digest (or its absence).
     ///
     /// # Errors
     /// [`CubeError::Io`] when the file exists but cannot be read.
     pub fn of(root: &Path, key: &str) -> Result<FileRecord, CubeError> {
-        let path = root.join(key);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(FileRecord {
-                key: key.to_string(),
-                len: Some(bytes.len() as u64),
-                crc32c: Some(crc32c::crc32c(&bytes)),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(FileRecord { key: key.to_string(), len: None, crc32c: None })
-            }
-            Err(source) => Err(CubeError::Io { path, source }),
-        }
+        let bytes = read_if_present(root, key)?;
+        Ok(FileRecord {
+            key: key.to_string(),
+            len: bytes.as_ref().map(|b| b.len() as u64),
+            xxh3: bytes.as_deref().map(xxhash_rust::xxh3::xxh3_64),
+            crc32c: None,
+        })
     }
 
     /// What is wrong with this file under `root`, if anything.
     #[must_use]
     pub fn check(&self, root: &Path) -> Option<String> {
-        match (FileRecord::of(root, &self.key), self.len) {
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(found), _) if found == *self => None,
-            (Ok(FileRecord { len: None, .. }), Some(_)) => Some("missing".to_string()),
-            (Ok(FileRecord { len: Some(_), .. }), None) => {
-                Some("present, but the manifest says it was never stored".to_string())
+        let bytes = match read_if_present(root, &self.key) {
+            Ok(bytes) => bytes,
+            Err(e) => return Some(e.to_string()),
+        };
+        match (bytes, self.len) {
+            (None, None) => None,
+            (None, Some(_)) => Some("missing".to_string()),
+            (Some(_), None) => Some("present, but the manifest says it was never stored".to_string()),
+            (Some(bytes), Some(len)) if bytes.len() as u64 != len => {
+                Some(format!("{} bytes instead of {len} (truncated or overwritten)", bytes.len()))
             }
-            (Ok(found), Some(len)) if found.len != Some(len) => {
-                Some(format!("{} bytes instead of {len} (truncated or overwritten)", found.len.unwrap_or(0)))
-            }
-            (Ok(found), _) => Some(format!(
-                "checksum mismatch: crc32c {:08x}, manifest {:08x}",
-                found.crc32c.unwrap_or(0),
-                self.crc32c.unwrap_or(0)
-            )),
+            (Some(bytes), Some(_)) => match (self.xxh3, self.crc32c) {
+                (Some(recorded), _) => {
+                    let found = xxhash_rust::xxh3::xxh3_64(&bytes);
+                    (found != recorded)
+                        .then(|| format!("checksum mismatch: xxh3 {found:016x}, manifest {recorded:016x}"))
+                }
+                (None, Some(recorded)) => {
+                    let found = crc32c::crc32c(&bytes);
+                    (found != recorded)
+                        .then(|| format!("checksum mismatch: crc32c {found:08x}, manifest {recorded:08x}"))
+                }
+                (None, None) => None,
+            },
         }
+    }
+}
+
+/// The bytes of `root/key`, or `None` where there is no such file.
+fn read_if_present(root: &Path, key: &str) -> Result<Option<Vec<u8>>, CubeError> {
+    let path = root.join(key);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CubeError::Io { path, source }),
     }
 }
 
@@ -489,5 +509,38 @@ mod tests {
         assert!(a.first_mismatch(dir.path()).unwrap().1.starts_with("checksum mismatch"));
         std::fs::write(dir.path().join("t2m/c0"), b"chunk").unwrap();
         assert!(a.first_mismatch(dir.path()).unwrap().1.contains("truncated"));
+    }
+
+    /// A file ending with the CRC32C of its own bytes (Zarr's `crc32c` codec) has one CRC32C whatever it
+    /// holds; its record must still tell two contents of one length apart.
+    #[test]
+    fn a_file_ending_with_its_own_crc32c_is_checked_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_crc = |content: &[u8]| {
+            let mut bytes = content.to_vec();
+            bytes.extend_from_slice(&crc32c::crc32c(content).to_le_bytes());
+            bytes
+        };
+        let (first, second) = (with_crc(b"valid 1.0"), with_crc(b"valid 0.0"));
+        assert_eq!(crc32c::crc32c(&first), crc32c::crc32c(&second), "the residue every such file shares");
+        std::fs::write(dir.path().join("index"), &first).unwrap();
+        let record = FileRecord::of(dir.path(), "index").unwrap();
+        assert_eq!(record.check(dir.path()), None);
+        std::fs::write(dir.path().join("index"), &second).unwrap();
+        assert!(record.check(dir.path()).unwrap().starts_with("checksum mismatch: xxh3"));
+    }
+
+    /// A record of an earlier build, with a CRC32C and no XXH3, is checked by its CRC32C.
+    #[test]
+    fn a_record_of_an_earlier_build_is_checked_by_its_crc32c() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c0"), b"chunk bytes").unwrap();
+        let line = format!(r#"{{"key":"c0","len":11,"crc32c":{}}}"#, crc32c::crc32c(b"chunk bytes"));
+        let record: FileRecord = serde_json::from_str(&line).unwrap();
+        assert_eq!((record.xxh3, record.check(dir.path())), (None, None));
+        std::fs::write(dir.path().join("c0"), b"chunk bytez").unwrap();
+        assert!(record.check(dir.path()).unwrap().starts_with("checksum mismatch: crc32c"));
+        let missing: FileRecord = serde_json::from_str(r#"{"key":"c1","len":null,"crc32c":null}"#).unwrap();
+        assert_eq!(missing.check(dir.path()), None);
     }
 }

@@ -9,6 +9,7 @@ Run: `.venv/bin/python -m pytest tests/python -q` (scripts/setup.sh installs pyt
 
 import json
 import re
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -420,3 +421,21 @@ def test_a_netcdf_missing_value_beside_a_different_fill_value_is_missing_as_xarr
     # The statistics (and so `normalize`) leave it out too.
     meta = json.loads((cube / "zarr.json").read_text())["attributes"]["cubeload"]
     assert variable_meta(meta, "x")["stats"]["min"] == 1.0
+
+
+# ---- 9. verify against another writer -------------------------------------------------------------------
+
+
+def test_a_validity_index_rewritten_by_zarr_python_is_reported_by_verify(gen_cube, shared_data, cubeload_bin):
+    """The validity index is stored unsharded with the `crc32c` codec: each file ends with the CRC32C of its
+    own bytes, which gives every such file one CRC32C. The seal recorded that CRC32C, so an index rewritten
+    with another value (by zarr-python, its checksum valid) passed `verify`, and the loader skipped a batch
+    full of values without a word."""
+    cube = era5_cube(gen_cube, shared_data)
+    assert subprocess.run([cubeload_bin, "verify", cube], capture_output=True).returncode == 0
+    index = zarr.open_array(cube / "cubeload_index" / "t2m", mode="r+")
+    assert index[(0,) * index.ndim] > 0
+    index[(0,) * index.ndim] = 0.0
+    out = subprocess.run([cubeload_bin, "verify", cube], capture_output=True, text=True)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "cubeload_index/t2m" in out.stdout + out.stderr and "checksum mismatch" in out.stdout + out.stderr
