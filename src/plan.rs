@@ -795,10 +795,18 @@ fn sums_not_spread(name: &str, step_sources: &mut [StepSources]) -> Result<Optio
              axis's), and a sum is not spread over finer steps; use mean, or a coarser time step",
         ));
     }
-    Ok((emptied > 0).then(|| {
+    let empty = step_sources.iter().filter(|s| matches!(s, StepSources::Empty)).count();
+    Ok((empty > 0).then(|| {
+        let spread = if emptied > 0 {
+            format!(
+                ", {emptied} of them because a sum is not copied from the nearest source step, as the other \
+                 aggregations are"
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "aggregation sum: {emptied} of {} stored steps hold no source step and are missing (a sum is \
-             not copied from the nearest step, as the other aggregations are)",
+            "aggregation sum: {empty} of {} stored steps hold no source step and are missing{spread}",
             step_sources.len()
         )
     }))
@@ -896,6 +904,26 @@ mod tests {
         assert!(
             note.unwrap().starts_with("2 of its 4 steps fall on the instant of another step of their file")
         );
+    }
+
+    /// The note of a sum counts every stored step left missing: those without a source step near them as
+    /// well as those the nearest step would have filled (it counted only the latter).
+    #[test]
+    fn the_note_of_a_sum_counts_every_missing_step() {
+        use StepSources::{Aggregate, Empty, Nearest};
+        let mut steps = vec![Empty, Aggregate(vec![0]), Nearest(vec![0]), Empty, Aggregate(vec![1]), Empty];
+        let note = sums_not_spread("pr", &mut steps).unwrap().unwrap();
+        assert_eq!(
+            note,
+            "aggregation sum: 4 of 6 stored steps hold no source step and are missing, 1 of them because a \
+             sum is not copied from the nearest source step, as the other aggregations are"
+        );
+        assert!(matches!(steps[2], Empty));
+        let mut gaps = vec![Aggregate(vec![0]), Empty];
+        let note = sums_not_spread("pr", &mut gaps).unwrap().unwrap();
+        assert_eq!(note, "aggregation sum: 1 of 2 stored steps hold no source step and are missing");
+        assert_eq!(sums_not_spread("pr", &mut [Aggregate(vec![0])]).unwrap(), None);
+        assert!(sums_not_spread("pr", &mut [Nearest(vec![0]), Empty]).is_err());
     }
 
     /// The values each type can hold, fill values among them.
