@@ -15,7 +15,8 @@ threads do not survive a fork, so none is started before it.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import operator
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,20 @@ class CubeDataset(IterableDataset):
         separate_statics: bool = False,
     ) -> None:
         super().__init__()
+        if isinstance(variables, str):
+            raise TypeError(f"variables={variables!r} is one string: give a list of names, such as [{variables!r}]")
+        if (rank is None) != (world_size is None):
+            # One alone was dropped for torch.distributed's (or 0 of 1): every rank then read the whole epoch.
+            raise ValueError(
+                f"rank={rank!r}, world_size={world_size!r}: give both, or neither to take torch.distributed's"
+            )
+        epoch = _count("epoch", epoch)
+        if rank is not None:
+            rank, world_size = _count("rank", rank), _count("world_size", world_size, least=1)
+            if rank >= world_size:
+                raise ValueError(f"rank={rank} of world_size={world_size}: a rank is below the world size")
+        if state is not None:
+            _check_state(state)
         self.path = str(path)
         self.variables = list(variables) if variables is not None else None
         self.seed, self.shuffle = seed, shuffle
@@ -77,6 +92,9 @@ class CubeDataset(IterableDataset):
         # worker's copy keeps the state it was started with, and must not resume it in place of a later one.
         self._loads = torch.tensor(int(state is not None), dtype=torch.int64).share_memory_()
         self._state_load = int(self._loads)
+        # Whether DataLoader workers read the last epoch, shared: their positions are theirs, and a state of
+        # this process would be that of an older epoch it read itself.
+        self._read_by_workers = torch.tensor(False).share_memory_()
         self.rank, self.world_size = rank, world_size
         self.mix = mix
         self.options = dict(
@@ -94,7 +112,7 @@ class CubeDataset(IterableDataset):
 
     @epoch.setter
     def epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
+        self._epoch.fill_(_count("epoch", epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch the next iteration delivers (each has its own permutation), whole: a state being
@@ -171,6 +189,7 @@ class CubeDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = self.loader()
+        self._read_by_workers.fill_(get_worker_info() is not None)
         names = loader.variables + loader.static_variables
         for batch in loader:
             out: dict[str, Any] = {name: torch.from_numpy(batch[name]) for name in names}
@@ -193,12 +212,18 @@ class CubeDataset(IterableDataset):
         """Where this process's share stands after the last batch it yielded (``None`` before the first), for
         a checkpoint; :meth:`load_state_dict` in a restarted process continues with exactly the next batch.
         Exact with ``num_workers=0``; with DataLoader workers each worker has its own position, which the main
-        process does not see."""
+        process does not see: there it raises ``RuntimeError`` (inside a worker it gives the worker's)."""
+        if bool(self._read_by_workers) and get_worker_info() is None:
+            raise RuntimeError(
+                "the last epoch was read by DataLoader workers, whose positions this process does not see: "
+                "checkpoint a position with num_workers=0, or resume at the start of an epoch (set_epoch)"
+            )
         return getattr(self, "_delivered", None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict` (same cube, seed and share). Call it before a DataLoader with
         persistent workers first iterates: they keep the dataset they were started with."""
+        _check_state(state)
         self.state = dict(state)
         self._take(state)
         self._loads += 1
@@ -216,3 +241,27 @@ class CubeDataset(IterableDataset):
             self.variables = list(state["variables"])
         if self.options["min_valid"] is None:
             self.options["min_valid"] = state.get("min_valid")
+
+
+def _count(name: str, value: Any, least: int = 0) -> int:
+    """``value`` as a whole number of at least ``least``, or an error naming the argument."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: a whole number is needed")
+    if number < least:
+        raise ValueError(f"{name}={value!r}: a whole number of at least {least} is needed")
+    return number
+
+
+def _check_state(state: Any) -> None:
+    """Refuses what is not a state of a loader, naming the keys it lacks."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state={state!r}: a dict from state_dict() or Loader.state() is needed")
+    missing = [key for key in ("seed", "shuffle", "epoch", "cursor", "rank", "world_size") if key not in state]
+    if missing:
+        raise ValueError(
+            f"state lacks {', '.join(missing)}: give a dict from state_dict() or Loader.state(), as it was saved"
+        )

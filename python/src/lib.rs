@@ -13,7 +13,7 @@ use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyString, PyTuple};
 
 /// Batches are megabytes each, allocated by reader threads and freed by numpy in the Python thread:
 /// cubeload's allocator (mimalloc, which reuses such blocks where glibc's would hand them back to the kernel,
@@ -153,7 +153,7 @@ impl Loader {
     fn new(
         py: Python<'_>,
         path: PathBuf,
-        variables: Option<Vec<String>>,
+        variables: Option<Bound<'_, PyAny>>,
         shuffle: Option<bool>,
         seed: Option<Bound<'_, PyAny>>,
         epochs: Option<Bound<'_, PyAny>>,
@@ -191,6 +191,14 @@ impl Loader {
                 )));
             }
         };
+        // One name is not a list of them (it would be taken as a list of its letters by Python code).
+        if let Some(name) = variables.as_ref().filter(|v| v.is_instance_of::<PyString>()) {
+            return Err(PyTypeError::new_err(format!(
+                "variables={0} is one string: give a list of names, such as [{0}]",
+                name.repr()?
+            )));
+        }
+        let variables: Option<Vec<String>> = named_opt("variables", variables.as_ref())?;
         // Counts named in their errors (a negative one is a `ValueError` naming it, not a bare `OverflowError`).
         let seed: Option<u64> = named_opt("seed", seed.as_ref())?;
         let [epochs, rank, world_size, worker, workers, prefetch, threads, fetchers, mix] = [

@@ -504,6 +504,46 @@ def test_bad_arguments_and_state_values_are_named(pixel_cube):
     assert len(list(cubeload.Loader(pixel_cube, state=state))) == 2 * cubeload.Loader(pixel_cube).batches_per_epoch
 
 
+
+def test_bad_dataset_arguments_are_named_when_the_dataset_is_built(pixel_cube):
+    """A variable's name alone, a rank without a world size (it was dropped for torch.distributed's: every
+    rank read the whole epoch), bad counts and a state lacking keys are refused by the constructor, naming
+    the argument, not at the first iteration in a worker as keys of a state the user never gave."""
+    for args, options, error, says in (
+        (("t2m",), {}, TypeError, "variables='t2m' is one string"),
+        ((), dict(rank=1), ValueError, "rank=1, world_size=None: give both"),
+        ((), dict(world_size=2), ValueError, "rank=None, world_size=2: give both"),
+        ((), dict(rank=-1, world_size=2), ValueError, "rank=-1:"),
+        ((), dict(rank=2, world_size=2), ValueError, "rank=2 of world_size=2"),
+        ((), dict(rank=0, world_size=0), ValueError, "world_size=0:"),
+        ((), dict(epoch=-1), ValueError, "epoch=-1:"),
+        ((), dict(epoch=1.5), TypeError, "epoch=1.5:"),
+        ((), dict(state={"seed": 1}), ValueError, "state lacks shuffle, epoch, cursor, rank, world_size"),
+    ):
+        with pytest.raises(error, match=re.escape(says)):
+            CubeDataset(pixel_cube, *args, **options)
+    with pytest.raises(TypeError, match=re.escape("variables='t2m' is one string")):
+        cubeload.Loader(pixel_cube, "t2m")
+    with pytest.raises(ValueError, match=re.escape("epoch=-2:")):
+        CubeDataset(pixel_cube).set_epoch(-2)
+    dataset = CubeDataset(pixel_cube, ["t2m"], rank=1, world_size=2)
+    assert len(dataset) == len(list(dataset)) == cubeload.Loader(pixel_cube).batches_per_epoch // 2
+
+
+def test_a_dataset_read_by_workers_has_no_state_of_the_main_process(pixel_cube):
+    """After an epoch read by DataLoader workers, the main process's state would be that of an older epoch it
+    read itself (or None): asking for it is an error; after an epoch read in the process, it is the state."""
+    dataset = CubeDataset(pixel_cube, seed=3, threads=1)
+    first = next(iter(dataset))
+    assert dataset.state_dict()["cursor"] == 1 and first["epoch"] == 0
+    dataset.set_epoch(1)
+    assert len(list(DataLoader(dataset, batch_size=None, num_workers=1))) == len(dataset)
+    with pytest.raises(RuntimeError, match="read by DataLoader workers"):
+        dataset.state_dict()
+    dataset.set_epoch(2)
+    next(iter(dataset))
+    assert (dataset.state_dict()["epoch"], dataset.state_dict()["cursor"]) == (2, 1)
+
 THREADS_REFUSED_SCRIPT = """
 import os, resource, sys, cubeload
 threads = lambda: len(os.listdir("/proc/self/task"))
