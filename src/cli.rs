@@ -275,7 +275,9 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
         }
         Command::Quicklook { cube, variable, time, out } => {
             let cube = Cube::open(&cube)?;
-            let time = crate::plot::time_step(&cube, &time)?;
+            // Ignored for a static variable, as a date or as an index (a static-only cube has no axis).
+            let is_static = cube.meta().variables.iter().any(|v| v.name == variable && v.is_static);
+            let time = if is_static { 0 } else { crate::plot::time_step(&cube, &time)? };
             crate::plot::quicklook(&cube, &variable, time, &out)?;
             say!("wrote {}", out.display());
             Ok(())

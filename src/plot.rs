@@ -234,7 +234,8 @@ pub fn time_step(cube: &Cube, text: &str) -> Result<usize, PlotError> {
 }
 
 /// One time slice of `variable` (values and valid mask) as a PNG. `time` is a step of the cube's time
-/// axis; a variable on a coarser time level is drawn at the level step that holds it.
+/// axis (ignored for a static variable); a variable on a coarser time level is drawn at the level step that
+/// holds it.
 ///
 /// # Errors
 /// [`PlotError`] when the variable or time index does not exist, a chunk cannot be read or fails its
@@ -274,11 +275,17 @@ pub fn quicklook(cube: &Cube, variable: &str, time: usize, out: &Path) -> Result
     let scale = (700 / width.max(height)).clamp(1, 12);
     let (w, h) = ((width * scale) as u32, (height * scale) as u32);
     let err = draw_err(out);
-    let when = match (&meta.time, v.is_static, geometry.level) {
-        (Some(_), false, Some(level)) if q > 1 => {
-            format!("time index {time} (step {step} of {}, {q} steps each)", level.group)
+    let when = match (&meta.time, v.is_static) {
+        (Some(_), false) => {
+            // The step's instant too: a date given to `--time` is found again in the title.
+            let times = cube.times().map_err(|e| PlotError::Cube(e.to_string()))?;
+            let mut about: Vec<String> =
+                times.get(time).map(|&t| crate::time::format_instant(t)).into_iter().collect();
+            if let Some(level) = geometry.level.filter(|_| q > 1) {
+                about.push(format!("step {step} of {}, {q} steps each", level.group));
+            }
+            format!("time index {time} ({})", about.join("; "))
         }
-        (Some(_), false, _) => format!("time index {time}"),
         _ => "static".to_string(),
     };
     let valid_count = values.iter().filter(|&&x| valid(x)).count();

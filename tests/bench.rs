@@ -199,6 +199,17 @@ fn quicklook_and_bench_plot_write_pngs() {
     assert!(stderr.contains("the nearest is 2024-06-02T06:00:00Z (step 30)"), "{stderr}");
     let out = cubeload(dir.path(), &["quicklook", "work/demo.zarr", "landcover", "--out", "lc.png"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `--time` is ignored for a static variable, as an index past the axis and as a date (a date was
+    // refused, an index ignored).
+    for time in ["999", "2024-06-02T06:20"] {
+        let args = ["quicklook", "work/demo.zarr", "landcover", "--time", time, "--out", "lc2.png"];
+        let out = cubeload(dir.path(), &args);
+        assert!(out.status.success(), "{time}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            std::fs::read(dir.path().join("lc2.png")).unwrap(),
+            std::fs::read(dir.path().join("lc.png")).unwrap()
+        );
+    }
     let out =
         cubeload(dir.path(), &["quicklook", "work/demo.zarr", "ndvi", "--time", "999", "--out", "x.png"]);
     assert_eq!(out.status.code(), Some(2), "a usage error");
