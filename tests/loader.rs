@@ -178,6 +178,27 @@ fn a_chunk_its_shard_does_not_store_is_missing_as_zarrs_reads_it() {
     assert_cube_values(&copy, &batches);
 }
 
+/// A shard whose index is damaged (a flipped bit) or cut short (a truncated file) is a read error naming the
+/// shard's file and its index (it said only "the checksum is invalid", naming the cube).
+#[test]
+fn a_damaged_shard_index_is_named_with_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, shard, bytes, index) = copy_with_first_ndvi_shard(dir.path());
+    let key = shard.strip_prefix(&copy).unwrap().to_string_lossy().into_owned();
+    let mut flipped = bytes.clone();
+    flipped[index + 3] ^= 0x10;
+    for (damaged, says) in [
+        (flipped, "its shard index (its last".to_string()),
+        (bytes[..bytes.len() - 100].to_vec(), format!("{key}: ")),
+    ] {
+        std::fs::write(&shard, &damaged).unwrap();
+        let error = Loader::builder(&copy).build().unwrap().find_map(Result::err).expect("an error");
+        let LoaderError::Read { variable, message, .. } = &error else { panic!("{error:?}") };
+        assert_eq!(variable, "ndvi");
+        assert!(message.contains(&format!("{key}: its shard index")) && message.contains(&says), "{message}");
+    }
+}
+
 /// A shard file lost from a cube: its chunks are not stored, while the validity index says they hold
 /// values. A read error naming the variable and chunk, or, with `on_corrupt="skip"`, one batch left out.
 #[test]

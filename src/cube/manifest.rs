@@ -95,7 +95,8 @@ pub struct FileRecord {
     /// record checked its length only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xxh3: Option<u64>,
-    /// CRC32C of the file's bytes, as cubes made before `xxh3` recorded it (checked where no `xxh3` is).
+    /// CRC32C of the file's bytes: all that cubes made before `xxh3` recorded, checked where no `xxh3` is;
+    /// still recorded, for those builds to check a newer cube (they would take every file for damaged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crc32c: Option<u32>,
 }
@@ -111,7 +112,7 @@ impl FileRecord {
             key: key.to_string(),
             len: bytes.as_ref().map(|b| b.len() as u64),
             xxh3: bytes.as_deref().map(xxhash_rust::xxh3::xxh3_64),
-            crc32c: None,
+            crc32c: bytes.as_deref().map(crc32c::crc32c),
         })
     }
 

@@ -197,6 +197,8 @@ enum Located {
     /// In a shard: its key, the store read of its index and the index (empty when the shard is not stored),
     /// and the chunk there.
     InShard { key: StoreKey, index_range: ByteRange, index: zarrs::storage::Bytes, chunk: InShard },
+    /// In a shard whose index is damaged (cut short, or not matching its checksum): what is wrong with it.
+    Damaged { key: StoreKey, why: String },
 }
 
 /// The store read zarrs makes for the index of a shard of `array`: `16` bytes per inner chunk (offset and
@@ -627,7 +629,7 @@ impl Assembler {
         for &id in chunks {
             for (i, v) in self.vars.iter().enumerate().filter(|(_, v)| v.coarse.is_none()) {
                 match self.locate(i, v, id, read) {
-                    None => {}
+                    None | Some(Located::Damaged { .. }) => {}
                     Some(Located::Whole(key)) => {
                         planned.push(Planned::Fetch(key, ByteRange::FromStart(0, None)));
                     }
@@ -697,9 +699,9 @@ impl Assembler {
 
     /// Where the stored bytes of chunk `id` of variable `i` (on the target grid) lie: its key when the
     /// array is not sharded; otherwise the shard's key, its index (read once per shard through `read`, and
-    /// kept) and the chunk's place in the shard. `None` when the chunk is not one
-    /// stored (inner) chunk, or the shard's index cannot be read or is damaged (zarrs then reads the chunk,
-    /// and reports why).
+    /// kept) and the chunk's place in the shard; [`Located::Damaged`] when that index is damaged. `None`
+    /// when the chunk is not one stored (inner) chunk, or the shard's index cannot be read (zarrs then reads
+    /// the chunk, and reports why).
     fn locate(&self, i: usize, v: &Var, id: ChunkId, read: StoreRead<'_>) -> Option<Located> {
         let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, id);
         let (outer, inner) = v.stored_shapes.as_ref()?;
@@ -725,11 +727,6 @@ impl Assembler {
             .entry((i, stored))
             .or_default()
             .clone();
-        // Whole (a store may answer a range with fewer bytes) and matching its checksum.
-        let whole = |index: &zarrs::storage::Bytes| match index_range {
-            ByteRange::Suffix(length) | ByteRange::FromStart(_, Some(length)) => index.len() as u64 == length,
-            ByteRange::FromStart(_, None) => false,
-        };
         let failed = std::cell::Cell::new(false);
         // A shard the store does not have is kept as an empty index: every chunk of it is absent.
         let index = once
@@ -737,7 +734,7 @@ impl Assembler {
                 Ok(None) => Some(zarrs::storage::Bytes::new()),
                 index => {
                     failed.set(index.is_err());
-                    index.ok().flatten().filter(|index| whole(index) && decode::index_is_intact(index))
+                    index.ok().flatten()
                 }
             })
             .clone();
@@ -754,6 +751,19 @@ impl Assembler {
         let index = index?;
         if index.is_empty() {
             return Some(Located::InShard { key, index_range, index, chunk: InShard::Empty });
+        }
+        // Whole (a store may answer a range with fewer bytes: a shard cut short) and matching its checksum.
+        let length = match index_range {
+            ByteRange::Suffix(length) | ByteRange::FromStart(_, Some(length)) => length,
+            ByteRange::FromStart(_, None) => 0,
+        };
+        if index.len() as u64 != length {
+            let why = format!("its shard index is cut short ({} bytes of {length})", index.len());
+            return Some(Located::Damaged { key, why });
+        }
+        if !decode::index_is_intact(&index) {
+            let why = format!("its shard index (its last {length} bytes) does not match its CRC32C checksum");
+            return Some(Located::Damaged { key, why });
         }
         // Row-major position of the chunk in its shard.
         let mut position = 0u64;
@@ -832,6 +842,13 @@ impl Assembler {
         let read = |key: &StoreKey, range| storage.get_partial(key, range);
         let (key, range) = match self.locate(i, v, id, &read) {
             None => return Ok(Stored::Unlocated),
+            Some(Located::Damaged { key, why }) => {
+                return Err(LoaderError::Read {
+                    variable: v.meta.name.clone(),
+                    chunk: id,
+                    message: format!("{}: {key}: {why}", self.path.display()),
+                });
+            }
             Some(Located::Whole(key)) => (key, ByteRange::FromStart(0, None)),
             Some(Located::InShard { chunk: InShard::Empty, .. }) => {
                 return self.check_absent(v, id).map(|()| Stored::Absent);
@@ -1407,6 +1424,7 @@ impl Assembler {
         let place = match self.locate(i, v, id, &read) {
             Some(Located::InShard { key, chunk: InShard::Stored(range), .. }) => origin(&key, range) + ": ",
             Some(Located::Whole(key)) => format!("{key}: "),
+            Some(Located::Damaged { key, why }) => format!("{key}: {why}: "),
             _ => String::new(),
         };
         LoaderError::Read {
