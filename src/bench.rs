@@ -132,6 +132,8 @@ pub struct BenchReport {
     pub read_amplification: Option<f64>,
     /// Per-batch time from the image-chunked copy ÷ per-batch time of the loader.
     pub speedup_vs_image_chunked: Option<f64>,
+    /// Why `speedup_vs_image_chunked` was not measured, where it was not.
+    pub image_chunked_note: Option<String>,
     /// Epoch time with one reader thread ÷ with `threads`, the median of five rounds (goal: ≥ 1.8 for 2
     /// threads when decode-bound).
     pub thread_scaling: Option<f64>,
@@ -505,19 +507,24 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     latencies.sort_by(f64::total_cmp);
     // Stored bytes of the batches read: the arrays' chunk files (not their metadata, which a small cube's
     // chunks do not outweigh), times the share of chunks read (those delivered, and those read ahead of a
-    // measurement that stops before the end of the epoch).
-    let stored: u64 = meta
-        .variables
-        .iter()
-        .map(|v| crate::store::dir_bytes(&cube_path.join(meta.geometry(v).array_path(&v.name)).join("c")))
-        .sum();
-    let read_amplification =
-        read_during.map(|r| r as f64 / (stored as f64 * epoch_batches_read as f64 / batches_in_cube as f64));
+    // measurement that stops before the end of the epoch); their shard indexes once, as one loader reads
+    // them however many epochs it runs (counted every epoch, a small cube's read amplification fell below 1).
+    let (mut stored, mut indexes) = (0, 0);
+    for v in &meta.variables {
+        let path = meta.geometry(v).array_path(&v.name);
+        let (bytes, files) = crate::store::dir_bytes_and_files(&cube_path.join(&path).join("c"));
+        stored += bytes;
+        indexes += files * shard_index_bytes(&cube, &path).unwrap_or(0);
+    }
+    let share = epoch_batches_read as f64 / batches_in_cube as f64;
+    let needed = (stored - indexes.min(stored)) as f64 * share + indexes as f64 * share.min(1.0);
+    let read_amplification = read_during.map(|r| r as f64 / needed);
 
     // Image-chunked copy.
-    let speedup_vs_image_chunked = if options.image_batches > 0 && meta.shape[0] > 0 {
-        image_chunked_seconds_per_batch(&cube, scratch, options.image_batches, &mut prepare)?
-            .map(|per_batch| per_batch / (seconds / batches.max(1) as f64))
+    let image_chunked_note = image_chunked_skipped(&meta, options.image_batches);
+    let speedup_vs_image_chunked = if image_chunked_note.is_none() {
+        let per_batch = image_chunked_seconds_per_batch(&cube, scratch, options.image_batches, &mut prepare)?;
+        Some(per_batch / (seconds / batches.max(1) as f64))
     } else {
         None
     };
@@ -542,6 +549,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
         epoch_batches_measured: plan.batches,
         read_amplification,
         speedup_vs_image_chunked,
+        image_chunked_note,
         thread_scaling,
         remote_ratio,
         remote_requests_per_batch,
@@ -587,6 +595,16 @@ struct Round {
     epoch: Epoch,
     read_during: Option<u64>,
     single_seconds: Option<f64>,
+}
+
+/// Bytes of the index of each shard of the array at `path` (0 when it is not sharded).
+fn shard_index_bytes(cube: &Cube, path: &str) -> Option<u64> {
+    let array = cube.array(path).ok()?;
+    match crate::loader::assemble::shard_index_read(&array)? {
+        zarrs::storage::byte_range::ByteRange::Suffix(length)
+        | zarrs::storage::byte_range::ByteRange::FromStart(_, Some(length)) => Some(length),
+        zarrs::storage::byte_range::ByteRange::FromStart(_, None) => None,
+    }
 }
 
 struct Epoch {
@@ -903,6 +921,37 @@ fn stream_over(values: &[f32], sink: &mut [MaybeUninit<u8>]) {
     transpose::stream_rows(std::iter::repeat_n(bytes, whole).chain([&bytes[..rest]]), sink);
 }
 
+/// The variables of the image-chunked copy: the usual recipe has every variable on one grid, so those on the
+/// target grid that vary in time (float32, as that recipe's are).
+fn image_chunked_variables(meta: &CubeMeta) -> Vec<&VariableMeta> {
+    meta.variables
+        .iter()
+        .filter(|v| !v.is_static && v.level.is_none() && v.dtype == crate::plan::DType::Float32)
+        .collect()
+}
+
+/// Why the image-chunked copy of `meta`'s cube is not made (`None` when it is).
+fn image_chunked_skipped(meta: &CubeMeta, image_batches: usize) -> Option<String> {
+    let dynamic = image_chunked_variables(meta);
+    let [pt, py, px] = meta.padded_shape;
+    let skipped = if image_batches == 0 {
+        "--image-batches 0"
+    } else if meta.layout.shuffled.is_some() {
+        "an `order: shuffled` cube's batches are samples from all over the grid, which no image-chunked copy \
+         holds together"
+    } else if dynamic.is_empty() {
+        "no float32 variable on the target grid varies in time"
+    } else if (pt * py * px * 4 * dynamic.len()) as u64 > IMAGE_CHUNKED_MAX_BYTES {
+        "its image-chunked copy would take over 4 GiB"
+    } else {
+        return None;
+    };
+    Some(format!("speedup_vs_image_chunked is not measured: {skipped}"))
+}
+
+/// The largest image-chunked copy made.
+const IMAGE_CHUNKED_MAX_BYTES: u64 = 4 << 30;
+
 /// Copies the time-varying float32 variables image by image (`(1, 200, 200)` chunks, zstd level 3 as
 /// zarr-python writes by default) and times reading `n` of the cube's batches from the copy, `prepare` run
 /// between the two (`--cold` drops the page cache there). `None` for layouts other than tiled cubes, cubes
@@ -912,20 +961,11 @@ fn image_chunked_seconds_per_batch(
     scratch: &Path,
     n: usize,
     prepare: &mut impl FnMut(),
-) -> Result<Option<f64>, LoaderError> {
+) -> Result<f64, LoaderError> {
     let meta = cube.meta();
     let layout = meta.layout;
-    // The usual recipe has every variable on one grid: the copy holds those on the target grid.
-    let dynamic: Vec<&crate::cube::VariableMeta> = meta
-        .variables
-        .iter()
-        .filter(|v| !v.is_static && v.level.is_none() && v.dtype == crate::plan::DType::Float32)
-        .collect();
+    let dynamic = image_chunked_variables(meta);
     let [pt, py, px] = meta.padded_shape;
-    if layout.shuffled.is_some() || dynamic.is_empty() || (pt * py * px * 4 * dynamic.len()) as u64 > 4 << 30
-    {
-        return Ok(None);
-    }
     let dir = scratch.join("image-chunked.zarr");
     let fail = |name: &str, chunk: ChunkId, e: &dyn std::fmt::Display| LoaderError::Read {
         variable: format!("{name} (its image-chunked copy in {})", dir.display()),
@@ -968,7 +1008,7 @@ fn image_chunked_seconds_per_batch(
     }
     let per_batch = started.elapsed().as_secs_f64() / n as f64;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Some(per_batch))
+    Ok(per_batch)
 }
 
 #[cfg(test)]

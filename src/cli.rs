@@ -543,6 +543,9 @@ fn bench_table(r: &BenchReport, judge: bool) -> String {
     if let Some(note) = r.thread_scaling_unjudged().filter(|_| r.levels.is_empty()) {
         rows.push(("note", note));
     }
+    if let Some(note) = &r.image_chunked_note {
+        rows.push(("note", note.clone()));
+    }
     if !r.levels.is_empty() {
         rows.push((
             "note",

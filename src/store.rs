@@ -259,15 +259,20 @@ pub fn exists(location: &Location) -> Result<bool, CubeError> {
 
 /// Bytes of the files under `dir` (0 for what cannot be read).
 pub(crate) fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .filter_map(Result::ok)
-            .map(
-                |e| {
-                    if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }
-                },
-            )
-            .sum()
+    dir_bytes_and_files(dir).0
+}
+
+/// Bytes and number of the files under `dir` (nothing for what cannot be read).
+pub(crate) fn dir_bytes_and_files(dir: &Path) -> (u64, u64) {
+    std::fs::read_dir(dir).map_or((0, 0), |entries| {
+        entries.filter_map(Result::ok).fold((0, 0), |(bytes, files), e| {
+            let (b, f) = if e.path().is_dir() {
+                dir_bytes_and_files(&e.path())
+            } else {
+                (e.metadata().map_or(0, |m| m.len()), 1)
+            };
+            (bytes + b, files + f)
+        })
     })
 }
 

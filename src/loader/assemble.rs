@@ -204,7 +204,7 @@ enum Located {
 /// The store read zarrs makes for the index of a shard of `array`: `16` bytes per inner chunk (offset and
 /// length), plus a CRC32C when the index codecs hold one, at the end or the start of the shard. `None` when
 /// the array is not sharded or its index is laid out otherwise.
-fn shard_index_read(array: &Array<dyn ReadableStorageTraits>) -> Option<ByteRange> {
+pub(crate) fn shard_index_read(array: &Array<dyn ReadableStorageTraits>) -> Option<ByteRange> {
     let metadata = serde_json::to_value(array.metadata()).ok()?;
     let codecs = metadata.get("codecs")?.as_array()?;
     let [sharding] = codecs.as_slice() else { return None };
