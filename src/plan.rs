@@ -757,9 +757,9 @@ fn shared_instants(steps: &[crate::source::SourceStep]) -> Option<String> {
     let shared = sorted.windows(2).filter(|w| w[0] == w[1]).count();
     (shared > 0).then(|| {
         format!(
-            "{shared} of its {} steps fall on the instant of another step of their file (a calendar's days \
-             past a Gregorian month's end, as in 360_day, go on the month's last day): a target step \
-             aggregates them together",
+            "{shared} of its {} steps fall on the instant of another step of their file (a time written \
+             twice, or a calendar's days past a Gregorian month's end, as in 360_day, put on the month's last \
+             day): a target step aggregates them together",
             sorted.len()
         )
     })

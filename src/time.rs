@@ -194,7 +194,7 @@ impl CfTime {
         let (word, rest) = text
             .split_once(char::is_whitespace)
             .ok_or_else(|| bad("expected \"<unit> since <reference date>\"".to_string()))?;
-        let unit_seconds = cf_unit_seconds(word).map_err(bad)?;
+        let unit_seconds = cf_unit_seconds(word, cal).map_err(bad)?;
         let rest = rest.trim_start();
         let (since, reference) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
         if !since.eq_ignore_ascii_case("since") {
@@ -245,10 +245,17 @@ impl CfTime {
     }
 }
 
-/// Seconds per CF time unit word; months and years are refused because CF defines them as fractions of a
-/// tropical year, which is never what a file's producer meant.
-fn cf_unit_seconds(word: &str) -> Result<i64, String> {
-    match word.to_ascii_lowercase().as_str() {
+/// Seconds per CF time unit word. Months and years are refused because CF defines them as fractions of a
+/// tropical year, which is never what a file's producer meant, except where cftime (and so xarray) reads
+/// them as whole days: months of the `360_day` calendar (30 days), common years of `noleap` (365).
+fn cf_unit_seconds(word: &str, calendar: Calendar) -> Result<i64, String> {
+    let lower = word.to_ascii_lowercase();
+    match (lower.as_str(), calendar) {
+        ("month" | "months", Calendar::Day360) => return Ok(30 * SECONDS_PER_DAY),
+        ("common_year" | "common_years", Calendar::NoLeap) => return Ok(365 * SECONDS_PER_DAY),
+        _ => {}
+    }
+    match lower.as_str() {
         "second" | "seconds" | "sec" | "secs" | "s" => Ok(1),
         "minute" | "minutes" | "min" | "mins" => Ok(60),
         "hour" | "hours" | "hr" | "hrs" | "h" => Ok(3600),
@@ -257,7 +264,8 @@ fn cf_unit_seconds(word: &str) -> Result<i64, String> {
         "month" | "months" | "year" | "years" | "yr" | "yrs" | "common_year" | "common_years" => {
             Err(format!(
                 "{word:?} is ambiguous: CF months and years are fractions of a tropical year, not calendar \
-             months or years; convert the values to days"
+             months or years (except months of the 360_day calendar, common years of noleap); convert the \
+             values to days"
             ))
         }
         _ => Err(format!(
@@ -1213,6 +1221,25 @@ mod tests {
         assert!(CfTime::parse("days since 2000-02-30", Some("all_leap")).is_err());
         assert!(CfTime::parse("days since 2000-02-31", Some("360_day")).is_err());
         assert!(CfTime::parse("days since 1900-02-30", Some("julian")).is_err());
+        assert!(CfTime::parse("months since 2000-01-01", Some("noleap")).is_err());
+    }
+
+    /// Months of the `360_day` calendar are 30 days and common years of `noleap` 365, as cftime reads them:
+    /// `num2date([0, 1, 13.5], "months since 2000-01-01", "360_day")` gives 2000-01-01, 2000-02-01 and
+    /// 2001-02-16; `num2date([2.5], "common_years since 1999-01-30", "noleap")` 2001-07-31 12:00.
+    #[test]
+    fn months_of_360_day_and_common_years_of_noleap() {
+        let at = |units: &str, calendar: &str, value: f64| {
+            format_instant(CfTime::parse(units, Some(calendar)).unwrap().to_instant(value).unwrap())
+        };
+        assert_eq!(at("months since 2000-01-01", "360_day", 0.0), "2000-01-01T00:00:00Z");
+        assert_eq!(at("months since 2000-01-01", "360_day", 1.0), "2000-02-01T00:00:00Z");
+        assert_eq!(at("months since 2000-01-01", "360_day", 13.5), "2001-02-16T00:00:00Z");
+        // Feb 30 of the calendar goes on Feb 28 (1999 is no leap year).
+        assert_eq!(at("month since 1999-01-30", "360_day", 1.0), "1999-02-28T00:00:00Z");
+        assert_eq!(at("common_years since 1999-01-30", "noleap", 2.5), "2001-07-31T12:00:00Z");
+        assert!(CfTime::parse("years since 2000-01-01", Some("360_day")).is_err());
+        assert!(CfTime::parse("common_years since 2000-01-01", Some("standard")).is_err());
     }
 
     #[test]
