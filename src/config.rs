@@ -476,8 +476,8 @@ fn default_codec() -> Codec {
     Codec::Zstd
 }
 
-/// Supported chunk codecs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Supported chunk codecs (named in any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Codec {
     /// Zstandard: fast decode, the default.
@@ -486,6 +486,14 @@ pub enum Codec {
     Gzip,
     /// Uncompressed.
     None,
+}
+
+impl<'de> Deserialize<'de> for Codec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const NAMES: &[(&str, Codec)] =
+            &[("zstd", Codec::Zstd), ("gzip", Codec::Gzip), ("none", Codec::None)];
+        named_in_any_case(deserializer, NAMES, &["zstd", "gzip", "none"])
+    }
 }
 
 /// One variable of the cube.
@@ -561,16 +569,15 @@ pub enum VariableKind {
     Categorical,
 }
 
-/// GDAL warp resampling algorithms (`gdalwarp -r`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// GDAL warp resampling algorithms (`gdalwarp -r`), named in any case (xcube's configs write `Nearest`,
+/// `CubicSpline`, `Median`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum Resampling {
-    #[serde(alias = "near")]
     Nearest,
     Bilinear,
     Cubic,
-    #[serde(alias = "cubic_spline")]
     Cubicspline,
     Lanczos,
     Average,
@@ -582,6 +589,67 @@ pub enum Resampling {
     Q1,
     Q3,
     Sum,
+}
+
+impl<'de> Deserialize<'de> for Resampling {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use Resampling::{
+            Average, Bilinear, Cubic, Cubicspline, Lanczos, Max, Med, Min, Mode, Nearest, Q1, Q3, Rms, Sum,
+        };
+        const NAMES: &[(&str, Resampling)] = &[
+            ("nearest", Nearest),
+            ("near", Nearest),
+            ("bilinear", Bilinear),
+            ("cubic", Cubic),
+            ("cubicspline", Cubicspline),
+            ("cubic_spline", Cubicspline),
+            ("lanczos", Lanczos),
+            ("average", Average),
+            ("rms", Rms),
+            ("mode", Mode),
+            ("min", Min),
+            ("max", Max),
+            ("med", Med),
+            ("median", Med),
+            ("q1", Q1),
+            ("q3", Q3),
+            ("sum", Sum),
+        ];
+        const EXPECTED: &[&str] = &[
+            "nearest",
+            "near",
+            "bilinear",
+            "cubic",
+            "cubicspline",
+            "cubic_spline",
+            "lanczos",
+            "average",
+            "rms",
+            "mode",
+            "min",
+            "max",
+            "med",
+            "median",
+            "q1",
+            "q3",
+            "sum",
+        ];
+        named_in_any_case(deserializer, NAMES, EXPECTED)
+    }
+}
+
+/// One of `names`, in any case, or serde's "unknown variant" error listing `expected`.
+fn named_in_any_case<'de, D: serde::Deserializer<'de>, T: Copy>(
+    deserializer: D,
+    names: &[(&str, T)],
+    expected: &'static [&'static str],
+) -> Result<T, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    names
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(&name))
+        .map(|&(_, value)| value)
+        .ok_or_else(|| serde::de::Error::unknown_variant(&name, expected))
 }
 
 impl Resampling {
@@ -757,9 +825,13 @@ impl Config {
 
     /// Checks what the file alone can tell; each error names its key.
     fn validate(&self) -> Result<(), ConfigError> {
-        // `output: ~` is YAML's null, read as a path named `~`; `output: ""` names nothing.
-        if self.output.as_os_str().is_empty() || self.output == Path::new("~") {
+        // YAML's nulls (`~`, `null`, `Null`, `NULL`) are read as a path of that name; `output: ""` names nothing.
+        let null = ["", "~", "null", "Null", "NULL"].iter().any(|n| self.output == Path::new(n));
+        if null {
             return Err(ConfigError::invalid("output", "the cube's path (or s3:// URL) is missing"));
+        }
+        if let Some(why) = crate::store::unsupported_url(&self.output) {
+            return Err(ConfigError::invalid("output", format!("`{}`: {why}", self.output.display())));
         }
         let grid = self.grid.as_ref().ok_or_else(|| ConfigError::invalid("grid", "missing"))?;
         if !grid.crs.eq_ignore_ascii_case("EPSG:4326") {
@@ -923,13 +995,14 @@ impl Config {
             let ok = match self.compression.codec {
                 Codec::Zstd => (-7..=22).contains(&level),
                 Codec::Gzip => (0..=9).contains(&level),
-                Codec::None => true,
+                Codec::None => false,
             };
             if !ok {
-                return Err(ConfigError::invalid(
-                    "compression.level",
-                    format!("{level} is out of range for {:?}", self.compression.codec),
-                ));
+                let why = match self.compression.codec {
+                    Codec::None => format!("{level}: `codec: none` compresses nothing, at no level"),
+                    codec => format!("{level} is out of range for {codec:?}"),
+                };
+                return Err(ConfigError::invalid("compression.level", why));
             }
         }
         if let Some(time) = &self.time {
@@ -1138,6 +1211,22 @@ variables:
             (BASE.replace("step: 1h }", "step: 1h, from: t2m }"), "time"),
             (BASE.replace("output: out.zarr", "output: ~"), "output"),
             (BASE.replace("output: out.zarr", "output: ''"), "output"),
+            (
+                format!("{BASE}compression: {{ codec: none, level: 99 }}\n"),
+                "compression.level`: 99: `codec: none`",
+            ),
+            // YAML's other nulls, and URLs of other stores: they made local directories `Null`, `gs:`.
+            (
+                BASE.replace("output: out.zarr", "output: Null"),
+                "output`: the cube's path (or s3:// URL) is missing",
+            ),
+            (BASE.replace("output: out.zarr", "output: gs://b/o.zarr"), "`gs:` URLs are not supported"),
+            (
+                BASE.replace("output: out.zarr", "output: file:///tmp/o.zarr"),
+                "`file:` URLs are not supported",
+            ),
+            (BASE.replace("output: out.zarr", "output: S3://b/o.zarr"), "written s3://BUCKET/PREFIX"),
+            (BASE.replace("output: out.zarr", "output: s3:/b/o.zarr"), "written s3://BUCKET/PREFIX"),
         ];
         for (text, key) in cases {
             let msg = parse(&text).unwrap_err().to_string();
@@ -1170,6 +1259,20 @@ variables:
         assert!(region.starts_with("config key `output_region`"), "{region}");
         let size = error("[240, 160]", "[0, 160]");
         assert!(size.starts_with("config key `output_size`"), "{size}");
+        // xcube's own configs name resamplings capitalized (`Nearest`, `CubicSpline`, `Median`); they were
+        // refused. Names are taken in any case, codecs too.
+        for (name, resampling) in [
+            ("Nearest", Resampling::Nearest),
+            ("CubicSpline", Resampling::Cubicspline),
+            ("Median", Resampling::Med),
+        ] {
+            let c = parse(&text.replace("average", name)).unwrap();
+            assert_eq!(c.variables.0[0].1.resampling, Some(resampling), "{name}");
+        }
+        let unknown = error("average", "Smooth");
+        assert!(unknown.contains("unknown variant `Smooth`, expected one of `nearest`"), "{unknown}");
+        let zstd = parse(&format!("{BASE}compression: {{ codec: ZSTD, level: 5 }}\n")).unwrap();
+        assert_eq!(zstd.compression.codec, Codec::Zstd);
     }
 
     #[test]

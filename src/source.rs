@@ -596,6 +596,19 @@ fn select_variable(
             // A single-variable NetCDF opens directly; check that it is the requested one.
             if subdatasets.is_empty() && dataset.raster_count() > 0 {
                 let band = dataset.rasterband(1).map_err(|e| SourceError::gdal(path, &e))?;
+                let driver = dataset.driver().short_name();
+                // A GeoTIFF or GRIB file names no variable: one given for it was ignored without a word.
+                if !["netCDF", "HDF5", "HDF5Image", "HDF4", "HDF4Image", "Zarr"].contains(&driver.as_str()) {
+                    return Err(SourceError::misconfigured(
+                        name,
+                        "variable",
+                        path,
+                        format!(
+                            "`{var}` names a variable of a NetCDF or HDF file; this {driver} file is one raster \
+                             of bands: leave `variable` out (`band:` picks a band)"
+                        ),
+                    ));
+                }
                 if band.metadata_item("NETCDF_VARNAME", "").is_none_or(|v| v == var) {
                     return Ok(own_name);
                 }

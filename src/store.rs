@@ -36,6 +36,28 @@ pub enum Location {
     },
 }
 
+/// Why `path` is no place for a cube, when it is a URL of a scheme other than `s3://` (`gs://`, `az://`,
+/// `file://`, `S3://`, `s3:/x`): read as a directory, it would be a local folder named `gs:`.
+#[must_use]
+pub fn unsupported_url(path: &Path) -> Option<String> {
+    let text = path.to_string_lossy();
+    if text.starts_with("s3://") {
+        return None;
+    }
+    let (scheme, _) = text.split_once(":/")?;
+    let is_scheme = scheme.len() >= 2
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !is_scheme {
+        return None;
+    }
+    let hint =
+        if scheme.eq_ignore_ascii_case("s3") { " (an S3 URL is written s3://BUCKET/PREFIX)" } else { "" };
+    Some(format!(
+        "cubes live in a local directory or at s3://BUCKET/PREFIX; `{scheme}:` URLs are not supported{hint}"
+    ))
+}
+
 impl Location {
     /// `s3://bucket/prefix` for an object store, anything else for a directory.
     #[must_use]

@@ -47,6 +47,9 @@ pub enum TimeError {
          \"2019-03-01T00:00:00Z\" or \"2019-03-01T00:00:00+02:00\""
     )]
     InvalidDate(String),
+    /// A date and time with a fraction of a second, which the time axis (whole seconds) cannot hold.
+    #[error("{0:?}: times are whole seconds; a fraction of a second would be rounded away")]
+    FractionOfSecond(String),
     /// A time step that cannot be parsed, or is zero or negative.
     #[error(
         "invalid time step {0:?}: expected a positive whole count and a unit, e.g. \"1h\", \"30min\", \
@@ -494,16 +497,20 @@ fn normalize_reference(
 }
 
 /// Parses a user timestamp: "2019-03-01", "2019-03-01T00:00:00Z", "2019-03-01 06:30",
-/// "2019-03-01T00:00:00+02:00". No time zone means UTC; fractions of a second are rounded.
+/// "2019-03-01T00:00:00+02:00". No time zone means UTC.
 ///
 /// # Errors
-/// [`TimeError::InvalidDate`] for malformed text or a date that does not exist.
+/// [`TimeError::InvalidDate`] for malformed text or a date that does not exist;
+/// [`TimeError::FractionOfSecond`] for a time with a fraction of a second (`00:00:00.5`).
 pub fn parse_timestamp(text: &str) -> Result<Instant, TimeError> {
     let invalid = || TimeError::InvalidDate(text.to_string());
     let parts = parse_parts(text).map_err(|_| invalid())?;
     parts.check_time().map_err(|_| invalid())?;
     parts.check_date(gregorian_month_days).map_err(|_| invalid())?;
-    let seconds = parts.whole_seconds_of_day() + (parts.second - parts.second.floor()).round() as i64;
+    if parts.second.fract() != 0.0 {
+        return Err(TimeError::FractionOfSecond(text.to_string()));
+    }
+    let seconds = parts.whole_seconds_of_day();
     instant_from_civil(parts.year, parts.month, parts.day, seconds - parts.offset).ok_or_else(invalid)
 }
 
@@ -1273,7 +1280,9 @@ mod tests {
         assert_eq!(ts("2019-03-01T00:00:00+02:00"), 1_551_398_400 - 7200);
         assert_eq!(ts("2019-03-01T00:00:00-0130"), 1_551_398_400 + 5400);
         assert_eq!(ts("2019-03-01t06:00:00z"), 1_551_398_400 + 6 * 3600);
-        assert_eq!(ts("2019-03-01T00:00:00.6Z"), 1_551_398_400 + 1);
+        assert_eq!(ts("2019-03-01T00:00:00.000Z"), 1_551_398_400);
+        // A fraction of a second, which the axis cannot hold, is refused (it was rounded: a start moved).
+        assert!(matches!(parse_timestamp("2019-03-01T00:00:00.6Z"), Err(TimeError::FractionOfSecond(_))));
         assert_eq!(ts("  2019-3-1  "), 1_551_398_400);
         assert_eq!(ts("1970-01-01"), 0);
         assert_eq!(ts("1969-12-31T23:59:59Z"), -1);

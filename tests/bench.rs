@@ -156,9 +156,11 @@ fn bench_of_a_cube_too_large_to_read_whole_takes_the_first_batches() {
     assert_eq!(report["epochs_per_round"], 1);
     assert_eq!(report["machine"]["max_pass_seconds"], 0.002);
     assert!(report["ratio_to_ceiling"].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()));
-    // Bytes read against the stored bytes of the batches the readers took, delivered or read ahead.
+    // Bytes read against the stored bytes of the batches the readers took, delivered or read ahead (counting
+    // those delivered alone, it would be several times 1). The loader's build reads the cube's metadata and
+    // validity index, which weigh more the fewer batches a busy machine reads in 2 ms.
     let amplification = report["read_amplification"].as_f64().unwrap();
-    assert!((0.9..1.1).contains(&amplification), "{amplification}");
+    assert!((0.9..1.25).contains(&amplification), "{amplification}");
     // The table says so.
     let out = cubeload(dir.path(), &[&args[..], &["--max-pass-seconds", "0.002"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

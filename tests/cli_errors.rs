@@ -320,6 +320,11 @@ fn unusable_sources_exit_1_and_name_the_file() {
             config(&format!("  z: {{ path: {}, variable: z }}\n", eraint.display())),
             vec!["variables.z.band", "eraint_uvz.nc", "non-spatial dimensions"],
         ),
+        // A GeoTIFF names no variable: one given was ignored.
+        (
+            config(&format!("  lc: {{ path: {}, variable: landcover }}\n", shared_data("lc.tif").display())),
+            vec!["variables.lc.variable", "lc.tif", "this GTiff file is one raster of bands"],
+        ),
     ];
     for (text, parts) in cases {
         let (code, stderr) = gen_err(dir.path(), &text);

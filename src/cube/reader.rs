@@ -135,7 +135,7 @@ fn read_root(
                         staging.display()
                     )
                 } else {
-                    "no such cube".to_string()
+                    crate::store::unsupported_url(path).unwrap_or_else(|| "no such cube".to_string())
                 }
             }
             Location::S3 { .. } => "no such cube (no zarr.json under this prefix)".to_string(),
