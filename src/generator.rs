@@ -80,8 +80,14 @@ pub enum GenError {
     },
     /// A half-made cube from another configuration or other inputs is in the way.
     #[error(
-        "{output}: an interrupted generation of this cube from {difference} is kept in {staging}; run the \
-         original config again to resume it, or add --overwrite to discard it"
+        "{output}: an unfinished generation of this cube from {difference} is kept in {staging}; run the \
+         original config again to resume it, or {}",
+        if *.parts {
+            "delete that directory to discard it, once no part of the other config runs (--overwrite \
+             does not go with --part, and --finalize keeps it)"
+        } else {
+            "add --overwrite to discard it"
+        }
     )]
     Changed {
         /// The cube being generated.
@@ -90,6 +96,8 @@ pub enum GenError {
         staging: PathBuf,
         /// What differs: the configuration, or the input files added, removed or changed since.
         difference: String,
+        /// Whether a part or `--finalize` was refused, for which `--overwrite` discards nothing.
+        parts: bool,
     },
     /// Parts of one cube run with different configurations or inputs.
     #[error(
@@ -352,9 +360,13 @@ fn generate_locked(
     };
     let built = built.inspect_err(|_| {
         // Keep what an interrupted or failed run finished for the next run; nothing finished, nothing kept.
+        // Never the blocks of parts, of this configuration or another (`--finalize` of another deleted them).
         let scratch = shuffled::scratch(&staging);
-        let nothing = |dir: &Path| Manifest::load(dir).is_ok_and(|m| m.records.is_empty());
-        if options.part.is_none() && nothing(&staging) && nothing(&scratch) {
+        let nothing = |dir: &Path| {
+            Manifest::load(dir).is_ok_and(|m| m.records.is_empty() && m.other_runs.is_empty())
+                && !crate::cube::manifest::holds_parts(dir)
+        };
+        if options.part.is_none() && !options.finalize && nothing(&staging) && nothing(&scratch) {
             let _ = std::fs::remove_dir_all(&staging);
             let _ = std::fs::remove_dir_all(&scratch);
         }
@@ -795,6 +807,7 @@ fn prepare_staging(
             output: output.to_path_buf(),
             staging: staging.to_path_buf(),
             difference: difference(staging, plan),
+            parts: options.part.is_some() || options.finalize,
         }),
         // Parts start together: another one may be creating the directory right now.
         None if options.part.is_some() => Ok(()),
@@ -1143,7 +1156,6 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         .filter(|h| h.fingerprint == run.fingerprint)
         .map_or_else(|| time::format_instant(chrono::Utc::now().timestamp()), |h| h.created.clone());
     let header = ManifestHeader::new(run.fingerprint.clone(), created.clone());
-    let writer = CubeWriter::create(dir, plan, &created)?;
     let blocks = plan_blocks(plan, options.block_bytes.unwrap_or(BLOCK_BUDGET_BYTES));
     let total = blocks.len();
     let ids: Vec<BlockId> = blocks.iter().map(|b| block_id(plan, b)).collect();
@@ -1177,6 +1189,33 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         }
     }
     let reused = done.iter().filter(|d| d.is_some()).count();
+    let unfinished = |done: &[Option<BlockRecord>]| {
+        let first = done.iter().position(Option::is_none)?;
+        let others = if existing_other_runs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} record parts run with another configuration or other inputs: run those parts again \
+                 with this config",
+                existing_other_runs.join(", ")
+            )
+        };
+        Some(GenError::Unfinished {
+            path: plan.config.output.clone(),
+            message: format!(
+                "{} of {total} blocks are not written (the first: {}){others}; run the parts that failed \
+                 again, then --finalize",
+                done.iter().filter(|d| d.is_none()).count(),
+                ids[first],
+            ),
+        })
+    };
+    // `--finalize` writes nothing before all blocks are there: its metadata and manifest would make the
+    // staging directory its configuration's, in the way of the parts of another one.
+    if let Some(error) = unfinished(&done).filter(|_| options.finalize) {
+        return Err(error);
+    }
+    let writer = CubeWriter::create(dir, plan, &created)?;
     let todo: Vec<usize> =
         (0..total).filter(|&i| done[i].is_none() && mine(i) && !options.finalize).collect();
     let manifest_name = part.map_or_else(|| MANIFEST_FILE.to_string(), |p| p.manifest_file());
@@ -1189,6 +1228,12 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
     if part.is_some() {
         let now = Manifest::load(dir)?;
         if now.header.is_some_and(|h| h.fingerprint != run.fingerprint) || !now.other_runs.is_empty() {
+            // A refused part that kept nothing takes its header away: left, it made the staging directory
+            // this configuration's, and the parts of the other one, which ran on, could not finish.
+            if kept == 0 {
+                drop(manifest);
+                let _ = std::fs::remove_file(dir.join(&manifest_name));
+            }
             return Err(GenError::OtherParts {
                 output: plan.config.output.clone(),
                 files: now.other_runs.join(", "),
@@ -1281,25 +1326,8 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
         let blocks = (0..total).filter(|&i| mine(i)).count();
         return Ok(Built::Part { meta: writer.meta().clone(), blocks, reused: kept });
     }
-    if let Some(first) = done.iter().position(Option::is_none) {
-        let b = &ids[first];
-        let others = if existing_other_runs.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; {} record parts run with another configuration or other inputs: run those parts again \
-                 with this config",
-                existing_other_runs.join(", ")
-            )
-        };
-        return Err(GenError::Unfinished {
-            path: plan.config.output.clone(),
-            message: format!(
-                "{} of {total} blocks are not written (the first: {b}){others}; run the parts that failed \
-                 again, then --finalize",
-                done.iter().filter(|d| d.is_none()).count(),
-            ),
-        });
+    if let Some(error) = unfinished(&done) {
+        return Err(error);
     }
     let records: Vec<&BlockRecord> = done.iter().flatten().collect();
     let meta = finish(plan, writer, dir, &header, &blocks, &records)?;

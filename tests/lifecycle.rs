@@ -763,6 +763,55 @@ fn parts_of_another_config_are_named_not_taken_for_unwritten_blocks() {
     assert!(cubeload(dir, &["verify", "cube.zarr"]).status.success());
 }
 
+/// Parts of two configs started together: the one refused had written a header and left it, so the staging
+/// directory counted as its own. Its `--finalize`, finding no block of its own, then deleted the directory
+/// with the blocks the other config's parts had written. A failed `--finalize` keeps every part's blocks;
+/// a part refused for a half-made cube of another config is told to delete it (`--overwrite` does not go
+/// with `--part`, and it was told to add it).
+#[test]
+fn a_failed_finalize_keeps_the_blocks_of_parts_of_another_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let text = inputs(dir);
+    let ours = config(dir, &text, "cube.zarr", 2);
+    let theirs = dir.join("theirs.yaml");
+    let other = std::fs::read_to_string(&ours).unwrap().replace("level: 3", "level: 5");
+    assert_ne!(other, std::fs::read_to_string(&ours).unwrap());
+    std::fs::write(&theirs, other).unwrap();
+    let (ours, theirs) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
+    // The header of a part of ours, alone, as a part refused in the race left it beside the other config's.
+    let staging = dir.join(".cube.zarr.cubeload-partial");
+    run_gen(dir, &["--part", "0/2", "-c", ours]);
+    let manifest = staging.join("cubeload_manifest.part-00000-of-00002.jsonl");
+    let header = std::fs::read_to_string(&manifest).unwrap().lines().next().unwrap().to_string();
+    std::fs::remove_dir_all(&staging).unwrap();
+    run_gen(dir, &["--part", "1/2", "-c", theirs]);
+    std::fs::write(&manifest, format!("{header}\n")).unwrap();
+    let written = stored_files(&staging);
+    assert!(written.keys().any(|k| k.contains("/c/")), "the other config's parts wrote blocks");
+
+    let finalize = cubeload(dir, &["gen", "--finalize", "-c", ours]);
+    assert_eq!(finalize.status.code(), Some(1), "{}", String::from_utf8_lossy(&finalize.stderr));
+    // The blocks' chunk files (the metadata is made anew by each run).
+    let chunks = |files: BTreeMap<String, Vec<u8>>| -> BTreeMap<String, Vec<u8>> {
+        files.into_iter().filter(|(k, _)| k.contains("/c/")).collect()
+    };
+    let left = chunks(stored_files(&staging));
+    assert!(left == chunks(written), "a failed --finalize deleted the parts' blocks: {:?}", left.keys());
+    // The other config is in the way of this one's parts, and deleting it is the way out.
+    let part = cubeload(dir, &["gen", "--part", "1/2", "-c", theirs]);
+    assert_eq!(part.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&part.stderr);
+    assert!(
+        stderr.contains("delete that directory to discard it") && !stderr.contains("add --overwrite"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&manifest).unwrap();
+    run_gen(dir, &["--part", "0/2", "-c", theirs]);
+    run_gen(dir, &["--finalize", "-c", theirs]);
+    assert!(cubeload(dir, &["verify", "cube.zarr"]).status.success());
+}
+
 #[test]
 fn a_run_beside_another_run_of_the_same_cube_is_refused_and_touches_nothing() {
     let dir = tempfile::tempdir().unwrap();
