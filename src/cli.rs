@@ -662,9 +662,10 @@ fn print_summary(report: &GenReport, finalized: bool) {
     };
     if let Some(part) = report.part {
         say!(
-            "part {part}: wrote its {} blocks{reused} in {:.1} s into {}; when every part is done, run \
+            "part {part}: wrote its {} block{}{reused} in {:.1} s into {}; when every part is done, run \
              `cubeload gen -c CONFIG --finalize`",
             report.blocks,
+            if report.blocks == 1 { "" } else { "s" },
             report.seconds,
             report.path.display()
         );
