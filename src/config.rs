@@ -830,6 +830,16 @@ impl Config {
         if null {
             return Err(ConfigError::invalid("output", "the cube's path (or s3:// URL) is missing"));
         }
+        // No shell reads the config: `~/x.zarr` made a directory named `~` in the working directory.
+        if self.output.starts_with("~") {
+            return Err(ConfigError::invalid(
+                "output",
+                format!(
+                    "`{}`: `~` is not expanded here; write the home directory's path",
+                    self.output.display()
+                ),
+            ));
+        }
         if let Some(why) = crate::store::unsupported_url(&self.output) {
             return Err(ConfigError::invalid("output", format!("`{}`: {why}", self.output.display())));
         }
@@ -1221,6 +1231,7 @@ variables:
                 "output`: the cube's path (or s3:// URL) is missing",
             ),
             (BASE.replace("output: out.zarr", "output: gs://b/o.zarr"), "`gs:` URLs are not supported"),
+            (BASE.replace("output: out.zarr", "output: ~/o.zarr"), "`~` is not expanded here"),
             (
                 BASE.replace("output: out.zarr", "output: file:///tmp/o.zarr"),
                 "`file:` URLs are not supported",
