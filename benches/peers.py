@@ -6,14 +6,19 @@
      a. ``cubeload.Loader`` (threads=2, prefetch=8), whole shuffled epochs;
      b. a plain zarr-python chunk reader: ``zarr.open_group(cube)[var][t0:t1, y0:y1, x0:x1]``, exactly one
         chunk region per variable, stacked to ``[B, T, V]`` float32, one Python thread (and, as an extra row,
-        the same reads issued by a 2-thread pool);
+        the same reads through zarr's asynchronous API, 16 batches in flight: its synchronous API serves
+        every Python thread from one event loop, so a thread pool does not read concurrently);
      c. xbatcher over xarray: ``xr.open_zarr(cube)``, ``xbatcher.BatchGenerator(ds[vars], input_dims={time: T,
-        lat: 16, lon: 16})``, each batch converted to numpy ``[B, T, V]`` (a bounded number of batches).
+        lat: 16, lon: 16})``, each batch converted to numpy ``[B, T, V]`` (a bounded number of batches); and
+        the same over ``xr.open_zarr(cube, chunks=None)``, xarray's lazy indexing without dask, which is
+        faster: the goal is judged against the faster of the two.
 2. Generation: ``cubeload gen`` (the release binary) against the usual recipe: rioxarray ``rio.reproject`` of
    every input onto the same target grid with the same resampling (bilinear t2m, average NDVI, mode land
    cover), NDVI dated by file name and aligned onto the hourly axis by
    ``reindex(time=hourly, method="nearest", tolerance="1D")``, then ``Dataset.to_zarr`` (zarr v3, zstd 3) with
-   dask chunks equal to cubeload's (time=all, lat=16, lon=16).
+   dask chunks equal to cubeload's (time=all, lat=16, lon=16): the seed recipe. And the recipe tuned as
+   xarray's and dask's guides say: dask chunks of a whole shard, the store sharded as cubeload's is (the
+   same inner chunks), which writes fewer, larger files and runs fewer tasks.
 
 Inputs are the synthetic ones of ``cubeload demo`` (hourly NetCDF t2m at 0.25°, a 250 m UTM GeoTIFF NDVI
 series every 2 days, a UTM land-cover map, one week); ``--resolution`` sets the target grid and so the size.
@@ -25,7 +30,7 @@ Everything runs with a warm page cache (the inputs and cubes were just written).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
+import collections
 import datetime as dt
 import glob
 import json
@@ -160,6 +165,13 @@ def cube_meta(cube: Path) -> dict:
     return json.loads((cube / "zarr.json").read_text())["attributes"]["cubeload"]
 
 
+def shard_shape(cube: Path) -> tuple[int, int]:
+    """(rows, columns) of a shard of the cube's time-varying arrays (a whole batch chunk when unsharded)."""
+    array = json.loads((cube / VARS[0] / "zarr.json").read_text())
+    _, rows, cols = array["chunk_grid"]["configuration"]["chunk_shape"]
+    return rows, cols
+
+
 def logical_bytes(meta: dict) -> int:
     """Uncompressed bytes of the cube's data on the unpadded grid (the same for both generators)."""
     t, h, w = meta["shape"]
@@ -218,7 +230,8 @@ def zarr_batch(arrays, chunk, t_len):
     return np.ascontiguousarray(x.reshape(t_len, TILE * TILE, len(arrays)).transpose(1, 0, 2), dtype=np.float32)
 
 
-def bench_zarr(cube: Path, chunks, budget_s: float, threads: int = 1) -> dict:
+def bench_zarr(cube: Path, chunks, budget_s: float) -> dict:
+    """zarr-python's synchronous API, one batch after the other."""
     import zarr
 
     t0 = time.perf_counter()
@@ -227,38 +240,62 @@ def bench_zarr(cube: Path, chunks, budget_s: float, threads: int = 1) -> dict:
     t_len = arrays[0].chunks[0]
     expect = (TILE * TILE, t_len, len(VARS))
     n = 0
-    if threads == 1:
-        for chunk in chunks:
-            x = zarr_batch(arrays, chunk, t_len)
-            assert x.shape == expect
-            n += 1
-            if time.perf_counter() - t0 > budget_s:
-                break
-    else:
-        with cf.ThreadPoolExecutor(threads) as pool:
-            pending = []
-            it = iter(chunks)
-            for chunk in it:  # keep up to 8 batches in flight, as the loader's prefetch
-                pending.append(pool.submit(zarr_batch, arrays, chunk, t_len))
-                if len(pending) >= 8:
-                    x = pending.pop(0).result()
-                    assert x.shape == expect
-                    n += 1
-                    if time.perf_counter() - t0 > budget_s:
-                        break
-            for f in pending:
-                f.result()
-                n += 1
+    for chunk in chunks:
+        x = zarr_batch(arrays, chunk, t_len)
+        assert x.shape == expect
+        n += 1
+        if time.perf_counter() - t0 > budget_s:
+            break
     elapsed = time.perf_counter() - t0
     return {"batches": n, "seconds": elapsed, "bounded": n < len(chunks)}
 
 
-def bench_xbatcher(cube: Path, max_batches: int, budget_s: float) -> dict:
+def bench_zarr_async(cube: Path, chunks, budget_s: float, in_flight: int = 16) -> dict:
+    """zarr-python's asynchronous API: the variables of a batch read together, `in_flight` batches at once."""
+    import asyncio
+
+    from zarr.api.asynchronous import open_group
+
+    async def read() -> dict:
+        t0 = time.perf_counter()
+        group = await open_group(str(cube), mode="r")
+        arrays = [await group.getitem(v) for v in VARS]
+        t_len = arrays[0].chunks[0]
+        expect = (TILE * TILE, t_len, len(VARS))
+
+        async def one(chunk):
+            ct, cy, cx = chunk
+            region = (slice(ct * t_len, (ct + 1) * t_len), slice(cy * TILE, (cy + 1) * TILE),
+                      slice(cx * TILE, (cx + 1) * TILE))
+            parts = await asyncio.gather(*(a.getitem(region) for a in arrays))
+            x = np.stack(parts, axis=-1).reshape(t_len, TILE * TILE, len(arrays)).transpose(1, 0, 2)
+            return np.ascontiguousarray(x, dtype=np.float32)
+
+        pending, n = collections.deque(), 0
+        for chunk in chunks:
+            pending.append(asyncio.ensure_future(one(chunk)))
+            if len(pending) >= in_flight:
+                assert (await pending.popleft()).shape == expect
+                n += 1
+                if time.perf_counter() - t0 > budget_s:
+                    break
+        for task in pending:  # the batches already asked for are delivered and counted
+            assert (await task).shape == expect
+            n += 1
+        return {"batches": n, "seconds": time.perf_counter() - t0, "bounded": n < len(chunks),
+                "in_flight": in_flight}
+
+    return asyncio.run(read())
+
+
+def bench_xbatcher(cube: Path, max_batches: int, budget_s: float, dask: bool = True) -> dict:
+    """xbatcher over the cube opened by xarray with dask (``open_zarr``'s default) or without
+    (``chunks=None``: xarray's lazy backend indexing, each batch read when converted)."""
     import xarray as xr
     import xbatcher
 
     t0 = time.perf_counter()
-    ds = xr.open_zarr(str(cube))
+    ds = xr.open_zarr(str(cube)) if dask else xr.open_zarr(str(cube), chunks=None)
     t_len = ds.sizes["time"]
     gen = xbatcher.BatchGenerator(ds[VARS], input_dims={"time": t_len, "lat": TILE, "lon": TILE})
     total = len(gen)
@@ -280,7 +317,7 @@ def bench_xbatcher(cube: Path, max_batches: int, budget_s: float) -> dict:
         "loop_s": loop,
         "seconds": setup + loop,
         "bounded": n < total,
-        "dask_chunks": [c[0] for c in ds[VARS[0]].chunks],
+        "dask_chunks": [c[0] for c in ds[VARS[0]].chunks] if dask else None,
     }
 
 
@@ -307,8 +344,9 @@ def gen_cubeload(binary: Path, config: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, child_cpu() - c0
 
 
-def gen_rioxarray(inputs: Path, meta: dict, out: Path) -> tuple[float, float]:
-    """The seed recipe of the usual Python stack, timed from opening the inputs to the closed zarr store."""
+def gen_rioxarray(inputs: Path, meta: dict, out: Path, shards: tuple[int, int] | None = None) -> tuple[float, float]:
+    """The seed recipe of the usual Python stack, timed from opening the inputs to the closed zarr store; with
+    `shards` (rows, columns), tuned: dask chunks of that shape, written as shards of the batch's chunks."""
     import pandas as pd
     import rioxarray
     import xarray as xr
@@ -352,9 +390,18 @@ def gen_rioxarray(inputs: Path, meta: dict, out: Path) -> tuple[float, float]:
     ds = xr.Dataset({"t2m": t2m.astype("float32"), "ndvi": ndvi.astype("float32"), "landcover": lc})
     ds = ds.rio.write_crs(dst_crs)
     t_len = ds.sizes["time"]
-    ds = ds.chunk({"time": t_len, "lat": TILE, "lon": TILE})
     zstd = (zarr.codecs.ZstdCodec(level=3),)
     encoding = {v: {"compressors": zstd} for v in ds.data_vars}
+    if shards is None:
+        ds = ds.chunk({"time": t_len, "lat": TILE, "lon": TILE})
+    else:
+        # One dask chunk per shard of cubeload's shape, the batch as the shard's inner chunk.
+        sy, sx = shards
+        ds = ds.chunk({"time": t_len, "lat": sy, "lon": sx})
+        for v in ds.data_vars:
+            timed = "time" in ds[v].dims
+            encoding[v]["shards"] = (t_len, sy, sx) if timed else (sy, sx)
+            encoding[v]["chunks"] = (t_len, TILE, TILE) if timed else (TILE, TILE)
     with warnings.catch_warnings():  # "consolidated metadata is not part of the Zarr v3 specification"
         warnings.simplefilter("ignore", UserWarning)
         ds.to_zarr(str(out), mode="w", zarr_format=3, consolidated=True, encoding=encoding)
@@ -421,36 +468,43 @@ def main() -> None:
         # other processes drifting over the run hits all of them alike; figures are medians over the rounds.
 
         # ---- 2. generation (first: it also makes the cube the loaders read)
-        gen_cl, gen_rx = [], []
-        peer = work / "peer-rioxarray.zarr"
-        meta = None
+        gen_cl, gen_rx, gen_rxt = [], [], []
+        peer, tuned = work / "peer-rioxarray.zarr", work / "peer-rioxarray-sharded.zarr"
+        meta = shards = None
         for i in range(args.rounds):
             gen_cl.append(gen_cubeload(binary, config))
             log(f"round {i + 1}: cubeload gen {gen_cl[-1][0]:.2f} s wall, {gen_cl[-1][1]:.2f} s CPU")
-            meta = meta or cube_meta(cube)
+            meta, shards = meta or cube_meta(cube), shards or shard_shape(cube)
             gen_rx.append(gen_rioxarray(work / "inputs", meta, peer))
             log(f"round {i + 1}: rioxarray recipe {gen_rx[-1][0]:.2f} s wall, {gen_rx[-1][1]:.2f} s CPU")
+            gen_rxt.append(gen_rioxarray(work / "inputs", meta, tuned, shards=shards))
+            log(f"round {i + 1}: tuned, sharded {gen_rxt[-1][0]:.2f} s wall, {gen_rxt[-1][1]:.2f} s CPU")
         out_bytes = logical_bytes(meta)
         agree = agreement(cube, peer, meta)
         log(f"agreement: {agree}")
+        same = {v: agreement(peer, tuned, meta)[v] for v in ("t2m", "ndvi", "landcover")}
+        assert all(same[v]["max_abs_diff"] == 0 and same[v]["nan_pattern_equal"] == 1 for v in ("t2m", "ndvi")), same
+        assert same["landcover"]["equal"] == 1, same
 
         # ---- 1. loading
         t_len = meta["layout"]["chunk_t"]
         batch_bytes = TILE * TILE * t_len * len(VARS) * 4
         chunks = epoch_chunks(cube, args.seed)
         n_epoch = len(chunks)
-        cl_runs, cls_runs, zr_runs, zr2_runs, xb_runs = [], [], [], [], []
+        cl_runs, cls_runs, zr_runs, zr2_runs, xb_runs, xbn_runs = [], [], [], [], [], []
         for i in range(args.rounds):
             cl_runs.append(cpu_timed(bench_cubeload, cube, args.threads, args.prefetch, args.seed))
             cls_runs.append(cpu_timed(bench_cubeload_stacked, cube, args.threads, args.prefetch, args.seed))
-            zr_runs.append(cpu_timed(bench_zarr, cube, chunks, args.peer_budget, threads=1))
-            zr2_runs.append(cpu_timed(bench_zarr, cube, chunks, args.peer_budget, threads=args.threads))
+            zr_runs.append(cpu_timed(bench_zarr, cube, chunks, args.peer_budget))
+            zr2_runs.append(cpu_timed(bench_zarr_async, cube, chunks, args.peer_budget))
             xb_runs.append(cpu_timed(bench_xbatcher, cube, args.xbatcher_batches, args.peer_budget))
+            xbn_runs.append(cpu_timed(bench_xbatcher, cube, args.xbatcher_batches, args.peer_budget, dask=False))
             log(
                 f"round {i + 1}: cubeload.Loader {cl_runs[-1]['seconds']:.3f} s / {cl_runs[-1]['batches']} batches, "
                 f"+ np.stack {cls_runs[-1]['seconds']:.3f} s, zarr-python {zr_runs[-1]['seconds']:.2f} s / "
-                f"{zr_runs[-1]['batches']}, x{args.threads} threads {zr2_runs[-1]['seconds']:.2f} s, xbatcher "
-                f"{xb_runs[-1]['loop_s']:.2f} s / {xb_runs[-1]['batches']} (setup {xb_runs[-1]['setup_s']:.2f} s)"
+                f"{zr_runs[-1]['batches']}, async {zr2_runs[-1]['seconds']:.2f} s, xbatcher "
+                f"{xb_runs[-1]['loop_s']:.2f} s / {xb_runs[-1]['batches']} (setup {xb_runs[-1]['setup_s']:.2f} s), "
+                f"without dask {xbn_runs[-1]['loop_s']:.2f} s"
             )
         load_end = os.getloadavg()
     finally:
@@ -469,12 +523,17 @@ def main() -> None:
     zr_rates = [rate(r) for r in zr_runs]
     zr2_rates = [rate(r) for r in zr2_runs]
     xb_rates = [xb_steady(r) for r in xb_runs]
+    xbn_rates = [xb_steady(r) for r in xbn_runs]
     cl_rate, cls_rate = median(cl_rates), median(cls_rates)
     zr_rate, zr2_rate, xb_rate = median(zr_rates), median(zr2_rates), median(xb_rates)
+    xbn_rate = median(xbn_rates)
     xb_rate_incl = median([rate(r) for r in xb_runs])
-    xb, zr, zr2 = xb_runs[0], zr_runs[0], zr2_runs[0]
+    xb, xbn, zr, zr2 = xb_runs[0], xbn_runs[0], zr_runs[0], zr2_runs[0]
     gen_cl_s, gen_rx_s = median([w for w, _ in gen_cl]), median([w for w, _ in gen_rx])
     gen_cl_cpu, gen_rx_cpu = median([c for _, c in gen_cl]), median([c for _, c in gen_rx])
+    gen_rxt_s, gen_rxt_cpu = median([w for w, _ in gen_rxt]), median([c for _, c in gen_rxt])
+    # The goal is judged against the faster xbatcher: the one a user who measured would keep.
+    xb_best = max(xb_rate, xbn_rate)
     mb = out_bytes / 1e6
 
     mach, vers = machine(), versions(binary)
@@ -502,9 +561,9 @@ def main() -> None:
 
     load = " / ".join(f"{x:.2f}" for x in load_start)
     load2 = " / ".join(f"{x:.2f}" for x in load_end)
-    r_xb, r_zr = cl_rate / xb_rate, cl_rate / zr_rate
-    r_xb_s, r_zr_s = cls_rate / xb_rate, cls_rate / zr_rate
-    r_gen = gen_rx_s / gen_cl_s
+    r_xb, r_zr = cl_rate / xb_best, cl_rate / zr_rate
+    r_xb_s, r_zr_s = cls_rate / xb_best, cls_rate / zr_rate
+    r_gen, r_gen_tuned = gen_rx_s / gen_cl_s, gen_rxt_s / gen_cl_s
     lines = [
         "## cubeload vs the Python stack (benches/peers.py)",
         "",
@@ -530,16 +589,23 @@ def main() -> None:
         f"| zarr-python chunk reader, 1 thread, [B, T, V] | {zr['batches']}{bounded(zr)}{rounds} "
         f"| {zr_rate:.1f} ({spread(zr_rates, '{:.0f}')}) | {gbs(zr_rate):.3f} | {cpu_per_batch(zr_runs):.2f} "
         f"| **{r_zr:.1f}×** |",
-        f"| zarr-python chunk reader, {args.threads}-thread pool, [B, T, V] | {zr2['batches']}{bounded(zr2)}{rounds} "
+        f"| zarr-python chunk reader, async API, {zr2['in_flight']} batches in flight, [B, T, V] "
+        f"| {zr2['batches']}{bounded(zr2)}{rounds} "
         f"| {zr2_rate:.1f} ({spread(zr2_rates, '{:.0f}')}) | {gbs(zr2_rate):.3f} | {cpu_per_batch(zr2_runs):.2f} "
         f"| {cl_rate / zr2_rate:.1f}× |",
-        f"| xbatcher BatchGenerator over xr.open_zarr, [B, T, V] | first {xb['batches']} of "
+        f"| xbatcher BatchGenerator over xr.open_zarr (dask), [B, T, V] | first {xb['batches']} of "
         f"{xb['generator_batches']}{rounds}{bounded(xb)} | {xb_rate:.1f} "
-        f"({spread(xb_rates, '{:.0f}')}) | {gbs(xb_rate):.4f} | {cpu_per_batch(xb_runs):.2f} | **{r_xb:.0f}×** |",
+        f"({spread(xb_rates, '{:.0f}')}) | {gbs(xb_rate):.4f} | {cpu_per_batch(xb_runs):.2f} "
+        f"| {cl_rate / xb_rate:.0f}× |",
+        f"| xbatcher BatchGenerator over xr.open_zarr(chunks=None) (no dask), [B, T, V] | first {xbn['batches']} of "
+        f"{xbn['generator_batches']}{rounds}{bounded(xbn)} | {xbn_rate:.1f} "
+        f"({spread(xbn_rates, '{:.0f}')}) | {gbs(xbn_rate):.4f} | {cpu_per_batch(xbn_runs):.2f} "
+        f"| {cl_rate / xbn_rate:.0f}× |",
         "",
-        f"Goals: ≥ 20× xbatcher ({'met' if r_xb >= 20 else 'NOT met'}: {r_xb:.0f}×; {r_xb_s:.0f}× when cubeload's "
-        f"arrays are also stacked to [B, T, V]), ≥ 5× the plain zarr-python reader "
-        f"({'met' if r_zr >= 5 else 'NOT met'}: {r_zr:.1f}×; {r_zr_s:.1f}× stacked). "
+        f"Goals: ≥ 20× xbatcher, the faster of its two setups ({'met' if r_xb >= 20 else 'NOT met'}: "
+        f"{r_xb:.1f}×; {r_xb_s:.1f}× when cubeload's arrays are also stacked to [B, T, V]), ≥ 5× the plain "
+        f"zarr-python reader ({'met' if r_zr >= 5 else 'NOT met'}: {r_zr:.1f}×; {r_zr_s:.1f}× stacked; "
+        f"{cl_rate / zr2_rate:.1f}× the asynchronous one). "
         f"cubeload's epochs include its start (first batch after "
         f"{median([r['first_batch_s'] for r in cl_runs]) * 1e3:.2f} ms, median); xbatcher's setup "
         f"(open_zarr + BatchGenerator: {xb['setup_s'] * 1e3:.0f} ms) is left out of its rate "
@@ -559,13 +625,18 @@ def main() -> None:
         f"| rioxarray rio.reproject + reindex + Dataset.to_zarr (dask threads, zarr v3) | {len(gen_rx)} "
         f"| {gen_rx_s:.2f} ({spread([w for w, _ in gen_rx], '{:.2f}')}) | {mb / gen_rx_s:.0f} | {gen_rx_cpu:.2f} "
         f"| **{r_gen:.1f}×** |",
+        f"| the same, tuned: dask chunks of a whole shard ({shards[0]} × {shards[1]}), zarr v3 shards of the "
+        f"batch chunks, as cubeload's | {len(gen_rxt)} | {gen_rxt_s:.2f} ({spread([w for w, _ in gen_rxt], '{:.2f}')}) "
+        f"| {mb / gen_rxt_s:.0f} | {gen_rxt_cpu:.2f} | {r_gen_tuned:.1f}× |",
         "",
-        f"Goal: ≥ 5× ({'met' if r_gen >= 5 else 'NOT met'}: {r_gen:.1f}× in wall time, "
-        f"{gen_rx_cpu / gen_cl_cpu:.1f}× in CPU time). "
+        f"Goal: ≥ 5× the seed recipe ({'met' if r_gen >= 5 else 'NOT met'}: {r_gen:.1f}× in wall time, "
+        f"{gen_rx_cpu / gen_cl_cpu:.1f}× in CPU time); against the tuned recipe, which writes the same arrays, "
+        f"{'also met' if r_gen_tuned >= 5 else 'NOT met'}: {r_gen_tuned:.1f}× in wall time, "
+        f"{gen_rxt_cpu / gen_cl_cpu:.1f}× in CPU time. "
         f"Output: {mb:.1f} MB uncompressed on the unpadded grid (t2m, ndvi float32 × {t_len} steps, landcover "
         f"uint8), the same figure for both. cubeload's time is the process wall time, start-up included (it also "
         f"pads to whole batches, shards, computes statistics, the batch index and input SHA-256s); the recipe's "
-        f"runs from opening the inputs to the written store (imports done before; zstd 3, no sharding).",
+        f"runs from opening the inputs to the written store (imports done before; zstd 3; the seed recipe unsharded).",
         "",
         "Agreement of the two generated cubes (values where both are valid; differences come from the "
         "kernels' edge and NaN handling and GDAL versions): "
@@ -592,9 +663,10 @@ def main() -> None:
                 "cubeload": {"batches_per_s": cl_rate, "gb_per_s": gbs(cl_rate), "runs": cl_runs},
                 "cubeload_stacked": {"batches_per_s": cls_rate, "gb_per_s": gbs(cls_rate), "runs": cls_runs},
                 "zarr_python": {"batches_per_s": zr_rate, "runs": zr_runs},
-                "zarr_python_threads": {"batches_per_s": zr2_rate, "threads": args.threads, "runs": zr2_runs},
+                "zarr_python_async": {"batches_per_s": zr2_rate, "runs": zr2_runs},
                 "xbatcher": {"batches_per_s": xb_rate, "batches_per_s_with_setup": xb_rate_incl, "runs": xb_runs},
-                "ratio_vs_xbatcher": cl_rate / xb_rate,
+                "xbatcher_without_dask": {"batches_per_s": xbn_rate, "runs": xbn_runs},
+                "ratio_vs_xbatcher": r_xb,
                 "ratio_vs_zarr_python": cl_rate / zr_rate,
                 "ratio_vs_xbatcher_stacked": r_xb_s,
                 "ratio_vs_zarr_python_stacked": r_zr_s,
@@ -602,6 +674,8 @@ def main() -> None:
             "generation": {
                 "cubeload_wall_cpu_s": gen_cl,
                 "rioxarray_wall_cpu_s": gen_rx,
+                "rioxarray_tuned_wall_cpu_s": gen_rxt,
+                "ratio_tuned": r_gen_tuned,
                 "cubeload_mb_per_s": mb / gen_cl_s,
                 "rioxarray_mb_per_s": mb / gen_rx_s,
                 "ratio": r_gen,
