@@ -367,7 +367,7 @@ pub fn run(cube_path: &Path, options: &BenchOptions, scratch: &Path) -> Result<B
     // which a remote epoch fills first.
     let remote_plan = Plan {
         passes: plan.passes * REMOTE_EPOCHS,
-        batches: plan.batches.map(|n| n.max(4 * options.remote_prefetch)),
+        batches: plan.batches.map(|n| n.max(options.remote_prefetch.saturating_mul(4))),
     };
     // Ceiling: the chunks of every variable that the measured batches read (each level chunk of a
     // multi-resolution cube once), decoded by `threads` threads.

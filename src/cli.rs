@@ -81,8 +81,8 @@ enum Command {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
         threads: u64,
         /// Loader prefetch depth [default: the loader's, as many batches as 32 MiB hold, 4 to 1024].
-        #[arg(long)]
-        prefetch: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        prefetch: Option<u64>,
         /// Batches read from the image-chunked copy (0 to skip that comparison).
         #[arg(long, default_value_t = 8)]
         image_batches: usize,
@@ -90,8 +90,8 @@ enum Command {
         #[arg(long, default_value_t = 96)]
         remote_threads: usize,
         /// Prefetch depth of the object-store phase.
-        #[arg(long, default_value_t = 192)]
-        remote_prefetch: usize,
+        #[arg(long, default_value_t = 192, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        remote_prefetch: u64,
         /// Deliver static variables once per sample ([B, S]) instead of repeated along time in every batch.
         #[arg(long)]
         separate_statics: bool,
@@ -298,11 +298,11 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
         } => {
             let options = BenchOptions {
                 threads: usize::try_from(threads).unwrap_or(usize::MAX),
-                prefetch,
+                prefetch: prefetch.map(|p| usize::try_from(p).unwrap_or(usize::MAX)),
                 image_batches,
                 cold,
                 remote_threads,
-                remote_prefetch,
+                remote_prefetch: usize::try_from(remote_prefetch).unwrap_or(usize::MAX),
                 separate_statics,
                 mix: usize::try_from(mix).unwrap_or(usize::MAX),
                 max_pass_seconds,

@@ -138,6 +138,40 @@ impl<'de> Deserialize<'de> for VariableMap {
     }
 }
 
+/// `serde_yaml`'s message, where a key is given twice with the line of the repeat: `serde_yaml` places the
+/// error at the start of the mapping holding it (and a repeated top-level key nowhere).
+fn with_repeat_line(text: &str, error: &serde_yaml::Error) -> String {
+    let message = error.to_string();
+    let key = [
+        ("variable `", "` is defined twice"),
+        ("metadata `", "` is given twice"),
+        ("duplicate field `", "`"),
+    ]
+    .iter()
+    .find_map(|(before, after)| {
+        let start = message.find(before)? + before.len();
+        let end = start + message[start..].find(after)?;
+        Some(&message[start..end])
+    });
+    let Some(key) = key else { return message };
+    let from = error.location().map_or(0, |l| l.line().saturating_sub(1));
+    // The key's lines from the mapping's start, at the indentation of the first: the second is the repeat.
+    let mut found = text.lines().enumerate().skip(from).filter_map(|(i, line)| {
+        let body = line.trim_start();
+        let named = body.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'));
+        named.then_some((i + 1, line.len() - body.len()))
+    });
+    let Some((_, indent)) = found.next() else { return message };
+    let Some((repeat, _)) = found.find(|&(_, i)| i == indent) else { return message };
+    let bare = match error.location() {
+        Some(l) => {
+            message.trim_end_matches(&format!(" at line {} column {}", l.line(), l.column())).to_string()
+        }
+        None => message,
+    };
+    format!("{bare}, again at line {repeat}")
+}
+
 /// `metadata:`, whose keys must differ (YAML lets the last of two equal keys win without a word).
 fn metadata_map<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
@@ -784,8 +818,10 @@ impl Config {
     pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         // A byte-order mark (editors on Windows write one) is not YAML: the first key would read as another.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let mut config: Config = serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })?;
+        let mut config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: with_repeat_line(text, &e),
+        })?;
         let xcube = config.apply_xcube_aliases()?;
         config.validate().map_err(|e| if xcube { e.in_xcube_keys() } else { e })?;
         Ok(config)
@@ -1300,6 +1336,24 @@ variables:
     fn duplicate_variable_is_an_error() {
         let text = BASE.replace("  lc: { path: lc.tif", "  t2m: { path: lc.tif");
         assert!(parse(&text).unwrap_err().to_string().contains("t2m"));
+    }
+
+    /// A key given twice is placed at its repeat (`serde_yaml` places it at the start of the mapping, or, at
+    /// the top level, nowhere).
+    #[test]
+    fn a_repeated_key_names_the_line_of_its_repeat() {
+        let text = BASE.replace("  lc: { path: lc.tif", "  t2m: { path: lc.tif");
+        let message = parse(&text).unwrap_err().to_string();
+        assert!(message.contains("variable `t2m` is defined twice, again at line 7"), "{message}");
+        let message =
+            parse(&format!("{BASE}grid: {{ bbox: [0, 0, 1, 1], resolution: 1 }}\n")).unwrap_err().to_string();
+        assert!(message.contains("duplicate field `grid`, again at line 8"), "{message}");
+        let block = BASE.replace(
+            "  lc: { path: lc.tif, kind: categorical, static: true }",
+            "  lc:\n    path: lc.tif\n    kind: categorical\n    static: true\n    kind: continuous",
+        );
+        let message = parse(&block).unwrap_err().to_string();
+        assert!(message.contains("duplicate field `kind`, again at line 11"), "{message}");
     }
 
     #[test]

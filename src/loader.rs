@@ -361,7 +361,8 @@ impl LoaderBuilder {
     /// Opens the cube and starts the reader threads.
     ///
     /// # Errors
-    /// [`LoaderError`] when the cube cannot be opened, a variable is unknown, or an option is invalid.
+    /// [`LoaderError`] when the cube cannot be opened, a variable is unknown, or an option is invalid;
+    /// [`LoaderError::Threads`] when the system will not start the reader threads.
     pub fn build(self) -> Result<Loader, LoaderError> {
         let Share { rank, world_size, worker, workers } = self.share;
         if world_size == 0 || rank >= world_size {
@@ -370,8 +371,16 @@ impl LoaderBuilder {
         if workers == 0 || worker >= workers {
             return Err(LoaderError::Invalid(format!("worker {worker} of {workers}")));
         }
-        if self.mix == 0 || self.prefetch == Some(0) {
-            return Err(LoaderError::Invalid("mix and prefetch must be at least 1".into()));
+        if self.epochs == 0 {
+            return Err(LoaderError::Invalid(
+                "epochs 0: a loader of no epoch delivers nothing; at least 1".into(),
+            ));
+        }
+        if self.mix == 0 {
+            return Err(LoaderError::Invalid("mix 0: chunks mixed per group, at least 1".into()));
+        }
+        if self.prefetch == Some(0) {
+            return Err(LoaderError::Invalid("prefetch 0: batches read ahead, at least 1".into()));
         }
         if let Some(min) = self.min_valid.filter(|m| !(0.0..=1.0).contains(m)) {
             return Err(LoaderError::Invalid(format!("min_valid {min}: a fraction of valid values, 0 to 1")));
@@ -471,7 +480,7 @@ impl LoaderBuilder {
         let (mut epoch, mut cursor) = self.start;
         // A cursor at the end of an epoch is the next epoch's start.
         if cursor == sampler.per_epoch() && cursor > 0 {
-            (epoch, cursor) = (epoch + 1, 0);
+            (epoch, cursor) = (epoch.saturating_add(1), 0);
         }
         // Before the digest (earlier versions), groups were mixed by a job index counted per worker: a mixed
         // state of several ranks or workers would resume an epoch of other batches in its middle (an epoch's
@@ -503,8 +512,20 @@ impl LoaderBuilder {
             )));
         }
         let per_job = sampler.mix();
-        let first_job = epoch * sampler.jobs_per_epoch() + cursor / per_job;
-        let total_jobs = self.epochs * sampler.jobs_per_epoch();
+        // Checked: in a release build a product past usize::MAX wrapped, and `epochs` meaning "forever" gave
+        // one batch.
+        let too_many = || {
+            LoaderError::Invalid(format!(
+                "epochs {}: {} jobs per epoch, more in all than this machine can count",
+                self.epochs,
+                sampler.jobs_per_epoch()
+            ))
+        };
+        let first_job = epoch
+            .checked_mul(sampler.jobs_per_epoch())
+            .and_then(|j| j.checked_add(cursor / per_job))
+            .ok_or_else(too_many)?;
+        let total_jobs = self.epochs.checked_mul(sampler.jobs_per_epoch()).ok_or_else(too_many)?;
         let state = LoaderState {
             seed: self.seed,
             shuffle: self.shuffle,
@@ -828,7 +849,7 @@ impl Loader {
         self.prefetch
     }
 
-    /// Batches per epoch for this rank.
+    /// Batches per epoch of this loader's share: its rank's, and of that its worker's.
     #[must_use]
     pub fn batches_per_epoch(&self) -> usize {
         self.shared.sampler.per_epoch()

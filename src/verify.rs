@@ -89,7 +89,8 @@ impl VerifyReport {
 /// error.
 ///
 /// # Errors
-/// [`CubeError::NotACube`] when `path` is not a cubeload cube at all.
+/// [`CubeError::NotACube`] when `path` is not a cubeload cube at all; [`CubeError::Io`] when its manifest
+/// cannot be read; [`CubeError::Zarr`] when its directory cannot be opened as a store.
 pub fn verify(path: &Path) -> Result<VerifyReport, CubeError> {
     if let crate::store::Location::S3 { .. } = crate::store::Location::parse(path) {
         return Err(CubeError::NotACube {

@@ -575,6 +575,12 @@ fn zero_threads_are_refused() {
         assert_mentions(&String::from_utf8_lossy(&out.stderr), &["'0' for '--threads"]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{args:?}: nothing is written");
     }
+    // bench's prefetch depths too, each named (they reached the loader's "mix and prefetch" message).
+    for flag in ["--prefetch", "--remote-prefetch"] {
+        let out = cubeload(dir.path(), &["bench", flag, "0"]);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert_mentions(&String::from_utf8_lossy(&out.stderr), &[&format!("'0' for '{flag}")]);
+    }
 }
 
 #[test]

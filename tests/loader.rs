@@ -1066,6 +1066,13 @@ fn options_that_leave_no_batch_or_make_no_sense_are_refused() {
         refused(Loader::builder(cube).min_valid(fraction), "a fraction of valid values, 0 to 1");
     }
     refused(Loader::builder(cube).variables(["t2m", "ndvi", "t2m"]), "variable `t2m` asked twice");
+    // Each option named by itself (prefetch and mix shared one message), and no epoch is no batch.
+    refused(Loader::builder(cube).prefetch(0), "prefetch 0");
+    refused(Loader::builder(cube).mix(0), "mix 0");
+    refused(Loader::builder(cube).epochs(0), "epochs 0");
+    // Epochs past what the machine counts: in a release build the product wrapped (one batch was delivered).
+    let jobs = Loader::builder(cube).build().unwrap().batches_per_epoch();
+    refused(Loader::builder(cube).epochs(usize::MAX / jobs + 1), "more in all than this machine can count");
     // The demo's NDVI has cloud gaps in every batch: no batch is wholly valid.
     let batches = Loader::builder(cube).build().unwrap().batches_per_epoch();
     refused(Loader::builder(cube).min_valid(1.0), &format!("none of the {batches} batches holding data"));

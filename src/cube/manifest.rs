@@ -86,7 +86,10 @@ impl std::fmt::Display for BlockId {
 /// One stored file (a chunk or a shard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
-    /// Store key, relative to the cube's root (`t2m/c/0/3/1`).
+    /// Store key, relative to the cube's root (`t2m/c/0/3/1`): a path inside the cube, checked when read
+    /// (a manifest is untrusted input: `/etc/passwd` or `../x` would have `verify` read, and an append
+    /// replace, a file outside it).
+    #[serde(deserialize_with = "key_inside_the_cube")]
     pub key: String,
     /// Length in bytes; `None` when nothing was stored (every value was the fill value).
     pub len: Option<u64>,
@@ -119,6 +122,13 @@ impl FileRecord {
     /// What is wrong with this file under `root`, if anything.
     #[must_use]
     pub fn check(&self, root: &Path) -> Option<String> {
+        // A file of another length is found without reading it.
+        if let (Some(len), Ok(found)) = (self.len, std::fs::metadata(root.join(&self.key)))
+            && found.is_file()
+            && found.len() != len
+        {
+            return Some(format!("{} bytes instead of {len} (truncated or overwritten)", found.len()));
+        }
         let bytes = match read_if_present(root, &self.key) {
             Ok(bytes) => bytes,
             Err(e) => return Some(e.to_string()),
@@ -147,14 +157,30 @@ impl FileRecord {
     }
 }
 
-/// The bytes of `root/key`, or `None` where there is no such file.
+/// A store key that names a file inside the cube: relative, of plain names only.
+fn key_inside_the_cube<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let key = String::deserialize(deserializer)?;
+    let inside =
+        !key.is_empty() && Path::new(&key).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if inside {
+        Ok(key)
+    } else {
+        Err(serde::de::Error::custom(format!("key {key:?} is not a path inside the cube")))
+    }
+}
+
+/// The bytes of `root/key`, or `None` where there is no such file; a file that is not a regular one (a
+/// FIFO, a device) is an error, not read.
 fn read_if_present(root: &Path, key: &str) -> Result<Option<Vec<u8>>, CubeError> {
     let path = root.join(key);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CubeError::Io { path, source }),
+    let io = |source| CubeError::Io { path: path.clone(), source };
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+        Ok(m) if !m.is_file() => return Err(io(std::io::Error::other("not a regular file"))),
+        Ok(_) => {}
     }
+    std::fs::read(&path).map(Some).map_err(io)
 }
 
 /// What one finished block stored and contributes.
@@ -529,6 +555,25 @@ mod tests {
         assert_eq!(record.check(dir.path()), None);
         std::fs::write(dir.path().join("index"), &second).unwrap();
         assert!(record.check(dir.path()).unwrap().starts_with("checksum mismatch: xxh3"));
+    }
+
+    /// A manifest is untrusted: a key outside the cube (absolute, or up through `..`) makes its line
+    /// unreadable instead of having `verify` read, or an append replace, a file elsewhere; a key naming
+    /// something that is not a regular file is an error, not read (a FIFO would hang the reader).
+    #[test]
+    fn keys_outside_the_cube_and_files_that_are_not_regular_are_refused() {
+        for key in ["/etc/hostname", "../../x", "t2m/../../x", "./t2m", ""] {
+            let line = format!(r#"{{"key":{key:?},"len":1,"xxh3":0}}"#);
+            let error = serde_json::from_str::<FileRecord>(&line).unwrap_err().to_string();
+            assert!(error.contains("is not a path inside the cube"), "{key}: {error}");
+        }
+        assert!(serde_json::from_str::<FileRecord>(r#"{"key":"t2m/c/0/1/2","len":1,"xxh3":0}"#).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("pipe").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let record = FileRecord { key: "pipe".into(), len: Some(4), xxh3: Some(0), crc32c: None };
+        assert!(record.check(dir.path()).unwrap().contains("not a regular file"));
     }
 
     /// A record of an earlier build, with a CRC32C and no XXH3, is checked by its CRC32C.
