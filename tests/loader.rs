@@ -1320,6 +1320,15 @@ fn metadata_that_would_allocate_absurdly_is_refused_before_reading() {
     let slow = cubeload::store::LatencyStore::new(store, std::time::Duration::ZERO);
     let message = Loader::builder(&copy).store(slow.store()).build().unwrap_err().to_string();
     assert!(message.contains("array `ndvi` has shape"), "{message}");
+    // The time coordinate (read by quicklook and append), chunked far past the axis: refused, not allocated.
+    let copy = dir.path().join("time.zarr");
+    copy_dir(&cubes().pixel, &copy);
+    let huge: JsonEdit =
+        |v| v["chunk_grid"]["configuration"]["chunk_shape"] = serde_json::json!([1u64 << 40]);
+    edit_json(&copy.join("time/zarr.json"), huge);
+    edit_json(&copy.join("zarr.json"), |v| huge(&mut v["consolidated_metadata"]["metadata"]["time"]));
+    let message = cubeload::Cube::open(&copy).unwrap().times().unwrap_err().to_string();
+    assert!(message.contains("its time coordinate is shaped [48] in chunks of 1099511627776"), "{message}");
 }
 
 /// Runs test `name` alone in a child process with the variable `env` set, and checks that it passed: for tests

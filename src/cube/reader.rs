@@ -290,6 +290,17 @@ impl Cube {
         }
         let fail = |message: String| CubeError::NotACube { path: self.path.clone(), message };
         let array = self.array("time")?;
+        // Untrusted metadata: a chunk far larger than the axis would be allocated whole when decoded (the
+        // other coordinates are checked as the loader opens them).
+        let padded = self.meta.padded_shape[0] as u64;
+        let chunk = array.chunk_shape(&[0]).ok().map(|c| c.first().map_or(0, |n| n.get()));
+        if array.shape() != [padded] || chunk.is_none_or(|c| c > padded.max(1)) {
+            let chunk = chunk.map_or_else(|| "no size".to_string(), |c| c.to_string());
+            return Err(fail(format!(
+                "its time coordinate is shaped {:?} in chunks of {chunk}, where the cube's axis has {padded} steps",
+                array.shape()
+            )));
+        }
         let attribute = |key: &str| array.attributes().get(key).and_then(|a| a.as_str());
         let cf = crate::time::CfTime::parse(attribute("units").unwrap_or_default(), attribute("calendar"))
             .map_err(|e| fail(format!("its time coordinate: {e}")))?;
