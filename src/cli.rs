@@ -312,8 +312,11 @@ fn dispatch(command: Command, torch: Option<&Torch>) -> crate::Result<()> {
             if let Some(path) = &plot {
                 crate::plot::check_png(path)?;
             }
-            let scratch = std::env::temp_dir().join(format!("cubeload-bench-{}", std::process::id()));
+            let scratch = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+            remove_abandoned_scratch(&std::env::temp_dir());
+            let held = hold_scratch(&scratch);
             let result = bench(cube.as_deref(), &options, &scratch);
+            drop(held);
             let _ = std::fs::remove_dir_all(&scratch);
             let report = result?;
             if let Some(path) = &plot {
@@ -361,6 +364,37 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 }
 
 /// Runs the benchmark on `cube`, or on a synthetic default cube generated (and measured) first.
+/// The scratch directories of `bench`, one per process: `cubeload-bench-PID`.
+const SCRATCH_PREFIX: &str = "cubeload-bench-";
+
+/// The lock a running bench holds on a file of its scratch directory: a bench stopped by a signal (Ctrl-C)
+/// does not remove its directory (133 MB of inputs and cubes), and the kernel releases its lock.
+const SCRATCH_LOCK: &str = ".cubeload-bench-lock";
+
+/// Creates `scratch` and locks it for this run (`None` where the file system refuses: then nothing removes
+/// it but this run).
+fn hold_scratch(scratch: &Path) -> Option<std::fs::File> {
+    std::fs::create_dir_all(scratch).ok()?;
+    let file = std::fs::File::create(scratch.join(SCRATCH_LOCK)).ok()?;
+    file.try_lock().ok()?;
+    Some(file)
+}
+
+/// Removes the scratch directories in `tmp` of benches that were stopped: those whose lock no process holds.
+fn remove_abandoned_scratch(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry.file_name().to_str().is_some_and(|n| n.starts_with(SCRATCH_PREFIX));
+        let abandoned =
+            ours && std::fs::File::open(path.join(SCRATCH_LOCK)).is_ok_and(|lock| lock.try_lock().is_ok());
+        if abandoned {
+            eprintln!("removing {}, left by a bench that was stopped", path.display());
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 fn bench(cube: Option<&Path>, options: &BenchOptions, scratch: &Path) -> crate::Result<BenchReport> {
     let Some(cube) = cube else {
         eprintln!("Generating the default benchmark cube (and one 4× larger) in {} ...", scratch.display());

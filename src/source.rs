@@ -375,6 +375,12 @@ fn expand_paths(name: &str, pattern: &str) -> Result<Vec<PathBuf>, SourceError> 
         if !path.exists() {
             return Err(SourceError::Unusable { path, message: format!("variable `{name}`: no such file") });
         }
+        if path.is_dir() {
+            let message = format!(
+                "variable `{name}`: a directory, not a file (a glob such as `{pattern}/*.tif` reads its files)"
+            );
+            return Err(SourceError::Unusable { path, message });
+        }
         vec![path]
     };
     paths.sort();
@@ -473,9 +479,9 @@ type FileProbe = (FileView, Vec<(usize, Option<Instant>)>, BandInfo, Option<Stri
 /// Opens a file, selects the variable, and reads its steps, band info and georeferencing.
 fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FileProbe, SourceError> {
     check_classic_netcdf_length(path)?;
-    let container = open(path, path.to_string_lossy().as_ref())?;
+    let container = open(name, path, path.to_string_lossy().as_ref())?;
     let gdal_name = select_variable(name, path, &container, config.variable.as_deref())?;
-    let dataset = if gdal_name == path.to_string_lossy() { container } else { open(path, &gdal_name)? };
+    let dataset = if gdal_name == path.to_string_lossy() { container } else { open(name, path, &gdal_name)? };
     let count = dataset.raster_count();
     if count == 0 {
         return Err(SourceError::unusable(path, "has no raster bands"));
@@ -549,22 +555,25 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
     Ok((view, steps, info, note))
 }
 
-fn open(path: &Path, name: &str) -> Result<Dataset, SourceError> {
+/// Opens `gdal_name` (the file at `path`, or a subdataset of it) for variable `variable`.
+fn open(variable: &str, path: &Path, gdal_name: &str) -> Result<Dataset, SourceError> {
     Dataset::open_ex(
-        name,
+        gdal_name,
         DatasetOptions {
             open_flags: GdalOpenFlags::GDAL_OF_RASTER | GdalOpenFlags::GDAL_OF_READONLY,
             ..Default::default()
         },
     )
     .map_err(|e| {
+        // GDAL's own message, where it gave one (often none: "… returned a NULL pointer. Error msg: ''").
         let detail = e.to_string();
+        let detail = if detail.ends_with("Error msg: ''") { String::new() } else { format!(" ({detail})") };
         SourceError::Unusable {
             path: path.to_path_buf(),
             message: if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
-                "is empty".to_string()
+                format!("variable `{variable}`: is empty")
             } else {
-                format!("GDAL cannot read it as a raster ({detail})")
+                format!("variable `{variable}`: GDAL cannot read it as a raster{detail}")
             },
         }
     })

@@ -110,6 +110,27 @@ fn bench_of_a_static_cube_counts_its_shard_indexes_once() {
     assert_eq!(report["speedup_vs_image_chunked"], serde_json::Value::Null);
     let note = report["image_chunked_note"].as_str().unwrap();
     assert!(note.contains("no float32 variable on the target grid varies in time"), "{note}");
+
+    // A bench stopped by a signal leaves its scratch directory (the default cube's 133 MB): the next bench
+    // removes those whose lock no process holds, and leaves a running one's.
+    let tmp = dir.path().join("tmp");
+    let (stopped, running) = (tmp.join("cubeload-bench-1"), tmp.join("cubeload-bench-2"));
+    for scratch in [&stopped, &running] {
+        std::fs::create_dir_all(scratch.join("demo.zarr")).unwrap();
+        std::fs::write(scratch.join(".cubeload-bench-lock"), b"").unwrap();
+    }
+    let held = std::fs::File::open(running.join(".cubeload-bench-lock")).unwrap();
+    held.try_lock().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubeload"))
+        .args(["bench", "st.zarr", "--json", "--remote-threads", "0", "--image-batches", "0"])
+        .current_dir(dir.path())
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stopped.exists() && running.exists());
+    let names: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["cubeload-bench-2"], "the bench removes its own scratch directory");
 }
 
 /// A multi-resolution cube's loader regrids its coarser variables (work the ceiling does not do) and reads

@@ -250,7 +250,15 @@ fn unusable_sources_exit_1_and_name_the_file() {
             config(&format!("  a: {{ path: {}, variable: tmean }}\n", cut_nc.display())),
             vec!["cut.nc".into(), "cannot read it".into()],
         ),
-        (config(&format!("  a: {{ path: {} }}\n", zeroed.display())), vec!["zeroed.tif".into()]),
+        (
+            config(&format!("  a: {{ path: {} }}\n", zeroed.display())),
+            vec!["zeroed.tif".into(), "variable `a`: GDAL cannot read it as a raster".into()],
+        ),
+        // A directory named as a file: the variable named, and how to read its files.
+        (
+            config(&format!("  a: {{ path: {} }}\n", series.display())),
+            vec!["variable `a`: a directory, not a file".into(), "/*.tif".into()],
+        ),
         (
             with_time(&cut_classic, "grid: { bbox: [60.0, -20.0, 90.0, 0.0], resolution: 1.0 }"),
             vec![
