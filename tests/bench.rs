@@ -105,8 +105,11 @@ fn bench_of_a_static_cube_counts_its_shard_indexes_once() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["epochs_per_round"].as_u64().unwrap() > 1, "{report}");
+    // At least 1 (it was 0.88); above 1 by the loader's reads of the cube's metadata and validity index at
+    // its build, which weigh more the fewer epochs a busy machine fits in a pass (1.06 alone, 1.15 beside
+    // the other tests).
     let amplification = report["read_amplification"].as_f64().unwrap();
-    assert!((1.0..1.1).contains(&amplification), "{amplification}");
+    assert!((1.0..1.3).contains(&amplification), "{amplification}");
     assert_eq!(report["speedup_vs_image_chunked"], serde_json::Value::Null);
     let note = report["image_chunked_note"].as_str().unwrap();
     assert!(note.contains("no float32 variable on the target grid varies in time"), "{note}");
