@@ -197,6 +197,11 @@ fn a_damaged_shard_index_is_named_with_its_file() {
         assert_eq!(variable, "ndvi");
         assert!(message.contains(&format!("{key}: its shard index")) && message.contains(&says), "{message}");
     }
+    // Cut shorter than its index, the shard cannot be read at all: zarrs' error ("failed to fill whole
+    // buffer") comes with the file's name.
+    std::fs::write(&shard, &bytes[..10]).unwrap();
+    let error = Loader::builder(&copy).build().unwrap().find_map(Result::err).expect("an error");
+    assert!(error.to_string().contains(&format!("{key}: ")), "{error}");
 }
 
 /// A shard file lost from a cube: its chunks are not stored, while the validity index says they hold

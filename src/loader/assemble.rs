@@ -705,8 +705,7 @@ impl Assembler {
     fn locate(&self, i: usize, v: &Var, id: ChunkId, read: StoreRead<'_>) -> Option<Located> {
         let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, id);
         let (outer, inner) = v.stored_shapes.as_ref()?;
-        // The chunk (unsharded), or the shard holding it (sharded): its index in the chunk grid.
-        let stored_at = || subset.iter().zip(outer).map(|(r, n)| r.start / n).collect::<Vec<u64>>();
+        let stored_at = || stored_index(&subset, outer);
         let stored = stored_at();
         let key = v.array.chunk_key(&stored);
         let Some(inner) = inner else {
@@ -1008,6 +1007,13 @@ impl Assembler {
         Ok(Window { rows, cols, steps, values })
     }
 
+    /// The stored object (the chunk, or the shard holding it) of chunk `id` of `v`, for messages.
+    fn stored_key(&self, v: &Var, id: ChunkId) -> Option<StoreKey> {
+        let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, id);
+        let (outer, _) = v.stored_shapes.as_ref()?;
+        Some(v.array.chunk_key(&stored_index(&subset, outer)))
+    }
+
     /// Chunk `id` of `v` as stored (in its level's chunk grid for a variable on a level): decoded by the
     /// loader where it can ([`Assembler::read_direct`]), else by zarrs.
     fn read_stored(&self, v: &Var, id: ChunkId) -> Result<Floats, LoaderError> {
@@ -1019,10 +1025,12 @@ impl Assembler {
             self.check_stored(i, v, id)?;
         }
         let subset = self.stored_layout(v).chunk_subset(v.meta.is_static, id);
+        // zarrs' errors name no file ("failed to fill whole buffer"): the object read is named here.
+        let object = self.stored_key(v, id).map(|k| format!("{k}: ")).unwrap_or_default();
         let fail = |e: &dyn std::fmt::Display| LoaderError::Read {
             variable: v.meta.name.clone(),
             chunk: id,
-            message: format!("{}: {e}", self.path.display()),
+            message: format!("{}: {object}{e}", self.path.display()),
         };
         // Chunks fetched ahead come with their shard's index: zarrs' index cache is not needed (and would
         // read a missing index under its lock).
@@ -1564,6 +1572,12 @@ impl Assembler {
 }
 
 /// A chunk's place in the store, for error messages: its key, and its bytes there when they are a range.
+/// The index in its array's chunk grid of the stored object (the chunk, or the shard holding it) of the
+/// chunk covering `subset`, whose objects are `outer` cells wide.
+fn stored_index(subset: &[std::ops::Range<u64>], outer: &[u64]) -> Vec<u64> {
+    subset.iter().zip(outer).map(|(r, n)| r.start / n).collect()
+}
+
 fn origin(key: &StoreKey, range: ByteRange) -> String {
     match range {
         ByteRange::FromStart(offset, Some(length)) => {
