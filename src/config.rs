@@ -818,13 +818,28 @@ impl Config {
     pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         // A byte-order mark (editors on Windows write one) is not YAML: the first key would read as another.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let mut config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            message: with_repeat_line(text, &e),
-        })?;
+        let parse_error = |message| ConfigError::Parse { path: origin.to_path_buf(), message };
+        let mut config: Config = match serde_yaml::from_str(text) {
+            Ok(config) => config,
+            // YAML merge keys (`<<: *common`), which serde_yaml leaves to its `Value`.
+            Err(e) if e.to_string().contains("unknown field `<<`") => {
+                Config::with_merge_keys(text).map_err(parse_error)?
+            }
+            Err(e) => return Err(parse_error(with_repeat_line(text, &e))),
+        };
         let xcube = config.apply_xcube_aliases()?;
         config.validate().map_err(|e| if xcube { e.in_xcube_keys() } else { e })?;
         Ok(config)
+    }
+
+    /// The config of `text` with its merge keys (`<<`) applied. Errors name the key by its path instead of
+    /// its line: a merged mapping has no line of its own.
+    fn with_merge_keys(text: &str) -> Result<Config, String> {
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| with_repeat_line(text, &e))?;
+        value.apply_merge().map_err(|e| format!("cannot apply the merge keys (`<<`): {e}"))?;
+        serde_path_to_error::deserialize(value)
+            .map_err(|e| format!("{}: {} (with the merge keys applied)", e.path(), e.inner()))
     }
 
     /// Folds the xcube top-level keys into `grid` (an error if both spell the same thing); whether the grid
@@ -1354,6 +1369,29 @@ variables:
         );
         let message = parse(&block).unwrap_err().to_string();
         assert!(message.contains("duplicate field `kind`, again at line 11"), "{message}");
+    }
+
+    /// YAML merge keys give a variable the keys of another, its own winning: the config is the one spelled
+    /// out; an error inside a merged mapping names its key by path.
+    #[test]
+    fn merge_keys_are_applied() {
+        let spelled = "  t2m: { path: era5.grib, resampling: bilinear, aggregation: mean }
+  d2m: { path: d2m.grib, resampling: bilinear, aggregation: max }
+  lc: { path: lc.tif, kind: categorical, static: true }
+";
+        let merged = "  t2m: &hourly { path: era5.grib, resampling: bilinear, aggregation: mean }
+  d2m: { <<: *hourly, path: d2m.grib, aggregation: max }
+  lc: { path: lc.tif, kind: categorical, static: true }
+";
+        let (head, _) = BASE.split_once("  t2m:").unwrap();
+        let want = parse(&format!("{head}{spelled}")).unwrap();
+        let got = parse(&format!("{head}{merged}")).unwrap();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        assert_eq!(got.variables.0.len(), 3);
+
+        let wrong = merged.replace("aggregation: max", "aggregation: maximum");
+        let message = parse(&format!("{head}{wrong}")).unwrap_err().to_string();
+        assert!(message.contains("variables.d2m.aggregation") && message.contains("maximum"), "{message}");
     }
 
     #[test]
