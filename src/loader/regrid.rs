@@ -119,10 +119,11 @@ pub fn upsample(
                     })
                 })
                 .collect();
-            // A step without missing values is interpolated across columns, then down rows: its cells
-            // vectorize, and the window's few rows are interpolated once for all cells below them (a
-            // factor of 50 puts a tile of 16 × 16 cells between 2 × 2 level cells). As the weights of the
-            // four corners sum to 1, this is the weighted mean below, to rounding.
+            // Each step is interpolated across columns, then down rows: its cells vectorize, and the
+            // window's few rows are interpolated once for all cells below them (a factor of 50 puts a tile
+            // of 16 × 16 cells between 2 × 2 level cells). As the weights of the four corners sum to 1, this
+            // is their weighted mean, to rounding. A missing corner makes its cells NaN there; in a step with
+            // missing values those cells alone are then worked out again, corner by corner.
             let (hv, wv) =
                 (valid.0.saturating_sub(rows.start).min(h), valid.1.saturating_sub(cols.start).min(w));
             let (r_first, c_first) = (window.rows.start, window.cols.start);
@@ -132,26 +133,25 @@ pub fn upsample(
                 row_taps[..hv].iter().map(|&(r0, r1, fy)| (r0 - r_first, r1 - r_first, fy)).collect();
             let mut across = vec![0.0f32; window.rows.len() * wv];
             for (step, values) in out.chunks_exact_mut(h * w).zip(window.values.chunks_exact(plane)) {
+                for (row, across) in values.chunks_exact(width).zip(across.chunks_exact_mut(wv.max(1))) {
+                    for (a, &(c0, c1, fx)) in across.iter_mut().zip(&across_cols) {
+                        *a = row[c0] * (1.0 - fx) + row[c1] * fx;
+                    }
+                }
+                for (y, &(r0, r1, fy)) in down_rows.iter().enumerate() {
+                    let (upper, lower) = (&across[r0 * wv..(r0 + 1) * wv], &across[r1 * wv..(r1 + 1) * wv]);
+                    for ((o, a), b) in step[y * w..y * w + wv].iter_mut().zip(upper).zip(lower) {
+                        *o = a * (1.0 - fy) + b * fy;
+                    }
+                }
                 if !values.iter().any(|x| x.is_nan()) {
-                    for (row, across) in values.chunks_exact(width).zip(across.chunks_exact_mut(wv.max(1))) {
-                        for (a, &(c0, c1, fx)) in across.iter_mut().zip(&across_cols) {
-                            *a = row[c0] * (1.0 - fx) + row[c1] * fx;
-                        }
-                    }
-                    for (y, &(r0, r1, fy)) in down_rows.iter().enumerate() {
-                        let (upper, lower) =
-                            (&across[r0 * wv..(r0 + 1) * wv], &across[r1 * wv..(r1 + 1) * wv]);
-                        for ((o, a), b) in step[y * w..y * w + wv].iter_mut().zip(upper).zip(lower) {
-                            *o = a * (1.0 - fy) + b * fy;
-                        }
-                    }
                     continue;
                 }
                 for (o, corners) in step.iter_mut().zip(&corners) {
-                    let Some(corners) = corners else { continue };
+                    let Some(corners) = corners.filter(|_| o.is_nan()) else { continue };
                     // Missing corners are left out and the others' weights renormalised.
                     let (mut sum, mut weight) = (0.0f32, 0.0f32);
-                    for &(from, wgt) in corners {
+                    for &(from, wgt) in &corners {
                         let x = values[from];
                         if !x.is_nan() && wgt > 0.0 {
                             sum += x * wgt;
@@ -344,19 +344,21 @@ mod tests {
     }
 
     /// Steps without missing values (interpolated across columns, then down rows) and steps with some (the
-    /// weighted mean of the valid corners) against the definition in f64.
+    /// cells next to a missing corner: the weighted mean of the valid corners) against the definition in
+    /// f64, with one missing value and with one in seven.
     #[test]
     fn bilinear_is_the_weighted_mean_of_the_corners() {
-        for k in [1, 2, 3, 25, 50] {
+        for (k, sparse) in [1, 2, 3, 25, 50].into_iter().flat_map(|k| [(k, false), (k, true)]) {
             let (lw, lh) = level_size(k);
-            // Step 1 has a missing value.
+            // Step 1 (and 2) has missing values.
             let plane = {
                 let span =
                     |cells: std::ops::Range<usize>, n| level_span(Upsampling::Bilinear, &cells, k, n).len();
                 span(k * 3 / 2..k * 3 / 2 + 16, lh) * span(7..7 + 21, lw)
             };
             let value = |i: usize| {
-                if i == plane + plane / 2 { f32::NAN } else { ((i * 7919) % 1013) as f32 * 0.37 - 100.0 }
+                let missing = if sparse { i >= plane && i % 7 == 3 } else { i == plane + plane / 2 };
+                if missing { f32::NAN } else { ((i * 7919) % 1013) as f32 * 0.37 - 100.0 }
             };
             each_upsampled_cell(Upsampling::Bilinear, k, 3, value, |t, (r, c), got, at| {
                 let ((r0, r1, fy), (c0, c1, fx)) = (taps(r, k, lh), taps(c, k, lw));
