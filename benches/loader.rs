@@ -1,20 +1,27 @@
-//! Criterion benchmarks of the loader's hot paths, on a small synthetic cube built once in a temporary
-//! directory (`demo::build_cube`, 48 hours, batches of 256 pixel series):
+//! Criterion benchmarks of the loader's hot paths, on synthetic cubes built once in a temporary directory
+//! (`demo::build_cube`, 672 hours as in `cubeload bench`'s default cube, at the demo's 0.01°: chunks of
+//! 688 KB decoded, several zstd blocks each, and pixel-series batches of 2 MB):
 //!
 //! - `decode/t2m_chunk`: one batch chunk of one variable read and decoded as the loader does
 //!   (`Assembler::decode_stored`: float32 chunks decoded from their stored bytes), and
 //!   `decode/t2m_chunk_zarrs` the same chunk through zarrs' codec pipeline;
 //! - `decode/epoch_all_variables`: every chunk the loader reads in an epoch, read and decoded by the loader's
-//!   code, nothing assembled (the single-threaded ceiling of `batch_assembly`: the difference in time per
-//!   epoch is the assembly);
+//!   code, nothing assembled, by an `Assembler` made afresh for each epoch as a loader makes its own (the
+//!   single-threaded ceiling of `batch_assembly`: the difference in time per epoch is the assembly);
 //! - `batch_assembly/*`: one epoch through `Loader` with `threads(0)` (reading and assembly on the calling
-//!   thread), each batch given back (`Batch::recycle`) once delivered, plain, with `normalize(true)`, and
-//!   with `variable_major(true)`; `shuffled` plain on the same cube stored sample-major (`order: shuffled`);
+//!   thread), each batch given back (`Batch::recycle`) once delivered: plain, with `normalize(true)` (the
+//!   batch's mask and normalization: the loader always builds the mask, and normalizes in the same pass),
+//!   with `variable_major(true)`, with `mix(4)` and `normalize(true)` (as `examples/train_lstm.py` reads),
+//!   `shuffled` plain on the same cube stored sample-major (`order: shuffled`), and `image_sequence` plain
+//!   on the same inputs in the demo's video layout (4 sequences of 8 frames of 16 × 16 pixels);
 //! - `regrid/*`: a 64 × 64 batch footprint of 48 steps upsampled from a level 8 × 8 times coarser (the
-//!   kernels of multi-resolution cubes), nearest and bilinear.
+//!   kernels of multi-resolution cubes), nearest and bilinear, and bilinear with 2 % of the level's values
+//!   missing (its slow path, which renormalizes the weights of each cell).
 //!
-//! Throughputs are bytes of decoded chunk data for `decode`, and bytes of the delivered float32 batch data
-//! (`Batch::data`, as `cubeload bench` counts) elsewhere.
+//! Throughputs are bytes of decoded chunk data for `decode` (as float32, which the loader decodes into:
+//! the byte land cover counts four bytes a value), bytes of the delivered float32 batch data (`Batch::data`,
+//! as `cubeload bench` counts) for `batch_assembly`, and bytes of the upsampled float32 footprint for
+//! `regrid`. `cargo test --benches` (run by `scripts/test.sh`) runs each benchmark once.
 //!
 //! ```text
 //! cargo bench --bench loader -- --quick
@@ -25,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use criterion::{BatchSize, Criterion, Throughput};
 use cubeload::Cube;
-use cubeload::demo::{DemoSpec, build_cube};
+use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, build_cube};
 use cubeload::loader::assemble::{Assembler, Transform};
 use cubeload::loader::{Loader, LoaderBuilder};
 
@@ -33,6 +40,9 @@ use cubeload::loader::{Loader, LoaderBuilder};
 /// paths are measured on the memory they run on there.
 #[global_allocator]
 static ALLOCATOR: cubeload::Allocator = cubeload::Allocator;
+
+/// Hours of the cubes: those of `cubeload bench`'s default cube.
+const HOURS: usize = 24 * 28;
 
 /// The demo's pixel series stored sample-major, samples permuted once (`order: shuffled`).
 const SHUFFLED_LAYOUT: &str = "{ kind: pixel_series, batch: 256, order: shuffled }";
@@ -75,7 +85,7 @@ fn decode(c: &mut Criterion, path: &Path) {
     // The chunks of one loader epoch, every variable (statics once per chunk, as the loader reads them).
     let chunks: Vec<_> =
         builder(path).build().expect("loader").map(|batch| batch.expect("batch").origin.chunk).collect();
-    let read_all = || -> u64 {
+    let read_all = |assembler: &Assembler| -> u64 {
         let mut bytes = 0;
         for var in 0..meta.variables.len() {
             for &id in &chunks {
@@ -84,22 +94,32 @@ fn decode(c: &mut Criterion, path: &Path) {
         }
         bytes
     };
-    group.throughput(Throughput::Bytes(read_all()));
+    group.throughput(Throughput::Bytes(read_all(&assembler)));
     group.sample_size(20);
-    group.bench_function("epoch_all_variables", |b| b.iter(read_all));
+    // A fresh assembler per epoch (made untimed), as each `batch_assembly` epoch's loader makes its own:
+    // the shard indexes it reads and the files it opens are timed in both.
+    group.bench_function("epoch_all_variables", |b| {
+        b.iter_batched(
+            || Assembler::new(&cube, &[], transform).expect("assembler"),
+            |assembler| read_all(&assembler),
+            BatchSize::PerIteration,
+        );
+    });
     group.finish();
 }
 
-fn batch_assembly(c: &mut Criterion, path: &Path, shuffled: &Path) {
+fn batch_assembly(c: &mut Criterion, path: &Path, shuffled: &Path, image: &Path) {
     let bytes = |path: &Path| -> u64 {
         let loader = builder(path).build().expect("loader");
         loader.map(|b| (b.expect("batch").data.len() * size_of::<f32>()) as u64).sum()
     };
-    let variants: [(&str, &Path, Configure); 4] = [
+    let variants: [(&str, &Path, Configure); 6] = [
         ("default", path, |b| b),
         ("normalize", path, |b| b.normalize(true)),
         ("variable_major", path, |b| b.variable_major(true)),
+        ("mix4_normalize", path, |b| b.mix(4).normalize(true)),
         ("shuffled", shuffled, |b| b),
+        ("image_sequence", image, |b| b),
     ];
     let mut group = c.benchmark_group("batch_assembly");
     group.sample_size(20);
@@ -137,11 +157,16 @@ fn regrid(c: &mut Criterion) {
     let (rows, cols) = (side..2 * side, side..2 * side);
     let mut group = c.benchmark_group("regrid");
     group.throughput(Throughput::Bytes((steps * side * side * size_of::<f32>()) as u64));
-    for (name, upsampling) in [("nearest", Upsampling::Nearest), ("bilinear", Upsampling::Bilinear)] {
+    let kernels = [
+        ("nearest", Upsampling::Nearest, false),
+        ("bilinear", Upsampling::Bilinear, false),
+        ("bilinear_missing", Upsampling::Bilinear, true),
+    ];
+    for (name, upsampling, missing) in kernels {
         let (lr, lc) = (level_span(upsampling, &rows, k, 64), level_span(upsampling, &cols, k, 64));
         let cells = steps * lr.len() * lc.len();
-        let window =
-            Window { rows: lr, cols: lc, steps, values: (0..cells).map(|i| (i % 97) as f32 * 0.5).collect() };
+        let value = |i: usize| if missing && i % 50 == 7 { f32::NAN } else { (i % 97) as f32 * 0.5 };
+        let window = Window { rows: lr, cols: lc, steps, values: (0..cells).map(value).collect() };
         group.bench_function(name, |b| {
             b.iter(|| {
                 upsample(black_box(&window), &level, upsampling, rows.clone(), cols.clone(), (512, 512))
@@ -153,15 +178,17 @@ fn regrid(c: &mut Criterion) {
 
 fn main() {
     let scratch = tempfile::tempdir().expect("temporary directory"); // removed at the end of main
-    let spec = DemoSpec { hours: 48, ..DemoSpec::default() };
+    let spec = DemoSpec { hours: HOURS, ..DemoSpec::default() };
     let cube: PathBuf = build_cube(scratch.path(), &spec, None).expect("build the demo cube").path;
-    let shuffled_spec = DemoSpec { layout: SHUFFLED_LAYOUT, ..spec };
-    let shuffled: PathBuf = build_cube(&scratch.path().join("shuffled"), &shuffled_spec, None)
-        .expect("build the shuffled cube")
-        .path;
+    let variant = |name: &str, layout| -> PathBuf {
+        let spec = DemoSpec { layout, ..spec };
+        build_cube(&scratch.path().join(name), &spec, None).expect("build a cube").path
+    };
+    let shuffled = variant("shuffled", SHUFFLED_LAYOUT);
+    let image = variant("image", IMAGE_LAYOUT);
     let mut c = Criterion::default().configure_from_args();
     decode(&mut c, &cube);
-    batch_assembly(&mut c, &cube, &shuffled);
+    batch_assembly(&mut c, &cube, &shuffled, &image);
     regrid(&mut c);
     c.final_summary();
 }

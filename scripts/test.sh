@@ -14,5 +14,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --document-private-it
 # release build is the one `cargo build --release` already made. Both crates of the workspace: cubeload and
 # cubeload-torch (torch/), whose binary runs `demo` and `bench` for the tests that call them through `cubeload`.
 cargo test --release
+# Every criterion benchmark once (criterion's test mode), so that a bench that panics or stops building fails
+# here rather than when someone measures.
+cargo test --release --benches
 .venv/bin/python -m pip install -q ./python
 CUBELOAD_BIN="$PWD/target/release/cubeload" .venv/bin/python -m pytest tests/python python/tests -q
