@@ -16,14 +16,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::LayoutKind;
 
-/// Where a batch comes from: enough to find its chunk in the cube again.
+/// Where a batch comes from: enough to find its chunk in the cube again (unmixed; a mixed batch's samples
+/// come from every chunk of its group, and their own places are in `lat`, `lon` and `time_index`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BatchOrigin {
     /// Epoch (0-based).
     pub epoch: usize,
     /// Position in this rank's epoch order (0-based).
     pub position: usize,
-    /// Chunk indices `[time, lat, lon]` of the cube (the first of the group when mixing).
+    /// Chunk indices `[time, lat, lon]` of the cube; when mixing, the chunk of its group whose place in the
+    /// group is the batch's (the group's `j`-th batch names its `j`-th chunk).
     pub chunk: [usize; 3],
 }
 

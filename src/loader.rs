@@ -197,9 +197,24 @@ pub struct LoaderBuilder {
     digest: Option<u64>,
     /// Whether [`LoaderBuilder::resume`] was called.
     resumed: bool,
+    /// The state given to [`LoaderBuilder::resume`], applied by `build`.
+    saved: Option<LoaderState>,
+    /// Which of the options a state carries were given, in any order with `resume`.
+    given: Given,
     on_corrupt: OnCorrupt,
     store: Option<CustomStore>,
     fetchers: usize,
+}
+
+/// The options of a [`LoaderState`] given to the builder: with a resumed state, each must agree with it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Given {
+    seed: Option<u64>,
+    /// Whether [`LoaderBuilder::shuffle`] was called.
+    shuffle: bool,
+    shard: Option<(usize, usize)>,
+    worker: Option<(usize, usize)>,
+    mix: Option<usize>,
 }
 
 /// A store given to [`LoaderBuilder::store`].
@@ -232,12 +247,14 @@ impl LoaderBuilder {
     pub fn shuffle(mut self, seed: u64) -> Self {
         self.seed = seed;
         self.shuffle = true;
+        (self.given.seed, self.given.shuffle) = (Some(seed), true);
         self
     }
     /// The seed of mixing (`mix`) without shuffling; [`LoaderBuilder::shuffle`] sets it too. > default: 0
     #[must_use]
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self.given.seed = Some(seed);
         self
     }
     /// Number of epochs. > default: 1
@@ -264,6 +281,7 @@ impl LoaderBuilder {
     pub fn shard(mut self, rank: usize, world_size: usize) -> Self {
         self.share.rank = rank;
         self.share.world_size = world_size;
+        self.given.shard = Some((rank, world_size));
         self
     }
     /// This reader's share within its rank: worker `worker` of `workers` (`PyTorch` `DataLoader` workers).
@@ -272,6 +290,7 @@ impl LoaderBuilder {
     pub fn worker(mut self, worker: usize, workers: usize) -> Self {
         self.share.worker = worker;
         self.share.workers = workers;
+        self.given.worker = Some((worker, workers));
         self
     }
     /// Deliver `data` and `mask` variable-major, `[V, B, T]` or `[V, B, S, h, w]`, so that each variable is
@@ -288,6 +307,7 @@ impl LoaderBuilder {
     #[must_use]
     pub fn mix(mut self, k: usize) -> Self {
         self.mix = k;
+        self.given.mix = Some(k);
         self
     }
     /// Normalize continuous variables with the cube's statistics. > default: false
@@ -338,11 +358,47 @@ impl LoaderBuilder {
         self.on_corrupt = policy;
         self
     }
-    /// Continue from a saved [`LoaderState`]: same seed, shuffle, shard and mixing, next batch onwards. `build`
-    /// refuses a state whose digest is not the loader's (a cube, variables or `min_valid` that leave other
-    /// batches eligible).
+    /// Continue from a saved [`LoaderState`]: same seed, shuffle, shard, workers and mixing, next batch
+    /// onwards. Those options may be left out; given (before or after `resume`), `build` refuses any that
+    /// disagrees with the state, as it refuses a state whose digest is not the loader's (a cube, variables or
+    /// `min_valid` that leave other batches eligible): either would deliver other batches than the ones not
+    /// yet delivered.
     #[must_use]
     pub fn resume(mut self, state: LoaderState) -> Self {
+        self.saved = Some(state);
+        self
+    }
+
+    /// Applies the state given to [`LoaderBuilder::resume`], if any: its options, where given, agree.
+    fn apply_saved(&mut self) -> Result<(), LoaderError> {
+        let Some(state) = self.saved.take() else { return Ok(()) };
+        let given = self.given;
+        let disagree = |option: String, saved: String| {
+            LoaderError::Invalid(format!(
+                "{option} disagrees with the resume state, saved with {saved}: a state continues with its own                  seed, shuffle, shard, worker and mix (leave the option out, or give the state's)"
+            ))
+        };
+        if given.shuffle && !state.shuffle {
+            return Err(disagree(format!("shuffle({})", self.seed), "no shuffle".into()));
+        }
+        if let Some(seed) = given.seed.filter(|&seed| seed != state.seed) {
+            return Err(disagree(format!("seed {seed}"), format!("seed {}", state.seed)));
+        }
+        if let Some((rank, world_size)) = given.shard.filter(|&s| s != (state.rank, state.world_size)) {
+            return Err(disagree(
+                format!("shard({rank}, {world_size})"),
+                format!("rank {} of world size {}", state.rank, state.world_size),
+            ));
+        }
+        if let Some((worker, workers)) = given.worker.filter(|&w| w != (state.worker, state.workers)) {
+            return Err(disagree(
+                format!("worker({worker}, {workers})"),
+                format!("worker {} of {}", state.worker, state.workers),
+            ));
+        }
+        if let Some(mix) = given.mix.filter(|&mix| mix != state.mix) {
+            return Err(disagree(format!("mix({mix})"), format!("mix {}", state.mix)));
+        }
         self.seed = state.seed;
         self.shuffle = state.shuffle;
         self.share = Share {
@@ -355,7 +411,7 @@ impl LoaderBuilder {
         self.start = (state.epoch, state.cursor);
         self.digest = state.digest;
         self.resumed = true;
-        self
+        Ok(())
     }
 
     /// Opens the cube and starts the reader threads.
@@ -363,7 +419,8 @@ impl LoaderBuilder {
     /// # Errors
     /// [`LoaderError`] when the cube cannot be opened, a variable is unknown, or an option is invalid;
     /// [`LoaderError::Threads`] when the system will not start the reader threads.
-    pub fn build(self) -> Result<Loader, LoaderError> {
+    pub fn build(mut self) -> Result<Loader, LoaderError> {
+        self.apply_saved()?;
         let Share { rank, world_size, worker, workers } = self.share;
         if world_size == 0 || rank >= world_size {
             return Err(LoaderError::Invalid(format!("rank {rank} of world size {world_size}")));
@@ -815,6 +872,8 @@ impl Loader {
             start: (0, 0),
             digest: None,
             resumed: false,
+            saved: None,
+            given: Given::default(),
             on_corrupt: OnCorrupt::Error,
             store: None,
             fetchers: 32,

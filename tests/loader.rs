@@ -537,6 +537,9 @@ fn resume_delivers_exactly_the_remaining_batches() {
     assert!(error.contains("at epoch 1") && error.contains("past the 1 epochs asked"), "{error}");
 }
 
+/// A loader option under test.
+type Setting = fn(LoaderBuilder) -> LoaderBuilder;
+
 #[test]
 fn a_state_resumes_only_the_batches_it_was_saved_for() {
     let cubes = cubes();
@@ -553,6 +556,35 @@ fn a_state_resumes_only_the_batches_it_was_saved_for() {
     refused(Loader::builder(&cubes.wide));
     refused(Loader::builder(&cubes.pixel).variables(["t2m"]));
     refused(Loader::builder(&cubes.pixel).min_valid(0.99));
+    // The options a state carries, given before or after `resume`: refused where they disagree with it
+    // (the loader would deliver other batches: another order, other samples mixed, another share), taken
+    // where they agree.
+    let disagreeing: [(Setting, &str); 6] = [
+        (|b| b.shuffle(99), "seed 99"),
+        (|b| b.seed(6), "seed 6"),
+        (|b| b.mix(2), "mix(2)"),
+        (|b| b.shard(1, 2), "shard(1, 2)"),
+        (|b| b.worker(0, 2), "worker(0, 2)"),
+        (|b| b.shard(0, 1).mix(1).shuffle(7), "seed 7"),
+    ];
+    for (option, named) in disagreeing {
+        let after = option(Loader::builder(&cubes.pixel).epochs(2).resume(state));
+        let before = option(Loader::builder(&cubes.pixel).epochs(2)).resume(state);
+        for builder in [after, before] {
+            let error = builder.build().map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(named) && error.contains("disagrees with the resume state"), "{error}");
+        }
+    }
+    let unshuffled = cubeload::loader::LoaderState { shuffle: false, ..state };
+    let error = Loader::builder(&cubes.pixel).resume(unshuffled).shuffle(5).build().map(|_| ()).unwrap_err();
+    assert!(error.to_string().contains("saved with no shuffle"), "{error}");
+    let rest = |builder: LoaderBuilder| fingerprint(&collect(builder.build().unwrap()));
+    let plain = rest(Loader::builder(&cubes.pixel).epochs(2).resume(state));
+    assert_eq!(plain.len(), 2 * per_epoch - 3);
+    let agreeing = Loader::builder(&cubes.pixel).epochs(2).resume(state).shuffle(5).shard(0, 1).mix(1);
+    assert_eq!(rest(agreeing), plain);
+    assert_eq!(rest(Loader::builder(&cubes.pixel).seed(5).worker(0, 1).epochs(2).resume(state)), plain);
+
     // A state of an earlier version, without a digest, is taken as it is.
     let old = cubeload::loader::LoaderState { digest: None, ..state };
     let resumed = collect(Loader::builder(&cubes.pixel).epochs(2).resume(old).build().unwrap());

@@ -1,9 +1,9 @@
 //! Trains an LSTM on a `pixel_series` cube: predict the next hour of the first variable from all variables.
 //!
 //! ```text
-//! cargo run --release -p cubeload-torch --example train_lstm -- [CUBE] [EPOCHS]
+//! cargo run --release -p cubeload-torch --example train_lstm -- [CUBE|demo] [EPOCHS]
 //! ```
-//! Without CUBE it builds the demo cube in a temporary directory. Prints `epoch N loss X`.
+//! Without CUBE, or with `demo`, it builds the demo cube in a temporary directory. Prints `epoch N loss X`.
 
 use std::process::ExitCode;
 
@@ -13,7 +13,8 @@ use cubeload_torch::BatchTensors as _;
 use cubeload_torch::train::LstmForecaster;
 use tch::nn::{self, OptimizerConfig};
 
-const USAGE: &str = "usage: cargo run --release -p cubeload-torch --example train_lstm -- [CUBE] [EPOCHS]";
+const USAGE: &str =
+    "usage: cargo run --release -p cubeload-torch --example train_lstm -- [CUBE|demo] [EPOCHS]";
 
 fn main() -> ExitCode {
     match run() {
@@ -27,7 +28,8 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let first = args.next();
+    // `demo` (or no argument) for the demo cube, so that EPOCHS can be given without a cube.
+    let first = args.next().filter(|a| a != "demo");
     if first.as_deref().is_some_and(|a| a.starts_with('-')) {
         println!("{USAGE}");
         return Ok(());
@@ -48,6 +50,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Loader::builder(&cube).shuffle(42).epochs(epochs).mix(4).normalize(true).prefetch(8).build()?;
     if loader.meta().layout.kind != LayoutKind::PixelSeries {
         return Err(format!("{} is an image_sequence cube: train_lstm needs pixel_series (train_video trains on image sequences)", cube.display()).into());
+    }
+    if loader.meta().layout.chunk_t < 2 {
+        return Err(format!(
+            "{}: its series are of 1 step: train_lstm predicts each step from the steps before it, so it needs \
+             at least 2 (`layout.window`)",
+            cube.display()
+        )
+        .into());
     }
     let (variables, _) = loader.variable_names();
     println!("{}: {} batches per epoch, variables {variables:?}", cube.display(), loader.batches_per_epoch());

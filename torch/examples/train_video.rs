@@ -1,9 +1,9 @@
 //! Trains a small convolutional next-frame predictor on an `image_sequence` cube.
 //!
 //! ```text
-//! cargo run --release -p cubeload-torch --example train_video -- [CUBE] [EPOCHS]
+//! cargo run --release -p cubeload-torch --example train_video -- [CUBE|demo] [EPOCHS]
 //! ```
-//! Without CUBE it builds the demo inputs as an image-sequence cube in a temporary directory.
+//! Without CUBE, or with `demo`, it builds the demo inputs as an image-sequence cube in a temporary directory.
 //! Prints `epoch N loss X`.
 
 use cubeload::demo::{DemoSpec, IMAGE_LAYOUT, build_cube};
@@ -15,7 +15,8 @@ use cubeload_torch::BatchTensors as _;
 use cubeload_torch::train::NextFrame;
 use tch::nn::{self, OptimizerConfig};
 
-const USAGE: &str = "usage: cargo run --release -p cubeload-torch --example train_video -- [CUBE] [EPOCHS]";
+const USAGE: &str =
+    "usage: cargo run --release -p cubeload-torch --example train_video -- [CUBE|demo] [EPOCHS]";
 
 fn main() -> ExitCode {
     match run() {
@@ -29,7 +30,8 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let first = args.next();
+    // `demo` (or no argument) for the demo cube, so that EPOCHS can be given without a cube.
+    let first = args.next().filter(|a| a != "demo");
     if first.as_deref().is_some_and(|a| a.starts_with('-')) {
         println!("{USAGE}");
         return Ok(());
@@ -51,6 +53,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if loader.meta().layout.kind != LayoutKind::ImageSequence {
         return Err(format!(
             "{} is a pixel_series cube: train_video needs image_sequence (train_lstm trains on pixel series)",
+            cube.display()
+        )
+        .into());
+    }
+    if loader.meta().layout.chunk_t < 2 {
+        return Err(format!(
+            "{}: its sequences are of 1 frame: train_video predicts each frame from the one before it, so it \
+             needs at least 2 (`layout.seq_len`)",
             cube.display()
         )
         .into());

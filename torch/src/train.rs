@@ -4,8 +4,8 @@
 //! - [`NextFrame`]: predicts the next frame of one variable from the current frame of all variables of an
 //!   `image_sequence` batch.
 //!
-//! Both losses are mean squared errors over valid targets only (the batch mask), so gaps and padding never
-//! teach the model anything.
+//! Both losses are mean squared errors over valid targets only (the batch mask): the model is never asked
+//! to predict a gap or padding. As inputs, those cells hold the loader's fill value.
 
 use tch::nn::{self, Module, RNN};
 use tch::{Device, Kind, TchError, Tensor};
@@ -35,6 +35,9 @@ impl LstmForecaster {
     }
 
     /// Masked MSE of predicting step `t + 1` of the target from steps `..= t` of all variables.
+    ///
+    /// # Panics
+    /// When the series have fewer than 2 steps (libtorch's LSTM refuses an empty sequence).
     pub fn loss(&self, x: &Tensor, mask: &Tensor) -> Tensor {
         let steps = x.size()[1];
         let (output, _) = self.lstm.seq(&x.narrow(1, 0, steps - 1));
@@ -69,10 +72,14 @@ impl NextFrame {
     }
 
     /// Masked MSE of predicting frame `s + 1` of the target from frame `s` of all variables.
+    ///
+    /// # Panics
+    /// When `x` is not `[B, S, V, h, w]` or its sequences have fewer than 2 frames (no pair to learn from).
     pub fn loss(&self, x: &Tensor, mask: &Tensor) -> Tensor {
         let [batch, frames, vars, height, width] = x.size()[..] else {
             panic!("image batches are [B, S, V, h, w]")
         };
+        assert!(frames >= 2, "next-frame prediction needs sequences of at least 2 frames, not {frames}");
         let pairs = batch * (frames - 1);
         let inputs = x.narrow(1, 0, frames - 1).reshape([pairs, vars, height, width]);
         let prediction = self.net.forward(&inputs).squeeze_dim(1);
