@@ -29,7 +29,7 @@ use std::path::Path;
 use cubeload::Batch;
 use cubeload::cli::Torch;
 
-pub use tensor::BatchTensors;
+pub use tensor::{BatchTensors, NativeTensors};
 
 /// The hooks of the `cubeload-torch` binary.
 pub const TORCH: Torch = Torch { deliver, train_demo };

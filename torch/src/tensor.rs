@@ -179,6 +179,27 @@ pub trait BatchTensors {
     /// # Errors
     /// As [`BatchTensors::to_tensor`].
     fn statics_mask_tensor(&self, device: Device) -> Result<Tensor, TchError>;
+
+    /// The coarser variables of a multi-resolution cube at their native resolution (a loader built with
+    /// [`cubeload::Regrid::Native`]; none otherwise), in the batch's order: each field's values and mask
+    /// as float32 tensors `[T, h, w]` (the level's own steps) or `[h, w]` (static), copied.
+    ///
+    /// # Errors
+    /// As [`BatchTensors::to_tensor`].
+    fn native_tensors(&self, device: Device) -> Result<Vec<NativeTensors>, TchError>;
+}
+
+/// One coarser variable of a batch at its native resolution, as tensors ([`BatchTensors::native_tensors`]).
+/// Where its cells lie on the target grid is in the batch's [`cubeload::batch::NativeField`]
+/// (`factor`, `origin`).
+#[derive(Debug)]
+pub struct NativeTensors {
+    /// Variable name.
+    pub name: String,
+    /// Values, float32 `[T, h, w]` or `[h, w]`.
+    pub data: Tensor,
+    /// 1 where `data` holds a value, 0 where missing (float32, `data`'s shape).
+    pub mask: Tensor,
 }
 
 impl BatchTensors for Batch {
@@ -205,6 +226,19 @@ impl BatchTensors for Batch {
 
     fn statics_mask_tensor(&self, device: Device) -> Result<Tensor, TchError> {
         copied(&self.statics_mask, &self.statics_shape(), device, Kind::Float)
+    }
+
+    fn native_tensors(&self, device: Device) -> Result<Vec<NativeTensors>, TchError> {
+        self.native
+            .iter()
+            .map(|field| {
+                Ok(NativeTensors {
+                    name: field.name.clone(),
+                    data: copied(&field.data, &field.shape, device, Kind::Float)?,
+                    mask: copied(&field.mask, &field.shape, device, Kind::Float)?,
+                })
+            })
+            .collect()
     }
 }
 

@@ -77,6 +77,46 @@ fn statics_apart_come_with_their_mask() {
     assert!(missing > 0.0, "the image cube's padding is among the statics");
 }
 
+/// A coarser variable at its native resolution (`Regrid::Native`) becomes tensors of its field's shape and
+/// values, its mask from the field's; a batch without such fields gives none.
+#[test]
+fn native_fields_become_tensors() {
+    use cubeload::config::Config;
+    use cubeload::{GenOptions, Plan, Regrid, generate};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = DemoSpec {
+        hours: 48,
+        layout: "{ kind: pixel_series, batch: 64, multires: true }",
+        ..DemoSpec::default()
+    };
+    let demo = build_cube(dir.path(), &spec, None).unwrap().path;
+    let text = std::fs::read_to_string(dir.path().join("demo.yaml"))
+        .unwrap()
+        .replace("units: K }", "units: K, resolution: 0.05 }")
+        .replace(&demo.display().to_string(), &dir.path().join("multires.zarr").display().to_string());
+    let plan =
+        Plan::new(Config::from_yaml(&text, std::path::Path::new("multires.yaml")).unwrap(), text).unwrap();
+    let cube = generate(&plan, &GenOptions::default(), &|_, _| {}).unwrap().path;
+    let mut fields = 0;
+    for b in Loader::builder(&cube).regrid(Regrid::Native).build().unwrap() {
+        let b = b.unwrap();
+        let tensors = b.native_tensors(tch::Device::Cpu).unwrap();
+        assert_eq!(tensors.len(), b.native.len());
+        for (t, field) in tensors.iter().zip(&b.native) {
+            assert_eq!(t.name, field.name);
+            let shape: Vec<i64> = field.shape.iter().map(|&d| d as i64).collect();
+            assert_eq!((t.data.size(), t.mask.size()), (shape.clone(), shape));
+            assert_eq!(bits(&Vec::<f32>::try_from(t.data.flatten(0, -1)).unwrap()), bits(&field.data));
+            let mask: Vec<f32> = field.mask.iter().map(|&v| f32::from(v)).collect();
+            assert_eq!(Vec::<f32>::try_from(t.mask.flatten(0, -1)).unwrap(), mask);
+            fields += 1;
+        }
+    }
+    assert!(fields > 0, "t2m comes at its native 0.05°");
+    let b = Loader::builder(&demo).build().unwrap().next().unwrap().unwrap();
+    assert!(b.native_tensors(tch::Device::Cpu).unwrap().is_empty());
+}
+
 /// A CUDA device this libtorch cannot use is an error naming it, not libtorch's panic.
 #[test]
 fn a_cuda_device_without_cuda_is_an_error() {
