@@ -138,6 +138,70 @@ impl<'de> Deserialize<'de> for VariableMap {
     }
 }
 
+/// The key YAML merges a mapping with.
+fn is_merge_key(key: &serde_yaml::Value) -> bool {
+    key.as_str() == Some("<<")
+}
+
+/// Whether a merge key appears anywhere in `value`.
+fn holds_merge_key(value: &serde_yaml::Value) -> bool {
+    match value {
+        serde_yaml::Value::Mapping(m) => m.iter().any(|(k, v)| is_merge_key(k) || holds_merge_key(v)),
+        serde_yaml::Value::Sequence(items) => items.iter().any(holds_merge_key),
+        serde_yaml::Value::Tagged(tagged) => holds_merge_key(&tagged.value),
+        _ => false,
+    }
+}
+
+/// Applies YAML's merge keys throughout `value`, innermost first, so that a merged mapping's own merges (a
+/// chain of anchors) are applied too: `<<: M` or `<<: [M1, M2, ...]` gives the mapping the keys of the
+/// `M`s it does not have itself (of two `M`s, the earlier wins), in the place of the `<<` (the order of
+/// variables is theirs).
+fn apply_merge_keys(value: &mut serde_yaml::Value) -> Result<(), String> {
+    use serde_yaml::{Mapping, Value};
+    match value {
+        Value::Mapping(mapping) => {
+            for (_, v) in mapping.iter_mut() {
+                apply_merge_keys(v)?;
+            }
+            if !mapping.keys().any(is_merge_key) {
+                return Ok(());
+            }
+            let own: Vec<Value> = mapping.keys().filter(|k| !is_merge_key(k)).cloned().collect();
+            let mut merged = Mapping::new();
+            for (k, v) in std::mem::take(mapping) {
+                if !is_merge_key(&k) {
+                    merged.insert(k, v);
+                    continue;
+                }
+                let sources = match v {
+                    Value::Mapping(m) => vec![m],
+                    Value::Sequence(items) => items
+                        .into_iter()
+                        .map(|item| match item {
+                            Value::Mapping(m) => Ok(m),
+                            _ => Err("a merge key (`<<`) takes a mapping or a list of mappings".to_string()),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err("a merge key (`<<`) takes a mapping or a list of mappings".into()),
+                };
+                for source in sources {
+                    for (k, v) in source {
+                        if !own.contains(&k) && !merged.contains_key(&k) {
+                            merged.insert(k, v);
+                        }
+                    }
+                }
+            }
+            *mapping = merged;
+        }
+        Value::Sequence(items) => items.iter_mut().try_for_each(apply_merge_keys)?,
+        Value::Tagged(tagged) => apply_merge_keys(&mut tagged.value)?,
+        _ => {}
+    }
+    Ok(())
+}
+
 /// `serde_yaml`'s message, where a key is given twice with the line of the repeat: `serde_yaml` places the
 /// error at the start of the mapping holding it (and a repeated top-level key nowhere).
 fn with_repeat_line(text: &str, error: &serde_yaml::Error) -> String {
@@ -146,6 +210,7 @@ fn with_repeat_line(text: &str, error: &serde_yaml::Error) -> String {
         ("variable `", "` is defined twice"),
         ("metadata `", "` is given twice"),
         ("duplicate field `", "`"),
+        ("duplicate entry with key \"", "\""),
     ]
     .iter()
     .find_map(|(before, after)| {
@@ -819,27 +884,40 @@ impl Config {
         // A byte-order mark (editors on Windows write one) is not YAML: the first key would read as another.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let parse_error = |message| ConfigError::Parse { path: origin.to_path_buf(), message };
+        // YAML merge keys (`<<: *common`), which serde_yaml leaves to its `Value`: a config holding one is
+        // read with its merges applied, unless it fails where no merge is involved, which keeps the line.
+        let document = serde_yaml::from_str::<serde_yaml::Value>(text);
+        let merges = document.as_ref().is_ok_and(holds_merge_key);
         let mut config: Config = match serde_yaml::from_str(text) {
-            Ok(config) => config,
-            // YAML merge keys (`<<: *common`), which serde_yaml leaves to its `Value`.
-            Err(e) if e.to_string().contains("unknown field `<<`") => {
-                Config::with_merge_keys(text).map_err(parse_error)?
+            Ok(config) if !merges => config,
+            Err(e) if !e.to_string().contains("<<") => return Err(parse_error(with_repeat_line(text, &e))),
+            // A merge key in a document that is not one (a key given twice): the error is the document's.
+            Err(e) if !merges => {
+                return Err(parse_error(with_repeat_line(text, &document.err().unwrap_or(e))));
             }
-            Err(e) => return Err(parse_error(with_repeat_line(text, &e))),
+            _ => Config::with_merge_keys(text).map_err(parse_error)?,
         };
         let xcube = config.apply_xcube_aliases()?;
         config.validate().map_err(|e| if xcube { e.in_xcube_keys() } else { e })?;
         Ok(config)
     }
 
-    /// The config of `text` with its merge keys (`<<`) applied. Errors name the key by its path instead of
-    /// its line: a merged mapping has no line of its own.
+    /// The config of `text` with its merge keys (`<<`) applied, read as the YAML of the merged document:
+    /// its plain scalars keep the text they have (`units: 1` is the string "1"). Errors name the key by its
+    /// path instead of its line: a merged mapping has no line of its own.
     fn with_merge_keys(text: &str) -> Result<Config, String> {
         let mut value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| with_repeat_line(text, &e))?;
-        value.apply_merge().map_err(|e| format!("cannot apply the merge keys (`<<`): {e}"))?;
-        serde_path_to_error::deserialize(value)
-            .map_err(|e| format!("{}: {} (with the merge keys applied)", e.path(), e.inner()))
+        apply_merge_keys(&mut value)?;
+        let merged = serde_yaml::to_string(&value).map_err(|e| e.to_string())?;
+        serde_yaml::from_str(&merged).map_err(|e| {
+            let message = e.to_string();
+            let bare = match e.location() {
+                Some(l) => message.trim_end_matches(&format!(" at line {} column {}", l.line(), l.column())),
+                None => &message,
+            };
+            format!("{bare} (with the merge keys applied)")
+        })
     }
 
     /// Folds the xcube top-level keys into `grid` (an error if both spell the same thing); whether the grid
@@ -1371,27 +1449,74 @@ variables:
         assert!(message.contains("duplicate field `kind`, again at line 11"), "{message}");
     }
 
-    /// YAML merge keys give a variable the keys of another, its own winning: the config is the one spelled
-    /// out; an error inside a merged mapping names its key by path.
+    /// YAML merge keys give a mapping the keys of others, its own winning, wherever they are (a variable, the
+    /// variables, `metadata`), through chains of anchors and lists of them: the config is the one spelled
+    /// out, plain scalars read as they are without merges. An error inside a merged mapping names its key by
+    /// path; one where no merge is involved keeps its line.
     #[test]
     fn merge_keys_are_applied() {
-        let spelled = "  t2m: { path: era5.grib, resampling: bilinear, aggregation: mean }
-  d2m: { path: d2m.grib, resampling: bilinear, aggregation: max }
-  lc: { path: lc.tif, kind: categorical, static: true }
-";
-        let merged = "  t2m: &hourly { path: era5.grib, resampling: bilinear, aggregation: mean }
+        let (head, _) = BASE.split_once("variables:").unwrap();
+        let same = |merged: &str, spelled: &str| {
+            let want = parse(&format!("{head}{spelled}")).unwrap();
+            let got = parse(&format!("{head}{merged}")).unwrap_or_else(|e| panic!("{merged}: {e}"));
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{merged}");
+        };
+        same(
+            "variables:
+  t2m: &hourly { path: era5.grib, resampling: bilinear, aggregation: mean, units: 1 }
   d2m: { <<: *hourly, path: d2m.grib, aggregation: max }
   lc: { path: lc.tif, kind: categorical, static: true }
-";
-        let (head, _) = BASE.split_once("  t2m:").unwrap();
-        let want = parse(&format!("{head}{spelled}")).unwrap();
-        let got = parse(&format!("{head}{merged}")).unwrap();
-        assert_eq!(format!("{got:?}"), format!("{want:?}"));
-        assert_eq!(got.variables.0.len(), 3);
+",
+            "variables:
+  t2m: { path: era5.grib, resampling: bilinear, aggregation: mean, units: 1 }
+  d2m: { path: d2m.grib, resampling: bilinear, aggregation: max, units: 1 }
+  lc: { path: lc.tif, kind: categorical, static: true }
+",
+        );
+        // A chain of anchors, a list of them (the earlier wins), and merged variables in the place of `<<`.
+        same(
+            "variables:
+  t2m: &a { path: era5.grib, resampling: bilinear }
+  t2m_k: &b { <<: *a, units: K }
+  t2m_max: { <<: *b, aggregation: max }
+  d2m: { <<: [{ aggregation: min, units: C }, *b], path: d2m.grib }
+",
+            "variables:
+  t2m: { path: era5.grib, resampling: bilinear }
+  t2m_k: { path: era5.grib, resampling: bilinear, units: K }
+  t2m_max: { path: era5.grib, resampling: bilinear, units: K, aggregation: max }
+  d2m: { aggregation: min, units: C, path: d2m.grib, resampling: bilinear }
+",
+        );
+        same(
+            "variables:
+  <<: { t2m: { path: era5.grib }, d2m: { path: d2m.grib } }
+  lc: { path: lc.tif, kind: categorical, static: true }
+",
+            "variables:
+  t2m: { path: era5.grib }
+  d2m: { path: d2m.grib }
+  lc: { path: lc.tif, kind: categorical, static: true }
+",
+        );
+        // Metadata takes any key: its merge key was a key like the others.
+        let vars = "variables:\n  t2m: { path: era5.grib }\n";
+        same(
+            &format!("metadata: {{ <<: {{ license: CC-BY-4.0, title: X }}, title: T }}\n{vars}"),
+            &format!("metadata: {{ license: CC-BY-4.0, title: T }}\n{vars}"),
+        );
 
-        let wrong = merged.replace("aggregation: max", "aggregation: maximum");
+        let wrong = "variables:\n  t2m: &a { path: era5.grib }\n  d2m: { <<: *a, aggregation: maximum }\n";
         let message = parse(&format!("{head}{wrong}")).unwrap_err().to_string();
         assert!(message.contains("variables.d2m.aggregation") && message.contains("maximum"), "{message}");
+        assert!(message.contains("with the merge keys applied") && !message.contains(" line "), "{message}");
+        let elsewhere =
+            format!("{}{wrong}", head.replace("batch: 256", "batch: many")).replace("maximum", "max");
+        let message = parse(&elsewhere).unwrap_err().to_string();
+        assert!(message.contains("layout.batch") && message.contains("line 4"), "{message}");
+        let twice = "variables:\n  t2m: &a { path: era5.grib }\n  d2m: { <<: *a }\n  t2m: { path: x.grib }\n";
+        let message = parse(&format!("{head}{twice}")).unwrap_err().to_string();
+        assert!(message.contains("key \"t2m\", again at line 8"), "{message}");
     }
 
     #[test]

@@ -375,7 +375,8 @@ impl LoaderBuilder {
         let given = self.given;
         let disagree = |option: String, saved: String| {
             LoaderError::Invalid(format!(
-                "{option} disagrees with the resume state, saved with {saved}: a state continues with its own                  seed, shuffle, shard, worker and mix (leave the option out, or give the state's)"
+                "{option} disagrees with the resume state, saved with {saved}: a state continues with its own \
+                 seed, shuffle, shard, worker and mix (leave the option out, or give the state's)"
             ))
         };
         if given.shuffle && !state.shuffle {

@@ -573,6 +573,7 @@ fn a_state_resumes_only_the_batches_it_was_saved_for() {
         for builder in [after, before] {
             let error = builder.build().map(|_| ()).unwrap_err().to_string();
             assert!(error.contains(named) && error.contains("disagrees with the resume state"), "{error}");
+            assert!(!error.contains("  "), "one space between words: {error}");
         }
     }
     let unshuffled = cubeload::loader::LoaderState { shuffle: false, ..state };

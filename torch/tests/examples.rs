@@ -1,17 +1,48 @@
 //! The training examples as a user runs them: they train on the demo cube, and refuse a cube they cannot
 //! train on with an `error:` line and exit 1 (a series of one step gave a libtorch panic, exit 101).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::SystemTime;
 
 use cubeload::demo::{DemoSpec, build_cube};
 
-/// An example's binary, which `cargo test` builds beside the test binaries (`target/<profile>/examples`).
+/// An example's binary, which `cargo test` builds beside the test binaries (`target/<profile>/examples`),
+/// no older than the sources it is built from (`cargo test --test examples` alone does not build it).
 fn example(name: &str) -> PathBuf {
     let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
     let path = deps.parent().unwrap().join("examples").join(name);
-    assert!(path.is_file(), "{} is built by `cargo test`", path.display());
+    let built = std::fs::metadata(&path).and_then(|m| m.modified());
+    let torch = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = [torch.join("src"), torch.join("examples"), torch.join("../src")];
+    let newest = sources.iter().map(|dir| newest_file(dir)).max().unwrap();
+    assert!(
+        built.as_ref().is_ok_and(|&built| built >= newest),
+        "{} is missing or older than its sources: `cargo test` builds it, or `cargo build --release -p \
+         cubeload-torch --examples`",
+        path.display()
+    );
     path
+}
+
+/// When the newest file under `dir` was modified, but the binaries' `main.rs`, which no example is built
+/// from.
+fn newest_file(dir: &Path) -> SystemTime {
+    let mut newest = SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() == "main.rs" {
+            continue;
+        }
+        let kind = entry.file_type().unwrap();
+        let modified = if kind.is_dir() {
+            newest_file(&entry.path())
+        } else {
+            entry.metadata().unwrap().modified().unwrap()
+        };
+        newest = newest.max(modified);
+    }
+    newest
 }
 
 fn run(name: &str, args: &[&str]) -> (Output, String) {
