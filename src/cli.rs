@@ -684,7 +684,15 @@ fn run_gen(text: &str, origin: &Path, options: &GenOptions) -> crate::Result<Gen
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    Ok(report?)
+    let report = report?;
+    // Notes only the written values could give (values the type cannot hold, categorical codes beyond
+    // float32's exact integers).
+    for (v, planned) in report.meta.variables.iter().zip(&plan.variables) {
+        for note in v.notes.iter().filter(|note| !planned.notes.contains(note)) {
+            eprintln!("note: variable `{}`: {note}", v.name);
+        }
+    }
+    Ok(report)
 }
 
 /// What a run wrote; `finalized`: a `--finalize` run, whose blocks the parts wrote.

@@ -1296,6 +1296,7 @@ fn build(plan: &Plan, dir: &Path, run: &Run) -> Result<Built, GenError> {
                     stats: (&summary.stats).into(),
                     cells: summary.cells,
                     valid: summary.valid,
+                    unstorable: summary.unstorable,
                     validity: summary.chunk_validity,
                 };
                 manifest.append(&record)?;
@@ -1363,6 +1364,7 @@ fn finish(
     let n_vars = plan.variables.len();
     let mut stats = vec![RunningStats::default(); n_vars];
     let mut cells = vec![(0u64, 0u64); n_vars];
+    let mut unstorable = vec![0u64; n_vars];
     let counts: Vec<[usize; 3]> =
         writer.meta().variables.iter().map(|v| writer.meta().geometry(v).chunk_counts()).collect();
     let mut validity: Vec<Vec<f32>> = plan
@@ -1376,6 +1378,7 @@ fn finish(
         stats[block.var].merge(&record.stats.into());
         cells[block.var].0 += record.cells;
         cells[block.var].1 += record.valid;
+        unstorable[block.var] += record.unstorable;
         let base = if plan.variables[block.var].is_static {
             block.iy * cx_n
         } else {
@@ -1387,7 +1390,7 @@ fn finish(
     }
     drop(ManifestWriter::create(dir, MANIFEST_FILE, header, records)?);
     remove_part_manifests(dir)?;
-    let meta = writer.finish(&stats, &cells, &validity)?;
+    let meta = writer.finish(&stats, &cells, &unstorable, &validity)?;
     Manifest::seal(dir)?;
     Ok(meta)
 }

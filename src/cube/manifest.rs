@@ -199,8 +199,17 @@ pub struct BlockRecord {
     pub cells: u64,
     /// Valid cells among them.
     pub valid: u64,
+    /// Cells among them stored as missing because the variable's type cannot hold their value (±∞); absent
+    /// where none (and in manifests of earlier builds).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unstorable: u64,
     /// `(chunk x index, fraction of valid cells)` per batch chunk.
     pub validity: Vec<(usize, f32)>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl BlockRecord {

@@ -32,10 +32,22 @@ pub struct BlockSummary {
     pub cells: u64,
     /// Valid cells inside the grid extent.
     pub valid: u64,
+    /// Cells inside the grid extent whose value the variable's type cannot hold (±∞, or beyond float32's
+    /// range), stored as missing.
+    pub unstorable: u64,
     /// `(chunk x index, fraction of valid cells in that batch chunk)`.
     pub chunk_validity: Vec<(usize, f32)>,
     /// Store keys of the files written (chunks or shards), for the manifest.
     pub files: Vec<String>,
+}
+
+/// Whether a value other than NaN is stored as itself in a variable of type `dtype`: finite, and, for
+/// float32, within its range (a float64 source's 1e300 would become ∞). Integer types clamp.
+fn storable(dtype: DType, x: f64) -> bool {
+    match dtype {
+        DType::Float32 => (x as f32).is_finite(),
+        _ => x.is_finite(),
+    }
 }
 
 /// Writes one cube. Shared by the generation threads (`&CubeWriter` is `Sync`).
@@ -187,10 +199,15 @@ impl CubeWriter {
                 continue;
             }
             summary.cells += 1;
-            if !value.is_nan() && value != fill {
+            if value.is_nan() || value == fill {
+                continue;
+            }
+            if storable(v.dtype, value) {
                 summary.valid += 1;
                 summary.stats.push(value);
                 chunk_valid[i / ct / b] += 1;
+            } else {
+                summary.unstorable += 1;
             }
         }
         let shards_before = shard * per_shard / b;
@@ -458,11 +475,18 @@ impl CubeWriter {
             .flat_map(|t| (0..cy).filter(|y| iy * cy + y < height).map(move |y| (t, y)))
             .map(|(t, y)| &values[(t * cy + y) * px..(t * cy + y) * px + inside_cols])
             .collect();
-        let valid = |x: f64| !x.is_nan() && x != fill;
+        let dtype = v.dtype;
+        let valid = |x: f64| !x.is_nan() && x != fill && storable(dtype, x);
         for row in &rows {
             summary.cells += row.len() as u64;
             for (n, cells) in chunk_valid.iter_mut().zip(row.chunks(cx)) {
-                *n += cells.iter().filter(|&&x| valid(x)).count() as u64;
+                for &x in cells.iter().filter(|&&x| !x.is_nan() && x != fill) {
+                    if storable(dtype, x) {
+                        *n += 1;
+                    } else {
+                        summary.unstorable += 1;
+                    }
+                }
             }
         }
         summary.stats = RunningStats::of_rows(&rows, valid);
@@ -528,9 +552,11 @@ impl CubeWriter {
             }
             _ => {}
         }
-        let int = |x: f64| if x.is_nan() { fill } else { x.round() };
+        let int = |x: f64| if x.is_finite() { x.round() } else { fill };
+        // What the type cannot hold is missing, as the statistics and the validity index count it.
+        let float = |x: f64| if storable(DType::Float32, x) { x as f32 } else { f32::NAN };
         match dtype {
-            DType::Float32 => store(self, array, indices, &converted(rows, |x| x as f32)),
+            DType::Float32 => store(self, array, indices, &converted(rows, float)),
             DType::Uint8 => store(self, array, indices, &converted(rows, |x| int(x) as u8)),
             DType::Uint16 => store(self, array, indices, &converted(rows, |x| int(x) as u16)),
             DType::Int16 => store(self, array, indices, &converted(rows, |x| int(x) as i16)),
@@ -541,7 +567,8 @@ impl CubeWriter {
     }
 
     /// Writes statistics, the validity index and consolidated metadata, then the completion marker.
-    /// `validity[var]` holds one fraction per batch chunk in `(time, lat, lon)` chunk order.
+    /// `validity[var]` holds one fraction per batch chunk in `(time, lat, lon)` chunk order; `unstorable[var]`
+    /// counts the values stored as missing because its type cannot hold them (a note says so).
     ///
     /// # Errors
     /// [`CubeError`] when storing fails; the cube then stays incomplete.
@@ -549,6 +576,7 @@ impl CubeWriter {
         mut self,
         stats: &[RunningStats],
         valid_cells: &[(u64, u64)],
+        unstorable: &[u64],
         validity: &[Vec<f32>],
     ) -> Result<CubeMeta, CubeError> {
         let index_group = GroupBuilder::new()
@@ -578,6 +606,14 @@ impl CubeWriter {
                 v.notes.push(format!(
                     "codes beyond ±{exact} are not exact in the loader's float32 batches (xarray reads them \
                      exactly): renumber the classes to keep them apart"
+                ));
+            }
+            if unstorable[i] > 0 {
+                let what =
+                    if v.dtype == DType::Float32 { "infinite or beyond float32's range" } else { "infinite" };
+                v.notes.push(format!(
+                    "{} values were {what}: stored as missing, and left out of the statistics",
+                    unstorable[i]
                 ));
             }
             let (cells, valid) = valid_cells[i];

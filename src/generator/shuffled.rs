@@ -105,6 +105,13 @@ fn rewrite(
     let n_vars = plan.variables.len();
     let mut stats = vec![RunningStats::default(); n_vars];
     let mut cells_valid = vec![(0u64, 0u64); n_vars];
+    // Values the type cannot hold were made missing in the tiled cube: its blocks counted them.
+    let mut unstorable = vec![0u64; n_vars];
+    for record in Manifest::load(tiled.path())?.records {
+        if let Some(var) = plan.variables.iter().position(|v| v.name == record.block.var) {
+            unstorable[var] += record.unstorable;
+        }
+    }
     let mut validity: Vec<Vec<f32>> = Vec::with_capacity(n_vars);
     for (var, v) in writer.meta().variables.clone().iter().enumerate() {
         let array = tiled.array(&v.name)?;
@@ -157,6 +164,7 @@ fn rewrite(
                         stats: (&summary.stats).into(),
                         cells: summary.cells,
                         valid: summary.valid,
+                        unstorable: summary.unstorable,
                         validity: summary.chunk_validity.clone(),
                     });
                     stats[var].merge(&summary.stats);
@@ -173,7 +181,7 @@ fn rewrite(
         validity.push(var_validity);
     }
     drop(ManifestWriter::create(staging, MANIFEST_FILE, header, &records.iter().collect::<Vec<_>>())?);
-    let meta = writer.finish(&stats, &cells_valid, &validity)?;
+    let meta = writer.finish(&stats, &cells_valid, &unstorable, &validity)?;
     Manifest::seal(staging)?;
     Ok(meta)
 }
