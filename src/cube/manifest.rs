@@ -485,6 +485,7 @@ mod tests {
             stats: (&stats).into(),
             cells: 3,
             valid: 3,
+            unstorable: 0,
             validity: vec![(0, 0.1)],
         }
     }
