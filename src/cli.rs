@@ -744,10 +744,13 @@ fn print_summary(report: &GenReport, finalized: bool) {
     // A bbox or time axis may meet a variable's sources within the margins the plan allows, yet give it no
     // value at all.
     for v in meta.variables.iter().filter(|v| v.valid_fraction == 0.0) {
-        eprintln!(
-            "warning: variable `{}` has no valid value in the cube: its sources cover none of its cells and steps",
-            v.name
-        );
+        // Values its type cannot hold (a note counts them) are sources that do cover it.
+        let why = if v.notes.iter().any(|n| n.contains("stored as missing")) {
+            "none of the values its sources give can be stored (see the note above)"
+        } else {
+            "its sources cover none of its cells and steps"
+        };
+        eprintln!("warning: variable `{}` has no valid value in the cube: {why}", v.name);
     }
 }
 

@@ -117,3 +117,102 @@ fn values_a_float32_cannot_hold_are_missing_with_a_note() {
     let again = meta.variables[0].stats.as_ref().unwrap();
     assert_eq!((again.min, again.max), (stats.min, stats.max));
 }
+
+/// Class codes an integer variable cannot hold apart from its fill value (a packed byte map whose offset
+/// takes its codes past 255 or below 0, or a class equal to the fill chosen for a source without nodata) are
+/// stored as missing, left out of the statistics and counted in a note. They were clamped into the type:
+/// codes below 0 became class 0, and codes past 255 the fill value while the validity index counted them
+/// valid, so that every reader took the cube's chunks for damaged.
+#[test]
+fn codes_an_integer_type_cannot_hold_are_missing_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let (width, height, res) = (16usize, 16usize, 0.01);
+    let (west, north) = (10.0, 46.0);
+    let codes: Vec<u8> = (0..width * height).map(|i| (i % 251) as u8).collect();
+    // Packed: the class is code − 10, so codes 0…9 give −10…−1; and a map whose codes include 255, with no
+    // nodata, whose fill is then 255.
+    let packed = dir.path().join("packed.tif");
+    write_lonlat_tif(&packed, (west, north, res), width, codes.clone(), None);
+    {
+        let ds = gdal::Dataset::open_ex(
+            &packed,
+            gdal::DatasetOptions { open_flags: gdal::GdalOpenFlags::GDAL_OF_UPDATE, ..Default::default() },
+        )
+        .unwrap();
+        ds.rasterband(1).unwrap().set_offset(-10.0).unwrap();
+    }
+    let full: Vec<u8> = (0..width * height).map(|i| 250 + (i % 6) as u8).collect();
+    let with_255 = dir.path().join("full.tif");
+    write_lonlat_tif(&with_255, (west, north, res), width, full.clone(), None);
+    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
+    std::fs::write(
+        dir.path().join("cube.yaml"),
+        format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n  \
+             packed: {{ path: {}, kind: categorical, static: true }}\n  \
+             full: {{ path: {}, kind: categorical, static: true }}\n",
+            grid.yaml(),
+            packed.display(),
+            with_255.display()
+        ),
+    )
+    .unwrap();
+    let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let negative = codes.iter().filter(|&&c| c < 10).count();
+    let at_fill = full.iter().filter(|&&c| c == 255).count();
+    for (name, n) in [("packed", negative), ("full", at_fill)] {
+        let note = format!(
+            "note: variable `{name}`: {n} values were not codes uint8 holds apart from its fill value 255"
+        );
+        assert!(stderr.contains(&note), "{note}\n{stderr}");
+    }
+    let cube = dir.path().join("cube.zarr");
+    let read = |name: &str| {
+        array(&cube, name).retrieve_array_subset::<Vec<u8>>(&[0..height as u64, 0..width as u64]).unwrap()
+    };
+    for (i, (&stored, &code)) in read("packed").iter().zip(&codes).enumerate() {
+        let class = i32::from(code) - 10;
+        let want = if class < 0 { 255 } else { class as u8 };
+        assert_eq!(stored, want, "cell {i}, code {code}");
+    }
+    assert_eq!(read("full"), full, "255 is stored, as the fill: missing");
+    let meta = cubeload::Cube::open(&cube).unwrap().meta().clone();
+    let packed = meta.variables.iter().find(|v| v.name == "packed").unwrap();
+    assert_eq!(packed.stats.as_ref().unwrap().min, 0.0, "the missing codes are out of the statistics");
+    let valid = (codes.len() - negative) as f64 / codes.len() as f64;
+    assert!((packed.valid_fraction - valid).abs() < 1e-12, "{}", packed.valid_fraction);
+    // The validity index agrees with the chunks: `verify` passes and the loader reads every batch.
+    let verify = cubeload(dir.path(), &["verify", "cube.zarr"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let batches = cubeload::Loader::builder(&cube).build().unwrap().map(Result::unwrap).count();
+    assert_eq!(batches, 4);
+}
+
+/// A spread so small that float32 cannot hold 1/std (denormal values) normalizes as no spread, centred only
+/// as a constant field is: it gave ±∞ for every valid cell.
+#[test]
+fn a_spread_below_float32s_reach_normalizes_to_finite_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let (width, height, res) = (8usize, 8usize, 0.01);
+    let (west, north) = (10.0, 46.0);
+    let values: Vec<f32> = (0..width * height).map(|i| (i % 5) as f32 * 2.5e-40).collect();
+    let tif = dir.path().join("tiny.tif");
+    write_lonlat_tif(&tif, (west, north, res), width, values, None);
+    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\n\
+             variables:\n  tiny: {{ path: {}, static: true, resampling: nearest }}\n",
+            grid.yaml(),
+            tif.display()
+        ),
+    );
+    let std = cubeload::Cube::open(&cube).unwrap().meta().variables[0].stats.unwrap().std;
+    assert!(std > 0.0 && !((1.0 / std) as f32).is_finite(), "the spread is below float32's reach: {std}");
+    let batch = cubeload::Loader::builder(&cube).normalize(true).build().unwrap().next().unwrap().unwrap();
+    assert!(batch.mask.iter().all(|&m| m == 1));
+    assert!(batch.data.iter().all(|x| x.is_finite() && x.abs() < 1e-30), "{:?}", &batch.data[..8]);
+}

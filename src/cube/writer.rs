@@ -41,12 +41,14 @@ pub struct BlockSummary {
     pub files: Vec<String>,
 }
 
-/// Whether a value other than NaN is stored as itself in a variable of type `dtype`: finite, and, for
-/// float32, within its range (a float64 source's 1e300 would become ∞). Integer types clamp.
-fn storable(dtype: DType, x: f64) -> bool {
+/// Whether a value other than NaN is stored as itself in a variable of type `dtype` whose missing cells
+/// hold `fill`: for float32, finite and within its range (a float64 source's 1e300 would become ∞); for an
+/// integer type, finite, within its range once rounded, and not its fill value (a class equal to the fill
+/// chosen for a source without nodata would read as missing; the source's own nodata is NaN by now).
+fn storable(dtype: DType, fill: f64, x: f64) -> bool {
     match dtype {
         DType::Float32 => (x as f32).is_finite(),
-        _ => x.is_finite(),
+        _ => x.is_finite() && dtype.holds(x.round()) && x.round() != fill,
     }
 }
 
@@ -202,7 +204,7 @@ impl CubeWriter {
             if value.is_nan() || value == fill {
                 continue;
             }
-            if storable(v.dtype, value) {
+            if storable(v.dtype, fill, value) {
                 summary.valid += 1;
                 summary.stats.push(value);
                 chunk_valid[i / ct / b] += 1;
@@ -476,12 +478,12 @@ impl CubeWriter {
             .map(|(t, y)| &values[(t * cy + y) * px..(t * cy + y) * px + inside_cols])
             .collect();
         let dtype = v.dtype;
-        let valid = |x: f64| !x.is_nan() && x != fill && storable(dtype, x);
+        let valid = |x: f64| !x.is_nan() && storable(dtype, fill, x);
         for row in &rows {
             summary.cells += row.len() as u64;
             for (n, cells) in chunk_valid.iter_mut().zip(row.chunks(cx)) {
-                for &x in cells.iter().filter(|&&x| !x.is_nan() && x != fill) {
-                    if storable(dtype, x) {
+                for &x in cells.iter().filter(|x| !x.is_nan()) {
+                    if storable(dtype, fill, x) {
                         *n += 1;
                     } else {
                         summary.unstorable += 1;
@@ -552,9 +554,9 @@ impl CubeWriter {
             }
             _ => {}
         }
-        let int = |x: f64| if x.is_finite() { x.round() } else { fill };
         // What the type cannot hold is missing, as the statistics and the validity index count it.
-        let float = |x: f64| if storable(DType::Float32, x) { x as f32 } else { f32::NAN };
+        let int = |x: f64| if storable(dtype, fill, x) { x.round() } else { fill };
+        let float = |x: f64| if storable(DType::Float32, fill, x) { x as f32 } else { f32::NAN };
         match dtype {
             DType::Float32 => store(self, array, indices, &converted(rows, float)),
             DType::Uint8 => store(self, array, indices, &converted(rows, |x| int(x) as u8)),
@@ -609,8 +611,15 @@ impl CubeWriter {
                 ));
             }
             if unstorable[i] > 0 {
-                let what =
-                    if v.dtype == DType::Float32 { "infinite or beyond float32's range" } else { "infinite" };
+                let what = match (v.dtype, v.fill_value) {
+                    (DType::Float32, _) | (_, None) => "infinite or beyond float32's range".to_string(),
+                    (dtype, Some(fill)) => {
+                        let name = format!("{dtype:?}").to_lowercase();
+                        format!(
+                            "not codes {name} holds apart from its fill value {fill} (infinite, out of its range, or equal to {fill})"
+                        )
+                    }
+                };
                 v.notes.push(format!(
                     "{} values were {what}: stored as missing, and left out of the statistics",
                     unstorable[i]

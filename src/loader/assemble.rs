@@ -266,8 +266,10 @@ impl Assembler {
                     available: meta.variables.iter().map(|v| v.name.clone()).collect(),
                 }
             })?;
+            // A spread too small for float32's 1/std (below ~3e-39, or none) is taken as none: the values
+            // are centred only, as a constant field's are.
             let affine = match (transform.normalize, v.kind, v.stats) {
-                (true, VariableKind::Continuous, Some(s)) if s.std > 0.0 => {
+                (true, VariableKind::Continuous, Some(s)) if ((1.0 / s.std) as f32).is_finite() => {
                     (s.mean as f32, (1.0 / s.std) as f32)
                 }
                 (true, VariableKind::Continuous, Some(s)) => (s.mean as f32, 1.0),
