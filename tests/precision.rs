@@ -161,7 +161,7 @@ fn codes_an_integer_type_cannot_hold_are_missing_with_a_note() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let negative = codes.iter().filter(|&&c| c < 10).count();
-    let at_fill = full.iter().filter(|&&c| c == 255).count();
+    let at_fill: usize = full.iter().map(|&c| usize::from(c == 255)).sum();
     for (name, n) in [("packed", negative), ("full", at_fill)] {
         let note = format!(
             "note: variable `{name}`: {n} values were not codes uint8 holds apart from its fill value 255"
