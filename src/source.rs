@@ -143,6 +143,9 @@ pub struct FileView {
     pub georef: Georef,
     /// Cell size in degrees as GDAL sees it in lon/lat: fixes the warper's resampling scale.
     pub native_res: (f64, f64),
+    /// Signed bytes (an `int8` GeoTIFF, a NetCDF `byte`), which GDAL before 3.7 gives as unsigned bytes
+    /// with the tag `PIXELTYPE=SIGNEDBYTE`: read back into −128…127 (the source's type is then Int16).
+    pub signed_bytes: bool,
 }
 
 impl FileView {
@@ -497,11 +500,17 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
         ));
     }
     // The band chosen, or band 1 for all the bands of a time series.
+    let signed_bytes;
     let info = {
         let band = dataset.rasterband(config.band.unwrap_or(1)).map_err(|e| SourceError::gdal(path, &e))?;
-        let data_type = band.band_type();
+        let mut data_type = band.band_type();
         if matches!(data_type, GdalDataType::Unknown) {
             return Err(SourceError::unusable(path, "has a complex or unknown data type"));
+        }
+        signed_bytes = data_type == GdalDataType::UInt8
+            && band.metadata_item("PIXELTYPE", "IMAGE_STRUCTURE").as_deref() == Some("SIGNEDBYTE");
+        if signed_bytes {
+            data_type = GdalDataType::Int16;
         }
         let nodata = config.nodata.or_else(|| band.no_data_value());
         let missing_value = band
@@ -550,6 +559,7 @@ fn probe_file(name: &str, path: &Path, config: &VariableConfig) -> Result<FilePr
         size: dataset.raster_size(),
         georef,
         native_res: (0.0, 0.0),
+        signed_bytes,
     };
     view.native_res = warp::native_resolution(&view, info.data_type, info.nodata)?;
     Ok((view, steps, info, note))

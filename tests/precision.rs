@@ -216,3 +216,55 @@ fn a_spread_below_float32s_reach_normalizes_to_finite_values() {
     assert!(batch.mask.iter().all(|&m| m == 1));
     assert!(batch.data.iter().all(|x| x.is_finite() && x.abs() < 1e-30), "{:?}", &batch.data[..8]);
 }
+
+/// Signed bytes (an int8 GeoTIFF), which GDAL 3.6 gives as unsigned bytes tagged `PIXELTYPE=SIGNEDBYTE`,
+/// keep their sign, and their nodata its cells: −5…−1 were stored as 251…255 (and as a categorical, −1 met
+/// the fill value 255), and a nodata of −127 marked no cell.
+#[test]
+fn signed_bytes_keep_their_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let (width, height, res) = (16usize, 16usize, 0.01);
+    let (west, north) = (10.0, 46.0);
+    let codes: Vec<i8> =
+        (0..width * height).map(|i| if i % 17 == 3 { -127 } else { (i % 11) as i8 - 5 }).collect();
+    let tif = dir.path().join("i8.tif");
+    {
+        let driver = gdal::DriverManager::get_driver_by_name("GTiff").unwrap();
+        let options: gdal::raster::RasterCreationOptions = "PIXELTYPE=SIGNEDBYTE".parse().unwrap();
+        let mut ds =
+            driver.create_with_band_type_with_options::<u8, _>(&tif, width, height, 1, &options).unwrap();
+        ds.set_geo_transform(&[west, res, 0.0, north, 0.0, -res]).unwrap();
+        ds.set_projection(&gdal::spatial_ref::SpatialRef::from_epsg(4326).unwrap().to_wkt().unwrap())
+            .unwrap();
+        let mut band = ds.rasterband(1).unwrap();
+        band.set_no_data_value(Some(-127.0)).unwrap();
+        let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+        band.write((0, 0), (width, height), &mut gdal::raster::Buffer::new((width, height), bytes)).unwrap();
+    }
+    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
+    let cube = gen_ok(
+        dir.path(),
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n  \
+             value: {{ path: {tif}, static: true, resampling: nearest }}\n  \
+             class: {{ path: {tif}, static: true, kind: categorical }}\n",
+            grid.yaml(),
+            tif = tif.display()
+        ),
+    );
+    let cells = [0..height as u64, 0..width as u64];
+    let values = array(&cube, "value").retrieve_array_subset::<Vec<f32>>(&cells).unwrap();
+    let class = array(&cube, "class");
+    assert!(class.data_type().to_string().starts_with("int16"), "{}", class.data_type());
+    let classes = class.retrieve_array_subset::<Vec<i16>>(&cells).unwrap();
+    let fill = -127; // the source's nodata, which int16 holds
+    for (i, &code) in codes.iter().enumerate() {
+        if code == -127 {
+            assert!(values[i].is_nan(), "cell {i}: nodata");
+            assert_eq!(classes[i], fill, "cell {i}: nodata");
+        } else {
+            assert_eq!(values[i], f32::from(code), "cell {i}");
+            assert_eq!(classes[i], i16::from(code), "cell {i}");
+        }
+    }
+}

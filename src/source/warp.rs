@@ -71,10 +71,17 @@ pub fn vrt_xml(
         if let Some(nodata) = nodata {
             let _ = write!(xml, "<NoDataValue>{}</NoDataValue>", format_nodata(nodata));
         }
-        let (kind, left_out) = match missing_value.filter(|_| nodata.is_some()) {
-            Some(missing) => ("ComplexSource", format!("<NODATA>{}</NODATA>", format_nodata(missing))),
+        // The source's own value of a signed one (−1 is the byte 255 there).
+        let raw = |x: f64| if file.signed_bytes && x < 0.0 { x + 256.0 } else { x };
+        let (mut kind, mut left_out) = match missing_value.filter(|_| nodata.is_some()) {
+            Some(missing) => ("ComplexSource", format!("<NODATA>{}</NODATA>", format_nodata(raw(missing)))),
             None => ("SimpleSource", String::new()),
         };
+        if file.signed_bytes {
+            // Bytes 128…255 are −128…−1.
+            kind = "ComplexSource";
+            left_out.push_str("<LUT>0:0,127:127,128:-128,255:-1</LUT>");
+        }
         for offset in &copies {
             let _ = write!(
                 xml,
