@@ -143,7 +143,7 @@ pub struct FileView {
     pub georef: Georef,
     /// Cell size in degrees as GDAL sees it in lon/lat: fixes the warper's resampling scale.
     pub native_res: (f64, f64),
-    /// Signed bytes (an `int8` GeoTIFF, a NetCDF `byte`), which GDAL before 3.7 gives as unsigned bytes
+    /// Signed bytes (an `int8` `GeoTIFF`, a `NetCDF` `byte`), which GDAL before 3.7 gives as unsigned bytes
     /// with the tag `PIXELTYPE=SIGNEDBYTE`: read back into −128…127 (the source's type is then Int16).
     pub signed_bytes: bool,
 }
