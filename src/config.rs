@@ -904,7 +904,7 @@ impl Config {
 
     /// The config of `text` with its merge keys (`<<`) applied, read as the YAML of the merged document, so
     /// that a plain scalar where a string is expected is read as one (`units: 1` is the string "1"), as
-    /// without merges; a number is written back in serde_yaml's spelling, though (`1e3` reads "1000.0",
+    /// without merges; a number is written back in `serde_yaml`'s spelling, though (`1e3` reads "1000.0",
     /// `1.50` "1.5"). Errors name the key by its path instead of its line: a merged mapping has no line of
     /// its own.
     fn with_merge_keys(text: &str) -> Result<Config, String> {

@@ -1,7 +1,26 @@
 //! The warp computes in the narrowest type that holds the source's values: Float32 for bytes, 16-bit integers
 //! and Float32 (GDAL's fast kernels), Float64 for 32-bit integers, whose codes Float32 would round.
 
+use std::path::{Path, PathBuf};
+
 use crate::util::{TestGrid, array, cubeload, gen_ok, write_lonlat_tif};
+
+/// The grid of a map of `width × height` cells of `res` from `(west, north)`, as a target grid: every cell
+/// then takes exactly one source cell.
+fn own_grid((west, north, res): (f64, f64, f64), width: usize, height: usize) -> TestGrid {
+    TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res }
+}
+
+/// Generates `dir/cube.zarr` on `grid`, in batches of 64 pixel series, of the config's `variables` lines.
+fn gen_on(dir: &Path, grid: TestGrid, variables: &str) -> PathBuf {
+    gen_ok(
+        dir,
+        &format!(
+            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n{variables}",
+            grid.yaml()
+        ),
+    )
+}
 
 /// Basin codes of ten digits (HydroBASINS-like) in a 32-bit integer map come through `nearest` unchanged: a
 /// Float32 working type would round them to multiples of 64 (1_060_000_011 → 1_060_000_000). GDAL 3.6's `mode`
@@ -16,15 +35,11 @@ fn ten_digit_class_codes_survive_the_warp() {
     let tif = dir.path().join("basins.tif");
     write_lonlat_tif(&tif, (west, north, res), width, codes.clone(), None);
     // The target grid is the map's own: every cell takes exactly one source cell.
-    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
-    let cube = gen_ok(
+    let grid = own_grid((west, north, res), width, height);
+    let cube = gen_on(
         dir.path(),
-        &format!(
-            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\n\
-             variables:\n  basin: {{ path: {}, kind: categorical, resampling: nearest }}\n",
-            grid.yaml(),
-            tif.display()
-        ),
+        grid,
+        &format!("  basin: {{ path: {}, kind: categorical, resampling: nearest }}\n", tif.display()),
     );
     let basin = array(&cube, "basin");
     assert!(basin.data_type().to_string().starts_with("int32"));
@@ -65,7 +80,7 @@ fn values_a_float32_cannot_hold_are_missing_with_a_note() {
     }
     let tif = dir.path().join("v.tif");
     write_lonlat_tif(&tif, (west, north, res), width, values.clone(), None);
-    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
+    let grid = own_grid((west, north, res), width, height);
     let config = format!(
         "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 16 }}\n\
          variables:\n  v: {{ path: {}, static: true, resampling: nearest }}\n",
@@ -73,15 +88,17 @@ fn values_a_float32_cannot_hold_are_missing_with_a_note() {
         tif.display()
     );
     let cube = gen_ok(dir.path(), &config);
+    // Generates `config` over the cube: it says what it left out.
+    let regenerate = |config: &str| {
+        std::fs::write(dir.path().join("cube.yaml"), config).unwrap();
+        let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml", "--overwrite"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let note = "note: variable `v`: 4 values were infinite or beyond float32's range";
+        assert!(stderr.contains(note), "{stderr}");
+    };
     // A second run replaces it, as it does any cube.
-    std::fs::write(dir.path().join("cube.yaml"), &config).unwrap();
-    let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml", "--overwrite"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("note: variable `v`: 4 values were infinite or beyond float32's range"),
-        "{stderr}"
-    );
+    regenerate(&config);
     let info = cubeload(dir.path(), &["info", "cube.zarr"]);
     assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
 
@@ -104,14 +121,7 @@ fn values_a_float32_cannot_hold_are_missing_with_a_note() {
 
     // Stored sample-major (`order: shuffled`), through its own writer: the same note and statistics.
     let shuffled = config.replace("batch: 16 }", "batch: 16, order: shuffled }");
-    std::fs::write(dir.path().join("cube.yaml"), &shuffled).unwrap();
-    let out = cubeload(dir.path(), &["gen", "-c", "cube.yaml", "--overwrite"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("note: variable `v`: 4 values were infinite or beyond float32's range"),
-        "{stderr}"
-    );
+    regenerate(&shuffled);
     let meta = cubeload::Cube::open(&cube).unwrap().meta().clone();
     assert!(meta.layout.shuffled.is_some());
     let again = meta.variables[0].stats.as_ref().unwrap();
@@ -144,7 +154,7 @@ fn codes_an_integer_type_cannot_hold_are_missing_with_a_note() {
     let full: Vec<u8> = (0..width * height).map(|i| 250 + (i % 6) as u8).collect();
     let with_255 = dir.path().join("full.tif");
     write_lonlat_tif(&with_255, (west, north, res), width, full.clone(), None);
-    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
+    let grid = own_grid((west, north, res), width, height);
     std::fs::write(
         dir.path().join("cube.yaml"),
         format!(
@@ -200,15 +210,11 @@ fn a_spread_below_float32s_reach_normalizes_to_finite_values() {
     let values: Vec<f32> = (0..width * height).map(|i| (i % 5) as f32 * 2.5e-40).collect();
     let tif = dir.path().join("tiny.tif");
     write_lonlat_tif(&tif, (west, north, res), width, values, None);
-    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
-    let cube = gen_ok(
+    let grid = own_grid((west, north, res), width, height);
+    let cube = gen_on(
         dir.path(),
-        &format!(
-            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\n\
-             variables:\n  tiny: {{ path: {}, static: true, resampling: nearest }}\n",
-            grid.yaml(),
-            tif.display()
-        ),
+        grid,
+        &format!("  tiny: {{ path: {}, static: true, resampling: nearest }}\n", tif.display()),
     );
     let std = cubeload::Cube::open(&cube).unwrap().meta().variables[0].stats.unwrap().std;
     assert!(std > 0.0 && !((1.0 / std) as f32).is_finite(), "the spread is below float32's reach: {std}");
@@ -241,14 +247,13 @@ fn signed_bytes_keep_their_sign() {
         let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
         band.write((0, 0), (width, height), &mut gdal::raster::Buffer::new((width, height), bytes)).unwrap();
     }
-    let grid = TestGrid { bbox: [west, north - height as f64 * res, west + width as f64 * res, north], res };
-    let cube = gen_ok(
+    let grid = own_grid((west, north, res), width, height);
+    let cube = gen_on(
         dir.path(),
+        grid,
         &format!(
-            "output: cube.zarr\n{}\nlayout: {{ kind: pixel_series, batch: 64 }}\nvariables:\n  \
-             value: {{ path: {tif}, static: true, resampling: nearest }}\n  \
+            "  value: {{ path: {tif}, static: true, resampling: nearest }}\n  \
              class: {{ path: {tif}, static: true, kind: categorical }}\n",
-            grid.yaml(),
             tif = tif.display()
         ),
     );
