@@ -199,8 +199,8 @@ pub struct BlockRecord {
     pub cells: u64,
     /// Valid cells among them.
     pub valid: u64,
-    /// Cells among them stored as missing because the variable's type cannot hold their value (±∞); absent
-    /// where none (and in manifests of earlier builds).
+    /// Cells among them stored as missing because the variable's type cannot hold their value apart from
+    /// its fill value (±∞, out of its range); absent where none (and in manifests of earlier builds).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unstorable: u64,
     /// `(chunk x index, fraction of valid cells)` per batch chunk.
