@@ -33,7 +33,7 @@ pub struct BlockSummary {
     /// Valid cells inside the grid extent.
     pub valid: u64,
     /// Cells inside the grid extent whose value the variable's type cannot hold apart from its fill value
-    /// ([`storable`]), stored as missing.
+    /// (±∞, out of its range), stored as missing.
     pub unstorable: u64,
     /// `(chunk x index, fraction of valid cells in that batch chunk)`.
     pub chunk_validity: Vec<(usize, f32)>,
