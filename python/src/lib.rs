@@ -166,7 +166,7 @@ impl Loader {
         fetchers: Option<Bound<'_, PyAny>>,
         mix: Option<Bound<'_, PyAny>>,
         normalize: bool,
-        fill_value: f32,
+        fill_value: f64,
         min_valid: Option<f64>,
         state: Option<&Bound<'_, PyDict>>,
         on_corrupt: &str,
@@ -196,6 +196,14 @@ impl Loader {
             return Err(PyTypeError::new_err(format!(
                 "variables={0} is one string: give a list of names, such as [{0}]",
                 name.repr()?
+            )));
+        }
+        // Batches are float32: a finite fill beyond its range would become ∞ (NaN and ±∞ are taken as given).
+        let fill = fill_value as f32;
+        if fill.is_infinite() && fill_value.is_finite() {
+            return Err(PyValueError::new_err(format!(
+                "fill_value {fill_value:e}: batches are float32, whose largest value is {:e}",
+                f32::MAX
             )));
         }
         let variables: Option<Vec<String>> = named_opt("variables", variables.as_ref())?;
@@ -279,7 +287,7 @@ impl Loader {
             .worker(worker, workers)
             .mix(mix)
             .normalize(normalize)
-            .fill_value(fill_value)
+            .fill_value(fill)
             .on_corrupt(on_corrupt)
             .regrid(regrid)
             .separate_statics(separate_statics)

@@ -505,6 +505,18 @@ def test_bad_arguments_and_state_values_are_named(pixel_cube):
 
 
 
+def test_a_fill_value_beyond_float32_is_refused(pixel_cube):
+    """Batches are float32: a finite fill beyond its range became inf without a word. NaN and inf, given as
+    such, are taken and written where data is missing."""
+    with pytest.raises(ValueError, match=re.escape("fill_value 1e39")):
+        cubeload.Loader(pixel_cube, fill_value=1e39)
+    for fill in (float("nan"), float("-inf"), 3.0e38):
+        filled = [b["ndvi"][~b["mask"][0]] for b in cubeload.Loader(pixel_cube, ["ndvi"], fill_value=fill)]
+        got = np.concatenate(filled)
+        assert got.size > 0, "the demo's cloud gaps"
+        assert (np.isnan(got).all() if np.isnan(fill) else (got == np.float32(fill)).all()), fill
+
+
 def test_bad_dataset_arguments_are_named_when_the_dataset_is_built(pixel_cube):
     """A variable's name alone, a rank without a world size (it was dropped for torch.distributed's: every
     rank read the whole epoch), bad counts and a state lacking keys are refused by the constructor, naming
