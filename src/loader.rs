@@ -192,12 +192,8 @@ pub struct LoaderBuilder {
     mix: usize,
     transform: Transform,
     min_valid: Option<f64>,
-    start: (usize, usize),
-    /// The resumed state's digest, checked against this loader's.
-    digest: Option<u64>,
-    /// Whether [`LoaderBuilder::resume`] was called.
-    resumed: bool,
-    /// The state given to [`LoaderBuilder::resume`], applied by `build`.
+    /// The state given to [`LoaderBuilder::resume`]: its options are applied by `build`, which starts at its
+    /// epoch and cursor and checks its digest against the loader's.
     saved: Option<LoaderState>,
     /// Which of the options a state carries were given, in any order with `resume`.
     given: Given,
@@ -369,9 +365,9 @@ impl LoaderBuilder {
         self
     }
 
-    /// Applies the state given to [`LoaderBuilder::resume`], if any: its options, where given, agree.
+    /// Applies the options of the state given to [`LoaderBuilder::resume`], if any: where given, they agree.
     fn apply_saved(&mut self) -> Result<(), LoaderError> {
-        let Some(state) = self.saved.take() else { return Ok(()) };
+        let Some(state) = self.saved else { return Ok(()) };
         let given = self.given;
         let disagree = |option: String, saved: String| {
             LoaderError::Invalid(format!(
@@ -409,9 +405,6 @@ impl LoaderBuilder {
             workers: state.workers,
         };
         self.mix = state.mix;
-        self.start = (state.epoch, state.cursor);
-        self.digest = state.digest;
-        self.resumed = true;
         Ok(())
     }
 
@@ -507,7 +500,8 @@ impl LoaderBuilder {
             (sampler, digest)
         };
         let (mut sampler, mut digest) = sampler_by(|v| v.fraction);
-        if let Some(saved) = self.digest.filter(|&saved| saved != digest) {
+        let saved_digest = self.saved.and_then(|state| state.digest);
+        if let Some(saved) = saved_digest.filter(|&saved| saved != digest) {
             // A state saved by a version whose `min_valid` counted an edge batch's padding as missing
             // continues the batches it chose.
             let (before, digest_before) = sampler_by(|v| v.fraction_before);
@@ -535,7 +529,7 @@ impl LoaderBuilder {
                  would get none"
             )));
         }
-        let (mut epoch, mut cursor) = self.start;
+        let (mut epoch, mut cursor) = self.saved.map_or((0, 0), |state| (state.epoch, state.cursor));
         // A cursor at the end of an epoch is the next epoch's start.
         if cursor == sampler.per_epoch() && cursor > 0 {
             (epoch, cursor) = (epoch.saturating_add(1), 0);
@@ -543,8 +537,8 @@ impl LoaderBuilder {
         // Before the digest (earlier versions), groups were mixed by a job index counted per worker: a mixed
         // state of several ranks or workers would resume an epoch of other batches in its middle (an epoch's
         // start is whole either way).
-        if self.digest.is_none()
-            && self.resumed
+        if self.saved.is_some()
+            && saved_digest.is_none()
             && cursor > 0
             && self.mix > 1
             && (world_size > 1 || workers > 1)
@@ -870,9 +864,6 @@ impl Loader {
             mix: 1,
             transform: Transform::default(),
             min_valid: None,
-            start: (0, 0),
-            digest: None,
-            resumed: false,
             saved: None,
             given: Given::default(),
             on_corrupt: OnCorrupt::Error,
