@@ -122,16 +122,20 @@ impl FileRecord {
     /// What is wrong with this file under `root`, if anything.
     #[must_use]
     pub fn check(&self, root: &Path) -> Option<String> {
+        let path = root.join(&self.key);
+        let found = match regular_file(&path) {
+            Ok(found) => found,
+            Err(e) => return Some(e.to_string()),
+        };
         // A file of another length is found without reading it.
-        if let (Some(len), Ok(found)) = (self.len, std::fs::metadata(root.join(&self.key)))
-            && found.is_file()
+        if let (Some(len), Some(found)) = (self.len, &found)
             && found.len() != len
         {
             return Some(format!("{} bytes instead of {len} (truncated or overwritten)", found.len()));
         }
-        let bytes = match read_if_present(root, &self.key) {
+        let bytes = match found.map(|_| std::fs::read(&path)).transpose() {
             Ok(bytes) => bytes,
-            Err(e) => return Some(e.to_string()),
+            Err(source) => return Some(CubeError::Io { path, source }.to_string()),
         };
         match (bytes, self.len) {
             (None, None) => None,
@@ -169,18 +173,25 @@ fn key_inside_the_cube<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Res
     }
 }
 
-/// The bytes of `root/key`, or `None` where there is no such file; a file that is not a regular one (a
-/// FIFO, a device) is an error, not read.
+/// The metadata of the regular file at `path`, or `None` where there is no such file; a file that is not a
+/// regular one (a FIFO, a device) is an error, so that it is never read.
+fn regular_file(path: &Path) -> Result<Option<std::fs::Metadata>, CubeError> {
+    let io = |source| CubeError::Io { path: path.to_path_buf(), source };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(e)),
+        Ok(m) if !m.is_file() => Err(io(std::io::Error::other("not a regular file"))),
+        Ok(m) => Ok(Some(m)),
+    }
+}
+
+/// The bytes of `root/key`, or `None` where there is no such file ([`regular_file`]).
 fn read_if_present(root: &Path, key: &str) -> Result<Option<Vec<u8>>, CubeError> {
     let path = root.join(key);
-    let io = |source| CubeError::Io { path: path.clone(), source };
-    match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(e)),
-        Ok(m) if !m.is_file() => return Err(io(std::io::Error::other("not a regular file"))),
-        Ok(_) => {}
+    match regular_file(&path)? {
+        Some(_) => std::fs::read(&path).map(Some).map_err(|source| CubeError::Io { path, source }),
+        None => Ok(None),
     }
-    std::fs::read(&path).map(Some).map_err(io)
 }
 
 /// What one finished block stored and contributes.
